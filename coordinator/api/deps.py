@@ -1,0 +1,60 @@
+"""Request-scoped dependencies: the database session, the store, settings, and who is calling."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Annotated
+
+from fastapi import Depends, Request
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+from sqlalchemy.orm import Session
+
+from coordinator.db.models import AccountModel, Role
+from coordinator.services import keys
+from coordinator.settings import CoordinatorSettings
+from coordinator.storage import BlobStore
+from shared.errors import AuthenticationFailed, PermissionDenied
+
+bearer = HTTPBearer(auto_error=False, description="An API key: `Authorization: Bearer tg_...`")
+
+
+def get_session(request: Request) -> Iterator[Session]:
+    with request.app.state.sessionmaker() as session:
+        yield session
+
+
+def get_settings(request: Request) -> CoordinatorSettings:
+    return request.app.state.settings
+
+
+def get_store(request: Request) -> BlobStore:
+    return request.app.state.store
+
+
+SessionDep = Annotated[Session, Depends(get_session)]
+SettingsDep = Annotated[CoordinatorSettings, Depends(get_settings)]
+StoreDep = Annotated[BlobStore, Depends(get_store)]
+
+
+def current_account(
+    session: SessionDep, credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(bearer)],
+) -> AccountModel:
+    if credentials is None or not credentials.credentials:
+        raise AuthenticationFailed(
+            "You didn't provide an API key. Send it in the Authorization header: 'Authorization: Bearer YOUR_KEY'.",
+            code="missing_api_key",
+        )
+    return keys.authenticate(session=session, key=credentials.credentials)
+
+
+CurrentAccount = Annotated[AccountModel, Depends(current_account)]
+
+
+def current_customer(account: CurrentAccount) -> AccountModel:
+    """Customers own files and jobs; an admin key may act as a customer on its own account."""
+    if account.role not in (Role.customer, Role.admin):
+        raise PermissionDenied(f"This route is for customer keys; this key belongs to a {account.role.value}.")
+    return account
+
+
+CurrentCustomer = Annotated[AccountModel, Depends(current_customer)]

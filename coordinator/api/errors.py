@@ -1,0 +1,88 @@
+"""The one place errors become HTTP: OpenAI's envelope for domain errors, validation errors, 404/405 and crashes."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from shared.errors import ServerError, TunegridError
+from shared.schemas.common import ErrorResponse
+
+log = logging.getLogger(__name__)
+
+ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
+    status: {"model": ErrorResponse, "description": description}
+    for status, description in {
+        400: "Invalid request", 401: "Missing or invalid API key", 403: "Not allowed for this key's role",
+        404: "Not found", 409: "Conflicts with the resource's state", 413: "Request body too large",
+    }.items()
+}
+
+
+def envelope(status: int, message: str, *, type: str = "invalid_request_error", param: str | None = None,
+             code: str | None = None, headers: dict[str, str] | None = None) -> JSONResponse:
+    body = {"error": {"message": message, "type": type, "param": param, "code": code}}
+    return JSONResponse(body, status_code=status, headers=headers)
+
+
+def _param(loc: tuple[Any, ...]) -> str | None:
+    parts = [str(p) for p in loc if p not in ("body", "query", "path", "header", "form")]
+    return ".".join(parts) or None
+
+
+def _validation_message(error: dict[str, Any], param: str | None) -> tuple[str, str]:
+    kind = error.get("type", "")
+    if kind == "json_invalid":
+        return "We could not parse the JSON body of your request: it is not valid JSON.", "invalid_json"
+    if kind == "missing":
+        return f"Missing required parameter: {param!r}.", "missing_required_parameter"
+    if kind == "extra_forbidden":
+        return f"Unrecognized request argument supplied: {param!r}.", "unknown_parameter"
+    message = str(error.get("msg", "invalid value"))
+    if kind == "value_error":
+        message = message.removeprefix("Value error, ")
+    return (f"Invalid value for {param!r}: {message}." if param else f"Invalid request: {message}."), "invalid_value"
+
+
+async def _domain_error(_: Request, exc: Exception) -> JSONResponse:
+    assert isinstance(exc, TunegridError)
+    if exc.http_status >= 500:
+        log.error("server error: %s", exc.message)
+    return JSONResponse(exc.envelope(), status_code=exc.http_status)
+
+
+async def _validation_error(_: Request, exc: Exception) -> JSONResponse:
+    assert isinstance(exc, RequestValidationError)
+    errors = exc.errors()
+    first = errors[0] if errors else {}
+    param = _param(tuple(first.get("loc", ())))
+    if first.get("type") == "json_invalid":
+        param = None
+    message, code = _validation_message(first, param)
+    return envelope(400, message, param=param, code=code)
+
+
+async def _http_error(_: Request, exc: Exception) -> JSONResponse:
+    assert isinstance(exc, StarletteHTTPException)
+    codes = {404: "not_found", 405: "method_not_allowed"}
+    message = {404: "Unknown URL; see /docs for the API.", 405: "Method not allowed for this URL."}.get(
+        exc.status_code, str(exc.detail)
+    )
+    return envelope(exc.status_code, message, code=codes.get(exc.status_code), headers=getattr(exc, "headers", None))
+
+
+async def _crash(_: Request, exc: Exception) -> JSONResponse:
+    log.exception("unhandled error", exc_info=exc)
+    return JSONResponse(ServerError("The server had an error while processing your request.").envelope(), status_code=500)
+
+
+def install(app: FastAPI) -> None:
+    app.add_exception_handler(TunegridError, _domain_error)
+    app.add_exception_handler(RequestValidationError, _validation_error)
+    app.add_exception_handler(StarletteHTTPException, _http_error)
+    app.add_exception_handler(Exception, _crash)

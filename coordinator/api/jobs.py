@@ -1,0 +1,125 @@
+"""`/v1/fine_tuning/jobs`: create, list, retrieve, cancel, pause, resume, events and checkpoints."""
+
+from __future__ import annotations
+
+import re
+from typing import Annotated
+
+from fastapi import APIRouter, Query, Request
+
+from coordinator.api.deps import CurrentCustomer, SessionDep
+from coordinator.api.errors import ERROR_RESPONSES
+from coordinator.db.models import JobCheckpointModel, JobEventModel, JobModel
+from coordinator.services import jobs
+from shared.errors import InvalidRequest
+from shared.money import micros_to_usd
+from shared.schemas.jobs import (
+    CheckpointList, CheckpointRead, HyperparametersRead, JobCreate, JobEventList, JobEventRead, JobList, JobRead,
+    LoraRead, MethodRead, SupervisedMethodRead,
+)
+
+router = APIRouter(prefix="/v1/fine_tuning/jobs", tags=["fine-tuning"], responses=ERROR_RESPONSES)
+
+Cursor = Annotated[str | None, Query(max_length=64)]
+_METADATA_PARAM = re.compile(r"^metadata\[(.{1,64})\]$")
+
+
+def _ts(value) -> int | None:  # type: ignore[no-untyped-def]
+    return int(value.timestamp()) if value is not None else None
+
+
+def job_read(job: JobModel) -> JobRead:
+    hp = HyperparametersRead(**job.hyperparameters)
+    return JobRead(
+        id=job.id, created_at=int(job.created_at.timestamp()), error=job.error,  # type: ignore[arg-type]
+        fine_tuned_model=job.fine_tuned_model, finished_at=_ts(job.finished_at), hyperparameters=hp,
+        model=job.model, organization_id=job.account_id, result_files=job.result_files,
+        status=job.status.value, trained_tokens=job.trained_tokens,  # type: ignore[arg-type]
+        training_file=job.training_file_id, validation_file=job.validation_file_id, seed=job.seed,
+        estimated_finish=_ts(job.estimated_finish),
+        method=MethodRead(supervised=SupervisedMethodRead(hyperparameters=hp)), metadata=job.job_metadata,
+        lora=LoraRead(**job.lora),
+        max_price_per_gpu_hour=micros_to_usd(job.max_price_per_gpu_hour) if job.max_price_per_gpu_hour else None,
+        max_cost=micros_to_usd(job.max_cost) if job.max_cost else None,
+        min_vram_gb=job.min_vram_gb, gpu_filter=job.gpu_filter, trusted_hosts_only=job.trusted_hosts_only,
+        estimated_tokens=job.estimated_tokens,
+    )
+
+
+def event_read(event: JobEventModel) -> JobEventRead:
+    return JobEventRead(
+        id=event.id, created_at=int(event.created_at.timestamp()), level=event.level,  # type: ignore[arg-type]
+        message=event.message, type=event.type, data=event.data or {},  # type: ignore[arg-type]
+    )
+
+
+def checkpoint_read(checkpoint: JobCheckpointModel) -> CheckpointRead:
+    return CheckpointRead(
+        id=checkpoint.id, created_at=int(checkpoint.created_at.timestamp()),
+        fine_tuned_model_checkpoint=checkpoint.fine_tuned_model_checkpoint, fine_tuning_job_id=checkpoint.job_id,
+        metrics=checkpoint.metrics, step_number=checkpoint.step_number,
+    )
+
+
+@router.post("", response_model=JobRead)
+def create_job(body: JobCreate, account: CurrentCustomer, session: SessionDep) -> JobRead:
+    return job_read(jobs.create(session=session, account=account, request=body))
+
+
+@router.get("", response_model=JobList)
+def list_jobs(
+    request: Request, account: CurrentCustomer, session: SessionDep,
+    after: Cursor = None, limit: Annotated[int, Query(ge=1, le=100)] = 20,
+) -> JobList:
+    metadata: dict[str, str] = {}
+    for key, value in request.query_params.multi_items():
+        if key.startswith("metadata"):
+            match = _METADATA_PARAM.match(key)
+            if match is None:
+                raise InvalidRequest("Filter by metadata as metadata[KEY]=VALUE.", param="metadata")
+            metadata[match.group(1)] = value
+    rows, has_more = jobs.list_jobs(session=session, account=account, after=after, limit=limit, metadata=metadata)
+    return JobList(data=[job_read(j) for j in rows], has_more=has_more)
+
+
+@router.get("/{fine_tuning_job_id}", response_model=JobRead)
+def retrieve_job(fine_tuning_job_id: str, account: CurrentCustomer, session: SessionDep) -> JobRead:
+    return job_read(jobs.get(session=session, account=account, job_id=fine_tuning_job_id))
+
+
+@router.post("/{fine_tuning_job_id}/cancel", response_model=JobRead)
+def cancel_job(fine_tuning_job_id: str, account: CurrentCustomer, session: SessionDep) -> JobRead:
+    return job_read(jobs.cancel(session=session, account=account, job_id=fine_tuning_job_id))
+
+
+@router.post("/{fine_tuning_job_id}/pause", response_model=JobRead)
+def pause_job(fine_tuning_job_id: str, account: CurrentCustomer, session: SessionDep) -> JobRead:
+    return job_read(jobs.pause(session=session, account=account, job_id=fine_tuning_job_id))
+
+
+@router.post("/{fine_tuning_job_id}/resume", response_model=JobRead)
+def resume_job(fine_tuning_job_id: str, account: CurrentCustomer, session: SessionDep) -> JobRead:
+    return job_read(jobs.resume(session=session, account=account, job_id=fine_tuning_job_id))
+
+
+@router.get("/{fine_tuning_job_id}/events", response_model=JobEventList)
+def list_job_events(
+    fine_tuning_job_id: str, account: CurrentCustomer, session: SessionDep,
+    after: Cursor = None, limit: Annotated[int, Query(ge=1, le=1000)] = 20,
+) -> JobEventList:
+    rows, has_more = jobs.list_events(session=session, account=account, job_id=fine_tuning_job_id, after=after,
+                                      limit=limit)
+    return JobEventList(data=[event_read(e) for e in rows], has_more=has_more)
+
+
+@router.get("/{fine_tuning_job_id}/checkpoints", response_model=CheckpointList)
+def list_job_checkpoints(
+    fine_tuning_job_id: str, account: CurrentCustomer, session: SessionDep,
+    after: Cursor = None, limit: Annotated[int, Query(ge=1, le=100)] = 10,
+) -> CheckpointList:
+    rows, has_more = jobs.list_checkpoints(session=session, account=account, job_id=fine_tuning_job_id, after=after,
+                                           limit=limit)
+    return CheckpointList(
+        data=[checkpoint_read(c) for c in rows], has_more=has_more,
+        first_id=rows[0].id if rows else None, last_id=rows[-1].id if rows else None,
+    )

@@ -1,0 +1,62 @@
+"""ASGI middleware that caps request bodies before they are read: 413 in OpenAI's envelope."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from shared.errors import PayloadTooLarge
+
+MULTIPART_OVERHEAD = 64 * 1024  # boundaries and the purpose field around the file itself
+
+
+class BodySizeLimit:
+    def __init__(self, app: ASGIApp, *, upload_bytes: int, other_bytes: int, upload_path: str = "/v1/files") -> None:
+        self.app = app
+        self.upload_bytes = upload_bytes + MULTIPART_OVERHEAD
+        self.other_bytes = other_bytes
+        self.upload_path = upload_path
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        limit = self.upload_bytes if scope["path"].rstrip("/") == self.upload_path else self.other_bytes
+        declared = _content_length(scope)
+        if declared is not None and declared > limit:
+            await _reject(send, limit)
+            return
+        received = 0
+
+        async def counting_receive() -> Message:
+            nonlocal received
+            message = await receive()
+            if message["type"] == "http.request":
+                received += len(message.get("body", b""))
+                if received > limit:
+                    raise PayloadTooLarge(f"The request body is larger than the limit of {limit} bytes.")
+            return message
+
+        await self.app(scope, counting_receive, send)
+
+
+def _content_length(scope: Scope) -> int | None:
+    for name, value in scope.get("headers", []):
+        if name == b"content-length":
+            try:
+                return int(value)
+            except ValueError:
+                return None
+    return None
+
+
+async def _reject(send: Send, limit: int) -> None:
+    body: dict[str, Any] = PayloadTooLarge(f"The request body is larger than the limit of {limit} bytes.").envelope()
+    payload = json.dumps(body).encode()
+    await send({"type": "http.response.start", "status": 413, "headers": [
+        (b"content-type", b"application/json"), (b"content-length", str(len(payload)).encode()),
+        (b"connection", b"close"),
+    ]})
+    await send({"type": "http.response.body", "body": payload})

@@ -1,0 +1,56 @@
+"""The coordinator's FastAPI application, built from settings (`create_app`)."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+from fastapi import FastAPI
+from sqlalchemy import text
+
+from coordinator import __version__
+from coordinator.api import errors, files, jobs, models
+from coordinator.api.deps import SessionDep
+from coordinator.api.limits import BodySizeLimit
+from coordinator.db.engine import make_engine, make_sessionmaker
+from coordinator.db.migrate import upgrade_head
+from coordinator.settings import CoordinatorSettings
+from coordinator.storage import BlobStore
+
+log = logging.getLogger(__name__)
+JSON_BODY_LIMIT = 1024 * 1024
+
+
+def create_app(settings: CoordinatorSettings | None = None) -> FastAPI:
+    settings = settings or CoordinatorSettings()
+    engine = make_engine(settings)
+
+    @asynccontextmanager
+    async def lifespan(_: FastAPI) -> AsyncIterator[None]:
+        if settings.should_auto_migrate:
+            upgrade_head(settings.resolved_database_url)
+        yield
+        engine.dispose()
+
+    app = FastAPI(
+        title="tunegrid coordinator",
+        version=__version__,
+        description="OpenAI-compatible fine-tuning API for a marketplace of spare GPUs.",
+        lifespan=lifespan,
+    )
+    app.state.settings = settings
+    app.state.engine = engine
+    app.state.sessionmaker = make_sessionmaker(engine)
+    app.state.store = BlobStore(settings.resolved_storage_dir)
+    errors.install(app)
+    app.add_middleware(BodySizeLimit, upload_bytes=settings.max_upload_bytes, other_bytes=JSON_BODY_LIMIT)
+    for router in (files.router, jobs.router, models.router):
+        app.include_router(router)
+
+    @app.get("/healthz", tags=["health"])
+    def healthz(session: SessionDep) -> dict[str, str]:
+        session.execute(text("SELECT 1"))
+        return {"status": "ok", "version": __version__}
+
+    return app

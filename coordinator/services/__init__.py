@@ -1,0 +1,1 @@
+"""Domain logic, one module per resource; functions take keyword-only arguments and raise `shared.errors`."""

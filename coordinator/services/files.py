@@ -1,0 +1,100 @@
+"""Files: upload with line-by-line dataset validation, read, list, content, delete."""
+
+from __future__ import annotations
+
+from datetime import timedelta
+from pathlib import PurePath
+from typing import BinaryIO
+
+from sqlalchemy import or_, select
+from sqlalchemy.orm import Session
+
+from coordinator.db.ids import new_id
+from coordinator.db.models import AccountModel, FileModel, FileStatus, JobModel, JobStatus, utcnow
+from coordinator.services.paging import Order, page
+from coordinator.storage import BlobStore
+from shared.datasets import validate_dataset
+from shared.errors import Conflict, InvalidFile, InvalidRequest, NotFound
+
+UPLOAD_PURPOSES = ("fine-tune",)
+TERMINAL = (JobStatus.succeeded, JobStatus.failed, JobStatus.cancelled)
+
+
+def blob_key(file_id: str) -> str:
+    return f"files/{file_id}"
+
+
+def _clean_filename(filename: str | None) -> str:
+    name = PurePath((filename or "").replace("\\", "/")).name.strip()
+    if not name:
+        raise InvalidRequest("The uploaded file has no filename.", param="file")
+    if len(name) > 255:
+        raise InvalidRequest("The filename is longer than 255 characters.", param="file")
+    return name
+
+
+def upload(
+    *, session: Session, store: BlobStore, account: AccountModel, filename: str | None, purpose: str,
+    source: BinaryIO, max_bytes: int, min_examples: int, retention_days: int,
+) -> FileModel:
+    """Store and validate a dataset; a bad file is rejected with its first bad line and nothing is kept."""
+    if purpose not in UPLOAD_PURPOSES:
+        raise InvalidRequest(
+            f"Invalid purpose {purpose!r}: tunegrid accepts files with purpose 'fine-tune'.", param="purpose"
+        )
+    name = _clean_filename(filename)
+    file_id = new_id("file-")
+    blob = store.put(blob_key(file_id), source, max_bytes=max_bytes)
+    try:
+        summary = validate_dataset(store.iter_lines(blob.key), min_examples=min_examples)
+    except InvalidFile:
+        store.delete(blob.key)
+        raise
+    now = utcnow()
+    file = FileModel(
+        id=file_id, account_id=account.id, filename=name, purpose=purpose, bytes=blob.bytes, sha256=blob.sha256,
+        status=FileStatus.processed, format=summary.format, examples=summary.examples,
+        estimated_tokens=summary.estimated_tokens, created_at=now, expires_at=now + timedelta(days=retention_days),
+    )
+    session.add(file)
+    try:
+        session.commit()
+    except BaseException:
+        store.delete(blob.key)
+        raise
+    return file
+
+
+def get(*, session: Session, account: AccountModel, file_id: str) -> FileModel:
+    """The caller's file; someone else's id is the same 404 as a missing one."""
+    file = session.get(FileModel, file_id)
+    if file is None or file.account_id != account.id or file.deleted_at is not None:
+        raise NotFound(f"No such File object: {file_id}", param="file_id")
+    return file
+
+
+def list_files(
+    *, session: Session, account: AccountModel, after: str | None, limit: int, order: Order, purpose: str | None,
+) -> tuple[list[FileModel], bool]:
+    stmt = select(FileModel).where(FileModel.account_id == account.id, FileModel.deleted_at.is_(None))
+    if purpose is not None:
+        stmt = stmt.where(FileModel.purpose == purpose)
+    return page(session=session, stmt=stmt, id_column=FileModel.id, after=after, limit=limit, order=order)
+
+
+def delete(*, session: Session, store: BlobStore, account: AccountModel, file_id: str) -> FileModel:
+    file = get(session=session, account=account, file_id=file_id)
+    in_use = session.scalars(
+        select(JobModel.id)
+        .where(JobModel.account_id == account.id, JobModel.status.not_in(TERMINAL))
+        .where(or_(JobModel.training_file_id == file_id, JobModel.validation_file_id == file_id))
+        .limit(1)
+    ).first()
+    if in_use:
+        raise Conflict(f"File {file_id} is used by fine-tuning job {in_use}; cancel the job or wait for it to finish.",
+                       param="file_id", code="file_in_use")
+    # The row stays (jobs refer to it by id); the content goes.
+    file.deleted_at = utcnow()
+    session.commit()
+    store.delete(blob_key(file.id))
+    return file

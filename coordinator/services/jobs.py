@@ -1,0 +1,166 @@
+"""Fine-tuning jobs: create (files, model and hyperparameters checked), read, list, cancel, pause, resume, events, checkpoints."""
+
+from __future__ import annotations
+
+import secrets
+
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
+from coordinator.db.ids import new_id
+from coordinator.db.models import (
+    AccountModel, FileModel, FileStatus, JobCheckpointModel, JobEventModel, JobModel, JobStatus,
+)
+from coordinator.services import files
+from coordinator.services.job_states import TERMINAL, change_status, record_event
+from coordinator.services.paging import page
+from shared.catalog import get_base_model
+from shared.errors import Conflict, InvalidRequest, NotFound
+from shared.money import usd_to_micros
+from shared.schemas.jobs import Hyperparameters, JobCreate
+
+DEFAULT_EPOCHS = 3
+
+
+def _usable_file(*, session: Session, account: AccountModel, file_id: str, param: str) -> FileModel:
+    try:
+        file = files.get(session=session, account=account, file_id=file_id)
+    except NotFound:
+        raise InvalidRequest(f"File {file_id} not found.", param=param, code="file_not_found") from None
+    if file.purpose != "fine-tune":
+        raise InvalidRequest(f"File {file_id} has purpose {file.purpose!r}, not 'fine-tune'.", param=param)
+    if file.status is not FileStatus.processed:
+        raise InvalidRequest(f"File {file_id} is not ready for fine-tuning ({file.status.value}).", param=param)
+    return file
+
+
+def _hyperparameters(request: JobCreate) -> Hyperparameters:
+    method = request.method
+    if method is not None and method.type != "supervised":
+        raise InvalidRequest(
+            f"Fine-tuning method {method.type!r} is not supported; tunegrid runs supervised QLoRA.",
+            param="method.type", code="unsupported_method",
+        )
+    chosen = (method.supervised.hyperparameters if method and method.supervised else None) or request.hyperparameters
+    return chosen or Hyperparameters()
+
+
+def create(*, session: Session, account: AccountModel, request: JobCreate) -> JobModel:
+    base = get_base_model(request.model)
+    if request.integrations:
+        raise InvalidRequest("Integrations are not supported.", param="integrations", code="unsupported_integration")
+    hp = _hyperparameters(request)
+    training = _usable_file(session=session, account=account, file_id=request.training_file, param="training_file")
+    validation = (
+        _usable_file(session=session, account=account, file_id=request.validation_file, param="validation_file")
+        if request.validation_file else None
+    )
+    n_epochs = DEFAULT_EPOCHS if hp.n_epochs == "auto" else hp.n_epochs
+    lora = request.lora.model_dump() if request.lora else {"r": 16, "alpha": None, "dropout": 0.05, "target_modules": "all-linear"}
+    lora["alpha"] = lora["alpha"] or 2 * lora["r"]
+    job = JobModel(
+        id=new_id("ftjob-"),
+        account_id=account.id,
+        model=base.id,
+        training_file_id=training.id,
+        validation_file_id=validation.id if validation else None,
+        status=JobStatus.validating_files,
+        hyperparameters={**hp.model_dump(), "n_epochs": n_epochs},
+        lora=lora,
+        suffix=request.suffix,
+        seed=request.seed if request.seed is not None else secrets.randbelow(2**31),
+        job_metadata=request.metadata,
+        max_price_per_gpu_hour=usd_to_micros(request.max_price_per_gpu_hour) if request.max_price_per_gpu_hour else None,
+        max_cost=usd_to_micros(request.max_cost) if request.max_cost else None,
+        min_vram_gb=request.min_vram_gb,
+        gpu_filter=request.gpu_filter,
+        trusted_hosts_only=request.trusted_hosts_only,
+        estimated_tokens=(training.estimated_tokens or 0) * n_epochs,
+        result_files=[],
+    )
+    session.add(job)
+    record_event(session=session, job=job, message="Created fine-tuning job", data={"status": job.status.value})
+    # Uploads are validated line by line when they arrive, so the files are already known good.
+    record_event(
+        session=session, job=job,
+        message=f"Validated training file {training.id}: {training.examples} examples, "
+                f"about {training.estimated_tokens} tokens per epoch",
+    )
+    change_status(session=session, job=job, to=JobStatus.queued, message="Fine-tuning job queued")
+    session.commit()
+    return job
+
+
+def get(*, session: Session, account: AccountModel, job_id: str) -> JobModel:
+    """The caller's job; someone else's id is the same 404 as a missing one."""
+    job = session.get(JobModel, job_id)
+    if job is None or job.account_id != account.id:
+        raise NotFound(f"No such fine-tuning job: {job_id}", param="fine_tuning_job_id")
+    return job
+
+
+def list_jobs(
+    *, session: Session, account: AccountModel, after: str | None, limit: int, metadata: dict[str, str] | None,
+) -> tuple[list[JobModel], bool]:
+    stmt = select(JobModel).where(JobModel.account_id == account.id)
+    if not metadata:
+        return page(session=session, stmt=stmt, id_column=JobModel.id, after=after, limit=limit)
+    # JSON containment differs per database; metadata is small (<= 16 keys), so filter while paging.
+    matches: list[JobModel] = []
+    cursor = after
+    while len(matches) <= limit:
+        rows, more = page(session=session, stmt=stmt, id_column=JobModel.id, after=cursor, limit=200)
+        matches += [j for j in rows if all((j.job_metadata or {}).get(k) == v for k, v in metadata.items())]
+        if not more:
+            break
+        cursor = rows[-1].id
+    return matches[:limit], len(matches) > limit
+
+
+def cancel(*, session: Session, account: AccountModel, job_id: str) -> JobModel:
+    job = get(session=session, account=account, job_id=job_id)
+    if job.status is JobStatus.cancelled:
+        return job
+    if job.status in TERMINAL:
+        raise Conflict(f"Job {job_id} has already {job.status.value}; it cannot be cancelled.", code="invalid_job_state")
+    change_status(session=session, job=job, to=JobStatus.cancelled, message="Fine-tuning job cancelled by the customer")
+    session.commit()
+    return job
+
+
+def pause(*, session: Session, account: AccountModel, job_id: str) -> JobModel:
+    job = get(session=session, account=account, job_id=job_id)
+    if job.status is JobStatus.paused:
+        return job
+    if job.status not in (JobStatus.queued, JobStatus.running):
+        raise Conflict(f"Job {job_id} is {job.status.value}; only queued or running jobs can be paused.",
+                       code="invalid_job_state")
+    change_status(session=session, job=job, to=JobStatus.paused,
+                  message="Fine-tuning job paused; it keeps its last checkpoint and resumes from it")
+    session.commit()
+    return job
+
+
+def resume(*, session: Session, account: AccountModel, job_id: str) -> JobModel:
+    job = get(session=session, account=account, job_id=job_id)
+    if job.status is not JobStatus.paused:
+        raise Conflict(f"Job {job_id} is {job.status.value}; only paused jobs can be resumed.", code="invalid_job_state")
+    change_status(session=session, job=job, to=JobStatus.queued, message="Fine-tuning job resumed and queued")
+    session.commit()
+    return job
+
+
+def list_events(
+    *, session: Session, account: AccountModel, job_id: str, after: str | None, limit: int,
+) -> tuple[list[JobEventModel], bool]:
+    get(session=session, account=account, job_id=job_id)
+    stmt = select(JobEventModel).where(JobEventModel.job_id == job_id)
+    return page(session=session, stmt=stmt, id_column=JobEventModel.id, after=after, limit=limit)
+
+
+def list_checkpoints(
+    *, session: Session, account: AccountModel, job_id: str, after: str | None, limit: int,
+) -> tuple[list[JobCheckpointModel], bool]:
+    get(session=session, account=account, job_id=job_id)
+    stmt = select(JobCheckpointModel).where(JobCheckpointModel.job_id == job_id)
+    return page(session=session, stmt=stmt, id_column=JobCheckpointModel.id, after=after, limit=limit)

@@ -1,0 +1,55 @@
+"""The coordinator's settings: one pydantic-settings class, environment prefix `TUNEGRID_`."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from pydantic import Field, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+def _default_data_dir() -> Path:
+    return Path.home() / ".local" / "share" / "tunegrid"
+
+
+class CoordinatorSettings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="TUNEGRID_", env_file=".env", extra="ignore")
+
+    data_dir: Path = Field(default_factory=_default_data_dir, description="Where the SQLite file and local storage live by default.")
+    database_url: str | None = Field(default=None, description="SQLAlchemy URL; default: SQLite file under the data dir.")
+    redis_url: str | None = Field(default=None, description="Redis for hot state and the Celery broker; unset: embedded mode.")
+    storage_dir: Path | None = Field(default=None, description="Blob storage for datasets, checkpoints and adapters; default: data_dir/storage.")
+    max_upload_bytes: int = Field(default=512 * 1024 * 1024, gt=0, description="Largest accepted file upload.")
+    min_training_examples: int = Field(default=10, ge=1)
+    file_retention_days: int = Field(default=30, ge=1, description="expires_at of uploaded files.")
+    host: str = "127.0.0.1"
+    port: int = Field(default=8000, ge=1, le=65535)
+    auto_migrate: bool | None = Field(default=None, description="Run `alembic upgrade head` at start; default: only on SQLite.")
+    db_pool_size: int = Field(default=10, ge=1)
+    db_max_overflow: int = Field(default=20, ge=0)
+    db_timeout_s: float = Field(default=10.0, gt=0, description="Wait for a pooled connection / SQLite lock.")
+    log_level: str = "info"
+
+    @field_validator("database_url")
+    @classmethod
+    def _psycopg3(cls, url: str | None) -> str | None:
+        # Plain postgresql:// would pick psycopg2, which we do not install.
+        if url and url.startswith(("postgresql://", "postgres://")):
+            return "postgresql+psycopg://" + url.split("://", 1)[1]
+        return url
+
+    @property
+    def resolved_database_url(self) -> str:
+        return self.database_url or f"sqlite:///{self.data_dir / 'tunegrid.db'}"
+
+    @property
+    def resolved_storage_dir(self) -> Path:
+        return self.storage_dir or self.data_dir / "storage"
+
+    @property
+    def is_sqlite(self) -> bool:
+        return self.resolved_database_url.startswith("sqlite")
+
+    @property
+    def should_auto_migrate(self) -> bool:
+        return self.is_sqlite if self.auto_migrate is None else self.auto_migrate

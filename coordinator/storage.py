@@ -1,0 +1,72 @@
+"""Blob storage on the local disk: datasets, checkpoints and adapters, addressed by id and verified by sha256.
+
+Writes go to a temporary file in the same directory and are renamed into place
+only when complete, so a crash or a full disk never leaves half a blob behind.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import re
+import tempfile
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import BinaryIO
+
+from shared.errors import PayloadTooLarge
+
+_KEY = re.compile(r"^[A-Za-z0-9_-]+(/[A-Za-z0-9_.-]+)*$")
+CHUNK = 1024 * 1024
+
+
+@dataclass(frozen=True, slots=True)
+class StoredBlob:
+    key: str
+    bytes: int
+    sha256: str
+
+
+class BlobStore:
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        self.root.mkdir(parents=True, exist_ok=True)
+
+    def path(self, key: str) -> Path:
+        if not _KEY.match(key) or ".." in key.split("/"):
+            raise ValueError(f"invalid blob key {key!r}")
+        return self.root / key
+
+    def put(self, key: str, source: BinaryIO, *, max_bytes: int | None = None) -> StoredBlob:
+        """Stream `source` into the store; over `max_bytes` raises `PayloadTooLarge` and stores nothing."""
+        target = self.path(key)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        digest = hashlib.sha256()
+        size = 0
+        fd, tmp_name = tempfile.mkstemp(dir=target.parent, prefix=".incoming-")
+        try:
+            with os.fdopen(fd, "wb") as tmp:
+                while chunk := source.read(CHUNK):
+                    size += len(chunk)
+                    if max_bytes is not None and size > max_bytes:
+                        raise PayloadTooLarge(f"The file is larger than the limit of {max_bytes} bytes.", param="file")
+                    digest.update(chunk)
+                    tmp.write(chunk)
+                tmp.flush()
+                os.fsync(tmp.fileno())
+            os.replace(tmp_name, target)
+        except BaseException:
+            Path(tmp_name).unlink(missing_ok=True)
+            raise
+        return StoredBlob(key=key, bytes=size, sha256=digest.hexdigest())
+
+    def open(self, key: str) -> BinaryIO:
+        return self.path(key).open("rb")
+
+    def iter_lines(self, key: str) -> Iterator[bytes]:
+        with self.open(key) as f:
+            yield from f
+
+    def delete(self, key: str) -> None:
+        self.path(key).unlink(missing_ok=True)

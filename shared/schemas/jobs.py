@@ -1,0 +1,171 @@
+"""Fine-tuning jobs, their events and checkpoints, in OpenAI's shapes plus marketplace fields."""
+
+from __future__ import annotations
+
+from decimal import Decimal
+from typing import Annotated, Any, Literal
+
+from pydantic import Field, StringConstraints, field_validator, model_validator
+
+from shared.money import usd_to_micros
+from shared.schemas.common import Page, Reply, Request
+
+JobStatusName = Literal["validating_files", "queued", "running", "paused", "succeeded", "failed", "cancelled"]
+Auto = Literal["auto"]
+ModuleName = Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9_.]{1,64}$")]
+MetadataKey = Annotated[str, StringConstraints(min_length=1, max_length=64)]
+MetadataValue = Annotated[str, StringConstraints(max_length=512)]
+GpuName = Annotated[str, StringConstraints(min_length=1, max_length=64, strip_whitespace=True)]
+Usd = Annotated[Decimal, Field(gt=0, le=1_000_000)]
+
+
+def _six_places(value: Decimal | None) -> Decimal | None:
+    if value is not None:
+        usd_to_micros(value)  # raises ValueError past six decimal places
+    return value
+
+
+class Hyperparameters(Request):
+    batch_size: Auto | Annotated[int, Field(ge=1, le=256)] = "auto"
+    learning_rate_multiplier: Auto | Annotated[float, Field(gt=0, le=100)] = "auto"
+    n_epochs: Auto | Annotated[int, Field(ge=1, le=50)] = "auto"
+
+
+class SupervisedMethod(Request):
+    hyperparameters: Hyperparameters | None = None
+
+
+class MethodCreate(Request):
+    type: Literal["supervised", "dpo", "reinforcement"]
+    supervised: SupervisedMethod | None = None
+    # Accepted so the error can say "not supported" rather than "unknown field".
+    dpo: dict[str, Any] | None = None
+    reinforcement: dict[str, Any] | None = None
+
+
+class LoraConfig(Request):
+    r: int = Field(default=16, ge=1, le=256)
+    alpha: int | None = Field(default=None, ge=1, le=1024, description="Default: 2 * r")
+    dropout: float = Field(default=0.05, ge=0, lt=1)
+    target_modules: Literal["all-linear"] | Annotated[list[ModuleName], Field(min_length=1, max_length=32)] = "all-linear"
+
+
+class JobCreate(Request):
+    model: str = Field(min_length=1, max_length=100)
+    training_file: str = Field(min_length=1, max_length=64)
+    validation_file: str | None = Field(default=None, max_length=64)
+    hyperparameters: Hyperparameters | None = None
+    method: MethodCreate | None = None
+    suffix: Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9_.-]{1,64}$")] | None = None
+    seed: int | None = Field(default=None, ge=0, le=2_147_483_647)
+    metadata: dict[MetadataKey, MetadataValue] | None = Field(default=None, max_length=16)
+    integrations: list[Any] | None = None
+    # Marketplace fields (sent with the openai client through `extra_body`).
+    lora: LoraConfig | None = None
+    max_price_per_gpu_hour: Usd | None = Field(default=None, description="Highest worker price in USD per GPU-hour.")
+    max_cost: Usd | None = Field(default=None, description="Stop the job at its last checkpoint past this total, USD.")
+    min_vram_gb: int | None = Field(default=None, ge=1, le=1024)
+    gpu_filter: Annotated[list[GpuName], Field(min_length=1, max_length=16)] | None = Field(
+        default=None, description="GPU names to allow, matched as case-insensitive substrings (e.g. 'RTX 4090')."
+    )
+    trusted_hosts_only: bool = False
+
+    _check_usd = field_validator("max_price_per_gpu_hour", "max_cost")(_six_places)
+
+    @model_validator(mode="after")
+    def _one_place_for_hyperparameters(self) -> JobCreate:
+        if self.method and self.method.supervised and self.method.supervised.hyperparameters and self.hyperparameters:
+            raise ValueError("give hyperparameters either at the top level or in method.supervised, not both")
+        return self
+
+
+class JobError(Reply):
+    code: str
+    message: str
+    param: str | None
+
+
+class HyperparametersRead(Reply):
+    batch_size: Auto | int | None
+    learning_rate_multiplier: Auto | float
+    n_epochs: Auto | int
+
+
+class SupervisedMethodRead(Reply):
+    hyperparameters: HyperparametersRead
+
+
+class MethodRead(Reply):
+    type: Literal["supervised"] = "supervised"
+    supervised: SupervisedMethodRead
+
+
+class LoraRead(Reply):
+    r: int
+    alpha: int
+    dropout: float
+    target_modules: str | list[str]
+
+
+class JobRead(Reply):
+    id: str
+    object: Literal["fine_tuning.job"] = "fine_tuning.job"
+    created_at: int
+    error: JobError | None
+    fine_tuned_model: str | None
+    finished_at: int | None
+    hyperparameters: HyperparametersRead
+    model: str
+    organization_id: str
+    result_files: list[str]
+    status: JobStatusName
+    trained_tokens: int | None
+    training_file: str
+    validation_file: str | None
+    integrations: list[Any] | None = None
+    seed: int
+    estimated_finish: int | None
+    method: MethodRead
+    metadata: dict[str, str] | None
+    # Marketplace extensions.
+    lora: LoraRead
+    max_price_per_gpu_hour: str | None = Field(description="USD per GPU-hour, decimal string")
+    max_cost: str | None = Field(description="USD, decimal string")
+    min_vram_gb: int | None
+    gpu_filter: list[str] | None
+    trusted_hosts_only: bool
+    estimated_tokens: int = Field(description="Training tokens estimated from the files and epochs")
+
+
+class JobList(Page):
+    data: list[JobRead]
+
+
+class JobEventRead(Reply):
+    object: Literal["fine_tuning.job.event"] = "fine_tuning.job.event"
+    id: str
+    created_at: int
+    level: Literal["info", "warn", "error"]
+    message: str
+    type: Literal["message", "metrics"]
+    data: dict[str, Any]
+
+
+class JobEventList(Page):
+    data: list[JobEventRead]
+
+
+class CheckpointRead(Reply):
+    object: Literal["fine_tuning.job.checkpoint"] = "fine_tuning.job.checkpoint"
+    id: str
+    created_at: int
+    fine_tuned_model_checkpoint: str
+    fine_tuning_job_id: str
+    metrics: dict[str, float]
+    step_number: int
+
+
+class CheckpointList(Page):
+    data: list[CheckpointRead]
+    first_id: str | None
+    last_id: str | None
