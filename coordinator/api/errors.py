@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import re
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -30,9 +31,24 @@ def envelope(status: int, message: str, *, type: str = "invalid_request_error", 
     return JSONResponse(body, status_code=status, headers=headers)
 
 
+_LOCATIONS = {"body", "query", "path", "header", "form", "cookie"}
+# pydantic names the union member an error came from inside `loc`; those are not parameters.
+_UNION_TAGS = re.compile(r"^(int|float|str|bool|dict|list|none|decimal|constrained-.*|.*\[.*)$")
+
+
 def _param(loc: tuple[Any, ...]) -> str | None:
-    parts = [str(p) for p in loc if p not in ("body", "query", "path", "header", "form")]
+    parts = [str(p) for p in loc if p not in _LOCATIONS and not (isinstance(p, str) and _UNION_TAGS.match(p))]
     return ".".join(parts) or None
+
+
+def _most_specific(errors: list[dict[str, Any]]) -> dict[str, Any]:
+    """For `"auto" | int` fields prefer the int's complaint ("<= 50") over "should be 'auto'"."""
+    if not errors:
+        return {}
+    first_param = _param(tuple(errors[0].get("loc", ())))
+    same = [e for e in errors
+            if first_param is None or (_param(tuple(e.get("loc", ()))) or "").startswith(first_param)]
+    return next((e for e in same if e.get("type") != "literal_error"), same[0])
 
 
 def _validation_message(error: dict[str, Any], param: str | None) -> tuple[str, str]:
@@ -58,8 +74,7 @@ async def _domain_error(_: Request, exc: Exception) -> JSONResponse:
 
 async def _validation_error(_: Request, exc: Exception) -> JSONResponse:
     assert isinstance(exc, RequestValidationError)
-    errors = exc.errors()
-    first = errors[0] if errors else {}
+    first = _most_specific(list(exc.errors()))
     param = _param(tuple(first.get("loc", ())))
     if first.get("type") == "json_invalid":
         param = None

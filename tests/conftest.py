@@ -1,0 +1,195 @@
+"""Fixtures shared by every test: database backends (SQLite and PostgreSQL), the app, clients and factories.
+
+Tests that touch the database run once per backend. PostgreSQL comes from
+TUNEGRID_TEST_POSTGRES_URL (default: the local server's `tunegrid_test`
+database); outside CI a missing server skips those cases, under CI=true it fails.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+from fastapi.testclient import TestClient
+from sqlalchemy import create_engine, make_url, text
+from sqlalchemy.orm import Session
+
+from coordinator.app import create_app
+from coordinator.db.engine import make_engine, make_sessionmaker
+from coordinator.db.migrate import upgrade_head
+from coordinator.db.models import Base, Role
+from coordinator.services.keys import create_account_with_key
+from coordinator.settings import CoordinatorSettings
+
+IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
+POSTGRES_URL = os.environ.get(
+    "TUNEGRID_TEST_POSTGRES_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/tunegrid_test"
+).replace("postgresql://", "postgresql+psycopg://", 1)
+BACKENDS = ["sqlite", "postgresql"]
+
+
+def _prepare_postgres() -> str | None:
+    """Create the test database if needed, reset its schema and migrate it; the reason when impossible."""
+    url = make_url(POSTGRES_URL)
+    try:
+        server = create_engine(url.set(database="postgres"), isolation_level="AUTOCOMMIT",
+                               connect_args={"connect_timeout": 5})
+        with server.connect() as conn:
+            exists = conn.scalar(text("SELECT 1 FROM pg_database WHERE datname = :d"), {"d": url.database})
+            if not exists:
+                conn.execute(text(f'CREATE DATABASE "{url.database}"'))
+        server.dispose()
+    except Exception as exc:  # noqa: BLE001 - any failure to reach the server means "no PostgreSQL"
+        return f"PostgreSQL unreachable at {url.render_as_string(hide_password=True)}: {exc.__class__.__name__}"
+    engine = create_engine(url)
+    with engine.begin() as conn:
+        conn.execute(text("DROP SCHEMA public CASCADE"))
+        conn.execute(text("CREATE SCHEMA public"))
+    engine.dispose()
+    upgrade_head(url.render_as_string(hide_password=False))
+    return None
+
+
+@pytest.fixture(scope="session")
+def postgres_url() -> str:
+    reason = _prepare_postgres()
+    if reason:
+        if IN_CI:
+            pytest.fail(f"{reason} (CI=true requires PostgreSQL)")
+        pytest.skip(reason)
+    return POSTGRES_URL
+
+
+@pytest.fixture(scope="session")
+def sqlite_template(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A migrated SQLite file, copied for each test (migrating per test would dominate the run)."""
+    path = tmp_path_factory.mktemp("sqlite-template") / "template.db"
+    upgrade_head(f"sqlite:///{path}")
+    return path
+
+
+@pytest.fixture(params=BACKENDS)
+def backend(request: pytest.FixtureRequest) -> str:
+    return request.param
+
+
+@pytest.fixture
+def database_url(backend: str, request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
+    if backend == "sqlite":
+        path = tmp_path / "tunegrid.db"
+        shutil.copy(request.getfixturevalue("sqlite_template"), path)
+        yield f"sqlite:///{path}"
+        return
+    url = request.getfixturevalue("postgres_url")
+    yield url
+    engine = create_engine(url)
+    with engine.begin() as conn:
+        tables = ", ".join(f'"{t.name}"' for t in Base.metadata.sorted_tables)
+        conn.execute(text(f"TRUNCATE {tables} CASCADE"))
+    engine.dispose()
+
+
+@pytest.fixture
+def settings(database_url: str, tmp_path: Path) -> CoordinatorSettings:
+    return CoordinatorSettings(
+        data_dir=tmp_path / "data", database_url=database_url, storage_dir=tmp_path / "storage",
+        auto_migrate=False, max_upload_bytes=64 * 1024,
+    )
+
+
+@pytest.fixture
+def app(settings: CoordinatorSettings):  # type: ignore[no-untyped-def]
+    application = create_app(settings)
+    yield application
+    application.state.engine.dispose()
+
+
+@pytest.fixture
+def client(app) -> Iterator[TestClient]:  # type: ignore[no-untyped-def]
+    with TestClient(app, raise_server_exceptions=False) as c:
+        yield c
+
+
+@pytest.fixture
+def session(settings: CoordinatorSettings) -> Iterator[Session]:
+    engine = make_engine(settings)
+    with make_sessionmaker(engine)() as s:
+        yield s
+    engine.dispose()
+
+
+@dataclass
+class Caller:
+    account_id: str
+    key: str
+
+    @property
+    def headers(self) -> dict[str, str]:
+        return {"Authorization": f"Bearer {self.key}"}
+
+
+@pytest.fixture
+def make_caller(session: Session):  # type: ignore[no-untyped-def]
+    def make(role: str = "customer", name: str = "alice") -> Caller:
+        created = create_account_with_key(session=session, name=name, role=Role(role))
+        session.commit()
+        return Caller(account_id=created.account.id, key=created.key)
+
+    return make
+
+
+@pytest.fixture
+def customer(make_caller) -> Caller:  # type: ignore[no-untyped-def]
+    return make_caller("customer", "alice")
+
+
+@pytest.fixture
+def other_customer(make_caller) -> Caller:  # type: ignore[no-untyped-def]
+    return make_caller("customer", "bob")
+
+
+def chat_lines(n: int = 12) -> list[str]:
+    return [
+        json.dumps({"messages": [
+            {"role": "system", "content": "You answer with a number."},
+            {"role": "user", "content": f"What is {i} + {i}?"},
+            {"role": "assistant", "content": str(2 * i)},
+        ]})
+        for i in range(n)
+    ]
+
+
+def jsonl(lines: list[str]) -> bytes:
+    return ("\n".join(lines) + "\n").encode()
+
+
+@pytest.fixture
+def upload(client: TestClient):  # type: ignore[no-untyped-def]
+    def do(caller: Caller, content: bytes | None = None, *, filename: str = "train.jsonl",
+           purpose: str = "fine-tune"):  # type: ignore[no-untyped-def]
+        body = content if content is not None else jsonl(chat_lines())
+        return client.post("/v1/files", headers=caller.headers, data={"purpose": purpose},
+                           files={"file": (filename, body, "application/jsonl")})
+
+    return do
+
+
+@pytest.fixture
+def training_file(upload, customer: Caller) -> str:  # type: ignore[no-untyped-def]
+    response = upload(customer)
+    assert response.status_code == 200, response.text
+    return response.json()["id"]
+
+
+@pytest.fixture
+def create_job(client: TestClient, customer: Caller, training_file: str):  # type: ignore[no-untyped-def]
+    def do(caller: Caller = customer, **fields):  # type: ignore[no-untyped-def]
+        body = {"model": "tunegrid/tiny-llama", "training_file": training_file, **fields}
+        return client.post("/v1/fine_tuning/jobs", headers=caller.headers, json=body)
+
+    return do

@@ -1,0 +1,55 @@
+"""Job status changes: only allowed moves, each writing its event, through one function."""
+
+from __future__ import annotations
+
+import itertools
+import re
+from pathlib import Path
+
+import pytest
+from sqlalchemy.orm import Session
+
+from coordinator.db.models import AccountModel, FileModel, FileStatus, JobModel, JobStatus, Role
+from coordinator.services.job_states import TERMINAL, TRANSITIONS, change_status
+from shared.errors import Conflict
+
+ROOT = Path(__file__).resolve().parents[3]
+
+
+def _job(session: Session, status: JobStatus) -> JobModel:
+    account = AccountModel(id=f"acct-{status.value}", name="a", role=Role.customer)
+    file = FileModel(id=f"file-{status.value}", account_id=account.id, filename="t.jsonl", purpose="fine-tune",
+                     bytes=1, sha256="0" * 64, status=FileStatus.processed)
+    job = JobModel(id=f"ftjob-{status.value}", account_id=account.id, model="tunegrid/tiny-llama",
+                   training_file_id=file.id, status=status, hyperparameters={}, lora={}, seed=1,
+                   estimated_tokens=0, result_files=[])
+    session.add_all([account, file, job])
+    session.flush()
+    return job
+
+
+@pytest.mark.parametrize("source,target", list(itertools.product(JobStatus, JobStatus)))
+def test_transition_table_is_enforced_and_every_change_writes_an_event(
+    session: Session, source: JobStatus, target: JobStatus,
+) -> None:
+    job = _job(session, source)
+    if target in TRANSITIONS[source]:
+        event = change_status(session=session, job=job, to=target, message="moved")
+        session.commit()
+        assert job.status is target and event.job_id == job.id and event.data == {"status": target.value}
+        assert (job.finished_at is not None) == (target in TERMINAL)
+        if target is JobStatus.failed:
+            assert job.error is not None and event.level == "error"
+    else:
+        with pytest.raises(Conflict):
+            change_status(session=session, job=job, to=target, message="moved")
+        assert job.status is source
+
+
+def test_nothing_else_writes_job_status() -> None:
+    writers = [
+        str(path.relative_to(ROOT))
+        for path in (ROOT / "coordinator").rglob("*.py")
+        if re.search(r"\bjob\.status\s*=[^=]", path.read_text())
+    ]
+    assert writers == ["coordinator/services/job_states.py"]
