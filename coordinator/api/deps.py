@@ -6,6 +6,7 @@ from collections.abc import Iterator
 from typing import Annotated
 
 from fastapi import Depends, Request
+from fastapi.dependencies.models import Dependant
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from sqlalchemy.orm import Session
 
@@ -13,7 +14,7 @@ from coordinator.db.models import AccountModel, Role
 from coordinator.services import keys
 from coordinator.settings import CoordinatorSettings
 from coordinator.storage import BlobStore
-from shared.errors import AuthenticationFailed, PermissionDenied
+from shared.errors import AuthenticationFailed, InvalidRequest, PermissionDenied
 
 bearer = HTTPBearer(auto_error=False, description="An API key: `Authorization: Bearer tg_...`")
 
@@ -58,3 +59,25 @@ def current_customer(account: CurrentAccount) -> AccountModel:
 
 
 CurrentCustomer = Annotated[AccountModel, Depends(current_customer)]
+
+
+def _query_names(dependant: Dependant) -> set[str]:
+    names = {param.alias for param in dependant.query_params}
+    for sub in dependant.dependencies:
+        names |= _query_names(sub)
+    return names
+
+
+def reject_unknown_query(*allowed_prefixes: str):  # type: ignore[no-untyped-def]
+    """A route dependency: a misspelled query parameter (`?limt=5`) is a 400, not a silent default."""
+
+    def check(request: Request) -> None:
+        route = request.scope.get("route")
+        if route is None:
+            return
+        known = _query_names(route.dependant)
+        for name in request.query_params:
+            if name not in known and not name.startswith(allowed_prefixes):
+                raise InvalidRequest(f"Unrecognized query parameter: {name!r}.", param=name, code="unknown_parameter")
+
+    return Depends(check)

@@ -7,14 +7,15 @@ from typing import Annotated, Literal
 from fastapi import APIRouter, File, Form, Query, UploadFile
 from fastapi.responses import FileResponse
 
-from coordinator.api.deps import CurrentCustomer, SessionDep, SettingsDep, StoreDep
+from coordinator.api.deps import reject_unknown_query, CurrentCustomer, SessionDep, SettingsDep, StoreDep
 from coordinator.api.errors import ERROR_RESPONSES
 from coordinator.db.models import FileModel
 from coordinator.services import files
 from shared.errors import InvalidRequest
 from shared.schemas.files import FileDeleted, FileList, FileRead
 
-router = APIRouter(prefix="/v1/files", tags=["files"], responses=ERROR_RESPONSES)
+router = APIRouter(prefix="/v1/files", tags=["files"], responses=ERROR_RESPONSES,
+                   dependencies=[reject_unknown_query()])
 
 MIN_EXPIRY_S, MAX_EXPIRY_S = 3600, 30 * 86400
 
@@ -33,7 +34,7 @@ def file_read(file: FileModel) -> FileRead:
 def upload_file(
     account: CurrentCustomer, session: SessionDep, store: StoreDep, settings: SettingsDep,
     file: Annotated[UploadFile, File(description="JSONL training data")],
-    purpose: Annotated[str, Form(max_length=64)],
+    purpose: Annotated[Literal["fine-tune"], Form(description="Only 'fine-tune' is accepted")],
     expires_after_anchor: Annotated[str | None, Form(alias="expires_after[anchor]", max_length=32)] = None,
     expires_after_seconds: Annotated[int | None, Form(alias="expires_after[seconds]")] = None,
 ) -> FileRead:

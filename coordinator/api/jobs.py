@@ -7,7 +7,7 @@ from typing import Annotated
 
 from fastapi import APIRouter, Query, Request
 
-from coordinator.api.deps import CurrentCustomer, SessionDep
+from coordinator.api.deps import reject_unknown_query, CurrentCustomer, SessionDep
 from coordinator.api.errors import ERROR_RESPONSES
 from coordinator.db.models import JobCheckpointModel, JobEventModel, JobModel
 from coordinator.services import jobs
@@ -18,7 +18,8 @@ from shared.schemas.jobs import (
     LoraRead, MethodRead, SupervisedMethodRead,
 )
 
-router = APIRouter(prefix="/v1/fine_tuning/jobs", tags=["fine-tuning"], responses=ERROR_RESPONSES)
+router = APIRouter(prefix="/v1/fine_tuning/jobs", tags=["fine-tuning"], responses=ERROR_RESPONSES,
+                   dependencies=[reject_unknown_query("metadata[")])
 
 Cursor = Annotated[str | None, Query(max_length=64)]
 _METADATA_PARAM = re.compile(r"^metadata\[(.{1,64})\]$")

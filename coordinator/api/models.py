@@ -4,12 +4,13 @@ from __future__ import annotations
 
 from fastapi import APIRouter
 
-from coordinator.api.deps import CurrentAccount, SessionDep
+from coordinator.api.deps import reject_unknown_query, CurrentAccount, SessionDep
 from coordinator.api.errors import ERROR_RESPONSES
 from coordinator.services import models
 from shared.schemas.models import ModelList, ModelRead
 
-router = APIRouter(prefix="/v1/models", tags=["models"], responses=ERROR_RESPONSES)
+router = APIRouter(prefix="/v1/models", tags=["models"], responses=ERROR_RESPONSES,
+                   dependencies=[reject_unknown_query()])
 
 
 @router.get("", response_model=ModelList, response_model_exclude_none=True)

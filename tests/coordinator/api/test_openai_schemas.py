@@ -1,0 +1,88 @@
+"""Every customer-API response validates against OpenAI's published schemas (vendored in tests/contracts).
+
+Our extensions are extra properties (allowed by those schemas) and the job status `paused`.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+from pathlib import Path
+
+import pytest
+from fastapi.testclient import TestClient
+from jsonschema import Draft202012Validator
+from referencing import Registry
+from referencing.jsonschema import DRAFT202012
+from sqlalchemy.orm import Session
+
+from coordinator.db.models import JobCheckpointModel
+from tests.conftest import Caller
+
+SPEC_PATH = Path(__file__).resolve().parents[2] / "contracts" / "openai" / "openapi-fine-tuning.json"
+
+
+@pytest.fixture(scope="module")
+def validator_for():  # type: ignore[no-untyped-def]
+    spec = json.loads(SPEC_PATH.read_text())
+    spec = copy.deepcopy(spec)
+    status = spec["components"]["schemas"]["FineTuningJob"]["properties"]["status"]
+    status["enum"] = [*status["enum"], "paused"]  # our extension: paused jobs
+    registry = Registry().with_resource("spec.json", DRAFT202012.create_resource(spec))
+
+    def validator(name: str) -> Draft202012Validator:
+        return Draft202012Validator({"$ref": f"spec.json#/components/schemas/{name}"}, registry=registry)
+
+    return validator
+
+
+def _valid(validator_for, schema: str, body: dict) -> None:  # type: ignore[no-untyped-def]
+    errors = sorted(validator_for(schema).iter_errors(body), key=str)
+    assert not errors, f"{schema}: " + "; ".join(f"{list(e.absolute_path)}: {e.message}" for e in errors[:5])
+
+
+def test_files_responses(validator_for, client: TestClient, customer: Caller, upload) -> None:  # type: ignore[no-untyped-def]
+    _valid(validator_for, "ListFilesResponse", client.get("/v1/files", headers=customer.headers).json())
+    file = upload(customer).json()
+    _valid(validator_for, "OpenAIFile", file)
+    _valid(validator_for, "OpenAIFile", client.get(f"/v1/files/{file['id']}", headers=customer.headers).json())
+    _valid(validator_for, "ListFilesResponse", client.get("/v1/files", headers=customer.headers).json())
+    _valid(validator_for, "DeleteFileResponse",
+           client.delete(f"/v1/files/{file['id']}", headers=customer.headers).json())
+
+
+def test_job_responses_in_every_state(validator_for, client: TestClient, customer: Caller, create_job,  # type: ignore[no-untyped-def]
+                                      session: Session) -> None:
+    job = create_job(metadata={"a": "b"}, lora={"r": 4}).json()
+    _valid(validator_for, "FineTuningJob", job)
+    url = f"/v1/fine_tuning/jobs/{job['id']}"
+    for action in ("pause", "resume", "cancel"):
+        _valid(validator_for, "FineTuningJob", client.post(f"{url}/{action}", headers=customer.headers).json())
+    _valid(validator_for, "FineTuningJob", client.get(url, headers=customer.headers).json())
+    _valid(validator_for, "ListPaginatedFineTuningJobsResponse",
+           client.get("/v1/fine_tuning/jobs", headers=customer.headers).json())
+    _valid(validator_for, "ListFineTuningJobEventsResponse", client.get(f"{url}/events", headers=customer.headers).json())
+    session.add(JobCheckpointModel(
+        id="ftckpt_1", job_id=job["id"], step_number=10, metrics={"step": 10, "train_loss": 1.5},
+        fine_tuned_model_checkpoint=f"ft:tunegrid/tiny-llama:{job['id']}:ckpt-step-10",
+    ))
+    session.commit()
+    checkpoints = client.get(f"{url}/checkpoints", headers=customer.headers).json()
+    assert checkpoints["data"][0]["step_number"] == 10
+    _valid(validator_for, "ListFineTuningJobCheckpointsResponse", checkpoints)
+
+
+def test_model_and_error_responses(validator_for, client: TestClient, customer: Caller) -> None:  # type: ignore[no-untyped-def]
+    _valid(validator_for, "ListModelsResponse", client.get("/v1/models", headers=customer.headers).json())
+    _valid(validator_for, "Model", client.get("/v1/models/qwen2.5-7b-instruct", headers=customer.headers).json())
+    for response in (client.get("/v1/files"), client.get("/v1/files/file-x", headers=customer.headers),
+                     client.post("/v1/fine_tuning/jobs", headers=customer.headers, json={})):
+        assert response.status_code in (400, 401, 404)
+        _valid(validator_for, "ErrorResponse", response.json())
+
+
+def test_the_validator_can_fail(validator_for) -> None:  # type: ignore[no-untyped-def]
+    with pytest.raises(AssertionError):
+        _valid(validator_for, "OpenAIFile", {"id": "file-1", "object": "file", "bytes": "many"})
+    with pytest.raises(AssertionError):
+        _valid(validator_for, "FineTuningJob", {"id": "ftjob-1", "object": "fine_tuning.job", "status": "dreaming"})

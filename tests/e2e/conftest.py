@@ -1,0 +1,84 @@
+"""A real coordinator process (`tunegrid-coordinator serve`, uvicorn) per test, on SQLite or PostgreSQL."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+import pytest
+from sqlalchemy import create_engine, text
+
+from coordinator.db.models import Base
+
+BIN = Path(sys.executable).parent
+STARTUP_TIMEOUT_S = 30
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@dataclass
+class LiveServer:
+    url: str
+    env: dict[str, str]
+
+    def cli(self, *args: str) -> str:
+        done = subprocess.run([str(BIN / "tunegrid-coordinator"), *args], env=self.env, capture_output=True,
+                              text=True, timeout=60, check=True)
+        return done.stdout
+
+    def new_key(self, role: str, name: str) -> str:
+        return self.cli("keys", "create", "--role", role, "--name", name).strip().splitlines()[-1]
+
+
+@pytest.fixture
+def live_server(backend: str, request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[LiveServer]:
+    port = _free_port()
+    env = {**os.environ, "TUNEGRID_DATA_DIR": str(tmp_path / "data"), "TUNEGRID_PORT": str(port),
+           "TUNEGRID_LOG_LEVEL": "warning"}
+    env.pop("TUNEGRID_DATABASE_URL", None)
+    postgres_url = None
+    if backend == "postgresql":
+        postgres_url = request.getfixturevalue("postgres_url")
+        env["TUNEGRID_DATABASE_URL"] = postgres_url
+    server = LiveServer(url=f"http://127.0.0.1:{port}", env=env)
+    if postgres_url:
+        server.cli("migrate")
+    log = (tmp_path / "server.log").open("w")
+    process = subprocess.Popen([str(BIN / "tunegrid-coordinator"), "serve"], env=env, stdout=log,
+                               stderr=subprocess.STDOUT)
+    try:
+        deadline = time.monotonic() + STARTUP_TIMEOUT_S
+        while True:
+            try:
+                if httpx.get(f"{server.url}/healthz", timeout=1).status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            if process.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"coordinator did not start:\n{(tmp_path / 'server.log').read_text()}")
+            time.sleep(0.1)
+        yield server
+    finally:
+        process.terminate()
+        try:
+            process.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            process.kill()
+        log.close()
+        if postgres_url:
+            engine = create_engine(postgres_url)
+            with engine.begin() as conn:
+                tables = ", ".join(f'"{t.name}"' for t in Base.metadata.sorted_tables)
+                conn.execute(text(f"TRUNCATE {tables} CASCADE"))
+            engine.dispose()
