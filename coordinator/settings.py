@@ -25,8 +25,10 @@ class CoordinatorSettings(BaseSettings):
     host: str = "127.0.0.1"
     port: int = Field(default=8000, ge=1, le=65535)
     auto_migrate: bool | None = Field(default=None, description="Run `alembic upgrade head` at start; default: only on SQLite.")
-    db_pool_size: int = Field(default=10, ge=1)
-    db_max_overflow: int = Field(default=20, ge=0)
+    db_pool_size: int = Field(default=16, ge=1, description="Database connections kept open per API process.")
+    db_max_overflow: int = Field(default=4, ge=0)
+    threadpool_size: int = Field(default=16, ge=1, description="Concurrent sync requests per API process; "
+                                 "keep it <= the pool so no request waits for a connection it cannot get.")
     db_timeout_s: float = Field(default=10.0, gt=0, description="Wait for a pooled connection / SQLite lock.")
     log_level: str = "info"
 

@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import AsyncIterator
 from typing import Annotated
 
+import anyio.to_thread
 from fastapi import Depends, Request
 from fastapi.dependencies.models import Dependant
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
@@ -19,16 +20,22 @@ from shared.errors import AuthenticationFailed, InvalidRequest, PermissionDenied
 bearer = HTTPBearer(auto_error=False, description="An API key: `Authorization: Bearer tg_...`")
 
 
-def get_session(request: Request) -> Iterator[Session]:
-    with request.app.state.sessionmaker() as session:
+async def get_session(request: Request) -> AsyncIterator[Session]:
+    # Opening a Session does no I/O (it connects lazily, in the worker thread that first queries);
+    # closing returns the connection to the pool, which may talk to the database, so it runs off the loop.
+    session = request.app.state.sessionmaker()
+    try:
         yield session
+    finally:
+        await anyio.to_thread.run_sync(session.close)
 
 
-def get_settings(request: Request) -> CoordinatorSettings:
+# Dependencies that do no I/O are `async def` so FastAPI does not hop to a worker thread for each one.
+async def get_settings(request: Request) -> CoordinatorSettings:
     return request.app.state.settings
 
 
-def get_store(request: Request) -> BlobStore:
+async def get_store(request: Request) -> BlobStore:
     return request.app.state.store
 
 
@@ -51,7 +58,7 @@ def current_account(
 CurrentAccount = Annotated[AccountModel, Depends(current_account)]
 
 
-def current_customer(account: CurrentAccount) -> AccountModel:
+async def current_customer(account: CurrentAccount) -> AccountModel:
     """Customers own files and jobs; an admin key may act as a customer on its own account."""
     if account.role not in (Role.customer, Role.admin):
         raise PermissionDenied(f"This route is for customer keys; this key belongs to a {account.role.value}.")
@@ -69,9 +76,9 @@ def _query_names(dependant: Dependant) -> set[str]:
 
 
 def reject_unknown_query(*allowed_prefixes: str):  # type: ignore[no-untyped-def]
-    """A route dependency: a misspelled query parameter (`?limt=5`) is a 400, not a silent default."""
+    """A route dependency: a misspelled (`?limt=5`) or repeated query parameter is a 400, not a silent guess."""
 
-    def check(request: Request) -> None:
+    async def check(request: Request) -> None:
         route = request.scope.get("route")
         if route is None:
             return
@@ -79,5 +86,8 @@ def reject_unknown_query(*allowed_prefixes: str):  # type: ignore[no-untyped-def
         for name in request.query_params:
             if name not in known and not name.startswith(allowed_prefixes):
                 raise InvalidRequest(f"Unrecognized query parameter: {name!r}.", param=name, code="unknown_parameter")
+            if len(request.query_params.getlist(name)) > 1:
+                raise InvalidRequest(f"Query parameter {name!r} is given more than once.", param=name,
+                                     code="duplicate_parameter")
 
     return Depends(check)

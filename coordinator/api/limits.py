@@ -1,4 +1,5 @@
-"""ASGI middleware that caps request bodies before they are read: 413 in OpenAI's envelope."""
+"""ASGI middleware that refuses requests before any route reads them: bodies over the limit (413) and
+NUL bytes in the URL (400; PostgreSQL text cannot hold them), in OpenAI's envelope."""
 
 from __future__ import annotations
 
@@ -7,7 +8,7 @@ from typing import Any
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from shared.errors import PayloadTooLarge
+from shared.errors import InvalidRequest, PayloadTooLarge, TunegridError
 
 MULTIPART_OVERHEAD = 64 * 1024  # boundaries and the purpose field around the file itself
 
@@ -23,10 +24,13 @@ class BodySizeLimit:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
+        if "\x00" in scope["path"] or b"%00" in scope.get("query_string", b""):
+            await _reject(send, InvalidRequest("The URL contains a NUL character."))
+            return
         limit = self.upload_bytes if scope["path"].rstrip("/") == self.upload_path else self.other_bytes
         declared = _content_length(scope)
         if declared is not None and declared > limit:
-            await _reject(send, limit)
+            await _reject(send, PayloadTooLarge(f"The request body is larger than the limit of {limit} bytes."))
             return
         received = 0
 
@@ -52,10 +56,10 @@ def _content_length(scope: Scope) -> int | None:
     return None
 
 
-async def _reject(send: Send, limit: int) -> None:
-    body: dict[str, Any] = PayloadTooLarge(f"The request body is larger than the limit of {limit} bytes.").envelope()
+async def _reject(send: Send, error: TunegridError) -> None:
+    body: dict[str, Any] = error.envelope()
     payload = json.dumps(body).encode()
-    await send({"type": "http.response.start", "status": 413, "headers": [
+    await send({"type": "http.response.start", "status": error.http_status, "headers": [
         (b"content-type", b"application/json"), (b"content-length", str(len(payload)).encode()),
         (b"connection", b"close"),
     ]})

@@ -28,6 +28,8 @@ def _clean_filename(filename: str | None) -> str:
     name = PurePath((filename or "").replace("\\", "/")).name.strip()
     if not name:
         raise InvalidRequest("The uploaded file has no filename.", param="file")
+    if any(ord(c) < 32 or c == "\x7f" for c in name):
+        raise InvalidRequest("The filename contains control characters.", param="file")
     if len(name) > 255:
         raise InvalidRequest("The filename is longer than 255 characters.", param="file")
     return name

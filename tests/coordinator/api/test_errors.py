@@ -64,3 +64,22 @@ def test_models_lists_catalog_and_retrieves_by_id_with_a_slash(client: TestClien
     tiny = client.get("/v1/models/tunegrid/tiny-llama", headers=customer.headers).json()
     assert tiny["object"] == "model" and tiny["owned_by"] == "tunegrid" and tiny["kind"] == "base"
     assert _assert_envelope(client.get("/v1/models/gpt-9", headers=customer.headers), 404)["code"] == "model_not_found"
+
+
+@pytest.mark.parametrize("query", ["limt=5", "after=a&after=b", "metadata[x]=1&metadata[x]=2"])
+def test_unknown_or_repeated_query_parameters_are_refused(client: TestClient, customer: Caller, query: str) -> None:
+    error = _assert_envelope(client.get(f"/v1/fine_tuning/jobs?{query}", headers=customer.headers), 400)
+    assert error["code"] in ("unknown_parameter", "duplicate_parameter")
+
+
+def test_nul_characters_are_a_400_not_a_database_error(client: TestClient, customer: Caller) -> None:
+    for response in (
+        client.get("/v1/files?after=%00", headers=customer.headers),
+        client.get("/v1/files/file-%00", headers=customer.headers),
+        client.get("/v1/models/x%00y", headers=customer.headers),
+        client.post("/v1/fine_tuning/jobs", headers=customer.headers,
+                    json={"model": "tunegrid/tiny-llama", "training_file": "file-\x00"}),
+        client.post("/v1/fine_tuning/jobs", headers=customer.headers,
+                    json={"model": "tunegrid/tiny-llama", "training_file": "f", "metadata": {"k\x00": "v"}}),
+    ):
+        _assert_envelope(response, 400)

@@ -1,0 +1,219 @@
+"""API benchmark: job create and job list against a live coordinator, on SQLite and PostgreSQL.
+
+For each backend it starts `tunegrid-coordinator serve`, then for each operation
+runs (1) a closed loop at the given concurrency for the top throughput and
+(2) an open loop at a fixed offered rate, whose latency is measured from each
+request's scheduled start (so queueing is counted, not hidden). Prints figures;
+never passes or fails.
+
+    python bench/api.py [--backends sqlite,postgresql] [--rate 200] [--duration 15] [--concurrency 32]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import io
+import json
+import os
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import httpx
+from sqlalchemy import create_engine, make_url, text
+
+BIN = Path(sys.executable).parent
+POSTGRES_URL = os.environ.get("TUNEGRID_BENCH_POSTGRES_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/tunegrid_bench")
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _reset_postgres(url: str) -> None:
+    parsed = make_url(url)
+    server = create_engine(parsed.set(database="postgres"), isolation_level="AUTOCOMMIT")
+    with server.connect() as conn:
+        conn.execute(text(f'DROP DATABASE IF EXISTS "{parsed.database}" WITH (FORCE)'))
+        conn.execute(text(f'CREATE DATABASE "{parsed.database}"'))
+    server.dispose()
+
+
+def start_server(backend: str, workdir: Path, workers: int) -> tuple[subprocess.Popen[bytes], str, dict[str, str]]:
+    port = _free_port()
+    env = {**os.environ, "TUNEGRID_DATA_DIR": str(workdir), "TUNEGRID_PORT": str(port),
+           "TUNEGRID_LOG_LEVEL": "warning"}
+    env.pop("TUNEGRID_DATABASE_URL", None)
+    if backend == "postgresql":
+        _reset_postgres(POSTGRES_URL)
+        env["TUNEGRID_DATABASE_URL"] = POSTGRES_URL
+        subprocess.run([str(BIN / "tunegrid-coordinator"), "migrate"], env=env, check=True, capture_output=True)
+    process = subprocess.Popen([str(BIN / "tunegrid-coordinator"), "serve", "--workers", str(workers)], env=env,
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        try:
+            if httpx.get(f"{url}/healthz", timeout=1).status_code == 200:
+                return process, url, env
+        except httpx.TransportError:
+            time.sleep(0.2)
+    process.kill()
+    raise RuntimeError("coordinator did not start")
+
+
+def new_key(env: dict[str, str]) -> str:
+    out = subprocess.run([str(BIN / "tunegrid-coordinator"), "keys", "create", "--role", "customer", "--name", "bench"],
+                         env=env, check=True, capture_output=True, text=True).stdout
+    return out.strip().splitlines()[-1]
+
+
+def training_file(url: str, key: str) -> str:
+    lines = [json.dumps({"messages": [{"role": "user", "content": f"q{i}"}, {"role": "assistant", "content": f"a{i}"}]})
+             for i in range(50)]
+    response = httpx.post(f"{url}/v1/files", headers={"Authorization": f"Bearer {key}"}, data={"purpose": "fine-tune"},
+                          files={"file": ("train.jsonl", io.BytesIO("\n".join(lines).encode()))}, timeout=30)
+    response.raise_for_status()
+    return response.json()["id"]
+
+
+class RawClient:
+    """A tiny HTTP/1.1 keep-alive client: the load generator shares these 2 cores with the server and the
+    database, and httpx's per-request overhead alone would eat most of a core at 200 requests/s."""
+
+    def __init__(self, url: str, headers: dict[str, str], connections: int) -> None:
+        self.host, port = url.removeprefix("http://").split(":")
+        self.port = int(port)
+        self.headers = "".join(f"{k}: {v}\r\n" for k, v in headers.items())
+        self.size = connections
+        self.pool: asyncio.Queue[tuple[asyncio.StreamReader, asyncio.StreamWriter]] = asyncio.Queue()
+
+    async def __aenter__(self) -> RawClient:
+        for _ in range(self.size):
+            self.pool.put_nowait(await asyncio.open_connection(self.host, self.port))
+        return self
+
+    async def __aexit__(self, *_: object) -> None:
+        while not self.pool.empty():
+            self.pool.get_nowait()[1].close()
+
+    async def request(self, method: str, path: str, body: bytes = b"") -> int:
+        reader, writer = await self.pool.get()
+        try:
+            head = (f"{method} {path} HTTP/1.1\r\nHost: {self.host}\r\n{self.headers}"
+                    f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n")
+            writer.write(head.encode() + body)
+            status_line = await reader.readline()
+            length = 0
+            while (line := await reader.readline()) not in (b"\r\n", b""):
+                name, _, value = line.decode().partition(":")
+                if name.lower() == "content-length":
+                    length = int(value)
+            await reader.readexactly(length)
+            return int(status_line.split()[1])
+        finally:
+            self.pool.put_nowait((reader, writer))
+
+
+def percentile(values: list[float], q: float) -> float:
+    return statistics.quantiles(values, n=1000, method="inclusive")[int(q * 10) - 1] if len(values) > 1 else values[0]
+
+
+async def closed_loop(client: RawClient, request, duration: float, concurrency: int) -> dict:  # type: ignore[no-untyped-def]
+    latencies: list[float] = []
+    errors = 0
+    stop = time.perf_counter() + duration
+
+    async def one_user() -> None:
+        nonlocal errors
+        while time.perf_counter() < stop:
+            start = time.perf_counter()
+            status = await request(client)
+            latencies.append(time.perf_counter() - start)
+            errors += status >= 400
+
+    began = time.perf_counter()
+    await asyncio.gather(*(one_user() for _ in range(concurrency)))
+    return {"rps": len(latencies) / (time.perf_counter() - began), "latencies": latencies, "errors": errors}
+
+
+async def open_loop(client: RawClient, request, duration: float, rate: float, concurrency: int) -> dict:  # type: ignore[no-untyped-def]
+    latencies: list[float] = []
+    errors = 0
+    slots = asyncio.Semaphore(concurrency)
+    began = time.perf_counter()
+
+    async def fire(scheduled: float) -> None:
+        nonlocal errors
+        async with slots:
+            status = await request(client)
+        latencies.append(time.perf_counter() - scheduled)
+        errors += status >= 400
+
+    tasks = []
+    for i in range(int(duration * rate)):
+        scheduled = began + i / rate
+        await asyncio.sleep(max(0.0, scheduled - time.perf_counter()))
+        tasks.append(asyncio.create_task(fire(scheduled)))
+    await asyncio.gather(*tasks)
+    return {"rps": len(latencies) / (time.perf_counter() - began), "latencies": latencies, "errors": errors}
+
+
+def row(backend: str, op: str, mode: str, result: dict) -> str:
+    lat = sorted(result["latencies"])
+    return (f"{backend:<11} {op:<11} {mode:<18} {result['rps']:>8.1f} {percentile(lat, 50) * 1000:>8.1f} "
+            f"{percentile(lat, 99) * 1000:>8.1f} {result['errors']:>6}")
+
+
+async def bench_backend(backend: str, url: str, key: str, args: argparse.Namespace) -> list[str]:
+    file_id = training_file(url, key)
+    headers = {"Authorization": f"Bearer {key}"}
+    body = json.dumps({"model": "tunegrid/tiny-llama", "training_file": file_id, "metadata": {"bench": "1"}}).encode()
+    ops = {
+        "job create": lambda c: c.request("POST", "/v1/fine_tuning/jobs", body),
+        "job list": lambda c: c.request("GET", "/v1/fine_tuning/jobs?limit=20"),
+    }
+    lines = []
+    async with RawClient(url, headers, args.concurrency) as client:
+        for op, request in ops.items():
+            await open_loop(client, request, 2, args.rate / 2, args.concurrency)  # warm-up; seeds rows to list
+            lines.append(row(backend, op, f"open {args.rate:.0f}/s",
+                             await open_loop(client, request, args.duration, args.rate, args.concurrency)))
+            await asyncio.sleep(1)
+            lines.append(row(backend, op, f"closed c={args.concurrency}",
+                             await closed_loop(client, request, args.duration, args.concurrency)))
+            await asyncio.sleep(1)
+    return lines
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--backends", default="sqlite,postgresql")
+    parser.add_argument("--rate", type=float, default=200.0, help="offered requests/s in the open loop")
+    parser.add_argument("--duration", type=float, default=15.0, help="seconds per measurement")
+    parser.add_argument("--concurrency", type=int, default=32)
+    parser.add_argument("--workers", type=int, default=2, help="uvicorn worker processes")
+    args = parser.parse_args()
+
+    print(f"cpus={os.cpu_count()} workers={args.workers} concurrency={args.concurrency} duration={args.duration}s")
+    print(f"{'backend':<11} {'operation':<11} {'mode':<18} {'req/s':>8} {'p50 ms':>8} {'p99 ms':>8} {'errors':>6}")
+    for backend in args.backends.split(","):
+        with tempfile.TemporaryDirectory() as tmp:
+            process, url, env = start_server(backend, Path(tmp), args.workers)
+            try:
+                for line in asyncio.run(bench_backend(backend, url, new_key(env), args)):
+                    print(line, flush=True)
+            finally:
+                process.terminate()
+                process.wait(timeout=15)
+
+
+if __name__ == "__main__":
+    main()
