@@ -15,6 +15,7 @@ from typing import Literal
 from shared.errors import InvalidFile
 
 ROLES = ("system", "user", "assistant")
+UTF8_BOM = b"\xef\xbb\xbf"
 MIN_EXAMPLES = 10
 # Rough but stable: ~4 UTF-8 bytes per token for English text on BPE vocabularies,
 # plus the chat template's per-message framing. Pricing uses it before any tokenizer runs.
@@ -77,6 +78,11 @@ def _text(value: object, where: str) -> str:
         raise _LineError(f"{where} must be a string")
     if not text.strip():
         raise _LineError(f"{where} is empty")
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        # JSON can spell an unpaired surrogate ("\ud800") that no UTF-8 text can hold.
+        raise _LineError(f"{where} contains an unpaired surrogate (\\ud800-\\udfff), which is not valid Unicode") from None
     return text
 
 
@@ -134,9 +140,12 @@ def parse_line(raw: bytes) -> TrainingExample:
         raise _LineError(f"is not valid UTF-8 (byte {exc.start})") from None
     try:
         obj = json.loads(line)
-    except (json.JSONDecodeError, RecursionError) as exc:
-        reason = exc.msg if isinstance(exc, json.JSONDecodeError) else "nested too deeply"
-        raise _LineError(f"is not valid JSON ({reason})") from None
+    except json.JSONDecodeError as exc:
+        raise _LineError(f"is not valid JSON ({exc.msg})") from None
+    except RecursionError:
+        raise _LineError("is not valid JSON (nested too deeply)") from None
+    except ValueError as exc:  # e.g. an integer longer than Python's 4300-digit limit
+        raise _LineError(f"is not valid JSON ({exc})") from None
     if not isinstance(obj, dict):
         raise _LineError("must be a JSON object")
     if "messages" in obj:
@@ -154,6 +163,8 @@ def iter_examples(lines: Iterable[bytes]) -> Iterable[tuple[int, TrainingExample
     """
     first_format: DatasetFormat | None = None
     for number, raw in enumerate(lines, start=1):
+        if number == 1:
+            raw = raw.removeprefix(UTF8_BOM)  # editors on Windows write one; it is not part of the JSON
         if not raw.strip():
             continue
         try:

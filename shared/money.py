@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
-from decimal import Decimal, InvalidOperation
+from decimal import Context, Decimal, Inexact, InvalidOperation
 from typing import NewType
 
 Micros = NewType("Micros", int)
 MICROS_PER_USD = 1_000_000
+_ONE_MICRO = Decimal("0.000001")
+# Wide enough for any amount we accept; every rounding or overflow raises instead of passing silently.
+_EXACT = Context(prec=60, traps=[Inexact, InvalidOperation])
 
 
 def usd_to_micros(value: Decimal | str | int) -> Micros:
@@ -17,10 +20,13 @@ def usd_to_micros(value: Decimal | str | int) -> Micros:
         raise ValueError(f"{value!r} is not a decimal amount") from None
     if not amount.is_finite():
         raise ValueError("amount must be finite")
-    micros = amount * MICROS_PER_USD
-    if micros != micros.to_integral_value():
-        raise ValueError("amount has more than 6 decimal places")
-    return Micros(int(micros))
+    try:
+        exact = amount.quantize(_ONE_MICRO, context=_EXACT)
+    except Inexact:
+        raise ValueError("amount has more than 6 decimal places") from None
+    except InvalidOperation:
+        raise ValueError("amount is too large") from None
+    return Micros(int(exact.scaleb(6, context=_EXACT)))
 
 
 def micros_to_usd(micros: int) -> str:

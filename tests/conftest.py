@@ -87,6 +87,11 @@ def database_url(backend: str, request: pytest.FixtureRequest, tmp_path: Path) -
         return
     url = request.getfixturevalue("postgres_url")
     yield url
+    truncate_all(url)
+
+
+def truncate_all(url: str) -> None:
+    """Empty every table of the shared PostgreSQL test database (cheaper than re-migrating it)."""
     engine = create_engine(url)
     with engine.begin() as conn:
         tables = ", ".join(f'"{t.name}"' for t in Base.metadata.sorted_tables)

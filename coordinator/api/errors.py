@@ -11,7 +11,9 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from shared.errors import ServerError, TunegridError
+from sqlalchemy.orm.exc import StaleDataError
+
+from shared.errors import Conflict, ServerError, TunegridError
 from shared.schemas.common import ErrorResponse
 
 log = logging.getLogger(__name__)
@@ -91,6 +93,11 @@ async def _http_error(_: Request, exc: Exception) -> JSONResponse:
     return envelope(exc.status_code, message, code=codes.get(exc.status_code), headers=getattr(exc, "headers", None))
 
 
+async def _concurrent_change(_: Request, exc: Exception) -> JSONResponse:
+    return JSONResponse(Conflict("The resource was changed by another request at the same time; retry.",
+                                 code="concurrent_modification").envelope(), status_code=409)
+
+
 async def _crash(_: Request, exc: Exception) -> JSONResponse:
     log.exception("unhandled error", exc_info=exc)
     return JSONResponse(ServerError("The server had an error while processing your request.").envelope(), status_code=500)
@@ -100,4 +107,5 @@ def install(app: FastAPI) -> None:
     app.add_exception_handler(TunegridError, _domain_error)
     app.add_exception_handler(RequestValidationError, _validation_error)
     app.add_exception_handler(StarletteHTTPException, _http_error)
+    app.add_exception_handler(StaleDataError, _concurrent_change)  # a versioned row changed under us
     app.add_exception_handler(Exception, _crash)

@@ -2,16 +2,21 @@
 
 from __future__ import annotations
 
-from typing import Annotated, Literal
+import os
+from collections.abc import Iterator
+from datetime import timedelta
+from typing import Annotated, BinaryIO, Literal
+from urllib.parse import quote
 
 from fastapi import APIRouter, File, Form, Query, UploadFile
-from fastapi.responses import FileResponse
+from fastapi.responses import StreamingResponse
 
 from coordinator.api.deps import reject_unknown_query, CurrentCustomer, SessionDep, SettingsDep, StoreDep
 from coordinator.api.errors import ERROR_RESPONSES
 from coordinator.db.models import FileModel
 from coordinator.services import files
-from shared.errors import InvalidRequest
+from coordinator.storage import CHUNK
+from shared.errors import InvalidRequest, NotFound
 from shared.schemas.files import FileDeleted, FileList, FileRead
 
 router = APIRouter(prefix="/v1/files", tags=["files"], responses=ERROR_RESPONSES,
@@ -38,18 +43,17 @@ def upload_file(
     expires_after_anchor: Annotated[str | None, Form(alias="expires_after[anchor]", max_length=32)] = None,
     expires_after_seconds: Annotated[int | None, Form(alias="expires_after[seconds]")] = None,
 ) -> FileRead:
-    retention_days = settings.file_retention_days
+    retention = timedelta(days=settings.file_retention_days)
     if expires_after_anchor is not None or expires_after_seconds is not None:
         if expires_after_anchor != "created_at":
             raise InvalidRequest("expires_after[anchor] must be 'created_at'.", param="expires_after.anchor")
         if expires_after_seconds is None or not MIN_EXPIRY_S <= expires_after_seconds <= MAX_EXPIRY_S:
             raise InvalidRequest(f"expires_after[seconds] must be between {MIN_EXPIRY_S} and {MAX_EXPIRY_S}.",
                                  param="expires_after.seconds")
-        retention_days = max(1, expires_after_seconds // 86400)
+        retention = timedelta(seconds=expires_after_seconds)
     created = files.upload(
         session=session, store=store, account=account, filename=file.filename, purpose=purpose, source=file.file,
-        max_bytes=settings.max_upload_bytes, min_examples=settings.min_training_examples,
-        retention_days=retention_days,
+        max_bytes=settings.max_upload_bytes, min_examples=settings.min_training_examples, retention=retention,
     )
     return file_read(created)
 
@@ -75,12 +79,26 @@ def retrieve_file(file_id: str, account: CurrentCustomer, session: SessionDep) -
     return file_read(files.get(session=session, account=account, file_id=file_id))
 
 
-@router.get("/{file_id}/content", response_class=FileResponse,
+@router.get("/{file_id}/content", response_class=StreamingResponse,
             responses={200: {"content": {"application/octet-stream": {}}, "description": "The file's bytes"}})
-def download_file(file_id: str, account: CurrentCustomer, session: SessionDep, store: StoreDep) -> FileResponse:
+def download_file(file_id: str, account: CurrentCustomer, session: SessionDep, store: StoreDep) -> StreamingResponse:
     file = files.get(session=session, account=account, file_id=file_id)
-    return FileResponse(store.path(files.blob_key(file.id)), media_type="application/octet-stream",
-                        filename=file.filename)
+    try:
+        # Open before answering: a delete racing this request then still streams the whole file.
+        handle = store.open(files.blob_key(file.id))
+    except FileNotFoundError:
+        raise NotFound(f"No such File object: {file_id}", param="file_id") from None
+    size = os.fstat(handle.fileno()).st_size
+    return StreamingResponse(
+        _chunks(handle), media_type="application/octet-stream",
+        headers={"Content-Length": str(size), "Content-Disposition": f"attachment; filename*=utf-8''{quote(file.filename)}"},
+    )
+
+
+def _chunks(handle: BinaryIO) -> Iterator[bytes]:
+    with handle:
+        while chunk := handle.read(CHUNK):
+            yield chunk
 
 
 @router.delete("/{file_id}", response_model=FileDeleted)

@@ -18,8 +18,9 @@ from shared.schemas.jobs import (
     LoraRead, MethodRead, SupervisedMethodRead,
 )
 
-router = APIRouter(prefix="/v1/fine_tuning/jobs", tags=["fine-tuning"], responses=ERROR_RESPONSES,
-                   dependencies=[reject_unknown_query("metadata[")])
+# Query strictness is per route: only the list takes `metadata[KEY]` filters.
+router = APIRouter(prefix="/v1/fine_tuning/jobs", tags=["fine-tuning"], responses=ERROR_RESPONSES)
+STRICT_QUERY = [reject_unknown_query()]
 
 Cursor = Annotated[str | None, Query(max_length=64)]
 _METADATA_PARAM = re.compile(r"^metadata\[(.{1,64})\]$")
@@ -62,12 +63,12 @@ def checkpoint_read(checkpoint: JobCheckpointModel) -> CheckpointRead:
     )
 
 
-@router.post("", response_model=JobRead)
+@router.post("", response_model=JobRead, dependencies=STRICT_QUERY)
 def create_job(body: JobCreate, account: CurrentCustomer, session: SessionDep) -> JobRead:
     return job_read(jobs.create(session=session, account=account, request=body))
 
 
-@router.get("", response_model=JobList)
+@router.get("", response_model=JobList, dependencies=[reject_unknown_query("metadata[")])
 def list_jobs(
     request: Request, account: CurrentCustomer, session: SessionDep,
     after: Cursor = None, limit: Annotated[int, Query(ge=1, le=100)] = 20,
@@ -83,27 +84,27 @@ def list_jobs(
     return JobList(data=[job_read(j) for j in rows], has_more=has_more)
 
 
-@router.get("/{fine_tuning_job_id}", response_model=JobRead)
+@router.get("/{fine_tuning_job_id}", response_model=JobRead, dependencies=STRICT_QUERY)
 def retrieve_job(fine_tuning_job_id: str, account: CurrentCustomer, session: SessionDep) -> JobRead:
     return job_read(jobs.get(session=session, account=account, job_id=fine_tuning_job_id))
 
 
-@router.post("/{fine_tuning_job_id}/cancel", response_model=JobRead)
+@router.post("/{fine_tuning_job_id}/cancel", response_model=JobRead, dependencies=STRICT_QUERY)
 def cancel_job(fine_tuning_job_id: str, account: CurrentCustomer, session: SessionDep) -> JobRead:
     return job_read(jobs.cancel(session=session, account=account, job_id=fine_tuning_job_id))
 
 
-@router.post("/{fine_tuning_job_id}/pause", response_model=JobRead)
+@router.post("/{fine_tuning_job_id}/pause", response_model=JobRead, dependencies=STRICT_QUERY)
 def pause_job(fine_tuning_job_id: str, account: CurrentCustomer, session: SessionDep) -> JobRead:
     return job_read(jobs.pause(session=session, account=account, job_id=fine_tuning_job_id))
 
 
-@router.post("/{fine_tuning_job_id}/resume", response_model=JobRead)
+@router.post("/{fine_tuning_job_id}/resume", response_model=JobRead, dependencies=STRICT_QUERY)
 def resume_job(fine_tuning_job_id: str, account: CurrentCustomer, session: SessionDep) -> JobRead:
     return job_read(jobs.resume(session=session, account=account, job_id=fine_tuning_job_id))
 
 
-@router.get("/{fine_tuning_job_id}/events", response_model=JobEventList)
+@router.get("/{fine_tuning_job_id}/events", response_model=JobEventList, dependencies=STRICT_QUERY)
 def list_job_events(
     fine_tuning_job_id: str, account: CurrentCustomer, session: SessionDep,
     after: Cursor = None, limit: Annotated[int, Query(ge=1, le=1000)] = 20,
@@ -113,7 +114,7 @@ def list_job_events(
     return JobEventList(data=[event_read(e) for e in rows], has_more=has_more)
 
 
-@router.get("/{fine_tuning_job_id}/checkpoints", response_model=CheckpointList)
+@router.get("/{fine_tuning_job_id}/checkpoints", response_model=CheckpointList, dependencies=STRICT_QUERY)
 def list_job_checkpoints(
     fine_tuning_job_id: str, account: CurrentCustomer, session: SessionDep,
     after: Cursor = None, limit: Annotated[int, Query(ge=1, le=100)] = 10,

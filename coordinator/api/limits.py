@@ -33,17 +33,27 @@ class BodySizeLimit:
             await _reject(send, PayloadTooLarge(f"The request body is larger than the limit of {limit} bytes."))
             return
         received = 0
+        too_large = PayloadTooLarge(f"The request body is larger than the limit of {limit} bytes.")
+        exceeded = False
 
         async def counting_receive() -> Message:
-            nonlocal received
+            nonlocal received, exceeded
             message = await receive()
             if message["type"] == "http.request":
                 received += len(message.get("body", b""))
                 if received > limit:
-                    raise PayloadTooLarge(f"The request body is larger than the limit of {limit} bytes.")
+                    exceeded = True
+                    raise too_large
             return message
 
-        await self.app(scope, counting_receive, send)
+        async def guarded_send(message: Message) -> None:
+            # Body parsers catch what `receive` raises and answer 400; the client must still learn it was 413.
+            if not exceeded:
+                await send(message)
+            elif message["type"] == "http.response.start":
+                await _reject(send, too_large)
+
+        await self.app(scope, counting_receive, guarded_send)
 
 
 def _content_length(scope: Scope) -> int | None:

@@ -34,6 +34,11 @@ class UTCDateTime(TypeDecorator[datetime]):
         return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
 
 
+# Public ids sort in creation order byte by byte ("0-9A-Za-z"); a locale collation (en_US) would
+# interleave cases and break "newest first" paging, so PostgreSQL compares them in the C collation.
+PublicId = String(40).with_variant(String(40, collation="C"), "postgresql")
+
+
 class Base(DeclarativeBase):
     metadata = MetaData(
         naming_convention={
@@ -77,7 +82,7 @@ def _enum(cls: type[enum.Enum]) -> Enum:
 class AccountModel(Base):
     __tablename__ = "accounts"
 
-    id: Mapped[str] = mapped_column(String(40), primary_key=True)
+    id: Mapped[str] = mapped_column(PublicId, primary_key=True)
     name: Mapped[str] = mapped_column(String(200))
     role: Mapped[Role] = mapped_column(_enum(Role))
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
@@ -91,7 +96,7 @@ class ApiKeyModel(Base):
 
     __tablename__ = "api_keys"
 
-    id: Mapped[str] = mapped_column(String(40), primary_key=True)
+    id: Mapped[str] = mapped_column(PublicId, primary_key=True)
     account_id: Mapped[str] = mapped_column(ForeignKey("accounts.id"), index=True)
     name: Mapped[str] = mapped_column(String(200))
     prefix: Mapped[str] = mapped_column(String(16), unique=True)
@@ -107,7 +112,7 @@ class FileModel(Base):
     __tablename__ = "files"
     __table_args__ = (Index("ix_files_account_id_id", "account_id", "id"),)
 
-    id: Mapped[str] = mapped_column(String(40), primary_key=True)
+    id: Mapped[str] = mapped_column(PublicId, primary_key=True)
     account_id: Mapped[str] = mapped_column(ForeignKey("accounts.id"))
     filename: Mapped[str] = mapped_column(String(255))
     purpose: Mapped[str] = mapped_column(String(32))
@@ -130,7 +135,7 @@ class JobModel(Base):
         Index("ix_jobs_status", "status"),
     )
 
-    id: Mapped[str] = mapped_column(String(40), primary_key=True)
+    id: Mapped[str] = mapped_column(PublicId, primary_key=True)
     account_id: Mapped[str] = mapped_column(ForeignKey("accounts.id"))
     model: Mapped[str] = mapped_column(String(100))
     training_file_id: Mapped[str] = mapped_column(ForeignKey("files.id"))
@@ -155,13 +160,17 @@ class JobModel(Base):
     updated_at: Mapped[datetime] = mapped_column(default=utcnow, onupdate=utcnow)
     finished_at: Mapped[datetime | None]
     estimated_finish: Mapped[datetime | None]
+    # Every UPDATE checks and bumps it, so two concurrent status changes cannot both win.
+    version: Mapped[int] = mapped_column(Integer, default=1)
+
+    __mapper_args__ = {"version_id_col": version}
 
 
 class JobEventModel(Base):
     __tablename__ = "job_events"
     __table_args__ = (Index("ix_job_events_job_id_id", "job_id", "id"),)
 
-    id: Mapped[str] = mapped_column(String(40), primary_key=True)
+    id: Mapped[str] = mapped_column(PublicId, primary_key=True)
     job_id: Mapped[str] = mapped_column(ForeignKey("jobs.id", ondelete="CASCADE"))
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
     level: Mapped[str] = mapped_column(String(8))
@@ -176,7 +185,7 @@ class JobCheckpointModel(Base):
     __tablename__ = "job_checkpoints"
     __table_args__ = (Index("ix_job_checkpoints_job_id_id", "job_id", "id"),)
 
-    id: Mapped[str] = mapped_column(String(40), primary_key=True)
+    id: Mapped[str] = mapped_column(PublicId, primary_key=True)
     job_id: Mapped[str] = mapped_column(ForeignKey("jobs.id", ondelete="CASCADE"))
     step_number: Mapped[int] = mapped_column(Integer)
     metrics: Mapped[dict[str, Any]]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import unicodedata
 from datetime import timedelta
 from pathlib import PurePath
 from typing import BinaryIO
@@ -28,8 +29,8 @@ def _clean_filename(filename: str | None) -> str:
     name = PurePath((filename or "").replace("\\", "/")).name.strip()
     if not name:
         raise InvalidRequest("The uploaded file has no filename.", param="file")
-    if any(ord(c) < 32 or c == "\x7f" for c in name):
-        raise InvalidRequest("The filename contains control characters.", param="file")
+    if name in (".", "..") or any(unicodedata.category(c) == "Cc" for c in name):
+        raise InvalidRequest("The filename is not usable (control characters or a bare dot).", param="file")
     if len(name) > 255:
         raise InvalidRequest("The filename is longer than 255 characters.", param="file")
     return name
@@ -37,7 +38,7 @@ def _clean_filename(filename: str | None) -> str:
 
 def upload(
     *, session: Session, store: BlobStore, account: AccountModel, filename: str | None, purpose: str,
-    source: BinaryIO, max_bytes: int, min_examples: int, retention_days: int,
+    source: BinaryIO, max_bytes: int, min_examples: int, retention: timedelta,
 ) -> FileModel:
     """Store and validate a dataset; a bad file is rejected with its first bad line and nothing is kept."""
     if purpose not in UPLOAD_PURPOSES:
@@ -49,28 +50,29 @@ def upload(
     blob = store.put(blob_key(file_id), source, max_bytes=max_bytes)
     try:
         summary = validate_dataset(store.iter_lines(blob.key), min_examples=min_examples)
-    except InvalidFile:
-        store.delete(blob.key)
-        raise
-    now = utcnow()
-    file = FileModel(
-        id=file_id, account_id=account.id, filename=name, purpose=purpose, bytes=blob.bytes, sha256=blob.sha256,
-        status=FileStatus.processed, format=summary.format, examples=summary.examples,
-        estimated_tokens=summary.estimated_tokens, created_at=now, expires_at=now + timedelta(days=retention_days),
-    )
-    session.add(file)
-    try:
+        now = utcnow()
+        file = FileModel(
+            id=file_id, account_id=account.id, filename=name, purpose=purpose, bytes=blob.bytes, sha256=blob.sha256,
+            status=FileStatus.processed, format=summary.format, examples=summary.examples,
+            estimated_tokens=summary.estimated_tokens, created_at=now, expires_at=now + retention,
+        )
+        session.add(file)
         session.commit()
     except BaseException:
+        # A rejected or unrecorded upload leaves nothing behind.
         store.delete(blob.key)
         raise
     return file
 
 
-def get(*, session: Session, account: AccountModel, file_id: str) -> FileModel:
-    """The caller's file; someone else's id is the same 404 as a missing one."""
-    file = session.get(FileModel, file_id)
-    if file is None or file.account_id != account.id or file.deleted_at is not None:
+def get(*, session: Session, account: AccountModel, file_id: str, for_update: bool = False) -> FileModel:
+    """The caller's live file; someone else's, a deleted or an expired one is the same 404 as a missing one.
+
+    `for_update` locks the row (PostgreSQL) so a job being created on it and its deletion cannot interleave.
+    """
+    file = session.get(FileModel, file_id, with_for_update=for_update or None)
+    if (file is None or file.account_id != account.id or file.deleted_at is not None
+            or (file.expires_at is not None and file.expires_at <= utcnow())):
         raise NotFound(f"No such File object: {file_id}", param="file_id")
     return file
 
@@ -78,14 +80,17 @@ def get(*, session: Session, account: AccountModel, file_id: str) -> FileModel:
 def list_files(
     *, session: Session, account: AccountModel, after: str | None, limit: int, order: Order, purpose: str | None,
 ) -> tuple[list[FileModel], bool]:
-    stmt = select(FileModel).where(FileModel.account_id == account.id, FileModel.deleted_at.is_(None))
+    stmt = select(FileModel).where(
+        FileModel.account_id == account.id, FileModel.deleted_at.is_(None),
+        or_(FileModel.expires_at.is_(None), FileModel.expires_at > utcnow()),
+    )
     if purpose is not None:
         stmt = stmt.where(FileModel.purpose == purpose)
     return page(session=session, stmt=stmt, id_column=FileModel.id, after=after, limit=limit, order=order)
 
 
 def delete(*, session: Session, store: BlobStore, account: AccountModel, file_id: str) -> FileModel:
-    file = get(session=session, account=account, file_id=file_id)
+    file = get(session=session, account=account, file_id=file_id, for_update=True)
     in_use = session.scalars(
         select(JobModel.id)
         .where(JobModel.account_id == account.id, JobModel.status.not_in(TERMINAL))

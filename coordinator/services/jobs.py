@@ -24,7 +24,7 @@ DEFAULT_EPOCHS = 3
 
 def _usable_file(*, session: Session, account: AccountModel, file_id: str, param: str) -> FileModel:
     try:
-        file = files.get(session=session, account=account, file_id=file_id)
+        file = files.get(session=session, account=account, file_id=file_id, for_update=True)
     except NotFound:
         raise InvalidRequest(f"File {file_id} not found.", param=param, code="file_not_found") from None
     if file.purpose != "fine-tune":
@@ -91,9 +91,12 @@ def create(*, session: Session, account: AccountModel, request: JobCreate) -> Jo
     return job
 
 
-def get(*, session: Session, account: AccountModel, job_id: str) -> JobModel:
-    """The caller's job; someone else's id is the same 404 as a missing one."""
-    job = session.get(JobModel, job_id)
+def get(*, session: Session, account: AccountModel, job_id: str, for_update: bool = False) -> JobModel:
+    """The caller's job; someone else's id is the same 404 as a missing one.
+
+    `for_update` locks the row on PostgreSQL; on SQLite the job's version column catches a concurrent change.
+    """
+    job = session.get(JobModel, job_id, with_for_update=for_update or None)
     if job is None or job.account_id != account.id:
         raise NotFound(f"No such fine-tuning job: {job_id}", param="fine_tuning_job_id")
     return job
@@ -103,22 +106,13 @@ def list_jobs(
     *, session: Session, account: AccountModel, after: str | None, limit: int, metadata: dict[str, str] | None,
 ) -> tuple[list[JobModel], bool]:
     stmt = select(JobModel).where(JobModel.account_id == account.id)
-    if not metadata:
-        return page(session=session, stmt=stmt, id_column=JobModel.id, after=after, limit=limit)
-    # JSON containment differs per database; metadata is small (<= 16 keys), so filter while paging.
-    matches: list[JobModel] = []
-    cursor = after
-    while len(matches) <= limit:
-        rows, more = page(session=session, stmt=stmt, id_column=JobModel.id, after=cursor, limit=200)
-        matches += [j for j in rows if all((j.job_metadata or {}).get(k) == v for k, v in metadata.items())]
-        if not more:
-            break
-        cursor = rows[-1].id
-    return matches[:limit], len(matches) > limit
+    for key, value in (metadata or {}).items():
+        stmt = stmt.where(JobModel.job_metadata[key].as_string() == value)
+    return page(session=session, stmt=stmt, id_column=JobModel.id, after=after, limit=limit)
 
 
 def cancel(*, session: Session, account: AccountModel, job_id: str) -> JobModel:
-    job = get(session=session, account=account, job_id=job_id)
+    job = get(session=session, account=account, job_id=job_id, for_update=True)
     if job.status is JobStatus.cancelled:
         return job
     if job.status in TERMINAL:
@@ -129,7 +123,7 @@ def cancel(*, session: Session, account: AccountModel, job_id: str) -> JobModel:
 
 
 def pause(*, session: Session, account: AccountModel, job_id: str) -> JobModel:
-    job = get(session=session, account=account, job_id=job_id)
+    job = get(session=session, account=account, job_id=job_id, for_update=True)
     if job.status is JobStatus.paused:
         return job
     if job.status not in (JobStatus.queued, JobStatus.running):
@@ -142,7 +136,7 @@ def pause(*, session: Session, account: AccountModel, job_id: str) -> JobModel:
 
 
 def resume(*, session: Session, account: AccountModel, job_id: str) -> JobModel:
-    job = get(session=session, account=account, job_id=job_id)
+    job = get(session=session, account=account, job_id=job_id, for_update=True)
     if job.status is not JobStatus.paused:
         raise Conflict(f"Job {job_id} is {job.status.value}; only paused jobs can be resumed.", code="invalid_job_state")
     change_status(session=session, job=job, to=JobStatus.queued, message="Fine-tuning job resumed and queued")

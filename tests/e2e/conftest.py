@@ -13,9 +13,7 @@ from pathlib import Path
 
 import httpx
 import pytest
-from sqlalchemy import create_engine, text
-
-from coordinator.db.models import Base
+from tests.conftest import truncate_all
 
 BIN = Path(sys.executable).parent
 STARTUP_TIMEOUT_S = 30
@@ -77,8 +75,4 @@ def live_server(backend: str, request: pytest.FixtureRequest, tmp_path: Path) ->
             process.kill()
         log.close()
         if postgres_url:
-            engine = create_engine(postgres_url)
-            with engine.begin() as conn:
-                tables = ", ".join(f'"{t.name}"' for t in Base.metadata.sorted_tables)
-                conn.execute(text(f"TRUNCATE {tables} CASCADE"))
-            engine.dispose()
+            truncate_all(postgres_url)

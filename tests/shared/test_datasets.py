@@ -57,6 +57,8 @@ BAD_LINES = {
     "prompt without completion": ('{"prompt": "x"}', 'no "completion"'),
     "empty completion": ('{"prompt": "x", "completion": ""}', "completion is empty"),
     "deep nesting": ("[" * 100_000 + "]" * 100_000, "JSON"),
+    "huge integer": ('{"prompt": "x", "completion": "y", "n": ' + "9" * 5000 + "}", "is not valid JSON"),
+    "lone surrogate": ('{"prompt": "\\ud800", "completion": "x"}', "unpaired surrogate"),
 }
 
 
@@ -73,6 +75,11 @@ def test_non_utf8_line_is_named() -> None:
     lines = _lines(chat_lines(3)) + [b'{"prompt": "caf\xe9"}\n']
     with pytest.raises(InvalidFile, match=r"Line 4 is not valid UTF-8"):
         validate_dataset(lines)
+
+
+def test_a_byte_order_mark_on_the_first_line_is_accepted() -> None:
+    lines = _lines(chat_lines(10))
+    assert validate_dataset([b"\xef\xbb\xbf" + lines[0], *lines[1:]]).examples == 10
 
 
 def test_mixed_formats_are_rejected() -> None:

@@ -83,3 +83,10 @@ def test_nul_characters_are_a_400_not_a_database_error(client: TestClient, custo
                     json={"model": "tunegrid/tiny-llama", "training_file": "f", "metadata": {"k\x00": "v"}}),
     ):
         _assert_envelope(response, 400)
+
+
+def test_metadata_filters_belong_to_the_job_list_only(client: TestClient, customer: Caller, create_job) -> None:  # type: ignore[no-untyped-def]
+    job_id = create_job().json()["id"]
+    assert client.get("/v1/fine_tuning/jobs?metadata[a]=b", headers=customer.headers).status_code == 200
+    response = client.get(f"/v1/fine_tuning/jobs/{job_id}/events?metadata[a]=b", headers=customer.headers)
+    assert _assert_envelope(response, 400)["code"] == "unknown_parameter"

@@ -117,3 +117,53 @@ def test_provider_keys_cannot_use_customer_routes(upload, make_caller) -> None: 
     provider = make_caller("provider", "gpu-owner")
     response = upload(provider)
     assert response.status_code == 403 and _error(response)["type"] == "permission_error"
+
+
+def test_chunked_upload_over_the_limit_is_413_too(customer: Caller, client: TestClient, settings) -> None:  # type: ignore[no-untyped-def]
+    boundary = "tunegridboundary"
+    body = (f"--{boundary}\r\nContent-Disposition: form-data; name=\"purpose\"\r\n\r\nfine-tune\r\n"
+            f"--{boundary}\r\nContent-Disposition: form-data; name=\"file\"; filename=\"a.jsonl\"\r\n\r\n").encode()
+    body += b"x" * (settings.max_upload_bytes * 2) + f"\r\n--{boundary}--\r\n".encode()
+
+    def chunks():  # no Content-Length: the size is only known while reading
+        for start in range(0, len(body), 8192):
+            yield body[start:start + 8192]
+
+    response = client.post("/v1/files", content=chunks(),
+                           headers={**customer.headers, "Content-Type": f"multipart/form-data; boundary={boundary}"})
+    assert response.status_code == 413 and response.json()["error"]["code"] == "payload_too_large"
+
+
+def test_expires_after_is_honoured_to_the_second_and_expired_files_are_gone(
+        customer: Caller, client: TestClient, session) -> None:  # type: ignore[no-untyped-def]
+    from datetime import timedelta
+
+    from coordinator.db.models import FileModel, utcnow
+
+    response = client.post("/v1/files", headers=customer.headers,
+                           data={"purpose": "fine-tune", "expires_after[anchor]": "created_at",
+                                 "expires_after[seconds]": "3600"},
+                           files={"file": ("t.jsonl", jsonl(chat_lines()))})
+    file = response.json()
+    assert file["expires_at"] - file["created_at"] == 3600
+    row = session.get(FileModel, file["id"])
+    row.expires_at = utcnow() - timedelta(seconds=1)
+    session.commit()
+    assert client.get(f"/v1/files/{file['id']}", headers=customer.headers).status_code == 404
+    assert client.get("/v1/files", headers=customer.headers).json()["data"] == []
+    job = client.post("/v1/fine_tuning/jobs", headers=customer.headers,
+                      json={"model": "tunegrid/tiny-llama", "training_file": file["id"]})
+    assert job.status_code == 400 and job.json()["error"]["code"] == "file_not_found"
+
+
+def test_content_whose_blob_vanished_is_a_404_not_a_crash(upload, customer: Caller, client: TestClient, settings) -> None:  # type: ignore[no-untyped-def]
+    file_id = upload(customer).json()["id"]
+    (settings.resolved_storage_dir / "files" / file_id).unlink()
+    assert client.get(f"/v1/files/{file_id}/content", headers=customer.headers).status_code == 404
+
+
+def test_dataset_with_an_unpaired_surrogate_is_a_400_and_nothing_is_kept(upload, customer: Caller, settings) -> None:  # type: ignore[no-untyped-def]
+    lines = chat_lines(10) + ['{"messages": [{"role": "assistant", "content": "\\ud800"}]}']
+    response = upload(customer, jsonl(lines))
+    assert response.status_code == 400 and "Line 11" in response.json()["error"]["message"]
+    assert [p for p in settings.resolved_storage_dir.rglob("*") if p.is_file()] == []

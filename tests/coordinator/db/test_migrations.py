@@ -30,3 +30,12 @@ def test_downgrade_to_base_and_upgrade_again(database_url: str) -> None:
     engine.dispose()
     upgrade_head(database_url)
     assert _diff(database_url) == []
+
+
+def test_public_ids_compare_bytewise_on_postgresql(database_url: str) -> None:
+    engine = create_engine(database_url)
+    if engine.dialect.name == "postgresql":
+        for table in ("files", "jobs", "job_events", "job_checkpoints"):
+            id_column = next(c for c in inspect(engine).get_columns(table) if c["name"] == "id")
+            assert id_column["type"].collation == "C", table
+    engine.dispose()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+from datetime import timedelta
 from pathlib import Path
 
 import pytest
@@ -18,14 +19,14 @@ from tests.conftest import chat_lines, jsonl
 
 @pytest.mark.parametrize("filename,expected", [
     ("C:\\data\\train.jsonl", "train.jsonl"), ("../../etc/train.jsonl", "train.jsonl"), ("a\x00b.jsonl", None),
-    ("bell\x07.jsonl", None), ("", None), ("  ", None), ("x" * 256, None),
+    ("bell\x07.jsonl", None), ("nel\x85.jsonl", None), ("..", None), ("", None), ("  ", None), ("x" * 256, None),
 ])
 def test_filenames_are_reduced_to_a_safe_base_name(session: Session, tmp_path: Path, filename: str,
                                                    expected: str | None) -> None:
     account = create_account(session=session, name="a", role=Role.customer)
     upload = lambda: files.upload(  # noqa: E731
         session=session, store=BlobStore(tmp_path), account=account, filename=filename, purpose="fine-tune",
-        source=io.BytesIO(jsonl(chat_lines())), max_bytes=10**6, min_examples=10, retention_days=1,
+        source=io.BytesIO(jsonl(chat_lines())), max_bytes=10**6, min_examples=10, retention=timedelta(days=1),
     )
     if expected is None:
         with pytest.raises(InvalidRequest):

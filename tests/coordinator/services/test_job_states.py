@@ -53,3 +53,23 @@ def test_nothing_else_writes_job_status() -> None:
         if re.search(r"\bjob\.status\s*=[^=]", path.read_text())
     ]
     assert writers == ["coordinator/services/job_states.py"]
+
+
+def test_a_concurrent_status_change_cannot_be_overwritten(session: Session, settings) -> None:  # type: ignore[no-untyped-def]
+    from sqlalchemy.orm.exc import StaleDataError
+
+    from coordinator.db.engine import make_engine, make_sessionmaker
+
+    job = _job(session, JobStatus.queued)
+    session.commit()
+    engine = make_engine(settings)
+    with make_sessionmaker(engine)() as other:
+        stale = other.get(JobModel, job.id)  # read while queued
+        change_status(session=session, job=job, to=JobStatus.cancelled, message="cancelled")
+        session.commit()
+        change_status(session=other, job=stale, to=JobStatus.paused, message="paused")
+        with pytest.raises(StaleDataError):
+            other.commit()
+    engine.dispose()
+    session.refresh(job)
+    assert job.status is JobStatus.cancelled
