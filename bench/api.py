@@ -109,8 +109,16 @@ class RawClient:
         try:
             head = (f"{method} {path} HTTP/1.1\r\nHost: {self.host}\r\n{self.headers}"
                     f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n")
-            writer.write(head.encode() + body)
-            status_line = await reader.readline()
+            for attempt in range(2):
+                writer.write(head.encode() + body)
+                status_line = await reader.readline()
+                if status_line:
+                    break
+                # The server closed an idle keep-alive connection: reconnect once, as any client would.
+                writer.close()
+                reader, writer = await asyncio.open_connection(self.host, self.port)
+            else:
+                return 599
             length = 0
             while (line := await reader.readline()) not in (b"\r\n", b""):
                 name, _, value = line.decode().partition(":")
@@ -199,14 +207,17 @@ def main() -> None:
     parser.add_argument("--rate", type=float, default=200.0, help="offered requests/s in the open loop")
     parser.add_argument("--duration", type=float, default=15.0, help="seconds per measurement")
     parser.add_argument("--concurrency", type=int, default=32)
-    parser.add_argument("--workers", type=int, default=2, help="uvicorn worker processes")
+    parser.add_argument("--workers", type=int, default=2,
+                        help="uvicorn worker processes on PostgreSQL; SQLite (embedded mode) always runs one, since "
+                             "several processes writing one SQLite file only wait on each other's locks")
     args = parser.parse_args()
 
-    print(f"cpus={os.cpu_count()} workers={args.workers} concurrency={args.concurrency} duration={args.duration}s")
+    print(f"cpus={os.cpu_count()} workers: sqlite=1 postgresql={args.workers} concurrency={args.concurrency} duration={args.duration}s")
     print(f"{'backend':<11} {'operation':<11} {'mode':<18} {'req/s':>8} {'p50 ms':>8} {'p99 ms':>8} {'errors':>6}")
     for backend in args.backends.split(","):
         with tempfile.TemporaryDirectory() as tmp:
-            process, url, env = start_server(backend, Path(tmp), args.workers)
+            workers = 1 if backend == "sqlite" else args.workers
+            process, url, env = start_server(backend, Path(tmp), workers)
             try:
                 for line in asyncio.run(bench_backend(backend, url, new_key(env), args)):
                     print(line, flush=True)

@@ -7,6 +7,7 @@ import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
+import anyio
 import anyio.to_thread
 from fastapi import FastAPI
 from sqlalchemy import text
@@ -23,6 +24,7 @@ from coordinator.storage import BlobStore
 log = logging.getLogger(__name__)
 JSON_BODY_LIMIT = 1024 * 1024
 GC_THRESHOLDS = (20_000, 20, 20)
+SPARE_THREADS = 4
 
 
 def create_app(settings: CoordinatorSettings | None = None) -> FastAPI:
@@ -33,8 +35,12 @@ def create_app(settings: CoordinatorSettings | None = None) -> FastAPI:
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
         if settings.should_auto_migrate:
             upgrade_head(settings.resolved_database_url)
-        # Sync endpoints run in this pool; more threads than connections only adds GIL and pool contention.
-        anyio.to_thread.current_default_thread_limiter().total_tokens = settings.threadpool_size
+        # One admitted request per pooled connection (see get_session); threads for all of them plus a few
+        # for work that holds no connection (streaming a download), and no more: extra threads only add
+        # GIL contention.
+        connections = sum(settings.connections)
+        app.state.session_slots = anyio.Semaphore(connections)
+        anyio.to_thread.current_default_thread_limiter().total_tokens = connections + SPARE_THREADS
         # Long-lived objects built at start-up (routes, models, schemas) need not be scanned by every
         # collection; fewer, later gen-0 collections keep pauses out of the p99.
         gc.freeze()

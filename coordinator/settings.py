@@ -25,10 +25,11 @@ class CoordinatorSettings(BaseSettings):
     host: str = "127.0.0.1"
     port: int = Field(default=8000, ge=1, le=65535)
     auto_migrate: bool | None = Field(default=None, description="Run `alembic upgrade head` at start; default: only on SQLite.")
-    db_pool_size: int = Field(default=16, ge=1, description="Database connections kept open per API process.")
-    db_max_overflow: int = Field(default=4, ge=0)
-    threadpool_size: int = Field(default=16, ge=1, description="Concurrent sync requests per API process; "
-                                 "keep it <= the pool so no request waits for a connection it cannot get.")
+    db_pool_size: int | None = Field(default=None, ge=1, description="Database connections per API process; "
+                                     "with max_overflow, also how many requests one process serves at once. "
+                                     "Default: 4 on PostgreSQL (a process runs Python on one core; more concurrency only queues inside "
+                                     "it), 1 on SQLite (one writer at a time anyway).")
+    db_max_overflow: int = Field(default=2, ge=0, description="Extra connections on PostgreSQL under bursts.")
     db_timeout_s: float = Field(default=10.0, gt=0, description="Wait for a pooled connection / SQLite lock.")
     log_level: str = "info"
 
@@ -51,6 +52,14 @@ class CoordinatorSettings(BaseSettings):
     @property
     def is_sqlite(self) -> bool:
         return self.resolved_database_url.startswith("sqlite")
+
+    @property
+    def connections(self) -> tuple[int, int]:
+        """(pool size, overflow). SQLite takes one writer at a time; more connections only wait on its lock,
+        in sleeps of up to 100 ms, so one connection serves a process best."""
+        if self.is_sqlite:
+            return (self.db_pool_size or 1, 0)
+        return (self.db_pool_size or 4, self.db_max_overflow)
 
     @property
     def should_auto_migrate(self) -> bool:

@@ -21,13 +21,19 @@ bearer = HTTPBearer(auto_error=False, description="An API key: `Authorization: B
 
 
 async def get_session(request: Request) -> AsyncIterator[Session]:
-    # Opening a Session does no I/O (it connects lazily, in the worker thread that first queries);
-    # closing returns the connection to the pool, which may talk to the database, so it runs off the loop.
-    session = request.app.state.sessionmaker()
-    try:
-        yield session
-    finally:
-        await anyio.to_thread.run_sync(session.close)
+    """A session per request, admitted only while the pool has a connection for it.
+
+    A request holds its connection across several worker-thread hops (auth, endpoint, close). Without the
+    admission slot, requests waiting between hops could hold every connection while every thread waits
+    for one: a deadlock until the pool times out. Opening a Session does no I/O; closing may (the pool
+    resets the connection), so it runs in a thread too.
+    """
+    async with request.app.state.session_slots:
+        session = request.app.state.sessionmaker()
+        try:
+            yield session
+        finally:
+            await anyio.to_thread.run_sync(session.close)
 
 
 # Dependencies that do no I/O are `async def` so FastAPI does not hop to a worker thread for each one.

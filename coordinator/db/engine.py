@@ -21,9 +21,13 @@ def ensure_sqlite_dir(url: str) -> None:
 
 def make_engine(settings: CoordinatorSettings) -> Engine:
     url = settings.resolved_database_url
+    pool_size, max_overflow = settings.connections
     if url.startswith("sqlite"):
         ensure_sqlite_dir(url)
-        engine = create_engine(url, connect_args={"check_same_thread": False, "timeout": settings.db_timeout_s})
+        engine = create_engine(
+            url, connect_args={"check_same_thread": False, "timeout": settings.db_timeout_s},
+            pool_size=pool_size, max_overflow=max_overflow, pool_timeout=settings.db_timeout_s,
+        )
 
         @event.listens_for(engine, "connect")
         def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
@@ -36,8 +40,8 @@ def make_engine(settings: CoordinatorSettings) -> Engine:
         return engine
     return create_engine(
         url,
-        pool_size=settings.db_pool_size,
-        max_overflow=settings.db_max_overflow,
+        pool_size=pool_size,
+        max_overflow=max_overflow,
         pool_timeout=settings.db_timeout_s,
         pool_pre_ping=True,
         connect_args={"connect_timeout": int(settings.db_timeout_s)},

@@ -5,7 +5,7 @@ from __future__ import annotations
 import unicodedata
 from datetime import timedelta
 from pathlib import PurePath
-from typing import BinaryIO
+from typing import BinaryIO, Literal
 
 from sqlalchemy import or_, select
 from sqlalchemy.orm import Session
@@ -18,6 +18,8 @@ from shared.datasets import validate_dataset
 from shared.errors import Conflict, InvalidFile, InvalidRequest, NotFound
 
 UPLOAD_PURPOSES = ("fine-tune",)
+Lock = Literal["share", "update"] | None
+_LOCKS: dict[Lock, dict[str, bool] | None] = {None: None, "share": {"read": True}, "update": {"read": False}}
 TERMINAL = (JobStatus.succeeded, JobStatus.failed, JobStatus.cancelled)
 
 
@@ -65,12 +67,13 @@ def upload(
     return file
 
 
-def get(*, session: Session, account: AccountModel, file_id: str, for_update: bool = False) -> FileModel:
+def get(*, session: Session, account: AccountModel, file_id: str, lock: Lock = None) -> FileModel:
     """The caller's live file; someone else's, a deleted or an expired one is the same 404 as a missing one.
 
-    `for_update` locks the row (PostgreSQL) so a job being created on it and its deletion cannot interleave.
+    `lock` (PostgreSQL): jobs being created on the file take "share", its deletion takes "update", so the two
+    cannot interleave while any number of jobs can be created from one file at once.
     """
-    file = session.get(FileModel, file_id, with_for_update=for_update or None)
+    file = session.get(FileModel, file_id, with_for_update=_LOCKS[lock])
     if (file is None or file.account_id != account.id or file.deleted_at is not None
             or (file.expires_at is not None and file.expires_at <= utcnow())):
         raise NotFound(f"No such File object: {file_id}", param="file_id")
@@ -90,7 +93,7 @@ def list_files(
 
 
 def delete(*, session: Session, store: BlobStore, account: AccountModel, file_id: str) -> FileModel:
-    file = get(session=session, account=account, file_id=file_id, for_update=True)
+    file = get(session=session, account=account, file_id=file_id, lock="update")
     in_use = session.scalars(
         select(JobModel.id)
         .where(JobModel.account_id == account.id, JobModel.status.not_in(TERMINAL))

@@ -24,7 +24,7 @@ DEFAULT_EPOCHS = 3
 
 def _usable_file(*, session: Session, account: AccountModel, file_id: str, param: str) -> FileModel:
     try:
-        file = files.get(session=session, account=account, file_id=file_id, for_update=True)
+        file = files.get(session=session, account=account, file_id=file_id, lock="share")
     except NotFound:
         raise InvalidRequest(f"File {file_id} not found.", param=param, code="file_not_found") from None
     if file.purpose != "fine-tune":
