@@ -14,7 +14,7 @@ from sqlalchemy import text
 
 from coordinator import __version__
 from coordinator.api import errors, files, jobs, models
-from coordinator.api.deps import SessionDep
+from coordinator.api.deps import run_in_session
 from coordinator.api.limits import BodySizeLimit
 from coordinator.db.engine import make_engine, make_sessionmaker
 from coordinator.db.migrate import upgrade_head
@@ -35,7 +35,7 @@ def create_app(settings: CoordinatorSettings | None = None) -> FastAPI:
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
         if settings.should_auto_migrate:
             upgrade_head(settings.resolved_database_url)
-        # One admitted request per pooled connection (see get_session); threads for all of them plus a few
+        # One admitted request per pooled connection (see run_in_session); threads for all of them plus a few
         # for work that holds no connection (streaming a download), and no more: extra threads only add
         # GIL contention.
         connections = sum(settings.connections)
@@ -64,8 +64,8 @@ def create_app(settings: CoordinatorSettings | None = None) -> FastAPI:
         app.include_router(router)
 
     @app.get("/healthz", tags=["health"])
-    def healthz(session: SessionDep) -> dict[str, str]:
-        session.execute(text("SELECT 1"))
+    async def healthz() -> dict[str, str]:
+        await run_in_session(app.state, lambda session: session.execute(text("SELECT 1")))
         return {"status": "ok", "version": __version__}
 
     return app

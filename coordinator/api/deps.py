@@ -1,12 +1,15 @@
-"""Request-scoped dependencies: the database session, the store, settings, and who is calling."""
+"""Request-scoped dependencies: who is calling (and the one thread hop that does their database work),
+the store, settings, and query-parameter strictness."""
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
-from typing import Annotated
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Annotated, Any, TypeVar
 
 import anyio.to_thread
 from fastapi import Depends, Request
+from starlette.datastructures import State
 from fastapi.dependencies.models import Dependant
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from sqlalchemy.orm import Session
@@ -17,26 +20,28 @@ from coordinator.settings import CoordinatorSettings
 from coordinator.storage import BlobStore
 from shared.errors import AuthenticationFailed, InvalidRequest, PermissionDenied
 
+T = TypeVar("T")
 bearer = HTTPBearer(auto_error=False, description="An API key: `Authorization: Bearer tg_...`")
 
 
-async def get_session(request: Request) -> AsyncIterator[Session]:
-    """A session per request, admitted only while the pool has a connection for it.
+def in_session(state: State, work: Callable[[Session], T]) -> T:
+    """Run `work` with a fresh session in the calling (worker) thread, closing it afterwards."""
+    with state.sessionmaker() as session:
+        return work(session)
 
-    A request holds its connection across several worker-thread hops (auth, endpoint, close). Without the
-    admission slot, requests waiting between hops could hold every connection while every thread waits
-    for one: a deadlock until the pool times out. Opening a Session does no I/O; closing may (the pool
-    resets the connection), so it runs in a thread too.
+
+async def run_in_session(state: State, work: Callable[[Session], T]) -> T:
+    """One hop to a worker thread for all of a request's database work, admitted only while the pool
+    has a connection for it.
+
+    One hop, not one per dependency: on this kind of machine each hop costs about as much CPU as a
+    query. The admission slot means a thread never waits for a connection that another request holds
+    while itself waiting for a thread (a deadlock until the pool times out).
     """
-    async with request.app.state.session_slots:
-        session = request.app.state.sessionmaker()
-        try:
-            yield session
-        finally:
-            await anyio.to_thread.run_sync(session.close)
+    async with state.session_slots:
+        return await anyio.to_thread.run_sync(in_session, state, work)
 
 
-# Dependencies that do no I/O are `async def` so FastAPI does not hop to a worker thread for each one.
 async def get_settings(request: Request) -> CoordinatorSettings:
     return request.app.state.settings
 
@@ -45,33 +50,49 @@ async def get_store(request: Request) -> BlobStore:
     return request.app.state.store
 
 
-SessionDep = Annotated[Session, Depends(get_session)]
 SettingsDep = Annotated[CoordinatorSettings, Depends(get_settings)]
 StoreDep = Annotated[BlobStore, Depends(get_store)]
 
 
-def current_account(
-    session: SessionDep, credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(bearer)],
-) -> AccountModel:
-    if credentials is None or not credentials.credentials:
-        raise AuthenticationFailed(
-            "You didn't provide an API key. Send it in the Authorization header: 'Authorization: Bearer YOUR_KEY'.",
-            code="missing_api_key",
-        )
-    return keys.authenticate(session=session, key=credentials.credentials)
+@dataclass(frozen=True, slots=True)
+class Caller:
+    """Whoever sent the request: a bearer key, checked in the same thread hop as the work it asks for."""
+
+    state: State
+    key: str
+    roles: frozenset[Role]
+
+    async def run(self, service: Callable[..., T], /, **kwargs: Any) -> T:
+        """`service(session=..., account=..., **kwargs)` for the authenticated account."""
+        return await run_in_session(self.state, lambda session: service(
+            session=session, account=self._authenticate(session), **kwargs))
+
+    def _authenticate(self, session: Session) -> AccountModel:
+        account = keys.authenticate(session=session, key=self.key)
+        if account.role not in self.roles:
+            allowed = " or ".join(sorted(r.value for r in self.roles))
+            raise PermissionDenied(f"This route is for {allowed} keys; this key belongs to a {account.role.value}.")
+        return account
 
 
-CurrentAccount = Annotated[AccountModel, Depends(current_account)]
+def _caller(*roles: Role):  # type: ignore[no-untyped-def]
+    async def dependency(
+        request: Request, credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(bearer)],
+    ) -> Caller:
+        if credentials is None or not credentials.credentials:
+            raise AuthenticationFailed(
+                "You didn't provide an API key. Send it in the Authorization header: "
+                "'Authorization: Bearer YOUR_KEY'.",
+                code="missing_api_key",
+            )
+        return Caller(state=request.app.state, key=credentials.credentials, roles=frozenset(roles))
+
+    return dependency
 
 
-async def current_customer(account: CurrentAccount) -> AccountModel:
-    """Customers own files and jobs; an admin key may act as a customer on its own account."""
-    if account.role not in (Role.customer, Role.admin):
-        raise PermissionDenied(f"This route is for customer keys; this key belongs to a {account.role.value}.")
-    return account
-
-
-CurrentCustomer = Annotated[AccountModel, Depends(current_customer)]
+# Customers own files and jobs; an admin key may act as a customer on its own account.
+CustomerCaller = Annotated[Caller, Depends(_caller(Role.customer, Role.admin))]
+AnyCaller = Annotated[Caller, Depends(_caller(*Role))]
 
 
 def _query_names(dependant: Dependant) -> set[str]:

@@ -11,11 +11,13 @@ from urllib.parse import quote
 from fastapi import APIRouter, File, Form, Query, UploadFile
 from fastapi.responses import StreamingResponse
 
-from coordinator.api.deps import reject_unknown_query, CurrentCustomer, SessionDep, SettingsDep, StoreDep
+from coordinator.api.deps import CustomerCaller, SettingsDep, StoreDep, reject_unknown_query
 from coordinator.api.errors import ERROR_RESPONSES
-from coordinator.db.models import FileModel
+from sqlalchemy.orm import Session
+
+from coordinator.db.models import AccountModel, FileModel
 from coordinator.services import files
-from coordinator.storage import CHUNK
+from coordinator.storage import CHUNK, BlobStore
 from shared.errors import InvalidRequest, NotFound
 from shared.schemas.files import FileDeleted, FileList, FileRead
 
@@ -36,8 +38,8 @@ def file_read(file: FileModel) -> FileRead:
 
 
 @router.post("", response_model=FileRead, response_model_exclude_none=True)
-def upload_file(
-    account: CurrentCustomer, session: SessionDep, store: StoreDep, settings: SettingsDep,
+async def upload_file(
+    caller: CustomerCaller, store: StoreDep, settings: SettingsDep,
     file: Annotated[UploadFile, File(description="JSONL training data")],
     purpose: Annotated[Literal["fine-tune"], Form(description="Only 'fine-tune' is accepted")],
     expires_after_anchor: Annotated[str | None, Form(alias="expires_after[anchor]", max_length=32)] = None,
@@ -51,23 +53,22 @@ def upload_file(
             raise InvalidRequest(f"expires_after[seconds] must be between {MIN_EXPIRY_S} and {MAX_EXPIRY_S}.",
                                  param="expires_after.seconds")
         retention = timedelta(seconds=expires_after_seconds)
-    created = files.upload(
-        session=session, store=store, account=account, filename=file.filename, purpose=purpose, source=file.file,
+    created = await caller.run(
+        files.upload, store=store, filename=file.filename, purpose=purpose, source=file.file,
         max_bytes=settings.max_upload_bytes, min_examples=settings.min_training_examples, retention=retention,
     )
     return file_read(created)
 
 
 @router.get("", response_model=FileList, response_model_exclude_none=True)
-def list_files(
-    account: CurrentCustomer, session: SessionDep,
+async def list_files(
+    caller: CustomerCaller,
     after: Annotated[str | None, Query(max_length=64)] = None,
     limit: Annotated[int, Query(ge=1, le=10_000)] = 10_000,
     order: Literal["asc", "desc"] = "desc",
     purpose: Annotated[str | None, Query(max_length=64)] = None,
 ) -> FileList:
-    rows, has_more = files.list_files(session=session, account=account, after=after, limit=limit, order=order,
-                                      purpose=purpose)
+    rows, has_more = await caller.run(files.list_files, after=after, limit=limit, order=order, purpose=purpose)
     return FileList(
         data=[file_read(f) for f in rows], has_more=has_more,
         first_id=rows[0].id if rows else "", last_id=rows[-1].id if rows else "",
@@ -75,24 +76,29 @@ def list_files(
 
 
 @router.get("/{file_id}", response_model=FileRead, response_model_exclude_none=True)
-def retrieve_file(file_id: str, account: CurrentCustomer, session: SessionDep) -> FileRead:
-    return file_read(files.get(session=session, account=account, file_id=file_id))
+async def retrieve_file(file_id: str, caller: CustomerCaller) -> FileRead:
+    return file_read(await caller.run(files.get, file_id=file_id))
 
 
 @router.get("/{file_id}/content", response_class=StreamingResponse,
             responses={200: {"content": {"application/octet-stream": {}}, "description": "The file's bytes"}})
-def download_file(file_id: str, account: CurrentCustomer, session: SessionDep, store: StoreDep) -> StreamingResponse:
-    file = files.get(session=session, account=account, file_id=file_id)
-    try:
-        # Open before answering: a delete racing this request then still streams the whole file.
-        handle = store.open(files.blob_key(file.id))
-    except FileNotFoundError:
-        raise NotFound(f"No such File object: {file_id}", param="file_id") from None
+async def download_file(file_id: str, caller: CustomerCaller, store: StoreDep) -> StreamingResponse:
+    file, handle = await caller.run(_open_content, store=store, file_id=file_id)
     size = os.fstat(handle.fileno()).st_size
     return StreamingResponse(
         _chunks(handle), media_type="application/octet-stream",
         headers={"Content-Length": str(size), "Content-Disposition": f"attachment; filename*=utf-8''{quote(file.filename)}"},
     )
+
+
+def _open_content(*, session: Session, account: AccountModel, store: BlobStore, file_id: str
+                  ) -> tuple[FileModel, BinaryIO]:
+    file = files.get(session=session, account=account, file_id=file_id)
+    try:
+        # Open before answering: a delete racing this request then still streams the whole file.
+        return file, store.open(files.blob_key(file.id))
+    except FileNotFoundError:
+        raise NotFound(f"No such File object: {file_id}", param="file_id") from None
 
 
 def _chunks(handle: BinaryIO) -> Iterator[bytes]:
@@ -102,6 +108,6 @@ def _chunks(handle: BinaryIO) -> Iterator[bytes]:
 
 
 @router.delete("/{file_id}", response_model=FileDeleted)
-def delete_file(file_id: str, account: CurrentCustomer, session: SessionDep, store: StoreDep) -> FileDeleted:
-    deleted = files.delete(session=session, store=store, account=account, file_id=file_id)
+async def delete_file(file_id: str, caller: CustomerCaller, store: StoreDep) -> FileDeleted:
+    deleted = await caller.run(files.delete, store=store, file_id=file_id)
     return FileDeleted(id=deleted.id, deleted=True)

@@ -7,7 +7,7 @@ from typing import Annotated
 
 from fastapi import APIRouter, Query, Request
 
-from coordinator.api.deps import reject_unknown_query, CurrentCustomer, SessionDep
+from coordinator.api.deps import CustomerCaller, reject_unknown_query
 from coordinator.api.errors import ERROR_RESPONSES
 from coordinator.db.models import JobCheckpointModel, JobEventModel, JobModel
 from coordinator.services import jobs
@@ -64,13 +64,13 @@ def checkpoint_read(checkpoint: JobCheckpointModel) -> CheckpointRead:
 
 
 @router.post("", response_model=JobRead, dependencies=STRICT_QUERY)
-def create_job(body: JobCreate, account: CurrentCustomer, session: SessionDep) -> JobRead:
-    return job_read(jobs.create(session=session, account=account, request=body))
+async def create_job(body: JobCreate, caller: CustomerCaller) -> JobRead:
+    return job_read(await caller.run(jobs.create, request=body))
 
 
 @router.get("", response_model=JobList, dependencies=[reject_unknown_query("metadata[")])
-def list_jobs(
-    request: Request, account: CurrentCustomer, session: SessionDep,
+async def list_jobs(
+    request: Request, caller: CustomerCaller,
     after: Cursor = None, limit: Annotated[int, Query(ge=1, le=100)] = 20,
 ) -> JobList:
     metadata: dict[str, str] = {}
@@ -80,47 +80,45 @@ def list_jobs(
             if match is None:
                 raise InvalidRequest("Filter by metadata as metadata[KEY]=VALUE.", param="metadata")
             metadata[match.group(1)] = value
-    rows, has_more = jobs.list_jobs(session=session, account=account, after=after, limit=limit, metadata=metadata)
+    rows, has_more = await caller.run(jobs.list_jobs, after=after, limit=limit, metadata=metadata)
     return JobList(data=[job_read(j) for j in rows], has_more=has_more)
 
 
 @router.get("/{fine_tuning_job_id}", response_model=JobRead, dependencies=STRICT_QUERY)
-def retrieve_job(fine_tuning_job_id: str, account: CurrentCustomer, session: SessionDep) -> JobRead:
-    return job_read(jobs.get(session=session, account=account, job_id=fine_tuning_job_id))
+async def retrieve_job(fine_tuning_job_id: str, caller: CustomerCaller) -> JobRead:
+    return job_read(await caller.run(jobs.get, job_id=fine_tuning_job_id))
 
 
 @router.post("/{fine_tuning_job_id}/cancel", response_model=JobRead, dependencies=STRICT_QUERY)
-def cancel_job(fine_tuning_job_id: str, account: CurrentCustomer, session: SessionDep) -> JobRead:
-    return job_read(jobs.cancel(session=session, account=account, job_id=fine_tuning_job_id))
+async def cancel_job(fine_tuning_job_id: str, caller: CustomerCaller) -> JobRead:
+    return job_read(await caller.run(jobs.cancel, job_id=fine_tuning_job_id))
 
 
 @router.post("/{fine_tuning_job_id}/pause", response_model=JobRead, dependencies=STRICT_QUERY)
-def pause_job(fine_tuning_job_id: str, account: CurrentCustomer, session: SessionDep) -> JobRead:
-    return job_read(jobs.pause(session=session, account=account, job_id=fine_tuning_job_id))
+async def pause_job(fine_tuning_job_id: str, caller: CustomerCaller) -> JobRead:
+    return job_read(await caller.run(jobs.pause, job_id=fine_tuning_job_id))
 
 
 @router.post("/{fine_tuning_job_id}/resume", response_model=JobRead, dependencies=STRICT_QUERY)
-def resume_job(fine_tuning_job_id: str, account: CurrentCustomer, session: SessionDep) -> JobRead:
-    return job_read(jobs.resume(session=session, account=account, job_id=fine_tuning_job_id))
+async def resume_job(fine_tuning_job_id: str, caller: CustomerCaller) -> JobRead:
+    return job_read(await caller.run(jobs.resume, job_id=fine_tuning_job_id))
 
 
 @router.get("/{fine_tuning_job_id}/events", response_model=JobEventList, dependencies=STRICT_QUERY)
-def list_job_events(
-    fine_tuning_job_id: str, account: CurrentCustomer, session: SessionDep,
+async def list_job_events(
+    fine_tuning_job_id: str, caller: CustomerCaller,
     after: Cursor = None, limit: Annotated[int, Query(ge=1, le=1000)] = 20,
 ) -> JobEventList:
-    rows, has_more = jobs.list_events(session=session, account=account, job_id=fine_tuning_job_id, after=after,
-                                      limit=limit)
+    rows, has_more = await caller.run(jobs.list_events, job_id=fine_tuning_job_id, after=after, limit=limit)
     return JobEventList(data=[event_read(e) for e in rows], has_more=has_more)
 
 
 @router.get("/{fine_tuning_job_id}/checkpoints", response_model=CheckpointList, dependencies=STRICT_QUERY)
-def list_job_checkpoints(
-    fine_tuning_job_id: str, account: CurrentCustomer, session: SessionDep,
+async def list_job_checkpoints(
+    fine_tuning_job_id: str, caller: CustomerCaller,
     after: Cursor = None, limit: Annotated[int, Query(ge=1, le=100)] = 10,
 ) -> CheckpointList:
-    rows, has_more = jobs.list_checkpoints(session=session, account=account, job_id=fine_tuning_job_id, after=after,
-                                           limit=limit)
+    rows, has_more = await caller.run(jobs.list_checkpoints, job_id=fine_tuning_job_id, after=after, limit=limit)
     return CheckpointList(
         data=[checkpoint_read(c) for c in rows], has_more=has_more,
         first_id=rows[0].id if rows else None, last_id=rows[-1].id if rows else None,

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from fastapi import APIRouter
 
-from coordinator.api.deps import reject_unknown_query, CurrentAccount, SessionDep
+from coordinator.api.deps import AnyCaller, reject_unknown_query
 from coordinator.api.errors import ERROR_RESPONSES
 from coordinator.services import models
 from shared.schemas.models import ModelList, ModelRead
@@ -14,10 +14,10 @@ router = APIRouter(prefix="/v1/models", tags=["models"], responses=ERROR_RESPONS
 
 
 @router.get("", response_model=ModelList, response_model_exclude_none=True)
-def list_models(account: CurrentAccount, session: SessionDep) -> ModelList:
-    return ModelList(data=models.list_models(session=session, account=account))
+async def list_models(caller: AnyCaller) -> ModelList:
+    return ModelList(data=await caller.run(models.list_models))
 
 
 @router.get("/{model:path}", response_model=ModelRead, response_model_exclude_none=True)
-def retrieve_model(model: str, account: CurrentAccount, session: SessionDep) -> ModelRead:
-    return models.get(session=session, account=account, model_id=model)
+async def retrieve_model(model: str, caller: AnyCaller) -> ModelRead:
+    return await caller.run(models.get, model_id=model)
