@@ -58,7 +58,8 @@ StoreDep = Annotated[BlobStore, Depends(get_store)]
 class Caller:
     """Whoever sent the request: a bearer key, checked in the same thread hop as the work it asks for."""
 
-    state: State
+    state: State  # the app's
+    request_state: State  # this request's: records that the key was checked
     key: str
     roles: frozenset[Role]
 
@@ -67,11 +68,17 @@ class Caller:
         return await run_in_session(self.state, lambda session: service(
             session=session, account=self._authenticate(session), **kwargs))
 
+    async def verify(self) -> None:
+        """Check the key alone (401/403), for error replies decided before `run` got to check it."""
+        if not getattr(self.request_state, "authenticated", False):
+            await run_in_session(self.state, self._authenticate)
+
     def _authenticate(self, session: Session) -> AccountModel:
         account = keys.authenticate(session=session, key=self.key)
         if account.role not in self.roles:
             allowed = " or ".join(sorted(r.value for r in self.roles))
             raise PermissionDenied(f"This route is for {allowed} keys; this key belongs to a {account.role.value}.")
+        self.request_state.authenticated = True
         return account
 
 
@@ -85,7 +92,10 @@ def _caller(*roles: Role):  # type: ignore[no-untyped-def]
                 "'Authorization: Bearer YOUR_KEY'.",
                 code="missing_api_key",
             )
-        return Caller(state=request.app.state, key=credentials.credentials, roles=frozenset(roles))
+        caller = Caller(state=request.app.state, request_state=request.state, key=credentials.credentials,
+                        roles=frozenset(roles))
+        request.state.caller = caller  # so an early 4xx can still answer 401/403 first (api/errors.py)
+        return caller
 
     return dependency
 

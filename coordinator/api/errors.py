@@ -67,15 +67,35 @@ def _validation_message(error: dict[str, Any], param: str | None) -> tuple[str, 
     return (f"Invalid value for {param!r}: {message}." if param else f"Invalid request: {message}."), "invalid_value"
 
 
-async def _domain_error(_: Request, exc: Exception) -> JSONResponse:
+async def _auth_error_first(request: Request) -> JSONResponse | None:
+    """A request with a bad key (or the wrong role) is told so, not what else is wrong with it.
+
+    Routes check the key in the same thread hop as their database work, so a request refused before that
+    hop (body validation, form checks) has not had its key checked yet: check it now, on this error path.
+    """
+    caller = getattr(request.state, "caller", None)
+    if caller is None:
+        return None
+    try:
+        await caller.verify()
+    except TunegridError as exc:
+        return JSONResponse(exc.envelope(), status_code=exc.http_status)
+    return None
+
+
+async def _domain_error(request: Request, exc: Exception) -> JSONResponse:
     assert isinstance(exc, TunegridError)
     if exc.http_status >= 500:
         log.error("server error: %s", exc.message)
+    elif exc.http_status not in (401, 403) and (auth_error := await _auth_error_first(request)):
+        return auth_error
     return JSONResponse(exc.envelope(), status_code=exc.http_status)
 
 
-async def _validation_error(_: Request, exc: Exception) -> JSONResponse:
+async def _validation_error(request: Request, exc: Exception) -> JSONResponse:
     assert isinstance(exc, RequestValidationError)
+    if auth_error := await _auth_error_first(request):
+        return auth_error
     first = _most_specific(list(exc.errors()))
     param = _param(tuple(first.get("loc", ())))
     if first.get("type") == "json_invalid":

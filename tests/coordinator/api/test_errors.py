@@ -90,3 +90,16 @@ def test_metadata_filters_belong_to_the_job_list_only(client: TestClient, custom
     assert client.get("/v1/fine_tuning/jobs?metadata[a]=b", headers=customer.headers).status_code == 200
     response = client.get(f"/v1/fine_tuning/jobs/{job_id}/events?metadata[a]=b", headers=customer.headers)
     assert _assert_envelope(response, 400)["code"] == "unknown_parameter"
+
+
+def test_a_bad_key_or_role_is_reported_before_what_is_wrong_with_the_request(client: TestClient, make_caller) -> None:  # type: ignore[no-untyped-def]
+    provider = make_caller("provider", "gpu-owner")
+    bad_body = {"model": "tunegrid/tiny-llama", "training_file": "f", "lora": {"r": 0}}
+    wrong_key = {"Authorization": "Bearer tg_000000000000_nope"}
+    assert client.post("/v1/fine_tuning/jobs", headers=wrong_key, json=bad_body).status_code == 401
+    assert client.post("/v1/fine_tuning/jobs", headers=provider.headers, json=bad_body).status_code == 403
+    upload = client.post("/v1/files", headers=wrong_key,
+                         data={"purpose": "fine-tune", "expires_after[anchor]": "never"},
+                         files={"file": ("a.jsonl", b"{}")})
+    assert upload.status_code == 401
+    assert client.get("/v1/files/file-missing", headers=wrong_key).status_code == 401
