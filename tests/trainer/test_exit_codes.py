@@ -1,0 +1,57 @@
+"""Bad input ends in a final `error` line and the documented exit code, never a bare traceback."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from tests.trainer.conftest import arithmetic_chat, progress_lines, write_job
+from worker.trainer.__main__ import run
+from worker.trainer.errors import EXIT_USER_ERROR
+
+
+def _last_error(job: Path) -> dict:
+    last = progress_lines(job)[-1]
+    assert last["type"] == "error", last
+    return last
+
+
+def test_missing_spec(tmp_path: Path) -> None:
+    assert run(tmp_path) == EXIT_USER_ERROR
+    assert "spec.json is missing" in _last_error(tmp_path)["message"]
+
+
+def test_invalid_spec(tmp_path: Path) -> None:
+    (tmp_path / "spec.json").write_text(json.dumps({"job_id": "x", "base_model": "m", "model_dir": "/m",
+                                                    "quantization": "int3"}))
+    assert run(tmp_path) == EXIT_USER_ERROR
+    assert _last_error(tmp_path)["kind"] == "user_error"
+
+
+def test_unknown_model_directory(tmp_path: Path) -> None:
+    job = write_job(tmp_path, tmp_path / "no-such-model", train=arithmetic_chat(20))
+    assert run(job) == EXIT_USER_ERROR
+    assert "no model at" in _last_error(job)["message"]
+
+
+@pytest.mark.parametrize("bad_line,reason", [("{oops", "Line 3 is not valid JSON"),
+                                              ('{"messages": [{"role": "user", "content": "hi"}]}', "Line 3 ")])
+def test_corrupt_line(tiny_model_dir: Path, tmp_path: Path, bad_line: str, reason: str) -> None:
+    job = write_job(tmp_path, tiny_model_dir, train=arithmetic_chat(20))
+    lines = (job / "train.jsonl").read_text().splitlines()
+    lines[2] = bad_line
+    (job / "train.jsonl").write_text("\n".join(lines) + "\n")
+    assert run(job) == EXIT_USER_ERROR
+    error = _last_error(job)
+    assert error["kind"] == "user_error" and reason in error["message"]
+
+
+def test_nothing_left_to_train_after_truncation(tiny_model_dir: Path, tmp_path: Path) -> None:
+    long_prompt = [{"messages": [{"role": "user", "content": "word " * 400}, {"role": "assistant", "content": "ok"}]}]
+    job = write_job(tmp_path, tiny_model_dir, train=long_prompt * 3, max_seq_len=32, validation_fraction=0)
+    assert run(job) == EXIT_USER_ERROR
+    lines = progress_lines(job)
+    assert any(line["type"] == "warning" and "truncated" in line["message"] for line in lines)
+    assert "no example has any token to train on" in lines[-1]["message"]

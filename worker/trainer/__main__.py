@@ -1,0 +1,81 @@
+"""`python -m worker.trainer --job JOB_DIR`: train one job, talking to the agent only through files and the exit code.
+
+Reads `JOB_DIR/spec.json` (shared.jobspec.JobSpec), `train.jsonl`, optionally
+`validation.jsonl` and `resume/` (a checkpoint), and the base model from
+`spec.model_dir`. Writes `JOB_DIR/out/`: `progress.jsonl`, `checkpoints/step-N/`,
+`adapter/`, `adapter.tar.gz` and `result.json`.
+
+Exit codes:
+    0  done: the adapter and result.json are written
+    3  user error: bad data, unknown model, nothing to train on
+    4  worker error: out of memory, driver, disk, anything unexpected
+    5  preempted: SIGTERM arrived; a checkpoint was written first
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from pydantic import ValidationError
+
+from shared.errors import InvalidFile
+from shared.jobspec import JobSpec
+from worker.trainer.errors import EXIT_DONE, EXIT_PREEMPTED, EXIT_USER_ERROR, EXIT_WORKER_ERROR, TrainerError, UserError
+from worker.trainer.progress import Progress
+
+
+def _load_spec(job_dir: Path) -> JobSpec:
+    try:
+        return JobSpec.model_validate_json((job_dir / "spec.json").read_bytes())
+    except FileNotFoundError:
+        raise UserError("spec.json is missing from the job directory") from None
+    except ValidationError as exc:
+        raise UserError(f"spec.json is invalid: {exc.errors()[0]['msg']} at {exc.errors()[0]['loc']}") from None
+
+
+def run(job_dir: Path) -> int:
+    progress = Progress(job_dir / "out" / "progress.jsonl")
+    try:
+        spec = _load_spec(job_dir)
+        from worker.trainer.train import Trainer, install_stop_handler  # torch loads only past the spec check
+
+        trainer = Trainer(spec, job_dir, progress)
+        install_stop_handler(trainer)
+        result = trainer.run()
+        if "preempted_at_step" in result:
+            progress.emit("preempted", step=result["preempted_at_step"])
+            return EXIT_PREEMPTED
+        (job_dir / "out" / "result.json").write_text(json.dumps(result, indent=2))
+        progress.emit("finished", **result)
+        return EXIT_DONE
+    except InvalidFile as exc:
+        progress.emit("error", kind="user_error", message=exc.message)
+        return EXIT_USER_ERROR
+    except TrainerError as exc:
+        progress.emit("error", kind=exc.kind, message=str(exc))
+        return exc.exit_code
+    except MemoryError:
+        progress.emit("error", kind="worker_error", message="out of memory; lower batch_size or max_seq_len")
+        return EXIT_WORKER_ERROR
+    except Exception as exc:  # noqa: BLE001 - the agent needs a final line, never a bare traceback
+        message = f"{exc.__class__.__name__}: {exc}"
+        if "out of memory" in str(exc).lower():
+            message += " (lower batch_size or max_seq_len)"
+        progress.emit("error", kind="worker_error", message=message)
+        return EXIT_WORKER_ERROR
+    finally:
+        progress.close()
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m worker.trainer", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--job", type=Path, required=True, help="the job directory")
+    return run(parser.parse_args(argv).job)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,22 @@
+"""How the trainer ends, as exit codes the agent acts on (see worker/trainer/__main__.py)."""
+
+from __future__ import annotations
+
+EXIT_DONE = 0
+EXIT_USER_ERROR = 3  # the customer's input: bad data, unknown model, nothing to train on
+EXIT_WORKER_ERROR = 4  # this machine: out of memory, driver, disk
+EXIT_PREEMPTED = 5  # stopped by SIGTERM after writing a checkpoint
+
+
+class TrainerError(Exception):
+    kind = "worker_error"
+    exit_code = EXIT_WORKER_ERROR
+
+
+class UserError(TrainerError):
+    kind = "user_error"
+    exit_code = EXIT_USER_ERROR
+
+
+class WorkerError(TrainerError):
+    pass
