@@ -145,11 +145,12 @@ class Trainer:
         steps_per_epoch = math.ceil(batches_per_epoch / hp.gradient_accumulation_steps)
         total_steps = steps_per_epoch * hp.n_epochs
         scheduler = get_cosine_schedule_with_warmup(optimizer, math.ceil(total_steps * hp.warmup_ratio), total_steps)
-        step = self._resume(model, optimizer, scheduler)
+        step, trained_tokens = self._resume(model, optimizer, scheduler)
         pad_id = tokenizer.pad_token_id
+        resumed_from = step
         self.progress.emit("started", total_steps=total_steps, resumed_from_step=step, examples_rows=len(train_rows),
                            device=str(self.device), quantization=spec.quantization)
-        trained_tokens, began = 0, time.monotonic()
+        began, tokens_at_start = time.monotonic(), trained_tokens
         peak_rss = 0
         while step < total_steps:
             epoch, step_in_epoch = divmod(step, steps_per_epoch)
@@ -174,13 +175,13 @@ class Trainer:
             peak_rss = max(peak_rss, _peak_memory_bytes())
             self.progress.emit("step", step=step, epoch=epoch + 1, loss=round(step_loss / max(labelled, 1), 6),
                                learning_rate=scheduler.get_last_lr()[0], tokens=trained_tokens,
-                               tokens_per_s=round(trained_tokens / max(elapsed, 1e-9), 1),
-                               eta_s=round(elapsed / max(trained_tokens, 1) * trained_tokens / step * (total_steps - step), 1),
+                               tokens_per_s=round((trained_tokens - tokens_at_start) / max(elapsed, 1e-9), 1),
+                               eta_s=round(elapsed / (step - resumed_from) * (total_steps - step), 1),
                                peak_memory_bytes=peak_rss)
             if step % spec.eval_every_steps == 0 and step < total_steps:
                 self._emit_eval(model, valid_rows, pad_id, step)
             if step % spec.checkpoint_every_steps == 0 or self.stop_requested:
-                self.checkpoint(model, optimizer, scheduler, step)
+                self.checkpoint(model, optimizer, scheduler, step, trained_tokens)
             if self.stop_requested and step < total_steps:
                 return {"preempted_at_step": step}
         valid_loss = self._emit_eval(model, valid_rows, pad_id, step)
@@ -193,14 +194,14 @@ class Trainer:
         return valid_loss
 
     # -- checkpoints ----------------------------------------------------------
-    def checkpoint(self, model, optimizer, scheduler, step: int) -> Path:  # type: ignore[no-untyped-def]
+    def checkpoint(self, model, optimizer, scheduler, step: int, trained_tokens: int) -> Path:  # type: ignore[no-untyped-def]
         """Write `checkpoints/step-N` atomically: into a temporary folder, then renamed into place."""
         final = self.out / "checkpoints" / f"step-{step}"
         tmp = final.with_name(f".{final.name}.tmp")
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
         model.save_pretrained(tmp / "adapter")
-        torch.save({"step": step, "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+        torch.save({"step": step, "trained_tokens": trained_tokens, "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
                     "torch_rng": torch.get_rng_state(), "python_rng": random.getstate()}, tmp / "state.pt")
         _fsync_tree(tmp)
         shutil.rmtree(final, ignore_errors=True)
@@ -209,17 +210,18 @@ class Trainer:
         self.progress.emit("checkpoint", step=step, path=str(final.relative_to(self.job_dir)), sha256=digest)
         return final
 
-    def _resume(self, model, optimizer, scheduler) -> int:  # type: ignore[no-untyped-def]
+    def _resume(self, model, optimizer, scheduler) -> tuple[int, int]:  # type: ignore[no-untyped-def]
+        """(step, trained tokens) of the checkpoint in `resume/`, loaded into the model and optimizer."""
         resume = self.job_dir / "resume"
         if not (resume / "state.pt").is_file():
-            return 0
+            return 0, 0
         set_peft_model_state_dict(model, load_file(resume / "adapter" / "adapter_model.safetensors"))
         state = torch.load(resume / "state.pt", weights_only=False)
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
         torch.set_rng_state(state["torch_rng"])
         random.setstate(state["python_rng"])
-        return int(state["step"])
+        return int(state["step"]), int(state["trained_tokens"])
 
     def _finish(self, model, step: int, trained_tokens: int, valid_loss: float | None) -> dict[str, Any]:  # type: ignore[no-untyped-def]
         adapter = self.out / "adapter"

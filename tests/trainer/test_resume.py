@@ -1,0 +1,82 @@
+"""Checkpoints resume exactly, and SIGTERM ends a run with a checkpoint and exit code 5 within a bounded time."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file
+
+from tests.trainer.conftest import arithmetic_chat, progress_lines, write_job
+from worker.trainer.__main__ import run
+from worker.trainer.errors import EXIT_DONE, EXIT_PREEMPTED
+
+SPEC = {"hyperparameters": {"n_epochs": 2, "batch_size": 1, "learning_rate": 3e-3},
+        "lora": {"r": 8, "alpha": 16, "dropout": 0.1}, "checkpoint_every_steps": 4, "eval_every_steps": 100}
+
+
+def _adapter(job: Path) -> dict[str, torch.Tensor]:
+    return load_file(job / "out" / "adapter" / "adapter_model.safetensors")
+
+
+def test_resuming_from_step_k_gives_the_uninterrupted_adapter(tiny_model_dir: Path, tmp_path: Path) -> None:
+    train = arithmetic_chat(64)
+    straight = write_job(tmp_path / "straight", tiny_model_dir, train=train, **SPEC)
+    assert run(straight) == EXIT_DONE
+    total = json.loads((straight / "out" / "result.json").read_text())["steps"]
+    k = 4
+    assert total >= 2 * k
+
+    resumed = write_job(tmp_path / "resumed", tiny_model_dir, train=train, **SPEC)
+    shutil.copytree(straight / "out" / "checkpoints" / f"step-{k}", resumed / "resume")
+    assert run(resumed) == EXIT_DONE
+    assert progress_lines(resumed)[0]["resumed_from_step"] == k
+    want, got = _adapter(straight), _adapter(resumed)
+    assert want.keys() == got.keys()
+    for name in want:
+        torch.testing.assert_close(got[name], want[name], rtol=1e-3, atol=1e-5, msg=name)
+    result = json.loads((resumed / "out" / "result.json").read_text())
+    assert result["trained_tokens"] == json.loads((straight / "out" / "result.json").read_text())["trained_tokens"]
+
+
+def test_sigterm_checkpoints_and_exits_5_then_resumes(tiny_model_dir: Path, tmp_path: Path) -> None:
+    spec = {**SPEC, "hyperparameters": {"n_epochs": 40, "batch_size": 4, "learning_rate": 1e-3},
+            "checkpoint_every_steps": 10_000}
+    job = write_job(tmp_path / "job", tiny_model_dir, train=arithmetic_chat(64), **spec)
+    process = subprocess.Popen([sys.executable, "-m", "worker.trainer", "--job", str(job)],
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    progress = job / "out" / "progress.jsonl"
+    deadline = time.monotonic() + 120
+    while not (progress.exists() and '"type": "step"' in progress.read_text()):
+        assert process.poll() is None and time.monotonic() < deadline, "trainer did not start stepping"
+        time.sleep(0.1)
+    sent = time.monotonic()
+    process.send_signal(signal.SIGTERM)
+    assert process.wait(timeout=60) == EXIT_PREEMPTED
+    stopped_in = time.monotonic() - sent
+    lines = progress_lines(job)
+    assert lines[-1]["type"] == "preempted" and lines[-2]["type"] == "checkpoint"
+    step = lines[-1]["step"]
+    assert stopped_in < 30, stopped_in  # the agent's budget to free the GPU
+    checkpoint = job / lines[-2]["path"]
+    assert (checkpoint / "state.pt").is_file() and checkpoint.name == f"step-{step}"
+
+    shutil.copytree(checkpoint, job / "resume")
+    # Resuming continues from that step (run only a moment: stop it again, it must checkpoint again).
+    again = subprocess.Popen([sys.executable, "-m", "worker.trainer", "--job", str(job)],
+                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 120
+    while sum(1 for line in progress_lines(job) if line["type"] == "started") < 2 or \
+            progress_lines(job)[-1]["type"] != "step":
+        assert again.poll() is None and time.monotonic() < deadline
+        time.sleep(0.1)
+    again.send_signal(signal.SIGTERM)
+    assert again.wait(timeout=60) == EXIT_PREEMPTED
+    restarted = [line for line in progress_lines(job) if line["type"] == "started"][-1]
+    assert restarted["resumed_from_step"] == step
