@@ -85,11 +85,14 @@ def tokenize(example: TrainingExample, tokenizer, *, max_seq_len: int, train_on_
     return Tokenized(input_ids=ids[:max_seq_len], labels=labels[:max_seq_len], truncated=truncated)
 
 
+PACKING_LOOKBACK = 64  # rows still open for filling: keeps packing linear in the dataset size
+
+
 def pack(examples: Iterable[Tokenized], *, max_seq_len: int) -> list[PackedRow]:
     """First-fit packing in order (deterministic, so a resumed run sees the same rows)."""
     rows: list[PackedRow] = []
     for example in examples:
-        for row in rows:
+        for row in rows[-PACKING_LOOKBACK:]:
             if len(row) + len(example.input_ids) <= max_seq_len:
                 row.add(example)
                 break

@@ -1,0 +1,120 @@
+"""Trainer benchmark: tokens/s of our QLoRA trainer against a naive baseline, on data of mixed lengths.
+
+Baseline: transformers `Trainer` + peft on the same 4-bit model, each batch padded to its longest example
+(DataCollatorForSeq2Seq), batch size chosen so both make the same number of optimizer steps over the same
+examples. Tokens/s counts real (non-padding) tokens over the training loop's wall time. Prints figures;
+never passes or fails.
+
+    python bench/trainer.py [--examples 128] [--hidden 256] [--epochs 1] [--max-seq-len 256]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import random
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+from transformers import DataCollatorForSeq2Seq, LlamaConfig, LlamaForCausalLM, Trainer, TrainingArguments
+
+from shared.jobspec import JobSpec
+from worker.trainer import data, model as models
+from worker.trainer.progress import Progress
+from worker.trainer.tiny import build_tokenizer
+from worker.trainer.train import Trainer as OurTrainer
+
+WORDS = "the a model learns small fast data token gpu adapter worker job answer question number".split()
+
+
+def build_small_llama(out: Path, hidden: int) -> Path:
+    """A Llama a few times the tiny one, so that matrix work, not Python overhead, dominates a step."""
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=640, hidden_size=hidden, intermediate_size=hidden * 8 // 3, num_hidden_layers=4,
+                         num_attention_heads=hidden // 64, num_key_value_heads=hidden // 64, max_position_embeddings=2048,
+                         tie_word_embeddings=False, bos_token_id=0, eos_token_id=1, pad_token_id=2)
+    LlamaForCausalLM(config).save_pretrained(out)
+    build_tokenizer().save_pretrained(out)
+    return out
+
+
+def mixed_length_chat(n: int, seed: int = 0) -> list[dict]:
+    rng = random.Random(seed)
+    rows = []
+    for _ in range(n):
+        words = int(rng.lognormvariate(3.2, 0.9)) + 2  # many short answers, a long tail
+        rows.append({"messages": [
+            {"role": "user", "content": " ".join(rng.choice(WORDS) for _ in range(rng.randint(3, 20)))},
+            {"role": "assistant", "content": " ".join(rng.choice(WORDS) for _ in range(words))},
+        ]})
+    return rows
+
+
+def run_ours(job: Path, spec: JobSpec) -> dict:
+    progress = Progress(job / "out" / "progress.jsonl")
+    OurTrainer(spec, job, progress).run()
+    progress.close()
+    steps = [json.loads(l) for l in (job / "out" / "progress.jsonl").read_text().splitlines()]
+    last = [s for s in steps if s["type"] == "step"][-1]
+    return {"steps": last["step"], "tokens": last["tokens"], "tokens_per_s": last["tokens_per_s"]}
+
+
+def run_baseline(job: Path, spec: JobSpec, steps: int, n_examples: int) -> dict:
+    tokenizer = models.load_tokenizer(Path(spec.model_dir))
+    examples = data.read_examples(job / "train.jsonl")
+    features = []
+    for example in examples:
+        t = data.tokenize(example, tokenizer, max_seq_len=spec.max_seq_len, train_on_inputs=False)
+        features.append({"input_ids": t.input_ids, "attention_mask": [1] * len(t.input_ids), "labels": t.labels})
+    real_tokens = sum(len(f["input_ids"]) for f in features) * spec.hyperparameters.n_epochs
+    batch = max(1, math.ceil(n_examples * spec.hyperparameters.n_epochs / steps))
+    model = models.load_for_training(spec)
+    args = TrainingArguments(output_dir=str(job / "baseline"), per_device_train_batch_size=batch,
+                             num_train_epochs=spec.hyperparameters.n_epochs,
+                             learning_rate=spec.hyperparameters.learning_rate, logging_steps=10_000,
+                             save_strategy="no", report_to=[], use_cpu=not torch.cuda.is_available(),
+                             bf16=True, dataloader_num_workers=0, disable_tqdm=True, seed=spec.seed)
+    trainer = Trainer(model=model, args=args, train_dataset=features,
+                      data_collator=DataCollatorForSeq2Seq(tokenizer, padding="longest"))
+    began = time.perf_counter()
+    output = trainer.train()
+    elapsed = time.perf_counter() - began
+    return {"steps": output.global_step, "tokens": real_tokens, "tokens_per_s": real_tokens / elapsed,
+            "batch_size": batch}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--examples", type=int, default=128)
+    parser.add_argument("--hidden", type=int, default=256, help="hidden size of the benchmark Llama (4 layers)")
+    parser.add_argument("--epochs", type=int, default=1)
+    parser.add_argument("--max-seq-len", type=int, default=256)
+    parser.add_argument("--batch-size", type=int, default=4, help="our packed rows per step")
+    args = parser.parse_args()
+    torch.set_num_threads(max(1, torch.get_num_threads()))
+    with tempfile.TemporaryDirectory() as tmp:
+        root = Path(tmp)
+        model_dir = build_small_llama(root / "model", args.hidden)
+        job = root / "job"
+        job.mkdir()
+        rows = mixed_length_chat(args.examples)
+        (job / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+        spec = JobSpec(job_id="bench", base_model="tunegrid/tiny-llama", model_dir=str(model_dir),
+                       hyperparameters={"n_epochs": args.epochs, "batch_size": args.batch_size, "learning_rate": 1e-3},
+                       lora={"r": 16, "alpha": 32, "dropout": 0.0}, max_seq_len=args.max_seq_len,
+                       checkpoint_every_steps=10**9, eval_every_steps=10**9, validation_fraction=0.0)
+        ours = run_ours(job, spec)
+        baseline = run_baseline(job, spec, ours["steps"], args.examples)
+    print(f"device={models.device()} examples={args.examples} epochs={args.epochs} max_seq_len={args.max_seq_len}")
+    print(f"{'trainer':<10} {'steps':>6} {'batch':>6} {'tokens':>8} {'tokens/s':>10}")
+    print(f"{'ours':<10} {ours['steps']:>6} {args.batch_size:>6} {ours['tokens']:>8} {ours['tokens_per_s']:>10.1f}")
+    print(f"{'baseline':<10} {baseline['steps']:>6} {baseline['batch_size']:>6} {baseline['tokens']:>8} "
+          f"{baseline['tokens_per_s']:>10.1f}")
+    print(f"ratio ours/baseline: {ours['tokens_per_s'] / baseline['tokens_per_s']:.2f}x")
+
+
+if __name__ == "__main__":
+    main()
