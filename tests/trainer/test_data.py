@@ -50,3 +50,12 @@ def test_packed_examples_keep_their_positions_and_never_attend_across(tiny_model
     assert not mask[length, length - 1] and mask[length, length] and not mask[0, 1]  # no cross, causal
     # The first token of the second example is never a target of the first.
     assert batch.targets[0, length - 1] == data.IGNORE
+
+
+def test_a_tokenizer_without_chat_template_gets_the_fallback_framing(tiny_model_dir: Path) -> None:
+    tokenizer = load_tokenizer(tiny_model_dir)
+    with_template = data.tokenize(_example(CHAT), tokenizer, max_seq_len=256, train_on_inputs=False)
+    tokenizer.chat_template = None
+    fallback = data.tokenize(_example(CHAT), tokenizer, max_seq_len=256, train_on_inputs=False)
+    # The tiny model's template is the fallback framing written in Jinja, so both must agree token for token.
+    assert fallback.input_ids == with_template.input_ids and fallback.labels == with_template.labels

@@ -9,7 +9,7 @@ import pytest
 
 from tests.trainer.conftest import arithmetic_chat, progress_lines, write_job
 from worker.trainer.__main__ import run
-from worker.trainer.errors import EXIT_USER_ERROR
+from worker.trainer.errors import EXIT_USER_ERROR, EXIT_WORKER_ERROR
 
 
 def _last_error(job: Path) -> dict:
@@ -55,3 +55,18 @@ def test_nothing_left_to_train_after_truncation(tiny_model_dir: Path, tmp_path: 
     lines = progress_lines(job)
     assert any(line["type"] == "warning" and "truncated" in line["message"] for line in lines)
     assert "no example has any token to train on" in lines[-1]["message"]
+
+
+def test_gpu_out_of_memory_is_a_worker_error_with_a_hint_simulated(tiny_model_dir: Path, tmp_path: Path,
+                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    # No GPU here: the trainer's run is replaced by one raising what torch.cuda raises when memory runs out.
+    from worker.trainer import train
+
+    def out_of_memory(self):  # type: ignore[no-untyped-def]
+        raise RuntimeError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+    monkeypatch.setattr(train.Trainer, "run", out_of_memory)
+    job = write_job(tmp_path, tiny_model_dir, train=arithmetic_chat(20))
+    assert run(job) == EXIT_WORKER_ERROR
+    error = _last_error(job)
+    assert error["kind"] == "worker_error" and "lower batch_size" in error["message"]

@@ -62,8 +62,9 @@ def run(job_dir: Path) -> int:
         return EXIT_WORKER_ERROR
     except Exception as exc:  # noqa: BLE001 - the agent needs a final line, never a bare traceback
         message = f"{exc.__class__.__name__}: {exc}"
+        # torch.cuda.OutOfMemoryError (and CPU allocator failures) say so in their message.
         if "out of memory" in str(exc).lower():
-            message += " (lower batch_size or max_seq_len)"
+            message = f"GPU out of memory: lower batch_size or max_seq_len ({message})"
         progress.emit("error", kind="worker_error", message=message)
         return EXIT_WORKER_ERROR
     finally:
