@@ -70,3 +70,11 @@ def test_gpu_out_of_memory_is_a_worker_error_with_a_hint_simulated(tiny_model_di
     assert run(job) == EXIT_WORKER_ERROR
     error = _last_error(job)
     assert error["kind"] == "worker_error" and "lower batch_size" in error["message"]
+
+
+def test_unknown_base_model(tiny_model_dir: Path, tmp_path: Path) -> None:
+    job = write_job(tmp_path, tiny_model_dir, train=arithmetic_chat(20))
+    spec = json.loads((job / "spec.json").read_text())
+    (job / "spec.json").write_text(json.dumps({**spec, "base_model": "gpt-9"}))
+    assert run(job) == EXIT_USER_ERROR
+    assert "unknown base model" in _last_error(job)["message"]

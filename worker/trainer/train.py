@@ -19,6 +19,7 @@ from peft import set_peft_model_state_dict
 from safetensors.torch import load_file
 from transformers import get_cosine_schedule_with_warmup
 
+from shared.catalog import find_base_model
 from shared.jobspec import JobSpec
 from worker.trainer import data, model as models
 from worker.trainer.errors import UserError
@@ -132,6 +133,8 @@ class Trainer:
         spec, hp = self.spec, self.spec.hyperparameters
         torch.manual_seed(spec.seed)
         random.seed(spec.seed)
+        if find_base_model(spec.base_model) is None:
+            raise UserError(f"unknown base model {spec.base_model!r}: not in the catalog")
         model_dir = Path(spec.model_dir)
         if not (model_dir / "config.json").is_file():
             raise UserError(f"no model at {model_dir} (config.json missing)")
