@@ -94,7 +94,6 @@ def main() -> None:
     parser.add_argument("--max-seq-len", type=int, default=256)
     parser.add_argument("--batch-size", type=int, default=4, help="our packed rows per step")
     args = parser.parse_args()
-    torch.set_num_threads(max(1, torch.get_num_threads()))
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
         model_dir = build_small_llama(root / "model", args.hidden)

@@ -1,8 +1,8 @@
 """Fixtures shared by every test: database backends (SQLite and PostgreSQL), the app, clients and factories.
 
 Tests that touch the database run once per backend. PostgreSQL comes from
-TUNEGRID_TEST_POSTGRES_URL (default: the local server's `tunegrid_test`
-database); outside CI a missing server skips those cases, under CI=true it fails.
+TUNEGRID_TEST_POSTGRES_URL (default: the local server, database names starting
+`tunegrid_test`); outside CI a missing server skips those cases, under CI=true it fails.
 """
 
 from __future__ import annotations
@@ -33,36 +33,42 @@ POSTGRES_URL = os.environ.get(
 BACKENDS = ["sqlite", "postgresql"]
 
 
-def _prepare_postgres() -> str | None:
-    """Create the test database if needed, reset its schema and migrate it; the reason when impossible."""
-    url = make_url(POSTGRES_URL)
+def _server(url):  # type: ignore[no-untyped-def]
+    return create_engine(url.set(database="postgres"), isolation_level="AUTOCOMMIT", connect_args={"connect_timeout": 5})
+
+
+def _prepare_postgres(url) -> str | None:  # type: ignore[no-untyped-def]
+    """Create this session's own database and migrate it; the reason when impossible.
+
+    Each test session gets a database of its own (`<configured name>_<pid>`), so two runs on one machine
+    (a developer's and CI's) never drop each other's tables.
+    """
     try:
-        server = create_engine(url.set(database="postgres"), isolation_level="AUTOCOMMIT",
-                               connect_args={"connect_timeout": 5})
+        server = _server(url)
         with server.connect() as conn:
-            exists = conn.scalar(text("SELECT 1 FROM pg_database WHERE datname = :d"), {"d": url.database})
-            if not exists:
-                conn.execute(text(f'CREATE DATABASE "{url.database}"'))
+            conn.execute(text(f'DROP DATABASE IF EXISTS "{url.database}" WITH (FORCE)'))
+            conn.execute(text(f'CREATE DATABASE "{url.database}"'))
         server.dispose()
     except Exception as exc:  # noqa: BLE001 - any failure to reach the server means "no PostgreSQL"
         return f"PostgreSQL unreachable at {url.render_as_string(hide_password=True)}: {exc.__class__.__name__}"
-    engine = create_engine(url)
-    with engine.begin() as conn:
-        conn.execute(text("DROP SCHEMA public CASCADE"))
-        conn.execute(text("CREATE SCHEMA public"))
-    engine.dispose()
     upgrade_head(url.render_as_string(hide_password=False))
     return None
 
 
 @pytest.fixture(scope="session")
-def postgres_url() -> str:
-    reason = _prepare_postgres()
+def postgres_url() -> Iterator[str]:
+    configured = make_url(POSTGRES_URL)
+    url = configured.set(database=f"{configured.database}_{os.getpid()}")
+    reason = _prepare_postgres(url)
     if reason:
         if IN_CI:
             pytest.fail(f"{reason} (CI=true requires PostgreSQL)")
         pytest.skip(reason)
-    return POSTGRES_URL
+    yield url.render_as_string(hide_password=False)
+    server = _server(url)
+    with server.connect() as conn:
+        conn.execute(text(f'DROP DATABASE IF EXISTS "{url.database}" WITH (FORCE)'))
+    server.dispose()
 
 
 @pytest.fixture(scope="session")

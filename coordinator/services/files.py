@@ -15,7 +15,7 @@ from coordinator.db.models import AccountModel, FileModel, FileStatus, JobModel,
 from coordinator.services.paging import Order, page
 from coordinator.storage import BlobStore
 from shared.datasets import validate_dataset
-from shared.errors import Conflict, InvalidFile, InvalidRequest, NotFound
+from shared.errors import Conflict, InvalidRequest, NotFound
 
 UPLOAD_PURPOSES = ("fine-tune",)
 Lock = Literal["share", "update"] | None

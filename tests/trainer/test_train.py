@@ -6,7 +6,6 @@ import json
 import tarfile
 from pathlib import Path
 
-import torch
 
 from tests.trainer.conftest import arithmetic_chat, progress_lines, write_job
 from worker.trainer.__main__ import run
@@ -53,4 +52,3 @@ def test_qlora_on_cpu_learns_and_the_adapter_loads(tiny_model_dir: Path, tmp_pat
                            tiny_model_dir)
     tuned_loss = _eval_loss(load_adapter(tiny_model_dir, out / "adapter"), job, tiny_model_dir)
     assert tuned_loss < base_loss * 0.9, (base_loss, tuned_loss)
-    torch.set_grad_enabled(True)

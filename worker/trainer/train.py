@@ -75,7 +75,6 @@ class Trainer:
         self.progress = progress
         self.stop_requested = False
         self.device = models.device()
-        self.dtype = models.compute_dtype()
 
     def request_stop(self, *_: Any) -> None:
         self.stop_requested = True
