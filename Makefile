@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 EXTRAS ?= coordinator,worker,trainer,dev
 
-.PHONY: install test serve bench clean
+.PHONY: install test serve bench bench-trainer clean
 
 install: $(VENV)/.installed
 
@@ -23,6 +23,9 @@ serve: install
 
 bench: install
 	$(PY) bench/api.py
+
+bench-trainer: install
+	$(PY) bench/trainer.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache .hypothesis *.egg-info
