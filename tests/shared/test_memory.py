@@ -1,0 +1,53 @@
+"""The QLoRA memory estimator against published figures (QLoRA paper, Dettmers et al. 2023) and common sense."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+import pytest
+
+from shared.catalog import get_base_model
+from shared.memory import GIB, estimate_qlora, fits, lora_parameters
+
+# LLaMA-65B's architecture (the paper's largest model): not in our catalog, built from its config.
+LLAMA_65B = replace(get_base_model("llama-3.1-8b-instruct"), id="llama-65b", hf_repo=None, parameters=65_285_660_672,
+                    layers=80, hidden_size=8192, intermediate_size=22016, attention_heads=64, kv_heads=64,
+                    vocab_size=32000, max_seq_len=2048)
+
+
+@pytest.mark.parametrize("model_id,card_gib", [
+    ("mistral-7b-instruct-v0.3", 12), ("qwen2.5-7b-instruct", 12),
+    ("llama-3.1-8b-instruct", 16),  # 128k vocabulary: its logits alone take about 2 GiB at 2048 tokens
+])
+def test_7b_class_fits_a_12_to_16_gb_card_at_batch_1_seq_2048(model_id: str, card_gib: int) -> None:
+    estimate = estimate_qlora(get_base_model(model_id), seq_len=2048, batch_size=1, lora_r=16)
+    assert 5 < estimate.total_gib <= card_gib, estimate
+    assert fits(get_base_model(model_id), vram_bytes=card_gib * GIB, seq_len=2048)
+    assert not fits(get_base_model(model_id), vram_bytes=4 * GIB, seq_len=2048)
+
+
+def test_65b_fits_48_gb_as_in_the_qlora_paper() -> None:
+    estimate = estimate_qlora(LLAMA_65B, seq_len=2048, batch_size=1, lora_r=16)
+    assert 35 < estimate.total_gib <= 48, estimate
+    assert not fits(LLAMA_65B, vram_bytes=24 * GIB, seq_len=2048)
+
+
+def test_4bit_weights_cost_about_half_a_byte_a_parameter() -> None:
+    estimate = estimate_qlora(LLAMA_65B, seq_len=1)
+    assert 0.5 < estimate.weights / LLAMA_65B.parameters < 0.56
+
+
+def test_memory_grows_with_sequence_batch_and_rank_and_checkpointing_saves_it() -> None:
+    model = get_base_model("qwen2.5-1.5b-instruct")
+    base = estimate_qlora(model, seq_len=1024).total
+    assert estimate_qlora(model, seq_len=4096).total > base
+    assert estimate_qlora(model, seq_len=1024, batch_size=4).total > base
+    assert estimate_qlora(model, seq_len=1024, lora_r=64).total > base
+    assert estimate_qlora(model, seq_len=4096, gradient_checkpointing=False).total > \
+        estimate_qlora(model, seq_len=4096).total
+
+
+def test_lora_parameter_count_matches_peft_for_the_tiny_model() -> None:
+    # 34,816: the LoRA gradients tests/trainer/test_gradients_after_eval.py collects from peft for r=8 on all
+    # linear layers (2 layers: 4 attention projections 128->128, 3 MLP projections between 128 and 256).
+    assert lora_parameters(get_base_model("tunegrid/tiny-llama"), r=8) == 2 * 8 * (4 * 256 + 3 * 384)
