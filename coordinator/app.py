@@ -13,11 +13,15 @@ from fastapi import FastAPI
 from sqlalchemy import text
 
 from coordinator import __version__
-from coordinator.api import errors, files, jobs, models
+from coordinator import tasks
+from coordinator.api import errors, files, jobs, models, quotes, workers
 from coordinator.api.deps import run_in_session
 from coordinator.api.limits import BodySizeLimit
 from coordinator.db.engine import make_engine, make_sessionmaker
 from coordinator.db.migrate import upgrade_head
+from coordinator.dispatch import Dispatcher
+from coordinator.hotstate import make_hot_state
+from coordinator.services import placement
 from coordinator.settings import CoordinatorSettings
 from coordinator.storage import BlobStore
 
@@ -45,8 +49,27 @@ def create_app(settings: CoordinatorSettings | None = None) -> FastAPI:
         # collection; fewer, later gen-0 collections keep pauses out of the p99.
         gc.freeze()
         gc.set_threshold(*GC_THRESHOLDS)
-        yield
-        engine.dispose()
+        await app.state.hot.start()
+        app.state.dispatcher.start()
+        try:
+            yield
+        finally:
+            await app.state.dispatcher.stop()
+            await app.state.hot.close()
+            engine.dispose()
+
+    async def place() -> int:
+        placed = await run_in_session(app.state, lambda session: placement.place_queued_jobs(
+            session=session, settings=settings))
+        if placed >= settings.placement_batch:
+            app.state.dispatcher.kick()  # a full batch: there may be more
+        return placed
+
+    async def periodic() -> None:
+        async with app.state.session_slots:
+            effects = await anyio.to_thread.run_sync(lambda: tasks.run_periodic(
+                session_factory=app.state.sessionmaker, settings=settings))
+        await app.state.dispatcher.apply(effects)
 
     app = FastAPI(
         title="tunegrid coordinator",
@@ -58,9 +81,15 @@ def create_app(settings: CoordinatorSettings | None = None) -> FastAPI:
     app.state.engine = engine
     app.state.sessionmaker = make_sessionmaker(engine)
     app.state.store = BlobStore(settings.resolved_storage_dir)
+    app.state.hot = make_hot_state(settings.redis_url)
+    app.state.worker_tokens = {}
+    # With Redis, Celery beat runs the periodic tasks; embedded, this process does.
+    app.state.dispatcher = Dispatcher(hot=app.state.hot, place=place, interval_s=settings.sweep_interval_s,
+                                      periodic=periodic if settings.runs_periodic_tasks else None)
     errors.install(app)
-    app.add_middleware(BodySizeLimit, upload_bytes=settings.max_upload_bytes, other_bytes=JSON_BODY_LIMIT)
-    for router in (files.router, jobs.router, models.router):
+    app.add_middleware(BodySizeLimit, upload_bytes=settings.max_upload_bytes, other_bytes=JSON_BODY_LIMIT,
+                       lease_upload_bytes=settings.max_adapter_bytes)
+    for router in (files.router, jobs.router, quotes.router, models.router, workers.router):
         app.include_router(router)
 
     @app.get("/healthz", tags=["health"])

@@ -32,6 +32,27 @@ class CoordinatorSettings(BaseSettings):
     db_max_overflow: int = Field(default=2, ge=0, description="Extra connections on PostgreSQL under bursts.")
     db_timeout_s: float = Field(default=10.0, gt=0, description="Wait for a pooled connection / SQLite lock.")
     log_level: str = "info"
+    # The marketplace (issue 4): worker protocol timing, leases, placement and pricing.
+    heartbeat_interval_s: int = Field(default=10, ge=1, le=300, description="How often agents heartbeat.")
+    heartbeat_db_interval_s: float = Field(default=5.0, ge=0, description="With Redis, write a worker's "
+                                           "heartbeat to the database at most this often.")
+    claim_timeout_s: int = Field(default=25, ge=1, le=30, description="Longest long-poll claim.")
+    lease_ttl_s: int = Field(default=30, ge=1, description="A lease not renewed this long is suspect.")
+    lease_grace_s: int = Field(default=120, ge=1, description="A lease not renewed this long is lost; its job "
+                               "is queued again and resumes from its last checkpoint.")
+    assignment_ttl_s: int = Field(default=60, ge=1, description="A placed lease not picked up this long goes back.")
+    max_attempts: int = Field(default=3, ge=1, le=100, description="Worker losses before a job fails.")
+    platform_fee_bps: int = Field(default=2000, ge=0, le=100_000, description="Platform fee on top of the "
+                                  "worker's ask, in basis points (2000 = 20%).")
+    min_reliability: float = Field(default=0.3, ge=0, le=1, description="Workers below this are not placed.")
+    suspend_after_failed_checks: int = Field(default=3, ge=1, description="Failed adapter checks before a "
+                                             "worker is suspended.")
+    max_adapter_bytes: int = Field(default=2 * 1024**3, gt=0, description="Largest adapter or checkpoint upload.")
+    placement_batch: int = Field(default=1000, ge=1, le=100_000, description="Queued jobs one placement pass takes.")
+    periodic_tasks: bool | None = Field(default=None, description="Run lease reaping, placement sweeps and "
+                                        "score updates in the API process; default: only without Redis (embedded "
+                                        "mode). With Redis, run Celery beat and a Celery worker instead.")
+    sweep_interval_s: float = Field(default=5.0, gt=0, description="Periodic placement sweeps and lease reaping.")
 
     @field_validator("database_url")
     @classmethod
@@ -60,6 +81,10 @@ class CoordinatorSettings(BaseSettings):
         if self.is_sqlite:
             return (self.db_pool_size or 1, 0)
         return (self.db_pool_size or 4, self.db_max_overflow)
+
+    @property
+    def runs_periodic_tasks(self) -> bool:
+        return self.redis_url is None if self.periodic_tasks is None else self.periodic_tasks
 
     @property
     def should_auto_migrate(self) -> bool:

@@ -6,16 +6,19 @@ only when complete, so a crash or a full disk never leaves half a blob behind.
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import os
 import re
 import tempfile
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
 
-from shared.errors import PayloadTooLarge
+import anyio.to_thread
+
+from shared.errors import InsufficientStorage, InvalidRequest, PayloadTooLarge
 
 _KEY = re.compile(r"^[A-Za-z0-9_-]+(/[A-Za-z0-9_.-]+)*$")
 CHUNK = 1024 * 1024
@@ -60,6 +63,55 @@ class BlobStore:
             Path(tmp_name).unlink(missing_ok=True)
             raise
         return StoredBlob(key=key, bytes=size, sha256=digest.hexdigest())
+
+    async def put_stream(
+        self, key: str, chunks: AsyncIterator[bytes], *, max_bytes: int, expected_sha256: str | None = None,
+    ) -> StoredBlob:
+        """Stream an HTTP body into the store without holding it in memory. Over `max_bytes`, a sha256
+        other than `expected_sha256`, a full disk or a dropped connection store nothing."""
+        target = self.path(key)
+        await anyio.to_thread.run_sync(lambda: target.parent.mkdir(parents=True, exist_ok=True))
+        fd, tmp_name = tempfile.mkstemp(dir=target.parent, prefix=".incoming-")
+        tmp = os.fdopen(fd, "wb")
+        digest, size, pending = hashlib.sha256(), 0, bytearray()
+        try:
+            try:
+                async for chunk in chunks:
+                    size += len(chunk)
+                    if size > max_bytes:
+                        raise PayloadTooLarge(f"The upload is larger than the limit of {max_bytes} bytes.")
+                    digest.update(chunk)
+                    pending += chunk
+                    if len(pending) >= CHUNK:
+                        data, pending = bytes(pending), bytearray()
+                        await anyio.to_thread.run_sync(tmp.write, data)
+                if expected_sha256 is not None and digest.hexdigest() != expected_sha256:
+                    raise InvalidRequest(
+                        f"The upload's sha256 is {digest.hexdigest()}, not {expected_sha256} as declared; nothing was stored.",
+                        param="Tunegrid-Sha256", code="sha256_mismatch")
+
+                def finish() -> None:
+                    tmp.write(pending)
+                    tmp.flush()
+                    os.fsync(tmp.fileno())
+                    tmp.close()
+                    os.replace(tmp_name, target)
+
+                await anyio.to_thread.run_sync(finish)
+            except OSError as exc:
+                if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+                    raise InsufficientStorage("The coordinator is out of disk space; nothing was stored. Retry later.") from None
+                raise
+        except BaseException:
+            tmp.close()
+            Path(tmp_name).unlink(missing_ok=True)
+            raise
+        return StoredBlob(key=key, bytes=size, sha256=digest.hexdigest())
+
+    def move(self, source: str, target: str) -> None:
+        destination = self.path(target)
+        destination.parent.mkdir(parents=True, exist_ok=True)
+        os.replace(self.path(source), destination)
 
     def open(self, key: str) -> BinaryIO:
         return self.path(key).open("rb")

@@ -68,3 +68,17 @@ class ServerError(TunegridError):
     http_status = 500
     type = "server_error"
     code = "internal_error"
+
+
+class LeaseLost(Conflict):
+    """A worker called with a fencing token that is no longer the job's current one: stop that container."""
+
+    code = "lease_lost"
+
+
+class InsufficientStorage(TunegridError):
+    """The coordinator's disk is full: nothing of the upload is kept; retry later."""
+
+    http_status = 507
+    type = "server_error"
+    code = "insufficient_storage"

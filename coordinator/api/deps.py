@@ -3,6 +3,8 @@ the store, settings, and query-parameter strictness."""
 
 from __future__ import annotations
 
+import hashlib
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Annotated, Any, TypeVar
@@ -14,20 +16,24 @@ from fastapi.dependencies.models import Dependant
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from sqlalchemy.orm import Session
 
-from coordinator.db.models import AccountModel, Role
-from coordinator.services import keys
+from coordinator.db.models import AccountModel, Role, WorkerModel
+from coordinator.effects import Effects, take_effects
+from coordinator.services import keys, workers
 from coordinator.settings import CoordinatorSettings
 from coordinator.storage import BlobStore
 from shared.errors import AuthenticationFailed, InvalidRequest, PermissionDenied
+from shared.protocol import PROTOCOL_HEADER, SUPPORTED_PROTOCOL_VERSIONS, is_supported
 
 T = TypeVar("T")
 bearer = HTTPBearer(auto_error=False, description="An API key: `Authorization: Bearer tg_...`")
 
 
-def in_session(state: State, work: Callable[[Session], T]) -> T:
-    """Run `work` with a fresh session in the calling (worker) thread, closing it afterwards."""
+def in_session(state: State, work: Callable[[Session], T]) -> tuple[T, Effects]:
+    """Run `work` with a fresh session in the calling (worker) thread, closing it afterwards; with the
+    effects its committed changes asked for (coordinator/effects.py)."""
     with state.sessionmaker() as session:
-        return work(session)
+        result = work(session)
+        return result, take_effects(session)
 
 
 async def run_in_session(state: State, work: Callable[[Session], T]) -> T:
@@ -39,7 +45,10 @@ async def run_in_session(state: State, work: Callable[[Session], T]) -> T:
     while itself waiting for a thread (a deadlock until the pool times out).
     """
     async with state.session_slots:
-        return await anyio.to_thread.run_sync(in_session, state, work)
+        result, effects = await anyio.to_thread.run_sync(in_session, state, work)
+    if effects:
+        await state.dispatcher.apply(effects)
+    return result
 
 
 async def get_settings(request: Request) -> CoordinatorSettings:
@@ -102,6 +111,7 @@ def _caller(*roles: Role):  # type: ignore[no-untyped-def]
 
 # Customers own files and jobs; an admin key may act as a customer on its own account.
 CustomerCaller = Annotated[Caller, Depends(_caller(Role.customer, Role.admin))]
+ProviderCaller = Annotated[Caller, Depends(_caller(Role.provider, Role.admin))]
 AnyCaller = Annotated[Caller, Depends(_caller(*Role))]
 
 
@@ -128,3 +138,56 @@ def reject_unknown_query(*allowed_prefixes: str):  # type: ignore[no-untyped-def
                                      code="duplicate_parameter")
 
     return Depends(check)
+
+
+# --- workers --------------------------------------------------------------------------------------
+
+WORKER_TOKEN_CACHE_S = 10.0  # a revoked token keeps heartbeating into Redis at most this long in another process
+
+
+@dataclass(frozen=True, slots=True)
+class WorkerCaller:
+    """A worker agent: its token, checked in the same thread hop as the work, and its protocol version."""
+
+    state: State
+    token: str
+    protocol_version: int
+
+    async def run(self, service: Callable[..., T], /, **kwargs: Any) -> T:
+        """`service(session=..., worker=..., **kwargs)` for the authenticated worker."""
+        return await run_in_session(self.state, lambda session: service(
+            session=session, worker=self._authenticate(session), **kwargs))
+
+    async def worker_id(self) -> str:
+        """Who is calling, from a short-lived in-process cache when possible (the heartbeat's fast path)."""
+        cache: dict[str, tuple[str, float]] = self.state.worker_tokens
+        digest = hashlib.sha256(self.token.encode()).hexdigest()
+        hit = cache.get(digest)
+        now = time.monotonic()
+        if hit is not None and hit[1] > now:
+            return hit[0]
+        worker_id = await run_in_session(self.state, lambda session: self._authenticate(session).id)
+        if len(cache) > 100_000:
+            cache.clear()
+        cache[digest] = (worker_id, now + WORKER_TOKEN_CACHE_S)
+        return worker_id
+
+    def _authenticate(self, session: Session) -> WorkerModel:
+        return workers.authenticate(session=session, token=self.token)
+
+
+async def _worker_caller(
+    request: Request, credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(bearer)],
+) -> WorkerCaller:
+    if credentials is None or not credentials.credentials:
+        raise AuthenticationFailed("Send the worker token: 'Authorization: Bearer tgw_...'.", code="missing_worker_token")
+    version = request.headers.get(PROTOCOL_HEADER)
+    if not is_supported(version):
+        raise InvalidRequest(
+            f"Unsupported or missing {PROTOCOL_HEADER} header ({version!r}); this coordinator speaks "
+            f"{sorted(SUPPORTED_PROTOCOL_VERSIONS)}. Upgrade tunegrid-worker.",
+            param=PROTOCOL_HEADER, code="unsupported_protocol_version")
+    return WorkerCaller(state=request.app.state, token=credentials.credentials, protocol_version=int(version or 0))
+
+
+CurrentWorker = Annotated[WorkerCaller, Depends(_worker_caller)]

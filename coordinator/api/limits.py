@@ -14,11 +14,24 @@ MULTIPART_OVERHEAD = 64 * 1024  # boundaries and the purpose field around the fi
 
 
 class BodySizeLimit:
-    def __init__(self, app: ASGIApp, *, upload_bytes: int, other_bytes: int, upload_path: str = "/v1/files") -> None:
+    def __init__(
+        self, app: ASGIApp, *, upload_bytes: int, other_bytes: int, lease_upload_bytes: int,
+        upload_path: str = "/v1/files", lease_upload_prefix: str = "/v1/workers/leases/",
+    ) -> None:
         self.app = app
         self.upload_bytes = upload_bytes + MULTIPART_OVERHEAD
         self.other_bytes = other_bytes
+        self.lease_upload_bytes = lease_upload_bytes
         self.upload_path = upload_path
+        self.lease_upload_prefix = lease_upload_prefix
+
+    def _limit(self, scope: Scope) -> int:
+        path = scope["path"]
+        if path.rstrip("/") == self.upload_path:
+            return self.upload_bytes
+        if scope["method"] == "PUT" and path.startswith(self.lease_upload_prefix):
+            return self.lease_upload_bytes  # checkpoints and adapters, streamed to storage
+        return self.other_bytes
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -27,7 +40,7 @@ class BodySizeLimit:
         if "\x00" in scope["path"] or b"%00" in scope.get("query_string", b""):
             await _reject(send, InvalidRequest("The URL contains a NUL character."))
             return
-        limit = self.upload_bytes if scope["path"].rstrip("/") == self.upload_path else self.other_bytes
+        limit = self._limit(scope)
         declared = _content_length(scope)
         if declared is not None and declared > limit:
             await _reject(send, PayloadTooLarge(f"The request body is larger than the limit of {limit} bytes."))

@@ -6,7 +6,9 @@ import enum
 from datetime import UTC, datetime
 from typing import Any
 
-from sqlalchemy import JSON, BigInteger, Boolean, DateTime, Enum, ForeignKey, Index, Integer, MetaData, String, Text
+from sqlalchemy import (
+    JSON, BigInteger, Boolean, DateTime, Enum, Float, ForeignKey, Index, Integer, MetaData, String, Text, UniqueConstraint,
+)
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
 from sqlalchemy.types import TypeDecorator
 
@@ -72,6 +74,27 @@ class JobStatus(enum.StrEnum):
     succeeded = "succeeded"
     failed = "failed"
     cancelled = "cancelled"
+
+
+class WorkerState(enum.StrEnum):
+    idle = "idle"  # long-polling for work
+    working = "working"  # holds a lease
+    paused = "paused"  # the owner's policy stepped aside (game, heat, schedule)
+    offline = "offline"  # not heard from within the lease ttl
+    suspended = "suspended"  # by an admin or for failed checks; never placed
+
+
+class LeaseStatus(enum.StrEnum):
+    assigned = "assigned"  # placed; the worker has not picked it up yet
+    running = "running"  # the worker holds it
+    completed = "completed"
+    failed = "failed"
+    preempted = "preempted"
+    lost = "lost"  # not renewed within the grace, or never picked up
+    cancelled = "cancelled"  # the job was cancelled or paused under it
+
+
+LIVE_LEASE = (LeaseStatus.assigned, LeaseStatus.running)
 
 
 def _enum(cls: type[enum.Enum]) -> Enum:
@@ -160,6 +183,9 @@ class JobModel(Base):
     updated_at: Mapped[datetime] = mapped_column(default=utcnow, onupdate=utcnow)
     finished_at: Mapped[datetime | None]
     estimated_finish: Mapped[datetime | None]
+    # The last fencing token issued (each lease gets the next); worker losses so far.
+    fencing_token: Mapped[int] = mapped_column(Integer, default=0)
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
     # Every UPDATE checks and bumps it, so two concurrent status changes cannot both win.
     version: Mapped[int] = mapped_column(Integer, default=1)
 
@@ -192,6 +218,92 @@ class JobCheckpointModel(Base):
     fine_tuned_model_checkpoint: Mapped[str] = mapped_column(String(240))
     blob_sha256: Mapped[str | None] = mapped_column(String(64))
     blob_bytes: Mapped[int | None] = mapped_column(BigInteger)
+    lease_id: Mapped[str | None] = mapped_column(String(40))  # the lease that uploaded it (no FK: leases refer here)
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
 
     job: Mapped[JobModel] = relationship(lazy="raise")
+
+
+class WorkerModel(Base):
+    """A provider's machine running the agent: its inventory, price, policy and reputation."""
+
+    __tablename__ = "workers"
+    __table_args__ = (
+        UniqueConstraint("account_id", "machine_id"),
+        Index("ix_workers_state_available_until", "state", "available_until"),
+    )
+
+    id: Mapped[str] = mapped_column(PublicId, primary_key=True)
+    account_id: Mapped[str] = mapped_column(ForeignKey("accounts.id"))
+    machine_id: Mapped[str] = mapped_column(String(128))
+    name: Mapped[str] = mapped_column(String(128))
+    token_prefix: Mapped[str] = mapped_column(String(16), unique=True)
+    token_sha256: Mapped[str] = mapped_column(String(64))
+    agent_version: Mapped[str] = mapped_column(String(128))
+    protocol_version: Mapped[int] = mapped_column(Integer)
+    driver_version: Mapped[str | None] = mapped_column(String(128))
+    cuda_version: Mapped[str | None] = mapped_column(String(128))
+    gpus: Mapped[list[Any]] = mapped_column(JSON(none_as_null=True), default=list)  # GpuInventory dicts
+    cpu: Mapped[dict[str, Any] | None]
+    # Placement reads these instead of the JSON: the class and capacity of the worker's best device.
+    gpu_class: Mapped[str] = mapped_column(String(32))
+    gpu_name: Mapped[str] = mapped_column(String(128))
+    vram_total_bytes: Mapped[int] = mapped_column(BigInteger)
+    vram_free_bytes: Mapped[int] = mapped_column(BigInteger)
+    compute_capability: Mapped[str | None] = mapped_column(String(8))
+    ask_price_per_gpu_hour: Mapped[int] = mapped_column(BigInteger)  # Micros
+    policy: Mapped[dict[str, Any]]
+    cached_models: Mapped[list[Any]] = mapped_column(JSON(none_as_null=True), default=list)
+    state: Mapped[WorkerState] = mapped_column(_enum(WorkerState))
+    pause_reason: Mapped[str | None] = mapped_column(Text)
+    # Placeable while idle and long-polling: each claim extends this a little past its wait.
+    available_until: Mapped[datetime | None]
+    last_heartbeat_at: Mapped[datetime | None]
+    telemetry: Mapped[dict[str, Any] | None]  # the latest heartbeat, written at most every few seconds
+    trusted: Mapped[bool] = mapped_column(Boolean, default=False)  # vetted by an admin
+    reliability: Mapped[float] = mapped_column(Float, default=0.9)
+    speed_factor: Mapped[float] = mapped_column(Float, default=1.0)  # measured / expected tokens per second
+    completed_leases: Mapped[int] = mapped_column(Integer, default=0)
+    lost_leases: Mapped[int] = mapped_column(Integer, default=0)
+    failed_checks: Mapped[int] = mapped_column(Integer, default=0)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    revoked_at: Mapped[datetime | None]
+    suspended_at: Mapped[datetime | None]
+
+
+class LeaseModel(Base):
+    """One attempt at a job on one worker, fenced by a token that only grows per job."""
+
+    __tablename__ = "leases"
+    __table_args__ = (
+        UniqueConstraint("job_id", "fencing_token"),
+        Index("ix_leases_worker_id_status", "worker_id", "status"),
+        Index("ix_leases_status_last_renewed_at", "status", "last_renewed_at"),
+    )
+
+    id: Mapped[str] = mapped_column(PublicId, primary_key=True)
+    job_id: Mapped[str] = mapped_column(ForeignKey("jobs.id", ondelete="CASCADE"))
+    worker_id: Mapped[str] = mapped_column(ForeignKey("workers.id"))
+    fencing_token: Mapped[int] = mapped_column(Integer)
+    status: Mapped[LeaseStatus] = mapped_column(_enum(LeaseStatus))
+    gpu_uuid: Mapped[str | None] = mapped_column(String(128))
+    gpu_class: Mapped[str] = mapped_column(String(32))
+    ask_price_per_gpu_hour: Mapped[int] = mapped_column(BigInteger)  # Micros: what the provider earns
+    price_per_gpu_hour: Mapped[int] = mapped_column(BigInteger)  # Micros: what the customer pays
+    resume_checkpoint_id: Mapped[str | None] = mapped_column(ForeignKey("job_checkpoints.id"))
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    claimed_at: Mapped[datetime | None]
+    training_started_at: Mapped[datetime | None]
+    last_renewed_at: Mapped[datetime | None]
+    suspect_at: Mapped[datetime | None]
+    last_step: Mapped[int | None]
+    tokens_per_s: Mapped[float | None] = mapped_column(Float)
+    ended_at: Mapped[datetime | None]
+    end_reason: Mapped[str | None] = mapped_column(Text)
+    usage: Mapped[dict[str, Any] | None]  # as the worker reported it
+    adapter_sha256: Mapped[str | None] = mapped_column(String(64))
+    adapter_bytes: Mapped[int | None] = mapped_column(BigInteger)
+    result: Mapped[dict[str, Any] | None]
+
+    job: Mapped[JobModel] = relationship(lazy="raise")
+    worker: Mapped[WorkerModel] = relationship(lazy="raise")

@@ -7,6 +7,7 @@ from typing import Any
 from sqlalchemy.orm import Session
 
 from coordinator.db.ids import new_id
+from coordinator.effects import effects
 from coordinator.db.models import JobEventModel, JobModel, JobStatus, utcnow
 from shared.errors import Conflict
 
@@ -47,6 +48,8 @@ def change_status(
     if to in TERMINAL:
         job.finished_at = utcnow()
         job.estimated_finish = None
+    if to is S.queued:
+        effects(session).placeable = True  # a placement pass should look at it soon
     if to is S.failed:
         job.error = error or {"code": "failed", "message": message, "param": None}
     return record_event(

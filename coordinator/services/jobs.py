@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import secrets
+from typing import Any
 
 from sqlalchemy import select
 from sqlalchemy.orm import Session
@@ -11,18 +12,19 @@ from coordinator.db.ids import new_id
 from coordinator.db.models import (
     AccountModel, FileModel, FileStatus, JobCheckpointModel, JobEventModel, JobModel, JobStatus,
 )
-from coordinator.services import files
+from coordinator.services import files, leases
 from coordinator.services.job_states import TERMINAL, change_status, record_event
 from coordinator.services.paging import page
 from shared.catalog import get_base_model
 from shared.errors import Conflict, InvalidRequest, NotFound
 from shared.money import usd_to_micros
-from shared.schemas.jobs import Hyperparameters, JobCreate
+from shared.schemas.jobs import Hyperparameters, JobCreate, LoraConfig
+from shared.schemas.quotes import QuoteCreate
 
 DEFAULT_EPOCHS = 3
 
 
-def _usable_file(*, session: Session, account: AccountModel, file_id: str, param: str) -> FileModel:
+def usable_file(*, session: Session, account: AccountModel, file_id: str, param: str) -> FileModel:
     try:
         file = files.get(session=session, account=account, file_id=file_id, lock="share")
     except NotFound:
@@ -34,7 +36,7 @@ def _usable_file(*, session: Session, account: AccountModel, file_id: str, param
     return file
 
 
-def _hyperparameters(request: JobCreate) -> Hyperparameters:
+def hyperparameters_of(request: JobCreate | QuoteCreate) -> Hyperparameters:
     method = request.method
     if method is not None and method.type != "supervised":
         raise InvalidRequest(
@@ -45,19 +47,24 @@ def _hyperparameters(request: JobCreate) -> Hyperparameters:
     return chosen or Hyperparameters()
 
 
+def lora_of(request: JobCreate | QuoteCreate) -> dict[str, Any]:
+    lora = (request.lora or LoraConfig()).model_dump()
+    lora["alpha"] = lora["alpha"] or 2 * lora["r"]
+    return lora
+
+
 def create(*, session: Session, account: AccountModel, request: JobCreate) -> JobModel:
     base = get_base_model(request.model)
     if request.integrations:
         raise InvalidRequest("Integrations are not supported.", param="integrations", code="unsupported_integration")
-    hp = _hyperparameters(request)
-    training = _usable_file(session=session, account=account, file_id=request.training_file, param="training_file")
+    hp = hyperparameters_of(request)
+    training = usable_file(session=session, account=account, file_id=request.training_file, param="training_file")
     validation = (
-        _usable_file(session=session, account=account, file_id=request.validation_file, param="validation_file")
+        usable_file(session=session, account=account, file_id=request.validation_file, param="validation_file")
         if request.validation_file else None
     )
     n_epochs = DEFAULT_EPOCHS if hp.n_epochs == "auto" else hp.n_epochs
-    lora = request.lora.model_dump() if request.lora else {"r": 16, "alpha": None, "dropout": 0.05, "target_modules": "all-linear"}
-    lora["alpha"] = lora["alpha"] or 2 * lora["r"]
+    lora = lora_of(request)
     job = JobModel(
         id=new_id("ftjob-"),
         account_id=account.id,
@@ -117,6 +124,7 @@ def cancel(*, session: Session, account: AccountModel, job_id: str) -> JobModel:
         return job
     if job.status in TERMINAL:
         raise Conflict(f"Job {job_id} has already {job.status.value}; it cannot be cancelled.", code="invalid_job_state")
+    leases.end_for_customer(session=session, job=job, paused=False)
     change_status(session=session, job=job, to=JobStatus.cancelled, message="Fine-tuning job cancelled by the customer")
     session.commit()
     return job
@@ -129,6 +137,7 @@ def pause(*, session: Session, account: AccountModel, job_id: str) -> JobModel:
     if job.status not in (JobStatus.queued, JobStatus.running):
         raise Conflict(f"Job {job_id} is {job.status.value}; only queued or running jobs can be paused.",
                        code="invalid_job_state")
+    leases.end_for_customer(session=session, job=job, paused=True)
     change_status(session=session, job=job, to=JobStatus.paused,
                   message="Fine-tuning job paused; it keeps its last checkpoint and resumes from it")
     session.commit()

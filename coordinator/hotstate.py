@@ -1,0 +1,194 @@
+"""Hot state: the latest heartbeat per worker, when its database row is due, and long-poll wake-ups.
+
+Two implementations behind one interface. `RedisHotState` lets every API process share them (wake-ups
+travel on one pub/sub channel that each process listens to). `MemoryHotState` is the embedded mode: one
+process, plain dicts. Nothing here is durable: the database stays the truth, and a Redis that is flushed
+or down only makes heartbeats write the database more often and wake-ups wait for the next poll.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from abc import ABC, abstractmethod
+from collections.abc import AsyncIterator, Iterable
+from contextlib import asynccontextmanager
+
+log = logging.getLogger(__name__)
+WAKE_CHANNEL = "tg:wake"
+REDIS_TIMEOUT_S = 2.0
+HEARTBEAT_KEEP_S = 3600
+
+
+class Waiter:
+    def __init__(self) -> None:
+        self._event = asyncio.Event()
+
+    def set(self) -> None:
+        self._event.set()
+
+    async def wait(self, timeout: float) -> bool:
+        """True when woken, False on timeout."""
+        try:
+            await asyncio.wait_for(self._event.wait(), timeout)
+        except TimeoutError:
+            return False
+        return True
+
+
+class HotState(ABC):
+    def __init__(self) -> None:
+        self._waiters: dict[str, set[Waiter]] = {}
+
+    async def start(self) -> None:  # noqa: B027 - optional hook
+        pass
+
+    async def close(self) -> None:  # noqa: B027 - optional hook
+        pass
+
+    @abstractmethod
+    async def heartbeat(self, worker_id: str, snapshot: bytes, *, db_interval_s: float) -> bool:
+        """Keep the latest heartbeat; True when this worker's database row is due for a write."""
+
+    @abstractmethod
+    async def recheck(self, worker_ids: Iterable[str]) -> None:
+        """Make these workers' next heartbeat read the database (their lease changed)."""
+
+    @abstractmethod
+    async def wake(self, worker_ids: Iterable[str]) -> None:
+        """Wake these workers' long-polls, in whichever process they wait."""
+
+    @abstractmethod
+    async def latest(self, worker_ids: list[str]) -> dict[str, bytes]:
+        """The latest heartbeat snapshots known for these workers."""
+
+    @asynccontextmanager
+    async def waiter(self, worker_id: str) -> AsyncIterator[Waiter]:
+        """Register before checking the database, then wait: a wake between the two is not lost."""
+        waiter = Waiter()
+        self._waiters.setdefault(worker_id, set()).add(waiter)
+        try:
+            yield waiter
+        finally:
+            waiters = self._waiters.get(worker_id)
+            if waiters is not None:
+                waiters.discard(waiter)
+                if not waiters:
+                    del self._waiters[worker_id]
+
+    def _wake_local(self, worker_id: str) -> None:
+        for waiter in self._waiters.get(worker_id, ()):
+            waiter.set()
+
+
+class MemoryHotState(HotState):
+    def __init__(self) -> None:
+        super().__init__()
+        self._snapshots: dict[str, bytes] = {}
+        self._db_due_at: dict[str, float] = {}
+
+    async def heartbeat(self, worker_id: str, snapshot: bytes, *, db_interval_s: float) -> bool:
+        self._snapshots[worker_id] = snapshot
+        now = time.monotonic()
+        if now >= self._db_due_at.get(worker_id, 0.0):
+            self._db_due_at[worker_id] = now + db_interval_s
+            return True
+        return False
+
+    async def recheck(self, worker_ids: Iterable[str]) -> None:
+        for worker_id in worker_ids:
+            self._db_due_at.pop(worker_id, None)
+
+    async def wake(self, worker_ids: Iterable[str]) -> None:
+        for worker_id in worker_ids:
+            self._wake_local(worker_id)
+
+    async def latest(self, worker_ids: list[str]) -> dict[str, bytes]:
+        return {w: self._snapshots[w] for w in worker_ids if w in self._snapshots}
+
+
+class RedisHotState(HotState):
+    def __init__(self, url: str) -> None:
+        super().__init__()
+        import redis.asyncio as redis
+
+        self._redis = redis.Redis.from_url(url, socket_timeout=REDIS_TIMEOUT_S, socket_connect_timeout=REDIS_TIMEOUT_S,
+                                           health_check_interval=30)
+        self._listener: asyncio.Task[None] | None = None
+
+    async def start(self) -> None:
+        self._listener = asyncio.create_task(self._listen(), name="hotstate-wake-listener")
+
+    async def close(self) -> None:
+        if self._listener is not None:
+            self._listener.cancel()
+            try:
+                await self._listener
+            except (asyncio.CancelledError, Exception):  # noqa: BLE001 - shutting down
+                pass
+        await self._redis.aclose()
+
+    async def _listen(self) -> None:
+        """One subscription per process; reconnects with a bounded backoff when Redis goes away."""
+        backoff = 0.1
+        while True:
+            try:
+                async with self._redis.pubsub(ignore_subscribe_messages=True) as pubsub:
+                    await pubsub.subscribe(WAKE_CHANNEL)
+                    backoff = 0.1
+                    async for message in pubsub.listen():
+                        if message and message.get("type") == "message":
+                            self._wake_local(message["data"].decode())
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # noqa: BLE001 - Redis down: long-polls fall back to their timeout
+                log.warning("wake-up listener lost Redis (%s); retrying in %.1f s", exc.__class__.__name__, backoff)
+                await asyncio.sleep(backoff)
+                backoff = min(backoff * 2, 5.0)
+
+    async def heartbeat(self, worker_id: str, snapshot: bytes, *, db_interval_s: float) -> bool:
+        try:
+            async with self._redis.pipeline(transaction=False) as pipe:
+                pipe.set(f"tg:hb:{worker_id}", snapshot, ex=HEARTBEAT_KEEP_S)
+                pipe.set(f"tg:hbdb:{worker_id}", b"1", nx=True, px=max(int(db_interval_s * 1000), 1))
+                _, due = await pipe.execute()
+            return bool(due)
+        except Exception as exc:  # noqa: BLE001 - without Redis every heartbeat goes to the database
+            log.warning("heartbeat not kept in Redis (%s); writing the database", exc.__class__.__name__)
+            return True
+
+    async def recheck(self, worker_ids: Iterable[str]) -> None:
+        keys = [f"tg:hbdb:{w}" for w in worker_ids]
+        if keys:
+            try:
+                await self._redis.delete(*keys)
+            except Exception as exc:  # noqa: BLE001 - the heartbeat's periodic database read still sees it
+                log.warning("recheck not sent (%s)", exc.__class__.__name__)
+
+    async def wake(self, worker_ids: Iterable[str]) -> None:
+        ids = list(worker_ids)
+        if not ids:
+            return
+        try:
+            async with self._redis.pipeline(transaction=False) as pipe:
+                for worker_id in ids:
+                    pipe.publish(WAKE_CHANNEL, worker_id)
+                await pipe.execute()
+        except Exception as exc:  # noqa: BLE001 - wake locally at least; others find it at their next poll
+            log.warning("wake-up not published (%s)", exc.__class__.__name__)
+            for worker_id in ids:
+                self._wake_local(worker_id)
+
+    async def latest(self, worker_ids: list[str]) -> dict[str, bytes]:
+        if not worker_ids:
+            return {}
+        try:
+            values = await self._redis.mget([f"tg:hb:{w}" for w in worker_ids])
+        except Exception:  # noqa: BLE001 - hot state is a cache
+            return {}
+        return {w: v for w, v in zip(worker_ids, values, strict=True) if v is not None}
+
+
+def make_hot_state(redis_url: str | None) -> HotState:
+    return RedisHotState(redis_url) if redis_url else MemoryHotState()

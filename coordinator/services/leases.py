@@ -1,0 +1,482 @@
+"""A worker's side of a lease: claim an assignment, report events, fetch inputs, upload checkpoints and
+the adapter, and finish (`complete`, `fail`, `preempted`). Plus the reaper for leases gone quiet.
+
+Every call names the lease and presents its fencing token. A token that is not the lease's, or a lease
+that is no longer the job's live one, is `409 lease_lost`: the agent stops that container. Finishing
+is idempotent on the token: the same report twice answers the same.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from datetime import timedelta
+
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
+from coordinator.db.ids import new_id
+from coordinator.db.models import (
+    LIVE_LEASE, FileModel, FileStatus, JobCheckpointModel, JobEventModel, JobModel, JobStatus, LeaseModel,
+    LeaseStatus, WorkerModel, WorkerState, utcnow,
+)
+from coordinator.services import files
+from coordinator.services.adapters import AdapterRejected, verify_adapter
+from coordinator.services.job_states import change_status, record_event
+from coordinator.services.lease_states import (
+    claim_lease, end_lease, requeue_or_fail, suspend_if_untrustworthy,
+)
+from coordinator.services.placement import place_for_worker, seq_len_for
+from coordinator.services.workers import free_vram
+from coordinator.settings import CoordinatorSettings
+from coordinator.storage import BlobStore, StoredBlob
+from shared.catalog import get_base_model
+from shared.errors import Conflict, InvalidRequest, LeaseLost, NotFound
+from shared.jobspec import JobSpec, LoraSpec, TrainingHyperparameters
+from shared.money import micros_to_usd
+from shared.protocol import (
+    Assignment, ClaimRequest, LeaseComplete, LeaseEvent, LeaseFail, LeasePreempted, ResumeFrom,
+)
+
+log = logging.getLogger(__name__)
+BASE_LEARNING_RATE = 2e-4
+AVAILABLE_SLACK = timedelta(seconds=5)  # a long-polling worker stays placeable this long past its wait
+SPEED_EMA = 0.3  # weight of the newest lease in a worker's speed factor
+
+
+# --- claiming -------------------------------------------------------------------------------------
+
+def _live_lease_of(session: Session, worker: WorkerModel) -> LeaseModel | None:
+    return session.scalars(
+        select(LeaseModel).where(LeaseModel.worker_id == worker.id, LeaseModel.status.in_(LIVE_LEASE))
+        .order_by(LeaseModel.id.desc()).limit(1).with_for_update()
+    ).first()
+
+
+def pending_assignment(*, session: Session, settings: CoordinatorSettings, worker: WorkerModel) -> Assignment | None:
+    """The worker's live lease, marked picked up, as an assignment; None when it has none."""
+    lease = _live_lease_of(session, worker)
+    if lease is None:
+        session.rollback()
+        return None
+    job = session.get(JobModel, lease.job_id)
+    assert job is not None
+    claim_lease(lease=lease, now=utcnow())
+    assignment = build_assignment(session=session, settings=settings, lease=lease, job=job)
+    session.commit()
+    return assignment
+
+
+def claim(*, session: Session, settings: CoordinatorSettings, worker: WorkerModel, request: ClaimRequest) -> Assignment | None:
+    """Hand the worker its assignment, or make it placeable and let it take the oldest job it can run."""
+    found = pending_assignment(session=session, settings=settings, worker=worker)
+    if found is not None:
+        return found
+    worker = session.get(WorkerModel, worker.id, with_for_update=True)  # type: ignore[assignment]
+    if worker.suspended_at is not None:
+        session.commit()
+        return None
+    now = utcnow()
+    worker.vram_free_bytes = free_vram(worker, request.gpus)
+    if request.cached_models is not None:
+        worker.cached_models = list(request.cached_models)
+    worker.last_heartbeat_at = now
+    if worker.state is not WorkerState.working:
+        worker.state, worker.pause_reason = WorkerState.idle, None
+        worker.available_until = now + timedelta(seconds=request.wait_s) + AVAILABLE_SLACK
+    lease = place_for_worker(session=session, settings=settings, worker=worker)
+    if lease is None:
+        return None
+    return pending_assignment(session=session, settings=settings, worker=worker)
+
+
+def job_spec(job: JobModel) -> JobSpec:
+    base = get_base_model(job.model)
+    hp = job.hyperparameters
+    multiplier = hp.get("learning_rate_multiplier", "auto")
+    return JobSpec(
+        job_id=job.id, base_model=base.id, model_dir=f"models/{base.id}",
+        hyperparameters=TrainingHyperparameters(
+            n_epochs=hp["n_epochs"], batch_size=hp.get("batch_size", "auto"),
+            learning_rate=BASE_LEARNING_RATE * (1.0 if multiplier == "auto" else float(multiplier)),
+        ),
+        lora=LoraSpec(**job.lora), seed=job.seed, max_seq_len=seq_len_for(base),
+    )
+
+
+def build_assignment(*, session: Session, settings: CoordinatorSettings, lease: LeaseModel, job: JobModel) -> Assignment:
+    training = session.get(FileModel, job.training_file_id)
+    validation = session.get(FileModel, job.validation_file_id) if job.validation_file_id else None
+    assert training is not None
+    resume = None
+    if lease.resume_checkpoint_id:
+        checkpoint = session.get(JobCheckpointModel, lease.resume_checkpoint_id)
+        if checkpoint is not None and checkpoint.blob_sha256:
+            resume = ResumeFrom(
+                checkpoint_id=checkpoint.id, step=checkpoint.step_number, sha256=checkpoint.blob_sha256,
+                bytes=checkpoint.blob_bytes or 0,
+                url=f"/v1/workers/leases/{lease.id}/checkpoints/{checkpoint.id}/content",
+            )
+    base = get_base_model(job.model)
+    return Assignment(
+        lease_id=lease.id, fencing_token=lease.fencing_token, job_id=job.id, spec=job_spec(job),
+        base_model_repo=base.hf_repo, gpu_uuid=lease.gpu_uuid,
+        training_file_url=f"/v1/workers/leases/{lease.id}/files/training", training_file_sha256=training.sha256,
+        validation_file_url=f"/v1/workers/leases/{lease.id}/files/validation" if validation else None,
+        validation_file_sha256=validation.sha256 if validation else None, resume_from=resume,
+        ask_price_per_gpu_hour=micros_to_usd(lease.ask_price_per_gpu_hour), lease_ttl_s=settings.lease_ttl_s,
+        lease_grace_s=settings.lease_grace_s, heartbeat_interval_s=settings.heartbeat_interval_s,
+    )
+
+
+# --- the lease, fenced ----------------------------------------------------------------------------
+
+def parse_fencing_token(value: str | None) -> int:
+    if value is None or not value.strip().isdigit() or len(value) > 18:
+        raise InvalidRequest("Send the lease's fencing token in the Tunegrid-Fencing-Token header.",
+                             param="Tunegrid-Fencing-Token", code="missing_fencing_token")
+    return int(value)
+
+
+@dataclass(slots=True)
+class FencedLease:
+    lease: LeaseModel
+    job: JobModel
+    worker: WorkerModel
+
+
+def fenced(
+    *, session: Session, worker: WorkerModel, lease_id: str, fencing_token: int, allow_ended: bool = False,
+) -> FencedLease:
+    """The worker's lease, locked, if the token is current; otherwise `LeaseLost` (or 404 for another's lease)."""
+    lease = session.get(LeaseModel, lease_id, with_for_update=True)
+    if lease is None or lease.worker_id != worker.id:
+        raise NotFound(f"No such lease: {lease_id}", param="lease_id", code="lease_not_found")
+    job = session.get(JobModel, lease.job_id, with_for_update=True)
+    assert job is not None
+    if fencing_token != lease.fencing_token or job.fencing_token != lease.fencing_token:
+        raise LeaseLost(f"Lease {lease_id} is no longer current (fencing token {fencing_token}, "
+                        f"job {job.id} is at {job.fencing_token}); stop this job.", param="Tunegrid-Fencing-Token")
+    if lease.status not in LIVE_LEASE and not allow_ended:
+        raise LeaseLost(f"Lease {lease_id} has ended ({lease.status.value}: {lease.end_reason}); stop this job.")
+    worker_row = session.get(WorkerModel, worker.id, with_for_update=True)
+    assert worker_row is not None
+    return FencedLease(lease=lease, job=job, worker=worker_row)
+
+
+def check_lease(*, session: Session, worker: WorkerModel, lease_id: str, fencing_token: int) -> LeaseModel:
+    """Before accepting an upload: is the lease still current? (Checked again when the upload is recorded.)"""
+    lease = fenced(session=session, worker=worker, lease_id=lease_id, fencing_token=fencing_token).lease
+    session.rollback()
+    return lease
+
+
+def _metrics_message(event: LeaseEvent) -> str:
+    parts = [f"Step {event.step}" + (f"/{event.total_steps}" if event.total_steps else "")]
+    if event.train_loss is not None:
+        parts.append(f"training loss={event.train_loss:.4f}")
+    if event.eval_loss is not None:
+        parts.append(f"validation loss={event.eval_loss:.4f}")
+    if event.tokens_per_s is not None:
+        parts.append(f"{event.tokens_per_s:.0f} tokens/s")
+    return ", ".join(parts)
+
+
+def record_events(
+    *, session: Session, worker: WorkerModel, lease_id: str, fencing_token: int, events: list[LeaseEvent],
+) -> FencedLease:
+    f = fenced(session=session, worker=worker, lease_id=lease_id, fencing_token=fencing_token)
+    now = utcnow()
+    claim_lease(lease=f.lease, now=now)
+    for event in events:
+        if event.type == "started":
+            if f.lease.training_started_at is None:
+                f.lease.training_started_at = now  # billing counts from here, on the coordinator's clock
+            record_event(session=session, job=f.job, message=event.message or "Training started",
+                         data={"lease_id": f.lease.id, "total_steps": event.total_steps, "step": event.step})
+        elif event.type in ("progress", "eval"):
+            if f.lease.training_started_at is None:
+                f.lease.training_started_at = now
+            data = {k: v for k, v in {
+                "step": event.step, "total_steps": event.total_steps, "train_loss": event.train_loss,
+                "valid_loss": event.eval_loss, "tokens_per_s": event.tokens_per_s, "epoch": event.epoch,
+                "trained_tokens": event.trained_tokens, "lease_id": f.lease.id,
+            }.items() if v is not None}
+            record_event(session=session, job=f.job, type="metrics", message=_metrics_message(event), data=data)
+            if event.step is not None:
+                f.lease.last_step = max(f.lease.last_step or 0, event.step)
+            if event.tokens_per_s:
+                f.lease.tokens_per_s = event.tokens_per_s
+            if event.trained_tokens is not None:
+                f.job.trained_tokens = max(f.job.trained_tokens or 0, event.trained_tokens)
+        else:
+            level = "warn" if event.type == "log" and (event.message or "").lower().startswith("warn") else "info"
+            record_event(session=session, job=f.job, message=(event.message or event.type)[:2000], level=level,
+                         data={"lease_id": f.lease.id})
+    session.commit()
+    return f
+
+
+# --- inputs and uploads ---------------------------------------------------------------------------
+
+def training_input(*, session: Session, worker: WorkerModel, lease_id: str, fencing_token: int, which: str) -> FileModel:
+    """The job's training or validation file, for the worker holding the live lease only."""
+    f = fenced(session=session, worker=worker, lease_id=lease_id, fencing_token=fencing_token)
+    file_id = {"training": f.job.training_file_id, "validation": f.job.validation_file_id}.get(which)
+    if file_id is None:
+        raise NotFound(f"This job has no {which} file.", param="which")
+    file = session.get(FileModel, file_id)
+    assert file is not None
+    session.rollback()
+    return file
+
+
+def resume_checkpoint(
+    *, session: Session, worker: WorkerModel, lease_id: str, fencing_token: int, checkpoint_id: str,
+) -> JobCheckpointModel:
+    f = fenced(session=session, worker=worker, lease_id=lease_id, fencing_token=fencing_token)
+    if f.lease.resume_checkpoint_id != checkpoint_id:
+        raise NotFound(f"Checkpoint {checkpoint_id} is not this lease's to resume from.", param="checkpoint_id")
+    checkpoint = session.get(JobCheckpointModel, checkpoint_id)
+    assert checkpoint is not None
+    session.rollback()
+    return checkpoint
+
+
+def checkpoint_key(checkpoint_id: str) -> str:
+    return f"checkpoints/{checkpoint_id}"
+
+
+def adapter_key(lease_id: str) -> str:
+    return f"adapters/{lease_id}"
+
+
+def record_checkpoint(
+    *, session: Session, store: BlobStore, worker: WorkerModel, lease_id: str, fencing_token: int, step: int,
+    checkpoint_id: str, blob: StoredBlob,
+) -> JobCheckpointModel:
+    """Record an uploaded checkpoint (already stored under `checkpoint_key(checkpoint_id)` and sha256-checked)."""
+    try:
+        f = fenced(session=session, worker=worker, lease_id=lease_id, fencing_token=fencing_token)
+        last = session.scalars(
+            select(JobEventModel).where(JobEventModel.job_id == f.job.id, JobEventModel.type == "metrics")
+            .order_by(JobEventModel.id.desc()).limit(1)
+        ).first()
+        metrics = {k: v for k, v in (last.data or {}).items() if k in ("train_loss", "valid_loss")} if last else {}
+        checkpoint = JobCheckpointModel(
+            id=checkpoint_id, job=f.job, step_number=step, metrics={"step": step, **metrics},
+            fine_tuned_model_checkpoint=f"ft:{f.job.model}:{f.job.account_id}:{f.job.id}:ckpt-step-{step}",
+            blob_sha256=blob.sha256, blob_bytes=blob.bytes, lease_id=f.lease.id,
+        )
+        session.add(checkpoint)
+        f.lease.last_step = max(f.lease.last_step or 0, step)
+        record_event(session=session, job=f.job, message=f"Checkpoint saved at step {step}",
+                     data={"checkpoint_id": checkpoint_id, "step": step, "lease_id": f.lease.id})
+        session.commit()
+    except BaseException:
+        store.delete(blob.key)
+        raise
+    return checkpoint
+
+
+def record_adapter(
+    *, session: Session, store: BlobStore, worker: WorkerModel, lease_id: str, fencing_token: int, blob: StoredBlob,
+) -> LeaseModel:
+    try:
+        f = fenced(session=session, worker=worker, lease_id=lease_id, fencing_token=fencing_token)
+        f.lease.adapter_sha256, f.lease.adapter_bytes = blob.sha256, blob.bytes
+        session.commit()
+    except BaseException:
+        store.delete(blob.key)
+        raise
+    return f.lease
+
+
+# --- finishing ------------------------------------------------------------------------------------
+
+def _already(f: FencedLease, status: LeaseStatus) -> bool:
+    """A repeated report of how the lease ended answers like the first; a different one is a conflict."""
+    if f.lease.status in LIVE_LEASE:
+        return False
+    if f.lease.status is status:
+        return True
+    raise LeaseLost(f"Lease {f.lease.id} already ended as {f.lease.status.value}; stop this job.")
+
+
+def _reported_losses(session: Session, lease: LeaseModel) -> list[float]:
+    rows = session.scalars(
+        select(JobEventModel.data).where(JobEventModel.job_id == lease.job_id, JobEventModel.type == "metrics")
+        .order_by(JobEventModel.id)
+    ).all()
+    return [d["train_loss"] for d in rows if d and d.get("lease_id") == lease.id and d.get("train_loss") is not None]
+
+
+def _update_speed(worker: WorkerModel, lease: LeaseModel, job: JobModel) -> None:
+    from shared.pricing import expected_tokens_per_s, get_gpu_class  # noqa: PLC0415 - only on completion
+
+    if not lease.tokens_per_s:
+        return
+    expected = expected_tokens_per_s(get_base_model(job.model), get_gpu_class(lease.gpu_class))
+    observed = lease.tokens_per_s / expected
+    worker.speed_factor = round((1 - SPEED_EMA) * worker.speed_factor + SPEED_EMA * observed, 6)
+
+
+def complete(
+    *, session: Session, store: BlobStore, settings: CoordinatorSettings, worker: WorkerModel, lease_id: str,
+    fencing_token: int, report: LeaseComplete,
+) -> FencedLease:
+    f = fenced(session=session, worker=worker, lease_id=lease_id, fencing_token=fencing_token, allow_ended=True)
+    if _already(f, LeaseStatus.completed):
+        session.rollback()
+        return f
+    if f.lease.adapter_sha256 is None:
+        raise Conflict("Upload the adapter (PUT .../adapter) before reporting completion.", code="adapter_missing")
+    if report.adapter_sha256 != f.lease.adapter_sha256:
+        raise InvalidRequest("adapter_sha256 does not match the uploaded adapter.", param="adapter_sha256",
+                             code="sha256_mismatch")
+    usage = report.usage.model_dump()
+    try:
+        facts = verify_adapter(
+            store.path(adapter_key(f.lease.id)), base=get_base_model(f.job.model), lora=f.job.lora,
+            final_loss=report.result.final_train_loss, reported_losses=_reported_losses(session, f.lease),
+            max_bytes=settings.max_adapter_bytes * 4,
+        )
+    except AdapterRejected as exc:
+        reason = f"Adapter rejected: {exc}"
+        end_lease(session=session, lease=f.lease, worker=f.worker, status=LeaseStatus.failed, reason=reason,
+                  usage=usage, failed_check=True)
+        if suspend_if_untrustworthy(session=session, worker=f.worker, max_failed_checks=settings.suspend_after_failed_checks):
+            log.warning("worker %s suspended after %d failed checks", f.worker.id, f.worker.failed_checks)
+        requeue_or_fail(session=session, job=f.job, reason=f"{reason} (worker {f.worker.id})", count_attempt=True,
+                        max_attempts=settings.max_attempts)
+        session.commit()
+        store.delete(adapter_key(f.lease.id))
+        return f
+    file = FileModel(
+        id=new_id("file-"), account_id=f.job.account_id, filename=f"{f.job.id}-adapter.tar.gz",
+        purpose="fine-tune-results", bytes=f.lease.adapter_bytes or 0, sha256=f.lease.adapter_sha256,
+        status=FileStatus.processed, format="peft-lora", created_at=utcnow(),
+    )
+    store.move(adapter_key(f.lease.id), files.blob_key(file.id))
+    session.add(file)
+    f.lease.result = {**report.result.model_dump(), "lora_parameters": facts.parameters}
+    end_lease(session=session, lease=f.lease, worker=f.worker, status=LeaseStatus.completed,
+              reason="completed; adapter verified", usage=usage)
+    _update_speed(f.worker, f.lease, f.job)
+    f.job.result_files = [file.id]
+    f.job.trained_tokens = max(f.job.trained_tokens or 0, report.result.trained_tokens)
+    f.job.fine_tuned_model = f"ft:{f.job.model}:{f.job.account_id}:{f.job.suffix or ''}:{f.job.id}"
+    change_status(session=session, job=f.job, to=JobStatus.succeeded,
+                  message=f"The job has successfully completed; adapter {file.id} verified "
+                          f"({facts.parameters} LoRA parameters)",
+                  data={"lease_id": f.lease.id, "result_file": file.id})
+    session.commit()
+    return f
+
+
+def fail(
+    *, session: Session, settings: CoordinatorSettings, worker: WorkerModel, lease_id: str, fencing_token: int,
+    report: LeaseFail,
+) -> FencedLease:
+    f = fenced(session=session, worker=worker, lease_id=lease_id, fencing_token=fencing_token, allow_ended=True)
+    if _already(f, LeaseStatus.failed):
+        session.rollback()
+        return f
+    usage = report.usage.model_dump()
+    if report.kind == "user_error":
+        end_lease(session=session, lease=f.lease, worker=f.worker, status=LeaseStatus.failed,
+                  reason=f"user error: {report.message}", usage=usage)
+        change_status(session=session, job=f.job, to=JobStatus.failed, message=f"Training failed: {report.message}",
+                      error={"code": "invalid_training_data", "message": report.message, "param": "training_file"})
+    else:
+        end_lease(session=session, lease=f.lease, worker=f.worker, status=LeaseStatus.failed,
+                  reason=f"worker error: {report.message}", usage=usage, counts_against_worker=True)
+        requeue_or_fail(session=session, job=f.job, reason=f"Worker {f.worker.id} failed: {report.message}",
+                        count_attempt=True, max_attempts=settings.max_attempts)
+    session.commit()
+    return f
+
+
+def preempted(
+    *, session: Session, worker: WorkerModel, lease_id: str, fencing_token: int, report: LeasePreempted,
+    settings: CoordinatorSettings,
+) -> FencedLease:
+    """The owner needed the PC back: the job resumes elsewhere from its last checkpoint, at no cost to anyone's
+    attempts budget."""
+    f = fenced(session=session, worker=worker, lease_id=lease_id, fencing_token=fencing_token, allow_ended=True)
+    if _already(f, LeaseStatus.preempted):
+        session.rollback()
+        return f
+    end_lease(session=session, lease=f.lease, worker=f.worker, status=LeaseStatus.preempted,
+              reason=f"preempted by the owner: {report.reason}", usage=report.usage.model_dump())
+    f.worker.state, f.worker.pause_reason = WorkerState.paused, report.reason
+    requeue_or_fail(session=session, job=f.job, reason=f"The worker's owner needed it back ({report.reason})",
+                    count_attempt=False, max_attempts=settings.max_attempts)
+    session.commit()
+    return f
+
+
+def end_for_customer(*, session: Session, job: JobModel, paused: bool) -> None:
+    """The customer cancelled or paused a running job: its live lease ends and the worker hears it."""
+    for lease in session.scalars(
+        select(LeaseModel).where(LeaseModel.job_id == job.id, LeaseModel.status.in_(LIVE_LEASE)).with_for_update()
+    ):
+        worker = session.get(WorkerModel, lease.worker_id, with_for_update=True)
+        assert worker is not None
+        end_lease(session=session, lease=lease, worker=worker, status=LeaseStatus.cancelled,
+                  reason="the customer paused the job" if paused else "the customer cancelled the job")
+
+
+# --- the reaper -----------------------------------------------------------------------------------
+
+def _job_and_worker(session: Session, lease: LeaseModel) -> tuple[JobModel, WorkerModel]:
+    job = session.get(JobModel, lease.job_id, with_for_update=True)
+    worker = session.get(WorkerModel, lease.worker_id, with_for_update=True)
+    assert job is not None and worker is not None
+    return job, worker
+
+
+def reap(*, session: Session, settings: CoordinatorSettings) -> dict[str, int]:
+    """Leases gone quiet: suspect after `lease_ttl`, lost after `lease_grace` (the job resumes elsewhere);
+    assignments never picked up go back to the queue. Idempotent; safe in any number of processes."""
+    now = utcnow()
+    counts = {"suspect": 0, "lost": 0, "unclaimed": 0}
+    quiet = session.scalars(
+        select(LeaseModel).where(
+            LeaseModel.status == LeaseStatus.running,
+            LeaseModel.last_renewed_at < now - timedelta(seconds=settings.lease_ttl_s),
+        ).order_by(LeaseModel.id).limit(500).with_for_update(skip_locked=True)
+    ).all()
+    for lease in quiet:
+        silent = (now - lease.last_renewed_at).total_seconds() if lease.last_renewed_at else 0
+        job, worker = _job_and_worker(session, lease)
+        if silent >= settings.lease_grace_s:
+            reason = f"Worker {worker.id} was not heard from for {int(silent)} s"
+            end_lease(session=session, lease=lease, worker=worker, status=LeaseStatus.lost, reason=reason,
+                      counts_against_worker=True)
+            requeue_or_fail(session=session, job=job, reason=reason, count_attempt=True,
+                            max_attempts=settings.max_attempts)
+            counts["lost"] += 1
+        elif lease.suspect_at is None:
+            lease.suspect_at = now
+            if worker.state is WorkerState.working:
+                worker.state = WorkerState.offline
+            record_event(session=session, job=job, level="warn",
+                         message=f"Worker {worker.id} has not reported for {int(silent)} s; waiting up to "
+                                 f"{settings.lease_grace_s} s before resuming elsewhere",
+                         data={"lease_id": lease.id})
+            counts["suspect"] += 1
+    unclaimed = session.scalars(
+        select(LeaseModel).where(
+            LeaseModel.status == LeaseStatus.assigned,
+            LeaseModel.created_at < now - timedelta(seconds=settings.assignment_ttl_s),
+        ).order_by(LeaseModel.id).limit(500).with_for_update(skip_locked=True)
+    ).all()
+    for lease in unclaimed:
+        job, worker = _job_and_worker(session, lease)
+        reason = f"Worker {worker.id} did not pick up its assignment within {settings.assignment_ttl_s} s"
+        end_lease(session=session, lease=lease, worker=worker, status=LeaseStatus.lost, reason=reason)
+        requeue_or_fail(session=session, job=job, reason=reason, count_attempt=False, max_attempts=settings.max_attempts)
+        counts["unclaimed"] += 1
+    session.commit()
+    return counts

@@ -1,0 +1,224 @@
+"""Placement: which queued job runs on which idle worker, at what price.
+
+A worker can take a job when the QLoRA memory estimate fits its free VRAM, its GPU has the compute
+capability for 4-bit kernels (or it is a CPU worker and the model is tiny), its price with our fee is
+within the job's `max_price_per_gpu_hour`, it meets the job's trust, VRAM and GPU-name requirements,
+and it is idle and long-polling (its owner's policy allows work now). Among those the best expected
+throughput per dollar wins, weighted by reliability, preferring a worker that already holds the model.
+
+Two ways in, both atomic: a pass over the queue (`place_queued_jobs`, run when jobs become queued and
+periodically) and a newly idle worker looking for work (`place_for_worker`). Jobs and workers are
+locked with `FOR UPDATE SKIP LOCKED` on PostgreSQL, so concurrent passes in any number of processes
+take disjoint rows; on SQLite one process serialises passes and the jobs' version column catches the rest.
+"""
+
+from __future__ import annotations
+
+import threading
+from contextlib import nullcontext
+from dataclasses import dataclass
+from datetime import datetime
+from functools import lru_cache
+
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
+from coordinator.db.models import JobCheckpointModel, JobModel, JobStatus, LeaseModel, WorkerModel, WorkerState, utcnow
+from coordinator.services.job_states import change_status
+from coordinator.services.lease_states import start_lease
+from coordinator.settings import CoordinatorSettings
+from shared.catalog import BaseModelSpec, find_base_model
+from shared.memory import GIB, estimate_qlora
+from shared.money import micros_to_usd
+from shared.pricing import (
+    CPU, REFERENCE_TOKENS_PER_S_7B, cpu_can_train, customer_price, get_gpu_class, supports_4bit, throughput_per_dollar,
+)
+
+DEFAULT_SEQ_LEN = 2048
+CACHED_MODEL_BONUS = 1.25  # skipping a multi-GB download is worth about this much throughput
+CONSIDERED = 8  # eligible workers compared per job, best ranked first
+PULL_SCAN = 200  # queued jobs a newly idle worker looks through
+_sqlite_lock = threading.Lock()
+
+
+def seq_len_for(base: BaseModelSpec) -> int:
+    return min(DEFAULT_SEQ_LEN, base.max_seq_len)
+
+
+@dataclass(frozen=True, slots=True)
+class Requirements:
+    base: BaseModelSpec
+    memory_bytes: int
+    max_price: int | None
+    min_vram_bytes: int
+    gpu_filter: tuple[str, ...]
+    trusted_only: bool
+
+
+@lru_cache(maxsize=4096)
+def _memory(model: str, r: int, targets: str | tuple[str, ...], batch: int) -> int:
+    base = find_base_model(model)
+    assert base is not None
+    target_modules = targets if isinstance(targets, str) else list(targets)
+    return estimate_qlora(base, seq_len=seq_len_for(base), batch_size=batch, lora_r=r,
+                          target_modules=target_modules).total
+
+
+def requirements(job: JobModel) -> Requirements | None:
+    base = find_base_model(job.model)
+    if base is None:
+        return None
+    targets = job.lora.get("target_modules", "all-linear")
+    batch = job.hyperparameters.get("batch_size", "auto")
+    memory = _memory(base.id, int(job.lora.get("r", 16)), targets if isinstance(targets, str) else tuple(targets),
+                     batch if isinstance(batch, int) else 1)
+    return Requirements(
+        base=base, memory_bytes=memory, max_price=job.max_price_per_gpu_hour,
+        min_vram_bytes=(job.min_vram_gb or 0) * GIB,
+        gpu_filter=tuple(f.lower() for f in (job.gpu_filter or ())), trusted_only=job.trusted_hosts_only,
+    )
+
+
+@dataclass(slots=True)
+class Candidate:
+    """An idle worker as placement sees it, scored once per pass."""
+
+    worker: WorkerModel
+    price: int  # what the customer would pay per GPU-hour
+    score: float
+    cached: frozenset[str]
+
+
+def candidate(worker: WorkerModel, *, platform_fee_bps: int) -> Candidate:
+    price = customer_price(worker.ask_price_per_gpu_hour, platform_fee_bps=platform_fee_bps)
+    # Throughput scales alike for every model, so rank with the reference size; jobs differ only by the cache bonus.
+    tokens_per_s = REFERENCE_TOKENS_PER_S_7B * get_gpu_class(worker.gpu_class).relative_throughput * worker.speed_factor
+    return Candidate(worker=worker, price=price, score=throughput_per_dollar(tokens_per_s, price) * worker.reliability,
+                     cached=frozenset(worker.cached_models or ()))
+
+
+def eligible(req: Requirements, c: Candidate) -> bool:
+    w = c.worker
+    if w.gpu_class == CPU.id:
+        if not cpu_can_train(req.base):
+            return False
+    elif not supports_4bit(w.compute_capability):
+        return False
+    if w.vram_free_bytes < req.memory_bytes or w.vram_total_bytes < req.min_vram_bytes:
+        return False
+    if req.max_price is not None and c.price > req.max_price:
+        return False
+    if req.trusted_only and not w.trusted:
+        return False
+    if req.gpu_filter:
+        name = w.gpu_name.lower()
+        if not any(f in name or f == w.gpu_class for f in req.gpu_filter):
+            return False
+    return True
+
+
+def _pick(req: Requirements, ranked: list[Candidate]) -> int | None:
+    """Index of the best worker for the job among the first few eligible ones in rank order."""
+    best, best_score, seen = None, 0.0, 0
+    for i, c in enumerate(ranked):
+        if not eligible(req, c):
+            continue
+        score = c.score * (CACHED_MODEL_BONUS if req.base.id in c.cached else 1.0)
+        if best is None or score > best_score:
+            best, best_score = i, score
+        seen += 1
+        if seen >= CONSIDERED:
+            break
+    return best
+
+
+def _placeable_workers(now: datetime, settings: CoordinatorSettings):  # type: ignore[no-untyped-def]
+    return select(WorkerModel).where(
+        WorkerModel.state == WorkerState.idle, WorkerModel.available_until > now,
+        WorkerModel.revoked_at.is_(None), WorkerModel.suspended_at.is_(None),
+        WorkerModel.reliability >= settings.min_reliability,
+    )
+
+
+def _latest_checkpoints(session: Session, job_ids: list[str]) -> dict[str, str]:
+    if not job_ids:
+        return {}
+    rows = session.execute(
+        select(JobCheckpointModel.job_id, JobCheckpointModel.id)
+        .where(JobCheckpointModel.job_id.in_(job_ids), JobCheckpointModel.blob_sha256.is_not(None))
+        .order_by(JobCheckpointModel.job_id, JobCheckpointModel.step_number.desc(), JobCheckpointModel.id.desc())
+    ).all()
+    latest: dict[str, str] = {}
+    for job_id, checkpoint_id in rows:
+        latest.setdefault(job_id, checkpoint_id)
+    return latest
+
+
+def _assign(session: Session, job: JobModel, c: Candidate, resume: str | None, now: datetime) -> LeaseModel:
+    lease = start_lease(session=session, job=job, worker=c.worker, price_per_gpu_hour=c.price,
+                        resume_checkpoint_id=resume, now=now)
+    where = f"{c.worker.gpu_name} on worker {c.worker.id}"
+    change_status(session=session, job=job, to=JobStatus.running,
+                  message=f"Placed on {where} at ${micros_to_usd(c.price)}/GPU-hour (lease {lease.id}, "
+                          f"attempt {job.fencing_token})" + (f", resuming from checkpoint {resume}" if resume else ""),
+                  data={"lease_id": lease.id, "worker_id": c.worker.id, "gpu_class": c.worker.gpu_class,
+                        "price_per_gpu_hour": micros_to_usd(c.price)})
+    return lease
+
+
+def place_queued_jobs(*, session: Session, settings: CoordinatorSettings, limit: int | None = None) -> int:
+    """One placement pass: the oldest queued jobs onto the best idle workers. Returns how many were placed."""
+    sqlite = session.get_bind().dialect.name == "sqlite"
+    with _sqlite_lock if sqlite else nullcontext():
+        now = utcnow()
+        jobs = session.scalars(
+            select(JobModel).where(JobModel.status == JobStatus.queued).order_by(JobModel.id)
+            .limit(limit or settings.placement_batch).with_for_update(skip_locked=True)
+        ).all()
+        if not jobs:
+            session.rollback()
+            return 0
+        workers = session.scalars(_placeable_workers(now, settings).with_for_update(skip_locked=True)).all()
+        ranked = sorted((candidate(w, platform_fee_bps=settings.platform_fee_bps) for w in workers),
+                        key=lambda c: c.score, reverse=True)
+        matches: list[tuple[JobModel, Candidate]] = []
+        for job in jobs:
+            if not ranked:
+                break
+            req = requirements(job)
+            if req is None:
+                continue
+            index = _pick(req, ranked)
+            if index is not None:
+                matches.append((job, ranked.pop(index)))
+        resume = _latest_checkpoints(session, [job.id for job, _ in matches])
+        for job, c in matches:
+            _assign(session, job, c, resume.get(job.id), now)
+        session.commit()
+        return len(matches)
+
+
+def place_for_worker(*, session: Session, settings: CoordinatorSettings, worker: WorkerModel) -> LeaseModel | None:
+    """A newly idle worker takes the oldest queued job it can run (jobs no idle worker could take wait here).
+
+    The caller has locked `worker` and set it idle; this commits.
+    """
+    sqlite = session.get_bind().dialect.name == "sqlite"
+    with _sqlite_lock if sqlite else nullcontext():
+        now = utcnow()
+        if (worker.state is not WorkerState.idle or worker.suspended_at is not None or worker.revoked_at is not None
+                or worker.reliability < settings.min_reliability):
+            return None
+        c = candidate(worker, platform_fee_bps=settings.platform_fee_bps)
+        jobs = session.scalars(
+            select(JobModel).where(JobModel.status == JobStatus.queued).order_by(JobModel.id)
+            .limit(PULL_SCAN).with_for_update(skip_locked=True)
+        ).all()
+        for job in jobs:
+            req = requirements(job)
+            if req is not None and eligible(req, c):
+                lease = _assign(session, job, c, _latest_checkpoints(session, [job.id]).get(job.id), now)
+                session.commit()
+                return lease
+        session.commit()
+        return None

@@ -1,0 +1,157 @@
+"""Background tasks: reap quiet leases, place queued jobs, refresh worker scores.
+
+Each task takes ids or nothing, is idempotent, and is safe to run in several processes at once (rows
+are claimed with `FOR UPDATE SKIP LOCKED`). With Redis they run on Celery (broker: Redis) with beat
+schedules: `celery -A coordinator.tasks worker` and `celery -A coordinator.tasks beat`. In embedded mode
+the coordinator's dispatcher runs the same functions in-process (`run_periodic`).
+"""
+
+from __future__ import annotations
+
+import logging
+from datetime import timedelta
+from functools import cache
+from typing import Any
+
+from sqlalchemy import select, update
+from sqlalchemy.orm import Session, sessionmaker
+
+from coordinator.db.models import WorkerModel, WorkerState, utcnow
+from coordinator.effects import Effects, take_effects
+from coordinator.services import leases, placement
+from coordinator.services.lease_states import reliability
+from coordinator.settings import CoordinatorSettings
+
+log = logging.getLogger(__name__)
+SCORE_BATCH = 1000
+
+
+def reap_leases(*, session: Session, settings: CoordinatorSettings) -> dict[str, int]:
+    return leases.reap(session=session, settings=settings)
+
+
+def place_queued_jobs(*, session: Session, settings: CoordinatorSettings) -> int:
+    return placement.place_queued_jobs(session=session, settings=settings)
+
+
+def update_worker_scores(*, session: Session, settings: CoordinatorSettings) -> int:
+    """Recompute reliability from the counters, suspend workers past the failed-check limit, and mark
+    workers silent for longer than the lease ttl offline. Returns how many rows changed."""
+    now = utcnow()
+    changed = 0
+    workers = session.scalars(
+        select(WorkerModel).where(WorkerModel.revoked_at.is_(None)).order_by(WorkerModel.id)
+        .limit(SCORE_BATCH * 100).with_for_update(skip_locked=True)
+    ).all()
+    for worker in workers:
+        score = reliability(completed=worker.completed_leases, lost=worker.lost_leases,
+                            failed_checks=worker.failed_checks)
+        if abs(score - worker.reliability) > 1e-9:
+            worker.reliability = score
+            changed += 1
+        if worker.failed_checks >= settings.suspend_after_failed_checks and worker.suspended_at is None:
+            worker.suspended_at, worker.state, worker.available_until = now, WorkerState.suspended, None
+            changed += 1
+    session.flush()
+    stale = now - timedelta(seconds=settings.lease_ttl_s)
+    result = session.execute(
+        update(WorkerModel)
+        .where(WorkerModel.state.in_([WorkerState.idle, WorkerState.paused]),
+               WorkerModel.last_heartbeat_at < stale,
+               (WorkerModel.available_until.is_(None)) | (WorkerModel.available_until < now))
+        .values(state=WorkerState.offline, available_until=None)
+        .execution_options(synchronize_session=False)
+    )
+    session.commit()
+    return changed + (result.rowcount or 0)  # type: ignore[attr-defined]
+
+
+PERIODIC = (reap_leases, place_queued_jobs, update_worker_scores)
+
+
+def run_periodic(*, session_factory: sessionmaker[Session], settings: CoordinatorSettings) -> Effects:
+    """Every periodic task once, each in its own session; the effects they asked for, merged."""
+    merged = Effects()
+    for task in PERIODIC:
+        with session_factory() as session:
+            try:
+                task(session=session, settings=settings)
+            except Exception:  # noqa: BLE001 - one task's failure must not stop the others
+                log.exception("periodic task %s failed", task.__name__)
+                continue
+            done = take_effects(session)
+            merged.placeable |= done.placeable
+            merged.wake |= done.wake
+            merged.recheck |= done.recheck
+    return merged
+
+
+# --- Celery ---------------------------------------------------------------------------------------
+
+@cache
+def _runtime() -> tuple[CoordinatorSettings, sessionmaker[Session], Any]:
+    from coordinator.db.engine import make_engine, make_sessionmaker  # noqa: PLC0415
+
+    settings = CoordinatorSettings()
+    redis_client = None
+    if settings.redis_url:
+        import redis  # noqa: PLC0415
+
+        redis_client = redis.Redis.from_url(settings.redis_url, socket_timeout=2, socket_connect_timeout=2)
+    return settings, make_sessionmaker(make_engine(settings)), redis_client
+
+
+def publish_effects(redis_client: Any, effects: Effects) -> None:
+    """From a Celery process: wake long-polls and trigger lease rechecks in whichever API process holds them."""
+    from coordinator.hotstate import WAKE_CHANNEL  # noqa: PLC0415
+
+    if redis_client is None or not effects:
+        return
+    try:
+        pipe = redis_client.pipeline(transaction=False)
+        for worker_id in effects.wake:
+            pipe.publish(WAKE_CHANNEL, worker_id)
+        for worker_id in effects.recheck:
+            pipe.delete(f"tg:hbdb:{worker_id}")
+        pipe.execute()
+    except Exception as exc:  # noqa: BLE001 - workers still find their leases at their next poll
+        log.warning("effects not published (%s)", exc.__class__.__name__)
+
+
+def _run_task(task: Any) -> Any:
+    settings, session_factory, redis_client = _runtime()
+    with session_factory() as session:
+        result = task(session=session, settings=settings)
+        publish_effects(redis_client, take_effects(session))
+    return result
+
+
+def make_celery(settings: CoordinatorSettings | None = None):  # type: ignore[no-untyped-def]
+    from celery import Celery  # noqa: PLC0415
+
+    settings = settings or CoordinatorSettings()
+    app = Celery("tunegrid", broker=settings.redis_url or "memory://")
+    app.conf.update(
+        task_acks_late=True, task_time_limit=120, task_soft_time_limit=100, broker_connection_retry_on_startup=True,
+        worker_prefetch_multiplier=1, task_ignore_result=True,
+        beat_schedule={
+            "reap-leases": {"task": "tunegrid.reap_leases", "schedule": settings.sweep_interval_s},
+            "place-queued-jobs": {"task": "tunegrid.place_queued_jobs", "schedule": settings.sweep_interval_s},
+            "update-worker-scores": {"task": "tunegrid.update_worker_scores", "schedule": 60.0},
+        },
+    )
+    for task in PERIODIC:
+        app.task(name=f"tunegrid.{task.__name__}")(lambda task=task: _run_task(task))
+    return app
+
+
+def __getattr__(name: str) -> Any:
+    # `celery -A coordinator.tasks` looks for `app`; built on first use so importing this module reads no config.
+    if name == "app":
+        return _celery_app()
+    raise AttributeError(name)
+
+
+@cache
+def _celery_app():  # type: ignore[no-untyped-def]
+    return make_celery()

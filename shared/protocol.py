@@ -1,0 +1,242 @@
+"""The wire protocol between the coordinator and the worker agent (under `/v1/workers`).
+
+Requests (what the agent sends) are strict, replies (what it reads) are tolerant, so a newer
+coordinator and an older agent keep working. The agent sends `Tunegrid-Protocol: <version>` on
+every call and, on lease calls, `Tunegrid-Fencing-Token`; compatibility decisions live here.
+"""
+
+from __future__ import annotations
+
+from decimal import Decimal
+from typing import Annotated, Literal
+
+from pydantic import Field, StringConstraints, field_validator
+
+from shared.jobspec import JobSpec
+from shared.money import usd_to_micros
+from shared.schemas.common import Reply, Request
+
+PROTOCOL_VERSION = 1
+SUPPORTED_PROTOCOL_VERSIONS = frozenset({1})
+PROTOCOL_HEADER = "Tunegrid-Protocol"
+FENCING_TOKEN_HEADER = "Tunegrid-Fencing-Token"
+SHA256_HEADER = "Tunegrid-Sha256"
+WORKER_TOKEN_SCHEME = "tgw"
+
+Name = Annotated[str, StringConstraints(min_length=1, max_length=128, strip_whitespace=True)]
+ShortText = Annotated[str, StringConstraints(max_length=2000)]
+Sha256 = Annotated[str, StringConstraints(pattern=r"^[0-9a-f]{64}$")]
+ComputeCapability = Annotated[str, StringConstraints(pattern=r"^\d{1,2}\.\d{1,2}$")]
+ModelId = Annotated[str, StringConstraints(min_length=1, max_length=100)]
+
+
+def is_supported(version: str | None) -> bool:
+    return version is not None and version.isdigit() and int(version) in SUPPORTED_PROTOCOL_VERSIONS
+
+
+# --- registration ---------------------------------------------------------------------------------
+
+class GpuInventory(Request):
+    """One GPU as NVML reports it at registration."""
+
+    uuid: Name
+    index: int = Field(ge=0, le=63)
+    name: Name
+    memory_total_bytes: int = Field(ge=0, le=2**44)
+    compute_capability: ComputeCapability
+    power_limit_w: float | None = Field(default=None, ge=0, le=5000)
+
+
+class CpuInventory(Request):
+    """A machine without a usable NVIDIA GPU trains tiny models on its CPU (development, demos)."""
+
+    cores: int = Field(ge=1, le=1024)
+    memory_bytes: int = Field(ge=0, le=2**46)
+
+
+class OwnerPolicy(Request):
+    """What the PC's owner allows; the agent enforces it, the coordinator shows and respects it."""
+
+    idle_grace_s: int = Field(default=180, ge=0, le=86_400)
+    temperature_pause_c: int = Field(default=83, ge=30, le=110)
+    temperature_resume_c: int = Field(default=75, ge=20, le=110)
+    schedule: list[Annotated[str, StringConstraints(max_length=64)]] = Field(default_factory=list, max_length=32)
+    power_cap_w: int | None = Field(default=None, ge=10, le=5000)
+    shared_gpus: list[Name] | None = Field(default=None, max_length=64)
+
+
+class WorkerRegister(Request):
+    machine_id: Name
+    name: Name | None = None
+    agent_version: Name
+    driver_version: Name | None = None
+    cuda_version: Name | None = None
+    gpus: list[GpuInventory] = Field(default_factory=list, max_length=16)
+    cpu: CpuInventory | None = None
+    ask_price_per_gpu_hour: Annotated[Decimal, Field(ge=0, le=1000)]
+    policy: OwnerPolicy = OwnerPolicy()
+    cached_models: list[ModelId] = Field(default_factory=list, max_length=256)
+
+    @field_validator("ask_price_per_gpu_hour")
+    @classmethod
+    def _micros(cls, value: Decimal) -> Decimal:
+        usd_to_micros(value)  # more than six decimal places is an error
+        return value
+
+
+class WorkerRegistered(Reply):
+    object: Literal["worker"] = "worker"
+    worker_id: str
+    worker_token: str = Field(description="shown once; the coordinator keeps only its hash")
+    protocol_version: int = PROTOCOL_VERSION
+    heartbeat_interval_s: int
+    claim_timeout_s: int
+
+
+# --- heartbeat ------------------------------------------------------------------------------------
+
+WorkerActivity = Literal["idle", "working", "paused_by_owner", "unavailable"]
+
+
+class GpuTelemetry(Request):
+    uuid: Name
+    utilization_pct: float | None = Field(default=None, ge=0, le=100)
+    memory_free_bytes: int | None = Field(default=None, ge=0, le=2**44)
+    temperature_c: float | None = Field(default=None, ge=-50, le=200)
+    power_w: float | None = Field(default=None, ge=0, le=5000)
+    foreign_processes: int = Field(default=0, ge=0, le=10_000)
+
+
+class WorkerHeartbeat(Request):
+    activity: WorkerActivity
+    pause_reason: ShortText | None = None
+    gpus: list[GpuTelemetry] = Field(default_factory=list, max_length=16)
+    lease_id: Name | None = None
+    step: int | None = Field(default=None, ge=0)
+    cached_models: list[ModelId] | None = Field(default=None, max_length=256)
+
+
+CommandType = Literal["cancel", "pause", "lease_lost"]
+
+
+class Command(Reply):
+    type: str  # a CommandType; an older agent ignores types it does not know
+    lease_id: str
+    reason: str = ""
+
+
+class HeartbeatReply(Reply):
+    commands: list[Command] = Field(default_factory=list)
+    heartbeat_interval_s: int
+
+
+# --- claim ----------------------------------------------------------------------------------------
+
+class ClaimRequest(Request):
+    wait_s: float = Field(default=25, ge=0, le=30, description="long-poll for up to this long")
+    gpus: list[GpuTelemetry] = Field(default_factory=list, max_length=16)
+    cached_models: list[ModelId] | None = Field(default=None, max_length=256)
+
+
+class ResumeFrom(Reply):
+    checkpoint_id: str
+    step: int
+    url: str
+    sha256: str
+    bytes: int
+
+
+class Assignment(Reply):
+    lease_id: str
+    fencing_token: int
+    job_id: str
+    spec: JobSpec = Field(description="model_dir is relative to the agent's model cache; the agent makes it absolute")
+    base_model_repo: str | None = Field(description="Hugging Face repository to download; None: built locally")
+    gpu_uuid: str | None
+    training_file_url: str
+    training_file_sha256: str
+    validation_file_url: str | None = None
+    validation_file_sha256: str | None = None
+    resume_from: ResumeFrom | None = None
+    ask_price_per_gpu_hour: str = Field(description="USD the provider earns per GPU-hour of this lease")
+    lease_ttl_s: int
+    lease_grace_s: int
+    heartbeat_interval_s: int
+
+
+class ClaimReply(Reply):
+    assignment: Assignment | None = None
+
+
+# --- lease reports --------------------------------------------------------------------------------
+
+EventType = Literal["progress", "eval", "log", "started", "checkpoint"]
+
+
+class LeaseEvent(Request):
+    """One report from the trainer, relayed by the agent; `time` is the worker's clock, for display only."""
+
+    type: EventType
+    time: float | None = None
+    step: int | None = Field(default=None, ge=0)
+    total_steps: int | None = Field(default=None, ge=0)
+    epoch: float | None = Field(default=None, ge=0)
+    train_loss: float | None = Field(default=None, ge=0, le=1e6)
+    eval_loss: float | None = Field(default=None, ge=0, le=1e6)
+    tokens_per_s: float | None = Field(default=None, ge=0, le=1e9)
+    trained_tokens: int | None = Field(default=None, ge=0)
+    message: ShortText | None = None
+
+
+class LeaseEvents(Request):
+    events: list[LeaseEvent] = Field(min_length=1, max_length=500)
+
+
+class Usage(Request):
+    """What the worker measured for the lease; the coordinator bills from its own clock and compares."""
+
+    wall_seconds: float = Field(ge=0, le=10 * 86_400)
+    gpu_seconds: float = Field(ge=0, le=10 * 86_400 * 16)
+    energy_joules: float | None = Field(default=None, ge=0, le=1e12)
+
+
+class TrainingResult(Request):
+    steps: int = Field(ge=0)
+    trained_tokens: int = Field(ge=0)
+    final_train_loss: float | None = Field(default=None, ge=0, le=1e6)
+    final_eval_loss: float | None = Field(default=None, ge=0, le=1e6)
+
+
+class LeaseComplete(Request):
+    adapter_sha256: Sha256
+    result: TrainingResult
+    usage: Usage
+
+
+class LeaseFail(Request):
+    kind: Literal["user_error", "worker_error"]
+    message: Annotated[str, StringConstraints(min_length=1, max_length=2000)]
+    usage: Usage
+
+
+class LeasePreempted(Request):
+    reason: Annotated[str, StringConstraints(min_length=1, max_length=2000)]
+    checkpoint_step: int | None = Field(default=None, ge=0)
+    usage: Usage
+
+
+class LeaseReply(Reply):
+    object: Literal["worker.lease"] = "worker.lease"
+    lease_id: str
+    fencing_token: int
+    status: str
+    job_status: str
+    message: str = ""
+
+
+class UploadReply(Reply):
+    lease_id: str
+    kind: Literal["checkpoint", "adapter"]
+    sha256: str
+    bytes: int
+    step: int | None = None

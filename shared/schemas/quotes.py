@@ -1,0 +1,72 @@
+"""`POST /v1/fine_tuning/quotes`: what a job would cost, on which GPUs, before it is created."""
+
+from __future__ import annotations
+
+from typing import Annotated, Literal
+
+from pydantic import Field, field_validator, model_validator
+
+from shared.schemas.common import Reply, Request
+from shared.schemas.jobs import GpuName, Hyperparameters, LoraConfig, MethodCreate, Usd, _six_places
+
+
+class QuoteCreate(Request):
+    """The job as it would be created (a training file), or just a token count to price."""
+
+    model: str = Field(min_length=1, max_length=100)
+    training_file: str | None = Field(default=None, max_length=64)
+    training_tokens: int | None = Field(default=None, ge=1, le=10**12, description="tokens per epoch, instead of a file")
+    validation_file: str | None = Field(default=None, max_length=64)
+    hyperparameters: Hyperparameters | None = None
+    method: MethodCreate | None = None
+    lora: LoraConfig | None = None
+    max_price_per_gpu_hour: Usd | None = None
+    max_cost: Usd | None = None
+    min_vram_gb: int | None = Field(default=None, ge=1, le=1024)
+    gpu_filter: Annotated[list[GpuName], Field(min_length=1, max_length=16)] | None = None
+    trusted_hosts_only: bool = False
+
+    _check_usd = field_validator("max_price_per_gpu_hour", "max_cost")(_six_places)
+
+    @model_validator(mode="after")
+    def _something_to_price(self) -> QuoteCreate:
+        if (self.training_file is None) == (self.training_tokens is None):
+            raise ValueError("give either training_file or training_tokens")
+        return self
+
+
+class Offer(Reply):
+    worker_id: str
+    gpu_class: str
+    gpu_name: str
+    price_per_gpu_hour: str
+    estimated_tokens_per_s: float
+    estimated_seconds: int
+    estimated_cost: str
+    has_model_cached: bool
+
+
+class GpuClassQuote(Reply):
+    gpu_class: str
+    label: str
+    tier: str
+    fits: bool = Field(description="the job's memory estimate fits this class's usual VRAM")
+    estimated_tokens_per_s: float
+    estimated_gpu_hours: float
+    workers_available: int
+    price_per_gpu_hour_min: str | None
+    price_per_gpu_hour_max: str | None
+    estimated_cost_min: str | None
+
+
+class QuoteRead(Reply):
+    object: Literal["fine_tuning.quote"] = "fine_tuning.quote"
+    model: str
+    n_epochs: int
+    estimated_tokens: int
+    estimated_memory_gb: float
+    platform_fee_percent: float
+    workers_available: int = Field(description="idle workers that could take this job now")
+    cheapest: Offer | None
+    fastest: Offer | None
+    gpu_classes: list[GpuClassQuote]
