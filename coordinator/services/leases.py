@@ -73,6 +73,9 @@ def claim(*, session: Session, settings: CoordinatorSettings, worker: WorkerMode
     if found is not None:
         return found
     worker = session.get(WorkerModel, worker.id, with_for_update=True)  # type: ignore[assignment]
+    if worker.state is WorkerState.working:  # a placement pass took it while we looked
+        session.commit()
+        return pending_assignment(session=session, settings=settings, worker=worker)
     if worker.suspended_at is not None:
         session.commit()
         return None
@@ -167,7 +170,7 @@ def fenced(
 def check_lease(*, session: Session, worker: WorkerModel, lease_id: str, fencing_token: int) -> LeaseModel:
     """Before accepting an upload: is the lease still current? (Checked again when the upload is recorded.)"""
     lease = fenced(session=session, worker=worker, lease_id=lease_id, fencing_token=fencing_token).lease
-    session.rollback()
+    session.commit()
     return lease
 
 
@@ -227,7 +230,7 @@ def training_input(*, session: Session, worker: WorkerModel, lease_id: str, fenc
         raise NotFound(f"This job has no {which} file.", param="which")
     file = session.get(FileModel, file_id)
     assert file is not None
-    session.rollback()
+    session.commit()  # nothing changed; ends the transaction (rollback would expire the rows we return)
     return file
 
 
@@ -239,7 +242,7 @@ def resume_checkpoint(
         raise NotFound(f"Checkpoint {checkpoint_id} is not this lease's to resume from.", param="checkpoint_id")
     checkpoint = session.get(JobCheckpointModel, checkpoint_id)
     assert checkpoint is not None
-    session.rollback()
+    session.commit()
     return checkpoint
 
 
@@ -327,7 +330,7 @@ def complete(
 ) -> FencedLease:
     f = fenced(session=session, worker=worker, lease_id=lease_id, fencing_token=fencing_token, allow_ended=True)
     if _already(f, LeaseStatus.completed):
-        session.rollback()
+        session.commit()
         return f
     if f.lease.adapter_sha256 is None:
         raise Conflict("Upload the adapter (PUT .../adapter) before reporting completion.", code="adapter_missing")
@@ -380,7 +383,7 @@ def fail(
 ) -> FencedLease:
     f = fenced(session=session, worker=worker, lease_id=lease_id, fencing_token=fencing_token, allow_ended=True)
     if _already(f, LeaseStatus.failed):
-        session.rollback()
+        session.commit()
         return f
     usage = report.usage.model_dump()
     if report.kind == "user_error":
@@ -405,7 +408,7 @@ def preempted(
     attempts budget."""
     f = fenced(session=session, worker=worker, lease_id=lease_id, fencing_token=fencing_token, allow_ended=True)
     if _already(f, LeaseStatus.preempted):
-        session.rollback()
+        session.commit()
         return f
     end_lease(session=session, lease=f.lease, worker=f.worker, status=LeaseStatus.preempted,
               reason=f"preempted by the owner: {report.reason}", usage=report.usage.model_dump())

@@ -24,6 +24,7 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from coordinator.db.models import JobCheckpointModel, JobModel, JobStatus, LeaseModel, WorkerModel, WorkerState, utcnow
+from coordinator.effects import effects
 from coordinator.services.job_states import change_status
 from coordinator.services.lease_states import start_lease
 from coordinator.settings import CoordinatorSettings
@@ -210,15 +211,24 @@ def place_for_worker(*, session: Session, settings: CoordinatorSettings, worker:
                 or worker.reliability < settings.min_reliability):
             return None
         c = candidate(worker, platform_fee_bps=settings.platform_fee_bps)
+        # Look without locks, then lock only the chosen job: fifty claimers must not queue on the same rows.
         jobs = session.scalars(
-            select(JobModel).where(JobModel.status == JobStatus.queued).order_by(JobModel.id)
-            .limit(PULL_SCAN).with_for_update(skip_locked=True)
+            select(JobModel).where(JobModel.status == JobStatus.queued).order_by(JobModel.id).limit(PULL_SCAN)
         ).all()
         for job in jobs:
             req = requirements(job)
-            if req is not None and eligible(req, c):
-                lease = _assign(session, job, c, _latest_checkpoints(session, [job.id]).get(job.id), now)
-                session.commit()
-                return lease
+            if req is None or not eligible(req, c):
+                continue
+            locked = session.scalars(
+                select(JobModel).where(JobModel.id == job.id, JobModel.status == JobStatus.queued)
+                .with_for_update(skip_locked=True).execution_options(populate_existing=True)
+            ).first()
+            if locked is None:
+                # A placement pass holds it, and that pass skipped this (locked) worker: run another after us.
+                effects(session).placeable = True
+                continue
+            lease = _assign(session, locked, c, _latest_checkpoints(session, [job.id]).get(job.id), now)
+            session.commit()
+            return lease
         session.commit()
         return None

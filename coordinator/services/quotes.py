@@ -54,7 +54,7 @@ def quote(*, session: Session, account: AccountModel, request: QuoteCreate, sett
     assert req is not None
     base, tokens = req.base, draft.estimated_tokens
     workers = session.scalars(_placeable_workers(utcnow(), settings).limit(MAX_QUOTED_WORKERS)).all()
-    session.rollback()
+    session.commit()
     able = [c for c in (candidate(w, platform_fee_bps=settings.platform_fee_bps) for w in workers) if eligible(req, c)]
     offers = [_offer(c, base=base, tokens=tokens) for c in able]
     cheapest = min(offers, key=lambda o: (usd_to_micros(o.estimated_cost), o.estimated_seconds), default=None)

@@ -20,7 +20,7 @@ class FileRead(Reply):
     status: Literal["uploaded", "processed", "error"]
     status_details: str | None = None
     # Marketplace extensions: what validation found, used for quotes.
-    format: Literal["chat", "prompt_completion"] | None = None
+    format: Literal["chat", "prompt_completion", "peft-lora"] | None = None  # peft-lora: a result adapter archive
     examples: int | None = None
     estimated_tokens: int | None = None
     sha256: str

@@ -1,0 +1,152 @@
+"""Protocol-level fakes for tests and benchmarks: a worker agent that speaks the real HTTP protocol but
+trains nothing, and a PEFT-shaped adapter archive built without torch (zeros of the right shapes)."""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import struct
+import tarfile
+from dataclasses import dataclass, field
+from typing import Any
+
+from shared.catalog import BaseModelSpec, get_base_model
+from shared.protocol import FENCING_TOKEN_HEADER, PROTOCOL_HEADER, PROTOCOL_VERSION, SHA256_HEADER
+
+ALL_LINEAR = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+GIB = 1024**3
+
+
+def lora_shapes(base: BaseModelSpec, r: int, targets: tuple[str, ...] = ALL_LINEAR) -> dict[str, list[int]]:
+    head_dim = base.hidden_size // base.attention_heads
+    q_out, kv_out = base.attention_heads * head_dim, base.kv_heads * head_dim
+    dims = {"q_proj": (base.hidden_size, q_out), "k_proj": (base.hidden_size, kv_out),
+            "v_proj": (base.hidden_size, kv_out), "o_proj": (q_out, base.hidden_size),
+            "gate_proj": (base.hidden_size, base.intermediate_size), "up_proj": (base.hidden_size, base.intermediate_size),
+            "down_proj": (base.intermediate_size, base.hidden_size)}
+    shapes = {}
+    for layer in range(base.layers):
+        for module in targets:
+            block = "self_attn" if module in ("q_proj", "k_proj", "v_proj", "o_proj") else "mlp"
+            prefix = f"base_model.model.model.layers.{layer}.{block}.{module}"
+            n_in, n_out = dims[module]
+            shapes[f"{prefix}.lora_A.weight"] = [r, n_in]
+            shapes[f"{prefix}.lora_B.weight"] = [n_out, r]
+    return shapes
+
+
+def safetensors_bytes(shapes: dict[str, list[int]]) -> bytes:
+    header: dict[str, Any] = {"__metadata__": {"format": "pt"}}
+    offset = 0
+    for name, shape in shapes.items():
+        size = 4 * shape[0] * shape[1]
+        header[name] = {"dtype": "F32", "shape": shape, "data_offsets": [offset, offset + size]}
+        offset += size
+    encoded = json.dumps(header).encode()
+    encoded += b" " * (-len(encoded) % 8)
+    return struct.pack("<Q", len(encoded)) + encoded + bytes(offset)
+
+
+def adapter_archive(
+    model: str = "tunegrid/tiny-llama", *, r: int = 16, alpha: int = 32, targets: tuple[str, ...] = ALL_LINEAR,
+    extra_members: dict[str, bytes] | None = None, shapes: dict[str, list[int]] | None = None,
+) -> bytes:
+    base = get_base_model(model)
+    config = {"peft_type": "LORA", "r": r, "lora_alpha": alpha, "target_modules": list(targets),
+              "base_model_name_or_path": base.id, "task_type": "CAUSAL_LM"}
+    members = {"adapter/adapter_config.json": json.dumps(config).encode(),
+               "adapter/adapter_model.safetensors": safetensors_bytes(shapes or lora_shapes(base, r, targets)),
+               **(extra_members or {})}
+    buffer = io.BytesIO()
+    with tarfile.open(fileobj=buffer, mode="w:gz") as tar:
+        for name, data in members.items():
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    return buffer.getvalue()
+
+
+def sha256(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def gpu(name: str = "NVIDIA GeForce RTX 4090", memory_gb: int = 24, cc: str = "8.9", uuid: str = "GPU-0") -> dict[str, Any]:
+    return {"uuid": uuid, "index": 0, "name": name, "memory_total_bytes": memory_gb * GIB, "compute_capability": cc}
+
+
+def registration(machine_id: str, *, price: str = "0.30", gpus: list[dict[str, Any]] | None = None,
+                 cpu: dict[str, Any] | None = None, **extra: Any) -> dict[str, Any]:
+    return {"machine_id": machine_id, "agent_version": "test", "ask_price_per_gpu_hour": price,
+            "gpus": [gpu()] if gpus is None and cpu is None else (gpus or []), "cpu": cpu, **extra}
+
+
+@dataclass
+class FakeAgent:
+    """Drives the worker protocol through any httpx-compatible client (TestClient or httpx.Client)."""
+
+    client: Any
+    worker_id: str = ""
+    token: str = ""
+    leases: dict[str, int] = field(default_factory=dict)  # lease id -> fencing token
+
+    @classmethod
+    def register(cls, client: Any, provider_key: str, machine_id: str = "pc-1", **fields: Any) -> FakeAgent:
+        response = client.post("/v1/workers/register", json=registration(machine_id, **fields),
+                               headers={"Authorization": f"Bearer {provider_key}", PROTOCOL_HEADER: str(PROTOCOL_VERSION)})
+        assert response.status_code == 200, response.text
+        body = response.json()
+        return cls(client=client, worker_id=body["worker_id"], token=body["worker_token"])
+
+    def headers(self, lease_id: str | None = None, token: int | None = None) -> dict[str, str]:
+        headers = {"Authorization": f"Bearer {self.token}", PROTOCOL_HEADER: str(PROTOCOL_VERSION)}
+        if lease_id is not None:
+            headers[FENCING_TOKEN_HEADER] = str(token if token is not None else self.leases[lease_id])
+        return headers
+
+    def heartbeat(self, activity: str = "idle", **fields: Any) -> Any:
+        return self.client.post("/v1/workers/heartbeat", json={"activity": activity, **fields}, headers=self.headers())
+
+    def claim(self, wait_s: float = 0, **fields: Any) -> dict[str, Any] | None:
+        response = self.client.post("/v1/workers/claim", json={"wait_s": wait_s, **fields}, headers=self.headers())
+        assert response.status_code == 200, response.text
+        assignment = response.json()["assignment"]
+        if assignment is not None:
+            self.leases[assignment["lease_id"]] = assignment["fencing_token"]
+        return assignment
+
+    def events(self, lease_id: str, *events: dict[str, Any], token: int | None = None) -> Any:
+        return self.client.post(f"/v1/workers/leases/{lease_id}/events", json={"events": list(events)},
+                                headers=self.headers(lease_id, token))
+
+    def progress(self, lease_id: str, step: int = 1, loss: float = 2.0, **fields: Any) -> Any:
+        return self.events(lease_id, {"type": "progress", "step": step, "total_steps": 10, "train_loss": loss,
+                                      "tokens_per_s": 200.0, **fields})
+
+    def upload(self, lease_id: str, kind: str, data: bytes, *, step: int | None = None, digest: str | None = None,
+               token: int | None = None) -> Any:
+        path = f"/v1/workers/leases/{lease_id}/" + ("adapter" if kind == "adapter" else f"checkpoints?step={step}")
+        return self.client.put(path, content=data,
+                               headers={**self.headers(lease_id, token), SHA256_HEADER: digest or sha256(data)})
+
+    def complete(self, lease_id: str, adapter: bytes, *, loss: float = 2.0, token: int | None = None) -> Any:
+        return self.client.post(f"/v1/workers/leases/{lease_id}/complete", headers=self.headers(lease_id, token), json={
+            "adapter_sha256": sha256(adapter),
+            "result": {"steps": 10, "trained_tokens": 1000, "final_train_loss": loss},
+            "usage": {"wall_seconds": 10.0, "gpu_seconds": 9.5, "energy_joules": 2500.0},
+        })
+
+    def finish(self, lease_id: str, model: str = "tunegrid/tiny-llama", r: int = 16, alpha: int = 32) -> Any:
+        """The honest path after a claim: progress, adapter upload, complete."""
+        adapter = adapter_archive(model, r=r, alpha=alpha)
+        assert self.progress(lease_id).status_code == 200
+        assert self.upload(lease_id, "adapter", adapter).status_code == 200
+        return self.complete(lease_id, adapter)
+
+    def fail(self, lease_id: str, kind: str = "worker_error", message: str = "CUDA error", token: int | None = None) -> Any:
+        return self.client.post(f"/v1/workers/leases/{lease_id}/fail", headers=self.headers(lease_id, token), json={
+            "kind": kind, "message": message, "usage": {"wall_seconds": 5.0, "gpu_seconds": 4.0}})
+
+    def preempted(self, lease_id: str, reason: str = "a game started") -> Any:
+        return self.client.post(f"/v1/workers/leases/{lease_id}/preempted", headers=self.headers(lease_id), json={
+            "reason": reason, "usage": {"wall_seconds": 5.0, "gpu_seconds": 4.0}})
