@@ -204,3 +204,21 @@ def create_job(client: TestClient, customer: Caller, training_file: str):  # typ
         return client.post("/v1/fine_tuning/jobs", headers=caller.headers, json=body)
 
     return do
+
+
+REDIS_URL = os.environ.get("TUNEGRID_TEST_REDIS_URL", "redis://127.0.0.1:6379/15")
+
+
+@pytest.fixture(scope="session")
+def redis_url() -> str:
+    """A reachable Redis (database 15 by default); outside CI a missing server skips, under CI=true it fails."""
+    import redis  # noqa: PLC0415
+
+    try:
+        redis.Redis.from_url(REDIS_URL, socket_connect_timeout=2, socket_timeout=2).ping()
+    except redis.RedisError as exc:
+        reason = f"Redis unreachable at {REDIS_URL}: {exc.__class__.__name__}"
+        if IN_CI:
+            pytest.fail(f"{reason} (CI=true requires Redis)")
+        pytest.skip(reason)
+    return REDIS_URL

@@ -133,7 +133,8 @@ def verify_adapter(
         raise AdapterRejected(f"LoRA r/alpha {config.get('r')}/{config.get('lora_alpha')} do not match the job's "
                               f"{lora['r']}/{lora['alpha']}")
     targets = config.get("target_modules")
-    got = frozenset([targets] if isinstance(targets, str) else targets or [])
+    # PEFT may write module names ("q_proj") or full paths ("model.layers.0.self_attn.q_proj"): compare the names.
+    got = frozenset(t.rsplit(".", 1)[-1] for t in ([targets] if isinstance(targets, str) else targets or []))
     if got != _expected_targets(lora) and not (got == {"all-linear"} and lora.get("target_modules") == "all-linear"):
         raise AdapterRejected(f"target modules {sorted(got)} do not match the job's")
     parameters = _tensor_parameters(members["adapter_model.safetensors"])

@@ -6,7 +6,9 @@ import json
 import tarfile
 from pathlib import Path
 
-
+from coordinator.services.adapters import verify_adapter
+from shared.catalog import get_base_model
+from shared.memory import lora_parameters
 from tests.trainer.conftest import arithmetic_chat, progress_lines, write_job
 from worker.trainer.__main__ import run
 from worker.trainer.data import read_examples
@@ -44,6 +46,11 @@ def test_qlora_on_cpu_learns_and_the_adapter_loads(tiny_model_dir: Path, tmp_pat
     assert result["trained_tokens"] > 0 and len(result["adapter_sha256"]) == 64
     with tarfile.open(out / "adapter.tar.gz") as tar:
         assert "adapter/adapter_model.safetensors" in tar.getnames()
+    # The coordinator's completion checks accept what the real trainer writes.
+    facts = verify_adapter(out / "adapter.tar.gz", base=get_base_model("tunegrid/tiny-llama"),
+                           lora={"r": 8, "alpha": 16, "target_modules": "all-linear"}, final_loss=losses[-1],
+                           reported_losses=losses, max_bytes=10**8)
+    assert facts.parameters == lora_parameters(get_base_model("tunegrid/tiny-llama"), r=8)
     checkpoints = sorted((out / "checkpoints").iterdir())
     assert checkpoints and all((c / "state.pt").is_file() and (c / "adapter").is_dir() for c in checkpoints)
     assert not [c for c in checkpoints if c.name.startswith(".")]  # no half-written checkpoint left

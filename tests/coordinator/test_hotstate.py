@@ -1,0 +1,76 @@
+"""Hot state in memory (embedded) and in Redis (shared by API processes): heartbeat write throttling,
+rechecks, and long-poll wake-ups across processes; a Redis that goes away degrades, never fails."""
+
+from __future__ import annotations
+
+import asyncio
+import secrets
+
+import pytest
+
+from coordinator.hotstate import HotState, MemoryHotState, RedisHotState
+
+
+def worker_id() -> str:
+    return f"wrk-test-{secrets.token_hex(6)}"
+
+
+def run(coro):  # type: ignore[no-untyped-def]
+    return asyncio.run(coro)
+
+
+@pytest.mark.parametrize("kind", ["memory", "redis"])
+def test_heartbeats_reach_the_database_at_most_once_per_interval(kind: str, request: pytest.FixtureRequest) -> None:
+    async def scenario() -> None:
+        hot: HotState = MemoryHotState() if kind == "memory" else RedisHotState(request.getfixturevalue("redis_url"))
+        w = worker_id()
+        assert await hot.heartbeat(w, b"1", db_interval_s=0.3) is True
+        assert await hot.heartbeat(w, b"2", db_interval_s=0.3) is False
+        assert (await hot.latest([w, "nobody"])) == {w: b"2"}
+        await hot.recheck([w])  # its lease changed: the next heartbeat must read the database
+        assert await hot.heartbeat(w, b"3", db_interval_s=0.3) is True
+        await asyncio.sleep(0.35)
+        assert await hot.heartbeat(w, b"4", db_interval_s=0.3) is True
+        await hot.close()
+    run(scenario())
+
+
+@pytest.mark.parametrize("kind", ["memory", "redis"])
+def test_a_wake_in_one_process_ends_a_long_poll_in_another(kind: str, request: pytest.FixtureRequest) -> None:
+    async def scenario() -> None:
+        if kind == "memory":
+            a = b = MemoryHotState()
+        else:
+            url = request.getfixturevalue("redis_url")
+            a, b = RedisHotState(url), RedisHotState(url)
+            await a.start()
+            await b.start()
+            await asyncio.sleep(0.1)
+        w = worker_id()
+        async with a.waiter(w) as waiter:
+            loop = asyncio.get_running_loop()
+            started = loop.time()
+            asyncio.get_running_loop().call_later(0.05, lambda: asyncio.ensure_future(b.wake([w])))
+            assert await waiter.wait(5) is True
+            assert loop.time() - started < 1
+        async with a.waiter(w) as waiter:
+            assert await waiter.wait(0.1) is False  # nobody woke it
+        await a.close()
+        if b is not a:
+            await b.close()
+    run(scenario())
+
+
+def test_without_redis_heartbeats_fall_back_to_the_database_and_wakes_stay_local() -> None:
+    async def scenario() -> None:
+        hot = RedisHotState("redis://127.0.0.1:1/0")  # nothing listens there
+        w = worker_id()
+        assert await hot.heartbeat(w, b"x", db_interval_s=60) is True
+        assert await hot.heartbeat(w, b"x", db_interval_s=60) is True  # every time: Redis cannot throttle
+        async with hot.waiter(w) as waiter:
+            await hot.wake([w])
+            assert await waiter.wait(1) is True
+        assert await hot.latest([w]) == {}
+        await hot.recheck([w])
+        await hot.close()
+    run(scenario())
