@@ -52,27 +52,37 @@ def live_server(backend: str, request: pytest.FixtureRequest, tmp_path: Path) ->
     server = LiveServer(url=f"http://127.0.0.1:{port}", env=env)
     if postgres_url:
         server.cli("migrate")
-    log = (tmp_path / "server.log").open("w")
-    process = subprocess.Popen([str(BIN / "tunegrid-coordinator"), "serve"], env=env, stdout=log,
-                               stderr=subprocess.STDOUT)
+    process = start_server(env, tmp_path / "server.log", server.url)
     try:
-        deadline = time.monotonic() + STARTUP_TIMEOUT_S
-        while True:
-            try:
-                if httpx.get(f"{server.url}/healthz", timeout=1).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            if process.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError(f"coordinator did not start:\n{(tmp_path / 'server.log').read_text()}")
-            time.sleep(0.1)
         yield server
     finally:
-        process.terminate()
-        try:
-            process.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            process.kill()
-        log.close()
+        stop_server(process)
         if postgres_url:
             truncate_all(postgres_url)
+
+
+def start_server(env: dict[str, str], log_path: Path, url: str) -> subprocess.Popen[bytes]:
+    """`tunegrid-coordinator serve` with `env`, returned once /healthz answers."""
+    with log_path.open("w") as log:
+        process = subprocess.Popen([str(BIN / "tunegrid-coordinator"), "serve"], env=env, stdout=log,
+                                   stderr=subprocess.STDOUT)
+    deadline = time.monotonic() + STARTUP_TIMEOUT_S
+    while True:
+        try:
+            if httpx.get(f"{url}/healthz", timeout=1).status_code == 200:
+                return process
+        except httpx.TransportError:
+            pass
+        if process.poll() is not None or time.monotonic() > deadline:
+            stop_server(process)
+            raise RuntimeError(f"coordinator did not start:\n{log_path.read_text()}")
+        time.sleep(0.1)
+
+
+def stop_server(process: subprocess.Popen[bytes]) -> None:
+    process.terminate()
+    try:
+        process.wait(timeout=15)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait(timeout=15)
