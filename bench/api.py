@@ -16,70 +16,18 @@ import asyncio
 import io
 import json
 import os
-import socket
-import statistics
-import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
 import httpx
-from sqlalchemy import create_engine, make_url, text
 
-BIN = Path(sys.executable).parent
-POSTGRES_URL = os.environ.get("TUNEGRID_BENCH_POSTGRES_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/tunegrid_bench")
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _reset_postgres(url: str) -> None:
-    parsed = make_url(url)
-    server = create_engine(parsed.set(database="postgres"), isolation_level="AUTOCOMMIT")
-    with server.connect() as conn:
-        conn.execute(text(f'DROP DATABASE IF EXISTS "{parsed.database}" WITH (FORCE)'))
-        conn.execute(text(f'CREATE DATABASE "{parsed.database}"'))
-    server.dispose()
-
-
-def _analyze(url: str) -> None:
-    engine = create_engine(url, isolation_level="AUTOCOMMIT")
-    with engine.connect() as conn:
-        conn.execute(text("ANALYZE"))
-    engine.dispose()
-
-
-def start_server(backend: str, workdir: Path, workers: int) -> tuple[subprocess.Popen[bytes], str, dict[str, str]]:
-    port = _free_port()
-    env = {**os.environ, "TUNEGRID_DATA_DIR": str(workdir), "TUNEGRID_PORT": str(port),
-           "TUNEGRID_LOG_LEVEL": "warning"}
-    env.pop("TUNEGRID_DATABASE_URL", None)
-    if backend == "postgresql":
-        _reset_postgres(POSTGRES_URL)
-        env["TUNEGRID_DATABASE_URL"] = POSTGRES_URL
-        subprocess.run([str(BIN / "tunegrid-coordinator"), "migrate"], env=env, check=True, capture_output=True)
-    process = subprocess.Popen([str(BIN / "tunegrid-coordinator"), "serve", "--workers", str(workers)], env=env,
-                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 30
-    while time.monotonic() < deadline:
-        try:
-            if httpx.get(f"{url}/healthz", timeout=1).status_code == 200:
-                return process, url, env
-        except httpx.TransportError:
-            time.sleep(0.2)
-    process.kill()
-    raise RuntimeError("coordinator did not start")
-
-
-def new_key(env: dict[str, str]) -> str:
-    out = subprocess.run([str(BIN / "tunegrid-coordinator"), "keys", "create", "--role", "customer", "--name", "bench"],
-                         env=env, check=True, capture_output=True, text=True).stdout
-    return out.strip().splitlines()[-1]
+from harness import (  # noqa: E402
+    POSTGRES_URL, RawClient, analyze as _analyze, new_key, percentile, start_coordinator as start_server,
+)
 
 
 def training_file(url: str, key: str) -> str:
@@ -89,56 +37,6 @@ def training_file(url: str, key: str) -> str:
                           files={"file": ("train.jsonl", io.BytesIO("\n".join(lines).encode()))}, timeout=30)
     response.raise_for_status()
     return response.json()["id"]
-
-
-class RawClient:
-    """A tiny HTTP/1.1 keep-alive client: the load generator shares these 2 cores with the server and the
-    database, and httpx's per-request overhead alone would eat most of a core at 200 requests/s."""
-
-    def __init__(self, url: str, headers: dict[str, str], connections: int) -> None:
-        self.host, port = url.removeprefix("http://").split(":")
-        self.port = int(port)
-        self.headers = "".join(f"{k}: {v}\r\n" for k, v in headers.items())
-        self.size = connections
-        self.pool: asyncio.Queue[tuple[asyncio.StreamReader, asyncio.StreamWriter]] = asyncio.Queue()
-
-    async def __aenter__(self) -> RawClient:
-        for _ in range(self.size):
-            self.pool.put_nowait(await asyncio.open_connection(self.host, self.port))
-        return self
-
-    async def __aexit__(self, *_: object) -> None:
-        while not self.pool.empty():
-            self.pool.get_nowait()[1].close()
-
-    async def request(self, method: str, path: str, body: bytes = b"") -> int:
-        reader, writer = await self.pool.get()
-        try:
-            head = (f"{method} {path} HTTP/1.1\r\nHost: {self.host}\r\n{self.headers}"
-                    f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n")
-            for attempt in range(2):
-                writer.write(head.encode() + body)
-                status_line = await reader.readline()
-                if status_line:
-                    break
-                # The server closed an idle keep-alive connection: reconnect once, as any client would.
-                writer.close()
-                reader, writer = await asyncio.open_connection(self.host, self.port)
-            else:
-                return 599
-            length = 0
-            while (line := await reader.readline()) not in (b"\r\n", b""):
-                name, _, value = line.decode().partition(":")
-                if name.lower() == "content-length":
-                    length = int(value)
-            await reader.readexactly(length)
-            return int(status_line.split()[1])
-        finally:
-            self.pool.put_nowait((reader, writer))
-
-
-def percentile(values: list[float], q: float) -> float:
-    return statistics.quantiles(values, n=1000, method="inclusive")[int(q * 10) - 1] if len(values) > 1 else values[0]
 
 
 async def closed_loop(client: RawClient, request, duration: float, concurrency: int) -> dict:  # type: ignore[no-untyped-def]

@@ -20,10 +20,12 @@ from coordinator.api.limits import BodySizeLimit
 from coordinator.db.engine import make_engine, make_sessionmaker
 from coordinator.db.migrate import upgrade_head
 from coordinator.dispatch import Dispatcher
+from coordinator.heartbeat_flush import Batch, HeartbeatBuffer
 from coordinator.hotstate import make_hot_state
-from coordinator.services import placement
+from coordinator.services import placement, workers as worker_service
 from coordinator.settings import CoordinatorSettings
 from coordinator.storage import BlobStore
+from shared.protocol import HeartbeatReply
 
 log = logging.getLogger(__name__)
 JSON_BODY_LIMIT = 1024 * 1024
@@ -51,9 +53,11 @@ def create_app(settings: CoordinatorSettings | None = None) -> FastAPI:
         gc.set_threshold(*GC_THRESHOLDS)
         await app.state.hot.start()
         app.state.dispatcher.start()
+        app.state.heartbeats.start()
         try:
             yield
         finally:
+            await app.state.heartbeats.stop()
             await app.state.dispatcher.stop()
             await app.state.hot.close()
             engine.dispose()
@@ -64,6 +68,9 @@ def create_app(settings: CoordinatorSettings | None = None) -> FastAPI:
         if placed >= settings.placement_batch:
             app.state.dispatcher.kick()  # a full batch: there may be more
         return placed
+
+    async def flush_heartbeats(batch: Batch) -> None:
+        await run_in_session(app.state, lambda session: worker_service.flush_heartbeats(session=session, batch=batch))
 
     async def periodic() -> None:
         async with app.state.session_slots:
@@ -83,6 +90,8 @@ def create_app(settings: CoordinatorSettings | None = None) -> FastAPI:
     app.state.store = BlobStore(settings.resolved_storage_dir)
     app.state.hot = make_hot_state(settings.redis_url)
     app.state.worker_tokens = {}
+    app.state.heartbeats = HeartbeatBuffer(flush_heartbeats, settings.heartbeat_flush_s)
+    app.state.quiet_heartbeat_reply = HeartbeatReply(heartbeat_interval_s=settings.heartbeat_interval_s).model_dump_json().encode()
     # With Redis, Celery beat runs the periodic tasks; embedded, this process does.
     app.state.dispatcher = Dispatcher(hot=app.state.hot, place=place, interval_s=settings.sweep_interval_s,
                                       periodic=periodic if settings.runs_periodic_tasks else None)

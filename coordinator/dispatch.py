@@ -11,6 +11,7 @@ import asyncio
 import logging
 from collections.abc import Awaitable, Callable
 
+from coordinator.background import cancel_and_wait
 from coordinator.effects import Effects
 from coordinator.hotstate import HotState
 
@@ -47,13 +48,8 @@ class Dispatcher:
         self._task = asyncio.create_task(self._run(), name="dispatcher")
 
     async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            try:
-                await self._task
-            except asyncio.CancelledError:
-                pass
-            self._task = self._kicked = None
+        await cancel_and_wait(self._task)
+        self._task = self._kicked = None
 
     async def _run(self) -> None:
         assert self._kicked is not None

@@ -1,24 +1,28 @@
-"""Hot state: the latest heartbeat per worker, when its database row is due, and long-poll wake-ups.
+"""Hot state: the latest heartbeat per worker, which workers must re-read their lease, and long-poll wake-ups.
 
 Two implementations behind one interface. `RedisHotState` lets every API process share them (wake-ups
 travel on one pub/sub channel that each process listens to). `MemoryHotState` is the embedded mode: one
-process, plain dicts. Nothing here is durable: the database stays the truth, and a Redis that is flushed
-or down only makes heartbeats write the database more often and wake-ups wait for the next poll.
+process, plain dicts. Nothing here is durable: the database stays the truth. A Redis that is flushed or
+down loses recheck flags (the heartbeat flush finds ended leases again, `coordinator/heartbeat_flush.py`)
+and wake-ups (long-polls end at their timeout and claim again).
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-import time
 from abc import ABC, abstractmethod
-from collections.abc import AsyncIterator, Iterable
+from collections.abc import AsyncIterator, Callable, Iterable
 from contextlib import asynccontextmanager
+from typing import Any
+
+from coordinator.background import cancel_and_wait
 
 log = logging.getLogger(__name__)
 WAKE_CHANNEL = "tg:wake"
 REDIS_TIMEOUT_S = 2.0
 HEARTBEAT_KEEP_S = 3600
+RECHECK_PREFIX = "tg:recheck:"
 
 
 class Waiter:
@@ -48,12 +52,12 @@ class HotState(ABC):
         pass
 
     @abstractmethod
-    async def heartbeat(self, worker_id: str, snapshot: bytes, *, db_interval_s: float) -> bool:
-        """Keep the latest heartbeat; True when this worker's database row is due for a write."""
+    async def heartbeat(self, worker_id: str, snapshot: bytes) -> bool:
+        """Keep the latest heartbeat; True when the worker must re-read its lease (a recheck was asked)."""
 
     @abstractmethod
     async def recheck(self, worker_ids: Iterable[str]) -> None:
-        """Make these workers' next heartbeat read the database (their lease changed)."""
+        """Make these workers' next heartbeat read the database (their lease changed under them)."""
 
     @abstractmethod
     async def wake(self, worker_ids: Iterable[str]) -> None:
@@ -86,19 +90,17 @@ class MemoryHotState(HotState):
     def __init__(self) -> None:
         super().__init__()
         self._snapshots: dict[str, bytes] = {}
-        self._db_due_at: dict[str, float] = {}
+        self._recheck: set[str] = set()
 
-    async def heartbeat(self, worker_id: str, snapshot: bytes, *, db_interval_s: float) -> bool:
+    async def heartbeat(self, worker_id: str, snapshot: bytes) -> bool:
         self._snapshots[worker_id] = snapshot
-        now = time.monotonic()
-        if now >= self._db_due_at.get(worker_id, 0.0):
-            self._db_due_at[worker_id] = now + db_interval_s
+        if worker_id in self._recheck:
+            self._recheck.discard(worker_id)
             return True
         return False
 
     async def recheck(self, worker_ids: Iterable[str]) -> None:
-        for worker_id in worker_ids:
-            self._db_due_at.pop(worker_id, None)
+        self._recheck.update(worker_ids)
 
     async def wake(self, worker_ids: Iterable[str]) -> None:
         for worker_id in worker_ids:
@@ -121,12 +123,7 @@ class RedisHotState(HotState):
         self._listener = asyncio.create_task(self._listen(), name="hotstate-wake-listener")
 
     async def close(self) -> None:
-        if self._listener is not None:
-            self._listener.cancel()
-            try:
-                await self._listener
-            except (asyncio.CancelledError, Exception):  # noqa: BLE001 - shutting down
-                pass
+        await cancel_and_wait(self._listener)
         await self._redis.aclose()
 
     async def _listen(self) -> None:
@@ -147,37 +144,41 @@ class RedisHotState(HotState):
                 await asyncio.sleep(backoff)
                 backoff = min(backoff * 2, 5.0)
 
-    async def heartbeat(self, worker_id: str, snapshot: bytes, *, db_interval_s: float) -> bool:
+    async def heartbeat(self, worker_id: str, snapshot: bytes) -> bool:
         try:
             async with self._redis.pipeline(transaction=False) as pipe:
                 pipe.set(f"tg:hb:{worker_id}", snapshot, ex=HEARTBEAT_KEEP_S)
-                pipe.set(f"tg:hbdb:{worker_id}", b"1", nx=True, px=max(int(db_interval_s * 1000), 1))
-                _, due = await pipe.execute()
-            return bool(due)
-        except Exception as exc:  # noqa: BLE001 - without Redis every heartbeat goes to the database
-            log.warning("heartbeat not kept in Redis (%s); writing the database", exc.__class__.__name__)
+                pipe.getdel(f"{RECHECK_PREFIX}{worker_id}")
+                _, recheck = await pipe.execute()
+            return recheck is not None
+        except Exception as exc:  # noqa: BLE001 - without Redis every heartbeat reads the database
+            log.warning("heartbeat not kept in Redis (%s); reading the database", exc.__class__.__name__)
             return True
 
-    async def recheck(self, worker_ids: Iterable[str]) -> None:
-        keys = [f"tg:hbdb:{w}" for w in worker_ids]
-        if keys:
-            try:
-                await self._redis.delete(*keys)
-            except Exception as exc:  # noqa: BLE001 - the heartbeat's periodic database read still sees it
-                log.warning("recheck not sent (%s)", exc.__class__.__name__)
-
-    async def wake(self, worker_ids: Iterable[str]) -> None:
+    async def _each(self, worker_ids: Iterable[str], command: Callable[[Any, str], object], what: str) -> bool:
+        """One pipelined round trip of `command(pipe, worker_id)` per worker; False when Redis failed."""
         ids = list(worker_ids)
         if not ids:
-            return
+            return True
         try:
             async with self._redis.pipeline(transaction=False) as pipe:
                 for worker_id in ids:
-                    pipe.publish(WAKE_CHANNEL, worker_id)
+                    command(pipe, worker_id)
                 await pipe.execute()
-        except Exception as exc:  # noqa: BLE001 - wake locally at least; others find it at their next poll
-            log.warning("wake-up not published (%s)", exc.__class__.__name__)
-            for worker_id in ids:
+        except Exception as exc:  # noqa: BLE001 - hot state only speeds things up; callers degrade
+            log.warning("%s not sent (%s)", what, exc.__class__.__name__)
+            return False
+        return True
+
+    async def recheck(self, worker_ids: Iterable[str]) -> None:
+        # On failure the heartbeat flush finds the ended leases again.
+        await self._each(worker_ids, lambda pipe, w: pipe.set(f"{RECHECK_PREFIX}{w}", b"1", ex=HEARTBEAT_KEEP_S),
+                         "recheck")
+
+    async def wake(self, worker_ids: Iterable[str]) -> None:
+        ids = list(worker_ids)
+        if not await self._each(ids, lambda pipe, w: pipe.publish(WAKE_CHANNEL, w), "wake-up"):
+            for worker_id in ids:  # wake locally at least; other processes' long-polls end at their timeout
                 self._wake_local(worker_id)
 
     async def latest(self, worker_ids: list[str]) -> dict[str, bytes]:

@@ -34,8 +34,9 @@ class CoordinatorSettings(BaseSettings):
     log_level: str = "info"
     # The marketplace (issue 4): worker protocol timing, leases, placement and pricing.
     heartbeat_interval_s: int = Field(default=10, ge=1, le=300, description="How often agents heartbeat.")
-    heartbeat_db_interval_s: float = Field(default=5.0, ge=0, description="With Redis, write a worker's "
-                                           "heartbeat to the database at most this often.")
+    heartbeat_flush_s: float = Field(default=5.0, gt=0, description="Each API process writes the heartbeats "
+                                     "it received to the database in one batch this often (a worker's row at "
+                                     "most once per period); heartbeats themselves only touch Redis.")
     claim_timeout_s: int = Field(default=25, ge=1, le=30, description="Longest long-poll claim.")
     lease_ttl_s: int = Field(default=30, ge=1, description="A lease not renewed this long is suspect.")
     lease_grace_s: int = Field(default=120, ge=1, description="A lease not renewed this long is lost; its job "

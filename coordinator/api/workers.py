@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from typing import Annotated
 
-from fastapi import APIRouter, Header, Path, Query, Request
+from fastapi import APIRouter, Header, Path, Query, Request, Response
 from fastapi.responses import FileResponse
 
 from coordinator.api.deps import CurrentWorker, ProviderCaller, SettingsDep, StoreDep, reject_unknown_query
@@ -83,17 +83,19 @@ async def revoke_worker(request: Request, worker_id: Annotated[str, Path(max_len
 # --- the agent's side -----------------------------------------------------------------------------
 
 @router.post("/heartbeat", response_model=HeartbeatReply)
-async def heartbeat(request: Request, body: WorkerHeartbeat, worker: CurrentWorker, settings: SettingsDep) -> HeartbeatReply:
-    """Kept in hot state; written to the database (renewing the lease) at most every few seconds, or at
-    once when the worker's lease changed. The reply's commands come from the database."""
+async def heartbeat(request: Request, body: WorkerHeartbeat, worker: CurrentWorker, settings: SettingsDep) -> Response:
+    """Kept in hot state and written to the database in the next batch (coordinator/heartbeat_flush.py).
+    Only a worker whose lease changed (cancel, pause, lost) reads the database, to hear its command."""
     worker_id = await worker.worker_id()
     received_at = utcnow()
-    due = await request.app.state.hot.heartbeat(worker_id, body.model_dump_json().encode(),
-                                                 db_interval_s=settings.heartbeat_db_interval_s)
-    commands = []
-    if due:
+    snapshot = b'{"received_at":%.3f,"heartbeat":%s}' % (received_at.timestamp(), await request.body())
+    if await request.app.state.hot.heartbeat(worker_id, snapshot):
         commands = await worker.run(workers.record_heartbeat, heartbeat=body, received_at=received_at)
-    return HeartbeatReply(commands=commands, heartbeat_interval_s=settings.heartbeat_interval_s)
+        reply = HeartbeatReply(commands=commands, heartbeat_interval_s=settings.heartbeat_interval_s)
+        return Response(reply.model_dump_json().encode(), media_type="application/json")
+    request.app.state.heartbeats.add(worker_id, body, received_at)
+    # The common reply is always the same bytes: skip building and validating a model per heartbeat.
+    return Response(request.app.state.quiet_heartbeat_reply, media_type="application/json")
 
 
 @router.post("/claim", response_model=ClaimReply)

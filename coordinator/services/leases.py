@@ -75,7 +75,10 @@ def claim(*, session: Session, settings: CoordinatorSettings, worker: WorkerMode
     worker = session.get(WorkerModel, worker.id, with_for_update=True)  # type: ignore[assignment]
     if worker.state is WorkerState.working:  # a placement pass took it while we looked
         session.commit()
-        return pending_assignment(session=session, settings=settings, worker=worker)
+        found = pending_assignment(session=session, settings=settings, worker=worker)
+        if found is not None:
+            return found
+        worker = session.get(WorkerModel, worker.id, with_for_update=True)  # type: ignore[assignment]
     if worker.suspended_at is not None:
         session.commit()
         return None
@@ -84,9 +87,9 @@ def claim(*, session: Session, settings: CoordinatorSettings, worker: WorkerMode
     if request.cached_models is not None:
         worker.cached_models = list(request.cached_models)
     worker.last_heartbeat_at = now
-    if worker.state is not WorkerState.working:
-        worker.state, worker.pause_reason = WorkerState.idle, None
-        worker.available_until = now + timedelta(seconds=request.wait_s) + AVAILABLE_SLACK
+    # A worker asking for work holds no live lease (we just looked), whatever its row said.
+    worker.state, worker.pause_reason = WorkerState.idle, None
+    worker.available_until = now + timedelta(seconds=request.wait_s) + AVAILABLE_SLACK
     lease = place_for_worker(session=session, settings=settings, worker=worker)
     if lease is None:
         return None

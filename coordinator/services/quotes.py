@@ -2,10 +2,9 @@
 
 from __future__ import annotations
 
-from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from coordinator.db.models import AccountModel, JobModel, WorkerModel, utcnow
+from coordinator.db.models import AccountModel, JobModel, utcnow
 from coordinator.services import jobs
 from coordinator.services.placement import Candidate, _placeable_workers, candidate, eligible, requirements
 from coordinator.settings import CoordinatorSettings

@@ -13,7 +13,7 @@ import secrets
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import select
+from sqlalchemy import Integer, and_, or_, String, Text, bindparam, case, func, literal, select, update
 from sqlalchemy.orm import Session
 
 from coordinator.db.ids import new_id
@@ -143,36 +143,84 @@ def free_vram(worker: WorkerModel, gpus: list[GpuTelemetry]) -> int:
     return worker.vram_free_bytes
 
 
+def _state_after_heartbeat(activity: Any) -> Any:
+    """The worker's state once a heartbeat says what it is doing (a SQL CASE, so a batch is one statement).
+
+    Suspended stays suspended and working stays working (only a lease's end frees a worker, and only a claim
+    makes it idle and placeable); otherwise the owner's policy speaks: paused, unavailable, or back.
+    """
+    state = WorkerModel.state
+    as_state = lambda s: literal(s, WorkerModel.state.type)  # noqa: E731
+    return case(
+        # No IN (...) here: expanding parameters cannot be used in an executemany.
+        (or_(state == WorkerState.suspended, state == WorkerState.working), state),
+        (activity == "paused_by_owner", as_state(WorkerState.paused)),
+        (activity == "unavailable", as_state(WorkerState.offline)),
+        (and_(activity == "working", state == WorkerState.offline), as_state(WorkerState.working)),  # a blip ended
+        (or_(state == WorkerState.paused, state == WorkerState.offline), as_state(WorkerState.idle)),
+        else_=state,
+    )
+
+
+_WORKER_ROW = (
+    update(WorkerModel).where(WorkerModel.id == bindparam("b_id"))
+    .values(last_heartbeat_at=bindparam("b_seen"), telemetry=bindparam("b_telemetry", type_=WorkerModel.telemetry.type),
+            state=_state_after_heartbeat(bindparam("b_activity", type_=String)),
+            pause_reason=bindparam("b_reason", type_=Text))
+)
+_RENEW_LEASE = (
+    update(LeaseModel)
+    .where(LeaseModel.id == bindparam("b_lease"), LeaseModel.worker_id == bindparam("b_id"),
+           or_(*(LeaseModel.status == status for status in LIVE_LEASE)))
+    .values(last_renewed_at=bindparam("b_seen"), suspect_at=None,
+            last_step=case((func.coalesce(LeaseModel.last_step, -1) < bindparam("b_step", type_=Integer),
+                            bindparam("b_step", type_=Integer)), else_=LeaseModel.last_step))
+)
+
+
+def flush_heartbeats(*, session: Session, batch: dict[str, tuple[WorkerHeartbeat, datetime]]) -> set[str]:
+    """Write a batch of heartbeats (the latest per worker) in a few statements and renew their leases.
+    Returns the workers whose reported lease has ended or is unknown: they must hear a command."""
+    if not batch:
+        return set()
+    conn = session.connection()
+    conn.execute(_WORKER_ROW, [
+        {"b_id": worker_id, "b_seen": seen, "b_telemetry": hb.model_dump(exclude_none=True),
+         "b_activity": hb.activity, "b_reason": hb.pause_reason}
+        for worker_id, (hb, seen) in batch.items()
+    ])
+    reported = {hb.lease_id: worker_id for worker_id, (hb, _) in batch.items() if hb.lease_id is not None}
+    if reported:
+        conn.execute(_RENEW_LEASE, [
+            {"b_lease": hb.lease_id, "b_id": worker_id, "b_seen": seen, "b_step": hb.step if hb.step is not None else -1}
+            for worker_id, (hb, seen) in batch.items() if hb.lease_id is not None
+        ])
+        live = set(session.scalars(select(LeaseModel.id).where(
+            LeaseModel.id.in_(list(reported)), LeaseModel.status.in_(LIVE_LEASE),
+            LeaseModel.worker_id.in_(list(reported.values())))))
+        stale = {worker_id for lease_id, worker_id in reported.items() if lease_id not in live}
+    else:
+        stale = set()
+    session.commit()
+    effects(session).recheck.update(stale)
+    return stale
+
+
 def record_heartbeat(
     *, session: Session, worker: WorkerModel, heartbeat: WorkerHeartbeat, received_at: datetime,
 ) -> list[Command]:
-    """Write a heartbeat to the worker's row, renew its lease, and say what the agent must do."""
-    worker.last_heartbeat_at = received_at
-    worker.telemetry = heartbeat.model_dump(exclude_none=True)
-    worker.vram_free_bytes = free_vram(worker, heartbeat.gpus)
+    """A heartbeat that must read the database now (its lease changed): write it and say what to do."""
+    stale = flush_heartbeats(session=session, batch={worker.id: (heartbeat, received_at)})
+    effects(session).recheck.discard(worker.id)  # it hears the command in this very reply
     if heartbeat.cached_models is not None:
         worker.cached_models = list(heartbeat.cached_models)
-    if worker.state not in (WorkerState.suspended, WorkerState.working):
-        if heartbeat.activity == "paused_by_owner":
-            worker.state, worker.pause_reason, worker.available_until = WorkerState.paused, heartbeat.pause_reason, None
-        elif heartbeat.activity == "unavailable":
-            worker.state, worker.pause_reason, worker.available_until = WorkerState.offline, heartbeat.pause_reason, None
-        elif worker.state in (WorkerState.paused, WorkerState.offline):
-            worker.state, worker.pause_reason = WorkerState.idle, None
-    commands: list[Command] = []
-    if heartbeat.lease_id is not None:
-        lease = session.get(LeaseModel, heartbeat.lease_id)
-        if lease is None or lease.worker_id != worker.id:
-            commands.append(Command(type="lease_lost", lease_id=heartbeat.lease_id, reason="unknown lease"))
-        elif lease.status in LIVE_LEASE:
-            lease.last_renewed_at = received_at
-            lease.suspect_at = None
-            if heartbeat.step is not None:
-                lease.last_step = max(lease.last_step or 0, heartbeat.step)
-        else:
-            commands.append(lease_command(session=session, lease=lease))
-    session.commit()
-    return commands
+        session.commit()
+    if worker.id not in stale or heartbeat.lease_id is None:
+        return []
+    lease = session.get(LeaseModel, heartbeat.lease_id)
+    if lease is None or lease.worker_id != worker.id:
+        return [Command(type="lease_lost", lease_id=heartbeat.lease_id, reason="unknown lease")]
+    return [lease_command(session=session, lease=lease)]
 
 
 def lease_command(*, session: Session, lease: LeaseModel) -> Command:

@@ -93,12 +93,45 @@ def test_providers_see_only_their_own_workers(client: TestClient, make_caller, a
 
 # --- heartbeats and claims ------------------------------------------------------------------------
 
-def test_heartbeat_is_written_and_answers_the_interval(agent: FakeAgent, session: Session) -> None:
+def flush_heartbeats(client: TestClient) -> int:
+    """Write the buffered heartbeats now instead of at the next flush period."""
+    return client.portal.call(client.app.state.heartbeats.flush_now)  # type: ignore[attr-defined, union-attr]
+
+
+def test_heartbeats_are_buffered_then_written_in_a_batch(client: TestClient, provider, agent: FakeAgent,  # type: ignore[no-untyped-def]
+                                                         session: Session, create_job) -> None:
+    others = [FakeAgent.register(client, provider.key, machine_id=f"pc-{i}") for i in range(2, 4)]
+    create_job()
+    busy = others[0].claim(wait_s=2)
+    assert busy is not None
     response = agent.heartbeat(gpus=[{"uuid": "GPU-0", "memory_free_bytes": 20 * 1024**3, "temperature_c": 61.0}])
     assert response.status_code == 200 and response.json() == {"commands": [], "heartbeat_interval_s": 10}
+    assert session.get(WorkerModel, agent.worker_id).last_heartbeat_at is None  # type: ignore[union-attr]
+    agent.heartbeat(gpus=[{"uuid": "GPU-0", "temperature_c": 64.0}])
+    others[0].heartbeat("working", lease_id=busy["lease_id"], step=7)
+    others[1].heartbeat("paused_by_owner", pause_reason="a game is running")
+    assert flush_heartbeats(client) == 3  # the latest heartbeat per worker, once, in one batch
+    session.expire_all()
+    assert session.get(LeaseModel, busy["lease_id"]).last_step == 7  # type: ignore[union-attr]
+    assert session.get(WorkerModel, others[1].worker_id).state.value == "paused"  # type: ignore[union-attr]
+    session.expire_all()
     worker = session.get(WorkerModel, agent.worker_id)
     assert worker is not None and worker.last_heartbeat_at is not None
-    assert worker.vram_free_bytes == 20 * 1024**3 and worker.telemetry["gpus"][0]["temperature_c"] == 61.0
+    assert worker.telemetry["gpus"][0]["temperature_c"] == 64.0
+    snapshot = client.portal.call(client.app.state.hot.latest, [agent.worker_id])  # type: ignore[union-attr]
+    assert b'"temperature_c":64.0' in snapshot[agent.worker_id].replace(b" ", b"")
+
+
+@pytest.mark.parametrize(("activity", "state"), [("paused_by_owner", "paused"), ("unavailable", "offline"),
+                                                 ("idle", "idle")])
+def test_heartbeat_activity_sets_the_worker_state(client: TestClient, agent: FakeAgent, session: Session,
+                                                  activity: str, state: str) -> None:
+    agent.heartbeat("paused_by_owner", pause_reason="a game is running")
+    flush_heartbeats(client)
+    agent.heartbeat(activity)
+    flush_heartbeats(client)
+    session.expire_all()
+    assert session.get(WorkerModel, agent.worker_id).state.value == state  # type: ignore[union-attr]
 
 
 def test_claim_with_nothing_queued_returns_no_assignment(agent: FakeAgent) -> None:
