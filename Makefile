@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 EXTRAS ?= coordinator,worker,trainer,dev
 
-.PHONY: install test serve bench bench-trainer clean
+.PHONY: install test serve bench bench-trainer bench-scheduler bench-heartbeats bench-dispatch clean
 
 install: $(VENV)/.installed
 
@@ -26,6 +26,16 @@ bench: install
 
 bench-trainer: install
 	$(PY) bench/trainer.py
+
+# The marketplace core (PostgreSQL and Redis on this machine).
+bench-scheduler: install
+	$(PY) bench/scheduler.py
+
+bench-heartbeats: install
+	$(PY) bench/heartbeats.py
+
+bench-dispatch: install
+	$(PY) bench/dispatch.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache .hypothesis *.egg-info

@@ -140,8 +140,19 @@ def make_celery(settings: CoordinatorSettings | None = None):  # type: ignore[no
             "update-worker-scores": {"task": "tunegrid.update_worker_scores", "schedule": 60.0},
         },
     )
-    for task in PERIODIC:
-        app.task(name=f"tunegrid.{task.__name__}")(lambda task=task: _run_task(task))
+
+    @app.task(name="tunegrid.reap_leases")
+    def reap_leases_task() -> dict[str, int]:
+        return _run_task(reap_leases)
+
+    @app.task(name="tunegrid.place_queued_jobs")
+    def place_queued_jobs_task() -> int:
+        return _run_task(place_queued_jobs)
+
+    @app.task(name="tunegrid.update_worker_scores")
+    def update_worker_scores_task() -> int:
+        return _run_task(update_worker_scores)
+
     return app
 
 

@@ -9,13 +9,12 @@ throughput per dollar wins, weighted by reliability, preferring a worker that al
 Two ways in, both atomic: a pass over the queue (`place_queued_jobs`, run when jobs become queued and
 periodically) and a newly idle worker looking for work (`place_for_worker`). Jobs and workers are
 locked with `FOR UPDATE SKIP LOCKED` on PostgreSQL, so concurrent passes in any number of processes
-take disjoint rows; on SQLite one process serialises passes and the jobs' version column catches the rest.
+take disjoint rows. SQLite (embedded mode) has one writer at a time and the coordinator one connection,
+so transactions never interleave there; the jobs' version column would catch it if they did.
 """
 
 from __future__ import annotations
 
-import threading
-from contextlib import nullcontext
 from dataclasses import dataclass
 from datetime import datetime
 from functools import lru_cache
@@ -39,7 +38,6 @@ DEFAULT_SEQ_LEN = 2048
 CACHED_MODEL_BONUS = 1.25  # skipping a multi-GB download is worth about this much throughput
 CONSIDERED = 8  # eligible workers compared per job, best ranked first
 PULL_SCAN = 200  # queued jobs a newly idle worker looks through
-_sqlite_lock = threading.Lock()
 
 
 def seq_len_for(base: BaseModelSpec) -> int:
@@ -169,34 +167,32 @@ def _assign(session: Session, job: JobModel, c: Candidate, resume: str | None, n
 
 def place_queued_jobs(*, session: Session, settings: CoordinatorSettings, limit: int | None = None) -> int:
     """One placement pass: the oldest queued jobs onto the best idle workers. Returns how many were placed."""
-    sqlite = session.get_bind().dialect.name == "sqlite"
-    with _sqlite_lock if sqlite else nullcontext():
-        now = utcnow()
-        jobs = session.scalars(
-            select(JobModel).where(JobModel.status == JobStatus.queued).order_by(JobModel.id)
-            .limit(limit or settings.placement_batch).with_for_update(skip_locked=True)
-        ).all()
-        if not jobs:
-            session.rollback()
-            return 0
-        workers = session.scalars(_placeable_workers(now, settings).with_for_update(skip_locked=True)).all()
-        ranked = sorted((candidate(w, platform_fee_bps=settings.platform_fee_bps) for w in workers),
-                        key=lambda c: c.score, reverse=True)
-        matches: list[tuple[JobModel, Candidate]] = []
-        for job in jobs:
-            if not ranked:
-                break
-            req = requirements(job)
-            if req is None:
-                continue
-            index = _pick(req, ranked)
-            if index is not None:
-                matches.append((job, ranked.pop(index)))
-        resume = _latest_checkpoints(session, [job.id for job, _ in matches])
-        for job, c in matches:
-            _assign(session, job, c, resume.get(job.id), now)
-        session.commit()
-        return len(matches)
+    now = utcnow()
+    jobs = session.scalars(
+        select(JobModel).where(JobModel.status == JobStatus.queued).order_by(JobModel.id)
+        .limit(limit or settings.placement_batch).with_for_update(skip_locked=True)
+    ).all()
+    if not jobs:
+        session.rollback()
+        return 0
+    workers = session.scalars(_placeable_workers(now, settings).with_for_update(skip_locked=True)).all()
+    ranked = sorted((candidate(w, platform_fee_bps=settings.platform_fee_bps) for w in workers),
+                    key=lambda c: c.score, reverse=True)
+    matches: list[tuple[JobModel, Candidate]] = []
+    for job in jobs:
+        if not ranked:
+            break
+        req = requirements(job)
+        if req is None:
+            continue
+        index = _pick(req, ranked)
+        if index is not None:
+            matches.append((job, ranked.pop(index)))
+    resume = _latest_checkpoints(session, [job.id for job, _ in matches])
+    for job, c in matches:
+        _assign(session, job, c, resume.get(job.id), now)
+    session.commit()
+    return len(matches)
 
 
 def place_for_worker(*, session: Session, settings: CoordinatorSettings, worker: WorkerModel) -> LeaseModel | None:
@@ -204,31 +200,30 @@ def place_for_worker(*, session: Session, settings: CoordinatorSettings, worker:
 
     The caller has locked `worker` and set it idle; this commits.
     """
-    sqlite = session.get_bind().dialect.name == "sqlite"
-    with _sqlite_lock if sqlite else nullcontext():
-        now = utcnow()
-        if (worker.state is not WorkerState.idle or worker.suspended_at is not None or worker.revoked_at is not None
-                or worker.reliability < settings.min_reliability):
-            return None
-        c = candidate(worker, platform_fee_bps=settings.platform_fee_bps)
-        # Look without locks, then lock only the chosen job: fifty claimers must not queue on the same rows.
-        jobs = session.scalars(
-            select(JobModel).where(JobModel.status == JobStatus.queued).order_by(JobModel.id).limit(PULL_SCAN)
-        ).all()
-        for job in jobs:
-            req = requirements(job)
-            if req is None or not eligible(req, c):
-                continue
-            locked = session.scalars(
-                select(JobModel).where(JobModel.id == job.id, JobModel.status == JobStatus.queued)
-                .with_for_update(skip_locked=True).execution_options(populate_existing=True)
-            ).first()
-            if locked is None:
-                # A placement pass holds it, and that pass skipped this (locked) worker: run another after us.
-                effects(session).placeable = True
-                continue
-            lease = _assign(session, locked, c, _latest_checkpoints(session, [job.id]).get(job.id), now)
-            session.commit()
-            return lease
+    now = utcnow()
+    if (worker.state is not WorkerState.idle or worker.suspended_at is not None or worker.revoked_at is not None
+            or worker.reliability < settings.min_reliability):
         session.commit()
         return None
+    c = candidate(worker, platform_fee_bps=settings.platform_fee_bps)
+    # Look without locks, then lock only the chosen job: fifty claimers must not queue on the same rows.
+    jobs = session.scalars(
+        select(JobModel).where(JobModel.status == JobStatus.queued).order_by(JobModel.id).limit(PULL_SCAN)
+    ).all()
+    for job in jobs:
+        req = requirements(job)
+        if req is None or not eligible(req, c):
+            continue
+        locked = session.scalars(
+            select(JobModel).where(JobModel.id == job.id, JobModel.status == JobStatus.queued)
+            .with_for_update(skip_locked=True).execution_options(populate_existing=True)
+        ).first()
+        if locked is None:
+            # A placement pass holds it, and that pass skipped this (locked) worker: run another after us.
+            effects(session).placeable = True
+            continue
+        lease = _assign(session, locked, c, _latest_checkpoints(session, [job.id]).get(job.id), now)
+        session.commit()
+        return lease
+    session.commit()
+    return None
