@@ -43,10 +43,19 @@ class HeartbeatBuffer:
             try:
                 await self._flush(chunk)
                 written += len(chunk)
-            except Exception:  # noqa: BLE001 - keep them for the next period unless newer ones came in
-                log.exception("heartbeat flush failed; retrying next period")
-                for worker_id, entry in chunk.items():
-                    self._latest.setdefault(worker_id, entry)
+            except Exception:  # noqa: BLE001 - one bad row must not starve the others of their renewals
+                log.exception("heartbeat batch of %d failed; writing them one by one", len(chunk))
+                written += await self._one_by_one(chunk)
+        return written
+
+    async def _one_by_one(self, chunk: Batch) -> int:
+        written = 0
+        for worker_id, entry in chunk.items():
+            try:
+                await self._flush({worker_id: entry})
+                written += 1
+            except Exception:  # noqa: BLE001 - dropped: the worker's next heartbeat replaces it
+                log.exception("heartbeat of worker %s could not be written; dropped", worker_id)
         return written
 
     def start(self) -> None:

@@ -7,6 +7,7 @@ every call and, on lease calls, `Tunegrid-Fencing-Token`; compatibility decision
 
 from __future__ import annotations
 
+import re
 from decimal import Decimal
 from typing import Annotated, Literal
 
@@ -28,10 +29,15 @@ ShortText = Annotated[str, StringConstraints(max_length=2000)]
 Sha256 = Annotated[str, StringConstraints(pattern=r"^[0-9a-f]{64}$")]
 ComputeCapability = Annotated[str, StringConstraints(pattern=r"^\d{1,2}\.\d{1,2}$")]
 ModelId = Annotated[str, StringConstraints(min_length=1, max_length=100)]
+# Every count fits the database column it lands in (steps: 32-bit, tokens: 64-bit).
+Step = Annotated[int, Field(ge=0, le=2**31 - 1)]
+Tokens = Annotated[int, Field(ge=0, le=2**62)]
+_DECIMAL = re.compile(r"[0-9]{1,4}")
 
 
 def is_supported(version: str | None) -> bool:
-    return version is not None and version.isdigit() and int(version) in SUPPORTED_PROTOCOL_VERSIONS
+    # fullmatch on ASCII digits: str.isdigit() also accepts '²', which int() then refuses.
+    return version is not None and _DECIMAL.fullmatch(version) is not None and int(version) in SUPPORTED_PROTOCOL_VERSIONS
 
 
 # --- registration ---------------------------------------------------------------------------------
@@ -112,7 +118,7 @@ class WorkerHeartbeat(Request):
     pause_reason: ShortText | None = None
     gpus: list[GpuTelemetry] = Field(default_factory=list, max_length=16)
     lease_id: Name | None = None
-    step: int | None = Field(default=None, ge=0)
+    step: Step | None = None
     cached_models: list[ModelId] | None = Field(default=None, max_length=256)
 
 
@@ -178,13 +184,13 @@ class LeaseEvent(Request):
 
     type: EventType
     time: float | None = None
-    step: int | None = Field(default=None, ge=0)
-    total_steps: int | None = Field(default=None, ge=0)
-    epoch: float | None = Field(default=None, ge=0)
+    step: Step | None = None
+    total_steps: Step | None = None
+    epoch: float | None = Field(default=None, ge=0, le=1e6)
     train_loss: float | None = Field(default=None, ge=0, le=1e6)
     eval_loss: float | None = Field(default=None, ge=0, le=1e6)
     tokens_per_s: float | None = Field(default=None, ge=0, le=1e9)
-    trained_tokens: int | None = Field(default=None, ge=0)
+    trained_tokens: Tokens | None = None
     message: ShortText | None = None
 
 
@@ -201,8 +207,8 @@ class Usage(Request):
 
 
 class TrainingResult(Request):
-    steps: int = Field(ge=0)
-    trained_tokens: int = Field(ge=0)
+    steps: Step
+    trained_tokens: Tokens
     final_train_loss: float | None = Field(default=None, ge=0, le=1e6)
     final_eval_loss: float | None = Field(default=None, ge=0, le=1e6)
 
@@ -221,7 +227,7 @@ class LeaseFail(Request):
 
 class LeasePreempted(Request):
     reason: Annotated[str, StringConstraints(min_length=1, max_length=2000)]
-    checkpoint_step: int | None = Field(default=None, ge=0)
+    checkpoint_step: Step | None = None
     usage: Usage
 
 

@@ -74,8 +74,9 @@ async def retrieve_worker(worker_id: Annotated[str, Path(max_length=64)], caller
 
 
 @router.post("/{worker_id}/revoke", response_model=WorkerRead, dependencies=STRICT_QUERY)
-async def revoke_worker(request: Request, worker_id: Annotated[str, Path(max_length=64)], caller: ProviderCaller) -> WorkerRead:
-    worker = await caller.run(workers.revoke, worker_id=worker_id)
+async def revoke_worker(request: Request, worker_id: Annotated[str, Path(max_length=64)], caller: ProviderCaller,
+                        settings: SettingsDep) -> WorkerRead:
+    worker = await caller.run(workers.revoke, worker_id=worker_id, settings=settings)
     request.app.state.worker_tokens.clear()  # this process forgets cached tokens at once; others within seconds
     return worker_read(worker)
 

@@ -9,6 +9,7 @@ is idempotent on the token: the same report twice answers the same.
 from __future__ import annotations
 
 import logging
+import re
 from dataclasses import dataclass
 from datetime import timedelta
 
@@ -72,13 +73,13 @@ def claim(*, session: Session, settings: CoordinatorSettings, worker: WorkerMode
     found = pending_assignment(session=session, settings=settings, worker=worker)
     if found is not None:
         return found
-    worker = session.get(WorkerModel, worker.id, with_for_update=True)  # type: ignore[assignment]
+    worker = session.get(WorkerModel, worker.id, with_for_update=True, populate_existing=True)  # type: ignore[assignment]
     if worker.state is WorkerState.working:  # a placement pass took it while we looked
         session.commit()
         found = pending_assignment(session=session, settings=settings, worker=worker)
         if found is not None:
             return found
-        worker = session.get(WorkerModel, worker.id, with_for_update=True)  # type: ignore[assignment]
+        worker = session.get(WorkerModel, worker.id, with_for_update=True, populate_existing=True)  # type: ignore[assignment]
     if worker.suspended_at is not None:
         session.commit()
         return None
@@ -137,8 +138,11 @@ def build_assignment(*, session: Session, settings: CoordinatorSettings, lease: 
 
 # --- the lease, fenced ----------------------------------------------------------------------------
 
+_TOKEN = re.compile(r"[0-9]{1,18}")
+
+
 def parse_fencing_token(value: str | None) -> int:
-    if value is None or not value.strip().isdigit() or len(value) > 18:
+    if value is None or _TOKEN.fullmatch(value.strip()) is None:
         raise InvalidRequest("Send the lease's fencing token in the Tunegrid-Fencing-Token header.",
                              param="Tunegrid-Fencing-Token", code="missing_fencing_token")
     return int(value)
@@ -154,18 +158,23 @@ class FencedLease:
 def fenced(
     *, session: Session, worker: WorkerModel, lease_id: str, fencing_token: int, allow_ended: bool = False,
 ) -> FencedLease:
-    """The worker's lease, locked, if the token is current; otherwise `LeaseLost` (or 404 for another's lease)."""
-    lease = session.get(LeaseModel, lease_id, with_for_update=True)
-    if lease is None or lease.worker_id != worker.id:
+    """The worker's lease, locked, if the token is current; otherwise `LeaseLost` (or 404 for another's lease).
+
+    Locks are always taken job, then lease, then worker (as cancel, the reaper and placement do), and each
+    locked row is re-read so no decision rests on a copy loaded before the lock.
+    """
+    peek = session.get(LeaseModel, lease_id)
+    if peek is None or peek.worker_id != worker.id:
         raise NotFound(f"No such lease: {lease_id}", param="lease_id", code="lease_not_found")
-    job = session.get(JobModel, lease.job_id, with_for_update=True)
-    assert job is not None
+    job = session.get(JobModel, peek.job_id, with_for_update=True, populate_existing=True)
+    lease = session.get(LeaseModel, lease_id, with_for_update=True, populate_existing=True)
+    assert job is not None and lease is not None
     if fencing_token != lease.fencing_token or job.fencing_token != lease.fencing_token:
         raise LeaseLost(f"Lease {lease_id} is no longer current (fencing token {fencing_token}, "
                         f"job {job.id} is at {job.fencing_token}); stop this job.", param="Tunegrid-Fencing-Token")
     if lease.status not in LIVE_LEASE and not allow_ended:
         raise LeaseLost(f"Lease {lease_id} has ended ({lease.status.value}: {lease.end_reason}); stop this job.")
-    worker_row = session.get(WorkerModel, worker.id, with_for_update=True)
+    worker_row = session.get(WorkerModel, worker.id, with_for_update=True, populate_existing=True)
     assert worker_row is not None
     return FencedLease(lease=lease, job=job, worker=worker_row)
 
@@ -423,23 +432,58 @@ def preempted(
 
 
 def end_for_customer(*, session: Session, job: JobModel, paused: bool) -> None:
-    """The customer cancelled or paused a running job: its live lease ends and the worker hears it."""
+    """The customer cancelled or paused a running job (the caller holds the job's lock): its live lease
+    ends and the worker hears it."""
+    end_live_leases(session=session, job=job,
+                    reason="the customer paused the job" if paused else "the customer cancelled the job")
+
+
+def end_live_leases(*, session: Session, job: JobModel, reason: str) -> None:
     for lease in session.scalars(
-        select(LeaseModel).where(LeaseModel.job_id == job.id, LeaseModel.status.in_(LIVE_LEASE)).with_for_update()
+        select(LeaseModel).where(LeaseModel.job_id == job.id, LeaseModel.status.in_(LIVE_LEASE))
+        .with_for_update().execution_options(populate_existing=True)
     ):
-        worker = session.get(WorkerModel, lease.worker_id, with_for_update=True)
+        worker = session.get(WorkerModel, lease.worker_id, with_for_update=True, populate_existing=True)
         assert worker is not None
-        end_lease(session=session, lease=lease, worker=worker, status=LeaseStatus.cancelled,
-                  reason="the customer paused the job" if paused else "the customer cancelled the job")
+        end_lease(session=session, lease=lease, worker=worker, status=LeaseStatus.cancelled, reason=reason)
+
+
+def release_revoked(*, session: Session, worker: WorkerModel, settings: CoordinatorSettings) -> int:
+    """A revoked worker's live leases end at once; their jobs go back to the queue without using an attempt."""
+    lease_ids = session.scalars(select(LeaseModel.id).where(
+        LeaseModel.worker_id == worker.id, LeaseModel.status.in_(LIVE_LEASE))).all()
+    for lease_id in lease_ids:
+        locked = _lock_for_reaping(session, lease_id, LIVE_LEASE)
+        if locked is None:
+            continue
+        lease, job, row = locked
+        reason = f"Worker {row.id} was revoked by its provider"
+        end_lease(session=session, lease=lease, worker=row, status=LeaseStatus.lost, reason=reason)
+        requeue_or_fail(session=session, job=job, reason=reason, count_attempt=False, max_attempts=settings.max_attempts)
+    return len(lease_ids)
 
 
 # --- the reaper -----------------------------------------------------------------------------------
 
-def _job_and_worker(session: Session, lease: LeaseModel) -> tuple[JobModel, WorkerModel]:
-    job = session.get(JobModel, lease.job_id, with_for_update=True)
-    worker = session.get(WorkerModel, lease.worker_id, with_for_update=True)
-    assert job is not None and worker is not None
-    return job, worker
+def _lock_for_reaping(
+    session: Session, lease_id: str, statuses: tuple[LeaseStatus, ...],
+) -> tuple[LeaseModel, JobModel, WorkerModel] | None:
+    """Lock job, lease and worker in the one order every path uses; None when another process holds the job or
+    the lease or the lease has moved on meanwhile."""
+    peek = session.get(LeaseModel, lease_id)
+    if peek is None:
+        return None
+    job = session.scalars(select(JobModel).where(JobModel.id == peek.job_id).with_for_update(skip_locked=True)
+                          .execution_options(populate_existing=True)).first()
+    if job is None:
+        return None
+    lease = session.scalars(select(LeaseModel).where(LeaseModel.id == lease_id, LeaseModel.status.in_(statuses))
+                            .with_for_update(skip_locked=True).execution_options(populate_existing=True)).first()
+    if lease is None:
+        return None
+    worker = session.get(WorkerModel, lease.worker_id, with_for_update=True, populate_existing=True)
+    assert worker is not None
+    return lease, job, worker
 
 
 def reap(*, session: Session, settings: CoordinatorSettings) -> dict[str, int]:
@@ -448,14 +492,19 @@ def reap(*, session: Session, settings: CoordinatorSettings) -> dict[str, int]:
     now = utcnow()
     counts = {"suspect": 0, "lost": 0, "unclaimed": 0}
     quiet = session.scalars(
-        select(LeaseModel).where(
+        select(LeaseModel.id).where(
             LeaseModel.status == LeaseStatus.running,
             LeaseModel.last_renewed_at < now - timedelta(seconds=settings.lease_ttl_s),
-        ).order_by(LeaseModel.id).limit(500).with_for_update(skip_locked=True)
+        ).order_by(LeaseModel.id).limit(500)
     ).all()
-    for lease in quiet:
+    for lease_id in quiet:
+        locked = _lock_for_reaping(session, lease_id, (LeaseStatus.running,))
+        if locked is None:
+            continue
+        lease, job, worker = locked
         silent = (now - lease.last_renewed_at).total_seconds() if lease.last_renewed_at else 0
-        job, worker = _job_and_worker(session, lease)
+        if silent < settings.lease_ttl_s:
+            continue  # renewed while we looked
         if silent >= settings.lease_grace_s:
             reason = f"Worker {worker.id} was not heard from for {int(silent)} s"
             end_lease(session=session, lease=lease, worker=worker, status=LeaseStatus.lost, reason=reason,
@@ -473,13 +522,16 @@ def reap(*, session: Session, settings: CoordinatorSettings) -> dict[str, int]:
                          data={"lease_id": lease.id})
             counts["suspect"] += 1
     unclaimed = session.scalars(
-        select(LeaseModel).where(
+        select(LeaseModel.id).where(
             LeaseModel.status == LeaseStatus.assigned,
             LeaseModel.created_at < now - timedelta(seconds=settings.assignment_ttl_s),
-        ).order_by(LeaseModel.id).limit(500).with_for_update(skip_locked=True)
+        ).order_by(LeaseModel.id).limit(500)
     ).all()
-    for lease in unclaimed:
-        job, worker = _job_and_worker(session, lease)
+    for lease_id in unclaimed:
+        locked = _lock_for_reaping(session, lease_id, (LeaseStatus.assigned,))
+        if locked is None:
+            continue
+        lease, job, worker = locked
         reason = f"Worker {worker.id} did not pick up its assignment within {settings.assignment_ttl_s} s"
         end_lease(session=session, lease=lease, worker=worker, status=LeaseStatus.lost, reason=reason)
         requeue_or_fail(session=session, job=job, reason=reason, count_attempt=False, max_attempts=settings.max_attempts)

@@ -13,7 +13,7 @@ import secrets
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import Integer, and_, or_, String, Text, bindparam, case, func, literal, select, update
+from sqlalchemy import Integer, or_, String, Text, bindparam, case, func, literal, select, update
 from sqlalchemy.orm import Session
 
 from coordinator.db.ids import new_id
@@ -22,6 +22,7 @@ from coordinator.db.models import (
 )
 from coordinator.effects import effects
 from coordinator.services.paging import page
+from coordinator.settings import CoordinatorSettings
 from shared.errors import AuthenticationFailed, NotFound, PermissionDenied
 from shared.money import usd_to_micros
 from shared.pricing import CPU, gpu_class_for
@@ -121,9 +122,14 @@ def list_workers(*, session: Session, account: AccountModel, after: str | None, 
     return page(session=session, stmt=stmt, id_column=WorkerModel.id, after=after, limit=limit)
 
 
-def revoke(*, session: Session, account: AccountModel, worker_id: str) -> WorkerModel:
+def revoke(*, session: Session, account: AccountModel, worker_id: str, settings: CoordinatorSettings) -> WorkerModel:
+    """Revoke a worker: its token stops working, and a job it holds goes back to the queue at once."""
+    from coordinator.services.leases import release_revoked  # noqa: PLC0415 - leases imports this module
+
     worker = get_owned(session=session, account=account, worker_id=worker_id)
     if worker.revoked_at is None:
+        release_revoked(session=session, worker=worker, settings=settings)
+        worker = session.get(WorkerModel, worker.id, with_for_update=True, populate_existing=True)  # type: ignore[assignment]
         worker.revoked_at = utcnow()
         worker.state = WorkerState.offline
         worker.available_until = None
@@ -147,7 +153,8 @@ def _state_after_heartbeat(activity: Any) -> Any:
     """The worker's state once a heartbeat says what it is doing (a SQL CASE, so a batch is one statement).
 
     Suspended stays suspended and working stays working (only a lease's end frees a worker, and only a claim
-    makes it idle and placeable); otherwise the owner's policy speaks: paused, unavailable, or back.
+    makes it idle and placeable); otherwise the owner's policy speaks: paused, unavailable, or back. (A
+    worker whose live lease the heartbeat renewed is set working apart, in `flush_heartbeats`.)
     """
     state = WorkerModel.state
     as_state = lambda s: literal(s, WorkerModel.state.type)  # noqa: E731
@@ -156,7 +163,6 @@ def _state_after_heartbeat(activity: Any) -> Any:
         (or_(state == WorkerState.suspended, state == WorkerState.working), state),
         (activity == "paused_by_owner", as_state(WorkerState.paused)),
         (activity == "unavailable", as_state(WorkerState.offline)),
-        (and_(activity == "working", state == WorkerState.offline), as_state(WorkerState.working)),  # a blip ended
         (or_(state == WorkerState.paused, state == WorkerState.offline), as_state(WorkerState.idle)),
         else_=state,
     )
@@ -180,27 +186,33 @@ _RENEW_LEASE = (
 
 def flush_heartbeats(*, session: Session, batch: dict[str, tuple[WorkerHeartbeat, datetime]]) -> set[str]:
     """Write a batch of heartbeats (the latest per worker) in a few statements and renew their leases.
-    Returns the workers whose reported lease has ended or is unknown: they must hear a command."""
+    Returns the workers whose reported lease has ended or is unknown: they must hear a command.
+
+    Leases before workers, each in id order: the lock order of every other path (job, lease, worker), so
+    two processes flushing overlapping batches, or a flush beside a cancel, cannot deadlock.
+    """
     if not batch:
         return set()
+    ordered = sorted(batch.items())
     conn = session.connection()
+    reported = {hb.lease_id: worker_id for worker_id, (hb, _) in ordered if hb.lease_id is not None}
+    stale: set[str] = set()
+    if reported:
+        conn.execute(_RENEW_LEASE, sorted(
+            ({"b_lease": hb.lease_id, "b_id": worker_id, "b_seen": seen, "b_step": hb.step if hb.step is not None else -1}
+             for worker_id, (hb, seen) in ordered if hb.lease_id is not None), key=lambda row: row["b_lease"]))
+        live = dict(session.execute(select(LeaseModel.id, LeaseModel.worker_id).where(
+            LeaseModel.id.in_(list(reported)), LeaseModel.status.in_(LIVE_LEASE))).all())  # type: ignore[arg-type]
+        stale = {worker_id for lease_id, worker_id in reported.items() if live.get(lease_id) != worker_id}
+        back = sorted(worker_id for lease_id, worker_id in reported.items() if live.get(lease_id) == worker_id)
+        if back:  # its lease is live: a worker marked offline during a blip is working again
+            conn.execute(update(WorkerModel).where(WorkerModel.id.in_(back), WorkerModel.state == WorkerState.offline)
+                         .values(state=WorkerState.working))
     conn.execute(_WORKER_ROW, [
         {"b_id": worker_id, "b_seen": seen, "b_telemetry": hb.model_dump(exclude_none=True),
          "b_activity": hb.activity, "b_reason": hb.pause_reason}
-        for worker_id, (hb, seen) in batch.items()
+        for worker_id, (hb, seen) in ordered
     ])
-    reported = {hb.lease_id: worker_id for worker_id, (hb, _) in batch.items() if hb.lease_id is not None}
-    if reported:
-        conn.execute(_RENEW_LEASE, [
-            {"b_lease": hb.lease_id, "b_id": worker_id, "b_seen": seen, "b_step": hb.step if hb.step is not None else -1}
-            for worker_id, (hb, seen) in batch.items() if hb.lease_id is not None
-        ])
-        live = set(session.scalars(select(LeaseModel.id).where(
-            LeaseModel.id.in_(list(reported)), LeaseModel.status.in_(LIVE_LEASE),
-            LeaseModel.worker_id.in_(list(reported.values())))))
-        stale = {worker_id for lease_id, worker_id in reported.items() if lease_id not in live}
-    else:
-        stale = set()
     session.commit()
     effects(session).recheck.update(stale)
     return stale
