@@ -108,10 +108,18 @@ class BlobStore:
             raise
         return StoredBlob(key=key, bytes=size, sha256=digest.hexdigest())
 
-    def move(self, source: str, target: str) -> None:
+    def link(self, source: str, target: str) -> None:
+        """A second name for a blob (a hard link: no copy, and either name can be deleted alone)."""
         destination = self.path(target)
         destination.parent.mkdir(parents=True, exist_ok=True)
-        os.replace(self.path(source), destination)
+        os.link(self.path(source), destination)
+
+    def sha256(self, key: str) -> str:
+        digest = hashlib.sha256()
+        with self.open(key) as f:
+            while chunk := f.read(CHUNK):
+                digest.update(chunk)
+        return digest.hexdigest()
 
     def open(self, key: str) -> BinaryIO:
         return self.path(key).open("rb")

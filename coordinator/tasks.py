@@ -13,10 +13,10 @@ from datetime import timedelta
 from functools import cache
 from typing import Any
 
-from sqlalchemy import select, update
+from sqlalchemy import exists, select, update
 from sqlalchemy.orm import Session, sessionmaker
 
-from coordinator.db.models import WorkerModel, WorkerState, utcnow
+from coordinator.db.models import LIVE_LEASE, LeaseModel, WorkerModel, WorkerState, utcnow
 from coordinator.effects import Effects, take_effects
 from coordinator.services import leases, placement
 from coordinator.services.lease_states import reliability
@@ -62,8 +62,16 @@ def update_worker_scores(*, session: Session, settings: CoordinatorSettings) -> 
         .values(state=WorkerState.offline, available_until=None)
         .execution_options(synchronize_session=False)
     )
+    # A worker left "working" without a live lease (its agent vanished as the lease ended) is offline until it claims.
+    orphaned = session.execute(
+        update(WorkerModel)
+        .where(WorkerModel.state == WorkerState.working,
+               ~exists().where(LeaseModel.worker_id == WorkerModel.id, LeaseModel.status.in_(LIVE_LEASE)))
+        .values(state=WorkerState.offline, available_until=None)
+        .execution_options(synchronize_session=False)
+    )
     session.commit()
-    return changed + (result.rowcount or 0)  # type: ignore[attr-defined]
+    return changed + (result.rowcount or 0) + (orphaned.rowcount or 0)  # type: ignore[attr-defined]
 
 
 PERIODIC = (reap_leases, place_queued_jobs, update_worker_scores)

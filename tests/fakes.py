@@ -67,6 +67,19 @@ def adapter_archive(
     return buffer.getvalue()
 
 
+def replace_members(archive: bytes, replacements: dict[str, bytes]) -> bytes:
+    """The same .tar.gz with some members' bytes replaced (or added)."""
+    with tarfile.open(fileobj=io.BytesIO(archive), mode="r:gz") as tar:
+        members = {m.name: tar.extractfile(m).read() for m in tar}  # type: ignore[union-attr]
+    buffer = io.BytesIO()
+    with tarfile.open(fileobj=buffer, mode="w:gz") as tar:
+        for name, data in {**members, **replacements}.items():
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    return buffer.getvalue()
+
+
 def sha256(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 

@@ -11,6 +11,8 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from sqlalchemy.exc import OperationalError
+from sqlalchemy.exc import TimeoutError as PoolTimeout
 from sqlalchemy.orm.exc import StaleDataError
 
 from shared.errors import Conflict, ServerError, TunegridError
@@ -23,6 +25,7 @@ ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
     for status, description in {
         400: "Invalid request", 401: "Missing or invalid API key", 403: "Not allowed for this key's role",
         404: "Not found", 409: "Conflicts with the resource's state", 413: "Request body too large",
+        503: "The database was busy; retry after Retry-After seconds",
     }.items()
 }
 
@@ -118,6 +121,23 @@ async def _concurrent_change(_: Request, exc: Exception) -> JSONResponse:
                                  code="concurrent_modification").envelope(), status_code=409)
 
 
+# Transient database conflicts: the request did nothing (its transaction rolled back) and can be sent again.
+_TRANSIENT_SQLSTATES = {"40P01", "40001", "55P03"}  # deadlock, serialization failure, lock not available
+RETRY_AFTER_S = "1"
+
+
+async def _database_busy(request: Request, exc: Exception) -> JSONResponse:
+    assert isinstance(exc, (OperationalError, PoolTimeout))
+    original = getattr(exc, "orig", None)
+    transient = (isinstance(exc, PoolTimeout) or getattr(original, "sqlstate", None) in _TRANSIENT_SQLSTATES
+                 or "database is locked" in str(original))
+    if not transient:
+        return await _crash(request, exc)
+    log.warning("database busy: %s", exc.__class__.__name__)
+    return envelope(503, "The database was busy with a conflicting change; nothing was done. Retry shortly.",
+                    type="server_error", code="database_busy", headers={"Retry-After": RETRY_AFTER_S})
+
+
 async def _crash(_: Request, exc: Exception) -> JSONResponse:
     log.exception("unhandled error", exc_info=exc)
     return JSONResponse(ServerError("The server had an error while processing your request.").envelope(), status_code=500)
@@ -128,4 +148,6 @@ def install(app: FastAPI) -> None:
     app.add_exception_handler(RequestValidationError, _validation_error)
     app.add_exception_handler(StarletteHTTPException, _http_error)
     app.add_exception_handler(StaleDataError, _concurrent_change)  # a versioned row changed under us
+    app.add_exception_handler(OperationalError, _database_busy)
+    app.add_exception_handler(PoolTimeout, _database_busy)
     app.add_exception_handler(Exception, _crash)

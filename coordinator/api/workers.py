@@ -159,7 +159,8 @@ async def upload_checkpoint(
     checkpoint_id = new_id("ftckpt-")
     blob = await store.put_stream(leases.checkpoint_key(checkpoint_id), request.stream(),
                                   max_bytes=settings.max_adapter_bytes, expected_sha256=expected)
-    await worker.run(leases.record_checkpoint, store=store, lease_id=lease_id, fencing_token=token, step=step,
+    await worker.run(leases.record_checkpoint, store=store, settings=settings, lease_id=lease_id, fencing_token=token,
+                     step=step,
                      checkpoint_id=checkpoint_id, blob=blob)
     return UploadReply(lease_id=lease_id, kind="checkpoint", sha256=blob.sha256, bytes=blob.bytes, step=step)
 
@@ -171,8 +172,8 @@ async def upload_adapter(
 ) -> UploadReply:
     token, expected = parse_fencing_token(fencing_token), _declared_sha256(sha256)
     await worker.run(leases.check_lease, lease_id=lease_id, fencing_token=token)
-    blob = await store.put_stream(leases.adapter_key(lease_id), request.stream(), max_bytes=settings.max_adapter_bytes,
-                                  expected_sha256=expected)
+    blob = await store.put_stream(leases.adapter_upload_key(lease_id), request.stream(),
+                                  max_bytes=settings.max_adapter_bytes, expected_sha256=expected)
     await worker.run(leases.record_adapter, store=store, lease_id=lease_id, fencing_token=token, blob=blob)
     return UploadReply(lease_id=lease_id, kind="adapter", sha256=blob.sha256, bytes=blob.bytes)
 

@@ -7,7 +7,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 from sqlalchemy import (
-    JSON, BigInteger, Boolean, DateTime, Enum, Float, ForeignKey, Index, Integer, MetaData, String, Text, UniqueConstraint,
+    JSON, BigInteger, Boolean, DateTime, Enum, Float, ForeignKey, Index, Integer, MetaData, String, Text, UniqueConstraint, text,
 )
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
 from sqlalchemy.types import TypeDecorator
@@ -279,6 +279,10 @@ class LeaseModel(Base):
         UniqueConstraint("job_id", "fencing_token"),
         Index("ix_leases_worker_id_status", "worker_id", "status"),
         Index("ix_leases_status_last_renewed_at", "status", "last_renewed_at"),
+        # At most one live lease per job, whatever bug or race might try otherwise.
+        Index("uq_leases_live_job_id", "job_id", unique=True,
+              postgresql_where=text("status IN ('assigned', 'running')"),
+              sqlite_where=text("status IN ('assigned', 'running')")),
     )
 
     id: Mapped[str] = mapped_column(PublicId, primary_key=True)
@@ -301,6 +305,7 @@ class LeaseModel(Base):
     ended_at: Mapped[datetime | None]
     end_reason: Mapped[str | None] = mapped_column(Text)
     usage: Mapped[dict[str, Any] | None]  # as the worker reported it
+    adapter_key: Mapped[str | None] = mapped_column(String(120))  # the blob of the latest adapter upload
     adapter_sha256: Mapped[str | None] = mapped_column(String(64))
     adapter_bytes: Mapped[int | None] = mapped_column(BigInteger)
     result: Mapped[dict[str, Any] | None]

@@ -92,12 +92,16 @@ def _safetensors_header(source: Any, *, size: int) -> bytes:
 
 
 def _tensor_parameters(header_blob: bytes) -> int:
+    """LoRA parameters the safetensors header declares, after checking it describes exactly the bytes that follow:
+    known dtypes, shapes of positive ints, and offsets that tile the data without gaps or overlaps."""
     header_bytes, data_size = header_blob[:-8], struct.unpack("<Q", header_blob[-8:])[0]
     try:
         header = json.loads(header_bytes)
     except (UnicodeDecodeError, json.JSONDecodeError):
         raise AdapterRejected("adapter_model.safetensors has an unreadable header") from None
-    parameters, expected_bytes = 0, 0
+    if not isinstance(header, dict):
+        raise AdapterRejected("adapter_model.safetensors has a malformed header")
+    parameters, spans = 0, []
     for name, tensor in header.items():
         if name == "__metadata__":
             continue
@@ -105,11 +109,25 @@ def _tensor_parameters(header_blob: bytes) -> int:
             raise AdapterRejected(f"tensor {name!r} has an unsupported dtype")
         if "lora_" not in name:
             raise AdapterRejected(f"tensor {name!r} is not a LoRA weight")
-        count = math.prod(int(d) for d in tensor.get("shape", []))
+        shape, offsets = tensor.get("shape"), tensor.get("data_offsets")
+        if (not isinstance(shape, list) or not shape
+                or not all(isinstance(d, int) and not isinstance(d, bool) and d > 0 for d in shape)):
+            raise AdapterRejected(f"tensor {name!r} has an invalid shape")
+        if (not isinstance(offsets, list) or len(offsets) != 2
+                or not all(isinstance(o, int) and not isinstance(o, bool) and o >= 0 for o in offsets)):
+            raise AdapterRejected(f"tensor {name!r} has invalid data offsets")
+        count = math.prod(shape)
+        if offsets[1] - offsets[0] != count * DTYPE_BYTES[tensor["dtype"]]:
+            raise AdapterRejected(f"tensor {name!r} does not span the bytes its shape needs")
         parameters += count
-        expected_bytes += count * DTYPE_BYTES[tensor["dtype"]]
-    if expected_bytes != data_size:
-        raise AdapterRejected(f"adapter_model.safetensors holds {data_size} bytes of weights, its header says {expected_bytes}")
+        spans.append((offsets[0], offsets[1]))
+    position = 0
+    for begin, end in sorted(spans):
+        if begin != position:
+            raise AdapterRejected("adapter_model.safetensors has gaps or overlaps between tensors")
+        position = end
+    if position != data_size:
+        raise AdapterRejected(f"adapter_model.safetensors holds {data_size} bytes of weights, its header says {position}")
     return parameters
 
 
@@ -129,12 +147,16 @@ def verify_adapter(
         raise AdapterRejected("adapter_config.json is not valid JSON") from None
     if not isinstance(config, dict) or config.get("peft_type") != "LORA":
         raise AdapterRejected("adapter_config.json is not a LoRA config")
-    if config.get("r") != lora["r"] or config.get("lora_alpha") != lora["alpha"]:
+    if type(config.get("r")) is not int or config.get("r") != lora["r"] or config.get("lora_alpha") != lora["alpha"]:
         raise AdapterRejected(f"LoRA r/alpha {config.get('r')}/{config.get('lora_alpha')} do not match the job's "
                               f"{lora['r']}/{lora['alpha']}")
     targets = config.get("target_modules")
+    if isinstance(targets, str):
+        targets = [targets]
+    if not isinstance(targets, list) or not all(isinstance(t, str) for t in targets):
+        raise AdapterRejected("adapter_config.json has malformed target_modules")
     # PEFT may write module names ("q_proj") or full paths ("model.layers.0.self_attn.q_proj"): compare the names.
-    got = frozenset(t.rsplit(".", 1)[-1] for t in ([targets] if isinstance(targets, str) else targets or []))
+    got = frozenset(t.rsplit(".", 1)[-1] for t in targets)
     if got != _expected_targets(lora) and not (got == {"all-linear"} and lora.get("target_modules") == "all-linear"):
         raise AdapterRejected(f"target modules {sorted(got)} do not match the job's")
     parameters = _tensor_parameters(members["adapter_model.safetensors"])

@@ -12,6 +12,7 @@ import logging
 import re
 from dataclasses import dataclass
 from datetime import timedelta
+from typing import Any
 
 from sqlalchemy import select
 from sqlalchemy.orm import Session
@@ -262,13 +263,9 @@ def checkpoint_key(checkpoint_id: str) -> str:
     return f"checkpoints/{checkpoint_id}"
 
 
-def adapter_key(lease_id: str) -> str:
-    return f"adapters/{lease_id}"
-
-
 def record_checkpoint(
-    *, session: Session, store: BlobStore, worker: WorkerModel, lease_id: str, fencing_token: int, step: int,
-    checkpoint_id: str, blob: StoredBlob,
+    *, session: Session, store: BlobStore, settings: CoordinatorSettings, worker: WorkerModel, lease_id: str,
+    fencing_token: int, step: int, checkpoint_id: str, blob: StoredBlob,
 ) -> JobCheckpointModel:
     """Record an uploaded checkpoint (already stored under `checkpoint_key(checkpoint_id)` and sha256-checked)."""
     try:
@@ -287,11 +284,37 @@ def record_checkpoint(
         f.lease.last_step = max(f.lease.last_step or 0, step)
         record_event(session=session, job=f.job, message=f"Checkpoint saved at step {step}",
                      data={"checkpoint_id": checkpoint_id, "step": step, "lease_id": f.lease.id})
+        session.flush()
+        pruned = _prune_checkpoints(session, f.job, keep=settings.max_checkpoints_per_job)
         session.commit()
     except BaseException:
         store.delete(blob.key)
         raise
+    for old in pruned:
+        store.delete(checkpoint_key(old))
     return checkpoint
+
+
+def _prune_checkpoints(session: Session, job: JobModel, *, keep: int) -> list[str]:
+    """Past the newest `keep` checkpoints a job's older ones lose their content (the rows stay, listed with
+    their metrics), so an untrusted worker cannot fill the disk; one a live lease resumes from is kept."""
+    resuming = set(session.scalars(select(LeaseModel.resume_checkpoint_id).where(
+        LeaseModel.job_id == job.id, LeaseModel.status.in_(LIVE_LEASE), LeaseModel.resume_checkpoint_id.is_not(None))))
+    stored = session.scalars(
+        select(JobCheckpointModel).where(JobCheckpointModel.job_id == job.id, JobCheckpointModel.blob_sha256.is_not(None))
+        .order_by(JobCheckpointModel.step_number.desc(), JobCheckpointModel.id.desc())
+    ).all()
+    pruned = []
+    for checkpoint in stored[keep:]:
+        if checkpoint.id not in resuming:
+            checkpoint.blob_sha256 = checkpoint.blob_bytes = None
+            pruned.append(checkpoint.id)
+    return pruned
+
+
+def adapter_upload_key(lease_id: str) -> str:
+    """Each upload its own blob: a second upload can never swap the bytes under a completion being checked."""
+    return f"adapters/{lease_id}/{new_id('upload-')}"
 
 
 def record_adapter(
@@ -299,11 +322,14 @@ def record_adapter(
 ) -> LeaseModel:
     try:
         f = fenced(session=session, worker=worker, lease_id=lease_id, fencing_token=fencing_token)
-        f.lease.adapter_sha256, f.lease.adapter_bytes = blob.sha256, blob.bytes
+        previous = f.lease.adapter_key
+        f.lease.adapter_key, f.lease.adapter_sha256, f.lease.adapter_bytes = blob.key, blob.sha256, blob.bytes
         session.commit()
     except BaseException:
         store.delete(blob.key)
         raise
+    if previous and previous != blob.key:
+        store.delete(previous)
     return f.lease
 
 
@@ -326,38 +352,88 @@ def _reported_losses(session: Session, lease: LeaseModel) -> list[float]:
     return [d["train_loss"] for d in rows if d and d.get("lease_id") == lease.id and d.get("train_loss") is not None]
 
 
-def _update_speed(worker: WorkerModel, lease: LeaseModel, job: JobModel) -> None:
+SPEED_BOUNDS = (0.25, 3.0)  # no single lease moves a worker's ranking further than this
+
+
+def _update_speed(worker: WorkerModel, lease: LeaseModel, job: JobModel, report: LeaseComplete) -> None:
+    """Refine the worker's speed factor from this lease: tokens/s on the coordinator's clock (from the first
+    progress it saw to now), never faster than the worker itself reported, bounded per lease."""
     from shared.pricing import expected_tokens_per_s, get_gpu_class  # noqa: PLC0415 - only on completion
 
-    if not lease.tokens_per_s:
+    if lease.training_started_at is None or not report.result.trained_tokens:
         return
+    seconds = max((utcnow() - lease.training_started_at).total_seconds(), 1.0)
+    observed = report.result.trained_tokens / seconds
+    if lease.tokens_per_s:
+        observed = min(observed, lease.tokens_per_s)
     expected = expected_tokens_per_s(get_base_model(job.model), get_gpu_class(lease.gpu_class))
-    observed = lease.tokens_per_s / expected
-    worker.speed_factor = round((1 - SPEED_EMA) * worker.speed_factor + SPEED_EMA * observed, 6)
+    ratio = min(max(observed / expected, SPEED_BOUNDS[0]), SPEED_BOUNDS[1])
+    worker.speed_factor = round((1 - SPEED_EMA) * worker.speed_factor + SPEED_EMA * ratio, 6)
+
+
+@dataclass(frozen=True, slots=True)
+class _Submitted:
+    """What `complete` checks outside any row lock: the adapter as it was when completion was reported."""
+
+    key: str
+    sha256: str
+    model: str
+    lora: dict[str, Any]
+    losses: list[float]
+
+
+def _submitted(*, session: Session, worker: WorkerModel, lease_id: str, fencing_token: int,
+               report: LeaseComplete) -> FencedLease | _Submitted:
+    f = fenced(session=session, worker=worker, lease_id=lease_id, fencing_token=fencing_token, allow_ended=True)
+    if _already(f, LeaseStatus.completed):
+        session.commit()
+        return f
+    if f.lease.adapter_key is None or f.lease.adapter_sha256 is None:
+        raise Conflict("Upload the adapter (PUT .../adapter) before reporting completion.", code="adapter_missing")
+    if report.adapter_sha256 != f.lease.adapter_sha256:
+        raise InvalidRequest("adapter_sha256 does not match the uploaded adapter.", param="adapter_sha256",
+                             code="sha256_mismatch")
+    submitted = _Submitted(key=f.lease.adapter_key, sha256=f.lease.adapter_sha256, model=f.job.model,
+                           lora=dict(f.job.lora), losses=_reported_losses(session, f.lease))
+    session.commit()  # no row stays locked while a large archive is read
+    return submitted
+
+
+def _check(store: BlobStore, submitted: _Submitted, report: LeaseComplete, settings: CoordinatorSettings) -> tuple[int, str | None]:
+    """(LoRA parameters, None) for a good adapter; (0, why) for a bad one."""
+    try:
+        if store.sha256(submitted.key) != submitted.sha256:
+            raise AdapterRejected("the stored adapter no longer matches its sha256")
+        facts = verify_adapter(
+            store.path(submitted.key), base=get_base_model(submitted.model), lora=submitted.lora,
+            final_loss=report.result.final_train_loss, reported_losses=submitted.losses,
+            max_bytes=settings.max_adapter_bytes * 4,
+        )
+    except AdapterRejected as exc:
+        return 0, str(exc)
+    return facts.parameters, None
 
 
 def complete(
     *, session: Session, store: BlobStore, settings: CoordinatorSettings, worker: WorkerModel, lease_id: str,
     fencing_token: int, report: LeaseComplete,
 ) -> FencedLease:
+    """Check the adapter (without holding locks), then settle the lease: the job succeeds with the adapter as a
+    result file, or the lease fails its check and the job resumes elsewhere."""
+    submitted = _submitted(session=session, worker=worker, lease_id=lease_id, fencing_token=fencing_token, report=report)
+    if isinstance(submitted, FencedLease):
+        return submitted
+    parameters, rejected = _check(store, submitted, report, settings)
     f = fenced(session=session, worker=worker, lease_id=lease_id, fencing_token=fencing_token, allow_ended=True)
-    if _already(f, LeaseStatus.completed):
+    if _already(f, LeaseStatus.completed):  # a concurrent duplicate report settled it first
         session.commit()
         return f
-    if f.lease.adapter_sha256 is None:
-        raise Conflict("Upload the adapter (PUT .../adapter) before reporting completion.", code="adapter_missing")
-    if report.adapter_sha256 != f.lease.adapter_sha256:
-        raise InvalidRequest("adapter_sha256 does not match the uploaded adapter.", param="adapter_sha256",
-                             code="sha256_mismatch")
+    if f.lease.adapter_key != submitted.key:
+        raise Conflict("The adapter was uploaded again while its completion was checked; report completion again.",
+                       code="adapter_replaced")
     usage = report.usage.model_dump()
-    try:
-        facts = verify_adapter(
-            store.path(adapter_key(f.lease.id)), base=get_base_model(f.job.model), lora=f.job.lora,
-            final_loss=report.result.final_train_loss, reported_losses=_reported_losses(session, f.lease),
-            max_bytes=settings.max_adapter_bytes * 4,
-        )
-    except AdapterRejected as exc:
-        reason = f"Adapter rejected: {exc}"
+    if rejected is not None:
+        reason = f"Adapter rejected: {rejected}"
         end_lease(session=session, lease=f.lease, worker=f.worker, status=LeaseStatus.failed, reason=reason,
                   usage=usage, failed_check=True)
         if suspend_if_untrustworthy(session=session, worker=f.worker, max_failed_checks=settings.suspend_after_failed_checks):
@@ -365,27 +441,34 @@ def complete(
         requeue_or_fail(session=session, job=f.job, reason=f"{reason} (worker {f.worker.id})", count_attempt=True,
                         max_attempts=settings.max_attempts)
         session.commit()
-        store.delete(adapter_key(f.lease.id))
+        store.delete(submitted.key)
         return f
     file = FileModel(
         id=new_id("file-"), account_id=f.job.account_id, filename=f"{f.job.id}-adapter.tar.gz",
-        purpose="fine-tune-results", bytes=f.lease.adapter_bytes or 0, sha256=f.lease.adapter_sha256,
+        purpose="fine-tune-results", bytes=f.lease.adapter_bytes or 0, sha256=submitted.sha256,
         status=FileStatus.processed, format="peft-lora", created_at=utcnow(),
     )
-    store.move(adapter_key(f.lease.id), files.blob_key(file.id))
     session.add(file)
-    f.lease.result = {**report.result.model_dump(), "lora_parameters": facts.parameters}
+    f.lease.result = {**report.result.model_dump(), "lora_parameters": parameters}
     end_lease(session=session, lease=f.lease, worker=f.worker, status=LeaseStatus.completed,
               reason="completed; adapter verified", usage=usage)
-    _update_speed(f.worker, f.lease, f.job)
+    _update_speed(f.worker, f.lease, f.job, report)
     f.job.result_files = [file.id]
     f.job.trained_tokens = max(f.job.trained_tokens or 0, report.result.trained_tokens)
     f.job.fine_tuned_model = f"ft:{f.job.model}:{f.job.account_id}:{f.job.suffix or ''}:{f.job.id}"
     change_status(session=session, job=f.job, to=JobStatus.succeeded,
                   message=f"The job has successfully completed; adapter {file.id} verified "
-                          f"({facts.parameters} LoRA parameters)",
+                          f"({parameters} LoRA parameters)",
                   data={"lease_id": f.lease.id, "result_file": file.id})
-    session.commit()
+    # The result file's name is linked before the commit and the upload's name dropped after it: whatever
+    # fails in between, a retried completion still finds its adapter, and a committed file its bytes.
+    store.link(submitted.key, files.blob_key(file.id))
+    try:
+        session.commit()
+    except BaseException:
+        store.delete(files.blob_key(file.id))
+        raise
+    store.delete(submitted.key)
     return f
 
 

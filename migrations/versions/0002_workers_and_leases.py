@@ -86,6 +86,7 @@ def upgrade() -> None:
     sa.Column('ended_at', sa.DateTime(timezone=True), nullable=True),
     sa.Column('end_reason', sa.Text(), nullable=True),
     sa.Column('usage', sa.JSON(none_as_null=True), nullable=True),
+    sa.Column('adapter_key', sa.String(length=120), nullable=True),
     sa.Column('adapter_sha256', sa.String(length=64), nullable=True),
     sa.Column('adapter_bytes', sa.BigInteger(), nullable=True),
     sa.Column('result', sa.JSON(none_as_null=True), nullable=True),
@@ -97,6 +98,8 @@ def upgrade() -> None:
     )
     op.create_index('ix_leases_status_last_renewed_at', 'leases', ['status', 'last_renewed_at'], unique=False)
     op.create_index('ix_leases_worker_id_status', 'leases', ['worker_id', 'status'], unique=False)
+    live = sa.text("status IN ('assigned', 'running')")
+    op.create_index('uq_leases_live_job_id', 'leases', ['job_id'], unique=True, postgresql_where=live, sqlite_where=live)
     with op.batch_alter_table('job_checkpoints') as batch_op:
         batch_op.add_column(sa.Column('lease_id', sa.String(length=40), nullable=True))
     # Existing jobs start with no lease issued and no attempt used; the default only fills those rows.
@@ -114,6 +117,7 @@ def downgrade() -> None:
         batch_op.drop_column('fencing_token')
     with op.batch_alter_table('job_checkpoints') as batch_op:
         batch_op.drop_column('lease_id')
+    op.drop_index('uq_leases_live_job_id', table_name='leases')
     op.drop_index('ix_leases_worker_id_status', table_name='leases')
     op.drop_index('ix_leases_status_last_renewed_at', table_name='leases')
     op.drop_table('leases')

@@ -39,19 +39,22 @@ def test_run_periodic_reaps_places_and_scores(client: TestClient, session: Sessi
 def test_scores_follow_the_counters_and_failed_checks_suspend(session: Session, settings: CoordinatorSettings,  # type: ignore[no-untyped-def]
                                                               client: TestClient, make_caller) -> None:
     provider = make_caller("provider", "pat")
-    good, cheat, silent = (FakeAgent.register(client, provider.key, machine_id=m) for m in ("good", "cheat", "silent"))
+    good, cheat, silent, orphan = (FakeAgent.register(client, provider.key, machine_id=m)
+                                   for m in ("good", "cheat", "silent", "orphan"))
+    session.execute(update(WorkerModel).where(WorkerModel.id == orphan.worker_id).values(state=WorkerState.working))
     session.execute(update(WorkerModel).where(WorkerModel.id == good.worker_id).values(completed_leases=20))
     session.execute(update(WorkerModel).where(WorkerModel.id == cheat.worker_id)
                     .values(failed_checks=settings.suspend_after_failed_checks))
     session.execute(update(WorkerModel).where(WorkerModel.id == silent.worker_id).values(
         state=WorkerState.idle, last_heartbeat_at=utcnow() - timedelta(minutes=10), available_until=None))
     session.commit()
-    assert tasks.update_worker_scores(session=session, settings=settings) >= 3
+    assert tasks.update_worker_scores(session=session, settings=settings) >= 4
     session.expire_all()
     rows = {w: session.get(WorkerModel, w) for w in (good.worker_id, cheat.worker_id, silent.worker_id)}
     assert rows[good.worker_id].reliability > 0.95  # type: ignore[union-attr]
     assert rows[cheat.worker_id].suspended_at is not None and rows[cheat.worker_id].state is WorkerState.suspended  # type: ignore[union-attr]
     assert rows[silent.worker_id].state is WorkerState.offline  # type: ignore[union-attr]
+    assert session.get(WorkerModel, orphan.worker_id).state is WorkerState.offline  # type: ignore[union-attr]  # working, no lease
     assert tasks.update_worker_scores(session=session, settings=settings) == 0  # nothing changes twice
 
 

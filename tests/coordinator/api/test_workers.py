@@ -333,3 +333,100 @@ def test_lease_rows_keep_prices_fixed_at_placement(client: TestClient, agent: Fa
     assert lease.ask_price_per_gpu_hour == 300_000 and lease.price_per_gpu_hour == 360_000
     assert lease.status is LeaseStatus.running and lease.claimed_at is not None
     assert session.scalars(select(JobCheckpointModel)).all() == []
+
+
+# --- hostile or broken input ----------------------------------------------------------------------
+
+@pytest.mark.parametrize("event", [{"type": "progress", "step": 2**40}, {"type": "progress", "step": 1, "trained_tokens": 2**70},
+                                   {"type": "progress", "total_steps": -1}])
+def test_out_of_range_counts_are_400_not_500(agent: FakeAgent, client: TestClient, create_job, event) -> None:  # type: ignore[no-untyped-def]
+    _, a = placed(client, agent, create_job)
+    response = agent.events(a["lease_id"], event)
+    assert response.status_code == 400, response.text
+    assert agent.heartbeat("working", lease_id=a["lease_id"], step=2**40).status_code == 400
+
+
+def test_one_bad_row_does_not_stop_a_batch_of_heartbeats(client: TestClient, provider, agent: FakeAgent, session: Session,  # type: ignore[no-untyped-def]
+                                                         create_job) -> None:
+    from coordinator.heartbeat_flush import HeartbeatBuffer  # noqa: PLC0415
+
+    create_job()
+    a = agent.claim(wait_s=2)
+    assert a is not None
+    agent.heartbeat("working", lease_id=a["lease_id"], step=4)
+    buffer: HeartbeatBuffer = client.app.state.heartbeats  # type: ignore[attr-defined]
+    good = dict(buffer._latest)
+    poisoned = dict(good)
+    heartbeat, seen = next(iter(good.values()))
+    poisoned["wrk-does-not-matter"] = (heartbeat.model_copy(update={"lease_id": None}), seen)
+    original = buffer._flush
+
+    async def flaky(batch):  # type: ignore[no-untyped-def]
+        if "wrk-does-not-matter" in batch:
+            raise RuntimeError("as if this row broke the statement")
+        return await original(batch)
+
+    buffer._flush, buffer._latest = flaky, poisoned
+    try:
+        assert flush_heartbeats(client) == 1  # the good row was written one by one; the bad one dropped
+    finally:
+        buffer._flush = original
+    session.expire_all()
+    assert session.get(LeaseModel, a["lease_id"]).last_step == 4  # type: ignore[union-attr]
+    assert len(buffer) == 0
+
+
+@pytest.mark.parametrize("header", ["Tunegrid-Fencing-Token", "Tunegrid-Protocol"])
+def test_non_ascii_digits_in_headers_are_400(agent: FakeAgent, client: TestClient, create_job, header: str) -> None:  # type: ignore[no-untyped-def]
+    _, a = placed(client, agent, create_job)
+    headers = {**agent.headers(a["lease_id"]), header: "\u00b2".encode("latin-1")}
+    response = client.post(f"/v1/workers/leases/{a['lease_id']}/events", json={"events": [{"type": "log", "message": "x"}]},
+                           headers=headers)  # type: ignore[arg-type]
+    assert response.status_code == 400, response.text
+
+
+def test_revoking_a_busy_worker_requeues_its_job_at_once(client: TestClient, provider, customer, agent: FakeAgent,  # type: ignore[no-untyped-def]
+                                                         create_job, session: Session) -> None:
+    job, a = placed(client, agent, create_job)
+    assert client.post(f"/v1/workers/{agent.worker_id}/revoke", headers=provider.headers).status_code == 200
+    body = job_of(client, customer, job["id"])
+    assert body["status"] == "queued"
+    assert agent.events(a["lease_id"], {"type": "log", "message": "x"}).status_code == 401
+
+
+def test_a_second_adapter_upload_replaces_the_first(agent: FakeAgent, client: TestClient, create_job, settings) -> None:  # type: ignore[no-untyped-def]
+    _, a = placed(client, agent, create_job)
+    agent.progress(a["lease_id"])
+    assert agent.upload(a["lease_id"], "adapter", b"a first try").status_code == 200
+    adapter = adapter_archive()
+    assert agent.upload(a["lease_id"], "adapter", adapter).status_code == 200
+    stale = agent.complete(a["lease_id"], b"a first try")
+    assert stale.status_code == 400 and stale.json()["error"]["code"] == "sha256_mismatch"
+    assert agent.complete(a["lease_id"], adapter).json()["job_status"] == "succeeded"
+    leftovers = list((settings.resolved_storage_dir / "adapters").rglob("*"))
+    assert [p for p in leftovers if p.is_file()] == []  # both upload names are gone; the result file remains
+
+
+def test_only_the_newest_checkpoints_keep_their_content(agent: FakeAgent, client: TestClient, customer, create_job,  # type: ignore[no-untyped-def]
+                                                        settings, session: Session) -> None:
+    job, a = placed(client, agent, create_job)
+    keep = settings.max_checkpoints_per_job
+    for step in range(1, keep + 3):
+        assert agent.upload(a["lease_id"], "checkpoint", f"step {step}".encode(), step=step).status_code == 200
+    listed = client.get(f"/v1/fine_tuning/jobs/{job['id']}/checkpoints?limit=50", headers=customer.headers).json()["data"]
+    assert len(listed) == keep + 2  # every checkpoint stays listed
+    stored = [p for p in (settings.resolved_storage_dir / "checkpoints").iterdir() if not p.name.startswith(".")]
+    assert len(stored) == keep
+
+
+def test_the_database_allows_one_live_lease_per_job(client: TestClient, agent: FakeAgent, create_job, session: Session) -> None:  # type: ignore[no-untyped-def]
+    from sqlalchemy.exc import IntegrityError  # noqa: PLC0415
+
+    _, a = placed(client, agent, create_job)
+    lease = session.get(LeaseModel, a["lease_id"])
+    assert lease is not None
+    session.add(LeaseModel(id="lease-dup", job_id=lease.job_id, worker_id=lease.worker_id, fencing_token=99,
+                           status=LeaseStatus.assigned, gpu_class="rtx-4090", ask_price_per_gpu_hour=1, price_per_gpu_hour=1))
+    with pytest.raises(IntegrityError):
+        session.commit()
+    session.rollback()

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import io
+import json
+import struct
 import tarfile
 from pathlib import Path
 
@@ -10,7 +12,7 @@ import pytest
 
 from coordinator.services.adapters import AdapterRejected, verify_adapter
 from shared.catalog import get_base_model
-from tests.fakes import adapter_archive, lora_shapes
+from tests.fakes import adapter_archive, lora_shapes, replace_members
 
 TINY = get_base_model("tunegrid/tiny-llama")
 LORA = {"r": 16, "alpha": 32, "dropout": 0.05, "target_modules": "all-linear"}
@@ -88,16 +90,9 @@ def test_a_decompression_bomb_stops_at_the_limit(tmp_path: Path) -> None:
 def test_truncated_weights_fail(tmp_path: Path) -> None:
     good = adapter_archive()
     with tarfile.open(fileobj=io.BytesIO(good), mode="r:gz") as tar:
-        members = {m.name: tar.extractfile(m).read() for m in tar}  # type: ignore[union-attr]
-    weights = members["adapter/adapter_model.safetensors"][:-100]
-    buffer = io.BytesIO()
-    with tarfile.open(fileobj=buffer, mode="w:gz") as tar:
-        for name, data in {**members, "adapter/adapter_model.safetensors": weights}.items():
-            info = tarfile.TarInfo(name)
-            info.size = len(data)
-            tar.addfile(info, io.BytesIO(data))
+        weights = tar.extractfile("adapter/adapter_model.safetensors").read()[:-100]  # type: ignore[union-attr]
     with pytest.raises(AdapterRejected, match="bytes of weights"):
-        check(tmp_path, buffer.getvalue())
+        check(tmp_path, replace_members(good, {"adapter/adapter_model.safetensors": weights}))
 
 
 def test_the_final_loss_must_agree_with_reported_progress(tmp_path: Path) -> None:
@@ -106,3 +101,34 @@ def test_the_final_loss_must_agree_with_reported_progress(tmp_path: Path) -> Non
         check(tmp_path, adapter_archive(), final_loss=0.01, losses=[3.0, 2.0])
     with pytest.raises(AdapterRejected, match="no training progress"):
         check(tmp_path, adapter_archive(), losses=[])
+
+
+def raw_header_archive(header: object, data: bytes = b"") -> bytes:
+    """An archive whose safetensors header is exactly `header` (JSON), followed by `data`."""
+    encoded = json.dumps(header).encode()
+    return replace_members(adapter_archive(), {
+        "adapter/adapter_model.safetensors": struct.pack("<Q", len(encoded)) + encoded + data})
+
+
+@pytest.mark.parametrize(("header", "message"), [
+    # Negative dimensions that cancel out, over zero bytes of weights: the bypass a review found.
+    ({"a.lora_A.weight": {"dtype": "F16", "shape": [2 * 100], "data_offsets": [0, 400]},
+      "b.lora_B.weight": {"dtype": "F32", "shape": [-100], "data_offsets": [400, 0]}}, "invalid shape"),
+    ({"a.lora_A.weight": {"dtype": "F32", "shape": ["abc"], "data_offsets": [0, 4]}}, "invalid shape"),
+    ({"a.lora_A.weight": {"dtype": "F32", "shape": [1], "data_offsets": "x"}}, "invalid data offsets"),
+    ({"a.lora_A.weight": {"dtype": "F32", "shape": [2], "data_offsets": [0, 4]}}, "does not span"),
+    ({"a.lora_A.weight": {"dtype": "F32", "shape": [1], "data_offsets": [4, 8]}}, "gaps or overlaps"),
+    (["not", "an", "object"], "malformed header"),
+])
+def test_malformed_safetensors_headers_are_rejected_not_crashes(tmp_path: Path, header: object, message: str) -> None:
+    with pytest.raises(AdapterRejected, match=message):
+        check(tmp_path, raw_header_archive(header, data=bytes(8)))
+
+
+def test_malformed_target_modules_are_rejected(tmp_path: Path) -> None:
+    good = adapter_archive()
+    with tarfile.open(fileobj=io.BytesIO(good), mode="r:gz") as tar:
+        config = json.loads(tar.extractfile("adapter/adapter_config.json").read())  # type: ignore[union-attr]
+    tampered = replace_members(good, {"adapter/adapter_config.json": json.dumps({**config, "target_modules": 5}).encode()})
+    with pytest.raises(AdapterRejected, match="malformed target_modules"):
+        check(tmp_path, tampered)
