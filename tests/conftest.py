@@ -110,6 +110,9 @@ def settings(database_url: str, tmp_path: Path) -> CoordinatorSettings:
     return CoordinatorSettings(
         data_dir=tmp_path / "data", database_url=database_url, storage_dir=tmp_path / "storage",
         auto_migrate=False, max_upload_bytes=64 * 1024,
+        # The app's own periodic sweeps would race the tests that run passes and the reaper themselves;
+        # tests/coordinator/test_tasks.py turns them on where they are the subject.
+        periodic_tasks=False,
     )
 
 

@@ -11,7 +11,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from sqlalchemy.exc import OperationalError
+from sqlalchemy.exc import IntegrityError, OperationalError
 from sqlalchemy.exc import TimeoutError as PoolTimeout
 from sqlalchemy.orm.exc import StaleDataError
 
@@ -126,11 +126,15 @@ _TRANSIENT_SQLSTATES = {"40P01", "40001", "55P03"}  # deadlock, serialization fa
 RETRY_AFTER_S = "1"
 
 
+# A second live lease for a job: two placements raced where SKIP LOCKED is missing (SQLite); one lost, nothing changed.
+_LOST_RACES = ("uq_leases_live_job_id", "UNIQUE constraint failed: leases.job_id")
+
+
 async def _database_busy(request: Request, exc: Exception) -> JSONResponse:
-    assert isinstance(exc, (OperationalError, PoolTimeout))
+    assert isinstance(exc, (OperationalError, PoolTimeout, IntegrityError))
     original = getattr(exc, "orig", None)
     transient = (isinstance(exc, PoolTimeout) or getattr(original, "sqlstate", None) in _TRANSIENT_SQLSTATES
-                 or "database is locked" in str(original))
+                 or "database is locked" in str(original) or any(race in str(original) for race in _LOST_RACES))
     if not transient:
         return await _crash(request, exc)
     log.warning("database busy: %s", exc.__class__.__name__)
@@ -150,4 +154,5 @@ def install(app: FastAPI) -> None:
     app.add_exception_handler(StaleDataError, _concurrent_change)  # a versioned row changed under us
     app.add_exception_handler(OperationalError, _database_busy)
     app.add_exception_handler(PoolTimeout, _database_busy)
+    app.add_exception_handler(IntegrityError, _database_busy)
     app.add_exception_handler(Exception, _crash)

@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
+from sqlalchemy import bindparam, insert, update
 from sqlalchemy.orm import Session
+from sqlalchemy.orm.attributes import set_committed_value
+from sqlalchemy.orm.exc import StaleDataError
 
 from coordinator.db.ids import new_id
 from coordinator.effects import effects
@@ -56,3 +60,46 @@ def change_status(
         session=session, job=job, message=message, level="error" if to is S.failed else level,
         data={"status": to.value, **(data or {})},
     )
+
+
+@dataclass(frozen=True, slots=True)
+class Move:
+    """One job's part in `change_status_many`: the job as read (with its version), and what else changes."""
+
+    job: JobModel
+    message: str
+    data: dict[str, Any]
+    values: dict[str, Any]  # other columns set in the same UPDATE (e.g. the new fencing token)
+
+
+_MOVE = (
+    update(JobModel.__table__)
+    .where(JobModel.__table__.c.id == bindparam("b_id"), JobModel.__table__.c.status == bindparam("b_from"),
+           JobModel.__table__.c.version == bindparam("b_version"))
+)
+
+
+def change_status_many(*, session: Session, moves: list[Move], frm: JobStatus, to: JobStatus) -> None:
+    """`change_status` for a batch (placement passes): one executemany UPDATE guarded by each job's status and
+    version, and one INSERT of the events. Like the ORM's version check, any job changed meanwhile fails the
+    whole batch with StaleDataError. Only moves between non-terminal states, whose only effect is the status."""
+    if not moves:
+        return
+    if to not in TRANSITIONS[frm] or to in TERMINAL or to is S.queued:
+        raise ValueError(f"change_status_many cannot move {frm.value} -> {to.value}")
+    now = utcnow()
+    columns = sorted(moves[0].values)
+    statement = _MOVE.values(status=to.value, version=bindparam("b_next"), updated_at=bindparam("b_now"),
+                             **{c: bindparam(f"v_{c}") for c in columns})
+    rows = [{"b_id": m.job.id, "b_from": frm.value, "b_version": m.job.version, "b_next": m.job.version + 1,
+             "b_now": now, **{f"v_{c}": m.values[c] for c in columns}} for m in moves]
+    result = session.connection().execute(statement, rows)
+    if result.rowcount != len(rows):
+        raise StaleDataError(f"{len(rows) - result.rowcount} of {len(rows)} jobs changed during a batch status change")
+    for m in moves:  # the loaded objects now say what the database says, without another UPDATE
+        for column, value in {"status": to, "version": m.job.version + 1, "updated_at": now, **m.values}.items():
+            set_committed_value(m.job, column, value)
+    session.execute(insert(JobEventModel), [
+        {"id": new_id("ftevent-"), "job_id": m.job.id, "created_at": now, "level": "info", "type": "message",
+         "message": m.message, "data": {"status": to.value, **m.data}} for m in moves
+    ])

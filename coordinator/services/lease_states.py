@@ -31,10 +31,11 @@ def start_lease(
     *, session: Session, job: JobModel, worker: WorkerModel, price_per_gpu_hour: int, resume_checkpoint_id: str | None,
     now: datetime,
 ) -> LeaseModel:
-    job.fencing_token += 1
+    """A new lease with the job's next fencing token; the caller moves the job to running with that token
+    (`job_states.change_status_many`, which writes `jobs.fencing_token`)."""
     gpu_uuid = max(worker.gpus, key=lambda g: g["memory_total_bytes"])["uuid"] if worker.gpus else None
     lease = LeaseModel(
-        id=new_id("lease-"), job_id=job.id, worker_id=worker.id, fencing_token=job.fencing_token,
+        id=new_id("lease-"), job_id=job.id, worker_id=worker.id, fencing_token=job.fencing_token + 1,
         status=LeaseStatus.assigned, gpu_uuid=gpu_uuid, gpu_class=worker.gpu_class,
         ask_price_per_gpu_hour=worker.ask_price_per_gpu_hour, price_per_gpu_hour=price_per_gpu_hour,
         resume_checkpoint_id=resume_checkpoint_id, created_at=now, last_renewed_at=now,

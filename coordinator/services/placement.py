@@ -24,7 +24,7 @@ from sqlalchemy.orm import Session
 
 from coordinator.db.models import JobCheckpointModel, JobModel, JobStatus, LeaseModel, WorkerModel, WorkerState, utcnow
 from coordinator.effects import effects
-from coordinator.services.job_states import change_status
+from coordinator.services.job_states import Move, change_status_many
 from coordinator.services.lease_states import start_lease
 from coordinator.settings import CoordinatorSettings
 from shared.catalog import BaseModelSpec, find_base_model
@@ -153,16 +153,26 @@ def _latest_checkpoints(session: Session, job_ids: list[str]) -> dict[str, str]:
     return latest
 
 
-def _assign(session: Session, job: JobModel, c: Candidate, resume: str | None, now: datetime) -> LeaseModel:
-    lease = start_lease(session=session, job=job, worker=c.worker, price_per_gpu_hour=c.price,
-                        resume_checkpoint_id=resume, now=now)
-    where = f"{c.worker.gpu_name} on worker {c.worker.id}"
-    change_status(session=session, job=job, to=JobStatus.running,
-                  message=f"Placed on {where} at ${micros_to_usd(c.price)}/GPU-hour (lease {lease.id}, "
-                          f"attempt {job.fencing_token})" + (f", resuming from checkpoint {resume}" if resume else ""),
-                  data={"lease_id": lease.id, "worker_id": c.worker.id, "gpu_class": c.worker.gpu_class,
-                        "price_per_gpu_hour": micros_to_usd(c.price)})
-    return lease
+def _assign(session: Session, matches: list[tuple[JobModel, Candidate]], now: datetime) -> list[LeaseModel]:
+    """Leases for the matched pairs and their jobs moved to running, in a few statements for the whole batch."""
+    resume = _latest_checkpoints(session, [job.id for job, _ in matches])
+    leases, moves = [], []
+    for job, c in matches:
+        checkpoint = resume.get(job.id)
+        lease = start_lease(session=session, job=job, worker=c.worker, price_per_gpu_hour=c.price,
+                            resume_checkpoint_id=checkpoint, now=now)
+        leases.append(lease)
+        moves.append(Move(
+            job=job, values={"fencing_token": lease.fencing_token},
+            message=f"Placed on {c.worker.gpu_name} on worker {c.worker.id} at ${micros_to_usd(c.price)}/GPU-hour "
+                    f"(lease {lease.id}, attempt {lease.fencing_token})"
+                    + (f", resuming from checkpoint {checkpoint}" if checkpoint else ""),
+            data={"lease_id": lease.id, "worker_id": c.worker.id, "gpu_class": c.worker.gpu_class,
+                  "price_per_gpu_hour": micros_to_usd(c.price)},
+        ))
+    session.flush()  # the leases exist before the jobs point at their tokens
+    change_status_many(session=session, moves=moves, frm=JobStatus.queued, to=JobStatus.running)
+    return leases
 
 
 def place_queued_jobs(*, session: Session, settings: CoordinatorSettings, limit: int | None = None) -> int:
@@ -188,9 +198,7 @@ def place_queued_jobs(*, session: Session, settings: CoordinatorSettings, limit:
         index = _pick(req, ranked)
         if index is not None:
             matches.append((job, ranked.pop(index)))
-    resume = _latest_checkpoints(session, [job.id for job, _ in matches])
-    for job, c in matches:
-        _assign(session, job, c, resume.get(job.id), now)
+    _assign(session, matches, now)
     session.commit()
     return len(matches)
 
@@ -222,7 +230,7 @@ def place_for_worker(*, session: Session, settings: CoordinatorSettings, worker:
             # A placement pass holds it, and that pass skipped this (locked) worker: run another after us.
             effects(session).placeable = True
             continue
-        lease = _assign(session, locked, c, _latest_checkpoints(session, [job.id]).get(job.id), now)
+        [lease] = _assign(session, [(locked, c)], now)
         session.commit()
         return lease
     session.commit()

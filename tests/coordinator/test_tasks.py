@@ -65,3 +65,30 @@ def test_the_celery_app_registers_every_task_on_a_beat_schedule() -> None:
     scheduled = {entry["task"]: entry["schedule"] for entry in app.conf.beat_schedule.values()}
     assert set(scheduled) == names and scheduled["tunegrid.reap_leases"] == 2
     assert app.conf.broker_url == "redis://127.0.0.1:6379/15" and app.conf.task_acks_late
+
+
+def test_in_embedded_mode_the_app_runs_the_periodic_tasks_itself(settings: CoordinatorSettings, session: Session,  # type: ignore[no-untyped-def]
+                                                                make_caller, training_file: str, customer) -> None:
+    import time  # noqa: PLC0415
+
+    from coordinator.app import create_app  # noqa: PLC0415
+
+    embedded = settings.model_copy(update={"periodic_tasks": None, "sweep_interval_s": 0.2})  # default: on without Redis
+    assert embedded.runs_periodic_tasks
+    app = create_app(embedded)
+    with TestClient(app) as client:
+        provider = make_caller("provider", "pat")
+        agent = FakeAgent.register(client, provider.key)
+        job = client.post("/v1/fine_tuning/jobs", headers=customer.headers,
+                          json={"model": "tunegrid/tiny-llama", "training_file": training_file}).json()
+        a = agent.claim(wait_s=2)
+        assert a is not None
+        session.execute(update(LeaseModel).values(last_renewed_at=utcnow() - timedelta(seconds=settings.lease_grace_s + 5)))
+        session.commit()
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:  # the app's own reaper notices, with no call from the test
+            if client.get(f"/v1/fine_tuning/jobs/{job['id']}", headers=customer.headers).json()["status"] == "queued":
+                break
+            time.sleep(0.1)
+        assert client.get(f"/v1/fine_tuning/jobs/{job['id']}", headers=customer.headers).json()["status"] == "queued"
+    app.state.engine.dispose()

@@ -73,3 +73,36 @@ def test_a_concurrent_status_change_cannot_be_overwritten(session: Session, sett
     engine.dispose()
     session.refresh(job)
     assert job.status is JobStatus.cancelled
+
+
+def test_a_batch_move_writes_every_event_and_fails_whole_if_any_job_changed(session: Session, settings) -> None:  # type: ignore[no-untyped-def]
+    from sqlalchemy import select  # noqa: PLC0415
+    from sqlalchemy.orm.exc import StaleDataError  # noqa: PLC0415
+
+    from coordinator.db.engine import make_engine, make_sessionmaker  # noqa: PLC0415
+    from coordinator.db.models import JobEventModel  # noqa: PLC0415
+    from coordinator.services.job_states import Move, change_status_many  # noqa: PLC0415
+
+    job = _job(session, JobStatus.queued)
+    session.commit()
+    change_status_many(session=session, moves=[Move(job=job, message="placed", data={"lease_id": "l1"},
+                                                    values={"fencing_token": 1})],
+                       frm=JobStatus.queued, to=JobStatus.running)
+    session.commit()
+    session.expire_all()
+    assert (job.status, job.fencing_token, job.version) == (JobStatus.running, 1, 2)
+    events = session.scalars(select(JobEventModel).where(JobEventModel.job_id == job.id)).all()
+    assert [e.data for e in events] == [{"status": "running", "lease_id": "l1"}]
+
+    engine = make_engine(settings)
+    with make_sessionmaker(engine)() as other:
+        stale = other.get(JobModel, job.id)  # read while running, version 2
+        change_status(session=session, job=job, to=JobStatus.paused, message="paused")
+        session.commit()
+        with pytest.raises(StaleDataError):
+            change_status_many(session=other, moves=[Move(job=stale, message="x", data={}, values={})],  # type: ignore[arg-type]
+                               frm=JobStatus.running, to=JobStatus.paused)
+    engine.dispose()
+    with pytest.raises(ValueError):
+        change_status_many(session=session, moves=[Move(job=job, message="x", data={}, values={})],
+                           frm=JobStatus.paused, to=JobStatus.cancelled)

@@ -9,12 +9,13 @@ import pytest
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from coordinator.db.models import JobModel, JobStatus, LeaseModel, Role, WorkerModel, WorkerState, utcnow
-from coordinator.services import workers
+from coordinator.db.models import AccountModel, JobModel, JobStatus, LeaseModel, Role, WorkerModel, WorkerState, utcnow
+from coordinator.services import jobs, workers
 from coordinator.services.keys import create_account
 from coordinator.services.placement import place_queued_jobs
 from coordinator.settings import CoordinatorSettings
 from shared.protocol import WorkerRegister
+from shared.schemas.jobs import JobCreate
 from tests.fakes import gpu, registration
 
 GIB = 1024**3
@@ -41,11 +42,13 @@ def add_worker(session: Session, provider):  # type: ignore[no-untyped-def]
 
 
 @pytest.fixture
-def queue(session: Session, make_caller, client, training_file, create_job):  # type: ignore[no-untyped-def]
+def queue(session: Session, customer, training_file: str):  # type: ignore[no-untyped-def]
+    """Jobs created through the service, so no dispatcher is kicked and no pass but the test's runs."""
+    account = session.get(AccountModel, customer.account_id)
+
     def make(**fields) -> str:  # type: ignore[no-untyped-def]
-        response = create_job(**fields)
-        assert response.status_code == 200, response.text
-        return response.json()["id"]
+        request = JobCreate.model_validate({"model": "tunegrid/tiny-llama", "training_file": training_file, **fields})
+        return jobs.create(session=session, account=account, request=request).id
     return make
 
 
@@ -59,8 +62,7 @@ def run_pass(session: Session, settings: CoordinatorSettings) -> int:
     return place_queued_jobs(session=session, settings=settings)
 
 
-# The API's own dispatcher would place jobs as they are queued; these tests queue first, then add
-# workers, then run the pass themselves, so every decision below is the pass's.
+# These tests queue first, then add workers, then run the pass themselves.
 
 def test_best_throughput_per_dollar_wins(session, settings, add_worker, queue) -> None:  # type: ignore[no-untyped-def]
     job = queue()
