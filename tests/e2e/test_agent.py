@@ -1,0 +1,98 @@
+"""The agent against a real coordinator (uvicorn, SQLite and PostgreSQL): register through the CLI, claim,
+train the tiny model with real 4-bit QLoRA in `ProcessRuntime` on the CPU, upload the adapter, job succeeded.
+This machine has no NVIDIA driver, so the agent runs as a CPU-only worker (its real NVML probe finds no GPU)."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import threading
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+
+from tests.conftest import chat_lines, jsonl
+from tests.e2e.conftest import LiveServer
+from worker.agent import Agent
+from worker.channel import Channel
+from worker.cli import main as worker_cli
+from worker.models import MARKER, ModelCache
+from worker.nvml import GpuProbe
+from worker.policy import PolicyGate, WorkerPolicy
+from worker.runtimes.process import ProcessRuntime
+from worker.settings import WorkerSettings
+
+JOB_TIMEOUT_S = 240
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from worker.trainer.tiny import build  # noqa: PLC0415
+
+    return build(tmp_path_factory.mktemp("tiny-llama"))
+
+
+def worker_settings(tmp_path: Path, tiny_model: Path) -> WorkerSettings:
+    settings = WorkerSettings(config_dir=tmp_path / "config", data_dir=tmp_path / "worker", runtime="process",
+                              claim_wait_s=2, progress_poll_s=0.2, events_flush_s=0.5, backoff_max_s=1)
+    cached = settings.model_cache / "tunegrid" / "tiny-llama"  # the test places the model; real models download
+    shutil.copytree(tiny_model, cached)
+    (cached / MARKER).write_text("tunegrid/tiny-llama")
+    return settings
+
+
+def registered_agent(server: LiveServer, settings: WorkerSettings, monkeypatch: pytest.MonkeyPatch) -> Agent:
+    monkeypatch.setenv("TUNEGRID_WORKER_CONFIG_DIR", str(settings.config_dir))
+    monkeypatch.setenv("TUNEGRID_WORKER_DATA_DIR", str(settings.data_dir))
+    provider = server.new_key("provider", "pat")
+    assert worker_cli(["register", "--coordinator", server.url, "--provider-key", provider, "--price", "0.05",
+                       "--machine-id", "test-pc"]) == 0
+    credentials_file = settings.credentials_path
+    assert credentials_file.stat().st_mode & 0o777 == 0o600
+    credentials = json.loads(credentials_file.read_text())
+    return Agent(settings=settings, channel=Channel(server.url, credentials["worker_token"], settings), probe=GpuProbe(),
+                 gate=PolicyGate(WorkerPolicy()), runtime=ProcessRuntime(), cache=ModelCache(settings.model_cache),
+                 heartbeat_interval_s=1.0)
+
+
+def wait_for(client: httpx.Client, job_id: str, statuses: set[str], timeout_s: float = JOB_TIMEOUT_S) -> dict:  # type: ignore[type-arg]
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        job = client.get(f"/v1/fine_tuning/jobs/{job_id}").json()
+        if job["status"] in statuses:
+            return job
+        time.sleep(0.5)
+    raise AssertionError(f"job {job_id} still {job['status']} after {timeout_s} s")
+
+
+@pytest.mark.live
+def test_the_agent_trains_a_job_end_to_end(live_server: LiveServer, tmp_path: Path, tiny_model: Path,
+                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    settings = worker_settings(tmp_path, tiny_model)
+    agent = registered_agent(live_server, settings, monkeypatch)
+    customer = live_server.new_key("customer", "alice")
+    with httpx.Client(base_url=live_server.url, headers={"Authorization": f"Bearer {customer}"}, timeout=30) as client:
+        file_id = client.post("/v1/files", data={"purpose": "fine-tune"},
+                              files={"file": ("train.jsonl", jsonl(chat_lines(40)))}).json()["id"]
+        job = client.post("/v1/fine_tuning/jobs", json={
+            "model": "tunegrid/tiny-llama", "training_file": file_id, "hyperparameters": {"n_epochs": 2},
+            "lora": {"r": 8}}).json()
+        thread = threading.Thread(target=agent.run, daemon=True)
+        thread.start()
+        try:
+            done = wait_for(client, job["id"], {"succeeded", "failed"})
+        finally:
+            agent.stop()
+            thread.join(timeout=30)
+        assert done["status"] == "succeeded", done
+        events = client.get(f"/v1/fine_tuning/jobs/{job['id']}/events?limit=200").json()["data"]
+        metrics = [e for e in events if e["type"] == "metrics"]
+        assert metrics and all("train_loss" in e["data"] for e in metrics if "step" in e["data"] and "valid_loss" not in e["data"])
+        [adapter_file] = done["result_files"]
+        archive = client.get(f"/v1/files/{adapter_file}/content")
+        assert archive.status_code == 200 and archive.content[:2] == b"\x1f\x8b"  # the PEFT adapter, gzipped
+    assert agent.status.jobs_done == 1 and agent.status.earned_micros >= 0
+    assert not settings.state_path.exists()  # nothing left to deliver
+    assert not any(settings.jobs_dir.iterdir())  # the lease's inputs went with it

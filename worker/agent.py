@@ -1,0 +1,393 @@
+"""The agent's main loop: heartbeat on its own cadence, claim work while the owner's policy allows it, and
+run each job to an outcome the coordinator acknowledged.
+
+A job: fetch the model (cache) and the lease's inputs, write `spec.json`, start the trainer in the runtime,
+relay its progress as events (buffered while the coordinator is unreachable), upload each checkpoint, and
+finish: the adapter and `complete`, or `fail`, or `preempted` when the owner's policy tripped (SIGTERM: the
+trainer checkpoints; the checkpoint goes up first). A cancel, a pause or a lost lease stops it at once.
+The active lease is kept in `state.json`, so a restarted agent finishes reporting what its last run left.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import shutil
+import threading
+import time
+from dataclasses import dataclass, field
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+from shared.money import usd_to_micros
+from shared.protocol import Assignment
+from worker.channel import Channel, ChannelError, CoordinatorUnreachable, LeaseLost, Rejected
+from worker.files import pack_dir, read_json, unpack_checkpoint, write_json_atomic
+from worker.models import ModelCache
+from worker.nvml import GpuProbe, Machine
+from worker.policy import PolicyGate, Verdict
+from worker.progress import ProgressTail, lease_event
+from worker.runtimes.base import JobMount, Running, Runtime
+from worker.settings import WorkerSettings
+
+log = logging.getLogger(__name__)
+EXIT_DONE, EXIT_USER_ERROR, EXIT_WORKER_ERROR, EXIT_PREEMPTED = 0, 3, 4, 5
+IDLE_RECHECK_S = 5.0
+DELIVERY_PAUSE_S = 5.0
+
+
+@dataclass
+class Status:
+    """What the live status line shows."""
+
+    state: str = "starting"
+    reason: str = ""
+    job_id: str | None = None
+    lease_id: str | None = None
+    step: int | None = None
+    total_steps: int | None = None
+    loss: float | None = None
+    temperature_c: float | None = None
+    utilization_pct: float | None = None
+    earned_micros: int = 0
+    jobs_done: int = 0
+    preempt_seconds: list[float] = field(default_factory=list)  # policy trip -> GPU free, measured
+
+
+@dataclass
+class ActiveJob:
+    assignment: Assignment
+    job_dir: Path
+    running: Running | None = None
+    started: float = 0.0
+    energy_start_mj: int | None = None
+    commands: list[str] = field(default_factory=list)
+
+
+class Agent:
+    def __init__(self, *, settings: WorkerSettings, channel: Channel, probe: GpuProbe, gate: PolicyGate,
+                 runtime: Runtime, cache: ModelCache, heartbeat_interval_s: float = 10.0) -> None:
+        self.settings, self.channel, self.probe, self.gate = settings, channel, probe, gate
+        self.runtime, self.cache = runtime, cache
+        self.heartbeat_interval_s = heartbeat_interval_s
+        self.status = Status()
+        self._stop = threading.Event()
+        self._job: ActiveJob | None = None
+        self._commands: queue.Queue[tuple[str, str]] = queue.Queue()
+        self._machine: Machine = probe.machine()
+        self._verdict = Verdict(True)
+        self._lock = threading.Lock()
+
+    # --- outside view -----------------------------------------------------------------------------
+
+    def stop(self) -> None:
+        self._stop.set()
+
+    def run(self) -> None:
+        """Until `stop()`: the heartbeat thread beside the claim-and-run loop."""
+        self._finish_leftover()
+        beat = threading.Thread(target=self._heartbeat_loop, name="heartbeat", daemon=True)
+        beat.start()
+        try:
+            while not self._stop.is_set():
+                self._read_machine()
+                if not self._verdict.allowed:
+                    self._set(state="paused", reason=self._verdict.reason)
+                    self._stop.wait(IDLE_RECHECK_S)
+                    continue
+                self._set(state="idle", reason="")
+                try:
+                    assignment = self.channel.claim(self._claim_body())
+                except CoordinatorUnreachable as exc:
+                    self._set(state="offline", reason=str(exc))
+                    self._stop.wait(IDLE_RECHECK_S)
+                    continue
+                except Rejected as exc:
+                    if exc.status == 401:
+                        raise
+                    log.error("claim refused: %s", exc)
+                    self._stop.wait(IDLE_RECHECK_S)
+                    continue
+                if assignment is not None:
+                    self._run_job(assignment)
+        finally:
+            self._stop.set()
+            beat.join(timeout=self.heartbeat_interval_s + 5)
+
+    # --- readings and heartbeats ------------------------------------------------------------------
+
+    def _set(self, **fields: Any) -> None:
+        with self._lock:
+            for name, value in fields.items():
+                setattr(self.status, name, value)
+
+    def _ours(self) -> set[int]:
+        job = self._job
+        return job.running.pids() if job and job.running else set()
+
+    def _read_machine(self) -> None:
+        machine = self.probe.machine()
+        verdict = self.gate.check(machine, now=datetime.now(), ours=self._ours())
+        gpus = self.gate.shared(machine.gpus)
+        with self._lock:
+            self._machine, self._verdict = machine, verdict
+            if gpus:
+                self.status.temperature_c, self.status.utilization_pct = gpus[0].temperature_c, gpus[0].utilization_pct
+
+    def _telemetry(self) -> list[dict[str, Any]]:
+        return [{k: v for k, v in {
+            "uuid": g.uuid, "utilization_pct": g.utilization_pct, "memory_free_bytes": g.memory_free_bytes,
+            "temperature_c": g.temperature_c, "power_w": g.power_w,
+            "foreign_processes": len(set(g.process_pids) - self._ours()),
+        }.items() if v is not None} for g in self.gate.shared(self._machine.gpus) if g.available]
+
+    def _claim_body(self) -> dict[str, Any]:
+        return {"wait_s": self.settings.claim_wait_s, "gpus": self._telemetry(), "cached_models": self.cache.cached()}
+
+    def _heartbeat_loop(self) -> None:
+        while not self._stop.wait(self.heartbeat_interval_s):
+            try:
+                self._read_machine()
+                job = self._job
+                activity = "working" if job else ("idle" if self._verdict.allowed else "paused_by_owner")
+                body: dict[str, Any] = {"activity": activity, "gpus": self._telemetry()}
+                if not self._verdict.allowed:
+                    body["pause_reason"] = self._verdict.reason
+                if job is not None:
+                    body["lease_id"] = job.assignment.lease_id
+                    if self.status.step is not None:
+                        body["step"] = self.status.step
+                reply = self.channel.heartbeat(body)
+                for command in reply.commands:
+                    self._commands.put((command.type, command.lease_id))
+            except ChannelError as exc:
+                log.info("heartbeat not delivered: %s", exc)
+            except Exception:  # noqa: BLE001 - the heartbeat thread must outlive any single failure
+                log.exception("heartbeat failed")
+
+    # --- a job --------------------------------------------------------------------------------------
+
+    def _persist(self, job: ActiveJob | None, **extra: Any) -> None:
+        if job is None:
+            self.settings.state_path.unlink(missing_ok=True)
+            return
+        write_json_atomic(self.settings.state_path, {
+            "assignment": job.assignment.model_dump(mode="json"), "job_dir": str(job.job_dir), **extra})
+
+    def _prepare(self, job: ActiveJob) -> JobMount:
+        a = job.assignment
+        job.job_dir.mkdir(parents=True, exist_ok=True)
+        model_dir = self.cache.ensure(a.spec.base_model)
+        self.channel.download(a.training_file_url, a.lease_id, a.fencing_token, job.job_dir / "train.jsonl",
+                              a.training_file_sha256)
+        if a.validation_file_url and a.validation_file_sha256:
+            self.channel.download(a.validation_file_url, a.lease_id, a.fencing_token, job.job_dir / "validation.jsonl",
+                                  a.validation_file_sha256)
+        if a.resume_from is not None:
+            archive = self.channel.download(a.resume_from.url, a.lease_id, a.fencing_token,
+                                            job.job_dir / "resume.tar.gz", a.resume_from.sha256)
+            unpack_checkpoint(archive, job.job_dir)  # holds resume/
+            archive.unlink()
+        gpus = self.gate.shared(self._machine.gpus)
+        gpu_index = next((g.index for g in gpus if g.uuid == a.gpu_uuid), gpus[0].index if gpus else None)
+        mount = JobMount(job_dir=job.job_dir, model_dir=model_dir, gpu_index=gpu_index)
+        spec = a.spec.model_copy(update={"model_dir": self.runtime.model_dir_inside(mount)})
+        (job.job_dir / "spec.json").write_text(spec.model_dump_json(indent=2))
+        return mount
+
+    def _energy_mj(self) -> int | None:
+        readings = [g.energy_mj for g in self.gate.shared(self._machine.gpus) if g.energy_mj is not None]
+        return sum(readings) if readings else None
+
+    def _usage(self, job: ActiveJob) -> dict[str, Any]:
+        wall = max(time.monotonic() - job.started, 0.0) if job.started else 0.0
+        self._read_machine()
+        end = self._energy_mj()
+        energy = (end - job.energy_start_mj) / 1000 if end is not None and job.energy_start_mj is not None else None
+        return {"wall_seconds": round(wall, 3), "gpu_seconds": round(wall, 3), "energy_joules": energy}
+
+    def _run_job(self, a: Assignment) -> None:
+        job = ActiveJob(assignment=a, job_dir=self.settings.jobs_dir / a.lease_id)
+        self._job = job
+        self._persist(job)
+        self._set(state="working", job_id=a.job_id, lease_id=a.lease_id, step=None, total_steps=None, loss=None)
+        try:
+            mount = self._prepare(job)
+            job.energy_start_mj = self._energy_mj()
+            job.started = time.monotonic()
+            job.running = self.runtime.start(mount)
+            outcome = self._supervise(job)
+            if outcome is not None:
+                self._deliver(job, *outcome)
+        except LeaseLost as exc:
+            log.warning("lease %s lost: %s", a.lease_id, exc)
+            if job.running:
+                job.running.kill()
+        except Exception as exc:  # noqa: BLE001 - a worker-side failure is reported, never silent
+            log.exception("job %s failed on this worker", a.job_id)
+            if job.running:
+                job.running.kill()
+            self._deliver(job, "fail", {"kind": "worker_error", "message": f"{exc.__class__.__name__}: {exc}"[:2000]})
+        finally:
+            self._job = None
+            self._persist(None)
+            shutil.rmtree(job.job_dir, ignore_errors=True)  # inputs die with the lease
+            self._set(state="idle", job_id=None, lease_id=None)
+
+    def _supervise(self, job: ActiveJob) -> tuple[str, dict[str, Any]] | None:
+        """Relay progress until the trainer exits or must stop; what to report, or None when nothing is to be."""
+        a, running = job.assignment, job.running
+        assert running is not None
+        tail = ProgressTail(job.job_dir / "out" / "progress.jsonl")
+        pending: list[dict[str, Any]] = []
+        checkpoints: list[tuple[int, Path]] = []
+        last_flush, last_error, losses = 0.0, "", []
+        preempting: float | None = None
+        while True:
+            code = running.poll()
+            for line in tail.read():
+                if line.get("type") == "step":
+                    self._set(step=line.get("step"), loss=line.get("loss"))
+                    losses.append(line.get("loss"))
+                elif line.get("type") == "started":
+                    self._set(total_steps=line.get("total_steps"))
+                elif line.get("type") == "checkpoint":
+                    checkpoints.append((int(line["step"]), job.job_dir / line["path"]))
+                elif line.get("type") == "error":
+                    last_error = str(line.get("message", ""))
+                event = lease_event(line)
+                if event is not None:
+                    pending.append({k: v for k, v in event.items() if v is not None})
+            if pending and (code is not None or time.monotonic() - last_flush >= self.settings.events_flush_s):
+                last_flush = time.monotonic()
+                try:
+                    for start in range(0, len(pending), 500):
+                        self.channel.events(a.lease_id, a.fencing_token, pending[start:start + 500])
+                    pending.clear()
+                except CoordinatorUnreachable:
+                    pass  # kept; delivered when the coordinator is back
+            while checkpoints:
+                step, path = checkpoints[0]
+                try:
+                    self._upload_checkpoint(job, step, path)
+                    checkpoints.pop(0)
+                except CoordinatorUnreachable:
+                    break
+            if code is not None:
+                break
+            for kind, lease_id in self._drain_commands():
+                if lease_id == a.lease_id and kind in ("cancel", "pause", "lease_lost"):
+                    log.info("%s for lease %s: stopping the trainer now", kind, lease_id)
+                    running.kill()
+                    return None
+            if preempting is None and not self._verdict.allowed:
+                preempting = time.monotonic()
+                log.info("the owner's policy tripped (%s): stopping the trainer", self._verdict.reason)
+                running.stop(self.settings.stop_grace_s)  # returns once the trainer exited (or was killed)
+                self.status.preempt_seconds.append(time.monotonic() - preempting)
+                continue  # one more round: its last progress lines and checkpoint go up first
+            time.sleep(self.settings.progress_poll_s)
+        usage = self._usage(job)
+        if pending or checkpoints:
+            self._deliver_remaining(job, pending, checkpoints)
+        if preempting is not None or code == EXIT_PREEMPTED:
+            reason = self._verdict.reason or "the trainer was asked to stop"
+            step = self.status.step
+            return "preempted", {"reason": reason, "usage": usage, **({"checkpoint_step": step} if step else {})}
+        if code == EXIT_DONE:
+            return self._completion(job, usage, losses)
+        kind = "user_error" if code == EXIT_USER_ERROR else "worker_error"
+        return "fail", {"kind": kind, "message": last_error or f"the trainer exited with code {code}", "usage": usage}
+
+    def _drain_commands(self) -> list[tuple[str, str]]:
+        drained = []
+        while True:
+            try:
+                drained.append(self._commands.get_nowait())
+            except queue.Empty:
+                return drained
+
+    def _upload_checkpoint(self, job: ActiveJob, step: int, path: Path) -> None:
+        a = job.assignment
+        archive = pack_dir(path, job.job_dir / f"checkpoint-{step}.tar.gz", arcname="resume")
+        try:
+            self.channel.upload(a.lease_id, a.fencing_token, archive, kind="checkpoint", step=step)
+        finally:
+            archive.unlink(missing_ok=True)
+
+    def _deliver_remaining(self, job: ActiveJob, pending: list[dict[str, Any]], checkpoints: list[tuple[int, Path]]) -> None:
+        """After the trainer ended: what could not be sent yet goes now, waiting out an outage."""
+        a = job.assignment
+        while (pending or checkpoints) and not self._stop.is_set():
+            try:
+                if pending:
+                    self.channel.events(a.lease_id, a.fencing_token, pending[:500])
+                    del pending[:500]
+                elif checkpoints:
+                    step, path = checkpoints[0]
+                    self._upload_checkpoint(job, step, path)
+                    checkpoints.pop(0)
+            except CoordinatorUnreachable:
+                self._stop.wait(DELIVERY_PAUSE_S)
+
+    def _completion(self, job: ActiveJob, usage: dict[str, Any], losses: list[Any]) -> tuple[str, dict[str, Any]]:
+        a = job.assignment
+        result = read_json(job.job_dir / "out" / "result.json") or {}
+        adapter = job.job_dir / "out" / "adapter.tar.gz"
+        self._persist(job, delivering="complete")
+        while not self._stop.is_set():
+            try:
+                self.channel.upload(a.lease_id, a.fencing_token, adapter, kind="adapter")
+                break
+            except CoordinatorUnreachable:
+                self._stop.wait(DELIVERY_PAUSE_S)
+        final = next((x for x in reversed(losses) if x is not None), None)
+        return "complete", {
+            "adapter_sha256": result.get("adapter_sha256"), "usage": usage,
+            "result": {"steps": int(result.get("steps", 0)), "trained_tokens": int(result.get("trained_tokens", 0)),
+                       "final_train_loss": final, "final_eval_loss": result.get("valid_loss")},
+        }
+
+    def _deliver(self, job: ActiveJob, outcome: str, body: dict[str, Any]) -> None:
+        """Report how the lease ended, until the coordinator acknowledges it (the adapter is kept until then)."""
+        a = job.assignment
+        body.setdefault("usage", self._usage(job))
+        while True:
+            try:
+                reply = self.channel.finish(a.lease_id, a.fencing_token, outcome, body)
+                log.info("lease %s %s: %s (job %s)", a.lease_id, outcome, reply.status, reply.job_status)
+                if outcome == "complete" and reply.status == "completed":
+                    hours = body["usage"]["wall_seconds"] / 3600
+                    with self._lock:
+                        self.status.earned_micros += int(usd_to_micros(a.ask_price_per_gpu_hour) * hours)
+                        self.status.jobs_done += 1
+                return
+            except CoordinatorUnreachable:
+                if self._stop.wait(DELIVERY_PAUSE_S):
+                    return  # stopping: state.json keeps it for the next start
+            except (LeaseLost, Rejected) as exc:
+                log.warning("lease %s: %s not accepted: %s", a.lease_id, outcome, exc)
+                return
+
+    def _finish_leftover(self) -> None:
+        """A previous run stopped mid-job: its trainer is gone with it, so report the lease as a worker error
+        (or deliver a finished adapter) and clean up."""
+        state = read_json(self.settings.state_path)
+        if not state:
+            return
+        try:
+            assignment = Assignment.model_validate(state["assignment"])
+        except Exception:  # noqa: BLE001 - an unreadable state file is dropped
+            self._persist(None)
+            return
+        job = ActiveJob(assignment=assignment, job_dir=Path(state["job_dir"]))
+        result = read_json(job.job_dir / "out" / "result.json")
+        if result and (job.job_dir / "out" / "adapter.tar.gz").is_file():
+            outcome, body = self._completion(job, {"wall_seconds": 0, "gpu_seconds": 0}, [])
+        else:
+            outcome, body = "fail", {"kind": "worker_error", "message": "the agent restarted during the job",
+                                     "usage": {"wall_seconds": 0, "gpu_seconds": 0}}
+        self._deliver(job, outcome, body)
+        self._persist(None)
+        shutil.rmtree(job.job_dir, ignore_errors=True)

@@ -1,0 +1,184 @@
+"""The agent's one link to the coordinator: every call, its timeouts, retries and the fencing token.
+
+Transport failures, 5xx, 429 and 503 are retried with exponential backoff and full jitter, a bounded number
+of times, honouring Retry-After; then `CoordinatorUnreachable` tells the caller to keep what it has and try
+later. `409 lease_lost` raises `LeaseLost` (stop that job now). Other 4xx raise `Rejected`: retrying an
+invalid request cannot help.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+from shared.protocol import (
+    FENCING_TOKEN_HEADER, PROTOCOL_HEADER, PROTOCOL_VERSION, SHA256_HEADER, Assignment, ClaimReply, HeartbeatReply,
+    LeaseReply, WorkerRegister, WorkerRegistered,
+)
+from worker.files import CHUNK, sha256_file
+from worker.settings import WorkerSettings
+
+log = logging.getLogger(__name__)
+RETRYABLE = frozenset({429, 500, 502, 503, 504})
+
+
+class ChannelError(Exception):
+    pass
+
+
+class CoordinatorUnreachable(ChannelError):
+    """No answer after every retry: keep the job running and the results on disk, and try again later."""
+
+
+class LeaseLost(ChannelError):
+    """The coordinator no longer knows this lease as current: stop its container at once."""
+
+
+class Rejected(ChannelError):
+    def __init__(self, status: int, message: str, code: str | None) -> None:
+        super().__init__(f"{status} {code}: {message}")
+        self.status, self.code = status, code
+
+
+def _error(response: httpx.Response) -> tuple[str, str | None]:
+    try:
+        body = response.json()["error"]
+        return str(body.get("message")), body.get("code")
+    except Exception:  # noqa: BLE001 - not our envelope (a proxy's page)
+        return response.text[:200], None
+
+
+class Channel:
+    def __init__(self, url: str, token: str | None, settings: WorkerSettings, *,
+                 transport: httpx.BaseTransport | None = None, sleep: Callable[[float], None] = time.sleep) -> None:
+        self.settings = settings
+        self._sleep = sleep
+        headers = {PROTOCOL_HEADER: str(PROTOCOL_VERSION), "User-Agent": "tunegrid-worker"}
+        if token:
+            headers["Authorization"] = f"Bearer {token}"
+        self._client = httpx.Client(
+            base_url=url.rstrip("/"), headers=headers, transport=transport,
+            timeout=httpx.Timeout(settings.read_timeout_s, connect=settings.connect_timeout_s),
+        )
+
+    def close(self) -> None:
+        self._client.close()
+
+    # --- the retry loop ---------------------------------------------------------------------------
+
+    def _backoff(self, attempt: int, retry_after: str | None) -> float:
+        if retry_after and retry_after.isdigit():
+            return min(float(retry_after), self.settings.backoff_max_s)
+        ceiling = min(self.settings.backoff_max_s, self.settings.backoff_base_s * 2 ** attempt)
+        return random.uniform(0, ceiling)  # full jitter: a fleet that lost the coordinator does not return in step
+
+    def call(self, method: str, path: str, *, attempts: int | None = None, timeout: float | None = None,
+             content: Callable[[], Any] | None = None, **kwargs: Any) -> httpx.Response:
+        """The request, retried as the module says. `content` is a factory so a retried upload starts over."""
+        tries = attempts or self.settings.max_attempts
+        last = "no attempt"
+        for attempt in range(tries):
+            try:
+                response = self._client.request(
+                    method, path, content=content() if content else None,
+                    timeout=httpx.Timeout(timeout, connect=self.settings.connect_timeout_s) if timeout else httpx.USE_CLIENT_DEFAULT,
+                    **kwargs)
+            except httpx.TransportError as exc:
+                last = f"{exc.__class__.__name__}: {exc}"
+                retry_after = None
+            else:
+                if response.status_code < 400:
+                    return response
+                message, code = _error(response)
+                if response.status_code == 409 and code == "lease_lost":
+                    raise LeaseLost(message)
+                if response.status_code not in RETRYABLE:
+                    raise Rejected(response.status_code, message, code)
+                last, retry_after = f"{response.status_code} {message}", response.headers.get("Retry-After")
+            if attempt + 1 < tries:
+                delay = self._backoff(attempt, retry_after)
+                log.info("%s %s failed (%s); retrying in %.1f s", method, path, last, delay)
+                self._sleep(delay)
+        raise CoordinatorUnreachable(f"{method} {path}: {last}")
+
+    # --- the protocol -----------------------------------------------------------------------------
+
+    def register(self, provider_key: str, registration: WorkerRegister) -> WorkerRegistered:
+        response = self.call("POST", "/v1/workers/register", json=registration.model_dump(mode="json"),
+                             headers={"Authorization": f"Bearer {provider_key}"})
+        return WorkerRegistered.model_validate(response.json())
+
+    def heartbeat(self, body: dict[str, Any]) -> HeartbeatReply:
+        # One try: the next heartbeat comes soon anyway, and a stale one is worth nothing.
+        return HeartbeatReply.model_validate(self.call("POST", "/v1/workers/heartbeat", json=body, attempts=1).json())
+
+    def claim(self, body: dict[str, Any]) -> Assignment | None:
+        wait = float(body.get("wait_s", 0))
+        response = self.call("POST", "/v1/workers/claim", json=body, timeout=self.settings.read_timeout_s + wait,
+                             attempts=1)
+        return ClaimReply.model_validate(response.json()).assignment
+
+    def _lease(self, lease_id: str, token: int) -> dict[str, str]:
+        return {FENCING_TOKEN_HEADER: str(token)}
+
+    def events(self, lease_id: str, token: int, events: list[dict[str, Any]]) -> LeaseReply:
+        response = self.call("POST", f"/v1/workers/leases/{lease_id}/events", json={"events": events},
+                             headers=self._lease(lease_id, token))
+        return LeaseReply.model_validate(response.json())
+
+    def download(self, url: str, lease_id: str, token: int, target: Path, sha256: str) -> Path:
+        """Stream a lease input to `target`, checked against `sha256`; retried from the start when cut."""
+        for attempt in range(self.settings.max_attempts):
+            tmp = target.with_name(f".{target.name}.part")
+            try:
+                with self._client.stream("GET", url, headers=self._lease(lease_id, token)) as response:
+                    if response.status_code >= 400:
+                        response.read()
+                        message, code = _error(response)
+                        if code == "lease_lost":
+                            raise LeaseLost(message)
+                        if response.status_code not in RETRYABLE:
+                            raise Rejected(response.status_code, message, code)
+                        raise httpx.TransportError(f"{response.status_code} {message}")
+                    target.parent.mkdir(parents=True, exist_ok=True)
+                    with tmp.open("wb") as f:
+                        for chunk in response.iter_bytes(CHUNK):
+                            f.write(chunk)
+                if sha256_file(tmp) != sha256:
+                    raise httpx.TransportError(f"{url} arrived with the wrong sha256")
+                tmp.replace(target)
+                return target
+            except httpx.TransportError as exc:
+                tmp.unlink(missing_ok=True)
+                if attempt + 1 == self.settings.max_attempts:
+                    raise CoordinatorUnreachable(f"GET {url}: {exc}") from None
+                self._sleep(self._backoff(attempt, None))
+        raise AssertionError("unreachable")
+
+    def upload(self, lease_id: str, token: int, path: Path, *, kind: str, step: int | None = None) -> dict[str, Any]:
+        """Stream a checkpoint or the adapter with its sha256; the coordinator stores nothing unless it matches."""
+        digest = sha256_file(path)
+
+        def body() -> Iterator[bytes]:
+            with path.open("rb") as f:
+                while chunk := f.read(CHUNK):
+                    yield chunk
+
+        url = f"/v1/workers/leases/{lease_id}/" + ("adapter" if kind == "adapter" else "checkpoints")
+        response = self.call("PUT", url, content=body, params={"step": step} if step is not None else None,
+                             headers={**self._lease(lease_id, token), SHA256_HEADER: digest,
+                                      "Content-Type": "application/octet-stream"},
+                             timeout=max(self.settings.read_timeout_s, 600))
+        return response.json()
+
+    def finish(self, lease_id: str, token: int, outcome: str, body: dict[str, Any]) -> LeaseReply:
+        """`outcome`: complete, fail or preempted. Idempotent on the coordinator, so retrying is safe."""
+        response = self.call("POST", f"/v1/workers/leases/{lease_id}/{outcome}", json=body,
+                             headers=self._lease(lease_id, token))
+        return LeaseReply.model_validate(response.json())

@@ -1,0 +1,63 @@
+"""Small, portable file helpers: atomic JSON writes (owner-only when secret) and sha256 of files and trees."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tarfile
+import tempfile
+from pathlib import Path
+from typing import Any
+
+CHUNK = 1024 * 1024
+
+
+def write_json_atomic(path: Path, data: Any, *, private: bool = False) -> None:
+    """Write to a temporary file in the same folder, then rename: a crash leaves the old or the new file, never
+    half of one. `private`: readable by the owner only (0600 on POSIX; on Windows the user's profile folder
+    already is)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    try:
+        if private and os.name == "posix":
+            os.fchmod(fd, 0o600)
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            json.dump(data, f, indent=2)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def read_json(path: Path) -> Any | None:
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        return None
+
+
+def sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as f:
+        while chunk := f.read(CHUNK):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def pack_dir(source: Path, archive: Path, arcname: str) -> Path:
+    """`source` as a .tar.gz with its files under `arcname/` (a checkpoint to upload)."""
+    tmp = archive.with_name(f".{archive.name}.tmp")
+    with tarfile.open(tmp, "w:gz") as tar:
+        tar.add(source, arcname=arcname)
+    os.replace(tmp, archive)
+    return archive
+
+
+def unpack_checkpoint(archive: Path, target: Path) -> None:
+    """Extract a checkpoint archive from the coordinator into `target`, refusing links and paths that escape it."""
+    target.mkdir(parents=True, exist_ok=True)
+    with tarfile.open(archive, "r:gz") as tar:
+        tar.extractall(target, filter="data")

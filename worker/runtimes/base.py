@@ -1,0 +1,48 @@
+"""The interface every runtime implements: start the trainer on a job directory, watch it, stop it."""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+from pathlib import Path
+
+
+@dataclass(frozen=True, slots=True)
+class JobMount:
+    """What a trainer sees: its job directory (read-write) and the model it trains (read-only)."""
+
+    job_dir: Path
+    model_dir: Path
+    gpu_index: int | None  # None: train on the CPU
+
+
+class Running(ABC):
+    """A started trainer."""
+
+    @abstractmethod
+    def poll(self) -> int | None:
+        """The exit code once it has ended, else None."""
+
+    @abstractmethod
+    def stop(self, grace_s: float) -> int:
+        """Ask it to stop (SIGTERM: the trainer checkpoints first), kill it after `grace_s`; its exit code."""
+
+    @abstractmethod
+    def kill(self) -> None:
+        """End it now (a cancel or a lost lease: its work is not wanted)."""
+
+    @abstractmethod
+    def pids(self) -> set[int]:
+        """Its process ids as the host (and NVML) sees them: our own use of the GPU, not the owner's."""
+
+
+class Runtime(ABC):
+    name: str
+
+    @abstractmethod
+    def start(self, mount: JobMount) -> Running:
+        """Start the trainer; `mount.job_dir/spec.json` has `model_dir` as this runtime's trainer will see it."""
+
+    @abstractmethod
+    def model_dir_inside(self, mount: JobMount) -> str:
+        """The model directory as the trainer sees it (the spec's `model_dir`)."""
