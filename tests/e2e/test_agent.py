@@ -96,3 +96,63 @@ def test_the_agent_trains_a_job_end_to_end(live_server: LiveServer, tmp_path: Pa
     assert agent.status.jobs_done == 1 and agent.status.earned_micros >= 0
     assert not settings.state_path.exists()  # nothing left to deliver
     assert not any(settings.jobs_dir.iterdir())  # the lease's inputs went with it
+
+
+@pytest.mark.live
+def test_the_owners_game_preempts_the_job_and_it_resumes_elsewhere(
+    live_server: LiveServer, tmp_path: Path, tiny_model: Path, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Worker A's GPU is a fake NVML layer (no NVIDIA driver here), so the test can start the owner's game on it."""
+    from argparse import Namespace  # noqa: PLC0415
+    from decimal import Decimal  # noqa: PLC0415
+
+    from tests.worker.fake_nvml import FakeNvml  # noqa: PLC0415
+    from worker.cli import register  # noqa: PLC0415
+
+    nvml = FakeNvml()
+    settings_a = worker_settings(tmp_path / "a", tiny_model)
+    monkeypatch.setenv("TUNEGRID_WORKER_CONFIG_DIR", str(settings_a.config_dir))
+    provider = live_server.new_key("provider", "pat")
+    assert register(settings_a, GpuProbe(nvml), Namespace(
+        coordinator=live_server.url, provider_key=provider, price=Decimal("0.05"), name="gaming-pc",
+        machine_id="gaming-pc")) == 0
+    token_a = json.loads(settings_a.credentials_path.read_text())["worker_token"]
+    agent_a = Agent(settings=settings_a, channel=Channel(live_server.url, token_a, settings_a), probe=GpuProbe(nvml),
+                    gate=PolicyGate(WorkerPolicy(idle_grace_s=600)), runtime=ProcessRuntime(),
+                    cache=ModelCache(settings_a.model_cache), heartbeat_interval_s=0.5)
+    agent_b = registered_agent(live_server, worker_settings(tmp_path / "b", tiny_model), monkeypatch)
+    customer = live_server.new_key("customer", "alice")
+    threads = []
+    with httpx.Client(base_url=live_server.url, headers={"Authorization": f"Bearer {customer}"}, timeout=30) as client:
+        file_id = client.post("/v1/files", data={"purpose": "fine-tune"},
+                              files={"file": ("train.jsonl", jsonl(chat_lines(60)))}).json()["id"]
+        job = client.post("/v1/fine_tuning/jobs", json={
+            "model": "tunegrid/tiny-llama", "training_file": file_id,
+            "hyperparameters": {"n_epochs": 30, "batch_size": 1}}).json()
+        try:
+            threads.append(threading.Thread(target=agent_a.run, daemon=True))
+            threads[-1].start()
+            deadline = time.monotonic() + JOB_TIMEOUT_S
+            while (agent_a.status.step or 0) < 3:
+                assert time.monotonic() < deadline, "worker A never started training"
+                time.sleep(0.1)
+            nvml.processes = [99999]  # the owner starts a game on the GPU
+            queued = wait_for(client, job["id"], {"queued", "failed", "succeeded"})
+            assert queued["status"] == "queued"
+            assert agent_a.status.preempt_seconds and agent_a.status.preempt_seconds[0] < 30
+            print(f"policy trip -> trainer stopped: {agent_a.status.preempt_seconds[0]:.2f} s")
+            checkpoints = client.get(f"/v1/fine_tuning/jobs/{job['id']}/checkpoints").json()["data"]
+            assert checkpoints, "the trainer's checkpoint on SIGTERM was uploaded"
+            threads.append(threading.Thread(target=agent_b.run, daemon=True))
+            threads[-1].start()
+            done = wait_for(client, job["id"], {"succeeded", "failed"})
+        finally:
+            agent_a.stop()
+            agent_b.stop()
+            for thread in threads:
+                thread.join(timeout=30)
+        assert done["status"] == "succeeded", done
+        messages = [e["message"] for e in client.get(f"/v1/fine_tuning/jobs/{job['id']}/events?limit=1000").json()["data"]]
+        assert any("needed it back" in m for m in messages)
+        assert any("resuming from checkpoint" in m for m in messages)
+        assert any("resuming from step" in m for m in messages)  # the second trainer started from the checkpoint
