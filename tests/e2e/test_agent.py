@@ -156,3 +156,49 @@ def test_the_owners_game_preempts_the_job_and_it_resumes_elsewhere(
         assert any("needed it back" in m for m in messages)
         assert any("resuming from checkpoint" in m for m in messages)
         assert any("resuming from step" in m for m in messages)  # the second trainer started from the checkpoint
+
+
+@pytest.mark.live
+def test_the_agent_rides_out_a_coordinator_outage(tmp_path: Path, tiny_model: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The coordinator process goes away mid-job and comes back on the same port (SQLite, embedded)."""
+    import os  # noqa: PLC0415
+
+    from tests.e2e.conftest import _free_port, start_server, stop_server  # noqa: PLC0415
+
+    port = _free_port()
+    env = {**os.environ, "TUNEGRID_DATA_DIR": str(tmp_path / "data"), "TUNEGRID_PORT": str(port),
+           "TUNEGRID_LOG_LEVEL": "warning"}
+    env.pop("TUNEGRID_DATABASE_URL", None)
+    server = LiveServer(url=f"http://127.0.0.1:{port}", env=env)
+    process = start_server(env, tmp_path / "server-1.log", server.url)
+    agent = registered_agent(server, worker_settings(tmp_path / "w", tiny_model), monkeypatch)
+    customer = server.new_key("customer", "alice")
+    thread = threading.Thread(target=agent.run, daemon=True)
+    try:
+        with httpx.Client(base_url=server.url, headers={"Authorization": f"Bearer {customer}"}, timeout=30) as client:
+            file_id = client.post("/v1/files", data={"purpose": "fine-tune"},
+                                  files={"file": ("train.jsonl", jsonl(chat_lines(60)))}).json()["id"]
+            job = client.post("/v1/fine_tuning/jobs", json={
+                "model": "tunegrid/tiny-llama", "training_file": file_id,
+                "hyperparameters": {"n_epochs": 12, "batch_size": 1}}).json()
+            thread.start()
+            deadline = time.monotonic() + JOB_TIMEOUT_S
+            while (agent.status.step or 0) < 2:
+                assert time.monotonic() < deadline, "training never started"
+                time.sleep(0.1)
+            stop_server(process)  # the coordinator is gone
+            outage_step = agent.status.step or 0
+            time.sleep(6)
+            assert (agent.status.step or 0) > outage_step  # the job kept training through it
+            process = start_server(env, tmp_path / "server-2.log", server.url)
+            done = wait_for(client, job["id"], {"succeeded", "failed"})
+            assert done["status"] == "succeeded", done
+            steps = [e["data"]["step"] for e in client.get(f"/v1/fine_tuning/jobs/{job['id']}/events?limit=1000").json()["data"]
+                     if e["type"] == "metrics" and "train_loss" in e["data"]]
+            assert len(steps) == len(set(steps)) and max(steps) > outage_step + 1  # buffered events arrived, once
+            assert set(range(1, max(steps) + 1)) <= set(steps)  # none lost in the outage
+    finally:
+        agent.stop()
+        if thread.is_alive():
+            thread.join(timeout=30)
+        stop_server(process)
