@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 EXTRAS ?= coordinator,worker,trainer,dev
 
-.PHONY: install test serve bench bench-trainer bench-scheduler bench-heartbeats bench-dispatch clean
+.PHONY: install test serve bench bench-trainer bench-scheduler bench-heartbeats bench-dispatch bench-agent clean
 
 install: $(VENV)/.installed
 
@@ -36,6 +36,9 @@ bench-heartbeats: install
 
 bench-dispatch: install
 	$(PY) bench/dispatch.py
+
+bench-agent: install
+	$(PY) bench/agent.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache .hypothesis *.egg-info
