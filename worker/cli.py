@@ -22,6 +22,7 @@ from worker.models import ModelCache
 from worker.nvml import GpuProbe, Machine
 from worker.policy import PolicyGate, load_policy, save_policy
 from worker.runtimes.base import Runtime
+from worker.runtimes.docker import DockerRuntime
 from worker.runtimes.process import ProcessRuntime
 from worker.settings import WorkerSettings
 
@@ -108,8 +109,12 @@ def _version() -> str:
         return "dev"
 
 def choose_runtime(settings: WorkerSettings) -> Runtime:
-    if settings.runtime == "docker":
-        raise SystemExit("The Docker runtime is not built yet; use --runtime process.")
+    """Docker when asked, or by default when an engine holds the trainer image; else the trainer as a subprocess."""
+    if settings.runtime == "docker" or (settings.runtime == "auto" and DockerRuntime.available(settings.image)):
+        if not DockerRuntime.available(settings.image):
+            raise SystemExit(f"No Docker engine with the image {settings.image}: build worker/trainer/Dockerfile "
+                             "or run with --runtime process.")
+        return DockerRuntime(image=settings.image)
     return ProcessRuntime()
 
 def run(settings: WorkerSettings, probe: GpuProbe, args: argparse.Namespace) -> int:
