@@ -58,8 +58,9 @@ def wait(running, timeout_s: float = 240) -> int:  # type: ignore[no-untyped-def
 
 
 PROBE = """
-import socket, time, pathlib
+import socket, tempfile, time, pathlib
 time.sleep(1.5)
+tempfile.NamedTemporaryFile().close()  # the root filesystem is read-only; temporary files must still work
 try:
     socket.create_connection(("1.1.1.1", 80), timeout=2)
     verdict = "network OPEN"

@@ -17,6 +17,8 @@ from worker.runtimes.base import JobMount, Running, Runtime
 
 log = logging.getLogger(__name__)
 JOB, MODEL = "/job", "/model"
+# The only writable place besides the job: a tmpfs of its own (not /tmp, which bind mounts may sit under).
+SCRATCH = "/scratch"
 NOBODY = "65534:65534"  # for images without a user of their own
 
 
@@ -106,9 +108,9 @@ class DockerRuntime(Runtime):
         container = self.client.containers.run(
             self.image, self.command, detach=True, network_mode="none", mem_limit=self.memory_bytes,
             memswap_limit=self.memory_bytes, nano_cpus=int(self.cpus * 1e9), pids_limit=self.pids_limit,
-            user=self.user or "", read_only=True, tmpfs={"/tmp": "size=1g"}, cap_drop=["ALL"],
+            user=self.user or "", read_only=True, tmpfs={SCRATCH: "size=1g,mode=1777"}, cap_drop=["ALL"],
             security_opt=["no-new-privileges"], device_requests=devices,
-            environment={"PYTHONUNBUFFERED": "1", "HOME": "/tmp", "HF_HUB_OFFLINE": "1"},
+            environment={"PYTHONUNBUFFERED": "1", "HOME": SCRATCH, "TMPDIR": SCRATCH, "HF_HUB_OFFLINE": "1"},
             volumes={str(mount.job_dir): {"bind": JOB, "mode": "rw"}, str(mount.model_dir): {"bind": MODEL, "mode": "ro"},
                      **self.extra_volumes},
             working_dir=self.working_dir, labels={"tunegrid.job_dir": str(mount.job_dir)},
