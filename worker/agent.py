@@ -62,7 +62,9 @@ class ActiveJob:
     running: Running | None = None
     started: float = 0.0
     energy_start_mj: int | None = None
-    commands: list[str] = field(default_factory=list)
+    handle: dict[str, Any] = field(default_factory=dict)  # finds the trainer again after an agent restart
+    started_epoch: float = 0.0
+    progress_offset: int = 0  # progress.jsonl up to here has reached the coordinator
 
 
 class Agent:
@@ -86,10 +88,10 @@ class Agent:
 
     def run(self) -> None:
         """Until `stop()`: the heartbeat thread beside the claim-and-run loop."""
-        self._finish_leftover()
         beat = threading.Thread(target=self._heartbeat_loop, name="heartbeat", daemon=True)
         beat.start()
         try:
+            self._finish_leftover()
             while not self._stop.is_set():
                 self._read_machine()
                 if not self._verdict.allowed:
@@ -173,7 +175,8 @@ class Agent:
             self.settings.state_path.unlink(missing_ok=True)
             return
         write_json_atomic(self.settings.state_path, {
-            "assignment": job.assignment.model_dump(mode="json"), "job_dir": str(job.job_dir), **extra})
+            "assignment": job.assignment.model_dump(mode="json"), "job_dir": str(job.job_dir), "handle": job.handle,
+            "started_epoch": job.started_epoch, "progress_offset": job.progress_offset, **extra})
 
     def _prepare(self, job: ActiveJob) -> JobMount:
         a = job.assignment
@@ -217,6 +220,8 @@ class Agent:
             job.energy_start_mj = self._energy_mj()
             job.started = time.monotonic()
             job.running = self.runtime.start(mount)
+            job.handle, job.started_epoch = job.running.handle(), time.time()
+            self._persist(job)
             outcome = self._supervise(job)
             if outcome is not None:
                 self._deliver(job, *outcome)
@@ -239,7 +244,7 @@ class Agent:
         """Relay progress until the trainer exits or must stop; what to report, or None when nothing is to be."""
         a, running = job.assignment, job.running
         assert running is not None
-        tail = ProgressTail(job.job_dir / "out" / "progress.jsonl")
+        tail = ProgressTail(job.job_dir / "out" / "progress.jsonl", job.progress_offset)
         pending: list[dict[str, Any]] = []
         checkpoints: list[tuple[int, Path]] = []
         last_flush, last_error, losses = 0.0, "", []
@@ -265,6 +270,9 @@ class Agent:
                     for start in range(0, len(pending), 500):
                         self.channel.events(a.lease_id, a.fencing_token, pending[start:start + 500])
                     pending.clear()
+                    if not checkpoints:  # everything read so far is delivered: a restart resumes reading here
+                        job.progress_offset = tail.offset
+                        self._persist(job)
                 except CoordinatorUnreachable:
                     pass  # kept; delivered when the coordinator is back
             while checkpoints:
@@ -371,8 +379,9 @@ class Agent:
                 return
 
     def _finish_leftover(self) -> None:
-        """A previous run stopped mid-job: its trainer is gone with it, so report the lease as a worker error
-        (or deliver a finished adapter) and clean up."""
+        """A previous run stopped mid-job. If its trainer still runs (a container, or a subprocess in its own
+        session), supervise it again from where its progress was last delivered; otherwise deliver a finished
+        adapter, or report the lease as a worker error. Then clean up."""
         state = read_json(self.settings.state_path)
         if not state:
             return
@@ -381,13 +390,33 @@ class Agent:
         except Exception:  # noqa: BLE001 - an unreadable state file is dropped
             self._persist(None)
             return
-        job = ActiveJob(assignment=assignment, job_dir=Path(state["job_dir"]))
-        result = read_json(job.job_dir / "out" / "result.json")
-        if result and (job.job_dir / "out" / "adapter.tar.gz").is_file():
-            outcome, body = self._completion(job, {"wall_seconds": 0, "gpu_seconds": 0}, [])
+        job = ActiveJob(assignment=assignment, job_dir=Path(state["job_dir"]), handle=state.get("handle") or {},
+                        started_epoch=float(state.get("started_epoch") or 0.0),
+                        progress_offset=int(state.get("progress_offset") or 0))
+        running = self.runtime.reattach(job.handle, job.job_dir) if job.handle else None
+        if running is not None:
+            log.info("reattached to the trainer of lease %s", assignment.lease_id)
+            job.running = running
+            job.started = time.monotonic() - max(time.time() - job.started_epoch, 0.0)
+            self._job = job
+            self._set(state="working", job_id=assignment.job_id, lease_id=assignment.lease_id)
+            try:
+                outcome = self._supervise(job)
+                if outcome is not None:
+                    self._deliver(job, *outcome)
+            except LeaseLost as exc:
+                log.warning("lease %s lost: %s", assignment.lease_id, exc)
+                running.kill()
+            finally:
+                self._job = None
         else:
-            outcome, body = "fail", {"kind": "worker_error", "message": "the agent restarted during the job",
-                                     "usage": {"wall_seconds": 0, "gpu_seconds": 0}}
-        self._deliver(job, outcome, body)
+            result = read_json(job.job_dir / "out" / "result.json")
+            if result and (job.job_dir / "out" / "adapter.tar.gz").is_file():
+                outcome, body = self._completion(job, {"wall_seconds": 0, "gpu_seconds": 0}, [])
+            else:
+                outcome, body = "fail", {"kind": "worker_error", "message": "the agent restarted during the job",
+                                         "usage": {"wall_seconds": 0, "gpu_seconds": 0}}
+            self._deliver(job, outcome, body)
         self._persist(None)
         shutil.rmtree(job.job_dir, ignore_errors=True)
+        self._set(state="idle", job_id=None, lease_id=None)

@@ -10,9 +10,13 @@ from typing import Any
 class ProgressTail:
     """New complete lines of a file that another process appends to (a partial last line waits for its end)."""
 
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, offset: int = 0) -> None:
         self.path = path
-        self._offset = 0
+        self._offset = offset
+
+    @property
+    def offset(self) -> int:
+        return self._offset
 
     def read(self) -> list[dict[str, Any]]:
         try:

@@ -202,3 +202,59 @@ def test_the_agent_rides_out_a_coordinator_outage(tmp_path: Path, tiny_model: Pa
         if thread.is_alive():
             thread.join(timeout=30)
         stop_server(process)
+
+
+@pytest.mark.live
+def test_a_restarted_agent_reattaches_to_its_running_trainer(live_server: LiveServer, tmp_path: Path, tiny_model: Path,
+                                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    """`tunegrid-worker run` is killed with SIGKILL mid-job; its trainer (own session) keeps going, and the next
+    agent picks it up from state.json and finishes the job, delivering each step's event once."""
+    import os  # noqa: PLC0415
+    import signal  # noqa: PLC0415
+    import subprocess  # noqa: PLC0415
+    import sys  # noqa: PLC0415
+
+    settings = worker_settings(tmp_path, tiny_model)
+    agent = registered_agent(live_server, settings, monkeypatch)
+    env = {**os.environ, "TUNEGRID_WORKER_CONFIG_DIR": str(settings.config_dir),
+           "TUNEGRID_WORKER_DATA_DIR": str(settings.data_dir), "TUNEGRID_WORKER_CLAIM_WAIT_S": "2",
+           "TUNEGRID_WORKER_PROGRESS_POLL_S": "0.2", "TUNEGRID_WORKER_EVENTS_FLUSH_S": "0.5"}
+    customer = live_server.new_key("customer", "alice")
+    first = subprocess.Popen([str(Path(sys.executable).parent / "tunegrid-worker"), "run", "--runtime", "process",
+                              "--heartbeat-interval", "1"], env=env, stdout=subprocess.DEVNULL,
+                             stderr=open(tmp_path / "agent-1.log", "w"))  # noqa: SIM115
+    thread = threading.Thread(target=agent.run, daemon=True)
+    try:
+        with httpx.Client(base_url=live_server.url, headers={"Authorization": f"Bearer {customer}"}, timeout=30) as client:
+            file_id = client.post("/v1/files", data={"purpose": "fine-tune"},
+                                  files={"file": ("train.jsonl", jsonl(chat_lines(60)))}).json()["id"]
+            job = client.post("/v1/fine_tuning/jobs", json={
+                "model": "tunegrid/tiny-llama", "training_file": file_id,
+                "hyperparameters": {"n_epochs": 12, "batch_size": 1}}).json()
+
+            def metric_steps() -> list[int]:
+                events = client.get(f"/v1/fine_tuning/jobs/{job['id']}/events?limit=1000").json()["data"]
+                return [e["data"]["step"] for e in events if e["type"] == "metrics" and "train_loss" in e["data"]]
+
+            deadline = time.monotonic() + JOB_TIMEOUT_S
+            while len(metric_steps()) < 3:
+                assert time.monotonic() < deadline and first.poll() is None, (tmp_path / "agent-1.log").read_text()
+                time.sleep(0.2)
+            first.send_signal(signal.SIGKILL)  # the agent dies; its trainer does not
+            first.wait(timeout=10)
+            state = json.loads(settings.state_path.read_text())
+            assert os.path.exists(f"/proc/{state['handle']['pid']}")  # the trainer still runs, orphaned
+            thread.start()  # a new agent with the same settings
+            done = wait_for(client, job["id"], {"succeeded", "failed"})
+            assert done["status"] == "succeeded", done
+            steps = metric_steps()
+            assert len(steps) == len(set(steps)) and set(range(1, max(steps) + 1)) <= set(steps)
+            leases = {e["data"].get("lease_id") for e in client.get(f"/v1/fine_tuning/jobs/{job['id']}/events?limit=1000")
+                      .json()["data"] if e["type"] == "metrics"}
+            assert len(leases) == 1  # the same lease throughout: nothing was requeued
+    finally:
+        agent.stop()
+        if thread.is_alive():
+            thread.join(timeout=30)
+        if first.poll() is None:
+            first.kill()

@@ -5,6 +5,7 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 
 @dataclass(frozen=True, slots=True)
@@ -35,6 +36,10 @@ class Running(ABC):
     def pids(self) -> set[int]:
         """Its process ids as the host (and NVML) sees them: our own use of the GPU, not the owner's."""
 
+    def handle(self) -> dict[str, Any]:
+        """What a restarted agent needs to find this trainer again (kept in state.json)."""
+        return {}
+
 
 class Runtime(ABC):
     name: str
@@ -46,3 +51,7 @@ class Runtime(ABC):
     @abstractmethod
     def model_dir_inside(self, mount: JobMount) -> str:
         """The model directory as the trainer sees it (the spec's `model_dir`)."""
+
+    def reattach(self, handle: dict[str, Any], job_dir: Path) -> Running | None:
+        """The trainer a previous run of the agent started, if it still runs; None otherwise."""
+        return None

@@ -57,6 +57,9 @@ class DockerRunning(Running):
         except Exception:  # noqa: BLE001 - an exited container has no processes
             return set()
 
+    def handle(self) -> dict[str, Any]:
+        return {"container": self._container.id}
+
     def _remove(self) -> None:
         try:
             (self._job_dir / "trainer.log").write_bytes(self._container.logs(stdout=True, stderr=True))
@@ -97,6 +100,15 @@ class DockerRuntime(Runtime):
 
     def model_dir_inside(self, mount: JobMount) -> str:
         return MODEL
+
+    def reattach(self, handle: dict[str, Any], job_dir: Path) -> Running | None:
+        try:
+            container = self.client.containers.get(handle["container"])
+        except Exception:  # noqa: BLE001 - gone (removed, or the engine restarted without it)
+            return None
+        if container.labels.get("tunegrid.job_dir") != str(job_dir):
+            return None
+        return DockerRunning(container, job_dir)
 
     def start(self, mount: JobMount) -> Running:
         from docker.types import DeviceRequest  # noqa: PLC0415
