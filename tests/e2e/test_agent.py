@@ -57,6 +57,14 @@ def registered_agent(server: LiveServer, settings: WorkerSettings, monkeypatch: 
                  heartbeat_interval_s=1.0)
 
 
+def submit(client: httpx.Client, *, examples: int, **fields: object) -> dict:  # type: ignore[type-arg]
+    """Upload a chat dataset and create a tiny-model job on it."""
+    file_id = client.post("/v1/files", data={"purpose": "fine-tune"},
+                          files={"file": ("train.jsonl", jsonl(chat_lines(examples)))}).json()["id"]
+    return client.post("/v1/fine_tuning/jobs",
+                       json={"model": "tunegrid/tiny-llama", "training_file": file_id, **fields}).json()
+
+
 def wait_for(client: httpx.Client, job_id: str, statuses: set[str], timeout_s: float = JOB_TIMEOUT_S) -> dict:  # type: ignore[type-arg]
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
@@ -74,11 +82,7 @@ def test_the_agent_trains_a_job_end_to_end(live_server: LiveServer, tmp_path: Pa
     agent = registered_agent(live_server, settings, monkeypatch)
     customer = live_server.new_key("customer", "alice")
     with httpx.Client(base_url=live_server.url, headers={"Authorization": f"Bearer {customer}"}, timeout=30) as client:
-        file_id = client.post("/v1/files", data={"purpose": "fine-tune"},
-                              files={"file": ("train.jsonl", jsonl(chat_lines(40)))}).json()["id"]
-        job = client.post("/v1/fine_tuning/jobs", json={
-            "model": "tunegrid/tiny-llama", "training_file": file_id, "hyperparameters": {"n_epochs": 2},
-            "lora": {"r": 8}}).json()
+        job = submit(client, examples=40, hyperparameters={"n_epochs": 2}, lora={"r": 8})
         thread = threading.Thread(target=agent.run, daemon=True)
         thread.start()
         try:
@@ -124,11 +128,7 @@ def test_the_owners_game_preempts_the_job_and_it_resumes_elsewhere(
     customer = live_server.new_key("customer", "alice")
     threads = []
     with httpx.Client(base_url=live_server.url, headers={"Authorization": f"Bearer {customer}"}, timeout=30) as client:
-        file_id = client.post("/v1/files", data={"purpose": "fine-tune"},
-                              files={"file": ("train.jsonl", jsonl(chat_lines(60)))}).json()["id"]
-        job = client.post("/v1/fine_tuning/jobs", json={
-            "model": "tunegrid/tiny-llama", "training_file": file_id,
-            "hyperparameters": {"n_epochs": 30, "batch_size": 1}}).json()
+        job = submit(client, examples=60, hyperparameters={"n_epochs": 30, "batch_size": 1})
         try:
             threads.append(threading.Thread(target=agent_a.run, daemon=True))
             threads[-1].start()
@@ -176,11 +176,7 @@ def test_the_agent_rides_out_a_coordinator_outage(tmp_path: Path, tiny_model: Pa
     thread = threading.Thread(target=agent.run, daemon=True)
     try:
         with httpx.Client(base_url=server.url, headers={"Authorization": f"Bearer {customer}"}, timeout=30) as client:
-            file_id = client.post("/v1/files", data={"purpose": "fine-tune"},
-                                  files={"file": ("train.jsonl", jsonl(chat_lines(60)))}).json()["id"]
-            job = client.post("/v1/fine_tuning/jobs", json={
-                "model": "tunegrid/tiny-llama", "training_file": file_id,
-                "hyperparameters": {"n_epochs": 12, "batch_size": 1}}).json()
+            job = submit(client, examples=60, hyperparameters={"n_epochs": 12, "batch_size": 1})
             thread.start()
             deadline = time.monotonic() + JOB_TIMEOUT_S
             while (agent.status.step or 0) < 2:
@@ -226,11 +222,7 @@ def test_a_restarted_agent_reattaches_to_its_running_trainer(live_server: LiveSe
     thread = threading.Thread(target=agent.run, daemon=True)
     try:
         with httpx.Client(base_url=live_server.url, headers={"Authorization": f"Bearer {customer}"}, timeout=30) as client:
-            file_id = client.post("/v1/files", data={"purpose": "fine-tune"},
-                                  files={"file": ("train.jsonl", jsonl(chat_lines(60)))}).json()["id"]
-            job = client.post("/v1/fine_tuning/jobs", json={
-                "model": "tunegrid/tiny-llama", "training_file": file_id,
-                "hyperparameters": {"n_epochs": 12, "batch_size": 1}}).json()
+            job = submit(client, examples=60, hyperparameters={"n_epochs": 12, "batch_size": 1})
 
             def metric_steps() -> list[int]:
                 events = client.get(f"/v1/fine_tuning/jobs/{job['id']}/events?limit=1000").json()["data"]
