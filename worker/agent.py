@@ -192,12 +192,22 @@ class Agent:
                                             job.job_dir / "resume.tar.gz", a.resume_from.sha256)
             unpack_checkpoint(archive, job.job_dir)  # holds resume/
             archive.unlink()
-        gpus = self.gate.shared(self._machine.gpus)
-        gpu_index = next((g.index for g in gpus if g.uuid == a.gpu_uuid), gpus[0].index if gpus else None)
-        mount = JobMount(job_dir=job.job_dir, model_dir=model_dir, gpu_index=gpu_index)
+        mount = JobMount(job_dir=job.job_dir, model_dir=model_dir, gpu_index=self._gpu_of(job))
         spec = a.spec.model_copy(update={"model_dir": self.runtime.model_dir_inside(mount)})
         (job.job_dir / "spec.json").write_text(spec.model_dump_json(indent=2))
         return mount
+
+    def _gpu_of(self, job: ActiveJob) -> int | None:
+        gpus = self.gate.shared(self._machine.gpus)
+        return next((g.index for g in gpus if g.uuid == job.assignment.gpu_uuid), gpus[0].index if gpus else None)
+
+    def _cap_power(self, gpu_index: int | None, watts: int | None) -> None:
+        """The owner's power cap while our job runs (and the default back after), when one is set."""
+        if gpu_index is None or self.gate.policy.power_cap_w is None:
+            return
+        refused = self.probe.cap_power(gpu_index, watts)
+        if refused:
+            log.warning(refused)
 
     def _energy_mj(self) -> int | None:
         readings = [g.energy_mj for g in self.gate.shared(self._machine.gpus) if g.energy_mj is not None]
@@ -218,6 +228,7 @@ class Agent:
         try:
             mount = self._prepare(job)
             job.energy_start_mj = self._energy_mj()
+            self._cap_power(mount.gpu_index, self.gate.policy.power_cap_w)
             job.started = time.monotonic()
             job.running = self.runtime.start(mount)
             job.handle, job.started_epoch = job.running.handle(), time.time()
@@ -237,6 +248,8 @@ class Agent:
         finally:
             self._job = None
             self._persist(None)
+            if job.running is not None:
+                self._cap_power(self._gpu_of(job), None)  # the owner's card, as it was
             shutil.rmtree(job.job_dir, ignore_errors=True)  # inputs die with the lease
             self._set(state="idle", job_id=None, lease_id=None)
 

@@ -130,6 +130,25 @@ class GpuProbe:
                 continue
         return sorted(pids)
 
+    def cap_power(self, index: int, watts: int | None) -> str | None:
+        """Set the GPU's power limit to the owner's cap (clamped to what the card allows), or with None restore
+        its default. Needs administrator rights; returns why NVML refused, or None when done."""
+        with self._lock:
+            nvml = self._init()
+            if nvml is None:
+                return self._error
+            try:
+                handle = nvml.nvmlDeviceGetHandleByIndex(index)
+                if watts is None:
+                    limit = nvml.nvmlDeviceGetPowerManagementDefaultLimit(handle)
+                else:
+                    low, high = nvml.nvmlDeviceGetPowerManagementLimitConstraints(handle)
+                    limit = min(max(watts * 1000, low), high)
+                nvml.nvmlDeviceSetPowerManagementLimit(handle, limit)
+            except Exception as exc:  # noqa: BLE001 - usually "insufficient permissions"; the job still runs
+                return f"power limit not set ({exc.__class__.__name__}: {exc}); run the agent as administrator to cap power"
+            return None
+
     def shutdown(self) -> None:
         with self._lock:
             if self._ready:

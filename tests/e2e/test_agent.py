@@ -122,7 +122,7 @@ def test_the_owners_game_preempts_the_job_and_it_resumes_elsewhere(
         machine_id="gaming-pc")) == 0
     token_a = json.loads(settings_a.credentials_path.read_text())["worker_token"]
     agent_a = Agent(settings=settings_a, channel=Channel(live_server.url, token_a, settings_a), probe=GpuProbe(nvml),
-                    gate=PolicyGate(WorkerPolicy(idle_grace_s=600)), runtime=ProcessRuntime(),
+                    gate=PolicyGate(WorkerPolicy(idle_grace_s=600, power_cap_w=300)), runtime=ProcessRuntime(),
                     cache=ModelCache(settings_a.model_cache), heartbeat_interval_s=0.5)
     agent_b = registered_agent(live_server, worker_settings(tmp_path / "b", tiny_model), monkeypatch)
     customer = live_server.new_key("customer", "alice")
@@ -136,9 +136,14 @@ def test_the_owners_game_preempts_the_job_and_it_resumes_elsewhere(
             while (agent_a.status.step or 0) < 3:
                 assert time.monotonic() < deadline, "worker A never started training"
                 time.sleep(0.1)
+            assert nvml.power_limit_mw == 300_000  # the owner's power cap holds while our job runs
             nvml.processes = [99999]  # the owner starts a game on the GPU
             queued = wait_for(client, job["id"], {"queued", "failed", "succeeded"})
             assert queued["status"] == "queued"
+            deadline = time.monotonic() + 30
+            while nvml.power_limit_mw != 450_000 and time.monotonic() < deadline:
+                time.sleep(0.1)
+            assert nvml.power_limit_mw == 450_000  # and the card's own limit is back once it stepped aside
             assert agent_a.status.preempt_seconds and agent_a.status.preempt_seconds[0] < 30
             print(f"policy trip -> trainer stopped: {agent_a.status.preempt_seconds[0]:.2f} s")
             checkpoints = client.get(f"/v1/fine_tuning/jobs/{job['id']}/checkpoints").json()["data"]

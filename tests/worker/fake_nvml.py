@@ -22,6 +22,8 @@ class FakeNvml:
     power_mw: int = 30_000
     energy_mj: int = 1_000_000
     processes: list[int] = field(default_factory=list)
+    power_limit_mw: int = 450_000
+    may_set_power: bool = True  # False: as for an agent without administrator rights
     broken: bool = False  # every device call fails, as NVML does when a driver goes away mid-run
     NVML_TEMPERATURE_GPU: int = 0
     inits: int = 0
@@ -63,7 +65,18 @@ class FakeNvml:
         return SimpleNamespace(total=self.memory_total, free=self.memory_total - self.memory_used, used=self.memory_used)
 
     def nvmlDeviceGetEnforcedPowerLimit(self, handle: int) -> int:  # noqa: N802
+        return self.power_limit_mw
+
+    def nvmlDeviceGetPowerManagementDefaultLimit(self, handle: int) -> int:  # noqa: N802
         return 450_000
+
+    def nvmlDeviceGetPowerManagementLimitConstraints(self, handle: int) -> tuple[int, int]:  # noqa: N802
+        return (150_000, 600_000)
+
+    def nvmlDeviceSetPowerManagementLimit(self, handle: int, milliwatts: int) -> None:  # noqa: N802
+        if not self.may_set_power:
+            raise NVMLError("Insufficient Permissions")
+        self.power_limit_mw = milliwatts
 
     def nvmlDeviceGetUtilizationRates(self, handle: int) -> SimpleNamespace:  # noqa: N802
         return SimpleNamespace(gpu=self.utilization, memory=1)

@@ -33,3 +33,13 @@ def test_without_a_driver_there_are_no_gpus_and_a_reason() -> None:
         assert machine.error is None and all(g.uuid for g in machine.gpus)
     else:
         assert "NVIDIA driver" in (machine.error or "")
+
+
+def test_the_owners_power_cap_is_set_clamped_and_restored() -> None:
+    fake = FakeNvml()
+    probe = GpuProbe(fake)
+    assert probe.cap_power(0, 300) is None and fake.power_limit_mw == 300_000
+    assert probe.cap_power(0, 50) is None and fake.power_limit_mw == 150_000  # the card's floor
+    assert probe.cap_power(0, None) is None and fake.power_limit_mw == 450_000  # its default again
+    fake.may_set_power = False
+    assert "administrator" in (probe.cap_power(0, 300) or "") and fake.power_limit_mw == 450_000
