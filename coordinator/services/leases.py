@@ -11,7 +11,7 @@ from __future__ import annotations
 import logging
 import re
 from dataclasses import dataclass
-from datetime import timedelta
+from datetime import datetime, timedelta
 from typing import Any
 
 from sqlalchemy import select
@@ -569,17 +569,21 @@ def _lock_for_reaping(
     return lease, job, worker
 
 
+REAP_BATCH = 500  # leases one reaper pass handles; the next pass takes the rest
+
+
+def _leases_before(session: Session, status: LeaseStatus, column: Any, before: datetime) -> list[str]:
+    return list(session.scalars(select(LeaseModel.id).where(LeaseModel.status == status, column < before)
+                                .order_by(LeaseModel.id).limit(REAP_BATCH)))
+
+
 def reap(*, session: Session, settings: CoordinatorSettings) -> dict[str, int]:
     """Leases gone quiet: suspect after `lease_ttl`, lost after `lease_grace` (the job resumes elsewhere);
     assignments never picked up go back to the queue. Idempotent; safe in any number of processes."""
     now = utcnow()
     counts = {"suspect": 0, "lost": 0, "unclaimed": 0}
-    quiet = session.scalars(
-        select(LeaseModel.id).where(
-            LeaseModel.status == LeaseStatus.running,
-            LeaseModel.last_renewed_at < now - timedelta(seconds=settings.lease_ttl_s),
-        ).order_by(LeaseModel.id).limit(500)
-    ).all()
+    quiet = _leases_before(session, LeaseStatus.running, LeaseModel.last_renewed_at,
+                           now - timedelta(seconds=settings.lease_ttl_s))
     for lease_id in quiet:
         locked = _lock_for_reaping(session, lease_id, (LeaseStatus.running,))
         if locked is None:
@@ -604,12 +608,8 @@ def reap(*, session: Session, settings: CoordinatorSettings) -> dict[str, int]:
                                  f"{settings.lease_grace_s} s before resuming elsewhere",
                          data={"lease_id": lease.id})
             counts["suspect"] += 1
-    unclaimed = session.scalars(
-        select(LeaseModel.id).where(
-            LeaseModel.status == LeaseStatus.assigned,
-            LeaseModel.created_at < now - timedelta(seconds=settings.assignment_ttl_s),
-        ).order_by(LeaseModel.id).limit(500)
-    ).all()
+    unclaimed = _leases_before(session, LeaseStatus.assigned, LeaseModel.created_at,
+                               now - timedelta(seconds=settings.assignment_ttl_s))
     for lease_id in unclaimed:
         locked = _lock_for_reaping(session, lease_id, (LeaseStatus.assigned,))
         if locked is None:

@@ -131,7 +131,7 @@ def _pick(req: Requirements, ranked: list[Candidate]) -> int | None:
     return best
 
 
-def _placeable_workers(now: datetime, settings: CoordinatorSettings):  # type: ignore[no-untyped-def]
+def placeable_workers(now: datetime, settings: CoordinatorSettings):  # type: ignore[no-untyped-def]
     return select(WorkerModel).where(
         WorkerModel.state == WorkerState.idle, WorkerModel.available_until > now,
         WorkerModel.revoked_at.is_(None), WorkerModel.suspended_at.is_(None),
@@ -185,7 +185,7 @@ def place_queued_jobs(*, session: Session, settings: CoordinatorSettings, limit:
     if not jobs:
         session.rollback()
         return 0
-    workers = session.scalars(_placeable_workers(now, settings).with_for_update(skip_locked=True)).all()
+    workers = session.scalars(placeable_workers(now, settings).with_for_update(skip_locked=True)).all()
     ranked = sorted((candidate(w, platform_fee_bps=settings.platform_fee_bps) for w in workers),
                     key=lambda c: c.score, reverse=True)
     matches: list[tuple[JobModel, Candidate]] = []

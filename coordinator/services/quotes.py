@@ -6,7 +6,7 @@ from sqlalchemy.orm import Session
 
 from coordinator.db.models import AccountModel, JobModel, utcnow
 from coordinator.services import jobs
-from coordinator.services.placement import Candidate, _placeable_workers, candidate, eligible, requirements
+from coordinator.services.placement import Candidate, placeable_workers, candidate, eligible, requirements
 from coordinator.settings import CoordinatorSettings
 from shared.catalog import get_base_model
 from shared.memory import GIB
@@ -52,7 +52,7 @@ def quote(*, session: Session, account: AccountModel, request: QuoteCreate, sett
     req = requirements(draft)
     assert req is not None
     base, tokens = req.base, draft.estimated_tokens
-    workers = session.scalars(_placeable_workers(utcnow(), settings).limit(MAX_QUOTED_WORKERS)).all()
+    workers = session.scalars(placeable_workers(utcnow(), settings).limit(MAX_QUOTED_WORKERS)).all()
     session.commit()
     able = [c for c in (candidate(w, platform_fee_bps=settings.platform_fee_bps) for w in workers) if eligible(req, c)]
     offers = [_offer(c, base=base, tokens=tokens) for c in able]

@@ -85,8 +85,8 @@ def register(*, session: Session, account: AccountModel, request: WorkerRegister
     else:
         for name, value in fields.items():
             setattr(worker, name, value)
-        if worker.state is not WorkerState.suspended:
-            worker.state = WorkerState.offline if worker.state is not WorkerState.working else worker.state
+        if worker.state not in (WorkerState.suspended, WorkerState.working):
+            worker.state = WorkerState.offline  # until it claims or heartbeats
     session.commit()
     return worker, token
 
