@@ -72,9 +72,14 @@ def start_coordinator(backend: str, workdir: Path, workers: int, extra_env: dict
     raise RuntimeError("coordinator did not start")
 
 
-def new_key(env: dict[str, str], role: str = "customer") -> str:
+def new_key(env: dict[str, str], role: str = "customer", credit: str = "100000") -> str:
+    """A new account's key; a customer gets `credit` granted, so its jobs can hold their cost."""
     out = subprocess.run([str(BIN / "tunegrid-coordinator"), "keys", "create", "--role", role, "--name", "bench"],
                          env=env, check=True, capture_output=True, text=True).stdout
+    if role == "customer":
+        account = out.split("account ", 1)[1].split()[0]
+        subprocess.run([str(BIN / "tunegrid-coordinator"), "credits", "grant", "--account", account, "--amount", credit],
+                       env=env, check=True, capture_output=True, text=True)
     return out.strip().splitlines()[-1]
 
 

@@ -1,4 +1,4 @@
-"""`tunegrid-coordinator`: serve the API, migrate the database, create API keys."""
+"""`tunegrid-coordinator`: serve the API, migrate the database, create API keys, grant credit, audit the ledger."""
 
 from __future__ import annotations
 
@@ -50,6 +50,59 @@ def cmd_keys_create(args: argparse.Namespace, settings: CoordinatorSettings) -> 
     return 0
 
 
+def _session(settings: CoordinatorSettings):  # type: ignore[no-untyped-def]
+    from coordinator.db.engine import make_engine, make_sessionmaker
+
+    if settings.should_auto_migrate:
+        _migrate(settings)
+    return make_sessionmaker(make_engine(settings))()
+
+
+def cmd_credits_grant(args: argparse.Namespace, settings: CoordinatorSettings) -> int:
+    import secrets
+
+    from coordinator.db.models import AccountModel
+    from coordinator.services import billing
+    from shared.errors import TunegridError
+    from shared.money import micros_to_usd, usd_to_micros
+
+    try:
+        amount = usd_to_micros(args.amount)
+    except ValueError as exc:
+        print(f"error: --amount {args.amount!r}: {exc}", file=sys.stderr)
+        return 2
+    with _session(settings) as session:
+        account = session.get(AccountModel, args.account)
+        if account is None:
+            print(f"error: no account {args.account}", file=sys.stderr)
+            return 2
+        key = args.key or f"cli-{secrets.token_hex(8)}"
+        try:
+            posted = billing.grant(session=session, account=account, amount=amount, key=key, memo=args.memo)
+        except TunegridError as exc:
+            print(f"error: {exc.message}", file=sys.stderr)
+            return 2
+        session.commit()
+        available = billing.balance_of(session=session, account=account).available
+    if posted is None:
+        print(f"Grant {key} was already made; nothing changed. {account.id} has ${micros_to_usd(available)} available.")
+    else:
+        print(f"Granted ${micros_to_usd(amount)} to {account.id} ({account.name}); ${micros_to_usd(available)} available.")
+    return 0
+
+
+def cmd_ledger_audit(_: argparse.Namespace, settings: CoordinatorSettings) -> int:
+    from coordinator.services import ledger
+
+    with _session(settings) as session:
+        result = ledger.audit(session)
+    print(f"postings total: {result.total} micro-dollars; unbalanced transactions: {result.unbalanced_transactions}; "
+          f"drifted balances: {len(result.drifted_balances)}")
+    for book, owner, kept, summed in result.drifted_balances:
+        print(f"  {book} {owner}: kept {kept}, postings sum {summed}")
+    return 0 if result.ok else 1
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="tunegrid-coordinator", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -68,6 +121,18 @@ def build_parser() -> argparse.ArgumentParser:
     create.add_argument("--role", required=True, choices=[r.value for r in Role])
     create.add_argument("--name", required=True)
     create.set_defaults(func=cmd_keys_create)
+
+    credits = sub.add_parser("credits", help="customer credit").add_subparsers(dest="credits_command", required=True)
+    grant = credits.add_parser("grant", help="grant credit to a customer account (no Stripe needed)")
+    grant.add_argument("--account", required=True, help="the account id (acct-...)")
+    grant.add_argument("--amount", required=True, help="USD, e.g. 25 or 12.50")
+    grant.add_argument("--memo", default="granted by an admin", help="shown in the customer's transactions")
+    grant.add_argument("--key", default=None, help="idempotency key: the same key grants once (default: random)")
+    grant.set_defaults(func=cmd_credits_grant)
+
+    ledger = sub.add_parser("ledger", help="the double-entry ledger").add_subparsers(dest="ledger_command", required=True)
+    audit = ledger.add_parser("audit", help="check that postings balance and kept balances match; exit 1 if not")
+    audit.set_defaults(func=cmd_ledger_audit)
     return parser
 
 

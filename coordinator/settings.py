@@ -7,6 +7,8 @@ from pathlib import Path
 from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from shared.money import usd_to_micros
+
 
 def _default_data_dir() -> Path:
     return Path.home() / ".local" / "share" / "tunegrid"
@@ -57,6 +59,33 @@ class CoordinatorSettings(BaseSettings):
                                         "mode). With Redis, run Celery beat and a Celery worker instead.")
     sweep_interval_s: float = Field(default=5.0, gt=0, description="Periodic placement sweeps and lease reaping.")
 
+    # Money (issue 6).
+    hold_margin_bps: int = Field(default=12_500, ge=10_000, le=100_000, description="A job holds its estimated "
+                                 "cost times this (12500 = 1.25x), capped by its max_cost.")
+    min_hold_usd: str = Field(default="0.01", description="The smallest hold a job places.")
+    hold_fallback_price_usd: str = Field(default="1.00", description="Price per GPU-hour a hold assumes when no "
+                                         "worker could run the job now and it names no max price.")
+    stripe_api_key: str | None = Field(default=None, description="Stripe secret key; unset: no top-ups through "
+                                       "Stripe (admins grant credit) and payouts stay pending.")
+    stripe_api_base: str | None = Field(default=None, description="Stripe API base URL (a local fake in tests).")
+    stripe_webhook_secret: str | None = Field(default=None, description="Signing secret of the webhook endpoint.")
+    stripe_timeout_s: float = Field(default=10.0, gt=0, le=120, description="Each call to Stripe.")
+    stripe_max_retries: int = Field(default=2, ge=0, le=10, description="Network retries per call (same "
+                                    "idempotency key).")
+    webhook_tolerance_s: int = Field(default=300, ge=1, description="Oldest Stripe-Signature timestamp accepted.")
+    public_url: str = Field(default="http://127.0.0.1:8000", description="Where customers and providers reach us: "
+                            "Stripe's Checkout and onboarding pages send them back here.")
+    min_payout_usd: str = Field(default="10.00", description="Providers are paid once earnings reach this.")
+    payout_interval_s: int = Field(default=86_400, ge=1, description="How often payouts run (Celery beat).")
+    outbox_interval_s: float = Field(default=30.0, gt=0, description="How often unsent Stripe calls are retried.")
+
+    @field_validator("min_hold_usd", "hold_fallback_price_usd", "min_payout_usd")
+    @classmethod
+    def _usd(cls, value: str) -> str:
+        if usd_to_micros(value) < 0:
+            raise ValueError("must not be negative")
+        return value
+
     @field_validator("database_url")
     @classmethod
     def _psycopg3(cls, url: str | None) -> str | None:
@@ -84,6 +113,22 @@ class CoordinatorSettings(BaseSettings):
         if self.is_sqlite:
             return (self.db_pool_size or 1, 0)
         return (self.db_pool_size or 4, self.db_max_overflow)
+
+    @property
+    def min_hold(self) -> int:
+        return usd_to_micros(self.min_hold_usd)
+
+    @property
+    def hold_fallback_price(self) -> int:
+        return usd_to_micros(self.hold_fallback_price_usd)
+
+    @property
+    def min_payout(self) -> int:
+        return usd_to_micros(self.min_payout_usd)
+
+    @property
+    def stripe_enabled(self) -> bool:
+        return bool(self.stripe_api_key)
 
     @property
     def runs_periodic_tasks(self) -> bool:

@@ -1,4 +1,5 @@
-"""Background tasks: reap quiet leases, place queued jobs, refresh worker scores.
+"""Background tasks: reap quiet leases, place queued jobs, refresh worker scores, keep running jobs within
+their holds and budgets, send Stripe calls waiting in the outbox, and pay providers.
 
 Each task takes ids or nothing, is idempotent, and is safe to run in several processes at once (rows
 are claimed with `FOR UPDATE SKIP LOCKED`). With Redis they run on Celery (broker: Redis) with beat
@@ -18,7 +19,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from coordinator.db.models import LIVE_LEASE, LeaseModel, WorkerModel, WorkerState, utcnow
 from coordinator.effects import Effects, take_effects
-from coordinator.services import leases, placement
+from coordinator.services import budgets, leases, placement
 from coordinator.services.lease_states import reliability
 from coordinator.settings import CoordinatorSettings
 
@@ -32,6 +33,10 @@ def reap_leases(*, session: Session, settings: CoordinatorSettings) -> dict[str,
 
 def place_queued_jobs(*, session: Session, settings: CoordinatorSettings) -> int:
     return placement.place_queued_jobs(session=session, settings=settings)
+
+
+def enforce_budgets(*, session: Session, settings: CoordinatorSettings) -> dict[str, int]:
+    return budgets.enforce_budgets(session=session, settings=settings)
 
 
 def update_worker_scores(*, session: Session, settings: CoordinatorSettings) -> int:
@@ -74,7 +79,7 @@ def update_worker_scores(*, session: Session, settings: CoordinatorSettings) -> 
     return changed + (result.rowcount or 0) + (orphaned.rowcount or 0)  # type: ignore[attr-defined]
 
 
-PERIODIC = (reap_leases, place_queued_jobs, update_worker_scores)
+PERIODIC = (reap_leases, enforce_budgets, place_queued_jobs, update_worker_scores)
 
 
 def run_periodic(*, session_factory: sessionmaker[Session], settings: CoordinatorSettings) -> Effects:
@@ -145,6 +150,7 @@ def make_celery(settings: CoordinatorSettings | None = None):  # type: ignore[no
         beat_schedule={
             "reap-leases": {"task": "tunegrid.reap_leases", "schedule": settings.sweep_interval_s},
             "place-queued-jobs": {"task": "tunegrid.place_queued_jobs", "schedule": settings.sweep_interval_s},
+            "enforce-budgets": {"task": "tunegrid.enforce_budgets", "schedule": settings.sweep_interval_s},
             "update-worker-scores": {"task": "tunegrid.update_worker_scores", "schedule": 60.0},
         },
     )
@@ -156,6 +162,10 @@ def make_celery(settings: CoordinatorSettings | None = None):  # type: ignore[no
     @app.task(name="tunegrid.place_queued_jobs")
     def place_queued_jobs_task() -> int:
         return _run_task(place_queued_jobs)
+
+    @app.task(name="tunegrid.enforce_budgets")
+    def enforce_budgets_task() -> dict[str, int]:
+        return _run_task(enforce_budgets)
 
     @app.task(name="tunegrid.update_worker_scores")
     def update_worker_scores_task() -> int:

@@ -41,6 +41,22 @@ class AuthenticationFailed(TunegridError):
     code = "invalid_api_key"
 
 
+class PaymentRequired(TunegridError):
+    """The customer's balance cannot cover what the request would hold or charge."""
+
+    http_status = 402
+    type = "billing_error"
+    code = "insufficient_balance"
+
+
+class BadGateway(TunegridError):
+    """A service we depend on (Stripe) failed or did not answer in time; nothing was lost, retry later."""
+
+    http_status = 502
+    type = "server_error"
+    code = "upstream_error"
+
+
 class PermissionDenied(TunegridError):
     http_status = 403
     type = "permission_error"

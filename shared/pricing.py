@@ -124,6 +124,19 @@ def cost_for_seconds(price_per_hour: Micros, seconds: int) -> Micros:
     return Micros(-(-price_per_hour * seconds // 3600))
 
 
+def provider_earnings(ask_per_hour: Micros, seconds: int) -> Micros:
+    """What the provider earns for `seconds` at its ask, rounded down to a micro-dollar (the customer's charge
+    rounds up, so the fee absorbs both roundings and never goes negative)."""
+    return Micros(ask_per_hour * seconds // 3600)
+
+
+def seconds_for_budget(price_per_hour: Micros, budget: Micros) -> int:
+    """The most whole seconds whose charge (`cost_for_seconds`) stays within `budget`."""
+    if price_per_hour <= 0:
+        return 10**12
+    return max(budget, 0) * 3600 // price_per_hour
+
+
 def throughput_per_dollar(tokens_per_s: float, price_per_hour: Micros) -> float:
     """Ranking score: tokens per micro-dollar. A free worker ranks by speed alone."""
     return tokens_per_s * 3600 / max(price_per_hour, 1)

@@ -23,8 +23,10 @@ from coordinator.app import create_app
 from coordinator.db.engine import make_engine, make_sessionmaker
 from coordinator.db.migrate import upgrade_head
 from coordinator.db.models import Base, Role
+from coordinator.services import billing
 from coordinator.services.keys import create_account_with_key
 from coordinator.settings import CoordinatorSettings
+from shared.money import usd_to_micros
 
 IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
 POSTGRES_URL = os.environ.get(
@@ -147,10 +149,17 @@ class Caller:
         return {"Authorization": f"Bearer {self.key}"}
 
 
+STARTING_CREDIT_USD = "100"
+
+
 @pytest.fixture
 def make_caller(session: Session):  # type: ignore[no-untyped-def]
-    def make(role: str = "customer", name: str = "alice") -> Caller:
+    def make(role: str = "customer", name: str = "alice", credit: str | None = STARTING_CREDIT_USD) -> Caller:
+        """An account and its key; a customer starts with `credit` granted, like one that topped up."""
         created = create_account_with_key(session=session, name=name, role=Role(role))
+        if role == "customer" and credit:
+            billing.grant(session=session, account=created.account, amount=usd_to_micros(credit),
+                          key=f"test-{created.account.id}", memo="test credit")
         session.commit()
         return Caller(account_id=created.account.id, key=created.key)
 

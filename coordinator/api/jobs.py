@@ -7,10 +7,10 @@ from typing import Annotated
 
 from fastapi import APIRouter, Query, Request
 
-from coordinator.api.deps import CustomerCaller, reject_unknown_query
+from coordinator.api.deps import CustomerCaller, SettingsDep, reject_unknown_query
 from coordinator.api.errors import ERROR_RESPONSES
 from coordinator.db.models import JobCheckpointModel, JobEventModel, JobModel
-from coordinator.services import jobs
+from coordinator.services import billing, jobs
 from shared.errors import InvalidRequest
 from shared.money import micros_to_usd
 from shared.schemas.jobs import (
@@ -32,6 +32,7 @@ def _ts(value) -> int | None:  # type: ignore[no-untyped-def]
 
 def job_read(job: JobModel) -> JobRead:
     hp = HyperparametersRead(**job.hyperparameters)
+    cost = billing.job_cost(job)
     return JobRead(
         id=job.id, created_at=int(job.created_at.timestamp()), error=job.error,  # type: ignore[arg-type]
         fine_tuned_model=job.fine_tuned_model, finished_at=_ts(job.finished_at), hyperparameters=hp,
@@ -45,6 +46,7 @@ def job_read(job: JobModel) -> JobRead:
         max_cost=micros_to_usd(job.max_cost) if job.max_cost else None,
         min_vram_gb=job.min_vram_gb, gpu_filter=job.gpu_filter, trusted_hosts_only=job.trusted_hosts_only,
         estimated_tokens=job.estimated_tokens,
+        cost=micros_to_usd(cost.so_far), cost_held=micros_to_usd(cost.held),
     )
 
 
@@ -64,8 +66,8 @@ def checkpoint_read(checkpoint: JobCheckpointModel) -> CheckpointRead:
 
 
 @router.post("", response_model=JobRead, dependencies=STRICT_QUERY)
-async def create_job(body: JobCreate, caller: CustomerCaller) -> JobRead:
-    return job_read(await caller.run(jobs.create, request=body))
+async def create_job(body: JobCreate, caller: CustomerCaller, settings: SettingsDep) -> JobRead:
+    return job_read(await caller.run(jobs.create, request=body, settings=settings))
 
 
 @router.get("", response_model=JobList, dependencies=[reject_unknown_query("metadata[")])
@@ -100,8 +102,8 @@ async def pause_job(fine_tuning_job_id: str, caller: CustomerCaller) -> JobRead:
 
 
 @router.post("/{fine_tuning_job_id}/resume", response_model=JobRead, dependencies=STRICT_QUERY)
-async def resume_job(fine_tuning_job_id: str, caller: CustomerCaller) -> JobRead:
-    return job_read(await caller.run(jobs.resume, job_id=fine_tuning_job_id))
+async def resume_job(fine_tuning_job_id: str, caller: CustomerCaller, settings: SettingsDep) -> JobRead:
+    return job_read(await caller.run(jobs.resume, job_id=fine_tuning_job_id, settings=settings))
 
 
 @router.get("/{fine_tuning_job_id}/events", response_model=JobEventList, dependencies=STRICT_QUERY)

@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import enum
-from datetime import UTC, datetime
+from datetime import UTC, date, datetime
 from typing import Any
 
 from sqlalchemy import (
-    JSON, BigInteger, Boolean, DateTime, Enum, Float, ForeignKey, Index, Integer, MetaData, String, Text, UniqueConstraint, text,
+    JSON, BigInteger, Boolean, Date, DateTime, Enum, Float, ForeignKey, Index, Integer, MetaData, String, Text,
+    UniqueConstraint, text,
 )
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
 from sqlalchemy.types import TypeDecorator
@@ -186,6 +187,13 @@ class JobModel(Base):
     # The last fencing token issued (each lease gets the next); worker losses so far.
     fencing_token: Mapped[int] = mapped_column(Integer, default=0)
     attempts: Mapped[int] = mapped_column(Integer, default=0)
+    # Money (issue 6), all Micros: what the job holds of the customer's balance now, what its ended leases
+    # were charged, and the running lease's price and billable start (for "cost so far" without a join).
+    held_micros: Mapped[int] = mapped_column(BigInteger, default=0)
+    billed_micros: Mapped[int] = mapped_column(BigInteger, default=0)
+    hold_seq: Mapped[int] = mapped_column(Integer, default=0)  # holds placed so far; names each hold's ledger entry
+    accruing_since: Mapped[datetime | None]
+    accruing_price: Mapped[int | None] = mapped_column(BigInteger)
     # Every UPDATE checks and bumps it, so two concurrent status changes cannot both win.
     version: Mapped[int] = mapped_column(Integer, default=1)
 
@@ -312,3 +320,190 @@ class LeaseModel(Base):
 
     job: Mapped[JobModel] = relationship(lazy="raise")
     worker: Mapped[WorkerModel] = relationship(lazy="raise")
+
+
+# --- money (issue 6) -------------------------------------------------------------------------------
+
+class Book(enum.StrEnum):
+    """A ledger account kind. The first three belong to someone (`owner_id` is an account id); the others are
+    the house's (`owner_id` is '')."""
+
+    customer_available = "customer_available"  # prepaid credit free to spend
+    customer_held = "customer_held"  # set aside for queued and running jobs
+    provider_payable = "provider_payable"  # earned, not yet paid out
+    platform_revenue = "platform_revenue"  # our fee
+    platform_grants = "platform_grants"  # credit admins granted (a cost to us)
+    stripe_clearing = "stripe_clearing"  # money in (top-ups) and out (transfers) through Stripe
+    refunds = "refunds"  # credit returned to customers' cards
+
+
+OWNED_BOOKS = frozenset({Book.customer_available, Book.customer_held, Book.provider_payable})
+LedgerId = BigInteger().with_variant(Integer, "sqlite")  # SQLite autoincrements only INTEGER PRIMARY KEY
+
+
+class LedgerTransactionModel(Base):
+    """One balanced set of postings, posted at most once per business key (e.g. `settle:<lease id>`)."""
+
+    __tablename__ = "ledger_transactions"
+    __table_args__ = (Index("ix_ledger_transactions_account_id_id", "account_id", "id"),)
+
+    id: Mapped[str] = mapped_column(PublicId, primary_key=True)
+    business_key: Mapped[str] = mapped_column(String(200), unique=True)
+    kind: Mapped[str] = mapped_column(String(32))
+    account_id: Mapped[str | None] = mapped_column(PublicId)  # the customer or provider it concerns
+    job_id: Mapped[str | None] = mapped_column(PublicId)
+    lease_id: Mapped[str | None] = mapped_column(PublicId)
+    description: Mapped[str] = mapped_column(Text)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+
+class LedgerPostingModel(Base):
+    __tablename__ = "ledger_postings"
+    __table_args__ = (Index("ix_ledger_postings_book_owner_id", "book", "owner_id"),)
+
+    id: Mapped[int] = mapped_column(LedgerId, primary_key=True, autoincrement=True)
+    transaction_id: Mapped[str] = mapped_column(ForeignKey("ledger_transactions.id"), index=True)
+    book: Mapped[Book] = mapped_column(_enum(Book))
+    owner_id: Mapped[str] = mapped_column(PublicId, default="")
+    amount: Mapped[int] = mapped_column(BigInteger)  # Micros; a transaction's postings sum to zero
+
+
+class LedgerBalanceModel(Base):
+    """The running sum of an owned book's postings, kept in the same transaction as they are posted, so a hold
+    can lock and check it. The house books have no row: they are summed when read (no hot row to queue on)."""
+
+    __tablename__ = "ledger_balances"
+
+    book: Mapped[Book] = mapped_column(_enum(Book), primary_key=True)
+    owner_id: Mapped[str] = mapped_column(PublicId, primary_key=True)
+    balance: Mapped[int] = mapped_column(BigInteger, default=0)
+    updated_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+
+class UsageRecordModel(Base):
+    """What one lease is billed: the coordinator's observation, the worker's report, the rule that applied."""
+
+    __tablename__ = "usage_records"
+    __table_args__ = (
+        Index("ix_usage_records_customer_id_usage_day", "customer_id", "usage_day"),
+        Index("ix_usage_records_provider_id_created_at", "provider_id", "created_at"),
+    )
+
+    lease_id: Mapped[str] = mapped_column(ForeignKey("leases.id"), primary_key=True)
+    job_id: Mapped[str] = mapped_column(PublicId, index=True)
+    customer_id: Mapped[str] = mapped_column(PublicId)
+    provider_id: Mapped[str] = mapped_column(PublicId)
+    worker_id: Mapped[str] = mapped_column(PublicId)
+    gpu_class: Mapped[str] = mapped_column(String(32))
+    price_per_gpu_hour: Mapped[int] = mapped_column(BigInteger)
+    ask_price_per_gpu_hour: Mapped[int] = mapped_column(BigInteger)
+    rule: Mapped[str] = mapped_column(String(32))  # until_end | until_checkpoint | not_billed
+    started_at: Mapped[datetime | None]
+    billed_until: Mapped[datetime | None]
+    observed_seconds: Mapped[float] = mapped_column(Float)
+    reported_seconds: Mapped[float | None] = mapped_column(Float)
+    billable_seconds: Mapped[int] = mapped_column(BigInteger)
+    charge_micros: Mapped[int] = mapped_column(BigInteger)
+    provider_micros: Mapped[int] = mapped_column(BigInteger)
+    fee_micros: Mapped[int] = mapped_column(BigInteger)
+    note: Mapped[str | None] = mapped_column(Text)  # capped by max_cost, the worker reported less, ...
+    usage_day: Mapped[date] = mapped_column(Date)  # UTC day the lease ended
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+
+class TopupStatus(enum.StrEnum):
+    pending = "pending"  # a Checkout Session is open
+    paid = "paid"  # credited from Stripe's signed webhook
+    expired = "expired"
+    failed = "failed"  # Stripe refused to create the session
+
+
+class TopupModel(Base):
+    __tablename__ = "topups"
+    __table_args__ = (
+        Index("ix_topups_account_id_id", "account_id", "id"),
+        UniqueConstraint("account_id", "request_key"),
+    )
+
+    id: Mapped[str] = mapped_column(PublicId, primary_key=True)
+    account_id: Mapped[str] = mapped_column(ForeignKey("accounts.id"))
+    amount: Mapped[int] = mapped_column(BigInteger)  # Micros
+    status: Mapped[TopupStatus] = mapped_column(_enum(TopupStatus))
+    request_key: Mapped[str] = mapped_column(String(200))  # the client's Idempotency-Key, or the id
+    stripe_session_id: Mapped[str | None] = mapped_column(String(255), unique=True)
+    checkout_url: Mapped[str | None] = mapped_column(Text)
+    failure: Mapped[str | None] = mapped_column(Text)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    paid_at: Mapped[datetime | None]
+
+
+class PayoutAccountModel(Base):
+    """A provider's Stripe Connect account."""
+
+    __tablename__ = "payout_accounts"
+
+    account_id: Mapped[str] = mapped_column(ForeignKey("accounts.id"), primary_key=True)
+    stripe_account_id: Mapped[str] = mapped_column(String(255), unique=True)
+    payouts_enabled: Mapped[bool] = mapped_column(Boolean, default=False)
+    details_submitted: Mapped[bool] = mapped_column(Boolean, default=False)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    updated_at: Mapped[datetime] = mapped_column(default=utcnow, onupdate=utcnow)
+
+
+class PayoutStatus(enum.StrEnum):
+    pending = "pending"  # debited from payable; the transfer is in the outbox
+    paid = "paid"  # Stripe created the transfer
+    failed = "failed"  # Stripe refused it; the amount is back in payable
+    reversed = "reversed"  # Stripe reversed the transfer; the amount is back in payable
+
+
+class PayoutModel(Base):
+    __tablename__ = "payouts"
+    __table_args__ = (Index("ix_payouts_account_id_id", "account_id", "id"),)
+
+    id: Mapped[str] = mapped_column(PublicId, primary_key=True)
+    account_id: Mapped[str] = mapped_column(ForeignKey("accounts.id"))
+    amount: Mapped[int] = mapped_column(BigInteger)  # Micros (Stripe moves whole cents: see services/payouts.py)
+    status: Mapped[PayoutStatus] = mapped_column(_enum(PayoutStatus))
+    destination: Mapped[str] = mapped_column(String(255))
+    stripe_transfer_id: Mapped[str | None] = mapped_column(String(255), unique=True)
+    failure: Mapped[str | None] = mapped_column(Text)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    sent_at: Mapped[datetime | None]
+
+
+class OutboxStatus(enum.StrEnum):
+    pending = "pending"
+    done = "done"
+    failed = "failed"  # Stripe refused it for good (a 4xx other than a conflict or rate limit)
+
+
+class OutboxModel(Base):
+    """A call to Stripe, committed before it is made and retried with the same idempotency key until Stripe
+    answers: a crash between our commit and Stripe's reply never pays twice nor loses a payment."""
+
+    __tablename__ = "outbox"
+    __table_args__ = (Index("ix_outbox_status_next_attempt_at", "status", "next_attempt_at"),)
+
+    id: Mapped[str] = mapped_column(PublicId, primary_key=True)
+    operation: Mapped[str] = mapped_column(String(48))
+    idempotency_key: Mapped[str] = mapped_column(String(200), unique=True)
+    subject_id: Mapped[str] = mapped_column(PublicId)  # the top-up, payout or account it is for
+    params: Mapped[dict[str, Any]]
+    status: Mapped[OutboxStatus] = mapped_column(_enum(OutboxStatus))
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    last_error: Mapped[str | None] = mapped_column(Text)
+    response: Mapped[dict[str, Any] | None]
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    next_attempt_at: Mapped[datetime] = mapped_column(default=utcnow)
+    done_at: Mapped[datetime | None]
+
+
+class StripeEventModel(Base):
+    """Each webhook event id we acted on, so a replayed delivery changes nothing."""
+
+    __tablename__ = "stripe_events"
+
+    id: Mapped[str] = mapped_column(String(255), primary_key=True)
+    type: Mapped[str] = mapped_column(String(100))
+    received_at: Mapped[datetime] = mapped_column(default=utcnow)

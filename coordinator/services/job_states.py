@@ -1,4 +1,5 @@
-"""The one place a job's status changes: allowed transitions, timestamps, and the event each change writes."""
+"""The one place a job's status changes: allowed transitions, timestamps, the event each change writes, and
+the release of the job's hold when it finishes or pauses."""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ from sqlalchemy.orm.exc import StaleDataError
 
 from coordinator.db.ids import new_id
 from coordinator.effects import effects
+from coordinator.services import billing
 from coordinator.db.models import JobEventModel, JobModel, JobStatus, utcnow
 from shared.errors import Conflict
 
@@ -52,6 +54,8 @@ def change_status(
     if to in TERMINAL:
         job.finished_at = utcnow()
         job.estimated_finish = None
+    if to in TERMINAL or to is S.paused:
+        billing.release(session=session, job=job, reason=f"the job is {to.value}")
     if to is S.queued:
         effects(session).placeable = True  # a placement pass should look at it soon
     if to is S.failed:

@@ -12,12 +12,13 @@ from coordinator.db.ids import new_id
 from coordinator.db.models import (
     AccountModel, FileModel, FileStatus, JobCheckpointModel, JobEventModel, JobModel, JobStatus,
 )
-from coordinator.services import files, leases
+from coordinator.services import files, holds, leases
 from coordinator.services.job_states import TERMINAL, change_status, record_event
 from coordinator.services.paging import page
+from coordinator.settings import CoordinatorSettings
 from shared.catalog import get_base_model
 from shared.errors import Conflict, InvalidRequest, NotFound
-from shared.money import usd_to_micros
+from shared.money import micros_to_usd, usd_to_micros
 from shared.schemas.jobs import Hyperparameters, JobCreate, LoraConfig
 from shared.schemas.quotes import QuoteCreate
 
@@ -53,7 +54,8 @@ def lora_of(request: JobCreate | QuoteCreate) -> dict[str, Any]:
     return lora
 
 
-def create(*, session: Session, account: AccountModel, request: JobCreate) -> JobModel:
+def create(*, session: Session, account: AccountModel, request: JobCreate, settings: CoordinatorSettings) -> JobModel:
+    """Check the request, hold its estimated cost on the customer's balance (402 when short), and queue it."""
     base = get_base_model(request.model)
     if request.integrations:
         raise InvalidRequest("Integrations are not supported.", param="integrations", code="unsupported_integration")
@@ -93,7 +95,10 @@ def create(*, session: Session, account: AccountModel, request: JobCreate) -> Jo
         message=f"Validated training file {training.id}: {training.examples} examples, "
                 f"about {training.estimated_tokens} tokens per epoch",
     )
-    change_status(session=session, job=job, to=JobStatus.queued, message="Fine-tuning job queued")
+    session.flush()
+    held = holds.hold_for_queue(session=session, job=job, settings=settings)
+    change_status(session=session, job=job, to=JobStatus.queued,
+                  message=f"Fine-tuning job queued; ${micros_to_usd(held)} held on your balance")
     session.commit()
     return job
 
@@ -144,11 +149,13 @@ def pause(*, session: Session, account: AccountModel, job_id: str) -> JobModel:
     return job
 
 
-def resume(*, session: Session, account: AccountModel, job_id: str) -> JobModel:
+def resume(*, session: Session, account: AccountModel, job_id: str, settings: CoordinatorSettings) -> JobModel:
     job = get(session=session, account=account, job_id=job_id, for_update=True)
     if job.status is not JobStatus.paused:
         raise Conflict(f"Job {job_id} is {job.status.value}; only paused jobs can be resumed.", code="invalid_job_state")
-    change_status(session=session, job=job, to=JobStatus.queued, message="Fine-tuning job resumed and queued")
+    held = holds.hold_for_queue(session=session, job=job, settings=settings)
+    change_status(session=session, job=job, to=JobStatus.queued,
+                  message=f"Fine-tuning job resumed and queued; ${micros_to_usd(held)} held on your balance")
     session.commit()
     return job
 

@@ -16,6 +16,7 @@ from coordinator.db.ids import new_id
 from coordinator.db.models import LIVE_LEASE, JobModel, JobStatus, LeaseModel, LeaseStatus, WorkerModel, WorkerState, utcnow
 from coordinator.effects import effects
 from coordinator.services.job_states import change_status
+from coordinator.services.metering import meter_lease, rule_for
 from shared.errors import Conflict
 
 # A new worker starts at PRIOR_GOOD / PRIOR_TOTAL (0.9) and earns or loses from there.
@@ -56,9 +57,11 @@ def claim_lease(*, lease: LeaseModel, now: datetime) -> None:
 
 
 def end_lease(
-    *, session: Session, lease: LeaseModel, worker: WorkerModel, status: LeaseStatus, reason: str,
+    *, session: Session, lease: LeaseModel, job: JobModel, worker: WorkerModel, status: LeaseStatus, reason: str,
     usage: dict[str, Any] | None = None, failed_check: bool = False, counts_against_worker: bool = False,
 ) -> None:
+    """End the lease (the caller holds job, lease and worker locks, in that order) and bill it once
+    (`metering`: how the lease ended decides what is billed)."""
     if lease.status not in LIVE_LEASE:
         raise Conflict(f"Lease {lease.id} has already ended ({lease.status.value}).", code="lease_ended")
     if status in LIVE_LEASE:
@@ -68,6 +71,8 @@ def end_lease(
     lease.end_reason = reason
     if usage is not None:
         lease.usage = usage
+    meter_lease(session=session, lease=lease, job=job, worker=worker, ended_at=lease.ended_at, usage=usage,
+                rule=rule_for(status, failed_check=failed_check, counts_against_worker=counts_against_worker))
     if status is LeaseStatus.completed:
         worker.completed_leases += 1
     elif failed_check:

@@ -198,6 +198,13 @@ def _metrics_message(event: LeaseEvent) -> str:
     return ", ".join(parts)
 
 
+def _start_training(f: FencedLease, now: datetime) -> None:
+    """Billing counts from the lease's first progress, on the coordinator's clock (metering.py)."""
+    if f.lease.training_started_at is None:
+        f.lease.training_started_at = now
+        f.job.accruing_since, f.job.accruing_price = now, f.lease.price_per_gpu_hour
+
+
 def record_events(
     *, session: Session, worker: WorkerModel, lease_id: str, fencing_token: int, events: list[LeaseEvent],
 ) -> FencedLease:
@@ -206,13 +213,11 @@ def record_events(
     claim_lease(lease=f.lease, now=now)
     for event in events:
         if event.type == "started":
-            if f.lease.training_started_at is None:
-                f.lease.training_started_at = now  # billing counts from here, on the coordinator's clock
+            _start_training(f, now)
             record_event(session=session, job=f.job, message=event.message or "Training started",
                          data={"lease_id": f.lease.id, "total_steps": event.total_steps, "step": event.step})
         elif event.type in ("progress", "eval"):
-            if f.lease.training_started_at is None:
-                f.lease.training_started_at = now
+            _start_training(f, now)
             data = {k: v for k, v in {
                 "step": event.step, "total_steps": event.total_steps, "train_loss": event.train_loss,
                 "valid_loss": event.eval_loss, "tokens_per_s": event.tokens_per_s, "epoch": event.epoch,
@@ -434,7 +439,7 @@ def complete(
     usage = report.usage.model_dump()
     if rejected is not None:
         reason = f"Adapter rejected: {rejected}"
-        end_lease(session=session, lease=f.lease, worker=f.worker, status=LeaseStatus.failed, reason=reason,
+        end_lease(session=session, lease=f.lease, job=f.job, worker=f.worker, status=LeaseStatus.failed, reason=reason,
                   usage=usage, failed_check=True)
         if suspend_if_untrustworthy(session=session, worker=f.worker, max_failed_checks=settings.suspend_after_failed_checks):
             log.warning("worker %s suspended after %d failed checks", f.worker.id, f.worker.failed_checks)
@@ -450,7 +455,7 @@ def complete(
     )
     session.add(file)
     f.lease.result = {**report.result.model_dump(), "lora_parameters": parameters}
-    end_lease(session=session, lease=f.lease, worker=f.worker, status=LeaseStatus.completed,
+    end_lease(session=session, lease=f.lease, job=f.job, worker=f.worker, status=LeaseStatus.completed,
               reason="completed; adapter verified", usage=usage)
     _update_speed(f.worker, f.lease, f.job, report)
     f.job.result_files = [file.id]
@@ -482,12 +487,12 @@ def fail(
         return f
     usage = report.usage.model_dump()
     if report.kind == "user_error":
-        end_lease(session=session, lease=f.lease, worker=f.worker, status=LeaseStatus.failed,
+        end_lease(session=session, lease=f.lease, job=f.job, worker=f.worker, status=LeaseStatus.failed,
                   reason=f"user error: {report.message}", usage=usage)
         change_status(session=session, job=f.job, to=JobStatus.failed, message=f"Training failed: {report.message}",
                       error={"code": "invalid_training_data", "message": report.message, "param": "training_file"})
     else:
-        end_lease(session=session, lease=f.lease, worker=f.worker, status=LeaseStatus.failed,
+        end_lease(session=session, lease=f.lease, job=f.job, worker=f.worker, status=LeaseStatus.failed,
                   reason=f"worker error: {report.message}", usage=usage, counts_against_worker=True)
         requeue_or_fail(session=session, job=f.job, reason=f"Worker {f.worker.id} failed: {report.message}",
                         count_attempt=True, max_attempts=settings.max_attempts)
@@ -505,7 +510,7 @@ def preempted(
     if _already(f, LeaseStatus.preempted):
         session.commit()
         return f
-    end_lease(session=session, lease=f.lease, worker=f.worker, status=LeaseStatus.preempted,
+    end_lease(session=session, lease=f.lease, job=f.job, worker=f.worker, status=LeaseStatus.preempted,
               reason=f"preempted by the owner: {report.reason}", usage=report.usage.model_dump())
     f.worker.state, f.worker.pause_reason = WorkerState.paused, report.reason
     requeue_or_fail(session=session, job=f.job, reason=f"The worker's owner needed it back ({report.reason})",
@@ -528,7 +533,7 @@ def end_live_leases(*, session: Session, job: JobModel, reason: str) -> None:
     ):
         worker = session.get(WorkerModel, lease.worker_id, with_for_update=True, populate_existing=True)
         assert worker is not None
-        end_lease(session=session, lease=lease, worker=worker, status=LeaseStatus.cancelled, reason=reason)
+        end_lease(session=session, lease=lease, job=job, worker=worker, status=LeaseStatus.cancelled, reason=reason)
 
 
 def release_revoked(*, session: Session, worker: WorkerModel, settings: CoordinatorSettings) -> int:
@@ -541,7 +546,7 @@ def release_revoked(*, session: Session, worker: WorkerModel, settings: Coordina
             continue
         lease, job, row = locked
         reason = f"Worker {row.id} was revoked by its provider"
-        end_lease(session=session, lease=lease, worker=row, status=LeaseStatus.lost, reason=reason)
+        end_lease(session=session, lease=lease, job=job, worker=row, status=LeaseStatus.lost, reason=reason)
         requeue_or_fail(session=session, job=job, reason=reason, count_attempt=False, max_attempts=settings.max_attempts)
     return len(lease_ids)
 
@@ -594,7 +599,7 @@ def reap(*, session: Session, settings: CoordinatorSettings) -> dict[str, int]:
             continue  # renewed while we looked
         if silent >= settings.lease_grace_s:
             reason = f"Worker {worker.id} was not heard from for {int(silent)} s"
-            end_lease(session=session, lease=lease, worker=worker, status=LeaseStatus.lost, reason=reason,
+            end_lease(session=session, lease=lease, job=job, worker=worker, status=LeaseStatus.lost, reason=reason,
                       counts_against_worker=True)
             requeue_or_fail(session=session, job=job, reason=reason, count_attempt=True,
                             max_attempts=settings.max_attempts)
@@ -616,7 +621,7 @@ def reap(*, session: Session, settings: CoordinatorSettings) -> dict[str, int]:
             continue
         lease, job, worker = locked
         reason = f"Worker {worker.id} did not pick up its assignment within {settings.assignment_ttl_s} s"
-        end_lease(session=session, lease=lease, worker=worker, status=LeaseStatus.lost, reason=reason)
+        end_lease(session=session, lease=lease, job=job, worker=worker, status=LeaseStatus.lost, reason=reason)
         requeue_or_fail(session=session, job=job, reason=reason, count_attempt=False, max_attempts=settings.max_attempts)
         counts["unclaimed"] += 1
     session.commit()

@@ -135,6 +135,8 @@ class JobRead(Reply):
     gpu_filter: list[str] | None
     trusted_hosts_only: bool
     estimated_tokens: int = Field(description="Training tokens estimated from the files and epochs")
+    cost: str = Field(description="USD charged so far: ended leases plus the running one's time, decimal string")
+    cost_held: str = Field(description="USD still held on the customer's balance for this job, decimal string")
 
 
 class JobList(Page):

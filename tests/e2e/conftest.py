@@ -35,8 +35,13 @@ class LiveServer:
                               text=True, timeout=60, check=True)
         return done.stdout
 
-    def new_key(self, role: str, name: str) -> str:
-        return self.cli("keys", "create", "--role", role, "--name", name).strip().splitlines()[-1]
+    def new_key(self, role: str, name: str, credit: str = "100") -> str:
+        """A new account's key; a customer gets `credit` granted through the CLI, as an admin would."""
+        output = self.cli("keys", "create", "--role", role, "--name", name)
+        if role == "customer" and credit:
+            account = output.split("account ", 1)[1].split()[0]
+            self.cli("credits", "grant", "--account", account, "--amount", credit)
+        return output.strip().splitlines()[-1]
 
 
 @pytest.fixture

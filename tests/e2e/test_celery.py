@@ -18,9 +18,10 @@ from sqlalchemy import select
 from coordinator.db.engine import make_engine, make_sessionmaker
 from coordinator.db.models import JobModel, JobStatus, LeaseModel, Role, WorkerState, utcnow
 from coordinator.hotstate import WAKE_CHANNEL
-from coordinator.services import files, jobs, keys, workers
+from coordinator.services import billing, files, jobs, keys, workers
 from coordinator.settings import CoordinatorSettings
 from coordinator.storage import BlobStore
+from shared.money import usd_to_micros
 from shared.protocol import WorkerRegister
 from shared.schemas.jobs import JobCreate
 from tests.conftest import chat_lines, jsonl, truncate_all
@@ -39,7 +40,8 @@ def test_celery_beat_places_a_queued_job_and_wakes_the_worker(postgres_url: str,
         file = files.upload(session=session, store=BlobStore(tmp_path / "storage"), account=customer, filename="t.jsonl",
                             purpose="fine-tune", source=io.BytesIO(jsonl(chat_lines())), max_bytes=10**6,
                             min_examples=10, retention=timedelta(days=1))
-        job = jobs.create(session=session, account=customer,
+        billing.grant(session=session, account=customer, amount=usd_to_micros(10), key="test", memo="test credit")
+        job = jobs.create(session=session, account=customer, settings=settings,
                           request=JobCreate(model="tunegrid/tiny-llama", training_file=file.id))
         worker, _ = workers.register(session=session, account=provider,
                                      request=WorkerRegister.model_validate(registration("pc-1")), protocol_version=1)

@@ -1,0 +1,98 @@
+"""The running jobs' money, swept every few seconds: a job whose cost nears its hold holds more; one that would
+pass its `max_cost` stops at its last checkpoint and fails with `max_cost_reached`; one whose customer has no
+credit left to hold pauses (`insufficient_balance` in its events) and resumes from its last checkpoint after
+a top-up. Idempotent and safe in any number of processes (jobs are taken with SKIP LOCKED).
+"""
+
+from __future__ import annotations
+
+from datetime import datetime
+
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
+from coordinator.db.models import Book, JobCheckpointModel, JobModel, JobStatus, utcnow
+from coordinator.services import billing, ledger
+from coordinator.services.job_states import change_status, record_event
+from coordinator.services.leases import end_live_leases
+from coordinator.settings import CoordinatorSettings
+from shared.money import micros_to_usd
+from shared.pricing import cost_for_seconds
+
+SWEEP_BATCH = 1000
+
+
+def _seconds(since: datetime, now: datetime) -> int:
+    return max(int((now - since).total_seconds()), 0)
+
+
+def _last_checkpoint(session: Session, job: JobModel) -> str:
+    checkpoint = session.scalars(
+        select(JobCheckpointModel).where(JobCheckpointModel.job_id == job.id, JobCheckpointModel.blob_sha256.is_not(None))
+        .order_by(JobCheckpointModel.step_number.desc(), JobCheckpointModel.id.desc()).limit(1)).first()
+    if checkpoint is None:
+        return "it had saved no checkpoint yet"
+    return f"its last checkpoint {checkpoint.id} (step {checkpoint.step_number}) is kept"
+
+
+def stop_at_max_cost(session: Session, job: JobModel) -> None:
+    assert job.max_cost is not None
+    end_live_leases(session=session, job=job, reason="the job reached its max_cost")
+    message = (f"The job reached its max_cost of ${micros_to_usd(job.max_cost)} and was stopped "
+               f"(charged ${micros_to_usd(job.billed_micros)}); {_last_checkpoint(session, job)}")
+    change_status(session=session, job=job, to=JobStatus.failed, message=message,
+                  error={"code": "max_cost_reached", "message": message, "param": "max_cost"})
+
+
+def pause_for_balance(session: Session, job: JobModel, available: int) -> None:
+    end_live_leases(session=session, job=job, reason="the customer's balance ran out")
+    change_status(session=session, job=job, to=JobStatus.paused, level="warn",
+                  message=f"Paused: insufficient balance (${micros_to_usd(available)} available) to keep running; "
+                          f"{_last_checkpoint(session, job)}. Top up and resume to continue from it.",
+                  data={"code": "insufficient_balance"})
+
+
+def _review(session: Session, job: JobModel, now: datetime, lookahead_s: int) -> str | None:
+    assert job.accruing_since is not None and job.accruing_price is not None
+    seconds = _seconds(job.accruing_since, now)
+    running = cost_for_seconds(job.accruing_price, seconds)
+    ahead = cost_for_seconds(job.accruing_price, seconds + lookahead_s)
+    if job.max_cost is not None and job.billed_micros + ahead >= job.max_cost:
+        stop_at_max_cost(session, job)
+        return "stopped"
+    if ahead <= job.held_micros:
+        return None
+    want = max(job.held_micros, ahead - job.held_micros)  # doubling keeps the sweeps rare
+    if job.max_cost is not None:
+        want = min(want, job.max_cost - job.billed_micros - job.held_micros)
+    available = ledger.balance(session, Book.customer_available, job.account_id, for_update=True)
+    take = min(want, max(available, 0))
+    if take > 0:
+        billing.place_hold(session=session, job=job, amount=take, reason="the running job needs more")
+        record_event(session=session, job=job, message=f"Held ${micros_to_usd(take)} more on your balance "
+                                                      f"(${micros_to_usd(job.held_micros)} held for this job)")
+    if running >= job.held_micros:
+        pause_for_balance(session, job, available - take)
+        return "paused"
+    return "extended" if take > 0 else None
+
+
+def enforce_budgets(*, session: Session, settings: CoordinatorSettings) -> dict[str, int]:
+    now = utcnow()
+    lookahead_s = int(2 * settings.sweep_interval_s) + 5
+    counts = {"extended": 0, "stopped": 0, "paused": 0}
+    job_ids = list(session.scalars(select(JobModel.id).where(
+        JobModel.status == JobStatus.running, JobModel.accruing_since.is_not(None)).order_by(JobModel.id)
+        .limit(SWEEP_BATCH)))
+    session.rollback()
+    for job_id in job_ids:
+        job = session.scalars(select(JobModel).where(JobModel.id == job_id).with_for_update(skip_locked=True)
+                              .execution_options(populate_existing=True)).first()
+        if job is None or job.status is not JobStatus.running or job.accruing_since is None:
+            session.rollback()
+            continue
+        outcome = _review(session, job, now, lookahead_s)
+        session.commit()
+        if outcome:
+            counts[outcome] += 1
+    return counts

@@ -1,0 +1,147 @@
+"""The double-entry ledger: the one place money moves.
+
+Every movement is a transaction of postings that sum to zero, posted at most once per business key
+(`settle:<lease id>`, `topup:<checkout session id>`, ...): posting the same key again changes nothing and
+returns None. Balances are sums of postings. The books that belong to someone (a customer's available and
+held credit, a provider's payable earnings) also keep that sum in `ledger_balances`, updated in the same
+transaction, so a hold can lock and check it; the house books (revenue, grants, Stripe clearing, refunds)
+are summed when read, so concurrent settlements never queue on one hot row.
+
+Signs: a customer's or provider's balance is positive when we owe them; money that came in through Stripe
+makes `stripe_clearing` negative, money paid out brings it back. Across all books the total is always zero.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from dataclasses import dataclass
+
+from sqlalchemy import func, insert, select
+from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy.orm import Session
+
+from coordinator.db.ids import new_id
+from coordinator.db.models import (
+    OWNED_BOOKS, Book, LedgerBalanceModel, LedgerPostingModel, LedgerTransactionModel, utcnow,
+)
+from shared.errors import PaymentRequired
+from shared.money import micros_to_usd
+
+HOUSE = ""  # the owner id of the house books
+
+
+@dataclass(frozen=True, slots=True)
+class Entry:
+    book: Book
+    owner: str
+    amount: int  # Micros, signed
+
+    def __post_init__(self) -> None:
+        if (self.book in OWNED_BOOKS) != bool(self.owner):
+            raise ValueError(f"{self.book.value} {'needs' if self.book in OWNED_BOOKS else 'takes no'} owner")
+
+
+def _insert(session: Session):  # type: ignore[no-untyped-def]
+    return postgresql.insert if session.get_bind().dialect.name == "postgresql" else sqlite.insert
+
+
+def post(
+    *, session: Session, key: str, kind: str, entries: list[Entry], description: str, account_id: str | None = None,
+    job_id: str | None = None, lease_id: str | None = None,
+) -> str | None:
+    """Post one balanced transaction under `key`; its id, or None if that key was posted before.
+
+    The caller commits: the postings land with whatever state change they pay for, or not at all.
+    """
+    entries = [e for e in entries if e.amount != 0]
+    if sum(e.amount for e in entries) != 0:
+        raise ValueError(f"transaction {key} does not balance: {entries}")
+    if not entries:
+        return None
+    txn_id = new_id("ltx-")
+    statement = _insert(session)(LedgerTransactionModel).values(
+        id=txn_id, business_key=key, kind=kind, account_id=account_id, job_id=job_id, lease_id=lease_id,
+        description=description, created_at=utcnow(),
+    ).on_conflict_do_nothing(index_elements=["business_key"])
+    if session.execute(statement).rowcount == 0:
+        return None
+    session.execute(insert(LedgerPostingModel), [
+        {"transaction_id": txn_id, "book": e.book, "owner_id": e.owner, "amount": e.amount} for e in entries
+    ])
+    deltas: dict[tuple[Book, str], int] = defaultdict(int)
+    for e in entries:
+        if e.book in OWNED_BOOKS:
+            deltas[(e.book, e.owner)] += e.amount
+    now = utcnow()
+    upsert = _insert(session)(LedgerBalanceModel)
+    for (book, owner), delta in sorted(deltas.items()):  # one lock order for every transaction
+        statement = upsert.values(book=book, owner_id=owner, balance=delta, updated_at=now)
+        session.execute(statement.on_conflict_do_update(
+            index_elements=["book", "owner_id"],
+            set_={"balance": LedgerBalanceModel.balance + statement.excluded.balance, "updated_at": now},
+        ))
+    return txn_id
+
+
+def balance(session: Session, book: Book, owner: str = HOUSE, *, for_update: bool = False) -> int:
+    """A book's balance: the kept sum for an owned book (locked with `for_update`), the postings' sum otherwise."""
+    if book in OWNED_BOOKS:
+        stmt = select(LedgerBalanceModel.balance).where(LedgerBalanceModel.book == book,
+                                                         LedgerBalanceModel.owner_id == owner)
+        if for_update:
+            stmt = stmt.with_for_update()
+        return session.scalar(stmt) or 0
+    return sum_of_postings(session, book, owner)
+
+
+def sum_of_postings(session: Session, book: Book, owner: str = HOUSE) -> int:
+    return int(session.scalar(select(func.coalesce(func.sum(LedgerPostingModel.amount), 0)).where(
+        LedgerPostingModel.book == book, LedgerPostingModel.owner_id == owner)) or 0)
+
+
+def require_available(session: Session, customer_id: str, amount: int, *, purpose: str) -> int:
+    """Lock the customer's available balance and check it covers `amount`; the balance, or 402."""
+    available = balance(session, Book.customer_available, customer_id, for_update=True)
+    if available < amount:
+        raise PaymentRequired(
+            f"Insufficient balance: {purpose} needs ${micros_to_usd(amount)} and your available balance is "
+            f"${micros_to_usd(available)}. Top up (POST /v1/billing/topups) and try again.")
+    return available
+
+
+def move(
+    *, session: Session, key: str, kind: str, amount: int, frm: tuple[Book, str], to: tuple[Book, str],
+    description: str, account_id: str | None = None, job_id: str | None = None, lease_id: str | None = None,
+) -> str | None:
+    """A two-posting transaction: `amount` leaves `frm` and arrives in `to`."""
+    return post(session=session, key=key, kind=kind, description=description, account_id=account_id, job_id=job_id,
+                lease_id=lease_id, entries=[Entry(*frm, -amount), Entry(*to, amount)])
+
+
+@dataclass(frozen=True, slots=True)
+class Audit:
+    total: int  # of every posting: always 0
+    unbalanced_transactions: int
+    drifted_balances: list[tuple[str, str, int, int]]  # (book, owner, kept, summed)
+
+    @property
+    def ok(self) -> bool:
+        return self.total == 0 and self.unbalanced_transactions == 0 and not self.drifted_balances
+
+
+def audit(session: Session) -> Audit:
+    """Check the ledger's invariants from scratch: postings sum to zero overall and per transaction, and every
+    kept balance equals the sum of its postings."""
+    total = int(session.scalar(select(func.coalesce(func.sum(LedgerPostingModel.amount), 0))) or 0)
+    unbalanced = session.scalar(select(func.count()).select_from(
+        select(LedgerPostingModel.transaction_id).group_by(LedgerPostingModel.transaction_id)
+        .having(func.sum(LedgerPostingModel.amount) != 0).subquery()))
+    summed = {(book, owner): int(amount) for book, owner, amount in session.execute(
+        select(LedgerPostingModel.book, LedgerPostingModel.owner_id, func.sum(LedgerPostingModel.amount))
+        .where(LedgerPostingModel.book.in_(OWNED_BOOKS))
+        .group_by(LedgerPostingModel.book, LedgerPostingModel.owner_id))}
+    kept = {(row.book, row.owner_id): row.balance for row in session.scalars(select(LedgerBalanceModel))}
+    drifted = [(book.value, owner, kept.get((book, owner), 0), summed.get((book, owner), 0))
+               for book, owner in sorted(set(summed) | set(kept))
+               if kept.get((book, owner), 0) != summed.get((book, owner), 0)]
+    return Audit(total=total, unbalanced_transactions=int(unbalanced or 0), drifted_balances=drifted)

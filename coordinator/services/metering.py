@@ -1,0 +1,93 @@
+"""Per-second metering: what one lease is billed, decided once, when it ends.
+
+Billable time is training time the coordinator saw, on its own clock: from the first progress the lease
+reported (`training_started_at`; setup and the model download before it are free) to the lease's end, never
+more than `UNSEEN_SLACK` past the last time the coordinator heard from the worker. How the lease ended
+decides where billing stops:
+
+- completed, cancelled or paused by the customer, stopped at `max_cost`, or failed on the customer's own
+  data: until the end (`until_end`);
+- the worker failed, vanished, was revoked, or its owner took the PC back: only the work kept in the last
+  checkpoint this lease uploaded, none without one (`until_checkpoint`); the next worker resumes from
+  that checkpoint, so the customer never pays twice for the same steps;
+- the worker's adapter failed its checks: nothing (`not_billed`).
+
+The worker's own measurement is compared: when it says it worked less than we saw (`until_end` leases),
+the lower figure is billed and the record says so. A job's `max_cost` caps the charge. The customer pays
+`ceil(seconds * price / 3600)` micro-dollars, the provider earns `floor(seconds * ask / 3600)`, and the
+platform keeps the difference.
+"""
+
+from __future__ import annotations
+
+import math
+from datetime import datetime, timedelta
+from typing import Any
+
+from sqlalchemy import func, select
+from sqlalchemy.orm import Session
+
+from coordinator.db.models import (
+    JobCheckpointModel, JobModel, LeaseModel, LeaseStatus, UsageRecordModel, WorkerModel,
+)
+from coordinator.services import billing
+from shared.pricing import cost_for_seconds, provider_earnings, seconds_for_budget
+
+UNSEEN_SLACK = timedelta(seconds=30)  # time past the last word from the worker that is still billed
+REPORT_TOLERANCE_S = 5.0  # a worker's report this much below ours counts as lower
+
+
+def rule_for(status: LeaseStatus, *, failed_check: bool, counts_against_worker: bool) -> str:
+    if failed_check:
+        return "not_billed"
+    if status in (LeaseStatus.completed, LeaseStatus.cancelled):
+        return "until_end"
+    if status is LeaseStatus.failed:
+        return "until_checkpoint" if counts_against_worker else "until_end"  # else: the customer's data
+    return "until_checkpoint"  # lost, preempted
+
+
+def _last_checkpoint_at(session: Session, lease: LeaseModel) -> datetime | None:
+    return session.scalar(select(func.max(JobCheckpointModel.created_at)).where(JobCheckpointModel.lease_id == lease.id))
+
+
+def meter_lease(
+    *, session: Session, lease: LeaseModel, job: JobModel, worker: WorkerModel, rule: str, ended_at: datetime,
+    usage: dict[str, Any] | None,
+) -> UsageRecordModel | None:
+    """Write the lease's usage record and settle it in the ledger (the caller holds the job's lock). A lease
+    that never started training has nothing to bill and gets no record."""
+    job.accruing_since = job.accruing_price = None
+    start = lease.training_started_at
+    if start is None:
+        return None
+    until: datetime | None = None
+    if rule != "not_billed":
+        until = ended_at if rule == "until_end" else _last_checkpoint_at(session, lease)
+        if until is not None and lease.last_renewed_at is not None:
+            until = min(until, max(lease.last_renewed_at, start) + UNSEEN_SLACK)
+    observed = max((until - start).total_seconds(), 0.0) if until is not None else 0.0
+    seconds = math.floor(observed)
+    notes = []
+    reported = float(usage["wall_seconds"]) if usage and usage.get("wall_seconds") else None
+    if rule == "until_end" and reported is not None and reported < observed - REPORT_TOLERANCE_S:
+        seconds = math.floor(reported)
+        notes.append(f"the worker reported {reported:.0f} s, the coordinator saw {observed:.0f} s; billed the lower")
+    if job.max_cost is not None:
+        budget = seconds_for_budget(lease.price_per_gpu_hour, job.max_cost - job.billed_micros)
+        if seconds > budget:
+            notes.append(f"capped at {budget} s by max_cost")
+            seconds = budget
+    charge = cost_for_seconds(lease.price_per_gpu_hour, seconds)
+    earned = min(provider_earnings(lease.ask_price_per_gpu_hour, seconds), charge)
+    record = UsageRecordModel(
+        lease_id=lease.id, job_id=job.id, customer_id=job.account_id, provider_id=worker.account_id,
+        worker_id=worker.id, gpu_class=lease.gpu_class, price_per_gpu_hour=lease.price_per_gpu_hour,
+        ask_price_per_gpu_hour=lease.ask_price_per_gpu_hour, rule=rule, started_at=start, billed_until=until,
+        observed_seconds=round(observed, 3), reported_seconds=reported, billable_seconds=seconds,
+        charge_micros=charge, provider_micros=earned, fee_micros=charge - earned,
+        note="; ".join(notes) or None, usage_day=ended_at.date(), created_at=ended_at,
+    )
+    session.add(record)
+    billing.settle(session=session, job=job, record=record)
+    return record

@@ -1,0 +1,109 @@
+"""Calls to Stripe as rows: committed with the state change that needs them, then made (at once, and again by
+a periodic sweep until Stripe answers) with the row's idempotency key.
+
+If the process dies after Stripe acted but before we recorded its answer, the row is still pending; the next
+attempt sends the same key, Stripe answers with the object it already made, and we record that. So a
+transfer is made once, never twice, and never lost. Attempts back off and are bounded; a call Stripe refuses
+for good is marked failed and its subject (a payout, a top-up) is told.
+"""
+
+from __future__ import annotations
+
+import logging
+from datetime import timedelta
+from typing import Any
+
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
+from coordinator.db.ids import new_id
+from coordinator.db.models import OutboxModel, OutboxStatus, utcnow
+from coordinator.stripe_gateway import StripeGateway, StripeRefused, StripeUnavailable
+
+log = logging.getLogger(__name__)
+MAX_ATTEMPTS = 12  # with the backoff below, about a day of trying
+BACKOFF_BASE_S = 30
+BACKOFF_MAX_S = 6 * 3600
+SWEEP_BATCH = 100
+
+
+def enqueue(*, session: Session, operation: str, key: str, subject_id: str, params: dict[str, Any]) -> OutboxModel:
+    """Add the call to the caller's transaction (which commits it with the state it belongs to)."""
+    if operation not in StripeGateway.OPERATIONS:
+        raise ValueError(f"unknown Stripe operation {operation}")
+    row = OutboxModel(id=new_id("obx-"), operation=operation, idempotency_key=key, subject_id=subject_id,
+                      params=params, status=OutboxStatus.pending, attempts=0, next_attempt_at=utcnow())
+    session.add(row)
+    return row
+
+
+def _apply(session: Session, row: OutboxModel, result: dict[str, Any] | None, refused: StripeRefused | None) -> None:
+    from coordinator.services import payouts, topups  # noqa: PLC0415 - they enqueue here; we call back there
+
+    handlers = {
+        "checkout.session.create": topups.on_checkout_session,
+        "account.create": payouts.on_account,
+        "account_link.create": None,
+        "transfer.create": payouts.on_transfer,
+    }
+    handler = handlers[row.operation]
+    if handler is not None:
+        handler(session=session, row=row, result=result, refused=refused)
+
+
+def send(*, session: Session, gateway: StripeGateway, row_id: str) -> OutboxModel:
+    """Make the row's call once (no row lock is held while Stripe is asked) and record the answer."""
+    row = session.get(OutboxModel, row_id)
+    assert row is not None
+    if row.status is not OutboxStatus.pending:
+        session.commit()
+        return row
+    operation, params, key = row.operation, dict(row.params), row.idempotency_key
+    session.commit()
+    result: dict[str, Any] | None = None
+    refused: StripeRefused | None = None
+    error: str | None = None
+    try:
+        result = gateway.call(operation, params, idempotency_key=key)
+    except StripeRefused as exc:
+        refused, error = exc, f"refused: {exc}"
+    except StripeUnavailable as exc:
+        error = str(exc)
+    row = session.get(OutboxModel, row_id, with_for_update=True, populate_existing=True)  # type: ignore[assignment]
+    assert row is not None
+    if row.status is not OutboxStatus.pending:  # another process recorded the same answer first
+        session.commit()
+        return row
+    row.attempts += 1
+    now = utcnow()
+    if result is not None or refused is not None:
+        row.status = OutboxStatus.done if result is not None else OutboxStatus.failed
+        row.response, row.last_error, row.done_at = result, error, now
+        _apply(session, row, result, refused)
+    else:
+        row.last_error = error
+        if row.attempts >= MAX_ATTEMPTS:
+            log.error("outbox %s (%s) gave up after %d attempts: %s", row.id, row.operation, row.attempts, error)
+            row.status = OutboxStatus.failed
+            _apply(session, row, None, StripeRefused(f"no answer from Stripe after {row.attempts} attempts: {error}",
+                                                     code="unreachable"))
+        else:
+            delay = min(BACKOFF_BASE_S * 2 ** (row.attempts - 1), BACKOFF_MAX_S)
+            row.next_attempt_at = now + timedelta(seconds=delay)
+            log.warning("outbox %s (%s) attempt %d failed, next in %d s: %s", row.id, row.operation, row.attempts,
+                        delay, error)
+    session.commit()
+    return row
+
+
+def send_due(*, session: Session, gateway: StripeGateway) -> int:
+    """Retry every pending call whose time has come; how many were answered."""
+    due = list(session.scalars(select(OutboxModel.id).where(
+        OutboxModel.status == OutboxStatus.pending, OutboxModel.next_attempt_at <= utcnow())
+        .order_by(OutboxModel.next_attempt_at).limit(SWEEP_BATCH)))
+    session.commit()
+    answered = 0
+    for row_id in due:
+        if send(session=session, gateway=gateway, row_id=row_id).status is not OutboxStatus.pending:
+            answered += 1
+    return answered

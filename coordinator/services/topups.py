@@ -1,0 +1,146 @@
+"""Prepaid top-ups through Stripe Checkout: a top-up opens a Checkout Session; Stripe's signed webhook for the
+paid session credits the customer, once (`webhooks.py`).
+
+Stripe charges whole cents, so amounts are whole cents from $5 to $10,000. A client may send an
+`Idempotency-Key`: the same key returns the same top-up (and its Checkout URL) instead of opening another.
+"""
+
+from __future__ import annotations
+
+from sqlalchemy import select
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm import Session
+
+from coordinator.db.ids import new_id
+from coordinator.db.models import AccountModel, Book, OutboxStatus, TopupModel, TopupStatus, utcnow
+from coordinator.services import ledger, outbox
+from coordinator.services.ledger import HOUSE
+from coordinator.services.paging import page
+from coordinator.settings import CoordinatorSettings
+from coordinator.stripe_gateway import StripeGateway, StripeRefused
+from shared.errors import BadGateway, InvalidRequest
+from shared.money import micros_to_usd, usd_to_micros
+
+MICROS_PER_CENT = 10_000
+MIN_TOPUP = usd_to_micros("5")
+MAX_TOPUP = usd_to_micros("10000")
+
+
+def payments_not_configured() -> InvalidRequest:
+    return InvalidRequest("Payments through Stripe are not configured on this coordinator; an admin can grant "
+                          "credit with `tunegrid-coordinator credits grant`.", code="payments_not_configured")
+
+
+def create(
+    *, session: Session, account: AccountModel, amount: int, request_key: str | None, settings: CoordinatorSettings,
+    gateway: StripeGateway | None,
+) -> TopupModel:
+    if gateway is None:
+        raise payments_not_configured()
+    if not MIN_TOPUP <= amount <= MAX_TOPUP or amount % MICROS_PER_CENT:
+        raise InvalidRequest(f"A top-up is whole cents from ${micros_to_usd(MIN_TOPUP)} to "
+                             f"${micros_to_usd(MAX_TOPUP)}.", param="amount", code="invalid_amount")
+    topup = _existing(session, account, request_key)
+    if topup is not None:
+        if topup.amount != amount:
+            raise InvalidRequest("This Idempotency-Key was used for a top-up of a different amount.",
+                                 param="Idempotency-Key", code="idempotency_key_reused")
+    else:
+        topup_id = new_id("topup-")
+        topup = TopupModel(id=topup_id, account_id=account.id, amount=amount, status=TopupStatus.pending,
+                           request_key=request_key or topup_id)
+        session.add(topup)
+        outbox.enqueue(session=session, operation="checkout.session.create", key=f"topup-{topup_id}",
+                       subject_id=topup_id, params=_checkout_params(topup, settings))
+        try:
+            session.commit()
+        except IntegrityError:  # the same key, concurrently: answer with the one that won
+            session.rollback()
+            topup = _existing(session, account, request_key)
+            assert topup is not None
+    if topup.status is TopupStatus.pending and topup.checkout_url is None:
+        _send(session, gateway, topup)
+        session.refresh(topup)
+    if topup.status is TopupStatus.failed:
+        raise InvalidRequest(f"Stripe refused the top-up: {topup.failure}", param="amount", code="topup_refused")
+    if topup.checkout_url is None:
+        raise BadGateway("Stripe did not answer in time; nothing was charged. Retry with the same Idempotency-Key.")
+    return topup
+
+
+def _existing(session: Session, account: AccountModel, request_key: str | None) -> TopupModel | None:
+    if request_key is None:
+        return None
+    return session.scalars(select(TopupModel).where(TopupModel.account_id == account.id,
+                                                    TopupModel.request_key == request_key)).first()
+
+
+def _send(session: Session, gateway: StripeGateway, topup: TopupModel) -> None:
+    from coordinator.db.models import OutboxModel  # noqa: PLC0415
+
+    row = session.scalars(select(OutboxModel).where(OutboxModel.subject_id == topup.id,
+                                                    OutboxModel.status == OutboxStatus.pending)).first()
+    if row is not None:
+        outbox.send(session=session, gateway=gateway, row_id=row.id)
+
+
+def _checkout_params(topup: TopupModel, settings: CoordinatorSettings) -> dict:  # type: ignore[type-arg]
+    metadata = {"tunegrid_topup_id": topup.id, "tunegrid_account_id": topup.account_id}
+    return {
+        "mode": "payment",
+        "line_items": [{"quantity": 1, "price_data": {
+            "currency": "usd", "unit_amount": topup.amount // MICROS_PER_CENT,
+            "product_data": {"name": "tunegrid prepaid credit"}}}],
+        "client_reference_id": topup.id,
+        "metadata": metadata,
+        "payment_intent_data": {"metadata": metadata},
+        "success_url": f"{settings.public_url.rstrip('/')}/billing/topups/{topup.id}?result=success",
+        "cancel_url": f"{settings.public_url.rstrip('/')}/billing/topups/{topup.id}?result=cancelled",
+    }
+
+
+def on_checkout_session(*, session: Session, row, result, refused: StripeRefused | None) -> None:  # type: ignore[no-untyped-def]
+    topup = session.get(TopupModel, row.subject_id, with_for_update=True)
+    if topup is None or topup.status is not TopupStatus.pending:
+        return
+    if result is not None:
+        topup.stripe_session_id, topup.checkout_url = result["id"], result.get("url")
+    else:
+        topup.status, topup.failure = TopupStatus.failed, str(refused)
+
+
+def credit_paid_session(*, session: Session, stripe_session: dict) -> str:  # type: ignore[type-arg]
+    """A paid Checkout Session (from a verified webhook): credit what Stripe says was paid, once per session."""
+    metadata = stripe_session.get("metadata") or {}
+    topup = session.scalars(select(TopupModel).where(
+        TopupModel.stripe_session_id == stripe_session["id"]).with_for_update()).first()
+    if topup is None and metadata.get("tunegrid_topup_id"):  # the webhook beat our own record of the session
+        topup = session.get(TopupModel, metadata["tunegrid_topup_id"], with_for_update=True)
+    if topup is None:
+        return "unknown session"
+    if stripe_session.get("payment_status") != "paid":
+        return "not paid yet"
+    paid = int(stripe_session.get("amount_total") or 0) * MICROS_PER_CENT
+    posted = ledger.move(
+        session=session, key=f"topup:{stripe_session['id']}", kind="topup", amount=paid,
+        frm=(Book.stripe_clearing, HOUSE), to=(Book.customer_available, topup.account_id),
+        description=f"Top-up {topup.id} paid through Stripe", account_id=topup.account_id)
+    topup.status, topup.paid_at = TopupStatus.paid, topup.paid_at or utcnow()
+    topup.stripe_session_id = topup.stripe_session_id or stripe_session["id"]
+    return "credited" if posted else "already credited"
+
+
+def expire_session(*, session: Session, stripe_session: dict) -> str:  # type: ignore[type-arg]
+    topup = session.scalars(select(TopupModel).where(
+        TopupModel.stripe_session_id == stripe_session["id"]).with_for_update()).first()
+    if topup is None or topup.status is not TopupStatus.pending:
+        return "ignored"
+    topup.status = TopupStatus.expired
+    return "expired"
+
+
+def list_topups(*, session: Session, account: AccountModel, after: str | None, limit: int) -> tuple[list[TopupModel], bool]:
+    rows = page(session=session, stmt=select(TopupModel).where(TopupModel.account_id == account.id),
+                id_column=TopupModel.id, after=after, limit=limit)
+    session.commit()
+    return rows
