@@ -60,7 +60,7 @@ def seed(url: str, *, jobs: int, workers: int) -> None:
                                           "created_at": now}])
         conn.execute(insert(JobModel), [{
             "id": new_id("ftjob-"), "account_id": "acct-bench-customer", "model": rng.choice(MODELS),
-            "training_file_id": "file-bench", "status": JobStatus.queued,
+            "training_file_id": "file-bench", "status": JobStatus.queued, "held_micros": 1_000_000,
             "hyperparameters": {"n_epochs": 1, "batch_size": "auto", "learning_rate_multiplier": "auto"},
             "lora": {"r": 16, "alpha": 32, "dropout": 0.05, "target_modules": "all-linear"}, "seed": 1,
             "trusted_hosts_only": False, "estimated_tokens": 100_000, "result_files": [], "created_at": now,

@@ -14,7 +14,7 @@ from sqlalchemy import text
 
 from coordinator import __version__
 from coordinator import tasks
-from coordinator.api import errors, files, jobs, models, quotes, workers
+from coordinator.api import billing, errors, files, jobs, models, quotes, workers
 from coordinator.api.deps import run_in_session
 from coordinator.api.limits import BodySizeLimit
 from coordinator.db.engine import make_engine, make_sessionmaker
@@ -25,6 +25,7 @@ from coordinator.hotstate import make_hot_state
 from coordinator.services import placement, workers as worker_service
 from coordinator.settings import CoordinatorSettings
 from coordinator.storage import BlobStore
+from coordinator.stripe_gateway import make_gateway
 from shared.protocol import HeartbeatReply
 
 log = logging.getLogger(__name__)
@@ -75,7 +76,7 @@ def create_app(settings: CoordinatorSettings | None = None) -> FastAPI:
     async def periodic() -> None:
         async with app.state.session_slots:
             effects = await anyio.to_thread.run_sync(lambda: tasks.run_periodic(
-                session_factory=app.state.sessionmaker, settings=settings))
+                session_factory=app.state.sessionmaker, settings=settings, last_run=app.state.periodic_last_run))
         await app.state.dispatcher.apply(effects)
 
     app = FastAPI(
@@ -89,7 +90,9 @@ def create_app(settings: CoordinatorSettings | None = None) -> FastAPI:
     app.state.sessionmaker = make_sessionmaker(engine)
     app.state.store = BlobStore(settings.resolved_storage_dir)
     app.state.hot = make_hot_state(settings.redis_url)
+    app.state.stripe = make_gateway(settings)  # None without a Stripe key (the embedded default)
     app.state.worker_tokens = {}
+    app.state.periodic_last_run = {}
     app.state.heartbeats = HeartbeatBuffer(flush_heartbeats, settings.heartbeat_flush_s)
     app.state.quiet_heartbeat_reply = HeartbeatReply(heartbeat_interval_s=settings.heartbeat_interval_s).model_dump_json().encode()
     # With Redis, Celery beat runs the periodic tasks; embedded, this process does.
@@ -98,7 +101,7 @@ def create_app(settings: CoordinatorSettings | None = None) -> FastAPI:
     errors.install(app)
     app.add_middleware(BodySizeLimit, upload_bytes=settings.max_upload_bytes, other_bytes=JSON_BODY_LIMIT,
                        lease_upload_bytes=settings.max_adapter_bytes)
-    for router in (files.router, jobs.router, quotes.router, models.router, workers.router):
+    for router in (files.router, jobs.router, quotes.router, models.router, workers.router, billing.router):
         app.include_router(router)
 
     @app.get("/healthz", tags=["health"])

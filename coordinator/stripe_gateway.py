@@ -9,6 +9,7 @@ Calls are never made straight from a request handler's logic: they are rows in t
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable
 from typing import Any
 
@@ -61,7 +62,8 @@ class StripeGateway:
             if (exc.http_status or 0) >= 500 or exc.http_status in (409, 429):
                 raise StripeUnavailable(f"{exc.__class__.__name__}: {exc.user_message or exc}") from exc
             raise StripeRefused(str(exc.user_message or exc), code=exc.code) from exc
-        return result.to_dict()
+        # The SDK turns decimal fields into Decimal; stored as JSON they go back to Stripe's own strings.
+        return json.loads(json.dumps(result.to_dict(), default=str))
 
 
 def make_gateway(settings: CoordinatorSettings) -> StripeGateway | None:

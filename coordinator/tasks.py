@@ -10,6 +10,7 @@ the coordinator's dispatcher runs the same functions in-process (`run_periodic`)
 from __future__ import annotations
 
 import logging
+import time
 from datetime import timedelta
 from functools import cache
 from typing import Any
@@ -19,9 +20,10 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from coordinator.db.models import LIVE_LEASE, LeaseModel, WorkerModel, WorkerState, utcnow
 from coordinator.effects import Effects, take_effects
-from coordinator.services import budgets, leases, placement
+from coordinator.services import budgets, leases, outbox, payouts, placement
 from coordinator.services.lease_states import reliability
 from coordinator.settings import CoordinatorSettings
+from coordinator.stripe_gateway import StripeGateway, make_gateway
 
 log = logging.getLogger(__name__)
 SCORE_BATCH = 1000
@@ -37,6 +39,26 @@ def place_queued_jobs(*, session: Session, settings: CoordinatorSettings) -> int
 
 def enforce_budgets(*, session: Session, settings: CoordinatorSettings) -> dict[str, int]:
     return budgets.enforce_budgets(session=session, settings=settings)
+
+
+_GATEWAYS: dict[tuple[str | None, str | None], StripeGateway | None] = {}
+
+
+def gateway_for(settings: CoordinatorSettings) -> StripeGateway | None:
+    key = (settings.stripe_api_key, settings.stripe_api_base)
+    if key not in _GATEWAYS:
+        _GATEWAYS[key] = make_gateway(settings)
+    return _GATEWAYS[key]
+
+
+def send_outbox(*, session: Session, settings: CoordinatorSettings) -> int:
+    """Stripe calls not yet answered (a crash, a timeout, Stripe down): sent again, same idempotency key."""
+    gateway = gateway_for(settings)
+    return outbox.send_due(session=session, gateway=gateway) if gateway else 0
+
+
+def run_payouts(*, session: Session, settings: CoordinatorSettings) -> int:
+    return payouts.run_payouts(session=session, settings=settings, gateway=gateway_for(settings))
 
 
 def update_worker_scores(*, session: Session, settings: CoordinatorSettings) -> int:
@@ -79,13 +101,30 @@ def update_worker_scores(*, session: Session, settings: CoordinatorSettings) -> 
     return changed + (result.rowcount or 0) + (orphaned.rowcount or 0)  # type: ignore[attr-defined]
 
 
-PERIODIC = (reap_leases, enforce_budgets, place_queued_jobs, update_worker_scores)
+# Each task and how often it runs, in seconds (embedded mode; Celery beat has the same schedule).
+PERIODIC: tuple[tuple[Any, Any], ...] = (
+    (reap_leases, lambda s: s.sweep_interval_s),
+    (enforce_budgets, lambda s: s.sweep_interval_s),
+    (place_queued_jobs, lambda s: s.sweep_interval_s),
+    (update_worker_scores, lambda s: 60.0),
+    (send_outbox, lambda s: s.outbox_interval_s),
+    (run_payouts, lambda s: s.payout_interval_s),
+)
 
 
-def run_periodic(*, session_factory: sessionmaker[Session], settings: CoordinatorSettings) -> Effects:
-    """Every periodic task once, each in its own session; the effects they asked for, merged."""
+def run_periodic(
+    *, session_factory: sessionmaker[Session], settings: CoordinatorSettings, last_run: dict[str, float] | None = None,
+) -> Effects:
+    """Each periodic task whose interval has passed since `last_run` (the caller's record; without one, every
+    task), each in its own session; the effects they asked for, merged."""
     merged = Effects()
-    for task in PERIODIC:
+    now = time.monotonic()
+    for task, interval in PERIODIC:
+        if last_run is not None:
+            last = last_run.get(task.__name__)
+            if last is not None and now - last < interval(settings) * 0.9:
+                continue
+            last_run[task.__name__] = now
         with session_factory() as session:
             try:
                 task(session=session, settings=settings)
@@ -152,6 +191,8 @@ def make_celery(settings: CoordinatorSettings | None = None):  # type: ignore[no
             "place-queued-jobs": {"task": "tunegrid.place_queued_jobs", "schedule": settings.sweep_interval_s},
             "enforce-budgets": {"task": "tunegrid.enforce_budgets", "schedule": settings.sweep_interval_s},
             "update-worker-scores": {"task": "tunegrid.update_worker_scores", "schedule": 60.0},
+            "send-outbox": {"task": "tunegrid.send_outbox", "schedule": settings.outbox_interval_s},
+            "run-payouts": {"task": "tunegrid.run_payouts", "schedule": float(settings.payout_interval_s)},
         },
     )
 
@@ -166,6 +207,14 @@ def make_celery(settings: CoordinatorSettings | None = None):  # type: ignore[no
     @app.task(name="tunegrid.enforce_budgets")
     def enforce_budgets_task() -> dict[str, int]:
         return _run_task(enforce_budgets)
+
+    @app.task(name="tunegrid.send_outbox")
+    def send_outbox_task() -> int:
+        return _run_task(send_outbox)
+
+    @app.task(name="tunegrid.run_payouts")
+    def run_payouts_task() -> int:
+        return _run_task(run_payouts)
 
     @app.task(name="tunegrid.update_worker_scores")
     def update_worker_scores_task() -> int:

@@ -234,3 +234,34 @@ def redis_url() -> str:
             pytest.fail(f"{reason} (CI=true requires Redis)")
         pytest.skip(reason)
     return REDIS_URL
+
+
+@pytest.fixture
+def stripe_server():  # type: ignore[no-untyped-def]
+    """A local fake of Stripe's API (tests/stripe_fake.py); Stripe itself cannot be reached from here."""
+    from tests.stripe_fake import FakeStripe  # noqa: PLC0415
+
+    fake = FakeStripe().start()
+    yield fake
+    fake.stop()
+
+
+WEBHOOK_SECRET = "whsec_test_tunegrid"
+
+
+@pytest.fixture
+def stripe_settings(settings: CoordinatorSettings, stripe_server) -> CoordinatorSettings:  # type: ignore[no-untyped-def]
+    """The test settings with payments on, pointed at the fake Stripe."""
+    return settings.model_copy(update={
+        "stripe_api_key": stripe_server.api_key, "stripe_api_base": stripe_server.url,
+        "stripe_webhook_secret": WEBHOOK_SECRET, "stripe_timeout_s": 5.0, "stripe_max_retries": 2,
+        "min_payout_usd": "1.00",
+    })
+
+
+@pytest.fixture
+def stripe_client(stripe_settings: CoordinatorSettings) -> Iterator[TestClient]:
+    application = create_app(stripe_settings)
+    with TestClient(application, raise_server_exceptions=False) as c:
+        yield c
+    application.state.engine.dispose()

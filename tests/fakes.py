@@ -142,11 +142,12 @@ class FakeAgent:
         return self.client.put(path, content=data,
                                headers={**self.headers(lease_id, token), SHA256_HEADER: digest or sha256(data)})
 
-    def complete(self, lease_id: str, adapter: bytes, *, loss: float = 2.0, token: int | None = None) -> Any:
+    def complete(self, lease_id: str, adapter: bytes, *, loss: float = 2.0, token: int | None = None,
+                 usage: dict[str, Any] | None = None) -> Any:
         return self.client.post(f"/v1/workers/leases/{lease_id}/complete", headers=self.headers(lease_id, token), json={
             "adapter_sha256": sha256(adapter),
             "result": {"steps": 10, "trained_tokens": 1000, "final_train_loss": loss},
-            "usage": {"wall_seconds": 10.0, "gpu_seconds": 9.5, "energy_joules": 2500.0},
+            "usage": usage or {"wall_seconds": 10.0, "gpu_seconds": 9.5, "energy_joules": 2500.0},
         })
 
     def finish(self, lease_id: str, model: str = "tunegrid/tiny-llama", r: int = 16, alpha: int = 32) -> Any:
@@ -156,10 +157,11 @@ class FakeAgent:
         assert self.upload(lease_id, "adapter", adapter).status_code == 200
         return self.complete(lease_id, adapter)
 
-    def fail(self, lease_id: str, kind: str = "worker_error", message: str = "CUDA error", token: int | None = None) -> Any:
+    def fail(self, lease_id: str, kind: str = "worker_error", message: str = "CUDA error", token: int | None = None,
+             usage: dict[str, Any] | None = None) -> Any:
         return self.client.post(f"/v1/workers/leases/{lease_id}/fail", headers=self.headers(lease_id, token), json={
-            "kind": kind, "message": message, "usage": {"wall_seconds": 5.0, "gpu_seconds": 4.0}})
+            "kind": kind, "message": message, "usage": usage or {"wall_seconds": 5.0, "gpu_seconds": 4.0}})
 
-    def preempted(self, lease_id: str, reason: str = "a game started") -> Any:
+    def preempted(self, lease_id: str, reason: str = "a game started", usage: dict[str, Any] | None = None) -> Any:
         return self.client.post(f"/v1/workers/leases/{lease_id}/preempted", headers=self.headers(lease_id), json={
-            "reason": reason, "usage": {"wall_seconds": 5.0, "gpu_seconds": 4.0}})
+            "reason": reason, "usage": usage or {"wall_seconds": 5.0, "gpu_seconds": 4.0}})

@@ -1,7 +1,8 @@
-"""The running jobs' money, swept every few seconds: a job whose cost nears its hold holds more; one that would
+"""The jobs' money, swept every few seconds: a running job whose cost nears its hold holds more; one that would
 pass its `max_cost` stops at its last checkpoint and fails with `max_cost_reached`; one whose customer has no
 credit left to hold pauses (`insufficient_balance` in its events) and resumes from its last checkpoint after
-a top-up. Idempotent and safe in any number of processes (jobs are taken with SKIP LOCKED).
+a top-up. A job back in the queue whose hold a lease used up (placement passes over it) holds again, or
+pauses the same way. Idempotent and safe in any number of processes (jobs are taken with SKIP LOCKED).
 """
 
 from __future__ import annotations
@@ -12,10 +13,12 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from coordinator.db.models import Book, JobCheckpointModel, JobModel, JobStatus, utcnow
-from coordinator.services import billing, ledger
+from coordinator.effects import effects
+from coordinator.services import billing, holds, ledger
 from coordinator.services.job_states import change_status, record_event
 from coordinator.services.leases import end_live_leases
 from coordinator.settings import CoordinatorSettings
+from shared.errors import Conflict, PaymentRequired
 from shared.money import micros_to_usd
 from shared.pricing import cost_for_seconds
 
@@ -77,21 +80,52 @@ def _review(session: Session, job: JobModel, now: datetime, lookahead_s: int) ->
     return "extended" if take > 0 else None
 
 
+def _rehold(session: Session, job: JobModel, settings: CoordinatorSettings) -> str:
+    try:
+        holds.hold_for_queue(session=session, job=job, settings=settings)
+    except PaymentRequired:
+        available = ledger.balance(session, Book.customer_available, job.account_id)
+        change_status(session=session, job=job, to=JobStatus.paused, level="warn",
+                      message=f"Paused: insufficient balance (${micros_to_usd(available)} available) to hold the "
+                              f"rest of the job; {_last_checkpoint(session, job)}. Top up and resume to continue.",
+                      data={"code": "insufficient_balance"})
+        return "paused"
+    except Conflict:  # max_cost already reached by the leases so far
+        stop_at_max_cost(session, job)
+        return "stopped"
+    record_event(session=session, job=job, message=f"${micros_to_usd(job.held_micros)} held again on your balance")
+    effects(session).placeable = True
+    return "reheld"
+
+
+def _locked(session: Session, job_id: str) -> JobModel | None:
+    return session.scalars(select(JobModel).where(JobModel.id == job_id).with_for_update(skip_locked=True)
+                           .execution_options(populate_existing=True)).first()
+
+
 def enforce_budgets(*, session: Session, settings: CoordinatorSettings) -> dict[str, int]:
     now = utcnow()
     lookahead_s = int(2 * settings.sweep_interval_s) + 5
-    counts = {"extended": 0, "stopped": 0, "paused": 0}
-    job_ids = list(session.scalars(select(JobModel.id).where(
+    counts = {"extended": 0, "stopped": 0, "paused": 0, "reheld": 0}
+    running = list(session.scalars(select(JobModel.id).where(
         JobModel.status == JobStatus.running, JobModel.accruing_since.is_not(None)).order_by(JobModel.id)
         .limit(SWEEP_BATCH)))
+    unheld = list(session.scalars(select(JobModel.id).where(
+        JobModel.status == JobStatus.queued, JobModel.held_micros <= 0).order_by(JobModel.id).limit(SWEEP_BATCH)))
     session.rollback()
-    for job_id in job_ids:
-        job = session.scalars(select(JobModel).where(JobModel.id == job_id).with_for_update(skip_locked=True)
-                              .execution_options(populate_existing=True)).first()
-        if job is None or job.status is not JobStatus.running or job.accruing_since is None:
-            session.rollback()
-            continue
-        outcome = _review(session, job, now, lookahead_s)
+    for job_id in running:
+        job = _locked(session, job_id)
+        outcome = None
+        if job is not None and job.status is JobStatus.running and job.accruing_since is not None:
+            outcome = _review(session, job, now, lookahead_s)
+        session.commit()
+        if outcome:
+            counts[outcome] += 1
+    for job_id in unheld:
+        job = _locked(session, job_id)
+        outcome = None
+        if job is not None and job.status is JobStatus.queued and job.held_micros <= 0:
+            outcome = _rehold(session, job, settings)
         session.commit()
         if outcome:
             counts[outcome] += 1

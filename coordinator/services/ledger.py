@@ -62,8 +62,8 @@ def post(
     statement = _insert(session)(LedgerTransactionModel).values(
         id=txn_id, business_key=key, kind=kind, account_id=account_id, job_id=job_id, lease_id=lease_id,
         description=description, created_at=utcnow(),
-    ).on_conflict_do_nothing(index_elements=["business_key"])
-    if session.execute(statement).rowcount == 0:
+    ).on_conflict_do_nothing(index_elements=["business_key"]).returning(LedgerTransactionModel.id)
+    if session.execute(statement).scalar() is None:
         return None
     session.execute(insert(LedgerPostingModel), [
         {"transaction_id": txn_id, "book": e.book, "owner_id": e.owner, "amount": e.amount} for e in entries

@@ -3,7 +3,8 @@
 A worker can take a job when the QLoRA memory estimate fits its free VRAM, its GPU has the compute
 capability for 4-bit kernels (or it is a CPU worker and the model is tiny), its price with our fee is
 within the job's `max_price_per_gpu_hour`, it meets the job's trust, VRAM and GPU-name requirements,
-and it is idle and long-polling (its owner's policy allows work now). Among those the best expected
+and it is idle and long-polling (its owner's policy allows work now). Only jobs with a hold on their
+customer's balance are placed (billing.py; `budgets.py` renews a hold a lease used up). Among those the best expected
 throughput per dollar wins, weighted by reliability, preferring a worker that already holds the model.
 
 Two ways in, both atomic: a pass over the queue (`place_queued_jobs`, run when jobs become queued and
@@ -179,7 +180,7 @@ def place_queued_jobs(*, session: Session, settings: CoordinatorSettings, limit:
     """One placement pass: the oldest queued jobs onto the best idle workers. Returns how many were placed."""
     now = utcnow()
     jobs = session.scalars(
-        select(JobModel).where(JobModel.status == JobStatus.queued).order_by(JobModel.id)
+        select(JobModel).where(JobModel.status == JobStatus.queued, JobModel.held_micros > 0).order_by(JobModel.id)
         .limit(limit or settings.placement_batch).with_for_update(skip_locked=True)
     ).all()
     if not jobs:
@@ -216,14 +217,15 @@ def place_for_worker(*, session: Session, settings: CoordinatorSettings, worker:
     c = candidate(worker, platform_fee_bps=settings.platform_fee_bps)
     # Look without locks, then lock only the chosen job: fifty claimers must not queue on the same rows.
     jobs = session.scalars(
-        select(JobModel).where(JobModel.status == JobStatus.queued).order_by(JobModel.id).limit(PULL_SCAN)
+        select(JobModel).where(JobModel.status == JobStatus.queued, JobModel.held_micros > 0).order_by(JobModel.id)
+        .limit(PULL_SCAN)
     ).all()
     for job in jobs:
         req = requirements(job)
         if req is None or not eligible(req, c):
             continue
         locked = session.scalars(
-            select(JobModel).where(JobModel.id == job.id, JobModel.status == JobStatus.queued)
+            select(JobModel).where(JobModel.id == job.id, JobModel.status == JobStatus.queued, JobModel.held_micros > 0)
             .with_for_update(skip_locked=True).execution_options(populate_existing=True)
         ).first()
         if locked is None:

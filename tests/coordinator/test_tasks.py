@@ -60,7 +60,7 @@ def test_scores_follow_the_counters_and_failed_checks_suspend(session: Session, 
 
 def test_the_celery_app_registers_every_task_on_a_beat_schedule() -> None:
     app = tasks.make_celery(CoordinatorSettings(redis_url="redis://127.0.0.1:6379/15", sweep_interval_s=2))
-    names = {f"tunegrid.{t.__name__}" for t in tasks.PERIODIC}
+    names = {f"tunegrid.{t.__name__}" for t, _ in tasks.PERIODIC}
     assert names <= set(app.tasks)
     scheduled = {entry["task"]: entry["schedule"] for entry in app.conf.beat_schedule.values()}
     assert set(scheduled) == names and scheduled["tunegrid.reap_leases"] == 2
