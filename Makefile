@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 EXTRAS ?= coordinator,worker,trainer,dev
 
-.PHONY: install test serve bench bench-trainer bench-scheduler bench-heartbeats bench-dispatch bench-agent clean
+.PHONY: install test serve bench bench-trainer bench-scheduler bench-heartbeats bench-dispatch bench-agent bench-ledger clean
 
 install: $(VENV)/.installed
 
@@ -39,6 +39,9 @@ bench-dispatch: install
 
 bench-agent: install
 	$(PY) bench/agent.py
+
+bench-ledger: install
+	$(PY) bench/ledger.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache .hypothesis *.egg-info

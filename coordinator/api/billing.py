@@ -6,13 +6,15 @@ from __future__ import annotations
 from datetime import date
 from typing import Annotated, Literal
 
+import anyio.to_thread
 import stripe
 from fastapi import APIRouter, Depends, Header, Query, Request
+from starlette.datastructures import State
 
 from coordinator.api.deps import AnyCaller, CustomerCaller, ProviderCaller, SettingsDep, reject_unknown_query, run_in_session
 from coordinator.api.errors import ERROR_RESPONSES
 from coordinator.db.models import PayoutAccountModel, PayoutModel, TopupModel
-from coordinator.services import billing, payouts, topups, webhooks
+from coordinator.services import billing, outbox, payouts, topups, webhooks
 from coordinator.stripe_gateway import StripeGateway
 from shared.errors import InvalidRequest
 from shared.money import micros_to_usd, usd_to_micros
@@ -32,6 +34,19 @@ async def get_gateway(request: Request) -> StripeGateway | None:
 
 
 GatewayDep = Annotated[StripeGateway | None, Depends(get_gateway)]
+
+
+DAY = r"^\d{4}-\d{2}-\d{2}$"
+
+
+def _day(value: str | None, param: str) -> date | None:
+    """A YYYY-MM-DD day, strictly (lax parsing would read `0` as 1970-01-01)."""
+    if value is None:
+        return None
+    try:
+        return date.fromisoformat(value)
+    except ValueError:
+        raise InvalidRequest(f"{param} is not a valid day (YYYY-MM-DD).", param=param) from None
 
 
 def _ts(value) -> int:  # type: ignore[no-untyped-def]
@@ -54,13 +69,14 @@ async def get_balance(caller: CustomerCaller, settings: SettingsDep) -> BalanceR
 @router.get("/v1/billing/usage", response_model=UsageList, dependencies=STRICT_QUERY)
 async def get_usage(
     caller: CustomerCaller, group_by: Literal["job", "day"] = "day",
-    start: Annotated[date | None, Query(description="First UTC day, YYYY-MM-DD")] = None,
-    end: Annotated[date | None, Query(description="Last UTC day, YYYY-MM-DD")] = None,
+    start: Annotated[str | None, Query(pattern=DAY, description="First UTC day, YYYY-MM-DD")] = None,
+    end: Annotated[str | None, Query(pattern=DAY, description="Last UTC day, YYYY-MM-DD")] = None,
     limit: Annotated[int, Query(ge=1, le=1000)] = 100,
 ) -> UsageList:
-    if start and end and start > end:
+    first, last = _day(start, "start"), _day(end, "end")
+    if first and last and first > last:
         raise InvalidRequest("start is after end.", param="start")
-    rows = await caller.run(billing.usage, group_by=group_by, start=start, end=end, limit=limit)
+    rows = await caller.run(billing.usage, group_by=group_by, start=first, end=last, limit=limit)
     return UsageList(group_by=group_by, data=[UsageRead(
         job_id=r.key if group_by == "job" else None, date=r.key if group_by == "day" else None, gpu_class=r.gpu_class,
         price_per_gpu_hour=micros_to_usd(r.price_per_gpu_hour), leases=r.leases, seconds=r.seconds,
@@ -78,14 +94,26 @@ async def list_transactions(
         job_id=t.row.job_id, lease_id=t.row.lease_id) for t in rows])
 
 
+async def send(state: State, gateway: StripeGateway, row_id: str) -> None:
+    """One outbox call from a request: the database hops hold a connection only around Stripe's call, never
+    during it, so a slow Stripe cannot starve the API of connections."""
+    call = await run_in_session(state, lambda session: outbox.pending_call(session=session, row_id=row_id))
+    if call is None:
+        return
+    answer = await anyio.to_thread.run_sync(outbox.make_call, gateway, call)
+    await run_in_session(state, lambda session: outbox.record_answer(session=session, row_id=row_id, answer=answer))
+
+
 @router.post("/v1/billing/topups", response_model=TopupRead, dependencies=STRICT_QUERY)
 async def create_topup(
-    body: TopupCreate, caller: CustomerCaller, settings: SettingsDep, gateway: GatewayDep,
+    request: Request, body: TopupCreate, caller: CustomerCaller, settings: SettingsDep, gateway: GatewayDep,
     idempotency_key: Annotated[str | None, Header(max_length=200)] = None,
 ) -> TopupRead:
-    topup = await caller.run(topups.create, amount=usd_to_micros(body.amount), request_key=idempotency_key,
-                             settings=settings, gateway=gateway)
-    return topup_read(topup)
+    topup_id, row_id = await caller.run(topups.prepare, amount=usd_to_micros(body.amount),
+                                        request_key=idempotency_key, settings=settings, gateway=gateway)
+    if row_id is not None and gateway is not None:
+        await send(request.app.state, gateway, row_id)
+    return topup_read(await caller.run(topups.checked, topup_id=topup_id))
 
 
 @router.get("/v1/billing/topups", response_model=TopupList, dependencies=STRICT_QUERY)
@@ -95,10 +123,10 @@ async def list_topups(caller: CustomerCaller, after: Cursor = None,
     return TopupList(data=[topup_read(t) for t in rows], has_more=has_more)
 
 
-@router.post("/v1/billing/webhooks/stripe", dependencies=STRICT_QUERY, include_in_schema=True)
+@router.post("/webhooks/stripe", dependencies=STRICT_QUERY, include_in_schema=True)
 async def stripe_webhook(
     request: Request, settings: SettingsDep,
-    stripe_signature: Annotated[str | None, Header(alias="Stripe-Signature")] = None,
+    stripe_signature: Annotated[str, Header(alias="Stripe-Signature", max_length=4096)],
 ) -> dict[str, str]:
     """Stripe's events, verified against the endpoint's signing secret; a replayed event changes nothing."""
     if not settings.stripe_webhook_secret:
@@ -107,7 +135,7 @@ async def stripe_webhook(
     if len(payload) > WEBHOOK_BODY_LIMIT:
         raise InvalidRequest("Webhook payload too large.", code="payload_too_large")
     try:
-        event = stripe.Webhook.construct_event(payload, stripe_signature or "", settings.stripe_webhook_secret,
+        event = stripe.Webhook.construct_event(payload, stripe_signature, settings.stripe_webhook_secret,
                                                tolerance=settings.webhook_tolerance_s)
     except stripe.SignatureVerificationError as exc:
         raise InvalidRequest(f"Invalid Stripe-Signature: {exc.user_message or exc}", param="Stripe-Signature",
@@ -147,7 +175,14 @@ async def get_earnings(caller: ProviderCaller, settings: SettingsDep) -> Earning
 
 
 @router.post("/v1/providers/me/payout-account", response_model=PayoutAccountRead, dependencies=STRICT_QUERY)
-async def create_payout_account(caller: ProviderCaller, settings: SettingsDep, gateway: GatewayDep) -> PayoutAccountRead:
+async def create_payout_account(request: Request, caller: ProviderCaller, settings: SettingsDep,
+                                gateway: GatewayDep) -> PayoutAccountRead:
     """Create (once) the provider's Stripe Connect account and return a fresh onboarding link."""
-    onboarding = await caller.run(payouts.onboard, settings=settings, gateway=gateway)
+    account_row = await caller.run(payouts.account_call, gateway=gateway)  # 400 without Stripe
+    assert gateway is not None
+    if account_row is not None:
+        await send(request.app.state, gateway, account_row)
+    link_row = await caller.run(payouts.link_call, settings=settings)
+    await send(request.app.state, gateway, link_row)
+    onboarding = await caller.run(payouts.onboarding, link_row_id=link_row)
     return payout_account_read(onboarding.account, onboarding.url)

@@ -15,9 +15,11 @@ from __future__ import annotations
 
 from collections import defaultdict
 from dataclasses import dataclass
+from functools import lru_cache
+from typing import Any
 
-from sqlalchemy import func, insert, select
-from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy import TextClause, func, insert, select, text
+from sqlalchemy.dialects import sqlite
 from sqlalchemy.orm import Session
 
 from coordinator.db.ids import new_id
@@ -41,8 +43,42 @@ class Entry:
             raise ValueError(f"{self.book.value} {'needs' if self.book in OWNED_BOOKS else 'takes no'} owner")
 
 
-def _insert(session: Session):  # type: ignore[no-untyped-def]
-    return postgresql.insert if session.get_bind().dialect.name == "postgresql" else sqlite.insert
+@lru_cache(maxsize=64)
+def _postgresql_statement(postings: int, balances: int) -> TextClause:
+    """The whole transaction in one round trip: the transaction row (nothing else if its key exists), its
+    postings, and the kept balances upserted in key order."""
+    values = ", ".join(f"(:b{i}, :o{i}, CAST(:a{i} AS BIGINT))" for i in range(postings))
+    sql = f"""
+        WITH txn AS (
+            INSERT INTO ledger_transactions (id, business_key, kind, account_id, job_id, lease_id, description, created_at)
+            VALUES (:id, :business_key, :kind, :account_id, :job_id, :lease_id, :description, :created_at)
+            ON CONFLICT (business_key) DO NOTHING RETURNING id
+        ), postings AS (
+            INSERT INTO ledger_postings (transaction_id, book, owner_id, amount)
+            SELECT txn.id, v.book, v.owner_id, v.amount FROM txn CROSS JOIN (VALUES {values}) AS v(book, owner_id, amount)
+            RETURNING 1
+        )"""
+    if balances:
+        kept = ", ".join(f"(:kb{i}, :ko{i}, CAST(:ka{i} AS BIGINT))" for i in range(balances))
+        sql += f""", balances AS (
+            INSERT INTO ledger_balances (book, owner_id, balance, updated_at)
+            SELECT v.book, v.owner_id, v.amount, :created_at FROM txn CROSS JOIN (VALUES {kept}) AS v(book, owner_id, amount)
+            ORDER BY v.book, v.owner_id
+            ON CONFLICT (book, owner_id) DO UPDATE
+            SET balance = ledger_balances.balance + EXCLUDED.balance, updated_at = EXCLUDED.updated_at
+            RETURNING 1
+        )"""
+    return text(sql + " SELECT id FROM txn")
+
+
+def _post_postgresql(session: Session, row: dict[str, Any], entries: list[Entry],
+                     balances: list[tuple[Book, str, int]]) -> str | None:
+    params = dict(row)
+    for i, e in enumerate(entries):
+        params[f"b{i}"], params[f"o{i}"], params[f"a{i}"] = e.book.value, e.owner, e.amount
+    for i, (book, owner, delta) in enumerate(balances):
+        params[f"kb{i}"], params[f"ko{i}"], params[f"ka{i}"] = book.value, owner, delta
+    return session.execute(_postgresql_statement(len(entries), len(balances)), params).scalar()
 
 
 def post(
@@ -59,26 +95,37 @@ def post(
     if not entries:
         return None
     txn_id = new_id("ltx-")
-    statement = _insert(session)(LedgerTransactionModel).values(
-        id=txn_id, business_key=key, kind=kind, account_id=account_id, job_id=job_id, lease_id=lease_id,
-        description=description, created_at=utcnow(),
-    ).on_conflict_do_nothing(index_elements=["business_key"]).returning(LedgerTransactionModel.id)
+    deltas: dict[tuple[Book, str], int] = defaultdict(int)
+    for e in entries:
+        if e.book in OWNED_BOOKS:
+            deltas[(e.book, e.owner)] += e.amount
+    balances = sorted((book, owner, delta) for (book, owner), delta in deltas.items())  # one lock order for all
+    row = {"id": txn_id, "business_key": key, "kind": kind, "account_id": account_id, "job_id": job_id,
+           "lease_id": lease_id, "description": description, "created_at": utcnow()}
+    # The ledger's statements read and write only ledger tables: the caller's pending changes need not be
+    # flushed first (they go with the commit, in one flush).
+    with session.no_autoflush:
+        if session.get_bind().dialect.name == "postgresql":
+            return _post_postgresql(session, row, entries, balances)
+        return _post_sqlite(session, row, entries, balances)
+
+
+def _post_sqlite(session: Session, row: dict[str, Any], entries: list[Entry],
+                 balances: list[tuple[Book, str, int]]) -> str | None:
+    txn_id = row["id"]
+    statement = sqlite.insert(LedgerTransactionModel).values(**row).on_conflict_do_nothing(
+        index_elements=["business_key"]).returning(LedgerTransactionModel.id)
     if session.execute(statement).scalar() is None:
         return None
     session.execute(insert(LedgerPostingModel), [
         {"transaction_id": txn_id, "book": e.book, "owner_id": e.owner, "amount": e.amount} for e in entries
     ])
-    deltas: dict[tuple[Book, str], int] = defaultdict(int)
-    for e in entries:
-        if e.book in OWNED_BOOKS:
-            deltas[(e.book, e.owner)] += e.amount
-    now = utcnow()
-    upsert = _insert(session)(LedgerBalanceModel)
-    for (book, owner), delta in sorted(deltas.items()):  # one lock order for every transaction
-        statement = upsert.values(book=book, owner_id=owner, balance=delta, updated_at=now)
+    upsert = sqlite.insert(LedgerBalanceModel)
+    for book, owner, delta in balances:
+        statement = upsert.values(book=book, owner_id=owner, balance=delta, updated_at=row["created_at"])
         session.execute(statement.on_conflict_do_update(
             index_elements=["book", "owner_id"],
-            set_={"balance": LedgerBalanceModel.balance + statement.excluded.balance, "updated_at": now},
+            set_={"balance": LedgerBalanceModel.balance + statement.excluded.balance, "updated_at": row["created_at"]},
         ))
     return txn_id
 

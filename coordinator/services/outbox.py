@@ -10,6 +10,7 @@ for good is marked failed and its subject (a payout, a top-up) is told.
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any
 
@@ -51,49 +52,79 @@ def _apply(session: Session, row: OutboxModel, result: dict[str, Any] | None, re
         handler(session=session, row=row, result=result, refused=refused)
 
 
-def send(*, session: Session, gateway: StripeGateway, row_id: str) -> OutboxModel:
-    """Make the row's call once (no row lock is held while Stripe is asked) and record the answer."""
-    row = session.get(OutboxModel, row_id)
-    assert row is not None
-    if row.status is not OutboxStatus.pending:
-        session.commit()
-        return row
-    operation, params, key = row.operation, dict(row.params), row.idempotency_key
-    session.commit()
+@dataclass(frozen=True, slots=True)
+class Call:
+    row_id: str
+    operation: str
+    params: dict[str, Any]
+    key: str
+
+
+@dataclass(frozen=True, slots=True)
+class Answer:
     result: dict[str, Any] | None = None
     refused: StripeRefused | None = None
-    error: str | None = None
+    error: str | None = None  # no answer (timeout, 5xx, ...): try again later
+
+
+def pending_call(*, session: Session, row_id: str) -> Call | None:
+    """The row's call if it still needs making (commits: no lock is held while Stripe is asked)."""
+    row = session.get(OutboxModel, row_id)
+    call = None
+    if row is not None and row.status is OutboxStatus.pending:
+        call = Call(row_id=row.id, operation=row.operation, params=dict(row.params), key=row.idempotency_key)
+    session.commit()
+    return call
+
+
+def make_call(gateway: StripeGateway, call: Call) -> Answer:
+    """Ask Stripe (no database work: safe outside any session or connection)."""
     try:
-        result = gateway.call(operation, params, idempotency_key=key)
+        return Answer(result=gateway.call(call.operation, call.params, idempotency_key=call.key))
     except StripeRefused as exc:
-        refused, error = exc, f"refused: {exc}"
+        return Answer(refused=exc, error=f"refused: {exc}")
     except StripeUnavailable as exc:
-        error = str(exc)
-    row = session.get(OutboxModel, row_id, with_for_update=True, populate_existing=True)  # type: ignore[assignment]
+        return Answer(error=str(exc))
+
+
+def record_answer(*, session: Session, row_id: str, answer: Answer) -> OutboxModel:
+    """Record Stripe's answer and apply it to the row's subject, or schedule the next attempt."""
+    row = session.get(OutboxModel, row_id, with_for_update=True, populate_existing=True)
     assert row is not None
     if row.status is not OutboxStatus.pending:  # another process recorded the same answer first
         session.commit()
         return row
     row.attempts += 1
     now = utcnow()
-    if result is not None or refused is not None:
-        row.status = OutboxStatus.done if result is not None else OutboxStatus.failed
-        row.response, row.last_error, row.done_at = result, error, now
-        _apply(session, row, result, refused)
+    if answer.result is not None or answer.refused is not None:
+        row.status = OutboxStatus.done if answer.result is not None else OutboxStatus.failed
+        row.response, row.last_error, row.done_at = answer.result, answer.error, now
+        _apply(session, row, answer.result, answer.refused)
     else:
-        row.last_error = error
+        row.last_error = answer.error
         if row.attempts >= MAX_ATTEMPTS:
-            log.error("outbox %s (%s) gave up after %d attempts: %s", row.id, row.operation, row.attempts, error)
+            log.error("outbox %s (%s) gave up after %d attempts: %s", row.id, row.operation, row.attempts, answer.error)
             row.status = OutboxStatus.failed
-            _apply(session, row, None, StripeRefused(f"no answer from Stripe after {row.attempts} attempts: {error}",
-                                                     code="unreachable"))
+            _apply(session, row, None, StripeRefused(
+                f"no answer from Stripe after {row.attempts} attempts: {answer.error}", code="unreachable"))
         else:
             delay = min(BACKOFF_BASE_S * 2 ** (row.attempts - 1), BACKOFF_MAX_S)
             row.next_attempt_at = now + timedelta(seconds=delay)
             log.warning("outbox %s (%s) attempt %d failed, next in %d s: %s", row.id, row.operation, row.attempts,
-                        delay, error)
+                        delay, answer.error)
     session.commit()
     return row
+
+
+def send(*, session: Session, gateway: StripeGateway, row_id: str) -> OutboxModel:
+    """Make the row's call once and record the answer (for background work; a request handler does the three
+    steps itself so that no database connection waits on Stripe)."""
+    call = pending_call(session=session, row_id=row_id)
+    if call is None:
+        row = session.get(OutboxModel, row_id)
+        assert row is not None
+        return row
+    return record_answer(session=session, row_id=row_id, answer=make_call(gateway, call))
 
 
 def send_due(*, session: Session, gateway: StripeGateway) -> int:

@@ -40,38 +40,66 @@ class Onboarding:
     url: str
 
 
-def onboard(*, session: Session, account: AccountModel, settings: CoordinatorSettings,
-            gateway: StripeGateway | None) -> Onboarding:
-    """The provider's Connect account (made on first use) and a fresh onboarding link for it."""
+def account_call(*, session: Session, account: AccountModel, gateway: StripeGateway | None) -> str | None:
+    """The outbox row that creates the provider's Connect account, if it has none yet (made once per provider:
+    its idempotency key is the provider's id). The caller sends it."""
     if gateway is None:
         raise payments_not_configured()
+    if session.get(PayoutAccountModel, account.id) is not None:
+        session.commit()
+        return None
+    key = f"account-{account.id}"
+    row = session.scalars(select(OutboxModel).where(OutboxModel.idempotency_key == key)).first()
+    if row is None:
+        row = outbox.enqueue(session=session, operation="account.create", key=key, subject_id=account.id, params={
+            "type": "express", "capabilities": {"transfers": {"requested": True}},
+            "metadata": {"tunegrid_account_id": account.id}})
+    row_id = row.id
+    session.commit()
+    return row_id
+
+
+def link_call(*, session: Session, account: AccountModel, settings: CoordinatorSettings) -> str:
+    """After `account_call`: the outbox row for a fresh onboarding link (the caller sends it)."""
     payout_account = session.get(PayoutAccountModel, account.id)
     if payout_account is None:
-        key = f"account-{account.id}"
-        row = session.scalars(select(OutboxModel).where(OutboxModel.idempotency_key == key)).first()
-        if row is None:
-            row = outbox.enqueue(session=session, operation="account.create", key=key, subject_id=account.id, params={
-                "type": "express", "capabilities": {"transfers": {"requested": True}},
-                "metadata": {"tunegrid_account_id": account.id}})
-            session.commit()
-        row = outbox.send(session=session, gateway=gateway, row_id=row.id)
-        payout_account = session.get(PayoutAccountModel, account.id)
-        if payout_account is None:
-            if row.status is OutboxStatus.failed:
-                raise InvalidRequest(f"Stripe refused to create a payout account: {row.last_error}",
-                                     code="payout_account_refused")
-            raise BadGateway("Stripe did not create the payout account in time; nothing is lost, retry.")
+        row = session.scalars(select(OutboxModel).where(OutboxModel.idempotency_key == f"account-{account.id}")).first()
+        if row is not None and row.status is OutboxStatus.failed:
+            raise InvalidRequest(f"Stripe refused to create a payout account: {row.last_error}",
+                                 code="payout_account_refused")
+        raise BadGateway("Stripe did not create the payout account in time; nothing is lost, retry.")
     base = settings.public_url.rstrip("/")
-    link = outbox.enqueue(session=session, operation="account_link.create", key=f"account-link-{new_id('al-')}",
-                          subject_id=account.id, params={
-                              "account": payout_account.stripe_account_id, "type": "account_onboarding",
-                              "refresh_url": f"{base}/providers/payout-account?result=refresh",
-                              "return_url": f"{base}/providers/payout-account?result=done"})
+    row = outbox.enqueue(session=session, operation="account_link.create", key=f"account-link-{new_id('al-')}",
+                         subject_id=account.id, params={
+                             "account": payout_account.stripe_account_id, "type": "account_onboarding",
+                             "refresh_url": f"{base}/providers/payout-account?result=refresh",
+                             "return_url": f"{base}/providers/payout-account?result=done"})
+    row_id = row.id
     session.commit()
-    link = outbox.send(session=session, gateway=gateway, row_id=link.id)
+    return row_id
+
+
+def onboarding(*, session: Session, account: AccountModel, link_row_id: str) -> Onboarding:
+    link = session.get(OutboxModel, link_row_id)
+    payout_account = session.get(PayoutAccountModel, account.id)
+    assert link is not None and payout_account is not None and link.subject_id == account.id
+    session.commit()
     if link.response is None:
         raise BadGateway("Stripe did not return an onboarding link in time; retry.")
     return Onboarding(account=payout_account, url=link.response["url"])
+
+
+def onboard(*, session: Session, account: AccountModel, settings: CoordinatorSettings,
+            gateway: StripeGateway | None) -> Onboarding:
+    """All of onboarding in one go (the API does these steps across sessions, so no connection waits on Stripe)."""
+    row_id = account_call(session=session, account=account, gateway=gateway)
+    if row_id is not None:
+        assert gateway is not None
+        outbox.send(session=session, gateway=gateway, row_id=row_id)
+    link_row_id = link_call(session=session, account=account, settings=settings)
+    assert gateway is not None
+    outbox.send(session=session, gateway=gateway, row_id=link_row_id)
+    return onboarding(session=session, account=account, link_row_id=link_row_id)
 
 
 def on_account(*, session: Session, row, result, refused: StripeRefused | None) -> None:  # type: ignore[no-untyped-def]

@@ -12,7 +12,7 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from coordinator.db.ids import new_id
-from coordinator.db.models import AccountModel, Book, OutboxStatus, TopupModel, TopupStatus, utcnow
+from coordinator.db.models import AccountModel, Book, OutboxModel, OutboxStatus, TopupModel, TopupStatus, utcnow
 from coordinator.services import ledger, outbox
 from coordinator.services.ledger import HOUSE
 from coordinator.services.paging import page
@@ -31,21 +31,19 @@ def payments_not_configured() -> InvalidRequest:
                           "credit with `tunegrid-coordinator credits grant`.", code="payments_not_configured")
 
 
-def create(
+def prepare(
     *, session: Session, account: AccountModel, amount: int, request_key: str | None, settings: CoordinatorSettings,
     gateway: StripeGateway | None,
-) -> TopupModel:
+) -> tuple[str, str | None]:
+    """Find or open the top-up, its Checkout Session call committed to the outbox: (top-up id, the outbox row
+    still to send, if any). The caller sends it (outside any session) and reads the result with `checked`."""
     if gateway is None:
         raise payments_not_configured()
     if not MIN_TOPUP <= amount <= MAX_TOPUP or amount % MICROS_PER_CENT:
         raise InvalidRequest(f"A top-up is whole cents from ${micros_to_usd(MIN_TOPUP)} to "
                              f"${micros_to_usd(MAX_TOPUP)}.", param="amount", code="invalid_amount")
     topup = _existing(session, account, request_key)
-    if topup is not None:
-        if topup.amount != amount:
-            raise InvalidRequest("This Idempotency-Key was used for a top-up of a different amount.",
-                                 param="Idempotency-Key", code="idempotency_key_reused")
-    else:
+    if topup is None:
         topup_id = new_id("topup-")
         topup = TopupModel(id=topup_id, account_id=account.id, amount=amount, status=TopupStatus.pending,
                            request_key=request_key or topup_id)
@@ -58,12 +56,24 @@ def create(
             session.rollback()
             topup = _existing(session, account, request_key)
             assert topup is not None
-    if topup.status is TopupStatus.pending and topup.checkout_url is None:
-        _send(session, gateway, topup)
-        session.refresh(topup)
+    if topup.amount != amount:
+        raise InvalidRequest("This Idempotency-Key was used for a top-up of a different amount.",
+                             param="Idempotency-Key", code="idempotency_key_reused")
+    row_id = session.scalar(select(OutboxModel.id).where(OutboxModel.subject_id == topup.id,
+                                                         OutboxModel.status == OutboxStatus.pending))
+    result = (topup.id, row_id)
+    session.commit()
+    return result
+
+
+def checked(*, session: Session, account: AccountModel, topup_id: str) -> TopupModel:
+    """The top-up after its Checkout Session call: refused (400) or unanswered (502) are errors."""
+    topup = session.get(TopupModel, topup_id)
+    assert topup is not None and topup.account_id == account.id
+    session.commit()
     if topup.status is TopupStatus.failed:
         raise InvalidRequest(f"Stripe refused the top-up: {topup.failure}", param="amount", code="topup_refused")
-    if topup.checkout_url is None:
+    if topup.status is TopupStatus.pending and topup.checkout_url is None:
         raise BadGateway("Stripe did not answer in time; nothing was charged. Retry with the same Idempotency-Key.")
     return topup
 
@@ -73,15 +83,6 @@ def _existing(session: Session, account: AccountModel, request_key: str | None) 
         return None
     return session.scalars(select(TopupModel).where(TopupModel.account_id == account.id,
                                                     TopupModel.request_key == request_key)).first()
-
-
-def _send(session: Session, gateway: StripeGateway, topup: TopupModel) -> None:
-    from coordinator.db.models import OutboxModel  # noqa: PLC0415
-
-    row = session.scalars(select(OutboxModel).where(OutboxModel.subject_id == topup.id,
-                                                    OutboxModel.status == OutboxStatus.pending)).first()
-    if row is not None:
-        outbox.send(session=session, gateway=gateway, row_id=row.id)
 
 
 def _checkout_params(topup: TopupModel, settings: CoordinatorSettings) -> dict:  # type: ignore[type-arg]

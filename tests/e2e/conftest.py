@@ -44,11 +44,25 @@ class LiveServer:
         return output.strip().splitlines()[-1]
 
 
+@pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The tiny Llama and its tokenizer, built locally once per run (nothing is downloaded)."""
+    from worker.trainer.tiny import build  # noqa: PLC0415
+
+    return build(tmp_path_factory.mktemp("tiny-llama"))
+
+
 @pytest.fixture
-def live_server(backend: str, request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[LiveServer]:
+def live_env() -> dict[str, str]:
+    """Extra environment for the live coordinator; a test module overrides this fixture to configure it."""
+    return {}
+
+
+@pytest.fixture
+def live_server(backend: str, request: pytest.FixtureRequest, tmp_path: Path, live_env: dict[str, str]) -> Iterator[LiveServer]:
     port = _free_port()
     env = {**os.environ, "TUNEGRID_DATA_DIR": str(tmp_path / "data"), "TUNEGRID_PORT": str(port),
-           "TUNEGRID_LOG_LEVEL": "warning"}
+           "TUNEGRID_LOG_LEVEL": "warning", **live_env}
     env.pop("TUNEGRID_DATABASE_URL", None)
     postgres_url = None
     if backend == "postgresql":

@@ -27,13 +27,6 @@ from worker.settings import WorkerSettings
 JOB_TIMEOUT_S = 240
 
 
-@pytest.fixture(scope="session")
-def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from worker.trainer.tiny import build  # noqa: PLC0415
-
-    return build(tmp_path_factory.mktemp("tiny-llama"))
-
-
 def worker_settings(tmp_path: Path, tiny_model: Path) -> WorkerSettings:
     settings = WorkerSettings(config_dir=tmp_path / "config", data_dir=tmp_path / "worker", runtime="process",
                               claim_wait_s=2, progress_poll_s=0.2, events_flush_s=0.5, backoff_max_s=1)
@@ -43,11 +36,12 @@ def worker_settings(tmp_path: Path, tiny_model: Path) -> WorkerSettings:
     return settings
 
 
-def registered_agent(server: LiveServer, settings: WorkerSettings, monkeypatch: pytest.MonkeyPatch) -> Agent:
+def registered_agent(server: LiveServer, settings: WorkerSettings, monkeypatch: pytest.MonkeyPatch, *,
+                     price: str = "0.05", provider_key: str | None = None) -> Agent:
     monkeypatch.setenv("TUNEGRID_WORKER_CONFIG_DIR", str(settings.config_dir))
     monkeypatch.setenv("TUNEGRID_WORKER_DATA_DIR", str(settings.data_dir))
-    provider = server.new_key("provider", "pat")
-    assert worker_cli(["register", "--coordinator", server.url, "--provider-key", provider, "--price", "0.05",
+    provider = provider_key or server.new_key("provider", "pat")
+    assert worker_cli(["register", "--coordinator", server.url, "--provider-key", provider, "--price", price,
                        "--machine-id", "test-pc"]) == 0
     credentials_file = settings.credentials_path
     assert credentials_file.stat().st_mode & 0o777 == 0o600
@@ -75,6 +69,17 @@ def wait_for(client: httpx.Client, job_id: str, statuses: set[str], timeout_s: f
     raise AssertionError(f"job {job_id} still {job['status']} after {timeout_s} s")
 
 
+def run_until_done(agent: Agent, client: httpx.Client, job_id: str) -> dict:  # type: ignore[type-arg]
+    """Run the agent in a thread until the job succeeds or fails; the job as it ended."""
+    thread = threading.Thread(target=agent.run, daemon=True)
+    thread.start()
+    try:
+        return wait_for(client, job_id, {"succeeded", "failed"})
+    finally:
+        agent.stop()
+        thread.join(timeout=30)
+
+
 @pytest.mark.live
 def test_the_agent_trains_a_job_end_to_end(live_server: LiveServer, tmp_path: Path, tiny_model: Path,
                                            monkeypatch: pytest.MonkeyPatch) -> None:
@@ -83,13 +88,7 @@ def test_the_agent_trains_a_job_end_to_end(live_server: LiveServer, tmp_path: Pa
     customer = live_server.new_key("customer", "alice")
     with httpx.Client(base_url=live_server.url, headers={"Authorization": f"Bearer {customer}"}, timeout=30) as client:
         job = submit(client, examples=40, hyperparameters={"n_epochs": 2}, lora={"r": 8})
-        thread = threading.Thread(target=agent.run, daemon=True)
-        thread.start()
-        try:
-            done = wait_for(client, job["id"], {"succeeded", "failed"})
-        finally:
-            agent.stop()
-            thread.join(timeout=30)
+        done = run_until_done(agent, client, job["id"])
         assert done["status"] == "succeeded", done
         events = client.get(f"/v1/fine_tuning/jobs/{job['id']}/events?limit=200").json()["data"]
         metrics = [e for e in events if e["type"] == "metrics"]

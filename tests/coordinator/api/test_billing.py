@@ -18,7 +18,7 @@ from tests.conftest import WEBHOOK_SECRET
 from tests.fakes import FakeAgent
 from tests.stripe_fake import sign
 
-WEBHOOK = "/v1/billing/webhooks/stripe"
+WEBHOOK = "/webhooks/stripe"
 
 
 def test_balance_and_transactions_show_the_grant_and_the_hold(client: TestClient, customer, create_job) -> None:  # type: ignore[no-untyped-def]
@@ -58,7 +58,9 @@ def test_usage_per_job_and_per_day_with_gpu_class_and_rate(
 def test_without_stripe_top_ups_say_so_and_webhooks_are_refused(client: TestClient, customer) -> None:  # type: ignore[no-untyped-def]
     response = client.post("/v1/billing/topups", headers=customer.headers, json={"amount": "20"})
     assert response.status_code == 400 and response.json()["error"]["code"] == "payments_not_configured"
-    assert client.post(WEBHOOK, content=b"{}").json()["error"]["code"] == "payments_not_configured"
+    unconfigured = client.post(WEBHOOK, content=b"{}", headers={"Stripe-Signature": sign(b"{}", WEBHOOK_SECRET)})
+    assert unconfigured.json()["error"]["code"] == "payments_not_configured"
+    assert client.post(WEBHOOK, content=b"{}").status_code == 400  # no signature at all
 
 
 def test_billing_needs_a_key_and_the_right_role(client: TestClient, make_caller) -> None:  # type: ignore[no-untyped-def]
@@ -147,7 +149,7 @@ def test_webhook_signatures_are_verified(stripe_client: TestClient, stripe_serve
         deliver(stripe_client, tampered, header=header),  # signed body, changed on the way
         deliver(stripe_client, payload, secret="whsec_someone_else"),
         deliver(stripe_client, payload, timestamp=int(time.time()) - 3600),  # stale: a replay of an old delivery
-        deliver(stripe_client, payload, header=""),
+        deliver(stripe_client, payload, header="t=,v1="),
         deliver(stripe_client, payload, header="t=1,v1=nothex"),
     ):
         assert response.status_code == 400 and response.json()["error"]["code"] == "invalid_signature", response.text
