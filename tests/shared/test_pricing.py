@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import pytest
+from hypothesis import given, strategies as st
 
 from shared.catalog import get_base_model
 from shared.money import Micros
 from shared.pricing import (
     CPU, cost_for_seconds, cpu_can_train, customer_price, expected_tokens_per_s, get_gpu_class, gpu_class_for,
-    supports_4bit, training_seconds,
+    provider_earnings, seconds_for_budget, supports_4bit, training_seconds,
 )
 
 
@@ -57,3 +58,19 @@ def test_fee_and_metering_round_up_to_the_micro_dollar() -> None:
     assert cost_for_seconds(Micros(360_000), 1) == 100
     assert cost_for_seconds(Micros(1_000_000), 1) == 278  # 277.7… rounded up
     assert training_seconds(0, 100.0) == 0 and training_seconds(1, 100.0) == 1 and training_seconds(1000, 100.0) == 10
+
+
+@given(price=st.integers(min_value=1, max_value=10**9), ask_share=st.integers(min_value=0, max_value=10_000),
+       seconds=st.integers(min_value=0, max_value=10**7))
+def test_the_fee_absorbs_the_roundings_and_never_goes_negative(price: int, ask_share: int, seconds: int) -> None:
+    ask = price * ask_share // 10_000
+    charge, earned = cost_for_seconds(price, seconds), provider_earnings(ask, seconds)
+    assert charge * 3600 >= price * seconds > (charge - 1) * 3600  # rounded up to the micro-dollar
+    assert earned * 3600 <= ask * seconds < (earned + 1) * 3600  # rounded down
+    assert charge >= earned >= 0
+
+
+@given(price=st.integers(min_value=1, max_value=10**9), budget=st.integers(min_value=0, max_value=10**12))
+def test_seconds_for_budget_is_the_most_the_budget_pays_for(price: int, budget: int) -> None:
+    seconds = seconds_for_budget(price, budget)
+    assert cost_for_seconds(price, seconds) <= budget < cost_for_seconds(price, seconds + 1)
