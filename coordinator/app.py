@@ -10,12 +10,14 @@ from contextlib import asynccontextmanager
 import anyio
 import anyio.to_thread
 from fastapi import FastAPI
+from fastapi.staticfiles import StaticFiles
 from sqlalchemy import text
 
 from coordinator import __version__
 from coordinator import tasks
 from coordinator.api import billing, errors, files, jobs, models, quotes, workers
 from coordinator.api.deps import run_in_session
+from coordinator.dashboard.routes import HERE as DASHBOARD_DIR, router as dashboard_router
 from coordinator.api.limits import BodySizeLimit
 from coordinator.db.engine import make_engine, make_sessionmaker
 from coordinator.db.migrate import upgrade_head
@@ -101,8 +103,10 @@ def create_app(settings: CoordinatorSettings | None = None) -> FastAPI:
     errors.install(app)
     app.add_middleware(BodySizeLimit, upload_bytes=settings.max_upload_bytes, other_bytes=JSON_BODY_LIMIT,
                        lease_upload_bytes=settings.max_adapter_bytes)
-    for router in (files.router, jobs.router, quotes.router, models.router, workers.router, billing.router):
+    for router in (files.router, jobs.router, quotes.router, models.router, workers.router, billing.router,
+                   dashboard_router):
         app.include_router(router)
+    app.mount("/dashboard-static", StaticFiles(directory=DASHBOARD_DIR / "static"), name="dashboard-static")
 
     @app.get("/healthz", tags=["health"])
     async def healthz() -> dict[str, str]:

@@ -1,4 +1,5 @@
-"""Hot state: the latest heartbeat per worker, which workers must re-read their lease, and long-poll wake-ups.
+"""Hot state: the latest (and the last few) heartbeats per worker, which workers must re-read their lease, and
+long-poll wake-ups.
 
 Two implementations behind one interface. `RedisHotState` lets every API process share them (wake-ups
 travel on one pub/sub channel that each process listens to). `MemoryHotState` is the embedded mode: one
@@ -12,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from abc import ABC, abstractmethod
+from collections import deque
 from collections.abc import AsyncIterator, Callable, Iterable
 from contextlib import asynccontextmanager
 from typing import Any
@@ -23,6 +25,8 @@ WAKE_CHANNEL = "tg:wake"
 REDIS_TIMEOUT_S = 2.0
 HEARTBEAT_KEEP_S = 3600
 RECHECK_PREFIX = "tg:recheck:"
+HISTORY_PREFIX = "tg:hbh:"
+HISTORY_LENGTH = 30  # recent heartbeats kept per worker, for the dashboard's sparklines
 
 
 class Waiter:
@@ -67,6 +71,10 @@ class HotState(ABC):
     async def latest(self, worker_ids: list[str]) -> dict[str, bytes]:
         """The latest heartbeat snapshots known for these workers."""
 
+    @abstractmethod
+    async def history(self, worker_ids: list[str]) -> dict[str, list[bytes]]:
+        """Each worker's recent heartbeat snapshots, newest first (at most HISTORY_LENGTH)."""
+
     @asynccontextmanager
     async def waiter(self, worker_id: str) -> AsyncIterator[Waiter]:
         """Register before checking the database, then wait: a wake between the two is not lost."""
@@ -90,10 +98,12 @@ class MemoryHotState(HotState):
     def __init__(self) -> None:
         super().__init__()
         self._snapshots: dict[str, bytes] = {}
+        self._history: dict[str, deque[bytes]] = {}
         self._recheck: set[str] = set()
 
     async def heartbeat(self, worker_id: str, snapshot: bytes) -> bool:
         self._snapshots[worker_id] = snapshot
+        self._history.setdefault(worker_id, deque(maxlen=HISTORY_LENGTH)).appendleft(snapshot)
         if worker_id in self._recheck:
             self._recheck.discard(worker_id)
             return True
@@ -108,6 +118,9 @@ class MemoryHotState(HotState):
 
     async def latest(self, worker_ids: list[str]) -> dict[str, bytes]:
         return {w: self._snapshots[w] for w in worker_ids if w in self._snapshots}
+
+    async def history(self, worker_ids: list[str]) -> dict[str, list[bytes]]:
+        return {w: list(self._history[w]) for w in worker_ids if w in self._history}
 
 
 class RedisHotState(HotState):
@@ -149,7 +162,10 @@ class RedisHotState(HotState):
             async with self._redis.pipeline(transaction=False) as pipe:
                 pipe.set(f"tg:hb:{worker_id}", snapshot, ex=HEARTBEAT_KEEP_S)
                 pipe.getdel(f"{RECHECK_PREFIX}{worker_id}")
-                _, recheck = await pipe.execute()
+                pipe.lpush(f"{HISTORY_PREFIX}{worker_id}", snapshot)
+                pipe.ltrim(f"{HISTORY_PREFIX}{worker_id}", 0, HISTORY_LENGTH - 1)
+                pipe.expire(f"{HISTORY_PREFIX}{worker_id}", HEARTBEAT_KEEP_S)
+                _, recheck, *_ = await pipe.execute()
             return recheck is not None
         except Exception as exc:  # noqa: BLE001 - without Redis every heartbeat reads the database
             log.warning("heartbeat not kept in Redis (%s); reading the database", exc.__class__.__name__)
@@ -189,6 +205,18 @@ class RedisHotState(HotState):
         except Exception:  # noqa: BLE001 - hot state is a cache
             return {}
         return {w: v for w, v in zip(worker_ids, values, strict=True) if v is not None}
+
+    async def history(self, worker_ids: list[str]) -> dict[str, list[bytes]]:
+        if not worker_ids:
+            return {}
+        try:
+            async with self._redis.pipeline(transaction=False) as pipe:
+                for w in worker_ids:
+                    pipe.lrange(f"{HISTORY_PREFIX}{w}", 0, HISTORY_LENGTH - 1)
+                values = await pipe.execute()
+        except Exception:  # noqa: BLE001 - hot state is a cache
+            return {}
+        return {w: v for w, v in zip(worker_ids, values, strict=True) if v}
 
 
 def make_hot_state(redis_url: str | None) -> HotState:

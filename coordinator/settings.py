@@ -79,6 +79,11 @@ class CoordinatorSettings(BaseSettings):
     payout_interval_s: int = Field(default=86_400, ge=1, description="How often payouts run (Celery beat).")
     outbox_interval_s: float = Field(default=30.0, gt=0, description="How often unsent Stripe calls are retried.")
 
+    # The dashboard (issue 7).
+    session_secret: str | None = Field(default=None, description="Signs dashboard session cookies; default: a "
+                                       "random secret kept in data_dir/session-secret (0600).")
+    session_max_age_s: int = Field(default=12 * 3600, ge=60, description="A dashboard login lasts this long.")
+
     @field_validator("min_hold_usd", "hold_fallback_price_usd", "min_payout_usd")
     @classmethod
     def _usd(cls, value: str) -> str:

@@ -334,7 +334,7 @@ class Book(enum.StrEnum):
     platform_revenue = "platform_revenue"  # our fee
     platform_grants = "platform_grants"  # credit admins granted (a cost to us)
     stripe_clearing = "stripe_clearing"  # money in (top-ups) and out (transfers) through Stripe
-    refunds = "refunds"  # credit returned to customers' cards
+    refunds = "refunds"  # credit admins gave back for jobs (a cost to us, like grants)
 
 
 OWNED_BOOKS = frozenset({Book.customer_available, Book.customer_held, Book.provider_payable})

@@ -536,8 +536,10 @@ def end_live_leases(*, session: Session, job: JobModel, reason: str) -> None:
         end_lease(session=session, lease=lease, job=job, worker=worker, status=LeaseStatus.cancelled, reason=reason)
 
 
-def release_revoked(*, session: Session, worker: WorkerModel, settings: CoordinatorSettings) -> int:
-    """A revoked worker's live leases end at once; their jobs go back to the queue without using an attempt."""
+def release_revoked(*, session: Session, worker: WorkerModel, settings: CoordinatorSettings,
+                    why: str = "revoked by its provider") -> int:
+    """A revoked (or suspended) worker's live leases end at once; their jobs go back to the queue without using
+    an attempt."""
     lease_ids = session.scalars(select(LeaseModel.id).where(
         LeaseModel.worker_id == worker.id, LeaseModel.status.in_(LIVE_LEASE))).all()
     for lease_id in lease_ids:
@@ -545,7 +547,7 @@ def release_revoked(*, session: Session, worker: WorkerModel, settings: Coordina
         if locked is None:
             continue
         lease, job, row = locked
-        reason = f"Worker {row.id} was revoked by its provider"
+        reason = f"Worker {row.id} was {why}"
         end_lease(session=session, lease=lease, job=job, worker=row, status=LeaseStatus.lost, reason=reason)
         requeue_or_fail(session=session, job=job, reason=reason, count_attempt=False, max_attempts=settings.max_attempts)
     return len(lease_ids)

@@ -20,7 +20,7 @@ log = logging.getLogger(__name__)
 
 def _refund(session: Session, charge: dict[str, Any]) -> str:
     """`charge.refunded`: the refunded part of a top-up leaves the customer's available credit (which may go
-    negative if it was spent). Posted once per refund object."""
+    negative if it was spent) and goes back out through Stripe. Posted once per refund object."""
     metadata = charge.get("metadata") or {}
     account_id = metadata.get("tunegrid_account_id")
     if not account_id:
@@ -29,7 +29,7 @@ def _refund(session: Session, charge: dict[str, Any]) -> str:
     for refund in (charge.get("refunds") or {}).get("data") or []:
         posted = ledger.move(
             session=session, key=f"refund:{refund['id']}", kind="refund", amount=int(refund["amount"]) * MICROS_PER_CENT,
-            frm=(Book.customer_available, account_id), to=(Book.refunds, HOUSE),
+            frm=(Book.customer_available, account_id), to=(Book.stripe_clearing, HOUSE),
             description=f"Refund {refund['id']} of top-up {metadata.get('tunegrid_topup_id', '')} to the card",
             account_id=account_id)
         done += posted is not None

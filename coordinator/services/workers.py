@@ -138,6 +138,23 @@ def revoke(*, session: Session, account: AccountModel, worker_id: str, settings:
     return worker
 
 
+def suspend(*, session: Session, worker_id: str, reason: str, settings: CoordinatorSettings) -> WorkerModel:
+    """An admin suspends a worker: it is never placed again until lifted, and a job it holds resumes elsewhere."""
+    from coordinator.services.leases import release_revoked  # noqa: PLC0415 - leases imports this module
+
+    worker = session.get(WorkerModel, worker_id)
+    if worker is None:
+        raise NotFound(f"No such worker: {worker_id}", param="worker_id")
+    if worker.suspended_at is None:
+        release_revoked(session=session, worker=worker, settings=settings, why=f"suspended by an admin: {reason}")
+        worker = session.get(WorkerModel, worker_id, with_for_update=True, populate_existing=True)  # type: ignore[assignment]
+        worker.suspended_at, worker.state, worker.available_until = utcnow(), WorkerState.suspended, None
+        worker.pause_reason = f"suspended by an admin: {reason}"
+        effects(session).recheck.add(worker.id)
+    session.commit()
+    return worker
+
+
 def free_vram(worker: WorkerModel, gpus: list[GpuTelemetry]) -> int:
     """Free memory on the device placement counts on, from fresh telemetry when the agent sent it."""
     if worker.gpu_class == CPU.id:

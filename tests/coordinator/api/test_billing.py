@@ -174,4 +174,4 @@ def test_a_refund_takes_the_credit_back(stripe_client: TestClient, stripe_server
     again = stripe_server.event("charge.refunded", charge)  # a second event naming the same refund
     assert deliver(stripe_client, again).json()["outcome"] == "0 refunds"
     assert stripe_client.get("/v1/billing/balance", headers=paying.headers).json()["available"] == "15.000000"
-    assert ledger.balance(session, Book.refunds) == usd_to_micros("5") and ledger.audit(session).ok
+    assert ledger.balance(session, Book.stripe_clearing) == -usd_to_micros("15") and ledger.audit(session).ok
