@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 EXTRAS ?= coordinator,worker,trainer,dev
 
-.PHONY: install test serve bench bench-trainer bench-scheduler bench-heartbeats bench-dispatch bench-agent bench-ledger clean
+.PHONY: install test serve bench bench-trainer bench-scheduler bench-heartbeats bench-dispatch bench-agent bench-ledger bench-dashboard clean
 
 install: $(VENV)/.installed
 
@@ -42,6 +42,9 @@ bench-agent: install
 
 bench-ledger: install
 	$(PY) bench/ledger.py
+
+bench-dashboard: install
+	$(PY) bench/dashboard.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache .hypothesis *.egg-info

@@ -78,10 +78,14 @@ async def _in_hop(request: Request, work: Callable[[Session, DashboardSession], 
     return await run_in_session(request.app.state, run)
 
 
-def _page(request: Request, name: str, status: int = 200, **context: Any) -> HTMLResponse:
+def _server_timing(request: Request) -> str:
     started = request.scope.get("tg_started", time.perf_counter())
+    return f"app;dur={(time.perf_counter() - started) * 1000:.1f}"
+
+
+def _page(request: Request, name: str, status: int = 200, **context: Any) -> HTMLResponse:
     response = templates.TemplateResponse(request, name, context, status_code=status)
-    response.headers["Server-Timing"] = f"app;dur={(time.perf_counter() - started) * 1000:.1f}"
+    response.headers["Server-Timing"] = _server_timing(request)
     response.headers["Cache-Control"] = "no-store"
     return response
 
@@ -218,7 +222,7 @@ async def admin_costs_csv(request: Request, table: str = "days", start: str | No
             writer.writerow([micros_to_usd(row[c]) if c in ("spend", "fee", "earned") else row[c] for c in columns])
         return Response(out.getvalue(), media_type="text/csv", headers={
             "Content-Disposition": f'attachment; filename="tunegrid-{table}-{first}-{last}.csv"',
-            "Cache-Control": "no-store"})
+            "Cache-Control": "no-store", "Server-Timing": _server_timing(request)})
 
     return await guarded(request, render)
 

@@ -71,6 +71,9 @@ def seed(server: LiveServer) -> dict[str, str]:
         assert b is not None and b["job_id"] == running["id"]
         for step, loss in enumerate((2.6, 2.2, 1.9, 1.8), start=1):
             agent.progress(b["lease_id"], step=step, loss=loss)
+        for temperature in (58.0, 66.0, 71.0):
+            assert agent.heartbeat("working", lease_id=b["lease_id"], gpus=[
+                {"uuid": "GPU-0", "utilization_pct": 97.0, "temperature_c": temperature}]).status_code == 200
     return {"customer": customer, "done": done["id"], "running": running["id"], "worker": agent.worker_id}
 
 
@@ -98,6 +101,7 @@ def test_an_admin_watches_and_acts_and_a_customer_cannot(live_server: LiveServer
 
     page.goto(f"{live_server.url}/admin/fleet")
     assert data["worker"] in page.inner_text("#fleet")
+    assert page.locator("#fleet svg.spark").count() == 2  # temperature and utilisation from its heartbeats
     page.screenshot(path=str(ARTIFACTS / "admin-fleet.png"), full_page=True)
 
     page.goto(f"{live_server.url}/admin/jobs")
