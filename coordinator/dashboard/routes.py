@@ -198,6 +198,16 @@ async def admin_costs(request: Request, start: str | None = None, end: str | Non
     return await guarded(request, render)
 
 
+def csv_response(request: Request, name: str, header: list[str], rows: list[list[Any]]) -> Response:
+    out = io.StringIO()
+    writer = csv.writer(out)
+    writer.writerow(header)
+    writer.writerows(rows)
+    return Response(out.getvalue(), media_type="text/csv", headers={
+        "Content-Disposition": f'attachment; filename="tunegrid-{name}.csv"', "Cache-Control": "no-store",
+        "Server-Timing": _server_timing(request)})
+
+
 CSV_TABLES = {
     "days": ("day", "spend", "fee", "earned", "seconds"),
     "customers": ("account_id", "name", "spend", "leases", "seconds"),
@@ -215,14 +225,10 @@ async def admin_costs_csv(request: Request, table: str = "days", start: str | No
         first, last = _period(start, end)
         report = await _in_hop(request, lambda s, d: reports.costs(session=s, start=first, end=last), admin=True)
         columns = CSV_TABLES[table]
-        out = io.StringIO()
-        writer = csv.writer(out)
-        writer.writerow([f"{c}_usd" if c in ("spend", "fee", "earned") else c for c in columns])
-        for row in getattr(report, table):
-            writer.writerow([micros_to_usd(row[c]) if c in ("spend", "fee", "earned") else row[c] for c in columns])
-        return Response(out.getvalue(), media_type="text/csv", headers={
-            "Content-Disposition": f'attachment; filename="tunegrid-{table}-{first}-{last}.csv"',
-            "Cache-Control": "no-store", "Server-Timing": _server_timing(request)})
+        money = ("spend", "fee", "earned")
+        return csv_response(request, f"{table}-{first}-{last}", [f"{c}_usd" if c in money else c for c in columns],
+                            [[micros_to_usd(row[c]) if c in money else row[c] for c in columns]
+                             for row in getattr(report, table)])
 
     return await guarded(request, render)
 
@@ -262,8 +268,18 @@ async def _fleet(request: Request, *, state: str | None, q: str | None, sort: st
 @router.get("/admin/fleet")
 async def admin_fleet(request: Request, state: str | None = None, q: Annotated[str | None, Query(max_length=100)] = None,
                       sort: str = "name", desc: bool = False, page: Annotated[int, Query(ge=1, le=100_000)] = 1,
-                      partial: bool = False) -> Response:
+                      partial: bool = False, format: str = "html") -> Response:  # noqa: A002 - the query's name
     async def render() -> Response:
+        if format == "csv":
+            result = await _in_hop(request, lambda s, d: reports.fleet(
+                session=s, state=state, q=q, sort=sort, descending=desc, page=1, size=reports.EXPORT_ROWS), admin=True)
+            return csv_response(request, "fleet", [
+                "worker_id", "name", "provider_id", "gpu", "gpu_class", "gpus", "vram_gb", "state", "ask_usd_per_hour",
+                "reliability", "earned_usd", "last_heartbeat_at"], [
+                [w.id, w.name, w.account_id, w.gpu_name, w.gpu_class, len(w.gpus), w.vram_total_bytes >> 30,
+                 w.state.value, micros_to_usd(w.ask_price_per_gpu_hour), w.reliability,
+                 micros_to_usd(result.extra["earnings"].get(w.id, 0)),
+                 w.last_heartbeat_at.isoformat() if w.last_heartbeat_at else ""] for w in result.rows])
         dashboard, result, sparks = await _fleet(request, state=state, q=q, sort=sort, desc=desc, page=page, admin=True)
         return _page(request, "fleet_rows.html" if partial else "fleet.html", dashboard=dashboard, result=result,
                      sparks=sparks, state=state or "", q=q or "", sort=sort, desc=desc, title="Fleet", admin=True)
@@ -299,11 +315,18 @@ def _check_csrf(request: Request, dashboard: DashboardSession, submitted: str) -
 async def admin_jobs(request: Request, status: str | None = None, customer: Annotated[str | None, Query(max_length=64)] = None,
                      model: Annotated[str | None, Query(max_length=100)] = None,
                      worker: Annotated[str | None, Query(max_length=64)] = None,
-                     page: Annotated[int, Query(ge=1, le=100_000)] = 1) -> Response:
+                     page: Annotated[int, Query(ge=1, le=100_000)] = 1, format: str = "html") -> Response:  # noqa: A002
     async def render() -> Response:
+        size = reports.EXPORT_ROWS if format == "csv" else reports.PAGE_SIZE
         dashboard, result = await _in_hop(request, lambda s, d: (d, reports.jobs(
             session=s, status=status or None, customer=customer or None, model=model or None, worker=worker or None,
-            page=page)), admin=True)
+            page=1 if format == "csv" else page, size=size)), admin=True)
+        if format == "csv":
+            return csv_response(request, "jobs", [
+                "job_id", "customer_id", "customer", "model", "status", "cost_usd", "held_usd", "created_at"], [
+                [j.id, j.account_id, result.extra["customers"].get(j.account_id, ""), j.model, j.status.value,
+                 micros_to_usd(j.billed_micros), micros_to_usd(j.held_micros), j.created_at.isoformat()]
+                for j in result.rows])
         return _page(request, "jobs.html", dashboard=dashboard, result=result, title="Jobs", admin=True,
                      filters={"status": status or "", "customer": customer or "", "model": model or "",
                               "worker": worker or ""})

@@ -130,11 +130,15 @@ class Page:
     extra: dict[str, Any] = field(default_factory=dict)
 
 
-def _paged(session: Session, stmt: Select[Any], page: int, count_stmt: Select[Any]) -> tuple[list[Any], int, int, int]:
+EXPORT_ROWS = 100_000  # the most rows one CSV export carries
+
+
+def _paged(session: Session, stmt: Select[Any], page: int, count_stmt: Select[Any],
+           size: int = PAGE_SIZE) -> tuple[list[Any], int, int, int]:
     total = int(session.scalar(count_stmt) or 0)
-    pages = max((total + PAGE_SIZE - 1) // PAGE_SIZE, 1)
+    pages = max((total + size - 1) // size, 1)
     page = min(max(page, 1), pages)
-    rows = list(session.scalars(stmt.limit(PAGE_SIZE).offset((page - 1) * PAGE_SIZE)))
+    rows = list(session.scalars(stmt.limit(size).offset((page - 1) * size)))
     return rows, total, page, pages
 
 
@@ -150,7 +154,7 @@ def _filters(owner: Any, owner_id: str | None, state_column: Any, states: type[e
 
 
 def fleet(*, session: Session, state: str | None, q: str | None, sort: str, descending: bool, page: int,
-          provider_id: str | None = None) -> Page:
+          provider_id: str | None = None, size: int = PAGE_SIZE) -> Page:
     w = WorkerModel
     conditions = _filters(w.account_id, provider_id, w.state, WorkerState, state, "state")
     if q:
@@ -160,7 +164,7 @@ def fleet(*, session: Session, state: str | None, q: str | None, sort: str, desc
     if column is None:
         raise InvalidRequest(f"Cannot sort by {sort!r}.", param="sort")
     stmt = select(w).where(*conditions).order_by(column.desc() if descending else column.asc(), w.id)
-    rows, total, page, pages = _paged(session, stmt, page, select(func.count()).select_from(w).where(*conditions))
+    rows, total, page, pages = _paged(session, stmt, page, select(func.count()).select_from(w).where(*conditions), size)
     earnings = dict(session.execute(
         select(UsageRecordModel.worker_id, func.sum(UsageRecordModel.provider_micros))
         .where(UsageRecordModel.worker_id.in_([r.id for r in rows])).group_by(UsageRecordModel.worker_id)).all()) if rows else {}
@@ -175,7 +179,7 @@ def fleet(*, session: Session, state: str | None, q: str | None, sort: str, desc
 # --- jobs -------------------------------------------------------------------------------------------
 
 def jobs(*, session: Session, status: str | None, customer: str | None, model: str | None, worker: str | None,
-         page: int, account_id: str | None = None) -> Page:
+         page: int, account_id: str | None = None, size: int = PAGE_SIZE) -> Page:
     j = JobModel
     conditions = _filters(j.account_id, account_id, j.status, JobStatus, status, "status")
     if customer:
@@ -185,7 +189,7 @@ def jobs(*, session: Session, status: str | None, customer: str | None, model: s
     if worker:
         conditions.append(exists().where(and_(LeaseModel.job_id == j.id, LeaseModel.worker_id == worker)))
     stmt = select(j).where(*conditions).order_by(j.id.desc())
-    rows, total, page, pages = _paged(session, stmt, page, select(func.count()).select_from(j).where(*conditions))
+    rows, total, page, pages = _paged(session, stmt, page, select(func.count()).select_from(j).where(*conditions), size)
     names = dict(session.execute(select(AccountModel.id, AccountModel.name).where(
         AccountModel.id.in_({r.account_id for r in rows}))).all()) if rows else {}
     session.commit()

@@ -87,6 +87,10 @@ def test_admin_pages_show_real_data(client: TestClient, admin, ran) -> None:  # 
     assert ran["done"] in csv.text and csv.text.splitlines()[0] == "job_id,customer_id,model,spend_usd,seconds"
     assert client.get("/admin/costs.csv?table=secrets").status_code == 400
     assert client.get("/admin/costs?start=2026-13-01").status_code == 400
+    fleet_csv = client.get("/admin/fleet?format=csv")
+    assert fleet_csv.headers["content-type"].startswith("text/csv") and ran["worker"] in fleet_csv.text
+    jobs_csv = client.get("/admin/jobs?format=csv&status=queued")
+    assert ran["queued"] in jobs_csv.text and ran["done"] not in jobs_csv.text
     fleet = client.get("/admin/fleet?state=idle")
     assert fleet.status_code == 200 and ran["worker"] in fleet.text
     assert client.get("/admin/fleet?sort=password").status_code == 400
