@@ -1,10 +1,10 @@
-# tunegrid: `make demo` (coming with the demo issue) and `make test` are the two commands a newcomer needs.
+# tunegrid: `make demo` and `make test` are the two commands a newcomer needs.
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
-EXTRAS ?= coordinator,worker,trainer,dev
+EXTRAS ?= coordinator,worker,trainer,client,dev
 
-.PHONY: install test serve bench bench-trainer bench-scheduler bench-heartbeats bench-dispatch bench-agent bench-ledger bench-dashboard clean
+.PHONY: install demo test serve bench bench-trainer bench-scheduler bench-heartbeats bench-dispatch bench-agent bench-ledger bench-dashboard clean
 
 install: $(VENV)/.installed
 
@@ -14,6 +14,11 @@ $(VENV)/.installed: pyproject.toml Makefile
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet -e '.[$(EXTRAS)]'
 	touch $@
+
+# The whole marketplace on this machine (SQLite, embedded mode, one CPU worker), ending by itself;
+# `make demo KEEP=1` leaves it running with the dashboard URL and an admin key printed.
+demo: install
+	$(PY) -m demo $(if $(KEEP),--keep,)
 
 test: install
 	$(PY) -m pytest -q $(PYTEST_ARGS)

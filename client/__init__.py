@@ -1,0 +1,1 @@
+"""`tunegrid`: the customer's command line (httpx and rich only; it never imports the coordinator)."""
