@@ -87,20 +87,21 @@ def watch(api: Client, job_id: str, *, quiet: bool = False) -> int:
         task = progress.add_task("queued", total=None, detail="")
         while True:
             job = api.job(job_id)
-            metrics = next((e["data"] for e in api.events(job_id, limit=50)
-                            if e["type"] == "metrics" and e["data"].get("step") is not None), None)
+            events = api.events(job_id, limit=100)  # newest first
+            metrics = next((e["data"] for e in events if e["type"] == "metrics" and e["data"].get("train_loss") is not None
+                            and e["data"].get("step") is not None), None)
+            total = next((e["data"]["total_steps"] for e in events if e["data"].get("total_steps")), None)
             detail = f"cost ${float(job['cost']):.4f}"
             if metrics:
-                step, total = metrics["step"], metrics.get("total_steps")
+                step = metrics["step"]
                 now = time.monotonic()
                 first_seen = first_seen or (now, step)
                 eta = ""
                 if total and step > first_seen[1]:
                     rate = (step - first_seen[1]) / max(now - first_seen[0], 1e-6)
                     eta = f" · ETA {max(total - step, 0) / rate:.0f} s"
-                loss = f"loss {metrics['train_loss']:.3f}" if metrics.get("train_loss") is not None else ""
                 speed = f" · {metrics['tokens_per_s']:.0f} tok/s" if metrics.get("tokens_per_s") else ""
-                detail = f"{loss}{speed}{eta} · {detail}"
+                detail = f"step {step}{f'/{total}' if total else ''} · loss {metrics['train_loss']:.3f}{speed}{eta} · {detail}"
                 progress.update(task, total=total, completed=step)
             progress.update(task, description=job["status"], detail=detail)
             if job["status"] in TERMINAL:
