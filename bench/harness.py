@@ -52,7 +52,8 @@ def start_coordinator(backend: str, workdir: Path, workers: int, extra_env: dict
     """`tunegrid-coordinator serve --workers N` on a fresh database; returns once /healthz answers."""
     port = free_port()
     env = {**os.environ, "TUNEGRID_DATA_DIR": str(workdir), "TUNEGRID_PORT": str(port),
-           "TUNEGRID_LOG_LEVEL": "warning", **(extra_env or {})}
+           "TUNEGRID_LOG_LEVEL": "warning", "TUNEGRID_RATE_LIMIT_PER_MINUTE": "0",  # load from one key
+           **(extra_env or {})}
     env.pop("TUNEGRID_DATABASE_URL", None)
     if backend == "postgresql":
         reset_postgres(POSTGRES_URL)

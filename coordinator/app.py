@@ -23,7 +23,8 @@ from coordinator.db.engine import make_engine, make_sessionmaker
 from coordinator.db.migrate import upgrade_head
 from coordinator.dispatch import Dispatcher
 from coordinator.heartbeat_flush import Batch, HeartbeatBuffer
-from coordinator.hotstate import make_hot_state
+from coordinator.hotstate import RedisHotState, make_hot_state
+from coordinator.ratelimit import MemoryRateLimiter, RedisRateLimiter
 from coordinator.services import placement, workers as worker_service
 from coordinator.settings import CoordinatorSettings
 from coordinator.storage import BlobStore
@@ -92,6 +93,8 @@ def create_app(settings: CoordinatorSettings | None = None) -> FastAPI:
     app.state.sessionmaker = make_sessionmaker(engine)
     app.state.store = BlobStore(settings.resolved_storage_dir)
     app.state.hot = make_hot_state(settings.redis_url)
+    app.state.limiter = (RedisRateLimiter(settings.rate_limit_per_minute, app.state.hot.client)
+                         if isinstance(app.state.hot, RedisHotState) else MemoryRateLimiter(settings.rate_limit_per_minute))
     app.state.stripe = make_gateway(settings)  # None without a Stripe key (the embedded default)
     app.state.worker_tokens = {}
     app.state.periodic_last_run = {}

@@ -132,6 +132,11 @@ class RedisHotState(HotState):
                                            health_check_interval=30)
         self._listener: asyncio.Task[None] | None = None
 
+    @property
+    def client(self) -> Any:
+        """The shared async Redis client (the rate limiter counts in it too)."""
+        return self._redis
+
     async def start(self) -> None:
         self._listener = asyncio.create_task(self._listen(), name="hotstate-wake-listener")
 

@@ -79,6 +79,8 @@ class CoordinatorSettings(BaseSettings):
     payout_interval_s: int = Field(default=86_400, ge=1, description="How often payouts run (Celery beat).")
     outbox_interval_s: float = Field(default=30.0, gt=0, description="How often unsent Stripe calls are retried.")
 
+    rate_limit_per_minute: int = Field(default=1200, ge=0, description="Requests per minute per API key on "
+                                       "key-authenticated routes (429 with Retry-After past it); 0: no limit.")
     # The dashboard (issue 7).
     session_secret: str | None = Field(default=None, description="Signs dashboard session cookies; default: a "
                                        "random secret kept in data_dir/session-secret (0600).")

@@ -57,6 +57,18 @@ class BadGateway(TunegridError):
     code = "upstream_error"
 
 
+class RateLimited(TunegridError):
+    """Too many requests with one key: wait `retry_after_s` (sent as Retry-After) and try again."""
+
+    http_status = 429
+    type = "rate_limit_error"
+    code = "rate_limit_exceeded"
+
+    def __init__(self, message: str, *, retry_after_s: int) -> None:
+        super().__init__(message)
+        self.retry_after_s = retry_after_s
+
+
 class PermissionDenied(TunegridError):
     http_status = 403
     type = "permission_error"

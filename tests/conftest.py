@@ -115,6 +115,7 @@ def settings(database_url: str, tmp_path: Path) -> CoordinatorSettings:
         # The app's own periodic sweeps would race the tests that run passes and the reaper themselves;
         # tests/coordinator/test_tasks.py turns them on where they are the subject.
         periodic_tasks=False,
+        rate_limit_per_minute=0,  # tests/coordinator/api/test_rate_limits.py turns it on
     )
 
 

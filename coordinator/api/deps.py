@@ -101,6 +101,7 @@ def _caller(*roles: Role):  # type: ignore[no-untyped-def]
                 "'Authorization: Bearer YOUR_KEY'.",
                 code="missing_api_key",
             )
+        await request.app.state.limiter.check(credentials.credentials)
         caller = Caller(state=request.app.state, request_state=request.state, key=credentials.credentials,
                         roles=frozenset(roles))
         request.state.caller = caller  # so an early 4xx can still answer 401/403 first (api/errors.py)

@@ -15,7 +15,7 @@ from sqlalchemy.exc import IntegrityError, OperationalError
 from sqlalchemy.exc import TimeoutError as PoolTimeout
 from sqlalchemy.orm.exc import StaleDataError
 
-from shared.errors import Conflict, ServerError, TunegridError
+from shared.errors import Conflict, RateLimited, ServerError, TunegridError
 from shared.schemas.common import ErrorResponse
 
 log = logging.getLogger(__name__)
@@ -90,9 +90,10 @@ async def _domain_error(request: Request, exc: Exception) -> JSONResponse:
     assert isinstance(exc, TunegridError)
     if exc.http_status >= 500:
         log.error("server error: %s", exc.message)
-    elif exc.http_status not in (401, 403) and (auth_error := await _auth_error_first(request)):
+    elif exc.http_status not in (401, 403, 429) and (auth_error := await _auth_error_first(request)):
         return auth_error
-    return JSONResponse(exc.envelope(), status_code=exc.http_status)
+    headers = {"Retry-After": str(exc.retry_after_s)} if isinstance(exc, RateLimited) else None
+    return JSONResponse(exc.envelope(), status_code=exc.http_status, headers=headers)
 
 
 async def _validation_error(request: Request, exc: Exception) -> JSONResponse:
