@@ -51,6 +51,8 @@ class CoordinatorSettings(BaseSettings):
     suspend_after_failed_checks: int = Field(default=3, ge=1, description="Failed adapter checks before a "
                                              "worker is suspended.")
     max_adapter_bytes: int = Field(default=2 * 1024**3, gt=0, description="Largest adapter or checkpoint upload.")
+    checkpoint_every_steps: int = Field(default=100, ge=1, description="Trainers checkpoint (and evaluate) "
+                                        "this often: what a lost worker can cost a job at most.")
     max_checkpoints_per_job: int = Field(default=5, ge=1, description="Checkpoints whose content is kept per job "
                                          "(the newest; older ones keep their metrics).")
     placement_batch: int = Field(default=1000, ge=1, le=100_000, description="Queued jobs one placement pass takes.")

@@ -20,6 +20,13 @@ import anyio.to_thread
 
 from shared.errors import InsufficientStorage, InvalidRequest, PayloadTooLarge
 
+def _out_of_space(exc: OSError) -> InsufficientStorage | None:
+    """A full disk (or quota) as the 507 the client can act on; any other OSError stays what it is."""
+    if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+        return InsufficientStorage("The coordinator is out of disk space; nothing was stored. Retry later.")
+    return None
+
+
 _KEY = re.compile(r"^[A-Za-z0-9_-]+(/[A-Za-z0-9_.-]+)*$")
 CHUNK = 1024 * 1024
 
@@ -49,16 +56,19 @@ class BlobStore:
         size = 0
         fd, tmp_name = tempfile.mkstemp(dir=target.parent, prefix=".incoming-")
         try:
-            with os.fdopen(fd, "wb") as tmp:
-                while chunk := source.read(CHUNK):
-                    size += len(chunk)
-                    if max_bytes is not None and size > max_bytes:
-                        raise PayloadTooLarge(f"The file is larger than the limit of {max_bytes} bytes.", param="file")
-                    digest.update(chunk)
-                    tmp.write(chunk)
-                tmp.flush()
-                os.fsync(tmp.fileno())
-            os.replace(tmp_name, target)
+            try:
+                with os.fdopen(fd, "wb") as tmp:
+                    while chunk := source.read(CHUNK):
+                        size += len(chunk)
+                        if max_bytes is not None and size > max_bytes:
+                            raise PayloadTooLarge(f"The file is larger than the limit of {max_bytes} bytes.", param="file")
+                        digest.update(chunk)
+                        tmp.write(chunk)
+                    tmp.flush()
+                    os.fsync(tmp.fileno())
+                os.replace(tmp_name, target)
+            except OSError as exc:
+                raise _out_of_space(exc) or exc from None
         except BaseException:
             Path(tmp_name).unlink(missing_ok=True)
             raise
@@ -99,9 +109,7 @@ class BlobStore:
 
                 await anyio.to_thread.run_sync(finish)
             except OSError as exc:
-                if exc.errno in (errno.ENOSPC, errno.EDQUOT):
-                    raise InsufficientStorage("The coordinator is out of disk space; nothing was stored. Retry later.") from None
-                raise
+                raise _out_of_space(exc) or exc from None
         except BaseException:
             tmp.close()
             Path(tmp_name).unlink(missing_ok=True)

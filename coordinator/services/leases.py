@@ -98,7 +98,7 @@ def claim(*, session: Session, settings: CoordinatorSettings, worker: WorkerMode
     return pending_assignment(session=session, settings=settings, worker=worker)
 
 
-def job_spec(job: JobModel) -> JobSpec:
+def job_spec(job: JobModel, *, checkpoint_every_steps: int = 100) -> JobSpec:
     base = get_base_model(job.model)
     hp = job.hyperparameters
     multiplier = hp.get("learning_rate_multiplier", "auto")
@@ -109,6 +109,7 @@ def job_spec(job: JobModel) -> JobSpec:
             learning_rate=BASE_LEARNING_RATE * (1.0 if multiplier == "auto" else float(multiplier)),
         ),
         lora=LoraSpec(**job.lora), seed=job.seed, max_seq_len=seq_len_for(base),
+        checkpoint_every_steps=checkpoint_every_steps, eval_every_steps=checkpoint_every_steps,
     )
 
 
@@ -127,7 +128,8 @@ def build_assignment(*, session: Session, settings: CoordinatorSettings, lease: 
             )
     base = get_base_model(job.model)
     return Assignment(
-        lease_id=lease.id, fencing_token=lease.fencing_token, job_id=job.id, spec=job_spec(job),
+        lease_id=lease.id, fencing_token=lease.fencing_token, job_id=job.id,
+        spec=job_spec(job, checkpoint_every_steps=settings.checkpoint_every_steps),
         base_model_repo=base.hf_repo, gpu_uuid=lease.gpu_uuid,
         training_file_url=f"/v1/workers/leases/{lease.id}/files/training", training_file_sha256=training.sha256,
         validation_file_url=f"/v1/workers/leases/{lease.id}/files/validation" if validation else None,

@@ -1,0 +1,235 @@
+"""Soak: 200 simulated workers and 1,000 small jobs through the real API for 10 minutes, on PostgreSQL and Redis
+with two uvicorn processes (each running the periodic tasks: reaping, placement sweeps, budgets).
+
+The workers are protocol-level fakes (`FakeTraining` below: they train nothing). Each one registers,
+heartbeats every 10 s, long-polls for work, reports a few steps of progress over a few seconds, uploads a
+PEFT-shaped adapter of zeros, and completes; now and then one fails (a worker error, requeued) or is
+preempted. Customers upload a dataset and submit jobs at an even pace. At the end it prints jobs/hour, API
+latency (p50, p99) of every call, the coordinator processes' memory growth, and whether anything was lost:
+every job must have succeeded or failed with a reason, and the ledger must sum to zero. Never passes or fails.
+
+    python bench/soak.py [--minutes 10] [--workers 200] [--jobs 1000]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import random
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import httpx
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from harness import BIN, REDIS_URL, flush_redis, new_key, percentile, start_coordinator  # noqa: E402
+from shared.protocol import FENCING_TOKEN_HEADER, PROTOCOL_HEADER, PROTOCOL_VERSION, SHA256_HEADER  # noqa: E402
+from tests.conftest import chat_lines, jsonl  # noqa: E402
+from tests.fakes import adapter_archive, registration, sha256  # noqa: E402
+
+MODEL = "tunegrid/tiny-llama"
+ADAPTER = adapter_archive(MODEL)
+ADAPTER_SHA = sha256(ADAPTER)
+TERMINAL = {"succeeded", "failed", "cancelled"}
+
+
+class Recorder:
+    def __init__(self) -> None:
+        self.latencies: list[float] = []
+        self.errors: dict[str, int] = {}
+
+    async def call(self, http: httpx.AsyncClient, method: str, path: str, **kwargs) -> httpx.Response:  # type: ignore[no-untyped-def]
+        started = time.perf_counter()
+        response = await http.request(method, path, **kwargs)
+        if not path.endswith("/claim"):  # long-polls wait on purpose
+            self.latencies.append(time.perf_counter() - started)
+        if response.status_code >= 500 or response.status_code == 429:
+            key = f"{method} {path.split('/')[2] if path.count('/') > 1 else path} {response.status_code}"
+            self.errors[key] = self.errors.get(key, 0) + 1
+        return response
+
+
+class FakeTraining:
+    """A simulated worker: the real protocol, no training."""
+
+    def __init__(self, http: httpx.AsyncClient, rec: Recorder, provider_key: str, index: int) -> None:
+        self.http, self.rec, self.index = http, rec, index
+        self.provider_key = provider_key
+        self.token = ""
+        self.rng = random.Random(index)
+
+    def headers(self, lease: dict | None = None) -> dict[str, str]:  # type: ignore[type-arg]
+        headers = {"Authorization": f"Bearer {self.token}", PROTOCOL_HEADER: str(PROTOCOL_VERSION)}
+        if lease:
+            headers[FENCING_TOKEN_HEADER] = str(lease["fencing_token"])
+        return headers
+
+    async def register(self) -> None:
+        body = registration(f"soak-{self.index}", price=self.rng.choice(["0.20", "0.30", "0.45"]))
+        response = await self.rec.call(self.http, "POST", "/v1/workers/register", json=body, headers={
+            "Authorization": f"Bearer {self.provider_key}", PROTOCOL_HEADER: str(PROTOCOL_VERSION)})
+        response.raise_for_status()
+        self.token = response.json()["worker_token"]
+
+    async def heartbeats(self, stop: asyncio.Event) -> None:
+        await asyncio.sleep(self.rng.uniform(0, 10))
+        while not stop.is_set():
+            await self.rec.call(self.http, "POST", "/v1/workers/heartbeat", headers=self.headers(),
+                                json={"activity": "idle"})
+            try:
+                await asyncio.wait_for(stop.wait(), timeout=10)
+            except TimeoutError:
+                pass
+
+    async def work(self, stop: asyncio.Event) -> None:
+        while not stop.is_set():
+            response = await self.rec.call(self.http, "POST", "/v1/workers/claim", headers=self.headers(),
+                                           json={"wait_s": 5})
+            if response.status_code != 200:
+                await asyncio.sleep(1)
+                continue
+            lease = response.json().get("assignment")
+            if lease is None:
+                continue
+            await self.run_lease(lease)
+
+    async def run_lease(self, lease: dict) -> None:  # type: ignore[type-arg]
+        base = f"/v1/workers/leases/{lease['lease_id']}"
+        headers = self.headers(lease)
+        for step in range(1, 4):
+            await asyncio.sleep(self.rng.uniform(0.5, 1.5))
+            await self.rec.call(self.http, "POST", f"{base}/events", headers=headers, json={"events": [
+                {"type": "progress", "step": step, "total_steps": 3, "train_loss": 2.5 - 0.3 * step,
+                 "tokens_per_s": 1000.0, "trained_tokens": 100 * step}]})
+        roll = self.rng.random()
+        usage = {"wall_seconds": 5.0, "gpu_seconds": 4.5}
+        if roll < 0.03:
+            await self.rec.call(self.http, "POST", f"{base}/fail", headers=headers,
+                                json={"kind": "worker_error", "message": "simulated CUDA error", "usage": usage})
+            return
+        if roll < 0.06:
+            await self.rec.call(self.http, "POST", f"{base}/preempted", headers=headers,
+                                json={"reason": "simulated game", "usage": usage})
+            return
+        await self.rec.call(self.http, "PUT", f"{base}/adapter", content=ADAPTER,
+                            headers={**headers, SHA256_HEADER: ADAPTER_SHA})
+        await self.rec.call(self.http, "POST", f"{base}/complete", headers=headers, json={
+            "adapter_sha256": ADAPTER_SHA, "usage": usage,
+            "result": {"steps": 3, "trained_tokens": 300, "final_train_loss": 1.6}})
+
+
+async def customers(http: httpx.AsyncClient, rec: Recorder, keys: list[str], jobs: int, seconds: float) -> list[str]:
+    files = []
+    for key in keys:
+        response = await rec.call(http, "POST", "/v1/files", headers={"Authorization": f"Bearer {key}"},
+                                  data={"purpose": "fine-tune"},
+                                  files={"file": ("train.jsonl", jsonl(chat_lines(12)), "application/jsonl")})
+        response.raise_for_status()
+        files.append(response.json()["id"])
+    created, interval = [], seconds / jobs
+    started = time.monotonic()
+    for i in range(jobs):
+        key, file_id = keys[i % len(keys)], files[i % len(keys)]
+        response = await rec.call(http, "POST", "/v1/fine_tuning/jobs", headers={"Authorization": f"Bearer {key}"},
+                                  json={"model": MODEL, "training_file": file_id, "max_cost": "1"})
+        if response.status_code == 200:
+            created.append((key, response.json()["id"]))
+        else:
+            rec.errors[f"create {response.status_code}"] = rec.errors.get(f"create {response.status_code}", 0) + 1
+        await asyncio.sleep(max(started + (i + 1) * interval - time.monotonic(), 0))
+    return created  # type: ignore[return-value]
+
+
+def rss_mb(pid: int) -> float:
+    """Resident memory of a process and its children (the uvicorn workers)."""
+    total = 0
+    pids = [pid] + [int(p) for p in subprocess.run(["pgrep", "-P", str(pid)], capture_output=True, text=True).stdout.split()]
+    for p in pids:
+        try:
+            for line in Path(f"/proc/{p}/status").read_text().splitlines():
+                if line.startswith("VmRSS:"):
+                    total += int(line.split()[1])
+        except OSError:
+            continue
+    return total / 1024
+
+
+async def soak(url: str, env: dict[str, str], pid: int, args: argparse.Namespace) -> None:
+    rec = Recorder()
+    limits = httpx.Limits(max_connections=args.workers + 50, max_keepalive_connections=args.workers + 50)
+    async with httpx.AsyncClient(base_url=url, timeout=60, limits=limits) as http:
+        providers = [new_key(env, "provider") for _ in range(10)]
+        keys = [new_key(env, "customer") for _ in range(10)]
+        fleet = [FakeTraining(http, rec, providers[i % len(providers)], i) for i in range(args.workers)]
+        await asyncio.gather(*(w.register() for w in fleet))
+        stop = asyncio.Event()
+        tasks = [asyncio.create_task(w.heartbeats(stop)) for w in fleet] + [asyncio.create_task(w.work(stop)) for w in fleet]
+        memory = [(0.0, rss_mb(pid))]
+        started = time.monotonic()
+        submit_s = args.minutes * 60 * 0.8
+        submitter = asyncio.create_task(customers(http, rec, keys, args.jobs, submit_s))
+        while time.monotonic() - started < args.minutes * 60:
+            await asyncio.sleep(30)
+            memory.append((time.monotonic() - started, rss_mb(pid)))
+            print(f"  {memory[-1][0]:5.0f} s: coordinator RSS {memory[-1][1]:.0f} MB, {len(rec.latencies)} calls", flush=True)
+        created = await submitter
+        # Let the last jobs finish (bounded), then stop the fleet.
+        deadline = time.monotonic() + 120
+        statuses: dict[str, str] = {}
+        while time.monotonic() < deadline:
+            statuses = {}
+            for key, job_id in created:
+                job = (await http.get(f"/v1/fine_tuning/jobs/{job_id}", headers={"Authorization": f"Bearer {key}"})).json()
+                statuses[job_id] = job["status"] if job["status"] != "failed" else f"failed: {job['error']['code']}"
+            if all(s.split(":")[0] in TERMINAL for s in statuses.values()):
+                break
+            await asyncio.sleep(5)
+        elapsed = time.monotonic() - started
+        stop.set()
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+    counts: dict[str, int] = {}
+    for status in statuses.values():
+        counts[status] = counts.get(status, 0) + 1
+    done = sum(n for s, n in counts.items() if s.split(":")[0] in TERMINAL)
+    audit = subprocess.run([str(BIN / "tunegrid-coordinator"), "ledger", "audit"], env=env, capture_output=True,
+                           text=True).stdout.strip()
+    print(f"jobs: {len(created)} created, {done} ended ({counts}) in {elapsed:.0f} s = {done / elapsed * 3600:.0f} jobs/hour")
+    latencies = sorted(rec.latencies)
+    print(f"API calls (long-poll claims aside): {len(latencies)}, p50 {statistics.median(latencies) * 1000:.1f} ms, "
+          f"p99 {percentile(latencies, 99) * 1000:.1f} ms, max {latencies[-1] * 1000:.0f} ms; "
+          f"5xx/429: {rec.errors or 'none'}")
+    first, last = memory[1][1] if len(memory) > 1 else memory[0][1], memory[-1][1]
+    print(f"coordinator memory (all processes): {memory[0][1]:.0f} MB at start, {first:.0f} MB after 30 s, "
+          f"{last:.0f} MB at the end ({last - first:+.0f} MB after warm-up)")
+    print(f"lost: {len(created) - done} jobs not ended; ledger: {audit}")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--minutes", type=float, default=10)
+    parser.add_argument("--workers", type=int, default=200)
+    parser.add_argument("--jobs", type=int, default=1000)
+    args = parser.parse_args()
+    flush_redis(REDIS_URL)
+    with tempfile.TemporaryDirectory() as workdir:
+        process, url, env = start_coordinator("postgresql", Path(workdir), workers=2, extra_env={
+            "TUNEGRID_REDIS_URL": REDIS_URL, "TUNEGRID_PERIODIC_TASKS": "true", "TUNEGRID_SWEEP_INTERVAL_S": "2"})
+        print(f"soak: {args.workers} simulated workers (protocol-level fakes, no training), {args.jobs} jobs, "
+              f"{args.minutes:g} min, PostgreSQL + Redis, 2 uvicorn processes")
+        try:
+            asyncio.run(soak(url, env, process.pid, args))
+        finally:
+            process.terminate()
+            process.wait(timeout=20)
+
+
+if __name__ == "__main__":
+    main()
