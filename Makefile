@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 EXTRAS ?= coordinator,worker,trainer,client,dev
 
-.PHONY: install demo test serve bench bench-trainer bench-scheduler bench-heartbeats bench-dispatch bench-agent bench-ledger bench-dashboard clean
+.PHONY: install demo test serve bench bench-trainer bench-scheduler bench-heartbeats bench-dispatch bench-agent bench-ledger bench-dashboard bench-soak clean
 
 install: $(VENV)/.installed
 
@@ -50,6 +50,9 @@ bench-ledger: install
 
 bench-dashboard: install
 	$(PY) bench/dashboard.py
+
+bench-soak: install
+	$(PY) bench/soak.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache .hypothesis *.egg-info

@@ -41,8 +41,9 @@ class CoordinatorSettings(BaseSettings):
                                      "most once per period); heartbeats themselves only touch Redis.")
     claim_timeout_s: int = Field(default=25, ge=1, le=30, description="Longest long-poll claim.")
     lease_ttl_s: int = Field(default=30, ge=1, description="A lease not renewed this long is suspect.")
-    lease_grace_s: int = Field(default=120, ge=1, description="A lease not renewed this long is lost; its job "
-                               "is queued again and resumes from its last checkpoint.")
+    lease_grace_s: int = Field(default=300, ge=1, description="A lease not renewed this long is lost; its job "
+                               "is queued again and resumes from its last checkpoint. Long enough that a home "
+                               "network dropping for a few minutes does not kill the job.")
     assignment_ttl_s: int = Field(default=60, ge=1, description="A placed lease not picked up this long goes back.")
     max_attempts: int = Field(default=3, ge=1, le=100, description="Worker losses before a job fails.")
     platform_fee_bps: int = Field(default=2000, ge=0, le=100_000, description="Platform fee on top of the "

@@ -99,6 +99,16 @@ def test_a_worker_that_reports_less_time_is_billed_for_less(session: Session, ru
     assert "reported 1800 s" in (row.note or "")
 
 
+def test_a_worker_inflating_its_usage_is_billed_what_the_coordinator_saw(session: Session, running, provider) -> None:  # type: ignore[no-untyped-def]
+    agent, _, lease_id = running(600)
+    adapter = adapter_archive()
+    agent.upload(lease_id, "adapter", adapter)
+    agent.complete(lease_id, adapter, usage={"wall_seconds": 86_400.0, "gpu_seconds": 86_400.0})  # "a whole day"
+    row = record(session, lease_id)
+    assert 600 <= row.billable_seconds <= 602 and row.reported_seconds == 86_400.0
+    assert ledger.balance(session, Book.provider_payable, provider.account_id) == ASK * row.billable_seconds // 3600
+
+
 def test_a_worker_failure_bills_only_the_work_kept_in_its_last_checkpoint(
     session: Session, settings: CoordinatorSettings, running, customer, provider,  # type: ignore[no-untyped-def]
 ) -> None:
