@@ -1,4 +1,5 @@
-"""Schema-driven fuzzing of the whole `/openapi.json` with a real key: no 5xx, every response as documented.
+"""Schema-driven fuzzing of the whole `/openapi.json` with real credentials (a customer's key, a provider's key,
+a worker's token, each where it belongs): no 5xx, every response as documented.
 
 Schemathesis generates requests (valid and invalid) for every operation; each
 response must not be a server error and must match the documented status codes,
@@ -9,11 +10,13 @@ from __future__ import annotations
 
 import pytest
 import schemathesis
-from fastapi import FastAPI
-from hypothesis import HealthCheck, assume, given, settings
+from coordinator.app import create_app
+from hypothesis import HealthCheck, assume, given, settings as hypothesis_settings
 from hypothesis.errors import Unsatisfiable
 
+from shared.protocol import PROTOCOL_HEADER, PROTOCOL_VERSION
 from tests.conftest import IN_CI, Caller
+from tests.fakes import FakeAgent
 
 EXAMPLES_PER_OPERATION = 30
 # A schema-valid upload can still hold a bad dataset (line-level rules live outside the schema), and a
@@ -31,9 +34,27 @@ def _reaches_the_server(query: dict | None) -> bool:
     )
 
 
+WORKER_PROTOCOL = ("/v1/workers/heartbeat", "/v1/workers/claim", "/v1/workers/leases/")
+PROVIDER_ROUTES = ("/v1/workers", "/v1/providers/")
+
+
+def _credentials(path: str, customer: Caller, provider: Caller, agent: FakeAgent) -> dict[str, str]:
+    """Each operation fuzzed with the credentials it is for, so requests get past authentication: a worker's
+    token (and protocol header) on the worker protocol, a provider's key on provider routes, else a customer's."""
+    if path.startswith(WORKER_PROTOCOL):
+        return agent.headers()
+    if path.startswith(PROVIDER_ROUTES):
+        return {**provider.headers, PROTOCOL_HEADER: str(PROTOCOL_VERSION)}
+    return customer.headers
+
+
 @pytest.mark.parametrize("mode", ["positive", "negative"])
-def test_no_request_crashes_the_server_or_breaks_the_schema(app: FastAPI, customer: Caller, training_file: str,
-                                                            mode: str) -> None:
+def test_no_request_crashes_the_server_or_breaks_the_schema(settings, client, customer: Caller, make_caller,  # type: ignore[no-untyped-def]
+                                                            training_file: str, mode: str) -> None:
+    provider = make_caller("provider", "pat")
+    agent = FakeAgent.register(client, provider.key)
+    # Claims long-poll (25 s by default): a short ceiling keeps each fuzzed claim within the client's timeout.
+    app = create_app(settings.model_copy(update={"claim_timeout_s": 1}))
     schema = schemathesis.openapi.from_asgi("/openapi.json", app)
     operations = [result.ok() for result in schema.get_all_operations()]
     assert len(operations) >= 12
@@ -41,11 +62,12 @@ def test_no_request_crashes_the_server_or_breaks_the_schema(app: FastAPI, custom
         strategy = operation.as_strategy(generation_mode=schemathesis.GenerationMode(mode))
 
         @given(case=strategy)
-        @settings(max_examples=EXAMPLES_PER_OPERATION, deadline=None, suppress_health_check=list(HealthCheck),
+        @hypothesis_settings(max_examples=EXAMPLES_PER_OPERATION, deadline=None, suppress_health_check=list(HealthCheck),
                   database=None, derandomize=IN_CI)  # CI replays the same cases; local runs explore
         def call(case) -> None:  # type: ignore[no-untyped-def]
             assume(_reaches_the_server(case.query))
-            case.call_and_validate(headers=customer.headers, excluded_checks=EXCLUDED)
+            case.call_and_validate(headers=_credentials(operation.path, customer, provider, agent),
+                                   excluded_checks=EXCLUDED)
 
         try:
             call()
