@@ -39,9 +39,17 @@ ADAPTER_SHA = sha256(ADAPTER)
 TERMINAL = {"succeeded", "failed", "cancelled"}
 
 
+def kind_of(method: str, path: str) -> str:
+    parts = path.split("?")[0].strip("/").split("/")
+    if parts[:3] == ["v1", "workers", "leases"]:
+        return f"{method} lease {parts[-1] if len(parts) > 4 else ''}".strip()
+    return f"{method} /{'/'.join(p if not p.startswith(('ftjob-', 'file-')) else '{id}' for p in parts)}"
+
+
 class Recorder:
     def __init__(self) -> None:
         self.latencies: list[float] = []
+        self.by_kind: dict[str, list[float]] = {}
         self.errors: dict[str, int] = {}
 
     async def call(self, http: httpx.AsyncClient, method: str, path: str, **kwargs) -> httpx.Response:  # type: ignore[no-untyped-def]
@@ -49,6 +57,7 @@ class Recorder:
         response = await http.request(method, path, **kwargs)
         if not path.endswith("/claim"):  # long-polls wait on purpose
             self.latencies.append(time.perf_counter() - started)
+            self.by_kind.setdefault(kind_of(method, path), []).append(self.latencies[-1])
         if response.status_code >= 500 or response.status_code == 429:
             key = f"{method} {path.split('/')[2] if path.count('/') > 1 else path} {response.status_code}"
             self.errors[key] = self.errors.get(key, 0) + 1
@@ -168,6 +177,11 @@ async def soak(url: str, env: dict[str, str], pid: int, args: argparse.Namespace
         keys = [new_key(env, "customer") for _ in range(10)]
         fleet = [FakeTraining(http, rec, providers[i % len(providers)], i) for i in range(args.workers)]
         await asyncio.gather(*(w.register() for w in fleet))
+        registration = sorted(rec.latencies)
+        print(f"  200 registrations at once: p50 {statistics.median(registration) * 1000:.0f} ms, "
+              f"max {registration[-1] * 1000:.0f} ms (not counted below)", flush=True)
+        rec.latencies.clear()
+        rec.by_kind.clear()
         stop = asyncio.Event()
         tasks = [asyncio.create_task(w.heartbeats(stop)) for w in fleet] + [asyncio.create_task(w.work(stop)) for w in fleet]
         memory = [(0.0, rss_mb(pid))]
@@ -206,6 +220,10 @@ async def soak(url: str, env: dict[str, str], pid: int, args: argparse.Namespace
     print(f"API calls (long-poll claims aside): {len(latencies)}, p50 {statistics.median(latencies) * 1000:.1f} ms, "
           f"p99 {percentile(latencies, 99) * 1000:.1f} ms, max {latencies[-1] * 1000:.0f} ms; "
           f"5xx/429: {rec.errors or 'none'}")
+    for kind, values in sorted(rec.by_kind.items(), key=lambda kv: -len(kv[1])):
+        values.sort()
+        print(f"  {kind:34s} {len(values):6d} calls, p50 {statistics.median(values) * 1000:6.1f} ms, "
+              f"p99 {percentile(values, 99) * 1000 if len(values) > 1 else values[0] * 1000:7.1f} ms")
     first, last = memory[1][1] if len(memory) > 1 else memory[0][1], memory[-1][1]
     print(f"coordinator memory (all processes): {memory[0][1]:.0f} MB at start, {first:.0f} MB after 30 s, "
           f"{last:.0f} MB at the end ({last - first:+.0f} MB after warm-up)")
