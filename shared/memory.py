@@ -15,6 +15,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from shared.catalog import BaseModelSpec
+from shared.lora import lora_parameter_count
 
 GIB = 1024**3
 NF4_BITS_PER_PARAM = 4.127  # 4-bit weights + double-quantized absmax constants (blocks of 64, then 256)
@@ -46,17 +47,7 @@ class MemoryEstimate:
 
 
 def lora_parameters(model: BaseModelSpec, *, r: int, target_modules: str | list[str] = "all-linear") -> int:
-    head_dim = model.hidden_size // model.attention_heads
-    q_out, kv_out = model.attention_heads * head_dim, model.kv_heads * head_dim
-    shapes = {
-        "q_proj": (model.hidden_size, q_out), "k_proj": (model.hidden_size, kv_out),
-        "v_proj": (model.hidden_size, kv_out), "o_proj": (q_out, model.hidden_size),
-        "gate_proj": (model.hidden_size, model.intermediate_size),
-        "up_proj": (model.hidden_size, model.intermediate_size),
-        "down_proj": (model.intermediate_size, model.hidden_size),
-    }
-    chosen = shapes if target_modules == "all-linear" else {k: v for k, v in shapes.items() if k in target_modules}
-    return model.layers * sum(r * (n_in + n_out) for n_in, n_out in chosen.values())
+    return lora_parameter_count(model, r=r, target_modules=target_modules)
 
 
 def estimate_qlora(

@@ -11,6 +11,7 @@ import tarfile
 from dataclasses import dataclass, field
 from typing import Any
 
+from shared import lora as shared_lora
 from shared.catalog import BaseModelSpec, get_base_model
 from shared.protocol import FENCING_TOKEN_HEADER, PROTOCOL_HEADER, PROTOCOL_VERSION, SHA256_HEADER
 
@@ -19,21 +20,7 @@ GIB = 1024**3
 
 
 def lora_shapes(base: BaseModelSpec, r: int, targets: tuple[str, ...] = ALL_LINEAR) -> dict[str, list[int]]:
-    head_dim = base.hidden_size // base.attention_heads
-    q_out, kv_out = base.attention_heads * head_dim, base.kv_heads * head_dim
-    dims = {"q_proj": (base.hidden_size, q_out), "k_proj": (base.hidden_size, kv_out),
-            "v_proj": (base.hidden_size, kv_out), "o_proj": (q_out, base.hidden_size),
-            "gate_proj": (base.hidden_size, base.intermediate_size), "up_proj": (base.hidden_size, base.intermediate_size),
-            "down_proj": (base.intermediate_size, base.hidden_size)}
-    shapes = {}
-    for layer in range(base.layers):
-        for module in targets:
-            block = "self_attn" if module in ("q_proj", "k_proj", "v_proj", "o_proj") else "mlp"
-            prefix = f"base_model.model.model.layers.{layer}.{block}.{module}"
-            n_in, n_out = dims[module]
-            shapes[f"{prefix}.lora_A.weight"] = [r, n_in]
-            shapes[f"{prefix}.lora_B.weight"] = [n_out, r]
-    return shapes
+    return {name: list(shape) for name, shape in shared_lora.lora_shapes(base, r=r, target_modules=targets).items()}
 
 
 def safetensors_bytes(shapes: dict[str, list[int]]) -> bytes:

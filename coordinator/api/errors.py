@@ -138,7 +138,9 @@ async def _database_busy(request: Request, exc: Exception) -> JSONResponse:
                  or "database is locked" in str(original) or any(race in str(original) for race in _LOST_RACES))
     if not transient:
         return await _crash(request, exc)
-    log.warning("database busy: %s", exc.__class__.__name__)
+    first_line = str(original or exc).strip().splitlines()[0] if str(original or exc).strip() else ""
+    log.warning("database busy on %s %s: %s sqlstate=%s: %s", request.method, request.url.path,
+                exc.__class__.__name__, getattr(original, "sqlstate", None) or "-", first_line[:200])
     return envelope(503, "The database was busy with a conflicting change; nothing was done. Retry shortly.",
                     type="server_error", code="database_busy", headers={"Retry-After": RETRY_AFTER_S})
 

@@ -109,8 +109,8 @@ def _period(start: str | None, end: str | None) -> tuple[date, date]:
     try:
         last = date.fromisoformat(end) if end else today
         first = date.fromisoformat(start) if start else last - timedelta(days=DEFAULT_DAYS - 1)
-    except ValueError:
-        raise InvalidRequest("Days are YYYY-MM-DD.", param="start") from None
+    except (ValueError, OverflowError):  # OverflowError: no 30 days before 0001-01-01
+        raise InvalidRequest("Days are YYYY-MM-DD, from 0001-01-30 to 9999-12-31.", param="start") from None
     if first > last or (last - first).days >= MAX_DAYS:
         raise InvalidRequest(f"A period runs forward and spans at most {MAX_DAYS} days.", param="start")
     return first, last

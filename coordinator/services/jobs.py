@@ -5,7 +5,7 @@ from __future__ import annotations
 import secrets
 from typing import Any
 
-from sqlalchemy import select
+from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
 from coordinator.db.ids import new_id
@@ -118,8 +118,14 @@ def list_jobs(
     *, session: Session, account: AccountModel, after: str | None, limit: int, metadata: dict[str, str] | None,
 ) -> tuple[list[JobModel], bool]:
     stmt = select(JobModel).where(JobModel.account_id == account.id)
+    sqlite = session.get_bind().dialect.name == "sqlite"
     for key, value in (metadata or {}).items():
-        stmt = stmt.where(JobModel.job_metadata[key].as_string() == value)
+        if sqlite:  # a JSON path cannot quote every key (`k"`): match the object's members instead
+            members = func.json_each(JobModel.job_metadata).table_valued("key", "value")
+            stmt = stmt.where(select(1).select_from(members).where(members.c.key == key, members.c.value == value)
+                              .exists())
+        else:
+            stmt = stmt.where(JobModel.job_metadata[key].as_string() == value)  # `->>` binds the key
     return page(session=session, stmt=stmt, id_column=JobModel.id, after=after, limit=limit)
 
 

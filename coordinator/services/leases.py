@@ -541,17 +541,19 @@ def end_live_leases(*, session: Session, job: JobModel, reason: str) -> None:
 def release_revoked(*, session: Session, worker: WorkerModel, settings: CoordinatorSettings,
                     why: str = "revoked by its provider") -> int:
     """A revoked (or suspended) worker's live leases end at once; their jobs go back to the queue without using
-    an attempt."""
+    an attempt. Each lease's end is committed on its own (one transaction moves one job's money)."""
     lease_ids = session.scalars(select(LeaseModel.id).where(
         LeaseModel.worker_id == worker.id, LeaseModel.status.in_(LIVE_LEASE))).all()
     for lease_id in lease_ids:
         locked = _lock_for_reaping(session, lease_id, LIVE_LEASE)
         if locked is None:
+            session.commit()
             continue
         lease, job, row = locked
         reason = f"Worker {row.id} was {why}"
         end_lease(session=session, lease=lease, job=job, worker=row, status=LeaseStatus.lost, reason=reason)
         requeue_or_fail(session=session, job=job, reason=reason, count_attempt=False, max_attempts=settings.max_attempts)
+        session.commit()
     return len(lease_ids)
 
 
@@ -588,7 +590,8 @@ def _leases_before(session: Session, status: LeaseStatus, column: Any, before: d
 
 def reap(*, session: Session, settings: CoordinatorSettings) -> dict[str, int]:
     """Leases gone quiet: suspect after `lease_ttl`, lost after `lease_grace` (the job resumes elsewhere);
-    assignments never picked up go back to the queue. Idempotent; safe in any number of processes."""
+    assignments never picked up go back to the queue. Idempotent; safe in any number of processes. Each lease
+    is committed on its own: one transaction moves one job's money (`ledger`'s lock order)."""
     now = utcnow()
     counts = {"suspect": 0, "lost": 0, "unclaimed": 0}
     quiet = _leases_before(session, LeaseStatus.running, LeaseModel.last_renewed_at,
@@ -596,10 +599,12 @@ def reap(*, session: Session, settings: CoordinatorSettings) -> dict[str, int]:
     for lease_id in quiet:
         locked = _lock_for_reaping(session, lease_id, (LeaseStatus.running,))
         if locked is None:
+            session.commit()
             continue
         lease, job, worker = locked
         silent = (now - lease.last_renewed_at).total_seconds() if lease.last_renewed_at else 0
         if silent < settings.lease_ttl_s:
+            session.commit()
             continue  # renewed while we looked
         if silent >= settings.lease_grace_s:
             reason = f"Worker {worker.id} was not heard from for {int(silent)} s"
@@ -617,16 +622,19 @@ def reap(*, session: Session, settings: CoordinatorSettings) -> dict[str, int]:
                                  f"{settings.lease_grace_s} s before resuming elsewhere",
                          data={"lease_id": lease.id})
             counts["suspect"] += 1
+        session.commit()
     unclaimed = _leases_before(session, LeaseStatus.assigned, LeaseModel.created_at,
                                now - timedelta(seconds=settings.assignment_ttl_s))
     for lease_id in unclaimed:
         locked = _lock_for_reaping(session, lease_id, (LeaseStatus.assigned,))
         if locked is None:
+            session.commit()
             continue
         lease, job, worker = locked
         reason = f"Worker {worker.id} did not pick up its assignment within {settings.assignment_ttl_s} s"
         end_lease(session=session, lease=lease, job=job, worker=worker, status=LeaseStatus.lost, reason=reason)
         requeue_or_fail(session=session, job=job, reason=reason, count_attempt=False, max_attempts=settings.max_attempts)
+        session.commit()
         counts["unclaimed"] += 1
     session.commit()
     return counts

@@ -7,6 +7,13 @@ held credit, a provider's payable earnings) also keep that sum in `ledger_balanc
 transaction, so a hold can lock and check it; the house books (revenue, grants, Stripe clearing, refunds)
 are summed when read, so concurrent settlements never queue on one hot row.
 
+Locks: a transaction that moves money locks the kept balances it touches in one global order, (book, owner)
+sorted, before it changes any: a customer's books are taken together (available, then held) at the first
+touch of either, and a provider's payable after them. Otherwise a settlement (held, then available on release)
+and a hold (available, then held) of one customer deadlock. `lock_balances` takes them; asking for a row that
+sorts before one the transaction already holds is a programming error (`LockOrderError`), raised on SQLite
+as on PostgreSQL so the tests find it: one transaction moves money for one job.
+
 Signs: a customer's or provider's balance is positive when we owe them; money that came in through Stripe
 makes `stripe_clearing` negative, money paid out brings it back. Across all books the total is always zero.
 """
@@ -14,13 +21,14 @@ makes `stripe_clearing` negative, money paid out brings it back. Across all book
 from __future__ import annotations
 
 from collections import defaultdict
-from dataclasses import dataclass
+from collections.abc import Iterable
+from dataclasses import dataclass, field
 from functools import lru_cache
 from typing import Any
 
 from sqlalchemy import TextClause, func, insert, select, text
 from sqlalchemy.dialects import sqlite
-from sqlalchemy.orm import Session
+from sqlalchemy.orm import Session, SessionTransaction
 
 from coordinator.db.ids import new_id
 from coordinator.db.models import (
@@ -30,6 +38,64 @@ from shared.errors import PaymentRequired
 from shared.money import micros_to_usd
 
 HOUSE = ""  # the owner id of the house books
+CUSTOMER_BOOKS = (Book.customer_available, Book.customer_held)  # locked together, in this order
+
+
+class LockOrderError(RuntimeError):
+    """A transaction asked for a kept balance that sorts before one it already holds (see the module's Locks)."""
+
+
+@dataclass(slots=True)
+class _Locks:
+    transaction: SessionTransaction
+    held: set[tuple[str, str]] = field(default_factory=set)
+
+
+_LOCKS = "tunegrid.ledger_locks"
+
+
+def _locks(session: Session) -> _Locks:
+    session.connection()  # begins the transaction if none has begun
+    transaction = session.get_transaction()
+    assert transaction is not None
+    state = session.info.get(_LOCKS)
+    if state is None or state.transaction is not transaction:
+        state = session.info[_LOCKS] = _Locks(transaction)
+    return state
+
+
+@lru_cache(maxsize=16)
+def _lock_statement(rows: int) -> TextClause:
+    """Lock kept balances in the given (sorted) order, creating missing ones at zero; an existing row is locked
+    by `DO UPDATE ... WHERE false` without being written."""
+    values = ", ".join(f"(:b{i}, :o{i})" for i in range(rows))
+    return text(f"""
+        INSERT INTO ledger_balances (book, owner_id, balance, updated_at)
+        SELECT v.book, v.owner_id, 0, :now FROM (VALUES {values}) AS v(book, owner_id) ORDER BY v.book, v.owner_id
+        ON CONFLICT (book, owner_id) DO UPDATE SET balance = ledger_balances.balance WHERE false""")
+
+
+def lock_balances(session: Session, books: Iterable[tuple[Book, str]]) -> None:
+    """Lock these owned books' kept balances for the rest of the transaction, in the global order (a customer's
+    two books together); rows it holds already are not asked for again."""
+    state = _locks(session)
+    wanted: set[tuple[str, str]] = set()
+    for book, owner in books:
+        if book not in OWNED_BOOKS:
+            continue
+        wanted.update((b.value, owner) for b in (CUSTOMER_BOOKS if book in CUSTOMER_BOOKS else (book,)))
+    new = sorted(wanted - state.held)
+    if not new:
+        return
+    if state.held and new[0] < max(state.held):
+        raise LockOrderError(f"ledger lock order: {new[0]} asked for after {max(state.held)} in one transaction")
+    if session.get_bind().dialect.name == "postgresql":  # SQLite's one writer needs no row locks
+        params: dict[str, Any] = {"now": utcnow()}
+        for i, (book, owner) in enumerate(new):
+            params[f"b{i}"], params[f"o{i}"] = book, owner
+        with session.no_autoflush:
+            session.execute(_lock_statement(len(new)), params)
+    state.held.update(new)
 
 
 @dataclass(frozen=True, slots=True)
@@ -99,7 +165,8 @@ def post(
     for e in entries:
         if e.book in OWNED_BOOKS:
             deltas[(e.book, e.owner)] += e.amount
-    balances = sorted((book, owner, delta) for (book, owner), delta in deltas.items())  # one lock order for all
+    balances = sorted((book, owner, delta) for (book, owner), delta in deltas.items())
+    lock_balances(session, [(book, owner) for book, owner, _ in balances])
     row = {"id": txn_id, "business_key": key, "kind": kind, "account_id": account_id, "job_id": job_id,
            "lease_id": lease_id, "description": description, "created_at": utcnow()}
     # The ledger's statements read and write only ledger tables: the caller's pending changes need not be
@@ -133,11 +200,10 @@ def _post_sqlite(session: Session, row: dict[str, Any], entries: list[Entry],
 def balance(session: Session, book: Book, owner: str = HOUSE, *, for_update: bool = False) -> int:
     """A book's balance: the kept sum for an owned book (locked with `for_update`), the postings' sum otherwise."""
     if book in OWNED_BOOKS:
-        stmt = select(LedgerBalanceModel.balance).where(LedgerBalanceModel.book == book,
-                                                         LedgerBalanceModel.owner_id == owner)
         if for_update:
-            stmt = stmt.with_for_update()
-        return session.scalar(stmt) or 0
+            lock_balances(session, [(book, owner)])
+        return session.scalar(select(LedgerBalanceModel.balance).where(
+            LedgerBalanceModel.book == book, LedgerBalanceModel.owner_id == owner)) or 0
     return sum_of_postings(session, book, owner)
 
 

@@ -56,12 +56,11 @@ def costs(*, session: Session, start: date, end: date, account_id: str | None = 
                func.sum(u.provider_micros).label("earned"), func.sum(u.billable_seconds).label("seconds"))
         .where(*where).group_by(u.usage_day))}
     days = []
-    day = start
-    while day <= end:
+    for offset in range((end - start).days + 1):  # never past `end` (9999-12-31 has no next day)
+        day = start + timedelta(days=offset)
         row = by_day.get(day)
         days.append({"day": day.isoformat(), "spend": int(row.spend) if row else 0, "fee": int(row.fee) if row else 0,
                      "earned": int(row.earned) if row else 0, "seconds": int(row.seconds) if row else 0})
-        day += timedelta(days=1)
     customers = [{"account_id": r.customer_id, "name": r.name, "spend": int(r.spend), "leases": int(r.leases),
                   "seconds": int(r.seconds)} for r in session.execute(
         select(u.customer_id, AccountModel.name, func.sum(u.charge_micros).label("spend"),
@@ -83,7 +82,8 @@ def costs(*, session: Session, start: date, end: date, account_id: str | None = 
                    spend=sum(d["spend"] for d in days), revenue=sum(d["fee"] for d in days),
                    earned=sum(d["earned"] for d in days))
     since = datetime(start.year, start.month, start.day, tzinfo=utcnow().tzinfo)
-    until = datetime(end.year, end.month, end.day, tzinfo=utcnow().tzinfo) + timedelta(days=1)
+    until = (datetime(end.year, end.month, end.day, tzinfo=utcnow().tzinfo) + timedelta(days=1) if end < date.max
+             else datetime.max.replace(tzinfo=utcnow().tzinfo))
     if account_id is None:
         report.paid_out = int(session.scalar(select(func.coalesce(func.sum(PayoutModel.amount), 0)).where(
             PayoutModel.status == PayoutStatus.paid, PayoutModel.created_at >= since,

@@ -105,6 +105,19 @@ def test_list_pages_with_cursor_and_filters_metadata(create_job, client: TestCli
     assert [j["id"] for j in odd["data"]] == [ids[3], ids[1]]
     assert client.get("/v1/fine_tuning/jobs", headers=other_customer.headers).json()["data"] == []
     assert client.get("/v1/fine_tuning/jobs?limit=0", headers=customer.headers).status_code == 400
+
+
+def test_metadata_keys_with_quotes_and_path_characters_filter_exactly(create_job, client: TestClient,
+                                                                      customer: Caller) -> None:  # type: ignore[no-untyped-def]
+    """Keys are data: a quote, a dot or a `$` in one is matched literally (SQLite once answered 500 to `k"`)."""
+    odd_keys = ['k"', "a.b", "$[0]", "x'y"]
+    tagged = create_job(metadata={key: "v" for key in odd_keys}).json()["id"]
+    create_job(metadata={"a": "v"})
+    for key in odd_keys:
+        found = client.get("/v1/fine_tuning/jobs", params={f"metadata[{key}]": "v"}, headers=customer.headers)
+        assert found.status_code == 200, found.text
+        assert [j["id"] for j in found.json()["data"]] == [tagged], key
+    assert client.get("/v1/fine_tuning/jobs", params={'metadata[k"]': "w"}, headers=customer.headers).json()["data"] == []
     assert client.get("/v1/fine_tuning/jobs?limit=abc", headers=customer.headers).status_code == 400
 
 

@@ -87,6 +87,9 @@ def test_admin_pages_show_real_data(client: TestClient, admin, ran) -> None:  # 
     assert ran["done"] in csv.text and csv.text.splitlines()[0] == "job_id,customer_id,model,spend_usd,seconds"
     assert client.get("/admin/costs.csv?table=secrets").status_code == 400
     assert client.get("/admin/costs?start=2026-13-01").status_code == 400
+    assert client.get("/admin/costs?end=9999-12-31").status_code == 200  # the last day has no next day
+    assert client.get("/admin/costs?end=0001-01-01").status_code == 400  # nor the first 30 before it
+    assert client.get("/admin/costs.csv?table=days&end=9999-12-31").status_code == 200
     fleet_csv = client.get("/admin/fleet?format=csv")
     assert fleet_csv.headers["content-type"].startswith("text/csv") and ran["worker"] in fleet_csv.text
     jobs_csv = client.get("/admin/jobs?format=csv&status=queued")

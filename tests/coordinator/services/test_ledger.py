@@ -5,16 +5,20 @@ their postings; and, property-based, random sequences of top-ups, grants, holds,
 from __future__ import annotations
 
 import itertools
+import threading
+import time
 
 import pytest
 from hypothesis import HealthCheck, given, settings as hsettings, strategies as st
-from sqlalchemy import func, select
-from sqlalchemy.orm import Session
+from sqlalchemy import create_engine, func, select, text
+from sqlalchemy.exc import OperationalError
+from sqlalchemy.orm import Session, sessionmaker
 
 from coordinator.db.models import Book, LedgerPostingModel, LedgerTransactionModel
 from coordinator.services import ledger
-from coordinator.services.ledger import HOUSE, Entry
+from coordinator.services.ledger import HOUSE, Entry, LockOrderError
 from shared.errors import PaymentRequired
+from tests.conftest import truncate_all
 
 
 def test_an_unbalanced_transaction_is_refused(session: Session) -> None:
@@ -101,6 +105,7 @@ def _apply(session: Session, run: str, ops: list[tuple]) -> dict[tuple[Book, str
                 ledger.require_available(session, f"{run}{who}", amount, purpose="a job")
             except PaymentRequired:
                 assert model.get((Book.customer_available, f"{run}{who}"), 0) < amount
+                session.rollback()  # a refused hold ends its transaction, as every caller's does
                 continue
             post(key, kind, [Entry(Book.customer_available, f"{run}{who}", -amount),
                              Entry(Book.customer_held, f"{run}{who}", amount)])
@@ -142,3 +147,96 @@ def test_random_sequences_keep_the_ledger_balanced(session: Session, ops: list[t
         assert ledger.balance(session, Book.provider_payable, f"{run}{provider}") >= 0
     result = ledger.audit(session)
     assert result.ok, result
+
+
+# --- lock order -----------------------------------------------------------------------------------
+
+def _settle(session: Session, customer: str, provider: str, charge: int) -> None:
+    """What `billing.settle` posts when the hold covers the charge: held and payable, no available."""
+    ledger.post(session=session, key=f"settle:{customer}:{time.monotonic_ns()}", kind="settle", description="x",
+                entries=[Entry(Book.customer_held, customer, -charge), Entry(Book.provider_payable, provider, charge - 1),
+                         Entry(Book.platform_revenue, HOUSE, 1)])
+
+
+def _release(session: Session, customer: str, amount: int) -> None:
+    ledger.move(session=session, key=f"release:{customer}:{time.monotonic_ns()}", kind="release", amount=amount,
+                frm=(Book.customer_held, customer), to=(Book.customer_available, customer), description="x")
+
+
+def _hold(session: Session, customer: str, amount: int) -> None:
+    ledger.require_available(session, customer, amount, purpose="a job")
+    ledger.move(session=session, key=f"hold:{customer}:{time.monotonic_ns()}", kind="hold", amount=amount,
+                frm=(Book.customer_available, customer), to=(Book.customer_held, customer), description="x")
+
+
+def test_a_transaction_asking_for_books_out_of_order_is_refused(session: Session) -> None:
+    _settle(session, "acct-b", "acct-p", 10)  # takes b's books, then p's payable
+    with pytest.raises(LockOrderError):  # a customer sorting before them, in the same transaction
+        ledger.balance(session, Book.customer_available, "acct-a", for_update=True)
+    session.rollback()
+    _settle(session, "acct-c", "acct-p", 10)
+    _release(session, "acct-c", 5)  # held, then available: the customer's books were taken together at first touch
+    ledger.require_available(session, "acct-c", 0, purpose="a job")
+    session.commit()
+    ledger.balance(session, Book.customer_available, "acct-a", for_update=True)  # a new transaction starts afresh
+    session.commit()
+
+
+def test_a_settlement_and_a_hold_of_one_customer_at_once_do_not_deadlock(postgres_url: str) -> None:
+    """The deadlock CI hit with 50 workers of one provider and one customer (PostgreSQL only; SQLite has one
+    writer): a settlement locked held then (releasing) available, while a hold locked available then held.
+    The settlement waits here until the hold is queued behind it, then releases."""
+    engine = create_engine(postgres_url, connect_args={"connect_timeout": 5})
+    sessions = sessionmaker(engine, expire_on_commit=False)
+    customer, provider = "acct-lock-c", "acct-lock-p"
+    try:
+        with sessions() as setup:
+            ledger.move(session=setup, key="grant:lock-test", kind="grant", amount=1_000, frm=(Book.platform_grants, HOUSE),
+                        to=(Book.customer_available, customer), description="x")
+            _hold(setup, customer, 500)
+            setup.commit()
+        failures: list[BaseException] = []
+        with engine.connect() as settling, engine.connect() as holding, engine.connect() as watcher, \
+                Session(bind=settling, expire_on_commit=False) as settler, \
+                Session(bind=holding, expire_on_commit=False) as holder:
+            holder_pid = holding.exec_driver_sql("SELECT pg_backend_pid()").scalar()
+            holding.commit()
+            _settle(settler, customer, provider, 100)
+
+            def hold() -> None:
+                try:
+                    _hold(holder, customer, 200)
+                    holder.commit()
+                except BaseException as exc:  # noqa: BLE001 - reported below
+                    failures.append(exc)
+                    holder.rollback()
+
+            thread = threading.Thread(target=hold)
+            thread.start()
+            deadline = time.monotonic() + 10
+            while time.monotonic() < deadline:  # the hold is waiting on a lock the settlement holds
+                waiting = watcher.scalar(text("SELECT wait_event_type FROM pg_stat_activity WHERE pid = :pid"),
+                                         {"pid": holder_pid})
+                watcher.commit()
+                if waiting == "Lock":
+                    break
+                time.sleep(0.01)
+            else:
+                settler.rollback()
+                thread.join(timeout=30)
+                pytest.fail("the hold never waited for the settlement's lock")
+            try:
+                _release(settler, customer, 400)
+                settler.commit()
+            except OperationalError as exc:
+                failures.append(exc)
+                settler.rollback()
+            thread.join(timeout=30)
+        assert not failures, failures
+        with sessions() as check:
+            assert ledger.balance(check, Book.customer_available, customer) == 500 + 400 - 200
+            assert ledger.balance(check, Book.customer_held, customer) == 200
+            assert ledger.audit(check).ok
+    finally:
+        engine.dispose()
+        truncate_all(postgres_url)
