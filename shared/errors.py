@@ -69,6 +69,14 @@ class RateLimited(TunegridError):
         self.retry_after_s = retry_after_s
 
 
+class UploadRejected(TunegridError):
+    """A worker's upload (a checkpoint) failed the coordinator's checks: nothing was stored, and it counts against
+    the worker. The message names the check."""
+
+    http_status = 422
+    code = "checkpoint_rejected"
+
+
 class PermissionDenied(TunegridError):
     http_status = 403
     type = "permission_error"

@@ -220,7 +220,10 @@ class LeaseComplete(Request):
 
 
 class LeaseFail(Request):
-    kind: Literal["user_error", "worker_error"]
+    """`bad_checkpoint`: the checkpoint the lease was handed to resume from failed its checks on this worker (the
+    coordinator re-checks it: the uploader is at fault when it agrees, the reporter when it does not)."""
+
+    kind: Literal["user_error", "worker_error", "bad_checkpoint"]
     message: Annotated[str, StringConstraints(min_length=1, max_length=2000)]
     usage: Usage
 

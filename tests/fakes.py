@@ -89,6 +89,7 @@ class FakeAgent:
     worker_id: str = ""
     token: str = ""
     leases: dict[str, int] = field(default_factory=dict)  # lease id -> fencing token
+    assignments: dict[str, dict[str, Any]] = field(default_factory=dict)  # lease id -> its assignment
 
     @classmethod
     def register(cls, client: Any, provider_key: str, machine_id: str = "pc-1", **fields: Any) -> FakeAgent:
@@ -113,21 +114,35 @@ class FakeAgent:
         assignment = response.json()["assignment"]
         if assignment is not None:
             self.leases[assignment["lease_id"]] = assignment["fencing_token"]
+            self.assignments[assignment["lease_id"]] = assignment
         return assignment
 
     def events(self, lease_id: str, *events: dict[str, Any], token: int | None = None) -> Any:
         return self.client.post(f"/v1/workers/leases/{lease_id}/events", json={"events": list(events)},
                                 headers=self.headers(lease_id, token))
 
-    def progress(self, lease_id: str, step: int = 1, loss: float = 2.0, **fields: Any) -> Any:
+    def progress(self, lease_id: str, step: int = 1, loss: float = 2.0, *, token: int | None = None, **fields: Any) -> Any:
         return self.events(lease_id, {"type": "progress", "step": step, "total_steps": 10, "train_loss": loss,
-                                      "tokens_per_s": 200.0, **fields})
+                                      "tokens_per_s": 200.0, **fields}, token=token)
 
     def upload(self, lease_id: str, kind: str, data: bytes, *, step: int | None = None, digest: str | None = None,
                token: int | None = None) -> Any:
         path = f"/v1/workers/leases/{lease_id}/" + ("adapter" if kind == "adapter" else f"checkpoints?step={step}")
         return self.client.put(path, content=data,
                                headers={**self.headers(lease_id, token), SHA256_HEADER: digest or sha256(data)})
+
+    def checkpoint_for(self, lease_id: str, step: int, **replace: Any) -> bytes:
+        """A well-formed checkpoint archive of this lease's job at `step` (zeros for weights)."""
+        spec = self.assignments[lease_id]["spec"]
+        targets = spec["lora"]["target_modules"]
+        return checkpoint_archive(spec["base_model"], r=spec["lora"]["r"], step=step, replace=replace or None,
+                                  targets=ALL_LINEAR if targets == "all-linear" else tuple(targets),
+                                  lr=spec["hyperparameters"]["learning_rate"], seed=spec["seed"])
+
+    def save_checkpoint(self, lease_id: str, step: int, *, token: int | None = None) -> Any:
+        """The honest way: progress up to `step` first, then that step's checkpoint."""
+        assert self.progress(lease_id, step=step, token=token).status_code == 200
+        return self.upload(lease_id, "checkpoint", self.checkpoint_for(lease_id, step), step=step, token=token)
 
     def complete(self, lease_id: str, adapter: bytes, *, loss: float = 2.0, token: int | None = None,
                  usage: dict[str, Any] | None = None) -> Any:
@@ -152,3 +167,69 @@ class FakeAgent:
     def preempted(self, lease_id: str, reason: str = "a game started", usage: dict[str, Any] | None = None) -> Any:
         return self.client.post(f"/v1/workers/leases/{lease_id}/preempted", headers=self.headers(lease_id), json={
             "reason": reason, "usage": usage or {"wall_seconds": 5.0, "gpu_seconds": 4.0}})
+
+
+# --- checkpoints (shared/checkpoint.py's format), built without torch ------------------------------
+
+def safetensors_of(tensors: dict[str, tuple[str, list[int]]]) -> bytes:
+    """A safetensors file of zeros: name -> (dtype, shape)."""
+    widths = {"F32": 4, "BF16": 2, "F16": 2, "U8": 1}
+    header: dict[str, Any] = {"__metadata__": {"format": "pt"}}
+    offset = 0
+    for name, (dtype, shape) in tensors.items():
+        size = widths[dtype]
+        for d in shape:
+            size *= d
+        header[name] = {"dtype": dtype, "shape": shape, "data_offsets": [offset, offset + size]}
+        offset += size
+    encoded = json.dumps(header).encode()
+    encoded += b" " * (-len(encoded) % 8)
+    return struct.pack("<Q", len(encoded)) + encoded + bytes(offset)
+
+
+def checkpoint_state(step: int, *, lr: float = 2e-4, seed: int = 0, rows: int = 10, tokens: int = 100) -> dict[str, Any]:
+    return {"format": "tunegrid.checkpoint/1", "step": step, "trained_tokens": tokens,
+            "optimizer": {"lr": lr / 2, "initial_lr": lr},
+            "scheduler": {"last_epoch": step, "step_count": step + 1, "base_lrs": [lr], "last_lr": [lr / 2]},
+            "python_rng": {"version": 3, "state": [7] * 624 + [624], "gauss": None},
+            "data_order": {"seed": seed, "rows": rows}}
+
+
+def checkpoint_members(model: str = "tunegrid/tiny-llama", *, r: int = 16, step: int = 1,
+                       targets: tuple[str, ...] = ALL_LINEAR, lr: float = 2e-4, seed: int = 0) -> dict[str, bytes]:
+    shapes = lora_shapes(get_base_model(model), r, targets)
+    optimizer: dict[str, tuple[str, list[int]]] = {}
+    for name, shape in shapes.items():
+        optimizer[f"exp_avg/{name}"] = ("F32", shape)
+        optimizer[f"exp_avg_sq/{name}"] = ("F32", shape)
+        optimizer[f"step/{name}"] = ("F32", [])
+    return {
+        "adapter_model.safetensors": safetensors_of({n: ("F32", s) for n, s in shapes.items()}),
+        "optimizer.safetensors": safetensors_of(optimizer),
+        "rng.safetensors": safetensors_of({"torch": ("U8", [5056])}),
+        "state.json": json.dumps(checkpoint_state(step, lr=lr, seed=seed)).encode(),
+    }
+
+
+def tar_gz(entries: list[tarfile.TarInfo | tuple[str, bytes]]) -> bytes:
+    """A .tar.gz of (name, bytes) files and prepared TarInfo entries (links, devices, ...), in order."""
+    buffer = io.BytesIO()
+    with tarfile.open(fileobj=buffer, mode="w:gz") as tar:
+        for entry in entries:
+            if isinstance(entry, tarfile.TarInfo):
+                tar.addfile(entry)
+            else:
+                info = tarfile.TarInfo(entry[0])
+                info.size = len(entry[1])
+                tar.addfile(info, io.BytesIO(entry[1]))
+    return buffer.getvalue()
+
+
+def checkpoint_archive(model: str = "tunegrid/tiny-llama", *, r: int = 16, step: int = 1,
+                       replace: dict[str, bytes] | None = None, extra: list[tarfile.TarInfo | tuple[str, bytes]] | None = None,
+                       **fields: Any) -> bytes:
+    """A well-formed checkpoint archive (`resume/<member>`), with members replaced or entries added."""
+    members = {**checkpoint_members(model, r=r, step=step, **fields), **(replace or {})}
+    folder = tarfile.TarInfo("resume")
+    folder.type = tarfile.DIRTYPE
+    return tar_gz([folder, *[(f"resume/{n}", b) for n, b in members.items()], *(extra or [])])

@@ -6,10 +6,16 @@ relay its progress as events (buffered while the coordinator is unreachable), up
 finish: the adapter and `complete`, or `fail`, or `preempted` when the owner's policy tripped (SIGTERM: the
 trainer checkpoints; the checkpoint goes up first). A cancel, a pause or a lost lease stops it at once.
 The active lease is kept in `state.json`, so a restarted agent finishes reporting what its last run left.
+
+The job's folder is hostile territory (`worker.jobdir`): the trainer writes only its `work/` side; the agent
+derives every path there itself, follows no link, and keeps its own files beside it. A checkpoint to resume
+from is checked (shared.checkpoint) as it is unpacked into `work/resume/`; one that fails is reported as the
+uploader's fault (`bad_checkpoint`), never run.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import queue
 import shutil
@@ -20,10 +26,12 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
+from shared.checkpoint import CheckpointRejected, CheckpointRules, check_file
 from shared.money import usd_to_micros
 from shared.protocol import Assignment
 from worker.channel import Channel, ChannelError, CoordinatorUnreachable, LeaseLost, Rejected
-from worker.files import pack_dir, read_json, unpack_checkpoint, write_json_atomic
+from worker.files import read_json, sha256_file, write_json_atomic
+from worker.jobdir import WORK, UnsafeJobFile, copy_out, pack_checkpoint, read_regular
 from worker.models import ModelCache
 from worker.nvml import GpuProbe, Machine
 from worker.policy import PolicyGate, Verdict
@@ -32,7 +40,16 @@ from worker.runtimes.base import JobMount, Running, Runtime
 from worker.settings import WorkerSettings
 
 log = logging.getLogger(__name__)
-EXIT_DONE, EXIT_USER_ERROR, EXIT_WORKER_ERROR, EXIT_PREEMPTED = 0, 3, 4, 5
+EXIT_DONE, EXIT_USER_ERROR, EXIT_WORKER_ERROR, EXIT_PREEMPTED, EXIT_BAD_CHECKPOINT = 0, 3, 4, 5, 6
+MAX_RESULT_BYTES = 64 * 1024
+
+
+class BadResume(Exception):
+    """The checkpoint the lease was handed failed its checks here: nothing of it was unpacked or run."""
+
+
+class Undelivered(Exception):
+    """The agent is stopping with an outcome the coordinator has not acknowledged: kept for the next start."""
 IDLE_RECHECK_S = 5.0
 DELIVERY_PAUSE_S = 5.0
 
@@ -64,7 +81,13 @@ class ActiveJob:
     energy_start_mj: int | None = None
     handle: dict[str, Any] = field(default_factory=dict)  # finds the trainer again after an agent restart
     started_epoch: float = 0.0
-    progress_offset: int = 0  # progress.jsonl up to here has reached the coordinator
+    progress_offset: int = 0  # progress.jsonl up to here has reached the coordinator, but for:
+    pending_checkpoints: list[int] = field(default_factory=list)  # steps read there whose upload is still due
+
+    @property
+    def work(self) -> Path:
+        """The trainer's side of the job folder (its /job): everything in it is untrusted."""
+        return self.job_dir / WORK
 
 
 class Agent:
@@ -176,25 +199,36 @@ class Agent:
             return
         write_json_atomic(self.settings.state_path, {
             "assignment": job.assignment.model_dump(mode="json"), "job_dir": str(job.job_dir), "handle": job.handle,
-            "started_epoch": job.started_epoch, "progress_offset": job.progress_offset, **extra})
+            "started_epoch": job.started_epoch, "progress_offset": job.progress_offset,
+            "pending_checkpoints": job.pending_checkpoints, **extra})
 
     def _prepare(self, job: ActiveJob) -> JobMount:
+        """The job folder, fresh and the agent's own (0700), with the trainer's inputs in `work/`: written before
+        the trainer starts, so nothing of the job's can be in the way."""
         a = job.assignment
-        job.job_dir.mkdir(parents=True, exist_ok=True)
+        self.settings.jobs_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+        shutil.rmtree(job.job_dir, ignore_errors=True)
+        job.job_dir.mkdir(mode=0o700)
+        job.work.mkdir(mode=0o700)
         model_dir = self.cache.ensure(a.spec.base_model)
-        self.channel.download(a.training_file_url, a.lease_id, a.fencing_token, job.job_dir / "train.jsonl",
+        self.channel.download(a.training_file_url, a.lease_id, a.fencing_token, job.work / "train.jsonl",
                               a.training_file_sha256)
         if a.validation_file_url and a.validation_file_sha256:
-            self.channel.download(a.validation_file_url, a.lease_id, a.fencing_token, job.job_dir / "validation.jsonl",
+            self.channel.download(a.validation_file_url, a.lease_id, a.fencing_token, job.work / "validation.jsonl",
                                   a.validation_file_sha256)
         if a.resume_from is not None:
             archive = self.channel.download(a.resume_from.url, a.lease_id, a.fencing_token,
                                             job.job_dir / "resume.tar.gz", a.resume_from.sha256)
-            unpack_checkpoint(archive, job.job_dir)  # holds resume/
-            archive.unlink()
-        mount = JobMount(job_dir=job.job_dir, model_dir=model_dir, gpu_index=self._gpu_of(job))
+            rules = CheckpointRules.for_spec(a.spec, max_step=a.resume_from.step)
+            try:
+                check_file(archive, rules, step=a.resume_from.step, extract_to=job.work / "resume")
+            except CheckpointRejected as exc:
+                raise BadResume(f"checkpoint {a.resume_from.checkpoint_id}: {exc}") from None
+            finally:
+                archive.unlink()
+        mount = JobMount(job_dir=job.work, model_dir=model_dir, gpu_index=self._gpu_of(job))
         spec = a.spec.model_copy(update={"model_dir": self.runtime.model_dir_inside(mount)})
-        (job.job_dir / "spec.json").write_text(spec.model_dump_json(indent=2))
+        (job.work / "spec.json").write_text(spec.model_dump_json(indent=2))
         return mount
 
     def _gpu_of(self, job: ActiveJob) -> int | None:
@@ -222,6 +256,7 @@ class Agent:
 
     def _run_job(self, a: Assignment) -> None:
         job = ActiveJob(assignment=a, job_dir=self.settings.jobs_dir / a.lease_id)
+        kept = False  # True when stopping left an outcome to deliver on the next start
         self._job = job
         self._persist(job)
         self._set(state="working", job_id=a.job_id, lease_id=a.lease_id, step=None, total_steps=None, loss=None)
@@ -235,31 +270,40 @@ class Agent:
             self._persist(job)
             outcome = self._supervise(job)
             if outcome is not None:
-                self._deliver(job, *outcome)
+                kept = not self._deliver(job, *outcome)
         except LeaseLost as exc:
             log.warning("lease %s lost: %s", a.lease_id, exc)
             if job.running:
                 job.running.kill()
+        except BadResume as exc:
+            log.warning("lease %s: the checkpoint to resume from was refused: %s", a.lease_id, exc)
+            kept = not self._deliver(job, "fail", {"kind": "bad_checkpoint", "message": str(exc)[:2000]})
+        except Undelivered:
+            kept = True
         except Exception as exc:  # noqa: BLE001 - a worker-side failure is reported, never silent
             log.exception("job %s failed on this worker", a.job_id)
             if job.running:
                 job.running.kill()
-            self._deliver(job, "fail", {"kind": "worker_error", "message": f"{exc.__class__.__name__}: {exc}"[:2000]})
+            kept = not self._deliver(job, "fail", {"kind": "worker_error",
+                                                   "message": f"{exc.__class__.__name__}: {exc}"[:2000]})
         finally:
             self._job = None
-            self._persist(None)
             if job.running is not None:
                 self._cap_power(self._gpu_of(job), None)  # the owner's card, as it was
-            shutil.rmtree(job.job_dir, ignore_errors=True)  # inputs die with the lease
+            if kept:
+                log.warning("stopping with lease %s not yet reported: it is delivered on the next start", a.lease_id)
+            else:
+                self._persist(None)
+                shutil.rmtree(job.job_dir, ignore_errors=True)  # inputs die with the lease
             self._set(state="idle", job_id=None, lease_id=None)
 
     def _supervise(self, job: ActiveJob) -> tuple[str, dict[str, Any]] | None:
         """Relay progress until the trainer exits or must stop; what to report, or None when nothing is to be."""
         a, running = job.assignment, job.running
         assert running is not None
-        tail = ProgressTail(job.job_dir / "out" / "progress.jsonl", job.progress_offset)
+        tail = ProgressTail(job.work, job.progress_offset)
         pending: list[dict[str, Any]] = []
-        checkpoints: list[tuple[int, Path]] = []
+        checkpoints = list(job.pending_checkpoints)  # steps; the agent knows where each one's folder is
         last_flush, last_error, losses = 0.0, "", []
         preempting: float | None = None
         while True:
@@ -270,31 +314,34 @@ class Agent:
                     losses.append(line.get("loss"))
                 elif line.get("type") == "started":
                     self._set(total_steps=line.get("total_steps"))
-                elif line.get("type") == "checkpoint":
-                    checkpoints.append((int(line["step"]), job.job_dir / line["path"]))
+                elif line.get("type") == "checkpoint" and type(line.get("step")) is int:
+                    checkpoints.append(line["step"])
                 elif line.get("type") == "error":
                     last_error = str(line.get("message", ""))
                 event = lease_event(line)
                 if event is not None:
                     pending.append({k: v for k, v in event.items() if v is not None})
-            if pending and (code is not None or time.monotonic() - last_flush >= self.settings.events_flush_s):
+            # Progress goes before a checkpoint: the coordinator takes no checkpoint past the steps it has heard of.
+            flush_due = code is not None or checkpoints or time.monotonic() - last_flush >= self.settings.events_flush_s
+            if pending and flush_due:
                 last_flush = time.monotonic()
                 try:
                     for start in range(0, len(pending), 500):
                         self.channel.events(a.lease_id, a.fencing_token, pending[start:start + 500])
                     pending.clear()
-                    if not checkpoints:  # everything read so far is delivered: a restart resumes reading here
-                        job.progress_offset = tail.offset
-                        self._persist(job)
+                    # Everything read so far is delivered but these uploads: a restart resumes from here.
+                    job.progress_offset, job.pending_checkpoints = tail.offset, list(checkpoints)
+                    self._persist(job)
                 except CoordinatorUnreachable:
                     pass  # kept; delivered when the coordinator is back
-            while checkpoints:
-                step, path = checkpoints[0]
+            while checkpoints and not pending:
                 try:
-                    self._upload_checkpoint(job, step, path)
+                    self._upload_checkpoint(job, checkpoints[0])
                     checkpoints.pop(0)
                 except CoordinatorUnreachable:
                     break
+                job.pending_checkpoints = list(checkpoints)
+                self._persist(job)
             if code is not None:
                 break
             for kind, lease_id in self._drain_commands():
@@ -318,7 +365,7 @@ class Agent:
             return "preempted", {"reason": reason, "usage": usage, **({"checkpoint_step": step} if step else {})}
         if code == EXIT_DONE:
             return self._completion(job, usage, losses)
-        kind = "user_error" if code == EXIT_USER_ERROR else "worker_error"
+        kind = {EXIT_USER_ERROR: "user_error", EXIT_BAD_CHECKPOINT: "bad_checkpoint"}.get(code, "worker_error")
         return "fail", {"kind": kind, "message": last_error or f"the trainer exited with code {code}", "usage": usage}
 
     def _drain_commands(self) -> list[tuple[str, str]]:
@@ -329,15 +376,27 @@ class Agent:
             except queue.Empty:
                 return drained
 
-    def _upload_checkpoint(self, job: ActiveJob, step: int, path: Path) -> None:
+    def _upload_checkpoint(self, job: ActiveJob, step: int) -> None:
+        """Pack the trainer's checkpoint of `step` (its allowed files, read safely) and send it, after checking it
+        as the coordinator will: one that fails is not sent (it would count against this worker)."""
         a = job.assignment
-        archive = pack_dir(path, job.job_dir / f"checkpoint-{step}.tar.gz", arcname="resume")
+        rules = CheckpointRules.for_spec(a.spec, max_step=max(self.status.step or 0, step))
+        archive = job.job_dir / f"checkpoint-{step}.tar.gz"
+        try:
+            pack_checkpoint(job.work, step, archive, limits=rules.member_limits())
+            check_file(archive, rules, step=step)
+        except (UnsafeJobFile, CheckpointRejected, FileNotFoundError) as exc:
+            log.warning("lease %s: the trainer's checkpoint at step %d is not sent: %s", a.lease_id, step, exc)
+            archive.unlink(missing_ok=True)
+            return
         try:
             self.channel.upload(a.lease_id, a.fencing_token, archive, kind="checkpoint", step=step)
+        except Rejected as exc:
+            log.warning("lease %s: checkpoint at step %d refused: %s", a.lease_id, step, exc)
         finally:
             archive.unlink(missing_ok=True)
 
-    def _deliver_remaining(self, job: ActiveJob, pending: list[dict[str, Any]], checkpoints: list[tuple[int, Path]]) -> None:
+    def _deliver_remaining(self, job: ActiveJob, pending: list[dict[str, Any]], checkpoints: list[int]) -> None:
         """After the trainer ended: what could not be sent yet goes now, waiting out an outage."""
         a = job.assignment
         while (pending or checkpoints) and not self._stop.is_set():
@@ -346,32 +405,62 @@ class Agent:
                     self.channel.events(a.lease_id, a.fencing_token, pending[:500])
                     del pending[:500]
                 elif checkpoints:
-                    step, path = checkpoints[0]
-                    self._upload_checkpoint(job, step, path)
+                    self._upload_checkpoint(job, checkpoints[0])
                     checkpoints.pop(0)
             except CoordinatorUnreachable:
                 self._stop.wait(DELIVERY_PAUSE_S)
 
+    def _deliver_unsent(self, job: ActiveJob) -> list[Any]:
+        """The progress a stopped run read but had not delivered (from the last acknowledged offset): sent now,
+        before its outcome. The losses it held."""
+        lines = ProgressTail(job.work, job.progress_offset).read()
+        pending = [e for e in (lease_event(line) for line in lines) if e is not None]
+        self._deliver_remaining(job, pending, [])
+        if pending:  # the agent is stopping before all of it went
+            raise Undelivered()
+        return [line.get("loss") for line in lines if line.get("type") == "step"]
+
     def _completion(self, job: ActiveJob, usage: dict[str, Any], losses: list[Any]) -> tuple[str, dict[str, Any]]:
+        """The adapter, copied out of the trainer's folder (a regular file, no link followed) and uploaded; even
+        while the agent stops, until the coordinator is unreachable (then `Undelivered`: the next start sends it)."""
         a = job.assignment
-        result = read_json(job.job_dir / "out" / "result.json") or {}
-        adapter = job.job_dir / "out" / "adapter.tar.gz"
+        raw = read_regular(job.work, "out", "result.json", limit=MAX_RESULT_BYTES)
+        try:
+            result = json.loads(raw) if raw else {}
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            result = {}
+        result = result if isinstance(result, dict) else {}
+        adapter = job.job_dir / "adapter.tar.gz"
+        if not adapter.is_file():
+            try:
+                copy_out(job.work, ("out", "adapter.tar.gz"), adapter, limit=self.settings.max_adapter_bytes)
+            except (UnsafeJobFile, FileNotFoundError) as exc:
+                return "fail", {"kind": "worker_error", "usage": usage,
+                                "message": f"the trainer finished without a usable adapter: {exc}"[:2000]}
         self._persist(job, delivering="complete")
-        while not self._stop.is_set():
+        while True:
             try:
                 self.channel.upload(a.lease_id, a.fencing_token, adapter, kind="adapter")
                 break
             except CoordinatorUnreachable:
-                self._stop.wait(DELIVERY_PAUSE_S)
+                if self._stop.wait(DELIVERY_PAUSE_S):
+                    raise Undelivered() from None
         final = next((x for x in reversed(losses) if x is not None), None)
+
+        def count(name: str) -> int:
+            value = result.get(name)
+            return value if type(value) is int and value >= 0 else 0
+
+        valid = result.get("valid_loss")
         return "complete", {
-            "adapter_sha256": result.get("adapter_sha256"), "usage": usage,
-            "result": {"steps": int(result.get("steps", 0)), "trained_tokens": int(result.get("trained_tokens", 0)),
-                       "final_train_loss": final, "final_eval_loss": result.get("valid_loss")},
+            "adapter_sha256": sha256_file(adapter), "usage": usage,
+            "result": {"steps": count("steps"), "trained_tokens": count("trained_tokens"), "final_train_loss": final,
+                       "final_eval_loss": valid if isinstance(valid, float) else None},
         }
 
-    def _deliver(self, job: ActiveJob, outcome: str, body: dict[str, Any]) -> None:
-        """Report how the lease ended, until the coordinator acknowledges it (the adapter is kept until then)."""
+    def _deliver(self, job: ActiveJob, outcome: str, body: dict[str, Any]) -> bool:
+        """Report how the lease ended, until the coordinator acknowledges (or refuses) it: True; False when the
+        agent is stopping first (the job folder and state.json keep it for the next start)."""
         a = job.assignment
         body.setdefault("usage", self._usage(job))
         while True:
@@ -383,13 +472,14 @@ class Agent:
                     with self._lock:
                         self.status.earned_micros += int(usd_to_micros(a.ask_price_per_gpu_hour) * hours)
                         self.status.jobs_done += 1
-                return
+                return True
             except CoordinatorUnreachable:
                 if self._stop.wait(DELIVERY_PAUSE_S):
-                    return  # stopping: state.json keeps it for the next start
+                    self._persist(job, delivering=outcome)
+                    return False
             except (LeaseLost, Rejected) as exc:
                 log.warning("lease %s: %s not accepted: %s", a.lease_id, outcome, exc)
-                return
+                return True
 
     def _finish_leftover(self) -> None:
         """A previous run stopped mid-job. If its trainer still runs (a container, or a subprocess in its own
@@ -403,33 +493,40 @@ class Agent:
         except Exception:  # noqa: BLE001 - an unreadable state file is dropped
             self._persist(None)
             return
-        job = ActiveJob(assignment=assignment, job_dir=Path(state["job_dir"]), handle=state.get("handle") or {},
-                        started_epoch=float(state.get("started_epoch") or 0.0),
-                        progress_offset=int(state.get("progress_offset") or 0))
-        running = self.runtime.reattach(job.handle, job.job_dir) if job.handle else None
-        if running is not None:
-            log.info("reattached to the trainer of lease %s", assignment.lease_id)
-            job.running = running
-            job.started = time.monotonic() - max(time.time() - job.started_epoch, 0.0)
-            self._job = job
-            self._set(state="working", job_id=assignment.job_id, lease_id=assignment.lease_id)
-            try:
-                outcome = self._supervise(job)
-                if outcome is not None:
-                    self._deliver(job, *outcome)
-            except LeaseLost as exc:
-                log.warning("lease %s lost: %s", assignment.lease_id, exc)
-                running.kill()
-            finally:
-                self._job = None
-        else:
-            result = read_json(job.job_dir / "out" / "result.json")
-            if result and (job.job_dir / "out" / "adapter.tar.gz").is_file():
-                outcome, body = self._completion(job, {"wall_seconds": 0, "gpu_seconds": 0}, [])
+        job = ActiveJob(assignment=assignment, job_dir=self.settings.jobs_dir / assignment.lease_id,
+                        handle=state.get("handle") or {}, started_epoch=float(state.get("started_epoch") or 0.0),
+                        progress_offset=int(state.get("progress_offset") or 0),
+                        pending_checkpoints=[s for s in state.get("pending_checkpoints") or [] if type(s) is int])
+        running = self.runtime.reattach(job.handle, job.work) if job.handle else None
+        delivered = True
+        try:
+            if running is not None:
+                log.info("reattached to the trainer of lease %s", assignment.lease_id)
+                job.running = running
+                job.started = time.monotonic() - max(time.time() - job.started_epoch, 0.0)
+                self._job = job
+                self._set(state="working", job_id=assignment.job_id, lease_id=assignment.lease_id)
+                try:
+                    outcome = self._supervise(job)
+                    if outcome is not None:
+                        delivered = self._deliver(job, *outcome)
+                except LeaseLost as exc:
+                    log.warning("lease %s lost: %s", assignment.lease_id, exc)
+                    running.kill()
+                finally:
+                    self._job = None
             else:
-                outcome, body = "fail", {"kind": "worker_error", "message": "the agent restarted during the job",
-                                         "usage": {"wall_seconds": 0, "gpu_seconds": 0}}
-            self._deliver(job, outcome, body)
-        self._persist(None)
-        shutil.rmtree(job.job_dir, ignore_errors=True)
+                finished = read_regular(job.work, "out", "result.json", limit=MAX_RESULT_BYTES) is not None
+                if finished or state.get("delivering") == "complete":
+                    losses = self._deliver_unsent(job)
+                    outcome, body = self._completion(job, {"wall_seconds": 0, "gpu_seconds": 0}, losses)
+                else:
+                    outcome, body = "fail", {"kind": "worker_error", "message": "the agent restarted during the job",
+                                             "usage": {"wall_seconds": 0, "gpu_seconds": 0}}
+                delivered = self._deliver(job, outcome, body)
+        except Undelivered:
+            delivered = False
+        if delivered:
+            self._persist(None)
+            shutil.rmtree(job.job_dir, ignore_errors=True)
         self._set(state="idle", job_id=None, lease_id=None)

@@ -6,38 +6,51 @@ import json
 from pathlib import Path
 from typing import Any
 
+from pydantic import ValidationError
+
+from shared.protocol import LeaseEvent
+from worker.jobdir import ProgressReader
+
 
 class ProgressTail:
-    """New complete lines of a file that another process appends to (a partial last line waits for its end)."""
+    """New complete lines of the trainer's `out/progress.jsonl` under `work` (a job folder's trainer side) as JSON
+    objects; read without following links, a bounded amount at a time (`worker.jobdir.ProgressReader`)."""
 
-    def __init__(self, path: Path, offset: int = 0) -> None:
-        self.path = path
-        self._offset = offset
+    def __init__(self, work: Path, offset: int = 0) -> None:
+        self._reader = ProgressReader(work, offset)
 
     @property
     def offset(self) -> int:
-        return self._offset
+        return self._reader.offset
 
     def read(self) -> list[dict[str, Any]]:
-        try:
-            with self.path.open("rb") as f:
-                f.seek(self._offset)
-                data = f.read()
-        except FileNotFoundError:
-            return []
-        end = data.rfind(b"\n") + 1
-        self._offset += end
         lines = []
-        for raw in data[:end].splitlines():
+        for raw in self._reader.read():
             try:
-                lines.append(json.loads(raw))
-            except json.JSONDecodeError:
+                line = json.loads(raw)
+            except (json.JSONDecodeError, UnicodeDecodeError):
                 continue  # a torn line cannot happen with line-buffered appends; skip it if it ever does
+            if isinstance(line, dict):
+                lines.append(line)
         return lines
 
 
 def lease_event(line: dict[str, Any]) -> dict[str, Any] | None:
-    """The protocol's `LeaseEvent` for a trainer line; None for lines the coordinator need not see."""
+    """The protocol's `LeaseEvent` for a trainer line; None for lines the coordinator need not see, and for lines
+    whose fields are not what the protocol takes (the job's folder is not trusted: one bad line must not
+    block the events around it)."""
+    event = _event(line)
+    if event is None:
+        return None
+    event = {k: v for k, v in event.items() if v is not None}
+    try:
+        LeaseEvent.model_validate(event)
+    except ValidationError:
+        return None
+    return event
+
+
+def _event(line: dict[str, Any]) -> dict[str, Any] | None:
     kind, when = line.get("type"), line.get("time")
     if kind == "started":
         return {"type": "started", "time": when, "total_steps": line.get("total_steps"),

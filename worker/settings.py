@@ -34,6 +34,7 @@ class WorkerSettings(BaseSettings):
     stop_grace_s: float = Field(default=20.0, gt=0, description="SIGTERM to kill, for the trainer to checkpoint")
     progress_poll_s: float = Field(default=0.5, gt=0, description="how often a running job's progress is read")
     events_flush_s: float = Field(default=2.0, gt=0, description="how often buffered events are sent")
+    max_adapter_bytes: int = Field(default=2 * 1024**3, gt=0, description="the largest adapter the agent sends")
 
     @property
     def credentials_path(self) -> Path:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from typing import Annotated
 
+import anyio.to_thread
 from fastapi import APIRouter, Header, Path, Query, Request, Response
 from fastapi.responses import FileResponse
 
@@ -12,14 +13,15 @@ from coordinator.api.deps import CurrentWorker, ProviderCaller, SettingsDep, Sto
 from coordinator.api.errors import ERROR_RESPONSES
 from coordinator.db.ids import new_id
 from coordinator.db.models import WorkerModel, utcnow
-from coordinator.services import files, leases, workers
+from coordinator.services import checkpoints, files, leases, workers
 from coordinator.services.leases import FencedLease, parse_fencing_token
-from shared.errors import InvalidRequest
+from shared.errors import InvalidRequest, PayloadTooLarge
 from shared.money import micros_to_usd
 from shared.protocol import (
     FENCING_TOKEN_HEADER, PROTOCOL_HEADER, SHA256_HEADER, ClaimReply, ClaimRequest, HeartbeatReply, LeaseComplete, LeaseEvents,
     LeaseFail, LeasePreempted, LeaseReply, UploadReply, WorkerHeartbeat, WorkerRegister, WorkerRegistered, is_supported,
 )
+from shared.schemas.common import ErrorResponse
 from shared.schemas.workers import WorkerList, WorkerRead
 
 router = APIRouter(prefix="/v1/workers", tags=["workers"], responses=ERROR_RESPONSES)
@@ -134,9 +136,9 @@ async def lease_file(lease_id: LeaseId, which: Annotated[str, Path(pattern="^(tr
 async def lease_resume_checkpoint(lease_id: LeaseId, checkpoint_id: Annotated[str, Path(max_length=64)],
                                   worker: CurrentWorker, fencing_token: FencingToken, store: StoreDep) -> FileResponse:
     token = parse_fencing_token(fencing_token)
-    checkpoint = await worker.run(leases.resume_checkpoint, lease_id=lease_id, fencing_token=token,
+    checkpoint = await worker.run(checkpoints.resume_content, lease_id=lease_id, fencing_token=token,
                                   checkpoint_id=checkpoint_id)
-    return FileResponse(store.path(leases.checkpoint_key(checkpoint.id)), media_type="application/gzip",
+    return FileResponse(store.path(checkpoints.checkpoint_key(checkpoint.id)), media_type="application/gzip",
                         headers={SHA256_HEADER: checkpoint.blob_sha256 or ""})
 
 
@@ -147,21 +149,33 @@ def _declared_sha256(value: str | None) -> str:
     return value
 
 
-@router.put("/leases/{lease_id}/checkpoints", response_model=UploadReply)
+@router.put("/leases/{lease_id}/checkpoints", response_model=UploadReply,
+            responses={422: {"model": ErrorResponse, "description": "The checkpoint failed its checks"}})
 async def upload_checkpoint(
     request: Request, lease_id: LeaseId, step: Annotated[int, Query(ge=0, le=10**9)], worker: CurrentWorker,
     fencing_token: FencingToken, store: StoreDep, settings: SettingsDep,
     sha256: Annotated[str | None, Header(alias=SHA256_HEADER)] = None,
 ) -> UploadReply:
-    """A checkpoint archive, streamed to storage and sha256-checked; recorded only if the lease is still live."""
+    """A checkpoint archive: streamed to storage and sha256-checked, then checked against the job
+    (shared/checkpoint.py) outside any database session, and recorded only if it passes and the lease is still
+    live. A refused checkpoint is deleted and counts against the worker (422 `checkpoint_rejected`)."""
     token, expected = parse_fencing_token(fencing_token), _declared_sha256(sha256)
-    await worker.run(leases.check_lease, lease_id=lease_id, fencing_token=token)
+    rules = await worker.run(checkpoints.upload_rules, settings=settings, lease_id=lease_id, fencing_token=token)
     checkpoint_id = new_id("ftckpt-")
-    blob = await store.put_stream(leases.checkpoint_key(checkpoint_id), request.stream(),
-                                  max_bytes=settings.max_adapter_bytes, expected_sha256=expected)
-    await worker.run(leases.record_checkpoint, store=store, settings=settings, lease_id=lease_id, fencing_token=token,
-                     step=step,
-                     checkpoint_id=checkpoint_id, blob=blob)
+    limit = min(settings.max_adapter_bytes, rules.upload_limit())
+    try:
+        blob = await store.put_stream(checkpoints.checkpoint_key(checkpoint_id), request.stream(), max_bytes=limit,
+                                      expected_sha256=expected)
+    except PayloadTooLarge:
+        refused = f"the upload is larger than the {limit} bytes a checkpoint of this job can take"
+        raise await worker.run(checkpoints.refuse, settings=settings, lease_id=lease_id, step=step,
+                               reason=refused) from None
+    refused = await anyio.to_thread.run_sync(checkpoints.check_upload, store, blob, rules, step)
+    if refused is not None:
+        store.delete(blob.key)
+        raise await worker.run(checkpoints.refuse, settings=settings, lease_id=lease_id, step=step, reason=refused)
+    await worker.run(checkpoints.record, store=store, settings=settings, lease_id=lease_id, fencing_token=token,
+                     step=step, checkpoint_id=checkpoint_id, blob=blob)
     return UploadReply(lease_id=lease_id, kind="checkpoint", sha256=blob.sha256, bytes=blob.bytes, step=step)
 
 
@@ -188,8 +202,11 @@ async def complete_lease(lease_id: LeaseId, body: LeaseComplete, worker: Current
 
 @router.post("/leases/{lease_id}/fail", response_model=LeaseReply)
 async def fail_lease(lease_id: LeaseId, body: LeaseFail, worker: CurrentWorker, fencing_token: FencingToken,
-                     settings: SettingsDep) -> LeaseReply:
+                     store: StoreDep, settings: SettingsDep) -> LeaseReply:
     token = parse_fencing_token(fencing_token)
+    if body.kind == "bad_checkpoint":  # a claim about another worker's upload: the coordinator checks it first
+        return lease_reply(await worker.run(checkpoints.report_bad, store=store, settings=settings, lease_id=lease_id,
+                                            fencing_token=token, report=body))
     return lease_reply(await worker.run(leases.fail, settings=settings, lease_id=lease_id, fencing_token=token,
                                         report=body))
 

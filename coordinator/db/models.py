@@ -8,7 +8,7 @@ from typing import Any
 
 from sqlalchemy import (
     JSON, BigInteger, Boolean, Date, DateTime, Enum, Float, ForeignKey, Index, Integer, MetaData, String, Text,
-    UniqueConstraint, text,
+    UniqueConstraint, and_, text,
 )
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
 from sqlalchemy.types import TypeDecorator
@@ -228,8 +228,16 @@ class JobCheckpointModel(Base):
     blob_bytes: Mapped[int | None] = mapped_column(BigInteger)
     lease_id: Mapped[str | None] = mapped_column(String(40))  # the lease that uploaded it (no FK: leases refer here)
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    # A checkpoint a worker could not open and the coordinator confirmed bad: listed, never resumed from.
+    quarantined_at: Mapped[datetime | None]
+    quarantine_reason: Mapped[str | None] = mapped_column(Text)
 
     job: Mapped[JobModel] = relationship(lazy="raise")
+
+    @classmethod
+    def resumable(cls) -> Any:
+        """The condition on a checkpoint a job may resume from: its content is kept and it is not quarantined."""
+        return and_(cls.blob_sha256.is_not(None), cls.quarantined_at.is_(None))
 
 
 class WorkerModel(Base):

@@ -31,7 +31,7 @@ def _seconds(since: datetime, now: datetime) -> int:
 
 def _last_checkpoint(session: Session, job: JobModel) -> str:
     checkpoint = session.scalars(
-        select(JobCheckpointModel).where(JobCheckpointModel.job_id == job.id, JobCheckpointModel.blob_sha256.is_not(None))
+        select(JobCheckpointModel).where(JobCheckpointModel.job_id == job.id, JobCheckpointModel.resumable())
         .order_by(JobCheckpointModel.step_number.desc(), JobCheckpointModel.id.desc()).limit(1)).first()
     if checkpoint is None:
         return "it had saved no checkpoint yet"

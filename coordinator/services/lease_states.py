@@ -59,9 +59,11 @@ def claim_lease(*, lease: LeaseModel, now: datetime) -> None:
 def end_lease(
     *, session: Session, lease: LeaseModel, job: JobModel, worker: WorkerModel, status: LeaseStatus, reason: str,
     usage: dict[str, Any] | None = None, failed_check: bool = False, counts_against_worker: bool = False,
+    unbilled: bool = False,
 ) -> None:
     """End the lease (the caller holds job, lease and worker locks, in that order) and bill it once
-    (`metering`: how the lease ended decides what is billed)."""
+    (`metering`: how the lease ended decides what is billed; `unbilled`: nothing, through no fault of the
+    worker, as when the checkpoint it was handed proved bad)."""
     if lease.status not in LIVE_LEASE:
         raise Conflict(f"Lease {lease.id} has already ended ({lease.status.value}).", code="lease_ended")
     if status in LIVE_LEASE:
@@ -72,7 +74,8 @@ def end_lease(
     if usage is not None:
         lease.usage = usage
     meter_lease(session=session, lease=lease, job=job, worker=worker, ended_at=lease.ended_at, usage=usage,
-                rule=rule_for(status, failed_check=failed_check, counts_against_worker=counts_against_worker))
+                rule="not_billed" if unbilled else rule_for(status, failed_check=failed_check,
+                                                            counts_against_worker=counts_against_worker))
     if status is LeaseStatus.completed:
         worker.completed_leases += 1
     elif failed_check:
@@ -84,6 +87,15 @@ def end_lease(
     if worker.state is WorkerState.working:
         worker.state = WorkerState.idle if status is not LeaseStatus.lost else WorkerState.offline
     effects(session).recheck.add(worker.id)
+
+
+def count_failed_check(*, session: Session, worker: WorkerModel, max_failed_checks: int) -> bool:
+    """The worker sent something that failed the coordinator's checks (outside a lease's end: a checkpoint, a
+    false claim about one); True when this suspended it."""
+    worker.failed_checks += 1
+    worker.reliability = reliability(completed=worker.completed_leases, lost=worker.lost_leases,
+                                     failed_checks=worker.failed_checks)
+    return suspend_if_untrustworthy(session=session, worker=worker, max_failed_checks=max_failed_checks)
 
 
 def suspend_if_untrustworthy(*, session: Session, worker: WorkerModel, max_failed_checks: int) -> bool:

@@ -1,5 +1,5 @@
-"""A worker's side of a lease: claim an assignment, report events, fetch inputs, upload checkpoints and
-the adapter, and finish (`complete`, `fail`, `preempted`). Plus the reaper for leases gone quiet.
+"""A worker's side of a lease: claim an assignment, report events, fetch inputs, upload the adapter (checkpoints:
+`checkpoints.py`), and finish (`complete`, `fail`, `preempted`). Plus the reaper for leases gone quiet.
 
 Every call names the lease and presents its fencing token. A token that is not the lease's, or a lease
 that is no longer the job's live one, is `409 lease_lost`: the agent stops that container. Finishing
@@ -9,6 +9,7 @@ is idempotent on the token: the same report twice answers the same.
 from __future__ import annotations
 
 import logging
+import math
 import re
 from dataclasses import dataclass
 from datetime import datetime, timedelta
@@ -44,6 +45,7 @@ log = logging.getLogger(__name__)
 BASE_LEARNING_RATE = 2e-4
 AVAILABLE_SLACK = timedelta(seconds=5)  # a long-polling worker stays placeable this long past its wait
 SPEED_EMA = 0.3  # weight of the newest lease in a worker's speed factor
+UNKNOWN_EXAMPLES = 10_000_000  # a file validated before examples were counted: a loose bound
 
 
 # --- claiming -------------------------------------------------------------------------------------
@@ -113,6 +115,16 @@ def job_spec(job: JobModel, *, checkpoint_every_steps: int = 100) -> JobSpec:
     )
 
 
+def step_bound(session: Session, job: JobModel) -> int:
+    """The most optimizer steps the job can take: epochs times its examples in batches of at least one (packing
+    and a held-out share only lower it)."""
+    training = session.get(FileModel, job.training_file_id)
+    examples = (training.examples if training is not None else None) or UNKNOWN_EXAMPLES
+    batch = job.hyperparameters.get("batch_size", "auto")
+    per_epoch = math.ceil(examples / batch) if isinstance(batch, int) and batch > 0 else examples
+    return int(job.hyperparameters.get("n_epochs", 1)) * per_epoch
+
+
 def build_assignment(*, session: Session, settings: CoordinatorSettings, lease: LeaseModel, job: JobModel) -> Assignment:
     training = session.get(FileModel, job.training_file_id)
     validation = session.get(FileModel, job.validation_file_id) if job.validation_file_id else None
@@ -120,7 +132,7 @@ def build_assignment(*, session: Session, settings: CoordinatorSettings, lease: 
     resume = None
     if lease.resume_checkpoint_id:
         checkpoint = session.get(JobCheckpointModel, lease.resume_checkpoint_id)
-        if checkpoint is not None and checkpoint.blob_sha256:
+        if checkpoint is not None and checkpoint.blob_sha256 and checkpoint.quarantined_at is None:
             resume = ResumeFrom(
                 checkpoint_id=checkpoint.id, step=checkpoint.step_number, sha256=checkpoint.blob_sha256,
                 bytes=checkpoint.blob_bytes or 0,
@@ -211,6 +223,12 @@ def record_events(
     *, session: Session, worker: WorkerModel, lease_id: str, fencing_token: int, events: list[LeaseEvent],
 ) -> FencedLease:
     f = fenced(session=session, worker=worker, lease_id=lease_id, fencing_token=fencing_token)
+    bound = step_bound(session, f.job)
+    for event in events:  # a step is the worker's claim: never past what the job can have
+        for value in (event.step, event.total_steps):
+            if value is not None and value > bound:
+                raise InvalidRequest(f"Step {value} is past the {bound} steps job {f.job.id} can have.",
+                                     param="events.step", code="implausible_step")
     now = utcnow()
     claim_lease(lease=f.lease, now=now)
     for event in events:
@@ -254,71 +272,6 @@ def training_input(*, session: Session, worker: WorkerModel, lease_id: str, fenc
     return file
 
 
-def resume_checkpoint(
-    *, session: Session, worker: WorkerModel, lease_id: str, fencing_token: int, checkpoint_id: str,
-) -> JobCheckpointModel:
-    f = fenced(session=session, worker=worker, lease_id=lease_id, fencing_token=fencing_token)
-    if f.lease.resume_checkpoint_id != checkpoint_id:
-        raise NotFound(f"Checkpoint {checkpoint_id} is not this lease's to resume from.", param="checkpoint_id")
-    checkpoint = session.get(JobCheckpointModel, checkpoint_id)
-    assert checkpoint is not None
-    session.commit()
-    return checkpoint
-
-
-def checkpoint_key(checkpoint_id: str) -> str:
-    return f"checkpoints/{checkpoint_id}"
-
-
-def record_checkpoint(
-    *, session: Session, store: BlobStore, settings: CoordinatorSettings, worker: WorkerModel, lease_id: str,
-    fencing_token: int, step: int, checkpoint_id: str, blob: StoredBlob,
-) -> JobCheckpointModel:
-    """Record an uploaded checkpoint (already stored under `checkpoint_key(checkpoint_id)` and sha256-checked)."""
-    try:
-        f = fenced(session=session, worker=worker, lease_id=lease_id, fencing_token=fencing_token)
-        last = session.scalars(
-            select(JobEventModel).where(JobEventModel.job_id == f.job.id, JobEventModel.type == "metrics")
-            .order_by(JobEventModel.id.desc()).limit(1)
-        ).first()
-        metrics = {k: v for k, v in (last.data or {}).items() if k in ("train_loss", "valid_loss")} if last else {}
-        checkpoint = JobCheckpointModel(
-            id=checkpoint_id, job=f.job, step_number=step, metrics={"step": step, **metrics},
-            fine_tuned_model_checkpoint=f"ft:{f.job.model}:{f.job.account_id}:{f.job.id}:ckpt-step-{step}",
-            blob_sha256=blob.sha256, blob_bytes=blob.bytes, lease_id=f.lease.id,
-        )
-        session.add(checkpoint)
-        f.lease.last_step = max(f.lease.last_step or 0, step)
-        record_event(session=session, job=f.job, message=f"Checkpoint saved at step {step}",
-                     data={"checkpoint_id": checkpoint_id, "step": step, "lease_id": f.lease.id})
-        session.flush()
-        pruned = _prune_checkpoints(session, f.job, keep=settings.max_checkpoints_per_job)
-        session.commit()
-    except BaseException:
-        store.delete(blob.key)
-        raise
-    for old in pruned:
-        store.delete(checkpoint_key(old))
-    return checkpoint
-
-
-def _prune_checkpoints(session: Session, job: JobModel, *, keep: int) -> list[str]:
-    """Past the newest `keep` checkpoints a job's older ones lose their content (the rows stay, listed with
-    their metrics), so an untrusted worker cannot fill the disk; one a live lease resumes from is kept."""
-    resuming = set(session.scalars(select(LeaseModel.resume_checkpoint_id).where(
-        LeaseModel.job_id == job.id, LeaseModel.status.in_(LIVE_LEASE), LeaseModel.resume_checkpoint_id.is_not(None))))
-    stored = session.scalars(
-        select(JobCheckpointModel).where(JobCheckpointModel.job_id == job.id, JobCheckpointModel.blob_sha256.is_not(None))
-        .order_by(JobCheckpointModel.step_number.desc(), JobCheckpointModel.id.desc())
-    ).all()
-    pruned = []
-    for checkpoint in stored[keep:]:
-        if checkpoint.id not in resuming:
-            checkpoint.blob_sha256 = checkpoint.blob_bytes = None
-            pruned.append(checkpoint.id)
-    return pruned
-
-
 def adapter_upload_key(lease_id: str) -> str:
     """Each upload its own blob: a second upload can never swap the bytes under a completion being checked."""
     return f"adapters/{lease_id}/{new_id('upload-')}"
@@ -342,7 +295,7 @@ def record_adapter(
 
 # --- finishing ------------------------------------------------------------------------------------
 
-def _already(f: FencedLease, status: LeaseStatus) -> bool:
+def already_ended(f: FencedLease, status: LeaseStatus) -> bool:
     """A repeated report of how the lease ended answers like the first; a different one is a conflict."""
     if f.lease.status in LIVE_LEASE:
         return False
@@ -392,7 +345,7 @@ class _Submitted:
 def _submitted(*, session: Session, worker: WorkerModel, lease_id: str, fencing_token: int,
                report: LeaseComplete) -> FencedLease | _Submitted:
     f = fenced(session=session, worker=worker, lease_id=lease_id, fencing_token=fencing_token, allow_ended=True)
-    if _already(f, LeaseStatus.completed):
+    if already_ended(f, LeaseStatus.completed):
         session.commit()
         return f
     if f.lease.adapter_key is None or f.lease.adapter_sha256 is None:
@@ -432,7 +385,7 @@ def complete(
         return submitted
     parameters, rejected = _check(store, submitted, report, settings)
     f = fenced(session=session, worker=worker, lease_id=lease_id, fencing_token=fencing_token, allow_ended=True)
-    if _already(f, LeaseStatus.completed):  # a concurrent duplicate report settled it first
+    if already_ended(f, LeaseStatus.completed):  # a concurrent duplicate report settled it first
         session.commit()
         return f
     if f.lease.adapter_key != submitted.key:
@@ -484,7 +437,7 @@ def fail(
     report: LeaseFail,
 ) -> FencedLease:
     f = fenced(session=session, worker=worker, lease_id=lease_id, fencing_token=fencing_token, allow_ended=True)
-    if _already(f, LeaseStatus.failed):
+    if already_ended(f, LeaseStatus.failed):
         session.commit()
         return f
     usage = report.usage.model_dump()
@@ -509,7 +462,7 @@ def preempted(
     """The owner needed the PC back: the job resumes elsewhere from its last checkpoint, at no cost to anyone's
     attempts budget."""
     f = fenced(session=session, worker=worker, lease_id=lease_id, fencing_token=fencing_token, allow_ended=True)
-    if _already(f, LeaseStatus.preempted):
+    if already_ended(f, LeaseStatus.preempted):
         session.commit()
         return f
     end_lease(session=session, lease=f.lease, job=f.job, worker=f.worker, status=LeaseStatus.preempted,

@@ -145,7 +145,7 @@ def _latest_checkpoints(session: Session, job_ids: list[str]) -> dict[str, str]:
         return {}
     rows = session.execute(
         select(JobCheckpointModel.job_id, JobCheckpointModel.id)
-        .where(JobCheckpointModel.job_id.in_(job_ids), JobCheckpointModel.blob_sha256.is_not(None))
+        .where(JobCheckpointModel.job_id.in_(job_ids), JobCheckpointModel.resumable())
         .order_by(JobCheckpointModel.job_id, JobCheckpointModel.step_number.desc(), JobCheckpointModel.id.desc())
     ).all()
     latest: dict[str, str] = {}

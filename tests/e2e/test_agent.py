@@ -51,6 +51,19 @@ def registered_agent(server: LiveServer, settings: WorkerSettings, monkeypatch: 
                  heartbeat_interval_s=1.0)
 
 
+def own_server(tmp_path: Path) -> tuple[dict[str, str], LiveServer]:
+    """A coordinator of the test's own (SQLite, embedded) that the test can stop and start on one port."""
+    import os  # noqa: PLC0415
+
+    from tests.e2e.conftest import _free_port  # noqa: PLC0415
+
+    port = _free_port()
+    env = {**os.environ, "TUNEGRID_DATA_DIR": str(tmp_path / "data"), "TUNEGRID_PORT": str(port),
+           "TUNEGRID_LOG_LEVEL": "warning"}
+    env.pop("TUNEGRID_DATABASE_URL", None)
+    return env, LiveServer(url=f"http://127.0.0.1:{port}", env=env)
+
+
 def submit(client: httpx.Client, *, examples: int, **fields: object) -> dict:  # type: ignore[type-arg]
     """Upload a chat dataset and create a tiny-model job on it."""
     file_id = client.post("/v1/files", data={"purpose": "fine-tune"},
@@ -165,15 +178,9 @@ def test_the_owners_game_preempts_the_job_and_it_resumes_elsewhere(
 @pytest.mark.live
 def test_the_agent_rides_out_a_coordinator_outage(tmp_path: Path, tiny_model: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """The coordinator process goes away mid-job and comes back on the same port (SQLite, embedded)."""
-    import os  # noqa: PLC0415
+    from tests.e2e.conftest import start_server, stop_server  # noqa: PLC0415
 
-    from tests.e2e.conftest import _free_port, start_server, stop_server  # noqa: PLC0415
-
-    port = _free_port()
-    env = {**os.environ, "TUNEGRID_DATA_DIR": str(tmp_path / "data"), "TUNEGRID_PORT": str(port),
-           "TUNEGRID_LOG_LEVEL": "warning"}
-    env.pop("TUNEGRID_DATABASE_URL", None)
-    server = LiveServer(url=f"http://127.0.0.1:{port}", env=env)
+    env, server = own_server(tmp_path)
     process = start_server(env, tmp_path / "server-1.log", server.url)
     agent = registered_agent(server, worker_settings(tmp_path / "w", tiny_model), monkeypatch)
     customer = server.new_key("customer", "alice")
@@ -254,3 +261,56 @@ def test_a_restarted_agent_reattaches_to_its_running_trainer(live_server: LiveSe
             thread.join(timeout=30)
         if first.poll() is None:
             first.kill()
+
+
+@pytest.mark.live
+def test_an_agent_stopped_while_its_trainer_finishes_delivers_the_adapter_on_the_next_start(
+    tmp_path: Path, tiny_model: Path, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """SIGTERM (`agent.stop()`) arrives while the trainer finishes and the coordinator is unreachable: the finished
+    adapter is not lost. The job folder and state.json stay, and the next agent delivers the rest of the progress
+    and the adapter, and the job succeeds."""
+    from tests.e2e.conftest import start_server, stop_server  # noqa: PLC0415
+
+    env, server = own_server(tmp_path)
+    process = start_server(env, tmp_path / "server-1.log", server.url)
+    settings = worker_settings(tmp_path / "w", tiny_model)
+    agent = registered_agent(server, settings, monkeypatch)
+    customer = server.new_key("customer", "alice")
+    thread = threading.Thread(target=agent.run, daemon=True)
+    try:
+        with httpx.Client(base_url=server.url, headers={"Authorization": f"Bearer {customer}"}, timeout=30) as client:
+            job = submit(client, examples=24, hyperparameters={"n_epochs": 2, "batch_size": 2})
+            thread.start()
+            deadline = time.monotonic() + JOB_TIMEOUT_S
+            while (agent.status.step or 0) < 1:
+                assert time.monotonic() < deadline and thread.is_alive(), "training never started"
+                time.sleep(0.05)
+            stop_server(process)  # the coordinator is gone while the trainer finishes
+            lease_dir = settings.jobs_dir / agent.status.lease_id  # type: ignore[operator]
+            while not (lease_dir / "work" / "out" / "result.json").exists():
+                assert time.monotonic() < deadline, "the trainer did not finish"
+                time.sleep(0.1)
+            time.sleep(1.0)
+            agent.stop()  # what the CLI does on SIGTERM
+            thread.join(timeout=30)
+            assert not thread.is_alive()
+            assert (lease_dir / "work" / "out" / "adapter.tar.gz").is_file()  # kept, not cleaned up
+            assert json.loads(settings.state_path.read_text())["assignment"]["job_id"] == job["id"]
+
+            process = start_server(env, tmp_path / "server-2.log", server.url)
+            restarted = Agent(settings=settings, channel=agent.channel, probe=agent.probe, gate=agent.gate,
+                              runtime=agent.runtime, cache=agent.cache, heartbeat_interval_s=1.0)  # the next start
+            again = threading.Thread(target=restarted.run, daemon=True)
+            again.start()
+            try:
+                done = wait_for(client, job["id"], {"succeeded", "failed"})
+                assert done["status"] == "succeeded", done
+                assert done["result_files"]
+            finally:
+                restarted.stop()
+                again.join(timeout=30)
+            assert not settings.state_path.exists() and not lease_dir.exists()
+    finally:
+        agent.stop()
+        stop_server(process)

@@ -213,5 +213,5 @@ def test_a_full_disk_during_an_upload_is_507_and_stores_nothing(tiny_disk: Path,
         assert after == before  # nothing half-stored
         listed = client.get(f"/v1/fine_tuning/jobs/{lease['job_id']}/checkpoints", headers=customer.headers).json()
         assert listed["data"] == []
-        assert agent.upload(lease["lease_id"], "checkpoint", b"small", step=1).status_code == 200  # room again
+        assert agent.save_checkpoint(lease["lease_id"], 1).status_code == 200  # room again
     app.state.engine.dispose()

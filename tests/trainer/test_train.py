@@ -8,7 +8,10 @@ from pathlib import Path
 
 from coordinator.services.adapters import verify_adapter
 from shared.catalog import get_base_model
+from shared.checkpoint import MEMBERS, CheckpointRules, check_file
+from shared.jobspec import JobSpec
 from shared.memory import lora_parameters
+from worker.files import pack_dir
 from tests.trainer.conftest import arithmetic_chat, progress_lines, write_job
 from worker.trainer.__main__ import run
 from worker.trainer.data import read_examples
@@ -52,8 +55,14 @@ def test_qlora_on_cpu_learns_and_the_adapter_loads(tiny_model_dir: Path, tmp_pat
                            reported_losses=losses, max_bytes=10**8)
     assert facts.parameters == lora_parameters(get_base_model("tunegrid/tiny-llama"), r=8)
     checkpoints = sorted((out / "checkpoints").iterdir())
-    assert checkpoints and all((c / "state.pt").is_file() and (c / "adapter").is_dir() for c in checkpoints)
+    assert checkpoints and all(sorted(p.name for p in c.iterdir()) == sorted(MEMBERS) for c in checkpoints)
     assert not [c for c in checkpoints if c.name.startswith(".")]  # no half-written checkpoint left
+    # The coordinator's upload checks accept what the real trainer writes, packed as the agent packs it.
+    spec = JobSpec.model_validate_json((job / "spec.json").read_bytes())
+    for folder in checkpoints:
+        step = int(folder.name.removeprefix("step-"))
+        archive = pack_dir(folder, tmp_path / f"{folder.name}.tar.gz", arcname="resume")
+        assert check_file(archive, CheckpointRules.for_spec(spec, max_step=step, gpu=False), step=step).step == step
 
     base_loss = _eval_loss(load_base(tiny_model_dir, quantization="nf4", gradient_checkpointing=False), job,
                            tiny_model_dir)

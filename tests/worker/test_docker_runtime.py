@@ -107,5 +107,5 @@ def test_the_trainer_runs_in_a_container_and_stops_with_a_checkpoint(docker_clie
     lines = [json.loads(line) for line in progress.read_text().splitlines()]
     assert [line["type"] for line in lines][-1] == "preempted"
     checkpoint = next(line for line in lines if line["type"] == "checkpoint")
-    assert (job / checkpoint["path"] / "state.pt").is_file() and stopped_in < 30
-    assert "Traceback" not in (job / "trainer.log").read_text()
+    assert (job / "out" / "checkpoints" / f"step-{checkpoint['step']}" / "state.json").is_file() and stopped_in < 30
+    assert "Traceback" not in job.with_name("job.log").read_text()  # the log lives outside the container's reach

@@ -10,11 +10,17 @@ from typing import Any
 
 @dataclass(frozen=True, slots=True)
 class JobMount:
-    """What a trainer sees: its job directory (read-write) and the model it trains (read-only)."""
+    """What a trainer sees: its job directory (read-write: the job folder's `work/` side) and the model it
+    trains (read-only)."""
 
     job_dir: Path
     model_dir: Path
     gpu_index: int | None  # None: train on the CPU
+
+    @property
+    def log(self) -> Path:
+        """Where the runtime keeps the trainer's output: beside the job directory, outside what it can write."""
+        return self.job_dir.with_name(f"{self.job_dir.name}.log")
 
 
 class Running(ABC):

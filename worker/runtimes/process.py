@@ -1,5 +1,9 @@
 """The trainer as a subprocess of the agent's own Python (`python -m worker.trainer`): for CPU machines,
-development and the demo. It needs the `trainer` extra installed next to the agent."""
+development and the demo. It needs the `trainer` extra installed next to the agent.
+
+Not a sandbox: the trainer runs as the agent's user with the agent's view of the PC (its network, its files).
+Only the Docker runtime keeps a stranger's job inside its folder; `tunegrid-worker doctor` says so.
+"""
 
 from __future__ import annotations
 
@@ -12,6 +16,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from worker.jobdir import create_private
 from worker.runtimes.base import JobMount, Running, Runtime
 
 
@@ -111,7 +116,7 @@ class ProcessRuntime(Runtime):
     def start(self, mount: JobMount) -> Running:
         env = {**os.environ, "PYTHONUNBUFFERED": "1"}
         env["CUDA_VISIBLE_DEVICES"] = "" if mount.gpu_index is None else str(mount.gpu_index)
-        log = (mount.job_dir / "trainer.log").open("ab")
+        log = create_private(mount.log, append=True)  # never through a link the job planted
         flags: dict[str, object] = (
             {"creationflags": subprocess.CREATE_NEW_PROCESS_GROUP} if os.name == "nt"  # type: ignore[attr-defined]
             else {"start_new_session": True}  # the owner's Ctrl-C on the agent does not reach the trainer directly

@@ -10,6 +10,7 @@ Exit codes:
     3  user error: bad data, unknown model, nothing to train on
     4  worker error: out of memory, driver, disk, anything unexpected
     5  preempted: SIGTERM arrived; a checkpoint was written first
+    6  bad checkpoint: `resume/` fails its checks (shared.checkpoint); nothing of it was loaded
 """
 
 from __future__ import annotations

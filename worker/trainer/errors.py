@@ -6,6 +6,7 @@ EXIT_DONE = 0
 EXIT_USER_ERROR = 3  # the customer's input: bad data, unknown model, nothing to train on
 EXIT_WORKER_ERROR = 4  # this machine: out of memory, driver, disk
 EXIT_PREEMPTED = 5  # stopped by SIGTERM after writing a checkpoint
+EXIT_BAD_CHECKPOINT = 6  # the checkpoint in resume/ fails its checks: the uploader's fault, not this machine's
 
 
 class TrainerError(Exception):
@@ -20,3 +21,10 @@ class UserError(TrainerError):
 
 class WorkerError(TrainerError):
     pass
+
+
+class BadCheckpoint(TrainerError):
+    """The checkpoint to resume from is not what the job implies; nothing of it was used."""
+
+    kind = "bad_checkpoint"
+    exit_code = EXIT_BAD_CHECKPOINT

@@ -15,13 +15,11 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from peft import set_peft_model_state_dict
-from safetensors.torch import load_file
 from transformers import get_cosine_schedule_with_warmup
 
 from shared.catalog import find_base_model
 from shared.jobspec import JobSpec
-from worker.trainer import data, model as models
+from worker.trainer import checkpoints, data, model as models
 from worker.trainer.errors import UserError
 from worker.trainer.progress import Progress
 
@@ -75,6 +73,7 @@ class Trainer:
         self.progress = progress
         self.stop_requested = False
         self.device = models.device()
+        self.rows = 0  # packed training rows: part of the data order a checkpoint records
 
     def request_stop(self, *_: Any) -> None:
         self.stop_requested = True
@@ -147,7 +146,8 @@ class Trainer:
         steps_per_epoch = math.ceil(batches_per_epoch / hp.gradient_accumulation_steps)
         total_steps = steps_per_epoch * hp.n_epochs
         scheduler = get_cosine_schedule_with_warmup(optimizer, math.ceil(total_steps * hp.warmup_ratio), total_steps)
-        step, trained_tokens = self._resume(model, optimizer, scheduler)
+        self.rows = len(train_rows)
+        step, trained_tokens = self._resume(model, optimizer, scheduler, total_steps)
         pad_id = tokenizer.pad_token_id
         resumed_from = step
         self.progress.emit("started", total_steps=total_steps, resumed_from_step=step, examples_rows=len(train_rows),
@@ -197,33 +197,22 @@ class Trainer:
 
     # -- checkpoints ----------------------------------------------------------
     def checkpoint(self, model, optimizer, scheduler, step: int, trained_tokens: int) -> Path:  # type: ignore[no-untyped-def]
-        """Write `checkpoints/step-N` atomically: into a temporary folder, then renamed into place."""
+        """Write `out/checkpoints/step-N` atomically (tensors and JSON, `shared.checkpoint`)."""
         final = self.out / "checkpoints" / f"step-{step}"
-        tmp = final.with_name(f".{final.name}.tmp")
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
-        model.save_pretrained(tmp / "adapter")
-        torch.save({"step": step, "trained_tokens": trained_tokens, "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                    "torch_rng": torch.get_rng_state(), "python_rng": random.getstate()}, tmp / "state.pt")
-        _fsync_tree(tmp)
-        shutil.rmtree(final, ignore_errors=True)
-        os.replace(tmp, final)
-        digest = _tree_sha256(final)
-        self.progress.emit("checkpoint", step=step, path=str(final.relative_to(self.job_dir)), sha256=digest)
+        final.parent.mkdir(parents=True, exist_ok=True)
+        checkpoints.write_atomically(final, model=model, optimizer=optimizer, scheduler=scheduler, spec=self.spec,
+                                     step=step, trained_tokens=trained_tokens, rows=self.rows)
+        self.progress.emit("checkpoint", step=step, sha256=_tree_sha256(final))
         return final
 
-    def _resume(self, model, optimizer, scheduler) -> tuple[int, int]:  # type: ignore[no-untyped-def]
-        """(step, trained tokens) of the checkpoint in `resume/`, loaded into the model and optimizer."""
+    def _resume(self, model, optimizer, scheduler, total_steps: int) -> tuple[int, int]:  # type: ignore[no-untyped-def]
+        """(step, trained tokens) of the checkpoint in `resume/`, checked, then loaded into the model and
+        optimizer; (0, 0) without one."""
         resume = self.job_dir / "resume"
-        if not (resume / "state.pt").is_file():
+        if not os.path.lexists(resume):
             return 0, 0
-        set_peft_model_state_dict(model, load_file(resume / "adapter" / "adapter_model.safetensors"))
-        state = torch.load(resume / "state.pt", weights_only=False)
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        torch.set_rng_state(state["torch_rng"])
-        random.setstate(state["python_rng"])
-        return int(state["step"]), int(state["trained_tokens"])
+        return checkpoints.load(resume, model=model, optimizer=optimizer, scheduler=scheduler, spec=self.spec,
+                                total_steps=total_steps, rows=self.rows)
 
     def _finish(self, model, step: int, trained_tokens: int, valid_loss: float | None) -> dict[str, Any]:  # type: ignore[no-untyped-def]
         adapter = self.out / "adapter"
@@ -259,13 +248,6 @@ def _tree_sha256(root: Path) -> str:
     for path in sorted(p for p in root.rglob("*") if p.is_file()):
         digest.update(str(path.relative_to(root)).encode() + b"\0" + _sha256(path).encode())
     return digest.hexdigest()
-
-
-def _fsync_tree(root: Path) -> None:
-    for path in root.rglob("*"):
-        if path.is_file():
-            with path.open("rb") as f:
-                os.fsync(f.fileno())
 
 
 def install_stop_handler(trainer: Trainer) -> None:

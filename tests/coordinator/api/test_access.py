@@ -30,7 +30,7 @@ def world(client: TestClient, make_caller, upload) -> dict[str, Any]:  # type: i
     lease = w1.claim(wait_s=2)
     assert lease is not None and lease["job_id"] == job["id"]
     w1.progress(lease["lease_id"], step=1)
-    checkpoint = w1.upload(lease["lease_id"], "checkpoint", b"weights", step=1).json()
+    checkpoint = w1.save_checkpoint(lease["lease_id"], 1).json()
     w2 = FakeAgent.register(client, q.key, machine_id="pc-q")
     return {"a": a, "b": b, "p": p, "q": q, "admin": admin, "w1": w1, "w2": w2, "file": file_id, "job": job["id"],
             "lease": lease["lease_id"], "token": lease["fencing_token"], "worker": w1.worker_id,

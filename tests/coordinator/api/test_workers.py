@@ -180,7 +180,7 @@ def test_checkpoint_upload_is_checked_and_listed(client: TestClient, customer, a
                                                  session: Session, settings) -> None:
     job, a = placed(client, agent, create_job)
     agent.progress(a["lease_id"], step=5, loss=1.5)
-    blob = b"checkpoint bytes" * 1000
+    blob = agent.checkpoint_for(a["lease_id"], 5)
     bad = agent.upload(a["lease_id"], "checkpoint", blob, step=5, digest="0" * 64)
     assert bad.status_code == 400 and bad.json()["error"]["code"] == "sha256_mismatch"
     assert list((settings.resolved_storage_dir / "checkpoints").glob("*")) == []  # nothing half-stored
@@ -412,7 +412,7 @@ def test_only_the_newest_checkpoints_keep_their_content(agent: FakeAgent, client
     job, a = placed(client, agent, create_job)
     keep = settings.max_checkpoints_per_job
     for step in range(1, keep + 3):
-        assert agent.upload(a["lease_id"], "checkpoint", f"step {step}".encode(), step=step).status_code == 200
+        assert agent.save_checkpoint(a["lease_id"], step).status_code == 200
     listed = client.get(f"/v1/fine_tuning/jobs/{job['id']}/checkpoints?limit=50", headers=customer.headers).json()["data"]
     assert len(listed) == keep + 2  # every checkpoint stays listed
     stored = [p for p in (settings.resolved_storage_dir / "checkpoints").iterdir() if not p.name.startswith(".")]

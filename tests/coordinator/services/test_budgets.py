@@ -89,7 +89,7 @@ def test_a_job_at_its_max_cost_stops_at_its_last_checkpoint(
     client: TestClient, session: Session, settings: CoordinatorSettings, provider, customer, create_job,  # type: ignore[no-untyped-def]
 ) -> None:
     agent, job, lease_id = start(client, provider, create_job, max_cost="0.10")
-    assert agent.upload(lease_id, "checkpoint", b"w" * 100, step=7).status_code == 200
+    assert agent.save_checkpoint(lease_id, 7).status_code == 200
     run_for(session, job["id"], lease_id, 990)  # $0.099 so far; the next sweeps would pass $0.10
     assert budgets.enforce_budgets(session=session, settings=settings)["stopped"] == 1
     body = client.get(f"/v1/fine_tuning/jobs/{job['id']}", headers=customer.headers).json()

@@ -49,7 +49,7 @@ def test_lost_lease_resumes_elsewhere_from_the_last_checkpoint(
     a = first.claim(wait_s=2)
     assert a is not None and a["fencing_token"] == 1
     first.progress(a["lease_id"], step=5, loss=1.9)
-    checkpoint = b"step five" * 500
+    checkpoint = first.checkpoint_for(a["lease_id"], 5)
     assert first.upload(a["lease_id"], "checkpoint", checkpoint, step=5).status_code == 200
 
     silence(session, a["lease_id"], settings.lease_ttl_s + 1)

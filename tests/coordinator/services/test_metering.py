@@ -40,7 +40,7 @@ def running(client: TestClient, session: Session, provider, create_job):  # type
         assert a is not None
         assert agent.progress(a["lease_id"], step=1).status_code == 200
         if checkpoint_after is not None:
-            assert agent.upload(a["lease_id"], "checkpoint", b"weights" * 100, step=5).status_code == 200
+            assert agent.save_checkpoint(a["lease_id"], 5).status_code == 200
         now = utcnow()
         started = now - timedelta(seconds=seconds)
         session.execute(update(LeaseModel).where(LeaseModel.id == a["lease_id"]).values(

