@@ -16,9 +16,9 @@ from sqlalchemy import text
 from coordinator import __version__
 from coordinator import tasks
 from coordinator.api import billing, errors, files, jobs, models, quotes, workers
-from coordinator.api.deps import run_in_session
+from coordinator.api.deps import authenticate_customer, run_in_session
 from coordinator.dashboard.routes import HERE as DASHBOARD_DIR, router as dashboard_router
-from coordinator.api.limits import BodySizeLimit
+from coordinator.api.limits import AuthenticateUploads, BodySizeLimit
 from coordinator.db.engine import make_engine, make_sessionmaker
 from coordinator.db.migrate import upgrade_head
 from coordinator.dispatch import Dispatcher
@@ -95,6 +95,9 @@ def create_app(settings: CoordinatorSettings | None = None) -> FastAPI:
     app.state.hot = make_hot_state(settings.redis_url)
     app.state.limiter = (RedisRateLimiter(settings.rate_limit_per_minute, app.state.hot.client)
                          if isinstance(app.state.hot, RedisHotState) else MemoryRateLimiter(settings.rate_limit_per_minute))
+    app.state.worker_limiter = (
+        RedisRateLimiter(settings.worker_rate_limit_per_minute, app.state.hot.client, namespace="w")
+        if isinstance(app.state.hot, RedisHotState) else MemoryRateLimiter(settings.worker_rate_limit_per_minute))
     app.state.stripe = make_gateway(settings)  # None without a Stripe key (the embedded default)
     app.state.worker_tokens = {}
     app.state.periodic_last_run = {}
@@ -104,6 +107,7 @@ def create_app(settings: CoordinatorSettings | None = None) -> FastAPI:
     app.state.dispatcher = Dispatcher(hot=app.state.hot, place=place, interval_s=settings.sweep_interval_s,
                                       periodic=periodic if settings.runs_periodic_tasks else None)
     errors.install(app)
+    app.add_middleware(AuthenticateUploads, authenticate=lambda key: authenticate_customer(app.state, key))
     app.add_middleware(BodySizeLimit, upload_bytes=settings.max_upload_bytes, other_bytes=JSON_BODY_LIMIT,
                        lease_upload_bytes=settings.max_adapter_bytes)
     for router in (files.router, jobs.router, quotes.router, models.router, workers.router, billing.router,

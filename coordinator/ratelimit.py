@@ -59,12 +59,13 @@ class MemoryRateLimiter(RateLimiter):
 
 
 class RedisRateLimiter(RateLimiter):
-    def __init__(self, per_minute: int, redis_client) -> None:  # type: ignore[no-untyped-def]
+    def __init__(self, per_minute: int, redis_client, namespace: str = "") -> None:  # type: ignore[no-untyped-def]
         super().__init__(per_minute)
         self._redis = redis_client
+        self._prefix = f"tg:rl{':' + namespace if namespace else ''}"
 
     async def _hit(self, digest: str, window: int) -> int:
-        name = f"tg:rl:{digest}:{window}"
+        name = f"{self._prefix}:{digest}:{window}"
         try:
             async with self._redis.pipeline(transaction=False) as pipe:
                 pipe.incr(name)

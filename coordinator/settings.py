@@ -84,6 +84,10 @@ class CoordinatorSettings(BaseSettings):
 
     rate_limit_per_minute: int = Field(default=1200, ge=0, description="Requests per minute per API key on "
                                        "key-authenticated routes (429 with Retry-After past it); 0: no limit.")
+    worker_rate_limit_per_minute: int = Field(default=600, ge=0, description="Requests per minute per worker token "
+                                              "on the worker routes (heartbeats, claims, events, uploads); 0: no limit.")
+    max_workers_per_provider: int = Field(default=200, ge=1, description="Registered (not revoked) workers a "
+                                          "provider may have.")
     # The dashboard (issue 7).
     session_secret: str | None = Field(default=None, description="Signs dashboard session cookies; default: a "
                                        "random secret kept in data_dir/session-secret (0600).")

@@ -116,6 +116,7 @@ def settings(database_url: str, tmp_path: Path) -> CoordinatorSettings:
         # tests/coordinator/test_tasks.py turns them on where they are the subject.
         periodic_tasks=False,
         rate_limit_per_minute=0,  # tests/coordinator/api/test_rate_limits.py turns it on
+        worker_rate_limit_per_minute=0,
     )
 
 

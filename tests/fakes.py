@@ -131,11 +131,20 @@ class FakeAgent:
         return self.client.put(path, content=data,
                                headers={**self.headers(lease_id, token), SHA256_HEADER: digest or sha256(data)})
 
-    def checkpoint_for(self, lease_id: str, step: int, **replace: Any) -> bytes:
-        """A well-formed checkpoint archive of this lease's job at `step` (zeros for weights)."""
+    def checkpoint_for(self, lease_id: str, step: int, *, extra: list[tarfile.TarInfo | tuple[str, bytes]] | None = None,
+                       **replace: Any) -> bytes:
+        """A well-formed checkpoint archive of this lease's job at `step` (zeros for weights), with members
+        replaced (`replace`, by name) or entries added (`extra`)."""
         spec = self.assignments[lease_id]["spec"]
         targets = spec["lora"]["target_modules"]
         return checkpoint_archive(spec["base_model"], r=spec["lora"]["r"], step=step, replace=replace or None,
+                                  extra=extra, targets=ALL_LINEAR if targets == "all-linear" else tuple(targets),
+                                  lr=spec["hyperparameters"]["learning_rate"], seed=spec["seed"])
+
+    def checkpoint_members_for(self, lease_id: str, step: int) -> dict[str, bytes]:
+        spec = self.assignments[lease_id]["spec"]
+        targets = spec["lora"]["target_modules"]
+        return checkpoint_members(spec["base_model"], r=spec["lora"]["r"], step=step,
                                   targets=ALL_LINEAR if targets == "all-linear" else tuple(targets),
                                   lr=spec["hyperparameters"]["learning_rate"], seed=spec["seed"])
 

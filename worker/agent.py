@@ -309,18 +309,19 @@ class Agent:
         while True:
             code = running.poll()
             for line in tail.read():
+                event = lease_event(line)  # None for a line the protocol would refuse: nothing of it is used
+                if event is None:
+                    continue
                 if line.get("type") == "step":
-                    self._set(step=line.get("step"), loss=line.get("loss"))
-                    losses.append(line.get("loss"))
+                    self._set(step=event.get("step"), loss=event.get("train_loss"))
+                    losses.append(event.get("train_loss"))
                 elif line.get("type") == "started":
-                    self._set(total_steps=line.get("total_steps"))
+                    self._set(total_steps=event.get("total_steps"))
                 elif line.get("type") == "checkpoint" and type(line.get("step")) is int:
                     checkpoints.append(line["step"])
                 elif line.get("type") == "error":
                     last_error = str(line.get("message", ""))
-                event = lease_event(line)
-                if event is not None:
-                    pending.append({k: v for k, v in event.items() if v is not None})
+                pending.append(event)
             # Progress goes before a checkpoint: the coordinator takes no checkpoint past the steps it has heard of.
             flush_due = code is not None or checkpoints or time.monotonic() - last_flush >= self.settings.events_flush_s
             if pending and flush_due:
@@ -424,19 +425,19 @@ class Agent:
         """The adapter, copied out of the trainer's folder (a regular file, no link followed) and uploaded; even
         while the agent stops, until the coordinator is unreachable (then `Undelivered`: the next start sends it)."""
         a = job.assignment
-        raw = read_regular(job.work, "out", "result.json", limit=MAX_RESULT_BYTES)
+        adapter = job.job_dir / "adapter.tar.gz"
+        try:
+            raw = read_regular(job.work, "out", "result.json", limit=MAX_RESULT_BYTES)
+            if not adapter.is_file():
+                copy_out(job.work, ("out", "adapter.tar.gz"), adapter, limit=self.settings.max_adapter_bytes)
+        except (UnsafeJobFile, FileNotFoundError) as exc:
+            return "fail", {"kind": "worker_error", "usage": usage,
+                            "message": f"the trainer finished without a usable adapter and result: {exc}"[:2000]}
         try:
             result = json.loads(raw) if raw else {}
         except (json.JSONDecodeError, UnicodeDecodeError):
             result = {}
         result = result if isinstance(result, dict) else {}
-        adapter = job.job_dir / "adapter.tar.gz"
-        if not adapter.is_file():
-            try:
-                copy_out(job.work, ("out", "adapter.tar.gz"), adapter, limit=self.settings.max_adapter_bytes)
-            except (UnsafeJobFile, FileNotFoundError) as exc:
-                return "fail", {"kind": "worker_error", "usage": usage,
-                                "message": f"the trainer finished without a usable adapter: {exc}"[:2000]}
         self._persist(job, delivering="complete")
         while True:
             try:

@@ -110,7 +110,15 @@ def _caller(*roles: Role):  # type: ignore[no-untyped-def]
     return dependency
 
 
+async def authenticate_customer(state: State, key: str) -> None:
+    """A customer (or admin) key, rate limited and checked on its own: for refusing an upload before its body."""
+    await state.limiter.check(key)
+    caller = Caller(state=state, request_state=State(), key=key, roles=CUSTOMER_ROLES)
+    await caller.verify()
+
+
 # Customers own files and jobs; an admin key may act as a customer on its own account.
+CUSTOMER_ROLES = frozenset({Role.customer, Role.admin})
 CustomerCaller = Annotated[Caller, Depends(_caller(Role.customer, Role.admin))]
 ProviderCaller = Annotated[Caller, Depends(_caller(Role.provider, Role.admin))]
 AnyCaller = Annotated[Caller, Depends(_caller(*Role))]
@@ -182,6 +190,7 @@ async def _worker_caller(
 ) -> WorkerCaller:
     if credentials is None or not credentials.credentials:
         raise AuthenticationFailed("Send the worker token: 'Authorization: Bearer tgw_...'.", code="missing_worker_token")
+    await request.app.state.worker_limiter.check(credentials.credentials)  # wrong tokens are limited too
     version = request.headers.get(PROTOCOL_HEADER)
     if not is_supported(version):
         raise InvalidRequest(

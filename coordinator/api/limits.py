@@ -1,16 +1,23 @@
-"""ASGI middleware that refuses requests before any route reads them: bodies over the limit (413) and
-NUL bytes in the URL (400; PostgreSQL text cannot hold them), in OpenAI's envelope."""
+"""ASGI middleware that refuses requests before any route reads them: bodies over the limit (413), NUL bytes
+in the URL (400; PostgreSQL text cannot hold them), and file uploads without a valid customer key (401/403:
+FastAPI parses a multipart body before any dependency runs, so the key is checked here, before a byte of the
+body is read or spooled), in OpenAI's envelope."""
 
 from __future__ import annotations
 
 import json
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from shared.errors import InvalidRequest, PayloadTooLarge, TunegridError
+from shared.errors import AuthenticationFailed, InvalidRequest, PayloadTooLarge, TunegridError
 
 MULTIPART_OVERHEAD = 64 * 1024  # boundaries and the purpose field around the file itself
+
+
+HEARTBEAT_PATH = "/v1/workers/heartbeat"
+HEARTBEAT_BYTES = 8 * 1024  # telemetry of a few GPUs; anything larger is not a heartbeat
 
 
 class BodySizeLimit:
@@ -31,6 +38,8 @@ class BodySizeLimit:
             return self.upload_bytes
         if scope["method"] == "PUT" and path.startswith(self.lease_upload_prefix):
             return self.lease_upload_bytes  # checkpoints and adapters, streamed to storage
+        if path == HEARTBEAT_PATH:
+            return HEARTBEAT_BYTES
         return self.other_bytes
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -87,3 +96,36 @@ async def _reject(send: Send, error: TunegridError) -> None:
         (b"connection", b"close"),
     ]})
     await send({"type": "http.response.body", "body": payload})
+
+
+Authenticate = Callable[[str], Awaitable[None]]
+
+
+class AuthenticateUploads:
+    """`POST /v1/files`: the bearer key is checked (rate limit, then `authenticate`) before the body is read;
+    a missing, wrong or wrong-role key is refused with the connection closed, nothing spooled."""
+
+    def __init__(self, app: ASGIApp, *, authenticate: Authenticate, upload_path: str = "/v1/files") -> None:
+        self.app, self.authenticate, self.upload_path = app, authenticate, upload_path
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http" and scope["method"] == "POST" and scope["path"].rstrip("/") == self.upload_path:
+            key = _bearer(scope)
+            try:
+                if not key:
+                    raise AuthenticationFailed(
+                        "You didn't provide an API key. Send it in the Authorization header: "
+                        "'Authorization: Bearer YOUR_KEY'.", code="missing_api_key")
+                await self.authenticate(key)
+            except TunegridError as exc:
+                await _reject(send, exc)
+                return
+        await self.app(scope, receive, send)
+
+
+def _bearer(scope: Scope) -> str | None:
+    for name, value in scope.get("headers", []):
+        if name == b"authorization":
+            scheme, _, token = value.decode("latin-1").partition(" ")
+            return token.strip() if scheme.lower() == "bearer" and token.strip() else None
+    return None

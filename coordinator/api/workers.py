@@ -58,7 +58,8 @@ async def register_worker(request: Request, body: WorkerRegister, caller: Provid
     if not is_supported(version):
         raise InvalidRequest(f"Unsupported or missing {PROTOCOL_HEADER} header ({version!r}). Upgrade tunegrid-worker.",
                              param=PROTOCOL_HEADER, code="unsupported_protocol_version")
-    worker, token = await caller.run(workers.register, request=body, protocol_version=int(version or 0))
+    worker, token = await caller.run(workers.register, request=body, protocol_version=int(version or 0),
+                                     max_workers=settings.max_workers_per_provider)
     return WorkerRegistered(worker_id=worker.id, worker_token=token, heartbeat_interval_s=settings.heartbeat_interval_s,
                             claim_timeout_s=settings.claim_timeout_s)
 
@@ -91,7 +92,8 @@ async def heartbeat(request: Request, body: WorkerHeartbeat, worker: CurrentWork
     Only a worker whose lease changed (cancel, pause, lost) reads the database, to hear its command."""
     worker_id = await worker.worker_id()
     received_at = utcnow()
-    snapshot = b'{"received_at":%.3f,"heartbeat":%s}' % (received_at.timestamp(), await request.body())
+    # Stored as parsed (what the schema allows, nothing else the body held), never the raw bytes.
+    snapshot = b'{"received_at":%.3f,"heartbeat":%s}' % (received_at.timestamp(), body.model_dump_json().encode())
     if await request.app.state.hot.heartbeat(worker_id, snapshot):
         commands = await worker.run(workers.record_heartbeat, heartbeat=body, received_at=received_at)
         reply = HeartbeatReply(commands=commands, heartbeat_interval_s=settings.heartbeat_interval_s)

@@ -23,7 +23,7 @@ from coordinator.db.models import (
 from coordinator.effects import effects
 from coordinator.services.paging import page
 from coordinator.settings import CoordinatorSettings
-from shared.errors import AuthenticationFailed, NotFound, PermissionDenied
+from shared.errors import AuthenticationFailed, Conflict, NotFound, PermissionDenied
 from shared.money import usd_to_micros
 from shared.pricing import CPU, gpu_class_for
 from shared.protocol import WORKER_TOKEN_SCHEME, Command, GpuTelemetry, WorkerHeartbeat, WorkerRegister
@@ -60,16 +60,27 @@ def _best_device(request: WorkerRegister) -> dict[str, Any]:
     return {"gpu_class": CPU.id, "gpu_name": CPU.label, "vram_total_bytes": memory, "compute_capability": None}
 
 
-def register(*, session: Session, account: AccountModel, request: WorkerRegister, protocol_version: int) -> tuple[WorkerModel, str]:
-    """Register a machine (or re-register it: same worker, new token, fresh inventory, reputation kept)."""
+def register(
+    *, session: Session, account: AccountModel, request: WorkerRegister, protocol_version: int, max_workers: int,
+) -> tuple[WorkerModel, str]:
+    """Register a machine (or re-register it: same worker, new token, fresh inventory, reputation kept). A
+    provider has at most `max_workers` machines that are not revoked (registrations of one provider queue on its
+    account's row, so the cap holds under concurrency)."""
     prefix, digest, token = _new_token()
     device = _best_device(request)
+    session.get(AccountModel, account.id, with_for_update=True)
     worker = session.scalars(
         select(WorkerModel).where(WorkerModel.account_id == account.id, WorkerModel.machine_id == request.machine_id)
         .with_for_update()
     ).one_or_none()
     if worker is not None and worker.revoked_at is not None:
         raise PermissionDenied(f"Worker {worker.id} on this machine was revoked; ask the operator.", code="worker_revoked")
+    if worker is None:
+        registered = session.scalar(select(func.count()).select_from(WorkerModel).where(
+            WorkerModel.account_id == account.id, WorkerModel.revoked_at.is_(None))) or 0
+        if registered >= max_workers:
+            raise Conflict(f"This provider already has {registered} registered workers, the most allowed; revoke one "
+                           f"(POST /v1/workers/{{id}}/revoke) or ask the operator for more.", code="worker_limit_reached")
     fields = dict(
         name=request.name or request.machine_id, token_prefix=prefix, token_sha256=digest,
         agent_version=request.agent_version, protocol_version=protocol_version,

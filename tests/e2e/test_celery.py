@@ -44,7 +44,8 @@ def test_celery_beat_places_a_queued_job_and_wakes_the_worker(postgres_url: str,
         job = jobs.create(session=session, account=customer, settings=settings,
                           request=JobCreate(model="tunegrid/tiny-llama", training_file=file.id))
         worker, _ = workers.register(session=session, account=provider,
-                                     request=WorkerRegister.model_validate(registration("pc-1")), protocol_version=1)
+                                     request=WorkerRegister.model_validate(registration("pc-1")), protocol_version=1,
+                                     max_workers=100)
         worker.state, worker.available_until = WorkerState.idle, utcnow() + timedelta(minutes=5)
         session.commit()
         job_id, worker_id = job.id, worker.id

@@ -109,3 +109,38 @@ def test_the_trainer_runs_in_a_container_and_stops_with_a_checkpoint(docker_clie
     checkpoint = next(line for line in lines if line["type"] == "checkpoint")
     assert (job / "out" / "checkpoints" / f"step-{checkpoint['step']}" / "state.json").is_file() and stopped_in < 30
     assert "Traceback" not in job.with_name("job.log").read_text()  # the log lives outside the container's reach
+
+
+PLANT = """
+import os, sys
+secret = sys.argv[1]
+for name in ("trainer.log", "job.log", "out"):  # where an agent might write its log or read its outputs
+    try:
+        os.symlink(secret, os.path.join("/job", name))
+    except OSError:
+        pass
+try:
+    os.symlink(secret, "/job/../job.log")  # beside the job folder: not the container's to write
+    print("planted outside")
+except OSError as exc:
+    print(f"cannot plant outside: {exc}")
+print(oct(os.stat("/job").st_mode & 0o777), os.getuid())
+"""
+
+
+def test_a_container_cannot_plant_a_link_where_the_agent_writes_its_log(docker_client, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    job, model = tmp_path / "job", tmp_path / "model"
+    job.mkdir()
+    model.mkdir()
+    (job / "train.jsonl").write_text("{}\n")
+    secret = tmp_path / "owner" / ".bashrc"
+    secret.parent.mkdir()
+    secret.write_text("the owner's shell")
+    runtime = host_runtime(docker_client, command=[sys.executable, "-c", PLANT, str(secret)])
+    running = runtime.start(JobMount(job_dir=job, model_dir=model, gpu_index=None))
+    assert wait(running) == 0
+    log = job.with_name("job.log").read_text()
+    assert "cannot plant outside" in log and "0o700 65534" in log  # the folder is the container user's alone
+    assert secret.read_text() == "the owner's shell"  # the log went beside the folder, through no link
+    assert not job.with_name("job.log").is_symlink()
+    assert os.stat(job / "train.jsonl").st_mode & 0o777 == 0o600 and os.stat(job).st_uid == 65534

@@ -30,6 +30,43 @@ def test_past_the_limit_a_key_gets_429_with_retry_after(settings, customer, othe
     app.state.engine.dispose()
 
 
+def test_worker_routes_are_limited_per_token(settings, make_caller) -> None:  # type: ignore[no-untyped-def]
+    """Heartbeats, claims, events and uploads count against the worker's token; another worker is unaffected,
+    and a made-up token is limited like a real one."""
+    from tests.fakes import FakeAgent  # noqa: PLC0415
+
+    app = create_app(settings.model_copy(update={"worker_rate_limit_per_minute": 4}))
+    provider = make_caller("provider", "pat")
+    with TestClient(app) as client:
+        noisy, quiet = FakeAgent.register(client, provider.key, "pc-1"), FakeAgent.register(client, provider.key, "pc-2")
+        statuses = [noisy.heartbeat().status_code for _ in range(5)]
+        assert statuses == [200] * 4 + [429]
+        events = client.post("/v1/workers/leases/lease-x/events", headers=noisy.headers("lease-x", 1),
+                             json={"events": [{"type": "log", "message": "hi"}]})
+        assert events.status_code == 429 and events.json()["error"]["code"] == "rate_limit_exceeded"
+        assert quiet.heartbeat().status_code == 200
+        made_up = {"Authorization": "Bearer tgw_0000000000_guess", "Tunegrid-Protocol": "1"}
+        guesses = [client.post("/v1/workers/heartbeat", json={"activity": "idle"}, headers=made_up).status_code
+                   for _ in range(5)]
+        assert guesses[-1] == 429
+    app.state.engine.dispose()
+
+
+def test_a_provider_has_a_cap_on_registered_workers(settings, make_caller) -> None:  # type: ignore[no-untyped-def]
+    from tests.fakes import PROTOCOL_HEADER, PROTOCOL_VERSION, registration  # noqa: PLC0415
+
+    app = create_app(settings.model_copy(update={"max_workers_per_provider": 2}))
+    provider = make_caller("provider", "pat")
+    headers = {**provider.headers, PROTOCOL_HEADER: str(PROTOCOL_VERSION)}
+    with TestClient(app) as client:
+        assert [client.post("/v1/workers/register", json=registration(f"pc-{i}"), headers=headers).status_code
+                for i in range(3)] == [200, 200, 409]
+        third = client.post("/v1/workers/register", json=registration("pc-2"), headers=headers)
+        assert third.json()["error"]["code"] == "worker_limit_reached"
+        assert client.post("/v1/workers/register", json=registration("pc-0"), headers=headers).status_code == 200
+    app.state.engine.dispose()
+
+
 def test_the_window_resets_each_minute(monkeypatch) -> None:  # type: ignore[no-untyped-def]
     import coordinator.ratelimit as ratelimit  # noqa: PLC0415
 

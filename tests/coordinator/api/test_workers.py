@@ -4,6 +4,9 @@ no training (its adapter is zeros of the right shapes)."""
 
 from __future__ import annotations
 
+import json
+
+import anyio
 import pytest
 from fastapi.testclient import TestClient
 from sqlalchemy import select
@@ -430,3 +433,14 @@ def test_the_database_allows_one_live_lease_per_job(client: TestClient, agent: F
     with pytest.raises(IntegrityError):
         session.commit()
     session.rollback()
+
+
+def test_a_heartbeat_is_a_few_kilobytes_at_most_and_is_kept_as_parsed(client: TestClient, agent: FakeAgent, app) -> None:  # type: ignore[no-untyped-def]
+    huge = {"activity": "idle", "gpus": [{"uuid": f"GPU-{i}", "utilization_pct": 1.0} for i in range(400)]}
+    refused = client.post("/v1/workers/heartbeat", json=huge, headers=agent.headers())
+    assert refused.status_code == 413 and refused.json()["error"]["code"] == "payload_too_large"
+    spaced = b'{"activity":   "idle"' + b" " * 4000 + b"}"
+    assert client.post("/v1/workers/heartbeat", content=spaced,
+                       headers={**agent.headers(), "Content-Type": "application/json"}).status_code == 200
+    kept = anyio.run(app.state.hot.latest, [agent.worker_id])[agent.worker_id]
+    assert b"    " not in kept and json.loads(kept)["heartbeat"]["activity"] == "idle"  # parsed, not the raw body

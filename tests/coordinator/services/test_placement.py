@@ -33,7 +33,7 @@ def add_worker(session: Session, provider):  # type: ignore[no-untyped-def]
         body = registration(name, price=price, gpus=[] if cpu_gb else [gpu(card, gb, cc, uuid=f"GPU-{name}")],
                             cpu={"cores": 8, "memory_bytes": cpu_gb * GIB} if cpu_gb else None, cached_models=list(cached))
         worker, _ = workers.register(session=session, account=provider, request=WorkerRegister.model_validate(body),
-                                     protocol_version=1)
+                                     protocol_version=1, max_workers=100)
         worker.state, worker.available_until = WorkerState.idle, utcnow() + timedelta(seconds=30)
         worker.trusted, worker.reliability = trusted, reliability
         session.commit()
