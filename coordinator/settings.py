@@ -24,6 +24,10 @@ class CoordinatorSettings(BaseSettings):
     max_upload_bytes: int = Field(default=512 * 1024 * 1024, gt=0, description="Largest accepted file upload.")
     min_training_examples: int = Field(default=10, ge=1)
     file_retention_days: int = Field(default=30, ge=1, description="expires_at of uploaded files.")
+    scratch_retention_s: int = Field(default=86_400, ge=0, description="How long an ended job's checkpoints keep "
+                                     "their content (then only their rows and metrics stay).")
+    blob_collect_interval_s: float = Field(default=3600.0, gt=0, description="How often unreferenced, expired and "
+                                           "ended jobs' blobs are deleted.")
     host: str = "127.0.0.1"
     port: int = Field(default=8000, ge=1, le=65535)
     auto_migrate: bool | None = Field(default=None, description="Run `alembic upgrade head` at start; default: only on SQLite.")

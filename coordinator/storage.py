@@ -138,3 +138,18 @@ class BlobStore:
 
     def delete(self, key: str) -> None:
         self.path(key).unlink(missing_ok=True)
+
+    def stored(self, folder: str) -> Iterator[tuple[str, float, bool]]:
+        """Every file under `folder` as (key, modified at, whether it is an upload still being written or one
+        abandoned half way: `.incoming-*`); links and other non-files are not blobs and are skipped."""
+        base = self.root / folder
+        if not base.is_dir():
+            return
+        for path in base.rglob("*"):
+            if path.is_file() and not path.is_symlink():
+                key = path.relative_to(self.root).as_posix()
+                yield key, path.stat().st_mtime, path.name.startswith(".incoming-")
+
+    def remove_stored(self, key: str) -> None:
+        """Delete a stored file by its key as `stored` gave it (an `.incoming-` one included)."""
+        (self.root / key).unlink(missing_ok=True)

@@ -20,9 +20,10 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from coordinator.db.models import LIVE_LEASE, LeaseModel, WorkerModel, WorkerState, utcnow
 from coordinator.effects import Effects, take_effects
-from coordinator.services import budgets, leases, outbox, payouts, placement
+from coordinator.services import blobs, budgets, leases, outbox, payouts, placement
 from coordinator.services.lease_states import reliability
 from coordinator.settings import CoordinatorSettings
+from coordinator.storage import BlobStore
 from coordinator.stripe_gateway import StripeGateway, make_gateway
 
 log = logging.getLogger(__name__)
@@ -102,6 +103,11 @@ def update_worker_scores(*, session: Session, settings: CoordinatorSettings) -> 
 
 
 # Each task and how often it runs, in seconds (embedded mode; Celery beat has the same schedule).
+def collect_blobs(*, session: Session, settings: CoordinatorSettings) -> int:
+    collected = blobs.collect(session=session, store=BlobStore(settings.resolved_storage_dir), settings=settings)
+    return collected.files + collected.checkpoints + collected.orphans
+
+
 PERIODIC: tuple[tuple[Any, Any], ...] = (
     (reap_leases, lambda s: s.sweep_interval_s),
     (enforce_budgets, lambda s: s.sweep_interval_s),
@@ -109,6 +115,7 @@ PERIODIC: tuple[tuple[Any, Any], ...] = (
     (update_worker_scores, lambda s: 60.0),
     (send_outbox, lambda s: s.outbox_interval_s),
     (run_payouts, lambda s: s.payout_interval_s),
+    (collect_blobs, lambda s: s.blob_collect_interval_s),
 )
 
 
@@ -193,6 +200,7 @@ def make_celery(settings: CoordinatorSettings | None = None):  # type: ignore[no
             "update-worker-scores": {"task": "tunegrid.update_worker_scores", "schedule": 60.0},
             "send-outbox": {"task": "tunegrid.send_outbox", "schedule": settings.outbox_interval_s},
             "run-payouts": {"task": "tunegrid.run_payouts", "schedule": float(settings.payout_interval_s)},
+            "collect-blobs": {"task": "tunegrid.collect_blobs", "schedule": settings.blob_collect_interval_s},
         },
     )
 
@@ -219,6 +227,10 @@ def make_celery(settings: CoordinatorSettings | None = None):  # type: ignore[no
     @app.task(name="tunegrid.update_worker_scores")
     def update_worker_scores_task() -> int:
         return _run_task(update_worker_scores)
+
+    @app.task(name="tunegrid.collect_blobs")
+    def collect_blobs_task() -> int:
+        return _run_task(collect_blobs)
 
     return app
 

@@ -1,0 +1,102 @@
+"""Blobs have a life: what nothing will read again is deleted by a periodic task, so an untrusted worker's
+uploads, a customer's expired files and ended jobs' scratch do not fill the coordinator's disk.
+
+- files past their `expires_at` (no job still running on them) lose their content; the rows stay, as deleted;
+- checkpoints of jobs that ended `scratch_retention_s` ago lose their content (they are listed still);
+- a stored file no row refers to (a crash between storing and recording, a pruned checkpoint whose delete
+  failed) and an upload abandoned half way are deleted once older than `ORPHAN_GRACE`, so an upload in
+  flight is never touched.
+Idempotent, and safe beside uploads: a blob is recorded before it is old enough to look orphaned.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from datetime import timedelta
+
+from sqlalchemy import or_, select
+from sqlalchemy.orm import Session
+
+from coordinator.db.models import FileModel, JobCheckpointModel, JobModel, JobStatus, LeaseModel, utcnow
+from coordinator.services.files import blob_key
+from coordinator.services.checkpoints import checkpoint_key
+from coordinator.settings import CoordinatorSettings
+from coordinator.storage import BlobStore
+
+ORPHAN_GRACE_S = 3600.0  # older than any upload could take to be recorded
+BATCH = 1000
+ENDED = (JobStatus.succeeded, JobStatus.failed, JobStatus.cancelled)
+
+
+@dataclass(slots=True)
+class Collected:
+    files: int = 0
+    checkpoints: int = 0
+    orphans: int = 0
+    keys: list[str] = field(default_factory=list)
+
+
+def _expire_files(session: Session, store: BlobStore, collected: Collected) -> None:
+    now = utcnow()
+    running = select(JobModel.id).where(JobModel.status.not_in(ENDED), or_(
+        JobModel.training_file_id == FileModel.id, JobModel.validation_file_id == FileModel.id)).exists()
+    expired = session.scalars(select(FileModel).where(
+        FileModel.expires_at <= now, FileModel.deleted_at.is_(None), ~running).limit(BATCH).with_for_update()).all()
+    for file in expired:
+        file.deleted_at = now
+    session.commit()
+    for file in expired:
+        store.delete(blob_key(file.id))
+        collected.files += 1
+
+
+def _drop_scratch(session: Session, store: BlobStore, settings: CoordinatorSettings, collected: Collected) -> None:
+    before = utcnow() - timedelta(seconds=settings.scratch_retention_s)
+    stale = session.scalars(
+        select(JobCheckpointModel).join(JobModel, JobModel.id == JobCheckpointModel.job_id)
+        .where(JobModel.status.in_(ENDED), JobModel.finished_at <= before, JobCheckpointModel.blob_sha256.is_not(None))
+        .limit(BATCH).with_for_update(of=JobCheckpointModel)).all()
+    for checkpoint in stale:
+        checkpoint.blob_sha256 = checkpoint.blob_bytes = None
+    session.commit()
+    for checkpoint in stale:
+        store.delete(checkpoint_key(checkpoint.id))
+        collected.checkpoints += 1
+
+
+def _referenced(session: Session, folder: str, keys: list[str]) -> set[str]:
+    """Which of these keys (all under `folder`) a row still refers to."""
+    if folder == "files":
+        ids = {k.removeprefix("files/"): k for k in keys}
+        live = session.scalars(select(FileModel.id).where(FileModel.id.in_(ids), FileModel.deleted_at.is_(None)))
+        return {ids[i] for i in live}
+    if folder == "checkpoints":
+        ids = {k.removeprefix("checkpoints/"): k for k in keys}
+        kept = session.scalars(select(JobCheckpointModel.id).where(
+            JobCheckpointModel.id.in_(ids), JobCheckpointModel.blob_sha256.is_not(None)))
+        return {ids[i] for i in kept}
+    return set(session.scalars(select(LeaseModel.adapter_key).where(LeaseModel.adapter_key.in_(keys))))
+
+
+def _remove_orphans(session: Session, store: BlobStore, collected: Collected) -> None:
+    old_enough = time.time() - ORPHAN_GRACE_S
+    for folder in ("files", "checkpoints", "adapters"):
+        candidates = [(key, incoming) for key, modified, incoming in store.stored(folder) if modified < old_enough]
+        for start in range(0, len(candidates), BATCH):
+            chunk = candidates[start:start + BATCH]
+            kept = _referenced(session, folder, [key for key, incoming in chunk if not incoming])
+            session.commit()
+            for key, incoming in chunk:
+                if incoming or key not in kept:
+                    store.remove_stored(key)
+                    collected.orphans += 1
+                    collected.keys.append(key)
+
+
+def collect(*, session: Session, store: BlobStore, settings: CoordinatorSettings) -> Collected:
+    collected = Collected()
+    _expire_files(session, store, collected)
+    _drop_scratch(session, store, settings, collected)
+    _remove_orphans(session, store, collected)
+    return collected
