@@ -18,7 +18,7 @@ from typing import BinaryIO
 
 import anyio.to_thread
 
-from shared.errors import InsufficientStorage, InvalidRequest, PayloadTooLarge
+from shared.errors import InsufficientStorage, InvalidFile, InvalidRequest, PayloadTooLarge
 
 def _out_of_space(exc: OSError) -> InsufficientStorage | None:
     """A full disk (or quota) as the 507 the client can act on; any other OSError stays what it is."""
@@ -132,9 +132,19 @@ class BlobStore:
     def open(self, key: str) -> BinaryIO:
         return self.path(key).open("rb")
 
-    def iter_lines(self, key: str) -> Iterator[bytes]:
+    def iter_lines(self, key: str, *, max_line: int | None = None) -> Iterator[bytes]:
+        """The blob's lines; with `max_line`, a line longer than that raises `InvalidFile` before it is held whole
+        (memory stays bounded whatever the upload)."""
         with self.open(key) as f:
-            yield from f
+            number = 0
+            while True:
+                line = f.readline(max_line + 1) if max_line is not None else f.readline()
+                if not line:
+                    return
+                number += 1
+                if max_line is not None and len(line) > max_line and not line.endswith(b"\n"):
+                    raise InvalidFile(f"Line {number} is longer than {max_line} bytes.", param="file")
+                yield line
 
     def delete(self, key: str) -> None:
         self.path(key).unlink(missing_ok=True)

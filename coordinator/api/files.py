@@ -8,6 +8,7 @@ from datetime import timedelta
 from typing import Annotated, BinaryIO, Literal
 from urllib.parse import quote
 
+import anyio.to_thread
 from fastapi import APIRouter, File, Form, Query, UploadFile
 from fastapi.responses import StreamingResponse
 
@@ -53,10 +54,12 @@ async def upload_file(
             raise InvalidRequest(f"expires_after[seconds] must be between {MIN_EXPIRY_S} and {MAX_EXPIRY_S}.",
                                  param="expires_after.seconds")
         retention = timedelta(seconds=expires_after_seconds)
-    created = await caller.run(
-        files.upload, store=store, filename=file.filename, purpose=purpose, source=file.file,
-        max_bytes=settings.max_upload_bytes, min_examples=settings.min_training_examples, retention=retention,
-    )
+    await caller.verify()  # (already checked before the body was read: api/limits.py) the error order stays
+    checked = await anyio.to_thread.run_sync(lambda: files.check_upload(
+        store=store, purpose=purpose, source=file.file, max_bytes=settings.max_upload_bytes,
+        min_examples=settings.min_training_examples))  # streaming and validating hold no database connection
+    created = await caller.run(files.record, store=store, checked=checked, filename=file.filename, purpose=purpose,
+                               retention=retention)
     return file_read(created)
 
 

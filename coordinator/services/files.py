@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import unicodedata
+from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import PurePath
 from typing import BinaryIO, Literal
@@ -13,8 +14,8 @@ from sqlalchemy.orm import Session
 from coordinator.db.ids import new_id
 from coordinator.db.models import AccountModel, FileModel, FileStatus, JobModel, JobStatus, utcnow
 from coordinator.services.paging import Order, page
-from coordinator.storage import BlobStore
-from shared.datasets import validate_dataset
+from coordinator.storage import BlobStore, StoredBlob
+from shared.datasets import DatasetSummary, validate_dataset
 from shared.errors import Conflict, InvalidRequest, NotFound
 
 UPLOAD_PURPOSES = ("fine-tune",)
@@ -38,33 +39,65 @@ def _clean_filename(filename: str | None) -> str:
     return name
 
 
-def upload(
-    *, session: Session, store: BlobStore, account: AccountModel, filename: str | None, purpose: str,
-    source: BinaryIO, max_bytes: int, min_examples: int, retention: timedelta,
-) -> FileModel:
-    """Store and validate a dataset; a bad file is rejected with its first bad line and nothing is kept."""
+MAX_LINE_BYTES = 8 * 1024 * 1024  # one example; a longer line is refused before it is held whole
+
+
+@dataclass(frozen=True, slots=True)
+class CheckedDataset:
+    """A dataset stored and validated (no database work): what `record` makes a file of."""
+
+    file_id: str
+    blob: StoredBlob
+    summary: DatasetSummary
+
+
+def check_upload(*, store: BlobStore, purpose: str, source: BinaryIO, max_bytes: int, min_examples: int) -> CheckedDataset:
+    """Stream the upload into storage and validate it line by line (bounded lines, bounded memory), outside any
+    database session; a bad file is rejected with its first bad line and nothing is kept."""
     if purpose not in UPLOAD_PURPOSES:
         raise InvalidRequest(
             f"Invalid purpose {purpose!r}: tunegrid accepts files with purpose 'fine-tune'.", param="purpose"
         )
-    name = _clean_filename(filename)
     file_id = new_id("file-")
     blob = store.put(blob_key(file_id), source, max_bytes=max_bytes)
     try:
-        summary = validate_dataset(store.iter_lines(blob.key), min_examples=min_examples)
+        summary = validate_dataset(store.iter_lines(blob.key, max_line=MAX_LINE_BYTES), min_examples=min_examples)
+    except BaseException:
+        store.delete(blob.key)
+        raise
+    return CheckedDataset(file_id=file_id, blob=blob, summary=summary)
+
+
+def record(
+    *, session: Session, store: BlobStore, account: AccountModel, checked: CheckedDataset, filename: str | None,
+    purpose: str, retention: timedelta,
+) -> FileModel:
+    """The file row for a checked upload; if it cannot be recorded, its content goes too."""
+    try:
         now = utcnow()
+        summary = checked.summary
         file = FileModel(
-            id=file_id, account_id=account.id, filename=name, purpose=purpose, bytes=blob.bytes, sha256=blob.sha256,
-            status=FileStatus.processed, format=summary.format, examples=summary.examples,
-            estimated_tokens=summary.estimated_tokens, created_at=now, expires_at=now + retention,
+            id=checked.file_id, account_id=account.id, filename=_clean_filename(filename), purpose=purpose,
+            bytes=checked.blob.bytes, sha256=checked.blob.sha256, status=FileStatus.processed, format=summary.format,
+            examples=summary.examples, estimated_tokens=summary.estimated_tokens, created_at=now,
+            expires_at=now + retention,
         )
         session.add(file)
         session.commit()
     except BaseException:
-        # A rejected or unrecorded upload leaves nothing behind.
-        store.delete(blob.key)
+        store.delete(checked.blob.key)
         raise
     return file
+
+
+def upload(
+    *, session: Session, store: BlobStore, account: AccountModel, filename: str | None, purpose: str,
+    source: BinaryIO, max_bytes: int, min_examples: int, retention: timedelta,
+) -> FileModel:
+    """`check_upload` then `record`, in one call (for the CLI and tests; the API keeps the check out of its session)."""
+    checked = check_upload(store=store, purpose=purpose, source=source, max_bytes=max_bytes, min_examples=min_examples)
+    return record(session=session, store=store, account=account, checked=checked, filename=filename, purpose=purpose,
+                  retention=retention)
 
 
 def get(*, session: Session, account: AccountModel, file_id: str, lock: Lock = None) -> FileModel:

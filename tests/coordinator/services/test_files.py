@@ -13,7 +13,7 @@ from coordinator.db.models import Role
 from coordinator.services import files
 from coordinator.services.keys import create_account
 from coordinator.storage import BlobStore
-from shared.errors import InvalidRequest, PayloadTooLarge
+from shared.errors import InvalidFile, InvalidRequest, PayloadTooLarge
 from tests.conftest import chat_lines, jsonl
 
 
@@ -44,3 +44,17 @@ def test_store_leaves_nothing_behind_when_a_blob_is_too_large(tmp_path: Path) ->
     assert blob.bytes == 5 and blob.sha256.startswith("2cf24dba")
     with pytest.raises(ValueError):
         store.path("../escape")
+
+
+def test_a_line_longer_than_an_example_can_be_is_refused_before_it_is_held_whole(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(files, "MAX_LINE_BYTES", 4096)
+    store = BlobStore(tmp_path)
+    endless = jsonl(chat_lines()) + b'{"messages": "' + b"a" * 100_000  # no line end, ever
+    with pytest.raises(InvalidFile, match="Line 13 is longer than 4096 bytes"):
+        files.check_upload(store=store, purpose="fine-tune", source=io.BytesIO(endless), max_bytes=10**6, min_examples=10)
+    assert [p for p in tmp_path.rglob("*") if p.is_file()] == []  # nothing kept
+    checked = files.check_upload(store=store, purpose="fine-tune", source=io.BytesIO(jsonl(chat_lines())),
+                                 max_bytes=10**6, min_examples=10)
+    assert checked.summary.examples == 12  # no session was needed to store and check it
