@@ -164,8 +164,16 @@ def doctor(settings: WorkerSettings, probe: GpuProbe) -> int:
            else f"NVML: {machine.error}", "install the NVIDIA driver (and on Windows, WSL2 GPU support); CPU-only mode "
            "trains only the tiny model")
     docker_ok, docker_what = _docker()
-    report(docker_ok, docker_what, "install Docker (Docker Desktop on Windows) and the NVIDIA Container Toolkit, "
-           "or run with --runtime process")
+    report(docker_ok, docker_what, "install Docker (Docker Desktop on Windows) and the NVIDIA Container Toolkit")
+    image_ok = docker_ok and DockerRuntime.available(settings.image)
+    report(image_ok, f"the trainer image {settings.image} is {'here' if image_ok else 'missing'}",
+           f"build it from a checkout: docker build -t {settings.image} -f worker/trainer/Dockerfile . "
+           "(its base is the CUDA image by default; --build-arg BASE=... for another)")
+    sandboxed = settings.runtime == "docker" or (settings.runtime == "auto" and image_ok)
+    report(sandboxed, "runtime: docker, a sandbox for strangers' jobs (no network, read-only root, non-root, limits)"
+           if sandboxed else f"runtime: process ({settings.runtime}) is NOT safe for strangers' jobs: the trainer runs "
+           "as your user, with your files and your network",
+           "install Docker and the trainer image (above); keep the process runtime for your own jobs and the demo")
     settings.data_dir.mkdir(parents=True, exist_ok=True)
     free = shutil.disk_usage(settings.data_dir).free
     report(free >= MIN_FREE_DISK, f"disk: {free / 1024**3:.0f} GB free for the model cache in {settings.data_dir}",
