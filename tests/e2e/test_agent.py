@@ -115,6 +115,7 @@ def test_the_agent_trains_a_job_end_to_end(live_server: LiveServer, tmp_path: Pa
 
 
 @pytest.mark.live
+@pytest.mark.parametrize("backend", ["postgresql"], indirect=True)  # the agent's side; the database is the production one
 def test_the_owners_game_preempts_the_job_and_it_resumes_elsewhere(
     live_server: LiveServer, tmp_path: Path, tiny_model: Path, monkeypatch: pytest.MonkeyPatch,
 ) -> None:
@@ -212,6 +213,7 @@ def test_the_agent_rides_out_a_coordinator_outage(tmp_path: Path, tiny_model: Pa
 
 
 @pytest.mark.live
+@pytest.mark.parametrize("backend", ["postgresql"], indirect=True)  # the agent's side; the database is the production one
 def test_a_restarted_agent_reattaches_to_its_running_trainer(live_server: LiveServer, tmp_path: Path, tiny_model: Path,
                                                              monkeypatch: pytest.MonkeyPatch) -> None:
     """`tunegrid-worker run` is killed with SIGKILL mid-job; its trainer (own session) keeps going, and the next
