@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 EXTRAS ?= coordinator,worker,trainer,client,dev
 
-.PHONY: install demo test serve bench bench-trainer bench-scheduler bench-heartbeats bench-dispatch bench-agent bench-ledger bench-dashboard bench-soak clean
+.PHONY: install demo test serve trainer-image bench bench-trainer bench-scheduler bench-heartbeats bench-dispatch bench-agent bench-ledger bench-dashboard bench-soak clean
 
 install: $(VENV)/.installed
 
@@ -25,6 +25,21 @@ test: install
 
 serve: install
 	$(VENV)/bin/tunegrid-coordinator serve
+
+# The trainer image (worker/trainer/Dockerfile) without a registry: a Debian base made with debootstrap and
+# `docker import`, and every wheel (the CPU torch on this disk included) downloaded first, so the build
+# itself needs no network. Cached by Docker: a rebuild after a code change takes seconds.
+TRAINER_IMAGE ?= tunegrid/trainer:latest
+DEBIAN_BASE ?= tunegrid/debian-python:bookworm
+ROOTFS ?= $(or $(TMPDIR),/var/tmp)/tunegrid-trainer-rootfs
+trainer-image: install
+	docker image inspect $(DEBIAN_BASE) >/dev/null 2>&1 || { rm -rf $(ROOTFS) \
+	  && debootstrap --variant=minbase --include=python3,python3-venv,ca-certificates bookworm $(ROOTFS) \
+	     http://deb.debian.org/debian >/dev/null \
+	  && tar -C $(ROOTFS) -c . | docker import - $(DEBIAN_BASE) && rm -rf $(ROOTFS); }
+	$(PY) -m pip download -q -d worker/trainer/wheels torch==2.13.0 -r worker/trainer/requirements.txt
+	docker build -q -t $(TRAINER_IMAGE) --build-arg BASE=$(DEBIAN_BASE) --build-arg PYTHON=python3 \
+	  -f worker/trainer/Dockerfile . >/dev/null
 
 bench: install
 	$(PY) bench/api.py

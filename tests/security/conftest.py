@@ -50,3 +50,30 @@ def _fresh_fleet(request: pytest.FixtureRequest) -> Iterator[None]:
         for worker in http.get("/v1/workers", params={"limit": 100}).json()["data"]:
             if not worker["revoked"]:
                 http.post(f"/v1/workers/{worker['id']}/revoke")
+
+
+TRAINER_IMAGE = os.environ.get("TUNEGRID_TEST_TRAINER_IMAGE", "tunegrid/trainer:latest")
+
+
+@pytest.fixture(scope="session")
+def trainer_image() -> str:
+    """The real trainer image (worker/trainer/Dockerfile), built by `make trainer-image` (.ci/run builds it when
+    missing). Outside CI a missing engine or image skips; under CI=true it fails."""
+    from tests.conftest import IN_CI  # noqa: PLC0415
+
+    try:
+        import docker  # noqa: PLC0415
+
+        docker.from_env(timeout=10).images.get(TRAINER_IMAGE)
+    except Exception as exc:  # noqa: BLE001 - no engine, or no image
+        reason = f"no trainer image {TRAINER_IMAGE} ({exc.__class__.__name__}); `make trainer-image` builds it"
+        if IN_CI:
+            pytest.fail(reason)
+        pytest.skip(reason)
+    return TRAINER_IMAGE
+
+
+def docker_runtime(image: str):  # type: ignore[no-untyped-def]
+    from worker.runtimes.docker import DockerRuntime  # noqa: PLC0415
+
+    return DockerRuntime(image=image, memory_bytes=3 * 1024**3, cpus=2)

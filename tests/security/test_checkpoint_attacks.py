@@ -22,7 +22,7 @@ from sqlalchemy import create_engine, text
 from tests.e2e.conftest import LiveServer
 from tests.e2e.test_agent import registered_agent, run_until_done, submit, worker_settings
 from tests.fakes import FakeAgent, checkpoint_state, sha256, tar_gz
-from tests.security.conftest import database, storage
+from tests.security.conftest import database, docker_runtime, storage
 
 pytestmark = pytest.mark.live
 MARKER = Path("/tmp/tunegrid-security-pwned")
@@ -123,8 +123,10 @@ def test_malicious_checkpoints_are_refused_at_the_door_and_never_billed(
     assert not MARKER.exists() and secret.read_text() == "the PC owner's private key"
 
 
+@pytest.mark.parametrize("runtime", ["process", "docker"])
 def test_a_checkpoint_past_the_door_is_refused_by_the_victim_who_is_not_blamed(
     coordinator: LiveServer, tmp_path: Path, tiny_model: Path, monkeypatch: pytest.MonkeyPatch, secret: Path,
+    runtime: str, request: pytest.FixtureRequest,
 ) -> None:
     """As if the door had a hole (a bug, a tampered disk): the stored checkpoint of a job is swapped for a
     poisoned one with a matching sha256. The victim's agent checks it as it unpacks, runs nothing of it,
@@ -144,6 +146,8 @@ def test_a_checkpoint_past_the_door_is_refused_by_the_victim_who_is_not_blamed(
 
         settings = worker_settings(tmp_path / "victim", tiny_model)
         victim = registered_agent(coordinator, settings, monkeypatch, provider_key=provider)
+        if runtime == "docker":  # the victim trains in the real trainer image
+            victim.runtime = docker_runtime(request.getfixturevalue("trainer_image"))
         done = run_until_done(victim, client, job["id"])
         assert done["status"] == "succeeded", done  # from scratch, after the bad checkpoint was refused
         events = [e["message"] for e in client.get(f"/v1/fine_tuning/jobs/{job['id']}/events?limit=500").json()["data"]]
