@@ -209,9 +209,12 @@ def _safetensors(source: IO[bytes], *, size: int, name: str, max_header: int, si
     if length > max_header or length + 8 > size:
         raise CheckpointRejected(f"{name} has an invalid header length")
     raw = _read_exact(source, length, name)
-    try:
-        header = json.loads(raw)
-    except (UnicodeDecodeError, json.JSONDecodeError):
+    try:  # UTF-8 only, as safetensors itself reads it (json.loads of bytes would also take UTF-16 and -32)
+        text = raw.decode("utf-8")
+        if not text.lstrip().startswith("{"):
+            raise ValueError("not an object")
+        header = json.loads(text)
+    except (UnicodeDecodeError, ValueError, RecursionError):  # JSONDecodeError, huge integers, deep nesting
         raise CheckpointRejected(f"{name} has an unreadable header") from None
     if not isinstance(header, dict):
         raise CheckpointRejected(f"{name} has a malformed header")
@@ -327,7 +330,8 @@ def _member_name(member: tarfile.TarInfo) -> str | None:
     if len(path.parts) != 2 or path.parts[0] != ROOT or path.parts[1] not in MEMBERS:
         raise CheckpointRejected(f"unexpected entry in the archive: {member.name[:80]!r} (a checkpoint holds "
                                  f"{ROOT}/{{{','.join(MEMBERS)}}} only)")
-    if member.type not in (tarfile.REGTYPE, tarfile.AREGTYPE):
+    sparse = member.sparse is not None or any(k.startswith("GNU.sparse") for k in member.pax_headers)
+    if member.type not in (tarfile.REGTYPE, tarfile.AREGTYPE) or sparse:
         raise CheckpointRejected(f"{member.name!r} is not a regular file (links, devices and sparse files are refused)")
     return path.parts[1]
 
@@ -398,7 +402,7 @@ def _check(source: IO[bytes], rules: CheckpointRules, *, step: int | None, folde
                         sink.close()
     except CheckpointRejected:
         raise
-    except (tarfile.TarError, EOFError, OSError, zlib.error, gzip.BadGzipFile) as exc:
+    except (tarfile.TarError, EOFError, OSError, zlib.error, gzip.BadGzipFile, ValueError, RecursionError) as exc:
         raise CheckpointRejected(f"not a readable .tar.gz archive ({exc.__class__.__name__})") from None
     missing = [n for n in MEMBERS if n not in tensors and not (n == STATE and state is not None)]
     if missing:

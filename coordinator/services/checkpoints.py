@@ -59,6 +59,9 @@ def check_upload(store: BlobStore, blob: StoredBlob, rules: CheckpointRules, ste
         check_file(store.path(blob.key), rules, step=step)
     except CheckpointRejected as exc:
         return str(exc)
+    except Exception as exc:  # noqa: BLE001 - a check that breaks on a stranger's bytes refuses them, never a 500
+        log.warning("checkpoint check failed unexpectedly: %r", exc)
+        return f"the archive could not be checked ({exc.__class__.__name__})"
     return None
 
 
@@ -192,17 +195,20 @@ def recheck(store: BlobStore, handed: Handed) -> str | None:
         check_file(path, handed.rules, step=handed.step)
     except CheckpointRejected as exc:
         return str(exc)
+    except Exception as exc:  # noqa: BLE001 - as in check_upload
+        return f"the archive could not be checked ({exc.__class__.__name__})"
     return None
 
 
 def quarantine(
     *, session: Session, store: BlobStore, settings: CoordinatorSettings, handed: Handed, reason: str,
+    blame_uploader: bool,
 ) -> None:
-    """Never resume from it again, and count it against the worker that uploaded it."""
+    """Never resume from it again; with `blame_uploader`, count it against the worker that uploaded it."""
     checkpoint = session.get(JobCheckpointModel, handed.checkpoint_id, with_for_update=True)
     assert checkpoint is not None
     checkpoint.quarantined_at, checkpoint.quarantine_reason = utcnow(), reason[:2000]
-    uploader_lease = session.get(LeaseModel, checkpoint.lease_id) if checkpoint.lease_id else None
+    uploader_lease = session.get(LeaseModel, checkpoint.lease_id) if checkpoint.lease_id and blame_uploader else None
     if uploader_lease is not None:
         uploader = session.get(WorkerModel, uploader_lease.worker_id, with_for_update=True)
         if uploader is not None and count_failed_check(session=session, worker=uploader,
@@ -214,10 +220,13 @@ def report_bad(
     *, session: Session, store: BlobStore, settings: CoordinatorSettings, worker: WorkerModel, lease_id: str,
     fencing_token: int, report: LeaseFail,
 ) -> FencedLease:
-    """A worker says the checkpoint its lease was handed failed its checks. The coordinator checks the stored
-    checkpoint itself (without holding locks): if it agrees, the checkpoint is quarantined and counts against
-    its uploader, the reporter's lease ends unbilled and unblamed, and the job resumes from the checkpoint before
-    (or from scratch). If it does not agree, the claim is false: it counts against the reporter."""
+    """A worker says the checkpoint its lease was handed failed its checks. The reporter is never blamed nor
+    billed for it, and the job resumes from the checkpoint before (or from scratch) without using an attempt.
+    The coordinator checks the stored checkpoint itself (without holding locks): if it agrees, the checkpoint
+    counts against its uploader. If it does not (the trainer checks what the coordinator cannot: the job's
+    exact step count, torch's own view of the RNG states), the claim cannot be confirmed either way, so nobody
+    is blamed and the checkpoint is set aside all the same: a liar earns nothing, and an honest worker can
+    never be framed with a checkpoint only its trainer could see was bad."""
     f = fenced(session=session, worker=worker, lease_id=lease_id, fencing_token=fencing_token, allow_ended=True)
     if already_ended(f, LeaseStatus.failed):
         session.commit()
@@ -230,21 +239,26 @@ def report_bad(
         session.commit()
         return f
     usage = report.usage.model_dump()
-    if was_handed is not None and verdict is not None:
-        quarantine(session=session, store=store, settings=settings, handed=was_handed, reason=verdict)
-        reason = f"checkpoint {was_handed.checkpoint_id} (step {was_handed.step}) failed its checks: {verdict}"
+    if was_handed is None:  # nothing was handed: the claim is simply false
+        reason = f"worker {f.worker.id} reported a bad checkpoint, but this lease was handed none: {report.message}"
         end_lease(session=session, lease=f.lease, job=f.job, worker=f.worker, status=LeaseStatus.failed,
-                  reason=reason, usage=usage, unbilled=True)
-        requeue_or_fail(session=session, job=f.job, reason=f"The {reason}; it is quarantined and its uploader "
-                        f"blamed", count_attempt=False, max_attempts=settings.max_attempts)
-    else:
-        what = (f"checkpoint {was_handed.checkpoint_id} passes the coordinator's checks" if was_handed is not None
-                else "this lease was handed no checkpoint")
-        reason = f"worker {f.worker.id} reported a bad checkpoint, but {what}: {report.message}"[:2000]
-        end_lease(session=session, lease=f.lease, job=f.job, worker=f.worker, status=LeaseStatus.failed,
-                  reason=reason, usage=usage, counts_against_worker=True)
+                  reason=reason[:2000], usage=usage, counts_against_worker=True)
         count_failed_check(session=session, worker=f.worker, max_failed_checks=settings.suspend_after_failed_checks)
-        requeue_or_fail(session=session, job=f.job, reason=reason, count_attempt=True,
+        requeue_or_fail(session=session, job=f.job, reason=reason[:2000], count_attempt=True,
                         max_attempts=settings.max_attempts)
+        session.commit()
+        return f
+    where = f"checkpoint {was_handed.checkpoint_id} (step {was_handed.step})"
+    if verdict is not None:
+        reason = f"{where} failed its checks: {verdict}; it is quarantined and its uploader blamed"
+    else:
+        reason = (f"{where} could not be resumed by worker {f.worker.id} ({report.message[:300]}), though it passes "
+                  f"the coordinator's checks; it is set aside and nobody is blamed")
+    quarantine(session=session, store=store, settings=settings, handed=was_handed, reason=reason,
+               blame_uploader=verdict is not None)
+    end_lease(session=session, lease=f.lease, job=f.job, worker=f.worker, status=LeaseStatus.failed,
+              reason=reason[:2000], usage=usage, unbilled=True)
+    requeue_or_fail(session=session, job=f.job, reason=f"The {reason}"[:2000], count_attempt=False,
+                    max_attempts=settings.max_attempts)
     session.commit()
     return f

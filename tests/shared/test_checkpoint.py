@@ -162,3 +162,34 @@ def test_an_unpacked_folder_with_a_link_or_an_extra_file_is_refused(tmp_path: Pa
     (target / "state.pt").write_bytes(pickle.dumps(_Payload()))
     with pytest.raises(CheckpointRejected, match="exactly"):
         check_folder(target, RULES)
+
+
+def _adapter_header(raw_header: bytes) -> bytes:
+    raw_header += b" " * (-len(raw_header) % 8)
+    return len(raw_header).to_bytes(8, "little") + raw_header
+
+
+@pytest.mark.parametrize("name,header", [
+    ("a UTF-16 header (json.loads would take it; safetensors would not)",
+     json.dumps({"torch": {"dtype": "U8", "shape": [5056], "data_offsets": [0, 5056]}}).encode("utf-16")),
+    ("deep nesting", b"[" * 3000 + b"]" * 3000),
+    ("an integer of 5000 digits", b'{"torch": {"dtype": "U8", "shape": [' + b"9" * 5000 + b'], "data_offsets": [0, 1]}}'),
+])
+def test_a_header_that_breaks_a_parser_is_refused_not_an_error(name: str, header: bytes) -> None:
+    with pytest.raises(CheckpointRejected, match="unreadable header"):
+        check(checkpoint_archive(replace={"adapter_model.safetensors": _adapter_header(header)}))
+
+
+def test_a_sparse_member_is_refused() -> None:
+    """A GNU sparse 1.0 member keeps the regular-file type: the pax keys give it away."""
+    data = checkpoint_members()["state.json"]
+    sparse_map = f"1\n0\n{len(data)}\n".encode().ljust(512, b"\0")
+    info = tarfile.TarInfo("resume/state.json")
+    info.pax_headers = {"GNU.sparse.major": "1", "GNU.sparse.minor": "0", "GNU.sparse.name": "resume/state.json",
+                        "GNU.sparse.realsize": str(len(data))}
+    info.size = len(sparse_map + data)
+    raw = io.BytesIO()
+    with tarfile.open(fileobj=raw, mode="w:gz", format=tarfile.PAX_FORMAT) as tar:
+        tar.addfile(info, io.BytesIO(sparse_map + data))
+    with pytest.raises(CheckpointRejected, match="not a regular file"):
+        check(raw.getvalue())

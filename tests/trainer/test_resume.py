@@ -16,7 +16,7 @@ from safetensors.torch import load_file
 from shared.checkpoint import MEMBERS
 from tests.trainer.conftest import arithmetic_chat, progress_lines, write_job
 from worker.trainer.__main__ import run
-from worker.trainer.errors import EXIT_DONE, EXIT_PREEMPTED
+from worker.trainer.errors import EXIT_BAD_CHECKPOINT, EXIT_DONE, EXIT_PREEMPTED
 
 SPEC = {"hyperparameters": {"n_epochs": 2, "batch_size": 1, "learning_rate": 3e-3},
         "lora": {"r": 8, "alpha": 16, "dropout": 0.1}, "checkpoint_every_steps": 4, "eval_every_steps": 100}
@@ -82,3 +82,19 @@ def test_sigterm_checkpoints_and_exits_5_then_resumes(tiny_model_dir: Path, tmp_
     assert again.wait(timeout=60) == EXIT_PREEMPTED
     restarted = [line for line in progress_lines(job) if line["type"] == "started"][-1]
     assert restarted["resumed_from_step"] == step
+
+
+def test_a_checkpoint_torch_cannot_load_is_the_checkpoints_fault_not_the_workers(tiny_model_dir: Path, tmp_path: Path) -> None:
+    """Bytes that pass every structural check but that torch refuses (a zeroed generator state) end the run as a
+    bad checkpoint (exit 6), which the coordinator never counts against the worker that opened it."""
+    from safetensors.torch import save_file  # noqa: PLC0415
+
+    train = arithmetic_chat(32)
+    first = write_job(tmp_path / "first", tiny_model_dir, train=train, **SPEC)
+    assert run(first) == EXIT_DONE
+    second = write_job(tmp_path / "second", tiny_model_dir, train=train, **SPEC)
+    shutil.copytree(first / "out" / "checkpoints" / "step-4", second / "resume")
+    save_file({"torch": torch.zeros(5056, dtype=torch.uint8)}, str(second / "resume" / "rng.safetensors"))
+    assert run(second) == EXIT_BAD_CHECKPOINT
+    last = progress_lines(second)[-1]
+    assert last["kind"] == "bad_checkpoint" and "cannot be loaded" in last["message"]

@@ -78,16 +78,26 @@ def write_atomically(final: Path, **fields: Any) -> None:
     os.replace(tmp, final)
 
 
-def load(folder: Path, *, model, optimizer, scheduler, spec: JobSpec, total_steps: int, rows: int) -> tuple[int, int]:  # type: ignore[no-untyped-def]
+def load(folder: Path, *, model, optimizer, scheduler, spec: JobSpec, total_steps: int) -> tuple[int, int]:  # type: ignore[no-untyped-def]
     """Restore the model, optimizer, scheduler and RNGs from `folder`; (step, trained tokens). Everything is
-    checked before anything is loaded; a checkpoint that fails is `BadCheckpoint`."""
+    checked before anything is loaded, and anything that fails while loading is the checkpoint's fault too
+    (`BadCheckpoint`, never a worker error). The data order is the trainer's own (seeded by the job, over the
+    rows it packed), so a checkpoint's record of it is informational."""
     rules = CheckpointRules.for_spec(spec, max_step=total_steps)
     try:
         state = fmt.check_folder(folder, rules)
     except CheckpointRejected as exc:
         raise BadCheckpoint(f"the checkpoint to resume from is refused: {exc}") from None
-    if state.data_order.rows != rows:
-        raise BadCheckpoint(f"the checkpoint was made over {state.data_order.rows} rows of data, this job has {rows}")
+    try:
+        return _restore(folder, state, model=model, optimizer=optimizer, scheduler=scheduler)
+    except BadCheckpoint:
+        raise
+    except Exception as exc:  # noqa: BLE001 - whatever a stranger's bytes make torch raise is their checkpoint's fault
+        raise BadCheckpoint(f"the checkpoint to resume from cannot be loaded: {exc.__class__.__name__}: "
+                            f"{str(exc)[:300]}") from None
+
+
+def _restore(folder: Path, state: fmt.CheckpointState, *, model, optimizer, scheduler) -> tuple[int, int]:  # type: ignore[no-untyped-def]
     adapter = load_file(str(folder / fmt.ADAPTER))
     moments = load_file(str(folder / fmt.OPTIMIZER))
     rng = load_file(str(folder / fmt.RNG))

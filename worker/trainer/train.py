@@ -212,7 +212,7 @@ class Trainer:
         if not os.path.lexists(resume):
             return 0, 0
         return checkpoints.load(resume, model=model, optimizer=optimizer, scheduler=scheduler, spec=self.spec,
-                                total_steps=total_steps, rows=self.rows)
+                                total_steps=total_steps)
 
     def _finish(self, model, step: int, trained_tokens: int, valid_loss: float | None) -> dict[str, Any]:  # type: ignore[no-untyped-def]
         adapter = self.out / "adapter"
