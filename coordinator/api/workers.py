@@ -187,9 +187,10 @@ async def upload_adapter(
     settings: SettingsDep, sha256: Annotated[str | None, Header(alias=SHA256_HEADER)] = None,
 ) -> UploadReply:
     token, expected = parse_fencing_token(fencing_token), _declared_sha256(sha256)
-    await worker.run(leases.check_lease, lease_id=lease_id, fencing_token=token)
+    limit = await worker.run(leases.adapter_upload_limit, lease_id=lease_id, fencing_token=token)
     blob = await store.put_stream(leases.adapter_upload_key(lease_id), request.stream(),
-                                  max_bytes=settings.max_adapter_bytes, expected_sha256=expected)
+                                  max_bytes=min(settings.max_adapter_bytes, limit + limit // 1000 + 64 * 1024),
+                                  expected_sha256=expected)
     await worker.run(leases.record_adapter, store=store, lease_id=lease_id, fencing_token=token, blob=blob)
     return UploadReply(lease_id=lease_id, kind="adapter", sha256=blob.sha256, bytes=blob.bytes)
 

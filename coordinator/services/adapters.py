@@ -131,6 +131,15 @@ def _tensor_parameters(header_blob: bytes) -> int:
     return parameters
 
 
+def adapter_limit(base: BaseModelSpec, lora: dict[str, Any]) -> int:
+    """The most bytes an adapter of this job unpacks to: its LoRA weights at the widest dtype, their header, the
+    config and the archive's own overhead. An upload or archive past it is refused."""
+    targets = sorted(_expected_targets(lora))
+    tensors = 2 * base.layers * len(targets)
+    weights = max(DTYPE_BYTES.values()) * lora_parameters(base, r=lora["r"], target_modules=targets)
+    return weights + 8 + 1024 + 512 * tensors + MAX_CONFIG_BYTES + 64 * 1024 * MAX_MEMBERS
+
+
 def _expected_targets(lora: dict[str, Any]) -> frozenset[str]:
     targets = lora.get("target_modules", "all-linear")
     return ALL_LINEAR if targets == "all-linear" else frozenset(targets)

@@ -24,7 +24,7 @@ from coordinator.db.models import (
     LeaseStatus, WorkerModel, WorkerState, utcnow,
 )
 from coordinator.services import files
-from coordinator.services.adapters import AdapterRejected, verify_adapter
+from coordinator.services.adapters import AdapterRejected, adapter_limit, verify_adapter
 from coordinator.services.job_states import change_status, record_event
 from coordinator.services.lease_states import (
     claim_lease, end_lease, requeue_or_fail, suspend_if_untrustworthy,
@@ -194,11 +194,13 @@ def fenced(
     return FencedLease(lease=lease, job=job, worker=worker_row)
 
 
-def check_lease(*, session: Session, worker: WorkerModel, lease_id: str, fencing_token: int) -> LeaseModel:
-    """Before accepting an upload: is the lease still current? (Checked again when the upload is recorded.)"""
-    lease = fenced(session=session, worker=worker, lease_id=lease_id, fencing_token=fencing_token).lease
+def adapter_upload_limit(*, session: Session, worker: WorkerModel, lease_id: str, fencing_token: int) -> int:
+    """Before accepting an adapter upload: the lease is still current (checked again when the upload is recorded),
+    and the most bytes an adapter of its job can take."""
+    f = fenced(session=session, worker=worker, lease_id=lease_id, fencing_token=fencing_token)
+    limit = adapter_limit(get_base_model(f.job.model), dict(f.job.lora))
     session.commit()
-    return lease
+    return limit
 
 
 def _metrics_message(event: LeaseEvent) -> str:
@@ -367,7 +369,7 @@ def _check(store: BlobStore, submitted: _Submitted, report: LeaseComplete, setti
         facts = verify_adapter(
             store.path(submitted.key), base=get_base_model(submitted.model), lora=submitted.lora,
             final_loss=report.result.final_train_loss, reported_losses=submitted.losses,
-            max_bytes=settings.max_adapter_bytes * 4,
+            max_bytes=min(settings.max_adapter_bytes, adapter_limit(get_base_model(submitted.model), submitted.lora)),
         )
     except AdapterRejected as exc:
         return 0, str(exc)

@@ -444,3 +444,19 @@ def test_a_heartbeat_is_a_few_kilobytes_at_most_and_is_kept_as_parsed(client: Te
                        headers={**agent.headers(), "Content-Type": "application/json"}).status_code == 200
     kept = anyio.run(app.state.hot.latest, [agent.worker_id])[agent.worker_id]
     assert b"    " not in kept and json.loads(kept)["heartbeat"]["activity"] == "idle"  # parsed, not the raw body
+
+
+def test_an_adapter_upload_is_bounded_by_what_the_jobs_adapter_can_be(client: TestClient, agent: FakeAgent,
+                                                                       create_job, settings) -> None:  # type: ignore[no-untyped-def]
+    import os  # noqa: PLC0415
+
+    from coordinator.services.adapters import adapter_limit  # noqa: PLC0415
+    from shared.catalog import get_base_model  # noqa: PLC0415
+
+    _, a = placed(client, agent, create_job)
+    limit = adapter_limit(get_base_model("tunegrid/tiny-llama"), {"r": 16, "target_modules": "all-linear"})
+    assert limit < 4 * 1024 * 1024  # a tiny model's adapter is small: a bigger upload is refused while it streams
+    huge = agent.upload(a["lease_id"], "adapter", os.urandom(limit + 2 * 1024 * 1024))
+    assert huge.status_code == 413 and huge.json()["error"]["code"] == "payload_too_large"
+    assert [p for p in (settings.resolved_storage_dir / "adapters").rglob("*") if p.is_file()] == []
+    assert agent.upload(a["lease_id"], "adapter", adapter_archive()).status_code == 200
