@@ -94,6 +94,7 @@ def run_until_done(agent: Agent, client: httpx.Client, job_id: str) -> dict:  # 
 
 
 @pytest.mark.live
+@pytest.mark.parametrize("backend", ["postgresql"], indirect=True)  # the agent's side; the demo runs it on SQLite
 def test_the_agent_trains_a_job_end_to_end(live_server: LiveServer, tmp_path: Path, tiny_model: Path,
                                            monkeypatch: pytest.MonkeyPatch) -> None:
     settings = worker_settings(tmp_path, tiny_model)

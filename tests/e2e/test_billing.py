@@ -44,6 +44,7 @@ def webhook(server: LiveServer, payload: bytes) -> dict:  # type: ignore[type-ar
 
 
 @pytest.mark.live
+@pytest.mark.parametrize("backend", ["postgresql"], indirect=True)  # the money path on the production database; services test both
 def test_top_up_train_settle_and_pay_out(live_server: LiveServer, stripe_server: FakeStripe, tmp_path: Path,
                                           tiny_model: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     provider_key = live_server.new_key("provider", "pat")
