@@ -185,6 +185,58 @@ class _Bounded:
         return chunk
 
 
+MAX_EXTENDED_HEADER = 64 * 1024  # pax and GNU long-name headers: tarfile reads these whole into memory
+EXTENDED_TYPES = frozenset(b"xgLK")
+
+
+class _TarHeaderGuard:
+    """The inflated tar stream on its way to `tarfile`, watched header by header: an extended header (pax, GNU
+    long name) over `MAX_EXTENDED_HEADER` is refused before tarfile would read it whole into memory."""
+
+    def __init__(self, inner: _Bounded) -> None:
+        self.inner, self.position, self.next_header, self.pending, self.done = inner, 0, 0, b"", False
+
+    @property
+    def count(self) -> int:
+        return self.inner.count
+
+    def read(self, size: int = -1) -> bytes:
+        chunk = self.inner.read(size)
+        if not self.done:
+            self._watch(chunk)
+        self.position += len(chunk)
+        return chunk
+
+    def _watch(self, chunk: bytes) -> None:
+        start = self.position - len(self.pending)
+        data = self.pending + chunk
+        while not self.done and self.next_header + 512 <= start + len(data):
+            offset = self.next_header - start
+            if offset < 0:  # the header lies before what is kept: cannot happen with sequential reads
+                raise CheckpointRejected("the archive could not be read in order")
+            block = data[offset:offset + 512]
+            if block == bytes(512):
+                self.done = True  # the end-of-archive marker; tarfile reads no further headers
+                break
+            size = _tar_size(block[124:136])
+            if block[156] in EXTENDED_TYPES and size > MAX_EXTENDED_HEADER:
+                raise CheckpointRejected(f"the archive has an extended header of {size} bytes (at most "
+                                         f"{MAX_EXTENDED_HEADER})")
+            self.next_header += 512 + -(-size // 512) * 512
+        offset = self.next_header - start  # a header that has begun but not ended is kept for the next read
+        self.pending = data[offset:] if not self.done and 0 <= offset < len(data) else b""
+
+
+def _tar_size(field: bytes) -> int:
+    if field[:1] and field[0] & 0x80:  # base-256: only for sizes past 8 GiB
+        return int.from_bytes(field[1:], "big")
+    digits = field.rstrip(b"\0 ").lstrip(b" ")
+    try:
+        return int(digits or b"0", 8)
+    except ValueError:
+        raise CheckpointRejected("the archive has a malformed tar header") from None
+
+
 def _read_exact(source: IO[bytes], n: int, what: str) -> bytes:
     parts, left = [], n
     while left:
@@ -369,7 +421,7 @@ def check_archive(source: IO[bytes], rules: CheckpointRules, *, step: int | None
 
 def _check(source: IO[bytes], rules: CheckpointRules, *, step: int | None, folder_fd: int | None) -> CheckpointFacts:
     limits = rules.member_limits()
-    stream = _Bounded(gzip.GzipFile(fileobj=source, mode="rb"), rules.inflate_limit())  # type: ignore[arg-type]
+    stream = _TarHeaderGuard(_Bounded(gzip.GzipFile(fileobj=source, mode="rb"), rules.inflate_limit()))  # type: ignore[arg-type]
     tensors: dict[str, dict[str, _Tensor]] = {}
     state: CheckpointState | None = None
     try:
