@@ -10,8 +10,9 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
 import torch
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 
 from shared.checkpoint import MEMBERS
 from tests.trainer.conftest import arithmetic_chat, progress_lines, write_job
@@ -84,17 +85,41 @@ def test_sigterm_checkpoints_and_exits_5_then_resumes(tiny_model_dir: Path, tmp_
     assert restarted["resumed_from_step"] == step
 
 
-def test_a_checkpoint_torch_cannot_load_is_the_checkpoints_fault_not_the_workers(tiny_model_dir: Path, tmp_path: Path) -> None:
-    """Bytes that pass every structural check but that torch refuses (a zeroed generator state) end the run as a
-    bad checkpoint (exit 6), which the coordinator never counts against the worker that opened it."""
-    from safetensors.torch import save_file  # noqa: PLC0415
+@pytest.fixture(scope="module")
+def step_4(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """An honest checkpoint at step 4 of a short job."""
+    job = write_job(tmp_path_factory.mktemp("honest"), tiny_model_dir, train=arithmetic_chat(32), **SPEC)
+    assert run(job) == EXIT_DONE
+    return job / "out" / "checkpoints" / "step-4"
 
-    train = arithmetic_chat(32)
-    first = write_job(tmp_path / "first", tiny_model_dir, train=train, **SPEC)
-    assert run(first) == EXIT_DONE
-    second = write_job(tmp_path / "second", tiny_model_dir, train=train, **SPEC)
-    shutil.copytree(first / "out" / "checkpoints" / "step-4", second / "resume")
-    save_file({"torch": torch.zeros(5056, dtype=torch.uint8)}, str(second / "resume" / "rng.safetensors"))
+
+def _zero_rng(resume: Path) -> None:
+    save_file({"torch": torch.zeros(5056, dtype=torch.uint8)}, str(resume / "rng.safetensors"))
+
+
+def _poison_optimizer(resume: Path, *, nan: bool) -> None:
+    moments = load_file(resume / "optimizer.safetensors")
+    for key in moments:
+        if key.startswith("exp_avg/") and nan:
+            moments[key] = torch.full_like(moments[key], float("nan"))
+        elif key.startswith("step/") and not nan:
+            moments[key] = torch.tensor(-1.0)
+    save_file(moments, str(resume / "optimizer.safetensors"))
+
+
+@pytest.mark.parametrize("poison,reason", [
+    (_zero_rng, "cannot be loaded"),  # torch refuses the generator state
+    (lambda r: _poison_optimizer(r, nan=True), "not finite"),
+    (lambda r: _poison_optimizer(r, nan=False), "step counts"),
+])
+def test_a_checkpoint_only_the_trainer_can_see_is_bad_is_the_checkpoints_fault_not_the_workers(
+    tiny_model_dir: Path, tmp_path: Path, step_4: Path, poison, reason: str,  # type: ignore[no-untyped-def]
+) -> None:
+    """Values that pass every structural check but that torch refuses or that would poison training end the run
+    as a bad checkpoint (exit 6), which the coordinator never counts against the worker that opened it."""
+    second = write_job(tmp_path / "second", tiny_model_dir, train=arithmetic_chat(32), **SPEC)
+    shutil.copytree(step_4, second / "resume")
+    poison(second / "resume")
     assert run(second) == EXIT_BAD_CHECKPOINT
     last = progress_lines(second)[-1]
-    assert last["kind"] == "bad_checkpoint" and "cannot be loaded" in last["message"]
+    assert last["kind"] == "bad_checkpoint" and reason in last["message"], last

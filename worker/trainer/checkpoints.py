@@ -104,6 +104,12 @@ def _restore(folder: Path, state: fmt.CheckpointState, *, model, optimizer, sche
     names = trainable_names(model)
     if set(names) != set(adapter):
         raise BadCheckpoint("the checkpoint's adapter does not match this model's LoRA weights")
+    for tensors in (adapter, moments):  # values the coordinator does not read: a NaN or a negative step poisons
+        for key, tensor in tensors.items():
+            if not bool(torch.isfinite(tensor).all()):
+                raise BadCheckpoint(f"{key} holds values that are not finite")
+    if any(float(moments[f"step/{name}"]) != float(state.step) for name in names):
+        raise BadCheckpoint(f"the optimizer's step counts are not the checkpoint's step {state.step}")
     for name, param in zip(names, (p for p in model.parameters() if p.requires_grad), strict=True):
         if tuple(adapter[name].shape) != tuple(param.shape):
             raise BadCheckpoint(f"{name} has shape {list(adapter[name].shape)}, the model's is {list(param.shape)}")
