@@ -1,4 +1,4 @@
-"""Small, portable file helpers: atomic JSON writes (owner-only when secret) and sha256 of files and trees."""
+"""Small, portable file helpers: atomic JSON writes (owner-only when secret), sha256 of files, and packing a folder.
 
 from __future__ import annotations
 
@@ -54,10 +54,3 @@ def pack_dir(source: Path, archive: Path, arcname: str) -> Path:
         tar.add(source, arcname=arcname)
     os.replace(tmp, archive)
     return archive
-
-
-def unpack_checkpoint(archive: Path, target: Path) -> None:
-    """Extract a checkpoint archive from the coordinator into `target`, refusing links and paths that escape it."""
-    target.mkdir(parents=True, exist_ok=True)
-    with tarfile.open(archive, "r:gz") as tar:
-        tar.extractall(target, filter="data")
