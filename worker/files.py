@@ -1,4 +1,4 @@
-"""Small, portable file helpers: atomic JSON writes (owner-only when secret), sha256 of files, and packing a folder.
+"""Small, portable file helpers: atomic JSON writes (owner-only when secret), sha256 of files, packing a folder."""
 
 from __future__ import annotations
 
