@@ -29,7 +29,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from coordinator.db.ids import new_id  # noqa: E402
-from coordinator.db.models import (  # noqa: E402
+from coordinator.db.tables import (  # noqa: E402
     AccountModel, ApiKeyModel, FileModel, FileStatus, JobEventModel, JobModel, JobStatus, LeaseModel, LeaseStatus, Role,
     UsageRecordModel, WorkerModel, WorkerState, utcnow,
 )

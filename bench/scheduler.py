@@ -27,7 +27,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from coordinator.db.engine import make_engine, make_sessionmaker  # noqa: E402
 from coordinator.db.ids import new_id  # noqa: E402
 from coordinator.db.migrate import upgrade_head  # noqa: E402
-from coordinator.db.models import (  # noqa: E402
+from coordinator.db.tables import (  # noqa: E402
     AccountModel, FileModel, FileStatus, JobModel, JobStatus, LeaseModel, LeaseStatus, Role, WorkerModel, WorkerState,
     utcnow,
 )

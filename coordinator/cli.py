@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from coordinator.db.models import Role
+from coordinator.db.tables import Role
 from coordinator.settings import CoordinatorSettings
 
 
@@ -61,7 +61,7 @@ def _session(settings: CoordinatorSettings):  # type: ignore[no-untyped-def]
 def cmd_credits_grant(args: argparse.Namespace, settings: CoordinatorSettings) -> int:
     import secrets
 
-    from coordinator.db.models import AccountModel
+    from coordinator.db.tables import AccountModel
     from coordinator.services import billing
     from shared.errors import TunegridError
     from shared.money import micros_to_usd, usd_to_micros

@@ -11,17 +11,13 @@ from __future__ import annotations
 
 import logging
 import time
-from datetime import timedelta
 from functools import cache
 from typing import Any
 
-from sqlalchemy import exists, select, update
 from sqlalchemy.orm import Session, sessionmaker
 
-from coordinator.db.models import LIVE_LEASE, LeaseModel, WorkerModel, WorkerState, utcnow
 from coordinator.effects import Effects, take_effects
-from coordinator.services import blobs, budgets, leases, outbox, payouts, placement
-from coordinator.services.lease_states import reliability
+from coordinator.services import blobs, budgets, lease_states, outbox, payouts, placement, worker_states
 from coordinator.settings import CoordinatorSettings
 from coordinator.storage import BlobStore
 from coordinator.stripe_gateway import StripeGateway, make_gateway
@@ -31,7 +27,7 @@ SCORE_BATCH = 1000
 
 
 def reap_leases(*, session: Session, settings: CoordinatorSettings) -> dict[str, int]:
-    return leases.reap(session=session, settings=settings)
+    return lease_states.reap(session=session, settings=settings)
 
 
 def place_queued_jobs(*, session: Session, settings: CoordinatorSettings) -> int:
@@ -63,43 +59,7 @@ def run_payouts(*, session: Session, settings: CoordinatorSettings) -> int:
 
 
 def update_worker_scores(*, session: Session, settings: CoordinatorSettings) -> int:
-    """Recompute reliability from the counters, suspend workers past the failed-check limit, and mark
-    workers silent for longer than the lease ttl offline. Returns how many rows changed."""
-    now = utcnow()
-    changed = 0
-    workers = session.scalars(
-        select(WorkerModel).where(WorkerModel.revoked_at.is_(None)).order_by(WorkerModel.id)
-        .limit(SCORE_BATCH * 100).with_for_update(skip_locked=True)
-    ).all()
-    for worker in workers:
-        score = reliability(completed=worker.completed_leases, lost=worker.lost_leases,
-                            failed_checks=worker.failed_checks)
-        if abs(score - worker.reliability) > 1e-9:
-            worker.reliability = score
-            changed += 1
-        if worker.failed_checks >= settings.suspend_after_failed_checks and worker.suspended_at is None:
-            worker.suspended_at, worker.state, worker.available_until = now, WorkerState.suspended, None
-            changed += 1
-    session.flush()
-    stale = now - timedelta(seconds=settings.lease_ttl_s)
-    result = session.execute(
-        update(WorkerModel)
-        .where(WorkerModel.state.in_([WorkerState.idle, WorkerState.paused]),
-               WorkerModel.last_heartbeat_at < stale,
-               (WorkerModel.available_until.is_(None)) | (WorkerModel.available_until < now))
-        .values(state=WorkerState.offline, available_until=None)
-        .execution_options(synchronize_session=False)
-    )
-    # A worker left "working" without a live lease (its agent vanished as the lease ended) is offline until it claims.
-    orphaned = session.execute(
-        update(WorkerModel)
-        .where(WorkerModel.state == WorkerState.working,
-               ~exists().where(LeaseModel.worker_id == WorkerModel.id, LeaseModel.status.in_(LIVE_LEASE)))
-        .values(state=WorkerState.offline, available_until=None)
-        .execution_options(synchronize_session=False)
-    )
-    session.commit()
-    return changed + (result.rowcount or 0) + (orphaned.rowcount or 0)  # type: ignore[attr-defined]
+    return worker_states.rescore_fleet(session=session, settings=settings)
 
 
 # Each task and how often it runs, in seconds (embedded mode; Celery beat has the same schedule).

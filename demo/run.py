@@ -127,7 +127,7 @@ class Demo:
         raise RuntimeError("the coordinator did not start in time")
 
     def place_tiny_model(self) -> None:
-        from worker.models import MARKER  # noqa: PLC0415
+        from worker.model_cache import MARKER  # noqa: PLC0415
         from worker.trainer.tiny import build  # noqa: PLC0415
 
         cache = self.workdir / "worker" / "data" / "models" / MODEL

@@ -1,11 +1,11 @@
-"""Alembic environment: the schema of `coordinator.db.models`, online or offline."""
+"""Alembic environment: the schema of `coordinator.db.tables`, online or offline."""
 
 from __future__ import annotations
 
 from alembic import context
 from sqlalchemy import create_engine, pool
 
-from coordinator.db.models import Base
+from coordinator.db.tables import Base
 
 config = context.config
 target_metadata = Base.metadata

@@ -22,7 +22,7 @@ from sqlalchemy.orm import Session
 from coordinator.app import create_app
 from coordinator.db.engine import make_engine, make_sessionmaker
 from coordinator.db.migrate import upgrade_head
-from coordinator.db.models import Base, Role
+from coordinator.db.tables import Base, Role
 from coordinator.services import billing
 from coordinator.services.keys import create_account_with_key
 from coordinator.settings import CoordinatorSettings

@@ -32,7 +32,7 @@ from shared.protocol import Assignment
 from worker.channel import Channel, ChannelError, CoordinatorUnreachable, LeaseLost, Rejected
 from worker.files import read_json, sha256_file, write_json_atomic
 from worker.jobdir import WORK, UnsafeJobFile, copy_out, pack_checkpoint, read_regular
-from worker.models import ModelCache
+from worker.model_cache import ModelCache
 from worker.nvml import GpuProbe, Machine
 from worker.policy import PolicyGate, Verdict
 from worker.progress import ProgressTail, lease_event

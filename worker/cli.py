@@ -18,7 +18,7 @@ from shared.protocol import CpuInventory, WorkerRegister
 from worker.agent import Agent
 from worker.channel import Channel, ChannelError
 from worker.files import read_json, write_json_atomic
-from worker.models import ModelCache
+from worker.model_cache import ModelCache
 from worker.nvml import GpuProbe, Machine
 from worker.policy import PolicyGate, load_policy, save_policy
 from worker.runtimes.base import Runtime

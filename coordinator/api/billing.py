@@ -13,7 +13,7 @@ from starlette.datastructures import State
 
 from coordinator.api.deps import AnyCaller, CustomerCaller, ProviderCaller, SettingsDep, reject_unknown_query, run_in_session
 from coordinator.api.errors import ERROR_RESPONSES
-from coordinator.db.models import PayoutAccountModel, PayoutModel, TopupModel
+from coordinator.db.tables import PayoutAccountModel, PayoutModel, TopupModel
 from coordinator.services import billing, outbox, payouts, topups, webhooks
 from coordinator.stripe_gateway import StripeGateway
 from shared.errors import InvalidRequest

@@ -16,7 +16,7 @@ from fastapi.dependencies.models import Dependant
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from sqlalchemy.orm import Session
 
-from coordinator.db.models import AccountModel, Role, WorkerModel
+from coordinator.db.tables import AccountModel, Role, WorkerModel
 from coordinator.effects import Effects, take_effects
 from coordinator.services import keys, workers
 from coordinator.settings import CoordinatorSettings

@@ -16,7 +16,7 @@ from coordinator.api.deps import CustomerCaller, SettingsDep, StoreDep, reject_u
 from coordinator.api.errors import ERROR_RESPONSES
 from sqlalchemy.orm import Session
 
-from coordinator.db.models import AccountModel, FileModel
+from coordinator.db.tables import AccountModel, FileModel
 from coordinator.services import files
 from coordinator.storage import CHUNK, BlobStore
 from shared.errors import InvalidRequest, NotFound

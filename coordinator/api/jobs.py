@@ -9,7 +9,7 @@ from fastapi import APIRouter, Query, Request
 
 from coordinator.api.deps import CustomerCaller, SettingsDep, reject_unknown_query
 from coordinator.api.errors import ERROR_RESPONSES
-from coordinator.db.models import JobCheckpointModel, JobEventModel, JobModel
+from coordinator.db.tables import JobCheckpointModel, JobEventModel, JobModel
 from coordinator.services import billing, jobs
 from shared.errors import InvalidRequest
 from shared.money import micros_to_usd

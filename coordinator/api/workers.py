@@ -12,7 +12,7 @@ from fastapi.responses import FileResponse
 from coordinator.api.deps import CurrentWorker, ProviderCaller, SettingsDep, StoreDep, reject_unknown_query
 from coordinator.api.errors import ERROR_RESPONSES
 from coordinator.db.ids import new_id
-from coordinator.db.models import WorkerModel, utcnow
+from coordinator.db.tables import WorkerModel, utcnow
 from coordinator.services import checkpoints, files, leases, workers
 from coordinator.services.leases import FencedLease, parse_fencing_token
 from shared.errors import InvalidRequest, PayloadTooLarge

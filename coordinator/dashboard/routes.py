@@ -21,7 +21,7 @@ from sqlalchemy.orm import Session
 from coordinator.api.deps import run_in_session
 from coordinator.dashboard import charts
 from coordinator.dashboard.sessions import COOKIE, LOGIN_COOKIE, DashboardSession, Sessions, csrf_ok, same_origin
-from coordinator.db.models import ApiKeyModel, Role
+from coordinator.db.tables import ApiKeyModel, Role
 from coordinator.services import billing, jobs as job_service, keys, payouts, reports, workers as worker_service
 from shared.errors import AuthenticationFailed, InvalidRequest, TunegridError
 from shared.money import micros_to_usd, usd_to_micros

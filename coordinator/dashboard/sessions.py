@@ -17,7 +17,7 @@ from fastapi import Request
 from itsdangerous import BadSignature, URLSafeTimedSerializer
 from sqlalchemy.orm import Session
 
-from coordinator.db.models import AccountModel, ApiKeyModel, Role
+from coordinator.db.tables import AccountModel, ApiKeyModel, Role
 from coordinator.settings import CoordinatorSettings
 
 COOKIE = "tg_session"

@@ -15,7 +15,7 @@ from typing import Literal
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
-from coordinator.db.models import (
+from coordinator.db.tables import (
     AccountModel, Book, JobModel, LedgerPostingModel, LedgerTransactionModel, UsageRecordModel, utcnow,
 )
 from coordinator.services import ledger

@@ -18,7 +18,7 @@ from datetime import timedelta
 from sqlalchemy import or_, select
 from sqlalchemy.orm import Session
 
-from coordinator.db.models import FileModel, JobCheckpointModel, JobModel, JobStatus, LeaseModel, utcnow
+from coordinator.db.tables import FileModel, JobCheckpointModel, JobModel, JobStatus, LeaseModel, utcnow
 from coordinator.services.files import blob_key
 from coordinator.services.checkpoints import checkpoint_key
 from coordinator.settings import CoordinatorSettings

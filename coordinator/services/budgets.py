@@ -12,11 +12,11 @@ from datetime import datetime
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from coordinator.db.models import Book, JobCheckpointModel, JobModel, JobStatus, utcnow
+from coordinator.db.tables import Book, JobCheckpointModel, JobModel, JobStatus, utcnow
 from coordinator.effects import effects
 from coordinator.services import billing, holds, ledger
 from coordinator.services.job_states import change_status, record_event
-from coordinator.services.leases import end_live_leases
+from coordinator.services.lease_states import end_live_leases
 from coordinator.settings import CoordinatorSettings
 from shared.errors import Conflict, PaymentRequired
 from shared.money import micros_to_usd

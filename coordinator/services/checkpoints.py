@@ -15,13 +15,14 @@ from pathlib import Path
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from coordinator.db.models import (
+from coordinator.db.tables import (
     LIVE_LEASE, JobCheckpointModel, JobEventModel, JobModel, LeaseModel, LeaseStatus, WorkerModel, utcnow,
 )
 from coordinator.services.job_states import record_event
-from coordinator.services.lease_states import count_failed_check, end_lease, requeue_or_fail
+from coordinator.services.lease_states import end_and_requeue, release_revoked
+from coordinator.services.worker_states import count_failed_check
 from coordinator.services.leases import (
-    FencedLease, already_ended, fenced, job_spec, release_revoked, step_bound,
+    FencedLease, already_ended, fenced, job_spec, step_bound,
 )
 from coordinator.settings import CoordinatorSettings
 from coordinator.storage import BlobStore, StoredBlob
@@ -241,11 +242,10 @@ def report_bad(
     usage = report.usage.model_dump()
     if was_handed is None:  # nothing was handed: the claim is simply false
         reason = f"worker {f.worker.id} reported a bad checkpoint, but this lease was handed none: {report.message}"
-        end_lease(session=session, lease=f.lease, job=f.job, worker=f.worker, status=LeaseStatus.failed,
-                  reason=reason[:2000], usage=usage, counts_against_worker=True)
+        end_and_requeue(session=session, lease=f.lease, job=f.job, worker=f.worker, status=LeaseStatus.failed,
+                        reason=reason[:2000], settings=settings, count_attempt=True, usage=usage,
+                        counts_against_worker=True)
         count_failed_check(session=session, worker=f.worker, max_failed_checks=settings.suspend_after_failed_checks)
-        requeue_or_fail(session=session, job=f.job, reason=reason[:2000], count_attempt=True,
-                        max_attempts=settings.max_attempts)
         session.commit()
         return f
     where = f"checkpoint {was_handed.checkpoint_id} (step {was_handed.step})"
@@ -256,9 +256,8 @@ def report_bad(
                   f"the coordinator's checks; it is set aside and nobody is blamed")
     quarantine(session=session, store=store, settings=settings, handed=was_handed, reason=reason,
                blame_uploader=verdict is not None)
-    end_lease(session=session, lease=f.lease, job=f.job, worker=f.worker, status=LeaseStatus.failed,
-              reason=reason[:2000], usage=usage, unbilled=True)
-    requeue_or_fail(session=session, job=f.job, reason=f"The {reason}"[:2000], count_attempt=False,
-                    max_attempts=settings.max_attempts)
+    end_and_requeue(session=session, lease=f.lease, job=f.job, worker=f.worker, status=LeaseStatus.failed,
+                    reason=reason[:2000], job_reason=f"The {reason}"[:2000], settings=settings, count_attempt=False,
+                    usage=usage, unbilled=True)
     session.commit()
     return f

@@ -12,7 +12,7 @@ from sqlalchemy import or_, select
 from sqlalchemy.orm import Session
 
 from coordinator.db.ids import new_id
-from coordinator.db.models import AccountModel, FileModel, FileStatus, JobModel, JobStatus, utcnow
+from coordinator.db.tables import AccountModel, FileModel, FileStatus, JobModel, JobStatus, utcnow
 from coordinator.services.paging import Order, page
 from coordinator.storage import BlobStore, StoredBlob
 from shared.datasets import DatasetSummary, validate_dataset

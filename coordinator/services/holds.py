@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from sqlalchemy.orm import Session
 
-from coordinator.db.models import JobModel, utcnow
+from coordinator.db.tables import JobModel, utcnow
 from coordinator.services import billing
 from coordinator.services.placement import candidate, eligible, placeable_workers, requirements
 from coordinator.settings import CoordinatorSettings

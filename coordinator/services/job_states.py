@@ -14,7 +14,7 @@ from sqlalchemy.orm.exc import StaleDataError
 from coordinator.db.ids import new_id
 from coordinator.effects import effects
 from coordinator.services import billing
-from coordinator.db.models import JobEventModel, JobModel, JobStatus, utcnow
+from coordinator.db.tables import JobEventModel, JobModel, JobStatus, utcnow
 from shared.errors import Conflict
 
 S = JobStatus

@@ -9,10 +9,10 @@ from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
 from coordinator.db.ids import new_id
-from coordinator.db.models import (
+from coordinator.db.tables import (
     AccountModel, FileModel, FileStatus, JobCheckpointModel, JobEventModel, JobModel, JobStatus,
 )
-from coordinator.services import files, holds, leases
+from coordinator.services import files, holds, lease_states
 from coordinator.services.job_states import TERMINAL, change_status, record_event
 from coordinator.services.paging import page
 from coordinator.settings import CoordinatorSettings
@@ -135,7 +135,7 @@ def cancel(*, session: Session, account: AccountModel, job_id: str) -> JobModel:
         return job
     if job.status in TERMINAL:
         raise Conflict(f"Job {job_id} has already {job.status.value}; it cannot be cancelled.", code="invalid_job_state")
-    leases.end_for_customer(session=session, job=job, paused=False)
+    lease_states.end_for_customer(session=session, job=job, paused=False)
     change_status(session=session, job=job, to=JobStatus.cancelled, message="Fine-tuning job cancelled by the customer")
     session.commit()
     return job
@@ -148,7 +148,7 @@ def pause(*, session: Session, account: AccountModel, job_id: str) -> JobModel:
     if job.status not in (JobStatus.queued, JobStatus.running):
         raise Conflict(f"Job {job_id} is {job.status.value}; only queued or running jobs can be paused.",
                        code="invalid_job_state")
-    leases.end_for_customer(session=session, job=job, paused=True)
+    lease_states.end_for_customer(session=session, job=job, paused=True)
     change_status(session=session, job=job, to=JobStatus.paused,
                   message="Fine-tuning job paused; it keeps its last checkpoint and resumes from it")
     session.commit()

@@ -16,7 +16,7 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from coordinator.db.ids import new_id
-from coordinator.db.models import AccountModel, ApiKeyModel, Role, utcnow
+from coordinator.db.tables import AccountModel, ApiKeyModel, Role, utcnow
 from shared.errors import AuthenticationFailed
 
 KEY_SCHEME = "tg"

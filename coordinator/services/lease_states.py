@@ -1,32 +1,32 @@
-"""The one place a lease starts or ends, and with it the worker's state and reputation.
+"""The one place a lease starts, is renewed or ends: on the worker's report (`leases.py` calls here) or on
+the coordinator's own decision (the customer cancels or pauses, a budget runs out, a provider revokes, the
+reaper finds it quiet).
 
-A lease ends exactly once: `completed`, `failed`, `preempted`, `lost` or `cancelled`. Its end
-updates the worker's counters and reliability, frees the worker, and notes that the agent must hear
-about it (`recheck`). What happens to the job is decided by the caller through `job_states`.
+A lease ends exactly once: `completed`, `failed`, `preempted`, `lost` or `cancelled`. Its end bills it once
+(`metering`), tells the worker's owner (`worker_states`) and, where the job goes on, sends the job back to the
+queue or fails it (`end_and_requeue`). Locks are always taken job, then lease, then worker.
 """
 
 from __future__ import annotations
 
-from datetime import datetime
+from datetime import datetime, timedelta
 from typing import Any
 
+from sqlalchemy import Connection, Integer, bindparam, case, func, or_, select, update
 from sqlalchemy.orm import Session
 
 from coordinator.db.ids import new_id
-from coordinator.db.models import LIVE_LEASE, JobModel, JobStatus, LeaseModel, LeaseStatus, WorkerModel, WorkerState, utcnow
-from coordinator.effects import effects
-from coordinator.services.job_states import change_status
+from coordinator.db.tables import LIVE_LEASE, JobModel, JobStatus, LeaseModel, LeaseStatus, WorkerModel, utcnow
+from coordinator.services import worker_states
+from coordinator.services.job_states import change_status, record_event
 from coordinator.services.metering import meter_lease, rule_for
+from coordinator.settings import CoordinatorSettings
 from shared.errors import Conflict
 
-# A new worker starts at PRIOR_GOOD / PRIOR_TOTAL (0.9) and earns or loses from there.
-PRIOR_GOOD, PRIOR_TOTAL = 9, 10
-FAILED_CHECK_WEIGHT = 3  # a tampered or empty adapter costs more trust than a crash
+REAP_BATCH = 500  # leases one reaper pass handles; the next pass takes the rest
 
 
-def reliability(*, completed: int, lost: int, failed_checks: int) -> float:
-    return (completed + PRIOR_GOOD) / (completed + lost + FAILED_CHECK_WEIGHT * failed_checks + PRIOR_TOTAL)
-
+# --- start and renewal ----------------------------------------------------------------------------
 
 def start_lease(
     *, session: Session, job: JobModel, worker: WorkerModel, price_per_gpu_hour: int, resume_checkpoint_id: str | None,
@@ -42,19 +42,37 @@ def start_lease(
         resume_checkpoint_id=resume_checkpoint_id, created_at=now, last_renewed_at=now,
     )
     session.add(lease)
-    worker.state = WorkerState.working
-    worker.available_until = None
-    effects(session).wake.add(worker.id)
+    worker_states.lease_started(session, worker)
     return lease
 
 
-def claim_lease(*, lease: LeaseModel, now: datetime) -> None:
+def renew(*, lease: LeaseModel, now: datetime) -> None:
+    """The worker was heard on this lease (it picked it up, or reported on it): no longer quiet."""
     if lease.status is LeaseStatus.assigned:
         lease.status = LeaseStatus.running
         lease.claimed_at = now
     lease.last_renewed_at = now
     lease.suspect_at = None
 
+
+_RENEW_REPORTED = (
+    update(LeaseModel)
+    .where(LeaseModel.id == bindparam("b_lease"), LeaseModel.worker_id == bindparam("b_id"),
+           or_(*(LeaseModel.status == status for status in LIVE_LEASE)))
+    .values(last_renewed_at=bindparam("b_seen"), suspect_at=None,
+            last_step=case((func.coalesce(LeaseModel.last_step, -1) < bindparam("b_step", type_=Integer),
+                            bindparam("b_step", type_=Integer)), else_=LeaseModel.last_step))
+)
+
+
+def renew_reported(conn: Connection, rows: list[dict[str, Any]]) -> None:
+    """Heartbeats naming their live lease, in lease id order (one statement for a batch): `b_lease`, `b_id`
+    (the worker), `b_seen`, `b_step` per row. A lease that is not the worker's, or not live, is left alone."""
+    if rows:
+        conn.execute(_RENEW_REPORTED, rows)
+
+
+# --- ending ---------------------------------------------------------------------------------------
 
 def end_lease(
     *, session: Session, lease: LeaseModel, job: JobModel, worker: WorkerModel, status: LeaseStatus, reason: str,
@@ -63,7 +81,7 @@ def end_lease(
 ) -> None:
     """End the lease (the caller holds job, lease and worker locks, in that order) and bill it once
     (`metering`: how the lease ended decides what is billed; `unbilled`: nothing, through no fault of the
-    worker, as when the checkpoint it was handed proved bad)."""
+    worker, as when the checkpoint it was handed proved bad). The job is the caller's to move."""
     if lease.status not in LIVE_LEASE:
         raise Conflict(f"Lease {lease.id} has already ended ({lease.status.value}).", code="lease_ended")
     if status in LIVE_LEASE:
@@ -76,35 +94,8 @@ def end_lease(
     meter_lease(session=session, lease=lease, job=job, worker=worker, ended_at=lease.ended_at, usage=usage,
                 rule="not_billed" if unbilled else rule_for(status, failed_check=failed_check,
                                                             counts_against_worker=counts_against_worker))
-    if status is LeaseStatus.completed:
-        worker.completed_leases += 1
-    elif failed_check:
-        worker.failed_checks += 1
-    elif counts_against_worker:
-        worker.lost_leases += 1
-    worker.reliability = reliability(completed=worker.completed_leases, lost=worker.lost_leases,
-                                     failed_checks=worker.failed_checks)
-    if worker.state is WorkerState.working:
-        worker.state = WorkerState.idle if status is not LeaseStatus.lost else WorkerState.offline
-    effects(session).recheck.add(worker.id)
-
-
-def count_failed_check(*, session: Session, worker: WorkerModel, max_failed_checks: int) -> bool:
-    """The worker sent something that failed the coordinator's checks (outside a lease's end: a checkpoint, a
-    false claim about one); True when this suspended it."""
-    worker.failed_checks += 1
-    worker.reliability = reliability(completed=worker.completed_leases, lost=worker.lost_leases,
-                                     failed_checks=worker.failed_checks)
-    return suspend_if_untrustworthy(session=session, worker=worker, max_failed_checks=max_failed_checks)
-
-
-def suspend_if_untrustworthy(*, session: Session, worker: WorkerModel, max_failed_checks: int) -> bool:
-    if worker.failed_checks >= max_failed_checks and worker.suspended_at is None:
-        worker.suspended_at = utcnow()
-        worker.state = WorkerState.suspended
-        worker.available_until = None
-        return True
-    return False
+    worker_states.lease_ended(session, worker, status=status, failed_check=failed_check,
+                              counts_against_worker=counts_against_worker)
 
 
 def requeue_or_fail(
@@ -124,3 +115,140 @@ def requeue_or_fail(
         return
     change_status(session=session, job=job, to=JobStatus.queued,
                   message=f"{reason}; queued again to resume from its last checkpoint", level="warn")
+
+
+def end_and_requeue(
+    *, session: Session, lease: LeaseModel, job: JobModel, worker: WorkerModel, status: LeaseStatus, reason: str,
+    settings: CoordinatorSettings, count_attempt: bool, job_reason: str | None = None,
+    usage: dict[str, Any] | None = None, failed_check: bool = False, counts_against_worker: bool = False,
+    unbilled: bool = False,
+) -> None:
+    """End the lease and send its job back to the queue, or fail it after `max_attempts` (`count_attempt`:
+    this end uses one of the job's attempts). `job_reason` is what the job's event says, when not `reason`."""
+    end_lease(session=session, lease=lease, job=job, worker=worker, status=status, reason=reason, usage=usage,
+              failed_check=failed_check, counts_against_worker=counts_against_worker, unbilled=unbilled)
+    requeue_or_fail(session=session, job=job, reason=job_reason or reason, count_attempt=count_attempt,
+                    max_attempts=settings.max_attempts)
+
+
+# --- the coordinator's own endings ----------------------------------------------------------------
+
+def end_for_customer(*, session: Session, job: JobModel, paused: bool) -> None:
+    """The customer cancelled or paused a running job (the caller holds the job's lock): its live lease
+    ends and the worker hears it."""
+    end_live_leases(session=session, job=job,
+                    reason="the customer paused the job" if paused else "the customer cancelled the job")
+
+
+def end_live_leases(*, session: Session, job: JobModel, reason: str) -> None:
+    """The job stops (cancelled, paused, out of budget; the caller holds its lock and moves it): its live
+    leases end as cancelled, billed up to now."""
+    for lease in session.scalars(
+        select(LeaseModel).where(LeaseModel.job_id == job.id, LeaseModel.status.in_(LIVE_LEASE))
+        .with_for_update().execution_options(populate_existing=True)
+    ):
+        worker = session.get(WorkerModel, lease.worker_id, with_for_update=True, populate_existing=True)
+        assert worker is not None
+        end_lease(session=session, lease=lease, job=job, worker=worker, status=LeaseStatus.cancelled, reason=reason)
+
+
+def lock_lease(
+    session: Session, lease_id: str, statuses: tuple[LeaseStatus, ...],
+) -> tuple[LeaseModel, JobModel, WorkerModel] | None:
+    """Lock job, lease and worker in the one order every path uses; None when another process holds the job or
+    the lease, or the lease has moved on meanwhile (the caller commits and moves on)."""
+    peek = session.get(LeaseModel, lease_id)
+    if peek is None:
+        return None
+    job = session.scalars(select(JobModel).where(JobModel.id == peek.job_id).with_for_update(skip_locked=True)
+                          .execution_options(populate_existing=True)).first()
+    if job is None:
+        return None
+    lease = session.scalars(select(LeaseModel).where(LeaseModel.id == lease_id, LeaseModel.status.in_(statuses))
+                            .with_for_update(skip_locked=True).execution_options(populate_existing=True)).first()
+    if lease is None:
+        return None
+    worker = session.get(WorkerModel, lease.worker_id, with_for_update=True, populate_existing=True)
+    assert worker is not None
+    return lease, job, worker
+
+
+def release_revoked(*, session: Session, worker: WorkerModel, settings: CoordinatorSettings,
+                    why: str = "revoked by its provider") -> int:
+    """A revoked (or suspended) worker's live leases end at once; their jobs go back to the queue without using
+    an attempt. Each lease's end is committed on its own (one transaction moves one job's money)."""
+    lease_ids = session.scalars(select(LeaseModel.id).where(
+        LeaseModel.worker_id == worker.id, LeaseModel.status.in_(LIVE_LEASE))).all()
+    for lease_id in lease_ids:
+        locked = lock_lease(session, lease_id, LIVE_LEASE)
+        if locked is not None:
+            lease, job, row = locked
+            end_and_requeue(session=session, lease=lease, job=job, worker=row, status=LeaseStatus.lost,
+                            reason=f"Worker {row.id} was {why}", settings=settings, count_attempt=False)
+        session.commit()
+    return len(lease_ids)
+
+
+# --- the reaper -----------------------------------------------------------------------------------
+
+def _leases_before(session: Session, status: LeaseStatus, column: Any, before: datetime) -> list[str]:
+    return list(session.scalars(select(LeaseModel.id).where(LeaseModel.status == status, column < before)
+                                .order_by(LeaseModel.id).limit(REAP_BATCH)))
+
+
+def _reap_quiet(session: Session, settings: CoordinatorSettings, lease_id: str, now: datetime) -> str | None:
+    """A running lease not renewed within the ttl: suspect first, lost after the grace (what it became)."""
+    locked = lock_lease(session, lease_id, (LeaseStatus.running,))
+    if locked is None:
+        return None
+    lease, job, worker = locked
+    silent = (now - lease.last_renewed_at).total_seconds() if lease.last_renewed_at else 0
+    if silent < settings.lease_ttl_s:
+        return None  # renewed while we looked
+    if silent >= settings.lease_grace_s:
+        end_and_requeue(session=session, lease=lease, job=job, worker=worker, status=LeaseStatus.lost,
+                        reason=f"Worker {worker.id} was not heard from for {int(silent)} s", settings=settings,
+                        count_attempt=True, counts_against_worker=True)
+        return "lost"
+    if lease.suspect_at is not None:
+        return None  # said once
+    lease.suspect_at = now
+    worker_states.lease_went_quiet(worker)
+    record_event(session=session, job=job, level="warn",
+                 message=f"Worker {worker.id} has not reported for {int(silent)} s; waiting up to "
+                         f"{settings.lease_grace_s} s before resuming elsewhere",
+                 data={"lease_id": lease.id})
+    return "suspect"
+
+
+def _reap_unclaimed(session: Session, settings: CoordinatorSettings, lease_id: str) -> str | None:
+    locked = lock_lease(session, lease_id, (LeaseStatus.assigned,))
+    if locked is None:
+        return None
+    lease, job, worker = locked
+    end_and_requeue(session=session, lease=lease, job=job, worker=worker, status=LeaseStatus.lost,
+                    reason=f"Worker {worker.id} did not pick up its assignment within {settings.assignment_ttl_s} s",
+                    settings=settings, count_attempt=False)
+    return "unclaimed"
+
+
+def reap(*, session: Session, settings: CoordinatorSettings) -> dict[str, int]:
+    """Leases gone quiet: suspect after `lease_ttl`, lost after `lease_grace` (the job resumes elsewhere);
+    assignments never picked up go back to the queue. Idempotent; safe in any number of processes. Each lease
+    is committed on its own: one transaction moves one job's money (`ledger`'s lock order)."""
+    now = utcnow()
+    counts = {"suspect": 0, "lost": 0, "unclaimed": 0}
+    for lease_id in _leases_before(session, LeaseStatus.running, LeaseModel.last_renewed_at,
+                                   now - timedelta(seconds=settings.lease_ttl_s)):
+        became = _reap_quiet(session, settings, lease_id, now)
+        session.commit()
+        if became is not None:
+            counts[became] += 1
+    for lease_id in _leases_before(session, LeaseStatus.assigned, LeaseModel.created_at,
+                                   now - timedelta(seconds=settings.assignment_ttl_s)):
+        became = _reap_unclaimed(session, settings, lease_id)
+        session.commit()
+        if became is not None:
+            counts[became] += 1
+    session.commit()
+    return counts

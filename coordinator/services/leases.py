@@ -1,5 +1,6 @@
 """A worker's side of a lease: claim an assignment, report events, fetch inputs, upload the adapter (checkpoints:
-`checkpoints.py`), and finish (`complete`, `fail`, `preempted`). Plus the reaper for leases gone quiet.
+`checkpoints.py`), and finish (`complete`, `fail`, `preempted`). How a lease starts, renews and ends, and the
+endings the coordinator decides itself (cancel, revoke, the reaper), are `lease_states.py`.
 
 Every call names the lease and presents its fencing token. A token that is not the lease's, or a lease
 that is no longer the job's live one, is `409 lease_lost`: the agent stops that container. Finishing
@@ -12,23 +13,22 @@ import logging
 import math
 import re
 from dataclasses import dataclass
-from datetime import datetime, timedelta
+from datetime import datetime
 from typing import Any
 
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from coordinator.db.ids import new_id
-from coordinator.db.models import (
+from coordinator.db.tables import (
     LIVE_LEASE, FileModel, FileStatus, JobCheckpointModel, JobEventModel, JobModel, JobStatus, LeaseModel,
     LeaseStatus, WorkerModel, WorkerState, utcnow,
 )
 from coordinator.services import files
 from coordinator.services.adapters import AdapterRejected, adapter_limit, verify_adapter
 from coordinator.services.job_states import change_status, record_event
-from coordinator.services.lease_states import (
-    claim_lease, end_lease, requeue_or_fail, suspend_if_untrustworthy,
-)
+from coordinator.services import worker_states
+from coordinator.services.lease_states import end_and_requeue, end_lease, renew
 from coordinator.services.placement import place_for_worker, seq_len_for
 from coordinator.services.workers import free_vram
 from coordinator.settings import CoordinatorSettings
@@ -43,7 +43,6 @@ from shared.protocol import (
 
 log = logging.getLogger(__name__)
 BASE_LEARNING_RATE = 2e-4
-AVAILABLE_SLACK = timedelta(seconds=5)  # a long-polling worker stays placeable this long past its wait
 SPEED_EMA = 0.3  # weight of the newest lease in a worker's speed factor
 UNKNOWN_EXAMPLES = 10_000_000  # a file validated before examples were counted: a loose bound
 
@@ -65,7 +64,7 @@ def pending_assignment(*, session: Session, settings: CoordinatorSettings, worke
         return None
     job = session.get(JobModel, lease.job_id)
     assert job is not None
-    claim_lease(lease=lease, now=utcnow())
+    renew(lease=lease, now=utcnow())
     assignment = build_assignment(session=session, settings=settings, lease=lease, job=job)
     session.commit()
     return assignment
@@ -92,8 +91,7 @@ def claim(*, session: Session, settings: CoordinatorSettings, worker: WorkerMode
         worker.cached_models = list(request.cached_models)
     worker.last_heartbeat_at = now
     # A worker asking for work holds no live lease (we just looked), whatever its row said.
-    worker.state, worker.pause_reason = WorkerState.idle, None
-    worker.available_until = now + timedelta(seconds=request.wait_s) + AVAILABLE_SLACK
+    worker_states.asking_for_work(worker, now=now, wait_s=request.wait_s)
     lease = place_for_worker(session=session, settings=settings, worker=worker)
     if lease is None:
         return None
@@ -232,7 +230,7 @@ def record_events(
                 raise InvalidRequest(f"Step {value} is past the {bound} steps job {f.job.id} can have.",
                                      param="events.step", code="implausible_step")
     now = utcnow()
-    claim_lease(lease=f.lease, now=now)
+    renew(lease=f.lease, now=now)
     for event in events:
         if event.type == "started":
             _start_training(f, now)
@@ -396,12 +394,12 @@ def complete(
     usage = report.usage.model_dump()
     if rejected is not None:
         reason = f"Adapter rejected: {rejected}"
-        end_lease(session=session, lease=f.lease, job=f.job, worker=f.worker, status=LeaseStatus.failed, reason=reason,
-                  usage=usage, failed_check=True)
-        if suspend_if_untrustworthy(session=session, worker=f.worker, max_failed_checks=settings.suspend_after_failed_checks):
+        end_and_requeue(session=session, lease=f.lease, job=f.job, worker=f.worker, status=LeaseStatus.failed,
+                        reason=reason, job_reason=f"{reason} (worker {f.worker.id})", settings=settings,
+                        count_attempt=True, usage=usage, failed_check=True)
+        if worker_states.suspend_if_untrustworthy(session=session, worker=f.worker,
+                                                  max_failed_checks=settings.suspend_after_failed_checks):
             log.warning("worker %s suspended after %d failed checks", f.worker.id, f.worker.failed_checks)
-        requeue_or_fail(session=session, job=f.job, reason=f"{reason} (worker {f.worker.id})", count_attempt=True,
-                        max_attempts=settings.max_attempts)
         session.commit()
         store.delete(submitted.key)
         return f
@@ -449,10 +447,10 @@ def fail(
         change_status(session=session, job=f.job, to=JobStatus.failed, message=f"Training failed: {report.message}",
                       error={"code": "invalid_training_data", "message": report.message, "param": "training_file"})
     else:
-        end_lease(session=session, lease=f.lease, job=f.job, worker=f.worker, status=LeaseStatus.failed,
-                  reason=f"worker error: {report.message}", usage=usage, counts_against_worker=True)
-        requeue_or_fail(session=session, job=f.job, reason=f"Worker {f.worker.id} failed: {report.message}",
-                        count_attempt=True, max_attempts=settings.max_attempts)
+        end_and_requeue(session=session, lease=f.lease, job=f.job, worker=f.worker, status=LeaseStatus.failed,
+                        reason=f"worker error: {report.message}",
+                        job_reason=f"Worker {f.worker.id} failed: {report.message}", settings=settings,
+                        count_attempt=True, usage=usage, counts_against_worker=True)
     session.commit()
     return f
 
@@ -467,129 +465,10 @@ def preempted(
     if already_ended(f, LeaseStatus.preempted):
         session.commit()
         return f
-    end_lease(session=session, lease=f.lease, job=f.job, worker=f.worker, status=LeaseStatus.preempted,
-              reason=f"preempted by the owner: {report.reason}", usage=report.usage.model_dump())
-    f.worker.state, f.worker.pause_reason = WorkerState.paused, report.reason
-    requeue_or_fail(session=session, job=f.job, reason=f"The worker's owner needed it back ({report.reason})",
-                    count_attempt=False, max_attempts=settings.max_attempts)
+    end_and_requeue(session=session, lease=f.lease, job=f.job, worker=f.worker, status=LeaseStatus.preempted,
+                    reason=f"preempted by the owner: {report.reason}",
+                    job_reason=f"The worker's owner needed it back ({report.reason})", settings=settings,
+                    count_attempt=False, usage=report.usage.model_dump())
+    worker_states.paused_by_owner(f.worker, reason=report.reason)
     session.commit()
     return f
-
-
-def end_for_customer(*, session: Session, job: JobModel, paused: bool) -> None:
-    """The customer cancelled or paused a running job (the caller holds the job's lock): its live lease
-    ends and the worker hears it."""
-    end_live_leases(session=session, job=job,
-                    reason="the customer paused the job" if paused else "the customer cancelled the job")
-
-
-def end_live_leases(*, session: Session, job: JobModel, reason: str) -> None:
-    for lease in session.scalars(
-        select(LeaseModel).where(LeaseModel.job_id == job.id, LeaseModel.status.in_(LIVE_LEASE))
-        .with_for_update().execution_options(populate_existing=True)
-    ):
-        worker = session.get(WorkerModel, lease.worker_id, with_for_update=True, populate_existing=True)
-        assert worker is not None
-        end_lease(session=session, lease=lease, job=job, worker=worker, status=LeaseStatus.cancelled, reason=reason)
-
-
-def release_revoked(*, session: Session, worker: WorkerModel, settings: CoordinatorSettings,
-                    why: str = "revoked by its provider") -> int:
-    """A revoked (or suspended) worker's live leases end at once; their jobs go back to the queue without using
-    an attempt. Each lease's end is committed on its own (one transaction moves one job's money)."""
-    lease_ids = session.scalars(select(LeaseModel.id).where(
-        LeaseModel.worker_id == worker.id, LeaseModel.status.in_(LIVE_LEASE))).all()
-    for lease_id in lease_ids:
-        locked = _lock_for_reaping(session, lease_id, LIVE_LEASE)
-        if locked is None:
-            session.commit()
-            continue
-        lease, job, row = locked
-        reason = f"Worker {row.id} was {why}"
-        end_lease(session=session, lease=lease, job=job, worker=row, status=LeaseStatus.lost, reason=reason)
-        requeue_or_fail(session=session, job=job, reason=reason, count_attempt=False, max_attempts=settings.max_attempts)
-        session.commit()
-    return len(lease_ids)
-
-
-# --- the reaper -----------------------------------------------------------------------------------
-
-def _lock_for_reaping(
-    session: Session, lease_id: str, statuses: tuple[LeaseStatus, ...],
-) -> tuple[LeaseModel, JobModel, WorkerModel] | None:
-    """Lock job, lease and worker in the one order every path uses; None when another process holds the job or
-    the lease or the lease has moved on meanwhile."""
-    peek = session.get(LeaseModel, lease_id)
-    if peek is None:
-        return None
-    job = session.scalars(select(JobModel).where(JobModel.id == peek.job_id).with_for_update(skip_locked=True)
-                          .execution_options(populate_existing=True)).first()
-    if job is None:
-        return None
-    lease = session.scalars(select(LeaseModel).where(LeaseModel.id == lease_id, LeaseModel.status.in_(statuses))
-                            .with_for_update(skip_locked=True).execution_options(populate_existing=True)).first()
-    if lease is None:
-        return None
-    worker = session.get(WorkerModel, lease.worker_id, with_for_update=True, populate_existing=True)
-    assert worker is not None
-    return lease, job, worker
-
-
-REAP_BATCH = 500  # leases one reaper pass handles; the next pass takes the rest
-
-
-def _leases_before(session: Session, status: LeaseStatus, column: Any, before: datetime) -> list[str]:
-    return list(session.scalars(select(LeaseModel.id).where(LeaseModel.status == status, column < before)
-                                .order_by(LeaseModel.id).limit(REAP_BATCH)))
-
-
-def reap(*, session: Session, settings: CoordinatorSettings) -> dict[str, int]:
-    """Leases gone quiet: suspect after `lease_ttl`, lost after `lease_grace` (the job resumes elsewhere);
-    assignments never picked up go back to the queue. Idempotent; safe in any number of processes. Each lease
-    is committed on its own: one transaction moves one job's money (`ledger`'s lock order)."""
-    now = utcnow()
-    counts = {"suspect": 0, "lost": 0, "unclaimed": 0}
-    quiet = _leases_before(session, LeaseStatus.running, LeaseModel.last_renewed_at,
-                           now - timedelta(seconds=settings.lease_ttl_s))
-    for lease_id in quiet:
-        locked = _lock_for_reaping(session, lease_id, (LeaseStatus.running,))
-        if locked is None:
-            session.commit()
-            continue
-        lease, job, worker = locked
-        silent = (now - lease.last_renewed_at).total_seconds() if lease.last_renewed_at else 0
-        if silent < settings.lease_ttl_s:
-            session.commit()
-            continue  # renewed while we looked
-        if silent >= settings.lease_grace_s:
-            reason = f"Worker {worker.id} was not heard from for {int(silent)} s"
-            end_lease(session=session, lease=lease, job=job, worker=worker, status=LeaseStatus.lost, reason=reason,
-                      counts_against_worker=True)
-            requeue_or_fail(session=session, job=job, reason=reason, count_attempt=True,
-                            max_attempts=settings.max_attempts)
-            counts["lost"] += 1
-        elif lease.suspect_at is None:
-            lease.suspect_at = now
-            if worker.state is WorkerState.working:
-                worker.state = WorkerState.offline
-            record_event(session=session, job=job, level="warn",
-                         message=f"Worker {worker.id} has not reported for {int(silent)} s; waiting up to "
-                                 f"{settings.lease_grace_s} s before resuming elsewhere",
-                         data={"lease_id": lease.id})
-            counts["suspect"] += 1
-        session.commit()
-    unclaimed = _leases_before(session, LeaseStatus.assigned, LeaseModel.created_at,
-                               now - timedelta(seconds=settings.assignment_ttl_s))
-    for lease_id in unclaimed:
-        locked = _lock_for_reaping(session, lease_id, (LeaseStatus.assigned,))
-        if locked is None:
-            session.commit()
-            continue
-        lease, job, worker = locked
-        reason = f"Worker {worker.id} did not pick up its assignment within {settings.assignment_ttl_s} s"
-        end_lease(session=session, lease=lease, job=job, worker=worker, status=LeaseStatus.lost, reason=reason)
-        requeue_or_fail(session=session, job=job, reason=reason, count_attempt=False, max_attempts=settings.max_attempts)
-        session.commit()
-        counts["unclaimed"] += 1
-    session.commit()
-    return counts

@@ -31,7 +31,7 @@ from sqlalchemy.dialects import sqlite
 from sqlalchemy.orm import Session, SessionTransaction
 
 from coordinator.db.ids import new_id
-from coordinator.db.models import (
+from coordinator.db.tables import (
     OWNED_BOOKS, Book, LedgerBalanceModel, LedgerPostingModel, LedgerTransactionModel, utcnow,
 )
 from shared.errors import PaymentRequired

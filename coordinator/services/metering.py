@@ -27,7 +27,7 @@ from typing import Any
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
-from coordinator.db.models import (
+from coordinator.db.tables import (
     JobCheckpointModel, JobModel, LeaseModel, LeaseStatus, UsageRecordModel, WorkerModel,
 )
 from coordinator.services import billing

@@ -18,7 +18,7 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from coordinator.db.ids import new_id
-from coordinator.db.models import OutboxModel, OutboxStatus, utcnow
+from coordinator.db.tables import OutboxModel, OutboxStatus, utcnow
 from coordinator.stripe_gateway import StripeGateway, StripeRefused, StripeUnavailable
 
 log = logging.getLogger(__name__)

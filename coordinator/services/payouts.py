@@ -17,7 +17,7 @@ from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
 from coordinator.db.ids import new_id
-from coordinator.db.models import (
+from coordinator.db.tables import (
     AccountModel, Book, LedgerBalanceModel, OutboxModel, OutboxStatus, PayoutAccountModel, PayoutModel, PayoutStatus,
     UsageRecordModel, utcnow,
 )

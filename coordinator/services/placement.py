@@ -23,7 +23,7 @@ from functools import lru_cache
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from coordinator.db.models import JobCheckpointModel, JobModel, JobStatus, LeaseModel, WorkerModel, WorkerState, utcnow
+from coordinator.db.tables import JobCheckpointModel, JobModel, JobStatus, LeaseModel, WorkerModel, WorkerState, utcnow
 from coordinator.effects import effects
 from coordinator.services.job_states import Move, change_status_many
 from coordinator.services.lease_states import start_lease

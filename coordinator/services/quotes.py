@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from sqlalchemy.orm import Session
 
-from coordinator.db.models import AccountModel, JobModel, utcnow
+from coordinator.db.tables import AccountModel, JobModel, utcnow
 from coordinator.services import jobs
 from coordinator.services.placement import Candidate, placeable_workers, candidate, eligible, requirements
 from coordinator.settings import CoordinatorSettings

@@ -12,7 +12,7 @@ from typing import Any
 from sqlalchemy import Select, and_, exists, func, or_, select
 from sqlalchemy.orm import Session
 
-from coordinator.db.models import (
+from coordinator.db.tables import (
     AccountModel, Book, JobCheckpointModel, JobEventModel, JobModel, JobStatus, LeaseModel, LedgerBalanceModel,
     LedgerTransactionModel, PayoutModel, PayoutStatus, UsageRecordModel, WorkerModel, WorkerState, utcnow,
 )
@@ -103,7 +103,7 @@ def _sum_balances(session: Session, book: Book) -> int:
 
 
 def _refunded(session: Session, since: datetime, until: datetime) -> int:
-    from coordinator.db.models import LedgerPostingModel  # noqa: PLC0415
+    from coordinator.db.tables import LedgerPostingModel  # noqa: PLC0415
 
     return -int(session.scalar(
         select(func.coalesce(func.sum(LedgerPostingModel.amount), 0))
@@ -241,7 +241,7 @@ def job_detail(*, session: Session, job_id: str, account_id: str | None = None) 
 
 
 def _job_refunded(session: Session, job_id: str) -> int:
-    from coordinator.db.models import LedgerPostingModel  # noqa: PLC0415
+    from coordinator.db.tables import LedgerPostingModel  # noqa: PLC0415
 
     return int(session.scalar(
         select(func.coalesce(func.sum(LedgerPostingModel.amount), 0))

@@ -12,7 +12,7 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from coordinator.db.ids import new_id
-from coordinator.db.models import AccountModel, Book, OutboxModel, OutboxStatus, TopupModel, TopupStatus, utcnow
+from coordinator.db.tables import AccountModel, Book, OutboxModel, OutboxStatus, TopupModel, TopupStatus, utcnow
 from coordinator.services import ledger, outbox
 from coordinator.services.ledger import HOUSE
 from coordinator.services.paging import page

@@ -10,7 +10,7 @@ from typing import Any
 
 from sqlalchemy.orm import Session
 
-from coordinator.db.models import Book, StripeEventModel
+from coordinator.db.tables import Book, StripeEventModel
 from coordinator.services import ledger, payouts, topups
 from coordinator.services.ledger import HOUSE
 from coordinator.services.topups import MICROS_PER_CENT

@@ -13,14 +13,15 @@ import secrets
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import Integer, or_, String, Text, bindparam, case, func, literal, select, update
+from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
 from coordinator.db.ids import new_id
-from coordinator.db.models import (
-    LIVE_LEASE, AccountModel, JobModel, JobStatus, LeaseModel, LeaseStatus, Role, WorkerModel, WorkerState, utcnow,
+from coordinator.db.tables import (
+    LIVE_LEASE, AccountModel, JobModel, JobStatus, LeaseModel, LeaseStatus, Role, WorkerModel, WorkerState,
 )
 from coordinator.effects import effects
+from coordinator.services import lease_states, worker_states
 from coordinator.services.paging import page
 from coordinator.settings import CoordinatorSettings
 from shared.errors import AuthenticationFailed, Conflict, NotFound, PermissionDenied
@@ -96,8 +97,7 @@ def register(
     else:
         for name, value in fields.items():
             setattr(worker, name, value)
-        if worker.state not in (WorkerState.suspended, WorkerState.working):
-            worker.state = WorkerState.offline  # until it claims or heartbeats
+        worker_states.registered(worker)
     session.commit()
     return worker, token
 
@@ -135,33 +135,25 @@ def list_workers(*, session: Session, account: AccountModel, after: str | None, 
 
 def revoke(*, session: Session, account: AccountModel, worker_id: str, settings: CoordinatorSettings) -> WorkerModel:
     """Revoke a worker: its token stops working, and a job it holds goes back to the queue at once."""
-    from coordinator.services.leases import release_revoked  # noqa: PLC0415 - leases imports this module
-
     worker = get_owned(session=session, account=account, worker_id=worker_id)
     if worker.revoked_at is None:
-        release_revoked(session=session, worker=worker, settings=settings)
+        lease_states.release_revoked(session=session, worker=worker, settings=settings)
         worker = session.get(WorkerModel, worker.id, with_for_update=True, populate_existing=True)  # type: ignore[assignment]
-        worker.revoked_at = utcnow()
-        worker.state = WorkerState.offline
-        worker.available_until = None
-        effects(session).recheck.add(worker.id)
+        worker_states.revoke(session, worker)
     session.commit()
     return worker
 
 
 def suspend(*, session: Session, worker_id: str, reason: str, settings: CoordinatorSettings) -> WorkerModel:
     """An admin suspends a worker: it is never placed again until lifted, and a job it holds resumes elsewhere."""
-    from coordinator.services.leases import release_revoked  # noqa: PLC0415 - leases imports this module
-
     worker = session.get(WorkerModel, worker_id)
     if worker is None:
         raise NotFound(f"No such worker: {worker_id}", param="worker_id")
     if worker.suspended_at is None:
-        release_revoked(session=session, worker=worker, settings=settings, why=f"suspended by an admin: {reason}")
+        lease_states.release_revoked(session=session, worker=worker, settings=settings,
+                                     why=f"suspended by an admin: {reason}")
         worker = session.get(WorkerModel, worker_id, with_for_update=True, populate_existing=True)  # type: ignore[assignment]
-        worker.suspended_at, worker.state, worker.available_until = utcnow(), WorkerState.suspended, None
-        worker.pause_reason = f"suspended by an admin: {reason}"
-        effects(session).recheck.add(worker.id)
+        worker_states.suspend(session, worker, reason=reason)
     session.commit()
     return worker
 
@@ -175,41 +167,6 @@ def free_vram(worker: WorkerModel, gpus: list[GpuTelemetry]) -> int:
         if gpu.uuid == best_uuid and gpu.memory_free_bytes is not None:
             return gpu.memory_free_bytes
     return worker.vram_free_bytes
-
-
-def _state_after_heartbeat(activity: Any) -> Any:
-    """The worker's state once a heartbeat says what it is doing (a SQL CASE, so a batch is one statement).
-
-    Suspended stays suspended and working stays working (only a lease's end frees a worker, and only a claim
-    makes it idle and placeable); otherwise the owner's policy speaks: paused, unavailable, or back. (A
-    worker whose live lease the heartbeat renewed is set working apart, in `flush_heartbeats`.)
-    """
-    state = WorkerModel.state
-    as_state = lambda s: literal(s, WorkerModel.state.type)  # noqa: E731
-    return case(
-        # No IN (...) here: expanding parameters cannot be used in an executemany.
-        (or_(state == WorkerState.suspended, state == WorkerState.working), state),
-        (activity == "paused_by_owner", as_state(WorkerState.paused)),
-        (activity == "unavailable", as_state(WorkerState.offline)),
-        (or_(state == WorkerState.paused, state == WorkerState.offline), as_state(WorkerState.idle)),
-        else_=state,
-    )
-
-
-_WORKER_ROW = (
-    update(WorkerModel).where(WorkerModel.id == bindparam("b_id"))
-    .values(last_heartbeat_at=bindparam("b_seen"), telemetry=bindparam("b_telemetry", type_=WorkerModel.telemetry.type),
-            state=_state_after_heartbeat(bindparam("b_activity", type_=String)),
-            pause_reason=bindparam("b_reason", type_=Text))
-)
-_RENEW_LEASE = (
-    update(LeaseModel)
-    .where(LeaseModel.id == bindparam("b_lease"), LeaseModel.worker_id == bindparam("b_id"),
-           or_(*(LeaseModel.status == status for status in LIVE_LEASE)))
-    .values(last_renewed_at=bindparam("b_seen"), suspect_at=None,
-            last_step=case((func.coalesce(LeaseModel.last_step, -1) < bindparam("b_step", type_=Integer),
-                            bindparam("b_step", type_=Integer)), else_=LeaseModel.last_step))
-)
 
 
 def flush_heartbeats(*, session: Session, batch: dict[str, tuple[WorkerHeartbeat, datetime]]) -> set[str]:
@@ -226,17 +183,15 @@ def flush_heartbeats(*, session: Session, batch: dict[str, tuple[WorkerHeartbeat
     reported = {hb.lease_id: worker_id for worker_id, (hb, _) in ordered if hb.lease_id is not None}
     stale: set[str] = set()
     if reported:
-        conn.execute(_RENEW_LEASE, sorted(
+        lease_states.renew_reported(conn, sorted(
             ({"b_lease": hb.lease_id, "b_id": worker_id, "b_seen": seen, "b_step": hb.step if hb.step is not None else -1}
              for worker_id, (hb, seen) in ordered if hb.lease_id is not None), key=lambda row: row["b_lease"]))
         live = dict(session.execute(select(LeaseModel.id, LeaseModel.worker_id).where(
             LeaseModel.id.in_(list(reported)), LeaseModel.status.in_(LIVE_LEASE))).all())  # type: ignore[arg-type]
         stale = {worker_id for lease_id, worker_id in reported.items() if live.get(lease_id) != worker_id}
-        back = sorted(worker_id for lease_id, worker_id in reported.items() if live.get(lease_id) == worker_id)
-        if back:  # its lease is live: a worker marked offline during a blip is working again
-            conn.execute(update(WorkerModel).where(WorkerModel.id.in_(back), WorkerModel.state == WorkerState.offline)
-                         .values(state=WorkerState.working))
-    conn.execute(_WORKER_ROW, [
+        worker_states.back_at_work(conn, sorted(
+            worker_id for lease_id, worker_id in reported.items() if live.get(lease_id) == worker_id))
+    worker_states.heard(conn, [
         {"b_id": worker_id, "b_seen": seen, "b_telemetry": hb.model_dump(exclude_none=True),
          "b_activity": hb.activity, "b_reason": hb.pause_reason}
         for worker_id, (hb, seen) in ordered

@@ -19,7 +19,7 @@ down_revision: str | None = '0002'
 branch_labels: str | Sequence[str] | None = None
 depends_on: str | Sequence[str] | None = None
 
-# Public ids compare byte-wise on PostgreSQL (see coordinator.db.models.PublicId).
+# Public ids compare byte-wise on PostgreSQL (see coordinator.db.tables.PublicId).
 PUBLIC_ID = sa.String(length=40).with_variant(sa.String(length=40, collation='C'), 'postgresql')
 
 

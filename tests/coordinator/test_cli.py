@@ -7,7 +7,7 @@ import pytest
 from sqlalchemy.orm import Session
 
 from coordinator.cli import main
-from coordinator.db.models import Book, Role
+from coordinator.db.tables import Book, Role
 from coordinator.services import ledger
 from coordinator.services.keys import authenticate
 from coordinator.settings import CoordinatorSettings

@@ -9,7 +9,7 @@ from sqlalchemy import update
 from sqlalchemy.orm import Session
 
 from coordinator import tasks
-from coordinator.db.models import JobModel, JobStatus, LeaseModel, WorkerModel, WorkerState, utcnow
+from coordinator.db.tables import JobModel, JobStatus, LeaseModel, WorkerModel, WorkerState, utcnow
 from coordinator.settings import CoordinatorSettings
 from tests.fakes import FakeAgent
 

@@ -18,7 +18,7 @@ from tests.e2e.conftest import LiveServer
 from worker.agent import Agent
 from worker.channel import Channel
 from worker.cli import main as worker_cli
-from worker.models import MARKER, ModelCache
+from worker.model_cache import MARKER, ModelCache
 from worker.nvml import GpuProbe
 from worker.policy import PolicyGate, WorkerPolicy
 from worker.runtimes.process import ProcessRuntime

@@ -16,7 +16,7 @@ import redis
 from sqlalchemy import select
 
 from coordinator.db.engine import make_engine, make_sessionmaker
-from coordinator.db.models import JobModel, JobStatus, LeaseModel, Role, WorkerState, utcnow
+from coordinator.db.tables import JobModel, JobStatus, LeaseModel, Role, WorkerState, utcnow
 from coordinator.hotstate import WAKE_CHANNEL
 from coordinator.services import billing, files, jobs, keys, workers
 from coordinator.settings import CoordinatorSettings

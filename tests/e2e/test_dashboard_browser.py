@@ -14,7 +14,7 @@ import httpx
 import pytest
 from sqlalchemy import create_engine, update
 
-from coordinator.db.models import LeaseModel, utcnow
+from coordinator.db.tables import LeaseModel, utcnow
 from tests.conftest import IN_CI
 from tests.e2e.conftest import LiveServer
 from tests.e2e.test_agent import submit

@@ -19,7 +19,7 @@ import pytest
 import redis
 from sqlalchemy import create_engine, select
 
-from coordinator.db.models import JobCheckpointModel, UsageRecordModel
+from coordinator.db.tables import JobCheckpointModel, UsageRecordModel
 from tests.e2e.conftest import LiveServer, _free_port, start_server, stop_server
 from tests.e2e.test_agent import JOB_TIMEOUT_S, registered_agent, run_until_done, submit, wait_for, worker_settings
 from worker.settings import WorkerSettings

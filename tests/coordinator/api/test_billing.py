@@ -11,7 +11,7 @@ import pytest
 from fastapi.testclient import TestClient
 from sqlalchemy.orm import Session
 
-from coordinator.db.models import Book
+from coordinator.db.tables import Book
 from coordinator.services import ledger
 from shared.money import usd_to_micros
 from tests.conftest import WEBHOOK_SECRET

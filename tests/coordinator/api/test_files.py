@@ -138,7 +138,7 @@ def test_expires_after_is_honoured_to_the_second_and_expired_files_are_gone(
         customer: Caller, client: TestClient, session) -> None:  # type: ignore[no-untyped-def]
     from datetime import timedelta
 
-    from coordinator.db.models import FileModel, utcnow
+    from coordinator.db.tables import FileModel, utcnow
 
     response = client.post("/v1/files", headers=customer.headers,
                            data={"purpose": "fine-tune", "expires_after[anchor]": "created_at",

@@ -16,7 +16,7 @@ from referencing import Registry
 from referencing.jsonschema import DRAFT202012
 from sqlalchemy.orm import Session
 
-from coordinator.db.models import JobCheckpointModel
+from coordinator.db.tables import JobCheckpointModel
 from tests.conftest import Caller
 
 SPEC_PATH = Path(__file__).resolve().parents[2] / "contracts" / "openai" / "openapi-fine-tuning.json"

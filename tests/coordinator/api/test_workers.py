@@ -12,7 +12,7 @@ from fastapi.testclient import TestClient
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from coordinator.db.models import JobCheckpointModel, LeaseModel, LeaseStatus, WorkerModel
+from coordinator.db.tables import JobCheckpointModel, LeaseModel, LeaseStatus, WorkerModel
 from shared.protocol import PROTOCOL_HEADER
 from tests.fakes import FakeAgent, adapter_archive, gpu, registration, sha256
 

@@ -12,7 +12,7 @@ from sqlalchemy import update
 from sqlalchemy.orm import Session
 
 from coordinator.dashboard.sessions import COOKIE
-from coordinator.db.models import Book, LeaseModel, WorkerModel, WorkerState, utcnow
+from coordinator.db.tables import Book, LeaseModel, WorkerModel, WorkerState, utcnow
 from coordinator.services import ledger
 from shared.money import usd_to_micros
 from tests.fakes import FakeAgent, adapter_archive

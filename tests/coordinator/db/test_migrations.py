@@ -8,7 +8,7 @@ from alembic.migration import MigrationContext
 from sqlalchemy import create_engine, inspect
 
 from coordinator.db.migrate import alembic_config, upgrade_head
-from coordinator.db.models import Base
+from coordinator.db.tables import Base
 
 
 def _diff(url: str) -> list:

@@ -14,7 +14,7 @@ from fastapi.testclient import TestClient
 from sqlalchemy import update
 from sqlalchemy.orm import Session
 
-from coordinator.db.models import FileModel, JobModel, utcnow
+from coordinator.db.tables import FileModel, JobModel, utcnow
 from coordinator.services import blobs
 from coordinator.settings import CoordinatorSettings
 from coordinator.storage import BlobStore

@@ -11,9 +11,9 @@ from fastapi.testclient import TestClient
 from sqlalchemy import update
 from sqlalchemy.orm import Session
 
-from coordinator.db.models import Book, JobModel, LeaseModel, LeaseStatus, utcnow
+from coordinator.db.tables import Book, JobModel, LeaseModel, LeaseStatus, utcnow
 from coordinator.services import billing, budgets, ledger
-from coordinator.db.models import AccountModel
+from coordinator.db.tables import AccountModel
 from coordinator.settings import CoordinatorSettings
 from shared.money import usd_to_micros
 from tests.fakes import FakeAgent

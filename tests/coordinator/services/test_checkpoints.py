@@ -12,8 +12,8 @@ from fastapi.testclient import TestClient
 from sqlalchemy import select, update
 from sqlalchemy.orm import Session
 
-from coordinator.db.models import JobCheckpointModel, LeaseModel, UsageRecordModel, WorkerModel, utcnow
-from coordinator.services.leases import reap
+from coordinator.db.tables import JobCheckpointModel, LeaseModel, UsageRecordModel, WorkerModel, utcnow
+from coordinator.services.lease_states import reap
 from coordinator.settings import CoordinatorSettings
 from tests.coordinator.services.test_leases import silence
 from tests.fakes import FakeAgent

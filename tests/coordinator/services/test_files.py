@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 from sqlalchemy.orm import Session
 
-from coordinator.db.models import Role
+from coordinator.db.tables import Role
 from coordinator.services import files
 from coordinator.services.keys import create_account
 from coordinator.storage import BlobStore

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 from sqlalchemy.orm import Session
 
-from coordinator.db.models import AccountModel, FileModel, FileStatus, JobModel, JobStatus, Role
+from coordinator.db.tables import AccountModel, FileModel, FileStatus, JobModel, JobStatus, Role
 from coordinator.services.job_states import TERMINAL, TRANSITIONS, change_status
 from shared.errors import Conflict
 
@@ -80,7 +80,7 @@ def test_a_batch_move_writes_every_event_and_fails_whole_if_any_job_changed(sess
     from sqlalchemy.orm.exc import StaleDataError  # noqa: PLC0415
 
     from coordinator.db.engine import make_engine, make_sessionmaker  # noqa: PLC0415
-    from coordinator.db.models import JobEventModel  # noqa: PLC0415
+    from coordinator.db.tables import JobEventModel  # noqa: PLC0415
     from coordinator.services.job_states import Move, change_status_many  # noqa: PLC0415
 
     job = _job(session, JobStatus.queued)

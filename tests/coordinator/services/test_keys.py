@@ -8,7 +8,7 @@ import pytest
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from coordinator.db.models import ApiKeyModel, Role, utcnow
+from coordinator.db.tables import ApiKeyModel, Role, utcnow
 from coordinator.services.keys import authenticate, create_account_with_key
 from shared.errors import AuthenticationFailed
 

@@ -11,8 +11,8 @@ from fastapi.testclient import TestClient
 from sqlalchemy import select, update
 from sqlalchemy.orm import Session
 
-from coordinator.db.models import LeaseModel, LeaseStatus, WorkerModel, utcnow
-from coordinator.services.leases import reap
+from coordinator.db.tables import LeaseModel, LeaseStatus, WorkerModel, utcnow
+from coordinator.services.lease_states import reap
 from coordinator.settings import CoordinatorSettings
 from tests.fakes import FakeAgent, adapter_archive, sha256
 

@@ -14,7 +14,7 @@ from sqlalchemy import create_engine, func, select, text
 from sqlalchemy.exc import OperationalError
 from sqlalchemy.orm import Session, sessionmaker
 
-from coordinator.db.models import Book, LedgerPostingModel, LedgerTransactionModel
+from coordinator.db.tables import Book, LedgerPostingModel, LedgerTransactionModel
 from coordinator.services import ledger
 from coordinator.services.ledger import HOUSE, Entry, LockOrderError
 from shared.errors import PaymentRequired
@@ -55,7 +55,7 @@ def test_the_audit_notices_a_drifted_balance(session: Session) -> None:
                 to=(Book.customer_available, "acct-a"), description="x")
     session.commit()
     assert ledger.audit(session).ok
-    from coordinator.db.models import LedgerBalanceModel  # noqa: PLC0415
+    from coordinator.db.tables import LedgerBalanceModel  # noqa: PLC0415
 
     row = session.get(LedgerBalanceModel, (Book.customer_available, "acct-a"))
     assert row is not None

@@ -11,11 +11,11 @@ from fastapi.testclient import TestClient
 from sqlalchemy import select, update
 from sqlalchemy.orm import Session
 
-from coordinator.db.models import (
+from coordinator.db.tables import (
     Book, JobCheckpointModel, JobModel, LeaseModel, LedgerTransactionModel, UsageRecordModel, utcnow,
 )
 from coordinator.services import billing, budgets, ledger
-from coordinator.services.leases import reap
+from coordinator.services.lease_states import reap
 from coordinator.settings import CoordinatorSettings
 from shared.money import usd_to_micros
 from tests.fakes import FakeAgent, adapter_archive

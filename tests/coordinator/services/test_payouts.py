@@ -9,7 +9,7 @@ from fastapi.testclient import TestClient
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from coordinator.db.models import Book, OutboxModel, OutboxStatus, PayoutModel, PayoutStatus
+from coordinator.db.tables import Book, OutboxModel, OutboxStatus, PayoutModel, PayoutStatus
 from coordinator.services import ledger, outbox, payouts
 from coordinator.services.ledger import HOUSE, Entry
 from coordinator.settings import CoordinatorSettings

@@ -9,7 +9,7 @@ import pytest
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from coordinator.db.models import AccountModel, JobModel, JobStatus, LeaseModel, Role, WorkerModel, WorkerState, utcnow
+from coordinator.db.tables import AccountModel, JobModel, JobStatus, LeaseModel, Role, WorkerModel, WorkerState, utcnow
 from coordinator.services import jobs, workers
 from coordinator.services.keys import create_account
 from coordinator.services.placement import place_queued_jobs
@@ -131,7 +131,7 @@ def test_each_worker_gets_one_job_and_the_oldest_jobs_go_first(session, settings
 
 
 def test_resumes_from_the_latest_checkpoint(session, settings, add_worker, queue) -> None:  # type: ignore[no-untyped-def]
-    from coordinator.db.models import JobCheckpointModel  # noqa: PLC0415
+    from coordinator.db.tables import JobCheckpointModel  # noqa: PLC0415
 
     job = queue()
     for step, digest in ((10, "a" * 64), (30, "b" * 64), (20, "c" * 64), (40, None)):  # 40: never uploaded

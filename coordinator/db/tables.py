@@ -1,4 +1,4 @@
-"""SQLAlchemy 2 typed models: the coordinator's source of truth. Alembic owns the schema."""
+"""SQLAlchemy 2 typed tables (`...Model` classes, one per table): the coordinator's source of truth. Alembic owns the schema."""
 
 from __future__ import annotations
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from coordinator.db.models import AccountModel, JobModel, JobStatus
+from coordinator.db.tables import AccountModel, JobModel, JobStatus
 from shared.catalog import CATALOG, find_base_model
 from shared.errors import NotFound
 from shared.schemas.models import ModelRead
