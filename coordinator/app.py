@@ -15,7 +15,7 @@ from sqlalchemy import text
 
 from coordinator import __version__
 from coordinator import tasks
-from coordinator.api import billing, catalog, errors, files, jobs, quotes, workers
+from coordinator.api import billing, catalog, errors, files, jobs, leases, providers, quotes, webhooks, workers
 from coordinator.api.deps import authenticate_customer, run_in_session
 from coordinator.dashboard.routes import HERE as DASHBOARD_DIR, router as dashboard_router
 from coordinator.api.limits import AuthenticateUploads, BodySizeLimit
@@ -110,8 +110,8 @@ def create_app(settings: CoordinatorSettings | None = None) -> FastAPI:
     app.add_middleware(AuthenticateUploads, authenticate=lambda key: authenticate_customer(app.state, key))
     app.add_middleware(BodySizeLimit, upload_bytes=settings.max_upload_bytes, other_bytes=JSON_BODY_LIMIT,
                        lease_upload_bytes=settings.max_adapter_bytes)
-    for router in (files.router, jobs.router, quotes.router, catalog.router, workers.router, billing.router,
-                   dashboard_router):
+    for router in (files.router, jobs.router, quotes.router, catalog.router, leases.router, workers.router,
+                   billing.router, providers.router, webhooks.router, dashboard_router):
         app.include_router(router)
     app.mount("/dashboard-static", StaticFiles(directory=DASHBOARD_DIR / "static"), name="dashboard-static")
 

@@ -4,7 +4,7 @@ later" and "refused for good". The API base is configurable, so tests point it a
 Stripe's wire format.
 
 Calls are never made straight from a request handler's logic: they are rows in the outbox
-(`services/outbox.py`), which calls `StripeGateway.call` and applies the answer.
+(`services/outbox.py`); `services/stripe_sync.py` calls `StripeGateway.call` and applies the answer.
 """
 
 from __future__ import annotations
@@ -16,6 +16,7 @@ from typing import Any
 import stripe
 
 from coordinator.settings import CoordinatorSettings
+from shared.errors import InvalidRequest
 
 
 class StripeUnavailable(Exception):
@@ -69,3 +70,9 @@ class StripeGateway:
 def make_gateway(settings: CoordinatorSettings) -> StripeGateway | None:
     """The gateway when a Stripe key is configured; None in the embedded default (no payments)."""
     return StripeGateway(settings) if settings.stripe_enabled else None
+
+
+def payments_not_configured() -> InvalidRequest:
+    """What a customer or provider hears when this coordinator has no Stripe key (or webhook secret)."""
+    return InvalidRequest("Payments through Stripe are not configured on this coordinator; an admin can grant "
+                          "credit with `tunegrid-coordinator credits grant`.", code="payments_not_configured")

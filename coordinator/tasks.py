@@ -17,7 +17,7 @@ from typing import Any
 from sqlalchemy.orm import Session, sessionmaker
 
 from coordinator.effects import Effects, take_effects
-from coordinator.services import blobs, budgets, lease_states, outbox, payouts, placement, worker_states
+from coordinator.services import blobs, budgets, lease_states, placement, stripe_sync, worker_states
 from coordinator.settings import CoordinatorSettings
 from coordinator.storage import BlobStore
 from coordinator.stripe_gateway import StripeGateway, make_gateway
@@ -51,11 +51,11 @@ def gateway_for(settings: CoordinatorSettings) -> StripeGateway | None:
 def send_outbox(*, session: Session, settings: CoordinatorSettings) -> int:
     """Stripe calls not yet answered (a crash, a timeout, Stripe down): sent again, same idempotency key."""
     gateway = gateway_for(settings)
-    return outbox.send_due(session=session, gateway=gateway) if gateway else 0
+    return stripe_sync.send_due(session=session, gateway=gateway) if gateway else 0
 
 
 def run_payouts(*, session: Session, settings: CoordinatorSettings) -> int:
-    return payouts.run_payouts(session=session, settings=settings, gateway=gateway_for(settings))
+    return stripe_sync.run_payouts(session=session, settings=settings, gateway=gateway_for(settings))
 
 
 def update_worker_scores(*, session: Session, settings: CoordinatorSettings) -> int:

@@ -7,6 +7,7 @@ from typing import NewType
 
 Micros = NewType("Micros", int)
 MICROS_PER_USD = 1_000_000
+MICROS_PER_CENT = 10_000  # Stripe moves whole cents
 _ONE_MICRO = Decimal("0.000001")
 # Wide enough for any amount we accept; every rounding or overflow raises instead of passing silently.
 _EXACT = Context(prec=60, traps=[Inexact, InvalidOperation])

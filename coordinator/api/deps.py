@@ -1,5 +1,6 @@
 """Request-scoped dependencies: who is calling (and the one thread hop that does their database work),
-the store, settings, and query-parameter strictness."""
+the store, settings, the Stripe gateway (and the one way a request makes an outbox call), and query-parameter
+strictness."""
 
 from __future__ import annotations
 
@@ -18,9 +19,10 @@ from sqlalchemy.orm import Session
 
 from coordinator.db.tables import AccountModel, Role, WorkerModel
 from coordinator.effects import Effects, take_effects
-from coordinator.services import keys, workers
+from coordinator.services import keys, outbox, stripe_sync, workers
 from coordinator.settings import CoordinatorSettings
 from coordinator.storage import BlobStore
+from coordinator.stripe_gateway import StripeGateway
 from shared.errors import AuthenticationFailed, InvalidRequest, PermissionDenied
 from shared.protocol import PROTOCOL_HEADER, SUPPORTED_PROTOCOL_VERSIONS, is_supported
 
@@ -59,8 +61,24 @@ async def get_store(request: Request) -> BlobStore:
     return request.app.state.store
 
 
+async def get_gateway(request: Request) -> StripeGateway | None:
+    return request.app.state.stripe
+
+
 SettingsDep = Annotated[CoordinatorSettings, Depends(get_settings)]
 StoreDep = Annotated[BlobStore, Depends(get_store)]
+GatewayDep = Annotated[StripeGateway | None, Depends(get_gateway)]
+
+
+async def call_stripe(state: State, gateway: StripeGateway, row_id: str) -> None:
+    """One outbox call from a request: the database hops hold a connection only around Stripe's call, never
+    during it, so a slow Stripe cannot starve the API of connections."""
+    call = await run_in_session(state, lambda session: outbox.pending_call(session=session, row_id=row_id))
+    if call is None:
+        return
+    answer = await anyio.to_thread.run_sync(stripe_sync.make_call, gateway, call)
+    await run_in_session(state, lambda session: stripe_sync.record_answer(session=session, row_id=row_id,
+                                                                          answer=answer))
 
 
 @dataclass(frozen=True, slots=True)

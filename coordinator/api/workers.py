@@ -1,27 +1,21 @@
-"""`/v1/workers`: the worker protocol (register, heartbeat, claim, lease reports and uploads) and a
-provider's view of its workers. Shapes live in `shared/protocol.py`."""
+"""`/v1/workers`: a provider's machines (register, list, revoke) and the agent's link (heartbeat, claim). What
+an agent does with a lease it holds is `leases.py`. Shapes live in `shared/protocol.py`."""
 
 from __future__ import annotations
 
 from typing import Annotated
 
-import anyio.to_thread
 from fastapi import APIRouter, Header, Path, Query, Request, Response
-from fastapi.responses import FileResponse
 
-from coordinator.api.deps import CurrentWorker, ProviderCaller, SettingsDep, StoreDep, reject_unknown_query
+from coordinator.api.deps import CurrentWorker, ProviderCaller, SettingsDep, reject_unknown_query
 from coordinator.api.errors import ERROR_RESPONSES
-from coordinator.db.ids import new_id
 from coordinator.db.tables import WorkerModel, utcnow
-from coordinator.services import checkpoints, files, leases, workers
-from coordinator.services.leases import FencedLease, parse_fencing_token
-from shared.errors import InvalidRequest, PayloadTooLarge
+from coordinator.services import leases, workers
+from shared.errors import InvalidRequest
 from shared.money import micros_to_usd
 from shared.protocol import (
-    FENCING_TOKEN_HEADER, PROTOCOL_HEADER, SHA256_HEADER, ClaimReply, ClaimRequest, HeartbeatReply, LeaseComplete, LeaseEvents,
-    LeaseFail, LeasePreempted, LeaseReply, UploadReply, WorkerHeartbeat, WorkerRegister, WorkerRegistered, is_supported,
+    FENCING_TOKEN_HEADER, PROTOCOL_HEADER, ClaimReply, ClaimRequest, HeartbeatReply, WorkerHeartbeat, WorkerRegister, WorkerRegistered, is_supported,
 )
-from shared.schemas.common import ErrorResponse
 from shared.schemas.workers import WorkerList, WorkerRead
 
 router = APIRouter(prefix="/v1/workers", tags=["workers"], responses=ERROR_RESPONSES)
@@ -43,11 +37,6 @@ def worker_read(worker: WorkerModel) -> WorkerRead:
         last_heartbeat_at=int(worker.last_heartbeat_at.timestamp()) if worker.last_heartbeat_at else None,
         suspended=worker.suspended_at is not None, revoked=worker.revoked_at is not None,
     )
-
-
-def lease_reply(f: FencedLease, message: str = "") -> LeaseReply:
-    return LeaseReply(lease_id=f.lease.id, fencing_token=f.lease.fencing_token, status=f.lease.status.value,
-                      job_status=f.job.status.value, message=message or (f.lease.end_reason or ""))
 
 
 # --- provider side --------------------------------------------------------------------------------
@@ -116,108 +105,3 @@ async def claim(request: Request, body: ClaimRequest, worker: CurrentWorker, set
         if not await waiter.wait(wait_s):
             return ClaimReply(assignment=None)
     return ClaimReply(assignment=await worker.run(leases.pending_assignment, settings=settings))
-
-
-@router.post("/leases/{lease_id}/events", response_model=LeaseReply)
-async def lease_events(lease_id: LeaseId, body: LeaseEvents, worker: CurrentWorker, fencing_token: FencingToken) -> LeaseReply:
-    token = parse_fencing_token(fencing_token)
-    return lease_reply(await worker.run(leases.record_events, lease_id=lease_id, fencing_token=token, events=body.events))
-
-
-@router.get("/leases/{lease_id}/files/{which}", response_class=FileResponse)
-async def lease_file(lease_id: LeaseId, which: Annotated[str, Path(pattern="^(training|validation)$")],
-                     worker: CurrentWorker, fencing_token: FencingToken, store: StoreDep) -> FileResponse:
-    """The lease's dataset; only for the worker holding the live lease, so the URL dies with the lease."""
-    token = parse_fencing_token(fencing_token)
-    file = await worker.run(leases.training_input, lease_id=lease_id, fencing_token=token, which=which)
-    return FileResponse(store.path(files.blob_key(file.id)), media_type="application/jsonl",
-                        headers={SHA256_HEADER: file.sha256})
-
-
-@router.get("/leases/{lease_id}/checkpoints/{checkpoint_id}/content", response_class=FileResponse)
-async def lease_resume_checkpoint(lease_id: LeaseId, checkpoint_id: Annotated[str, Path(max_length=64)],
-                                  worker: CurrentWorker, fencing_token: FencingToken, store: StoreDep) -> FileResponse:
-    token = parse_fencing_token(fencing_token)
-    checkpoint = await worker.run(checkpoints.resume_content, lease_id=lease_id, fencing_token=token,
-                                  checkpoint_id=checkpoint_id)
-    return FileResponse(store.path(checkpoints.checkpoint_key(checkpoint.id)), media_type="application/gzip",
-                        headers={SHA256_HEADER: checkpoint.blob_sha256 or ""})
-
-
-def _declared_sha256(value: str | None) -> str:
-    if value is None or len(value) != 64 or any(c not in "0123456789abcdef" for c in value):
-        raise InvalidRequest(f"Send the upload's sha256 (64 lowercase hex digits) in the {SHA256_HEADER} header.",
-                             param=SHA256_HEADER, code="missing_sha256")
-    return value
-
-
-@router.put("/leases/{lease_id}/checkpoints", response_model=UploadReply,
-            responses={422: {"model": ErrorResponse, "description": "The checkpoint failed its checks"}})
-async def upload_checkpoint(
-    request: Request, lease_id: LeaseId, step: Annotated[int, Query(ge=0, le=10**9)], worker: CurrentWorker,
-    fencing_token: FencingToken, store: StoreDep, settings: SettingsDep,
-    sha256: Annotated[str | None, Header(alias=SHA256_HEADER)] = None,
-) -> UploadReply:
-    """A checkpoint archive: streamed to storage and sha256-checked, then checked against the job
-    (shared/checkpoint.py) outside any database session, and recorded only if it passes and the lease is still
-    live. A refused checkpoint is deleted and counts against the worker (422 `checkpoint_rejected`)."""
-    token, expected = parse_fencing_token(fencing_token), _declared_sha256(sha256)
-    rules = await worker.run(checkpoints.upload_rules, settings=settings, lease_id=lease_id, fencing_token=token)
-    checkpoint_id = new_id("ftckpt-")
-    limit = min(settings.max_adapter_bytes, rules.upload_limit())
-    try:
-        blob = await store.put_stream(checkpoints.checkpoint_key(checkpoint_id), request.stream(), max_bytes=limit,
-                                      expected_sha256=expected)
-    except PayloadTooLarge:
-        refused = f"the upload is larger than the {limit} bytes a checkpoint of this job can take"
-        raise await worker.run(checkpoints.refuse, settings=settings, lease_id=lease_id, step=step,
-                               reason=refused) from None
-    refused = await anyio.to_thread.run_sync(checkpoints.check_upload, store, blob, rules, step)
-    if refused is not None:
-        store.delete(blob.key)
-        raise await worker.run(checkpoints.refuse, settings=settings, lease_id=lease_id, step=step, reason=refused)
-    await worker.run(checkpoints.record, store=store, settings=settings, lease_id=lease_id, fencing_token=token,
-                     step=step, checkpoint_id=checkpoint_id, blob=blob)
-    return UploadReply(lease_id=lease_id, kind="checkpoint", sha256=blob.sha256, bytes=blob.bytes, step=step)
-
-
-@router.put("/leases/{lease_id}/adapter", response_model=UploadReply)
-async def upload_adapter(
-    request: Request, lease_id: LeaseId, worker: CurrentWorker, fencing_token: FencingToken, store: StoreDep,
-    settings: SettingsDep, sha256: Annotated[str | None, Header(alias=SHA256_HEADER)] = None,
-) -> UploadReply:
-    token, expected = parse_fencing_token(fencing_token), _declared_sha256(sha256)
-    limit = await worker.run(leases.adapter_upload_limit, lease_id=lease_id, fencing_token=token)
-    blob = await store.put_stream(leases.adapter_upload_key(lease_id), request.stream(),
-                                  max_bytes=min(settings.max_adapter_bytes, limit + limit // 1000 + 64 * 1024),
-                                  expected_sha256=expected)
-    await worker.run(leases.record_adapter, store=store, lease_id=lease_id, fencing_token=token, blob=blob)
-    return UploadReply(lease_id=lease_id, kind="adapter", sha256=blob.sha256, bytes=blob.bytes)
-
-
-@router.post("/leases/{lease_id}/complete", response_model=LeaseReply)
-async def complete_lease(lease_id: LeaseId, body: LeaseComplete, worker: CurrentWorker, fencing_token: FencingToken,
-                         store: StoreDep, settings: SettingsDep) -> LeaseReply:
-    token = parse_fencing_token(fencing_token)
-    return lease_reply(await worker.run(leases.complete, store=store, settings=settings, lease_id=lease_id,
-                                        fencing_token=token, report=body))
-
-
-@router.post("/leases/{lease_id}/fail", response_model=LeaseReply)
-async def fail_lease(lease_id: LeaseId, body: LeaseFail, worker: CurrentWorker, fencing_token: FencingToken,
-                     store: StoreDep, settings: SettingsDep) -> LeaseReply:
-    token = parse_fencing_token(fencing_token)
-    if body.kind == "bad_checkpoint":  # a claim about another worker's upload: the coordinator checks it first
-        return lease_reply(await worker.run(checkpoints.report_bad, store=store, settings=settings, lease_id=lease_id,
-                                            fencing_token=token, report=body))
-    return lease_reply(await worker.run(leases.fail, settings=settings, lease_id=lease_id, fencing_token=token,
-                                        report=body))
-
-
-@router.post("/leases/{lease_id}/preempted", response_model=LeaseReply)
-async def preempt_lease(lease_id: LeaseId, body: LeasePreempted, worker: CurrentWorker, fencing_token: FencingToken,
-                        settings: SettingsDep) -> LeaseReply:
-    token = parse_fencing_token(fencing_token)
-    return lease_reply(await worker.run(leases.preempted, settings=settings, lease_id=lease_id, fencing_token=token,
-                                        report=body))
-

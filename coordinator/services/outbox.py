@@ -1,5 +1,6 @@
-"""Calls to Stripe as rows: committed with the state change that needs them, then made (at once, and again by
-a periodic sweep until Stripe answers) with the row's idempotency key.
+"""The outbox: calls to Stripe as rows, committed with the state change that needs them, then made (at once,
+and again by a periodic sweep until Stripe answers) with the row's idempotency key. This module is the queue
+and its rows' lifecycle; making the calls and applying their answers is `stripe_sync.py`.
 
 If the process dies after Stripe acted but before we recorded its answer, the row is still pending; the next
 attempt sends the same key, Stripe answers with the object it already made, and we record that. So a
@@ -19,7 +20,7 @@ from sqlalchemy.orm import Session
 
 from coordinator.db.ids import new_id
 from coordinator.db.tables import OutboxModel, OutboxStatus, utcnow
-from coordinator.stripe_gateway import StripeGateway, StripeRefused, StripeUnavailable
+from coordinator.stripe_gateway import StripeGateway, StripeRefused
 
 log = logging.getLogger(__name__)
 MAX_ATTEMPTS = 12  # with the backoff below, about a day of trying
@@ -36,20 +37,6 @@ def enqueue(*, session: Session, operation: str, key: str, subject_id: str, para
                       params=params, status=OutboxStatus.pending, attempts=0, next_attempt_at=utcnow())
     session.add(row)
     return row
-
-
-def _apply(session: Session, row: OutboxModel, result: dict[str, Any] | None, refused: StripeRefused | None) -> None:
-    from coordinator.services import payouts, topups  # noqa: PLC0415 - they enqueue here; we call back there
-
-    handlers = {
-        "checkout.session.create": topups.on_checkout_session,
-        "account.create": payouts.on_account,
-        "account_link.create": None,
-        "transfer.create": payouts.on_transfer,
-    }
-    handler = handlers[row.operation]
-    if handler is not None:
-        handler(session=session, row=row, result=result, refused=refused)
 
 
 @dataclass(frozen=True, slots=True)
@@ -77,64 +64,46 @@ def pending_call(*, session: Session, row_id: str) -> Call | None:
     return call
 
 
-def make_call(gateway: StripeGateway, call: Call) -> Answer:
-    """Ask Stripe (no database work: safe outside any session or connection)."""
-    try:
-        return Answer(result=gateway.call(call.operation, call.params, idempotency_key=call.key))
-    except StripeRefused as exc:
-        return Answer(refused=exc, error=f"refused: {exc}")
-    except StripeUnavailable as exc:
-        return Answer(error=str(exc))
+@dataclass(frozen=True, slots=True)
+class Settled:
+    """A call Stripe answered for good (or that gave up): what its subject must hear."""
+
+    row: OutboxModel
+    result: dict[str, Any] | None
+    refused: StripeRefused | None
 
 
-def record_answer(*, session: Session, row_id: str, answer: Answer) -> OutboxModel:
-    """Record Stripe's answer and apply it to the row's subject, or schedule the next attempt."""
+def record(*, session: Session, row_id: str, answer: Answer) -> Settled | None:
+    """Record Stripe's answer on the locked row, or schedule the next attempt (the caller commits). The call
+    settled, for its subject to apply in the same transaction; None when there is nothing to apply (another
+    process recorded it first, or it will be tried again)."""
     row = session.get(OutboxModel, row_id, with_for_update=True, populate_existing=True)
     assert row is not None
-    if row.status is not OutboxStatus.pending:  # another process recorded the same answer first
-        session.commit()
-        return row
+    if row.status is not OutboxStatus.pending:
+        return None
     row.attempts += 1
     now = utcnow()
     if answer.result is not None or answer.refused is not None:
         row.status = OutboxStatus.done if answer.result is not None else OutboxStatus.failed
         row.response, row.last_error, row.done_at = answer.result, answer.error, now
-        _apply(session, row, answer.result, answer.refused)
-    else:
-        row.last_error = answer.error
-        if row.attempts >= MAX_ATTEMPTS:
-            log.error("outbox %s (%s) gave up after %d attempts: %s", row.id, row.operation, row.attempts, answer.error)
-            row.status = OutboxStatus.failed
-            _apply(session, row, None, StripeRefused(
-                f"no answer from Stripe after {row.attempts} attempts: {answer.error}", code="unreachable"))
-        else:
-            delay = min(BACKOFF_BASE_S * 2 ** (row.attempts - 1), BACKOFF_MAX_S)
-            row.next_attempt_at = now + timedelta(seconds=delay)
-            log.warning("outbox %s (%s) attempt %d failed, next in %d s: %s", row.id, row.operation, row.attempts,
-                        delay, answer.error)
-    session.commit()
-    return row
+        return Settled(row=row, result=answer.result, refused=answer.refused)
+    row.last_error = answer.error
+    if row.attempts >= MAX_ATTEMPTS:
+        log.error("outbox %s (%s) gave up after %d attempts: %s", row.id, row.operation, row.attempts, answer.error)
+        row.status = OutboxStatus.failed
+        return Settled(row=row, result=None, refused=StripeRefused(
+            f"no answer from Stripe after {row.attempts} attempts: {answer.error}", code="unreachable"))
+    delay = min(BACKOFF_BASE_S * 2 ** (row.attempts - 1), BACKOFF_MAX_S)
+    row.next_attempt_at = now + timedelta(seconds=delay)
+    log.warning("outbox %s (%s) attempt %d failed, next in %d s: %s", row.id, row.operation, row.attempts,
+                delay, answer.error)
+    return None
 
 
-def send(*, session: Session, gateway: StripeGateway, row_id: str) -> OutboxModel:
-    """Make the row's call once and record the answer (for background work; a request handler does the three
-    steps itself so that no database connection waits on Stripe)."""
-    call = pending_call(session=session, row_id=row_id)
-    if call is None:
-        row = session.get(OutboxModel, row_id)
-        assert row is not None
-        return row
-    return record_answer(session=session, row_id=row_id, answer=make_call(gateway, call))
-
-
-def send_due(*, session: Session, gateway: StripeGateway) -> int:
-    """Retry every pending call whose time has come; how many were answered."""
-    due = list(session.scalars(select(OutboxModel.id).where(
+def due(*, session: Session) -> list[str]:
+    """Pending calls whose time has come, oldest first (commits)."""
+    ids = list(session.scalars(select(OutboxModel.id).where(
         OutboxModel.status == OutboxStatus.pending, OutboxModel.next_attempt_at <= utcnow())
         .order_by(OutboxModel.next_attempt_at).limit(SWEEP_BATCH)))
     session.commit()
-    answered = 0
-    for row_id in due:
-        if send(session=session, gateway=gateway, row_id=row_id).status is not OutboxStatus.pending:
-            answered += 1
-    return answered
+    return ids

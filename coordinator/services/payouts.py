@@ -23,10 +23,10 @@ from coordinator.db.tables import (
 )
 from coordinator.services import ledger, outbox
 from coordinator.services.ledger import HOUSE
-from coordinator.services.topups import MICROS_PER_CENT, payments_not_configured
 from coordinator.settings import CoordinatorSettings
-from coordinator.stripe_gateway import StripeGateway, StripeRefused
+from coordinator.stripe_gateway import StripeGateway, StripeRefused, payments_not_configured
 from shared.errors import BadGateway, InvalidRequest
+from shared.money import MICROS_PER_CENT
 
 log = logging.getLogger(__name__)
 PAYOUT_BATCH = 500
@@ -89,19 +89,6 @@ def onboarding(*, session: Session, account: AccountModel, link_row_id: str) -> 
     return Onboarding(account=payout_account, url=link.response["url"])
 
 
-def onboard(*, session: Session, account: AccountModel, settings: CoordinatorSettings,
-            gateway: StripeGateway | None) -> Onboarding:
-    """All of onboarding in one go (the API does these steps across sessions, so no connection waits on Stripe)."""
-    row_id = account_call(session=session, account=account, gateway=gateway)
-    if row_id is not None:
-        assert gateway is not None
-        outbox.send(session=session, gateway=gateway, row_id=row_id)
-    link_row_id = link_call(session=session, account=account, settings=settings)
-    assert gateway is not None
-    outbox.send(session=session, gateway=gateway, row_id=link_row_id)
-    return onboarding(session=session, account=account, link_row_id=link_row_id)
-
-
 def on_account(*, session: Session, row, result, refused: StripeRefused | None) -> None:  # type: ignore[no-untyped-def]
     if result is None:
         log.error("Stripe refused a Connect account for %s: %s", row.subject_id, refused)
@@ -159,14 +146,6 @@ def create_payouts(*, session: Session, settings: CoordinatorSettings) -> list[s
         session.commit()
         queued.append(row.id)
     return queued
-
-
-def run_payouts(*, session: Session, settings: CoordinatorSettings, gateway: StripeGateway | None) -> int:
-    """The scheduled payout run: queue what is due, then send it (and anything else the outbox still owes)."""
-    if gateway is None:
-        return 0
-    create_payouts(session=session, settings=settings)
-    return outbox.send_due(session=session, gateway=gateway)
 
 
 def _restore(session: Session, payout: PayoutModel, *, status: PayoutStatus, why: str) -> None:

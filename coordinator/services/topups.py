@@ -1,5 +1,5 @@
 """Prepaid top-ups through Stripe Checkout: a top-up opens a Checkout Session; Stripe's signed webhook for the
-paid session credits the customer, once (`webhooks.py`).
+paid session credits the customer, once (`stripe_sync.py` hands it here).
 
 Stripe charges whole cents, so amounts are whole cents from $5 to $10,000. A client may send an
 `Idempotency-Key`: the same key returns the same top-up (and its Checkout URL) instead of opening another.
@@ -17,18 +17,12 @@ from coordinator.services import ledger, outbox
 from coordinator.services.ledger import HOUSE
 from coordinator.services.paging import page
 from coordinator.settings import CoordinatorSettings
-from coordinator.stripe_gateway import StripeGateway, StripeRefused
+from coordinator.stripe_gateway import StripeGateway, StripeRefused, payments_not_configured
 from shared.errors import BadGateway, InvalidRequest
-from shared.money import micros_to_usd, usd_to_micros
+from shared.money import MICROS_PER_CENT, micros_to_usd, usd_to_micros
 
-MICROS_PER_CENT = 10_000
 MIN_TOPUP = usd_to_micros("5")
 MAX_TOPUP = usd_to_micros("10000")
-
-
-def payments_not_configured() -> InvalidRequest:
-    return InvalidRequest("Payments through Stripe are not configured on this coordinator; an admin can grant "
-                          "credit with `tunegrid-coordinator credits grant`.", code="payments_not_configured")
 
 
 def prepare(
@@ -138,6 +132,24 @@ def expire_session(*, session: Session, stripe_session: dict) -> str:  # type: i
         return "ignored"
     topup.status = TopupStatus.expired
     return "expired"
+
+
+def refund_charge(*, session: Session, charge: dict) -> str:  # type: ignore[type-arg]
+    """`charge.refunded`: the refunded part of a top-up leaves the customer's available credit (which may go
+    negative if it was spent) and goes back out through Stripe. Posted once per refund object."""
+    metadata = charge.get("metadata") or {}
+    account_id = metadata.get("tunegrid_account_id")
+    if not account_id:
+        return "not a top-up"
+    done = 0
+    for refund in (charge.get("refunds") or {}).get("data") or []:
+        posted = ledger.move(
+            session=session, key=f"refund:{refund['id']}", kind="refund", amount=int(refund["amount"]) * MICROS_PER_CENT,
+            frm=(Book.customer_available, account_id), to=(Book.stripe_clearing, HOUSE),
+            description=f"Refund {refund['id']} of top-up {metadata.get('tunegrid_topup_id', '')} to the card",
+            account_id=account_id)
+        done += posted is not None
+    return f"{done} refunds"
 
 
 def list_topups(*, session: Session, account: AccountModel, after: str | None, limit: int) -> tuple[list[TopupModel], bool]:

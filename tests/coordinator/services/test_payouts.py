@@ -10,7 +10,7 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from coordinator.db.tables import Book, OutboxModel, OutboxStatus, PayoutModel, PayoutStatus
-from coordinator.services import ledger, outbox, payouts
+from coordinator.services import ledger, payouts, stripe_sync
 from coordinator.services.ledger import HOUSE, Entry
 from coordinator.settings import CoordinatorSettings
 from coordinator.stripe_gateway import StripeGateway
@@ -62,16 +62,16 @@ def test_payouts_transfer_what_is_due_above_the_minimum(
     destination = onboarded(stripe_client, stripe_server, provider)
     gateway = StripeGateway(stripe_settings)
     earn(session, provider.account_id, "0.50")  # under the $1.00 minimum: nothing yet
-    assert payouts.run_payouts(session=session, settings=stripe_settings, gateway=gateway) == 0
+    assert stripe_sync.run_payouts(session=session, settings=stripe_settings, gateway=gateway) == 0
     earn(session, provider.account_id, "12.345678", key="more")
-    assert payouts.run_payouts(session=session, settings=stripe_settings, gateway=gateway) == 1
+    assert stripe_sync.run_payouts(session=session, settings=stripe_settings, gateway=gateway) == 1
     [transfer] = stripe_server.transfers.values()
     assert (transfer["amount"], transfer["destination"], transfer["currency"]) == (1284, destination, "usd")
     assert ledger.balance(session, Book.provider_payable, provider.account_id) == 5_678  # the sub-cent rest waits
     body = stripe_client.get("/v1/providers/me/earnings", headers=provider.headers).json()
     assert body["paid_out"] == "12.840000" and body["payable"] == "0.005678"
     assert body["payouts"][0]["status"] == "paid" and body["payouts"][0]["stripe_transfer_id"] == transfer["id"]
-    assert payouts.run_payouts(session=session, settings=stripe_settings, gateway=gateway) == 0  # nothing twice
+    assert stripe_sync.run_payouts(session=session, settings=stripe_settings, gateway=gateway) == 0  # nothing twice
     assert len(stripe_server.transfers) == 1 and ledger.audit(session).ok
 
 
@@ -91,7 +91,7 @@ def test_a_crash_between_stripes_transfer_and_our_record_makes_one_transfer(
 
     monkeypatch.setattr(payouts, "on_transfer", crash)
     with pytest.raises(SystemExit):
-        outbox.send(session=session, gateway=gateway, row_id=row_id)
+        stripe_sync.send(session=session, gateway=gateway, row_id=row_id)
     session.rollback()
     assert len(stripe_server.transfers) == 1  # Stripe did it; we never recorded it
     row = session.get(OutboxModel, row_id)
@@ -100,7 +100,7 @@ def test_a_crash_between_stripes_transfer_and_our_record_makes_one_transfer(
     monkeypatch.setattr(payouts, "on_transfer", real)
     row.next_attempt_at = row.created_at  # due now (the retry sweep would find it after its backoff)
     session.commit()
-    assert outbox.send_due(session=session, gateway=gateway) == 1  # the same idempotency key, replayed
+    assert stripe_sync.send_due(session=session, gateway=gateway) == 1  # the same idempotency key, replayed
     assert len(stripe_server.transfers) == 1
     payout = session.scalars(select(PayoutModel)).one()
     assert payout.status is PayoutStatus.paid and payout.stripe_transfer_id in stripe_server.transfers
@@ -115,7 +115,7 @@ def test_a_lost_reply_is_retried_by_the_sdk_with_the_same_key(
     onboarded(stripe_client, stripe_server, provider)
     earn(session, provider.account_id, "3")
     stripe_server.drop_next = 1  # Stripe makes the transfer, the connection drops before its answer
-    assert payouts.run_payouts(session=session, settings=stripe_settings, gateway=StripeGateway(stripe_settings)) == 1
+    assert stripe_sync.run_payouts(session=session, settings=stripe_settings, gateway=StripeGateway(stripe_settings)) == 1
     assert len(stripe_server.transfers) == 1
     assert session.scalars(select(PayoutModel)).one().status is PayoutStatus.paid
 
@@ -126,7 +126,7 @@ def test_a_refused_transfer_puts_the_money_back(
     account_id = onboarded(stripe_client, stripe_server, provider)
     stripe_server.accounts[account_id]["capabilities"] = {"transfers": "inactive"}  # Stripe disabled it meanwhile
     earn(session, provider.account_id, "3")
-    payouts.run_payouts(session=session, settings=stripe_settings, gateway=StripeGateway(stripe_settings))
+    stripe_sync.run_payouts(session=session, settings=stripe_settings, gateway=StripeGateway(stripe_settings))
     payout = session.scalars(select(PayoutModel)).one()
     assert payout.status is PayoutStatus.failed and "capabilities" in (payout.failure or "")
     assert ledger.balance(session, Book.provider_payable, provider.account_id) == usd_to_micros("3")
@@ -138,7 +138,7 @@ def test_a_reversed_transfer_puts_the_money_back(
 ) -> None:
     onboarded(stripe_client, stripe_server, provider)
     earn(session, provider.account_id, "3")
-    payouts.run_payouts(session=session, settings=stripe_settings, gateway=StripeGateway(stripe_settings))
+    stripe_sync.run_payouts(session=session, settings=stripe_settings, gateway=StripeGateway(stripe_settings))
     [transfer] = stripe_server.transfers.values()
     event = stripe_server.event("transfer.reversed", {**transfer, "reversed": True, "amount_reversed": 300})
     assert deliver(stripe_client, event).json()["outcome"] == "reversed"
@@ -151,7 +151,7 @@ def test_without_stripe_payouts_stay_pending(client: TestClient, session: Sessio
                                              provider) -> None:
     earn(session, provider.account_id, "50")
     assert payouts.create_payouts(session=session, settings=settings) == []
-    assert payouts.run_payouts(session=session, settings=settings, gateway=None) == 0
+    assert stripe_sync.run_payouts(session=session, settings=settings, gateway=None) == 0
     body = client.get("/v1/providers/me/earnings", headers=provider.headers).json()
     assert body["payable"] == "50.000000" and body["payouts_enabled"] is False and body["payouts"] == []
     refused = client.post("/v1/providers/me/payout-account", headers=provider.headers)

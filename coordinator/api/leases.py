@@ -1,0 +1,138 @@
+"""`/v1/workers/leases/{lease_id}`: what the agent holding a lease does with it: report events, fetch its
+datasets and resume checkpoint, upload checkpoints and the adapter, and finish (complete, fail, preempted).
+Every call presents the lease's fencing token (`FencingToken`); a stale one is `409 lease_lost`."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+import anyio.to_thread
+from fastapi import APIRouter, Depends, Header, Path, Query, Request
+from fastapi.responses import FileResponse
+
+from coordinator.api.deps import CurrentWorker, SettingsDep, StoreDep
+from coordinator.api.errors import ERROR_RESPONSES
+from coordinator.db.ids import new_id
+from coordinator.services import checkpoints, files, leases
+from coordinator.services.leases import FencedLease, parse_fencing_token
+from shared.errors import InvalidRequest, PayloadTooLarge
+from shared.protocol import (
+    FENCING_TOKEN_HEADER, SHA256_HEADER, LeaseComplete, LeaseEvents, LeaseFail, LeasePreempted, LeaseReply,
+    UploadReply,
+)
+from shared.schemas.common import ErrorResponse
+
+router = APIRouter(prefix="/v1/workers/leases", tags=["workers"], responses=ERROR_RESPONSES)
+LeaseId = Annotated[str, Path(max_length=64)]
+
+
+async def fencing_token(value: Annotated[str | None, Header(alias=FENCING_TOKEN_HEADER)] = None) -> int:
+    """The lease's fencing token, from its header (400 `missing_fencing_token` when absent or malformed)."""
+    return parse_fencing_token(value)
+
+
+FencingToken = Annotated[int, Depends(fencing_token)]
+
+
+def lease_reply(f: FencedLease, message: str = "") -> LeaseReply:
+    return LeaseReply(lease_id=f.lease.id, fencing_token=f.lease.fencing_token, status=f.lease.status.value,
+                      job_status=f.job.status.value, message=message or (f.lease.end_reason or ""))
+
+
+@router.post("/{lease_id}/events", response_model=LeaseReply)
+async def lease_events(lease_id: LeaseId, body: LeaseEvents, worker: CurrentWorker, token: FencingToken) -> LeaseReply:
+    return lease_reply(await worker.run(leases.record_events, lease_id=lease_id, fencing_token=token, events=body.events))
+
+
+@router.get("/{lease_id}/files/{which}", response_class=FileResponse)
+async def lease_file(lease_id: LeaseId, which: Annotated[str, Path(pattern="^(training|validation)$")],
+                     worker: CurrentWorker, token: FencingToken, store: StoreDep) -> FileResponse:
+    """The lease's dataset; only for the worker holding the live lease, so the URL dies with the lease."""
+    file = await worker.run(leases.training_input, lease_id=lease_id, fencing_token=token, which=which)
+    return FileResponse(store.path(files.blob_key(file.id)), media_type="application/jsonl",
+                        headers={SHA256_HEADER: file.sha256})
+
+
+@router.get("/{lease_id}/checkpoints/{checkpoint_id}/content", response_class=FileResponse)
+async def lease_resume_checkpoint(lease_id: LeaseId, checkpoint_id: Annotated[str, Path(max_length=64)],
+                                  worker: CurrentWorker, token: FencingToken, store: StoreDep) -> FileResponse:
+    checkpoint = await worker.run(checkpoints.resume_content, lease_id=lease_id, fencing_token=token,
+                                  checkpoint_id=checkpoint_id)
+    return FileResponse(store.path(checkpoints.checkpoint_key(checkpoint.id)), media_type="application/gzip",
+                        headers={SHA256_HEADER: checkpoint.blob_sha256 or ""})
+
+
+def _declared_sha256(value: str | None) -> str:
+    if value is None or len(value) != 64 or any(c not in "0123456789abcdef" for c in value):
+        raise InvalidRequest(f"Send the upload's sha256 (64 lowercase hex digits) in the {SHA256_HEADER} header.",
+                             param=SHA256_HEADER, code="missing_sha256")
+    return value
+
+
+@router.put("/{lease_id}/checkpoints", response_model=UploadReply,
+            responses={422: {"model": ErrorResponse, "description": "The checkpoint failed its checks"}})
+async def upload_checkpoint(
+    request: Request, lease_id: LeaseId, step: Annotated[int, Query(ge=0, le=10**9)], worker: CurrentWorker,
+    token: FencingToken, store: StoreDep, settings: SettingsDep,
+    sha256: Annotated[str | None, Header(alias=SHA256_HEADER)] = None,
+) -> UploadReply:
+    """A checkpoint archive: streamed to storage and sha256-checked, then checked against the job
+    (shared/checkpoint.py) outside any database session, and recorded only if it passes and the lease is still
+    live. A refused checkpoint is deleted and counts against the worker (422 `checkpoint_rejected`)."""
+    expected = _declared_sha256(sha256)
+    rules = await worker.run(checkpoints.upload_rules, settings=settings, lease_id=lease_id, fencing_token=token)
+    checkpoint_id = new_id("ftckpt-")
+    limit = min(settings.max_adapter_bytes, rules.upload_limit())
+    try:
+        blob = await store.put_stream(checkpoints.checkpoint_key(checkpoint_id), request.stream(), max_bytes=limit,
+                                      expected_sha256=expected)
+    except PayloadTooLarge:
+        refused = f"the upload is larger than the {limit} bytes a checkpoint of this job can take"
+        raise await worker.run(checkpoints.refuse, settings=settings, lease_id=lease_id, step=step,
+                               reason=refused) from None
+    refused = await anyio.to_thread.run_sync(checkpoints.check_upload, store, blob, rules, step)
+    if refused is not None:
+        store.delete(blob.key)
+        raise await worker.run(checkpoints.refuse, settings=settings, lease_id=lease_id, step=step, reason=refused)
+    await worker.run(checkpoints.record, store=store, settings=settings, lease_id=lease_id, fencing_token=token,
+                     step=step, checkpoint_id=checkpoint_id, blob=blob)
+    return UploadReply(lease_id=lease_id, kind="checkpoint", sha256=blob.sha256, bytes=blob.bytes, step=step)
+
+
+@router.put("/{lease_id}/adapter", response_model=UploadReply)
+async def upload_adapter(
+    request: Request, lease_id: LeaseId, worker: CurrentWorker, token: FencingToken, store: StoreDep,
+    settings: SettingsDep, sha256: Annotated[str | None, Header(alias=SHA256_HEADER)] = None,
+) -> UploadReply:
+    expected = _declared_sha256(sha256)
+    limit = await worker.run(leases.adapter_upload_limit, lease_id=lease_id, fencing_token=token)
+    blob = await store.put_stream(leases.adapter_upload_key(lease_id), request.stream(),
+                                  max_bytes=min(settings.max_adapter_bytes, limit + limit // 1000 + 64 * 1024),
+                                  expected_sha256=expected)
+    await worker.run(leases.record_adapter, store=store, lease_id=lease_id, fencing_token=token, blob=blob)
+    return UploadReply(lease_id=lease_id, kind="adapter", sha256=blob.sha256, bytes=blob.bytes)
+
+
+@router.post("/{lease_id}/complete", response_model=LeaseReply)
+async def complete_lease(lease_id: LeaseId, body: LeaseComplete, worker: CurrentWorker, token: FencingToken,
+                         store: StoreDep, settings: SettingsDep) -> LeaseReply:
+    return lease_reply(await worker.run(leases.complete, store=store, settings=settings, lease_id=lease_id,
+                                        fencing_token=token, report=body))
+
+
+@router.post("/{lease_id}/fail", response_model=LeaseReply)
+async def fail_lease(lease_id: LeaseId, body: LeaseFail, worker: CurrentWorker, token: FencingToken,
+                     store: StoreDep, settings: SettingsDep) -> LeaseReply:
+    if body.kind == "bad_checkpoint":  # a claim about another worker's upload: the coordinator checks it first
+        return lease_reply(await worker.run(checkpoints.report_bad, store=store, settings=settings, lease_id=lease_id,
+                                            fencing_token=token, report=body))
+    return lease_reply(await worker.run(leases.fail, settings=settings, lease_id=lease_id, fencing_token=token,
+                                        report=body))
+
+
+@router.post("/{lease_id}/preempted", response_model=LeaseReply)
+async def preempt_lease(lease_id: LeaseId, body: LeasePreempted, worker: CurrentWorker, token: FencingToken,
+                        settings: SettingsDep) -> LeaseReply:
+    return lease_reply(await worker.run(leases.preempted, settings=settings, lease_id=lease_id, fencing_token=token,
+                                        report=body))
+
