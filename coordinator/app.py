@@ -17,7 +17,8 @@ from coordinator import __version__
 from coordinator import tasks
 from coordinator.api import billing, catalog, errors, files, jobs, leases, providers, quotes, webhooks, workers
 from coordinator.api.deps import authenticate_customer, run_in_session
-from coordinator.dashboard.routes import HERE as DASHBOARD_DIR, router as dashboard_router
+from coordinator.dashboard import admin as admin_pages, auth as auth_pages, own as own_pages
+from coordinator.dashboard.pages import HERE as DASHBOARD_DIR
 from coordinator.api.limits import AuthenticateUploads, BodySizeLimit
 from coordinator.db.engine import make_engine, make_sessionmaker
 from coordinator.db.migrate import upgrade_head
@@ -111,7 +112,8 @@ def create_app(settings: CoordinatorSettings | None = None) -> FastAPI:
     app.add_middleware(BodySizeLimit, upload_bytes=settings.max_upload_bytes, other_bytes=JSON_BODY_LIMIT,
                        lease_upload_bytes=settings.max_adapter_bytes)
     for router in (files.router, jobs.router, quotes.router, catalog.router, leases.router, workers.router,
-                   billing.router, providers.router, webhooks.router, dashboard_router):
+                   billing.router, providers.router, webhooks.router, auth_pages.router, admin_pages.router,
+                   own_pages.router):
         app.include_router(router)
     app.mount("/dashboard-static", StaticFiles(directory=DASHBOARD_DIR / "static"), name="dashboard-static")
 

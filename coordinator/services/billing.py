@@ -1,5 +1,5 @@
-"""A customer's money around their jobs: holds, settlements, releases and credit grants, and what the
-billing API reads (balance, usage, transactions). Every movement goes through `ledger`.
+"""A customer's money around their jobs: holds, settlements, releases, credit grants and admins' refunds, and
+what the billing API reads (balance, usage, transactions). Every movement goes through `ledger`.
 
 A job runs only against a hold: credit moved from the customer's available balance to held when the job
 is queued (`holds.py` sizes it). Each lease's usage is settled from the job's hold when the lease ends
@@ -21,7 +21,7 @@ from coordinator.db.tables import (
 from coordinator.services import ledger
 from coordinator.services.ledger import HOUSE
 from coordinator.services.paging import page
-from shared.errors import InvalidRequest
+from shared.errors import InvalidRequest, NotFound
 from shared.money import micros_to_usd
 from shared.pricing import cost_for_seconds
 
@@ -168,3 +168,30 @@ def transactions(*, session: Session, account: AccountModel, after: str | None, 
     return [Transaction(row=r, available=effects.get((r.id, Book.customer_available), 0),
                         held=effects.get((r.id, Book.customer_held), 0),
                         payable=effects.get((r.id, Book.provider_payable), 0)) for r in rows], has_more
+
+
+def job_refunded(session: Session, job_id: str) -> int:
+    """What admins have refunded of a job so far."""
+    return int(session.scalar(
+        select(func.coalesce(func.sum(LedgerPostingModel.amount), 0))
+        .join(LedgerTransactionModel, LedgerTransactionModel.id == LedgerPostingModel.transaction_id)
+        .where(LedgerTransactionModel.kind == "job_refund", LedgerTransactionModel.job_id == job_id,
+               LedgerPostingModel.book == Book.customer_available)) or 0)
+
+
+def refund_job(*, session: Session, job_id: str, amount: int, nonce: str, admin: AccountModel, reason: str) -> str | None:
+    """Give a customer back (part of) what a job was charged, as credit: a `job_refund` transaction from the
+    platform's refunds book. At most what the job was charged, less earlier refunds; once per form `nonce`."""
+    job = session.get(JobModel, job_id, with_for_update=True)
+    if job is None:
+        raise NotFound(f"No such fine-tuning job: {job_id}", param="job_id")
+    refundable = job.billed_micros - job_refunded(session, job_id)
+    if amount <= 0 or amount > refundable:
+        raise InvalidRequest(f"A refund of this job is between $0.000001 and ${micros_to_usd(refundable)} "
+                             f"(charged ${micros_to_usd(job.billed_micros)}, less earlier refunds).", param="amount")
+    posted = ledger.move(session=session, key=f"job-refund:{job_id}:{nonce}", kind="job_refund", amount=amount,
+                         frm=(Book.refunds, HOUSE), to=(Book.customer_available, job.account_id),
+                         description=f"Refund for fine-tuning job {job_id} by {admin.name}: {reason}",
+                         account_id=job.account_id, job_id=job_id)
+    session.commit()
+    return posted

@@ -1,6 +1,6 @@
-"""What the dashboard shows: costs and revenue over a period, the fleet, jobs and one job in full, each a few
-indexed queries that stay fast with thousands of workers and jobs; plus the admin's job refund (a ledger
-transaction, never an edit)."""
+"""What the dashboard shows, read only: costs and revenue over a period, the fleet, jobs and one job in full,
+each a few indexed queries that stay fast with thousands of workers and jobs. (An admin's refund is a ledger
+transaction: `billing.refund_job`.)"""
 
 from __future__ import annotations
 
@@ -16,10 +16,8 @@ from coordinator.db.tables import (
     AccountModel, Book, JobCheckpointModel, JobEventModel, JobModel, JobStatus, LeaseModel, LedgerBalanceModel,
     LedgerTransactionModel, PayoutModel, PayoutStatus, UsageRecordModel, WorkerModel, WorkerState, utcnow,
 )
-from coordinator.services import ledger
-from coordinator.services.ledger import HOUSE
+from coordinator.services import billing, ledger
 from shared.errors import InvalidRequest, NotFound
-from shared.money import micros_to_usd
 
 PAGE_SIZE = 50
 TOP = 50
@@ -234,35 +232,7 @@ def job_detail(*, session: Session, job_id: str, account_id: str | None = None) 
             losses["validation loss"].append((float(data["step"]), float(data["valid_loss"])))
     events = list(session.scalars(select(JobEventModel).where(JobEventModel.job_id == job_id, JobEventModel.type == "message")
                                   .order_by(JobEventModel.id.desc()).limit(30)))
-    refunded = _job_refunded(session, job_id)
+    refunded = billing.job_refunded(session, job_id)
     session.commit()
     return JobDetail(job=job, customer=customer, leases=leases, usage=usage, checkpoints=checkpoints, losses=losses,
                      events=events, refunded=refunded)
-
-
-def _job_refunded(session: Session, job_id: str) -> int:
-    from coordinator.db.tables import LedgerPostingModel  # noqa: PLC0415
-
-    return int(session.scalar(
-        select(func.coalesce(func.sum(LedgerPostingModel.amount), 0))
-        .join(LedgerTransactionModel, LedgerTransactionModel.id == LedgerPostingModel.transaction_id)
-        .where(LedgerTransactionModel.kind == "job_refund", LedgerTransactionModel.job_id == job_id,
-               LedgerPostingModel.book == Book.customer_available)) or 0)
-
-
-def refund_job(*, session: Session, job_id: str, amount: int, nonce: str, admin: AccountModel, reason: str) -> str | None:
-    """Give a customer back (part of) what a job was charged, as credit: a `job_refund` transaction from the
-    platform's refunds book. At most what the job was charged, less earlier refunds; once per form `nonce`."""
-    job = session.get(JobModel, job_id, with_for_update=True)
-    if job is None:
-        raise NotFound(f"No such fine-tuning job: {job_id}", param="job_id")
-    refundable = job.billed_micros - _job_refunded(session, job_id)
-    if amount <= 0 or amount > refundable:
-        raise InvalidRequest(f"A refund of this job is between $0.000001 and ${micros_to_usd(refundable)} "
-                             f"(charged ${micros_to_usd(job.billed_micros)}, less earlier refunds).", param="amount")
-    posted = ledger.move(session=session, key=f"job-refund:{job_id}:{nonce}", kind="job_refund", amount=amount,
-                         frm=(Book.refunds, HOUSE), to=(Book.customer_available, job.account_id),
-                         description=f"Refund for fine-tuning job {job_id} by {admin.name}: {reason}",
-                         account_id=job.account_id, job_id=job_id)
-    session.commit()
-    return posted
