@@ -36,22 +36,18 @@ from worker.model_cache import ModelCache
 from worker.nvml import GpuProbe, Machine
 from worker.policy import PolicyGate, Verdict
 from worker.progress import ProgressTail, lease_event
+from worker.reporter import Reporter, Undelivered
 from worker.runtimes.base import JobMount, Running, Runtime
 from worker.settings import WorkerSettings
+from worker.trainer.errors import EXIT_DONE, EXIT_PREEMPTED, failure_kind
 
 log = logging.getLogger(__name__)
-EXIT_DONE, EXIT_USER_ERROR, EXIT_WORKER_ERROR, EXIT_PREEMPTED, EXIT_BAD_CHECKPOINT = 0, 3, 4, 5, 6
 MAX_RESULT_BYTES = 64 * 1024
+IDLE_RECHECK_S = 5.0
 
 
 class BadResume(Exception):
     """The checkpoint the lease was handed failed its checks here: nothing of it was unpacked or run."""
-
-
-class Undelivered(Exception):
-    """The agent is stopping with an outcome the coordinator has not acknowledged: kept for the next start."""
-IDLE_RECHECK_S = 5.0
-DELIVERY_PAUSE_S = 5.0
 
 
 @dataclass
@@ -98,6 +94,7 @@ class Agent:
         self.heartbeat_interval_s = heartbeat_interval_s
         self.status = Status()
         self._stop = threading.Event()
+        self.reporter = Reporter(channel, self._stop)
         self._job: ActiveJob | None = None
         self._commands: queue.Queue[tuple[str, str]] = queue.Queue()
         self._machine: Machine = probe.machine()
@@ -261,31 +258,29 @@ class Agent:
         self._persist(job)
         self._set(state="working", job_id=a.job_id, lease_id=a.lease_id, step=None, total_steps=None, loss=None)
         try:
-            mount = self._prepare(job)
-            job.energy_start_mj = self._energy_mj()
-            self._cap_power(mount.gpu_index, self.gate.policy.power_cap_w)
-            job.started = time.monotonic()
-            job.running = self.runtime.start(mount)
-            job.handle, job.started_epoch = job.running.handle(), time.time()
-            self._persist(job)
-            outcome = self._supervise(job)
-            if outcome is not None:
-                kept = not self._deliver(job, *outcome)
-        except LeaseLost as exc:
+            try:
+                mount = self._prepare(job)
+                job.energy_start_mj = self._energy_mj()
+                self._cap_power(mount.gpu_index, self.gate.policy.power_cap_w)
+                job.started = time.monotonic()
+                job.running = self.runtime.start(mount)
+                job.handle, job.started_epoch = job.running.handle(), time.time()
+                self._persist(job)
+                self._supervise_and_report(job)
+            except BadResume as exc:
+                log.warning("lease %s: the checkpoint to resume from was refused: %s", a.lease_id, exc)
+                self._report(job, "fail", {"kind": "bad_checkpoint", "message": str(exc)[:2000]})
+            except (LeaseLost, Undelivered):
+                raise
+            except Exception as exc:  # noqa: BLE001 - a worker-side failure is reported, never silent
+                log.exception("job %s failed on this worker", a.job_id)
+                if job.running:
+                    job.running.kill()
+                self._report(job, "fail", {"kind": "worker_error", "message": f"{exc.__class__.__name__}: {exc}"[:2000]})
+        except LeaseLost as exc:  # while fetching its inputs
             log.warning("lease %s lost: %s", a.lease_id, exc)
-            if job.running:
-                job.running.kill()
-        except BadResume as exc:
-            log.warning("lease %s: the checkpoint to resume from was refused: %s", a.lease_id, exc)
-            kept = not self._deliver(job, "fail", {"kind": "bad_checkpoint", "message": str(exc)[:2000]})
         except Undelivered:
             kept = True
-        except Exception as exc:  # noqa: BLE001 - a worker-side failure is reported, never silent
-            log.exception("job %s failed on this worker", a.job_id)
-            if job.running:
-                job.running.kill()
-            kept = not self._deliver(job, "fail", {"kind": "worker_error",
-                                                   "message": f"{exc.__class__.__name__}: {exc}"[:2000]})
         finally:
             self._job = None
             if job.running is not None:
@@ -296,6 +291,18 @@ class Agent:
                 self._persist(None)
                 shutil.rmtree(job.job_dir, ignore_errors=True)  # inputs die with the lease
             self._set(state="idle", job_id=None, lease_id=None)
+
+    def _supervise_and_report(self, job: ActiveJob) -> None:
+        """Watch the running trainer to its end and report the outcome (a fresh run, or one found again after a
+        restart). A lost lease stops the trainer at once; `Undelivered` when the agent stops first."""
+        assert job.running is not None
+        try:
+            outcome = self._supervise(job)
+            if outcome is not None:
+                self._report(job, *outcome)
+        except LeaseLost as exc:
+            log.warning("lease %s lost: %s", job.assignment.lease_id, exc)
+            job.running.kill()
 
     def _supervise(self, job: ActiveJob) -> tuple[str, dict[str, Any]] | None:
         """Relay progress until the trainer exits or must stop; what to report, or None when nothing is to be."""
@@ -358,16 +365,15 @@ class Agent:
                 continue  # one more round: its last progress lines and checkpoint go up first
             time.sleep(self.settings.progress_poll_s)
         usage = self._usage(job)
-        if pending or checkpoints:
-            self._deliver_remaining(job, pending, checkpoints)
+        self._deliver_remaining(job, pending, checkpoints)
         if preempting is not None or code == EXIT_PREEMPTED:
             reason = self._verdict.reason or "the trainer was asked to stop"
             step = self.status.step
             return "preempted", {"reason": reason, "usage": usage, **({"checkpoint_step": step} if step else {})}
         if code == EXIT_DONE:
             return self._completion(job, usage, losses)
-        kind = {EXIT_USER_ERROR: "user_error", EXIT_BAD_CHECKPOINT: "bad_checkpoint"}.get(code, "worker_error")
-        return "fail", {"kind": kind, "message": last_error or f"the trainer exited with code {code}", "usage": usage}
+        return "fail", {"kind": failure_kind(code), "message": last_error or f"the trainer exited with code {code}",
+                        "usage": usage}
 
     def _drain_commands(self) -> list[tuple[str, str]]:
         drained = []
@@ -398,27 +404,17 @@ class Agent:
             archive.unlink(missing_ok=True)
 
     def _deliver_remaining(self, job: ActiveJob, pending: list[dict[str, Any]], checkpoints: list[int]) -> None:
-        """After the trainer ended: what could not be sent yet goes now, waiting out an outage."""
-        a = job.assignment
-        while (pending or checkpoints) and not self._stop.is_set():
-            try:
-                if pending:
-                    self.channel.events(a.lease_id, a.fencing_token, pending[:500])
-                    del pending[:500]
-                elif checkpoints:
-                    self._upload_checkpoint(job, checkpoints[0])
-                    checkpoints.pop(0)
-            except CoordinatorUnreachable:
-                self._stop.wait(DELIVERY_PAUSE_S)
+        """After the trainer ended: what could not be sent yet goes now, progress first, waiting out an outage."""
+        self.reporter.events(job.assignment, pending)
+        while checkpoints:
+            self.reporter.until_acknowledged(lambda: self._upload_checkpoint(job, checkpoints[0]))
+            checkpoints.pop(0)
 
     def _deliver_unsent(self, job: ActiveJob) -> list[Any]:
         """The progress a stopped run read but had not delivered (from the last acknowledged offset): sent now,
         before its outcome. The losses it held."""
         lines = ProgressTail(job.work, job.progress_offset).read()
-        pending = [e for e in (lease_event(line) for line in lines) if e is not None]
-        self._deliver_remaining(job, pending, [])
-        if pending:  # the agent is stopping before all of it went
-            raise Undelivered()
+        self.reporter.events(job.assignment, [e for e in (lease_event(line) for line in lines) if e is not None])
         return [line.get("loss") for line in lines if line.get("type") == "step"]
 
     def _completion(self, job: ActiveJob, usage: dict[str, Any], losses: list[Any]) -> tuple[str, dict[str, Any]]:
@@ -439,13 +435,7 @@ class Agent:
             result = {}
         result = result if isinstance(result, dict) else {}
         self._persist(job, delivering="complete")
-        while True:
-            try:
-                self.channel.upload(a.lease_id, a.fencing_token, adapter, kind="adapter")
-                break
-            except CoordinatorUnreachable:
-                if self._stop.wait(DELIVERY_PAUSE_S):
-                    raise Undelivered() from None
+        self.reporter.until_acknowledged(lambda: self.channel.upload(a.lease_id, a.fencing_token, adapter, kind="adapter"))
         final = next((x for x in reversed(losses) if x is not None), None)
 
         def count(name: str) -> int:
@@ -459,28 +449,23 @@ class Agent:
                        "final_eval_loss": valid if isinstance(valid, float) else None},
         }
 
-    def _deliver(self, job: ActiveJob, outcome: str, body: dict[str, Any]) -> bool:
-        """Report how the lease ended, until the coordinator acknowledges (or refuses) it: True; False when the
+    def _report(self, job: ActiveJob, outcome: str, body: dict[str, Any]) -> None:
+        """Report how the lease ended, until the coordinator acknowledges or refuses it; `Undelivered` when the
         agent is stopping first (the job folder and state.json keep it for the next start)."""
         a = job.assignment
         body.setdefault("usage", self._usage(job))
-        while True:
-            try:
-                reply = self.channel.finish(a.lease_id, a.fencing_token, outcome, body)
-                log.info("lease %s %s: %s (job %s)", a.lease_id, outcome, reply.status, reply.job_status)
-                if outcome == "complete" and reply.status == "completed":
-                    hours = body["usage"]["wall_seconds"] / 3600
-                    with self._lock:
-                        self.status.earned_micros += int(usd_to_micros(a.ask_price_per_gpu_hour) * hours)
-                        self.status.jobs_done += 1
-                return True
-            except CoordinatorUnreachable:
-                if self._stop.wait(DELIVERY_PAUSE_S):
-                    self._persist(job, delivering=outcome)
-                    return False
-            except (LeaseLost, Rejected) as exc:
-                log.warning("lease %s: %s not accepted: %s", a.lease_id, outcome, exc)
-                return True
+        self._persist(job, delivering=outcome)
+        try:
+            reply = self.reporter.finish(a, outcome, body)
+        except (LeaseLost, Rejected) as exc:
+            log.warning("lease %s: %s not accepted: %s", a.lease_id, outcome, exc)
+            return
+        log.info("lease %s %s: %s (job %s)", a.lease_id, outcome, reply.status, reply.job_status)
+        if outcome == "complete" and reply.status == "completed":
+            hours = body["usage"]["wall_seconds"] / 3600
+            with self._lock:
+                self.status.earned_micros += int(usd_to_micros(a.ask_price_per_gpu_hour) * hours)
+                self.status.jobs_done += 1
 
     def _finish_leftover(self) -> None:
         """A previous run stopped mid-job. If its trainer still runs (a container, or a subprocess in its own
@@ -499,7 +484,7 @@ class Agent:
                         progress_offset=int(state.get("progress_offset") or 0),
                         pending_checkpoints=[s for s in state.get("pending_checkpoints") or [] if type(s) is int])
         running = self.runtime.reattach(job.handle, job.work) if job.handle else None
-        delivered = True
+        kept = False
         try:
             if running is not None:
                 log.info("reattached to the trainer of lease %s", assignment.lease_id)
@@ -508,12 +493,7 @@ class Agent:
                 self._job = job
                 self._set(state="working", job_id=assignment.job_id, lease_id=assignment.lease_id)
                 try:
-                    outcome = self._supervise(job)
-                    if outcome is not None:
-                        delivered = self._deliver(job, *outcome)
-                except LeaseLost as exc:
-                    log.warning("lease %s lost: %s", assignment.lease_id, exc)
-                    running.kill()
+                    self._supervise_and_report(job)
                 finally:
                     self._job = None
             else:
@@ -524,10 +504,10 @@ class Agent:
                 else:
                     outcome, body = "fail", {"kind": "worker_error", "message": "the agent restarted during the job",
                                              "usage": {"wall_seconds": 0, "gpu_seconds": 0}}
-                delivered = self._deliver(job, outcome, body)
+                self._report(job, outcome, body)
         except Undelivered:
-            delivered = False
-        if delivered:
+            kept = True
+        if not kept:
             self._persist(None)
             shutil.rmtree(job.job_dir, ignore_errors=True)
         self._set(state="idle", job_id=None, lease_id=None)

@@ -1,4 +1,6 @@
-"""How the trainer ends, as exit codes the agent acts on (see worker/trainer/__main__.py)."""
+"""How the trainer ends, as exit codes the agent acts on (see worker/trainer/__main__.py): defined here once,
+for the trainer that exits with them and the agent that reads them (`failure_kind`). Nothing here imports
+torch."""
 
 from __future__ import annotations
 
@@ -7,6 +9,12 @@ EXIT_USER_ERROR = 3  # the customer's input: bad data, unknown model, nothing to
 EXIT_WORKER_ERROR = 4  # this machine: out of memory, driver, disk
 EXIT_PREEMPTED = 5  # stopped by SIGTERM after writing a checkpoint
 EXIT_BAD_CHECKPOINT = 6  # the checkpoint in resume/ fails its checks: the uploader's fault, not this machine's
+
+
+def failure_kind(code: int | None) -> str:
+    """The `LeaseFail.kind` a trainer's failing exit code reports; anything unknown (a crash, a kill) is the
+    worker's error."""
+    return {EXIT_USER_ERROR: "user_error", EXIT_BAD_CHECKPOINT: "bad_checkpoint"}.get(code, "worker_error")  # type: ignore[arg-type]
 
 
 class TrainerError(Exception):
