@@ -46,8 +46,8 @@ templates.env.filters["hours"] = lambda seconds: f"{(seconds or 0) / 3600:.2f}"
 
 
 class Denied(Exception):
-    def __init__(self, status: int) -> None:
-        self.status = status
+    def __init__(self, http_status: int) -> None:
+        self.http_status = http_status
 
 
 def sessions(request: Request) -> Sessions:
@@ -93,7 +93,7 @@ async def guarded(request: Request, render: Callable[[], Any]) -> Response:
     try:
         return await render()
     except Denied as denied:
-        if denied.status == 401:
+        if denied.http_status == 401:
             return RedirectResponse(f"/login?next={request.url.path}", status_code=303)
         return html(request, "error.html", 403, dashboard=None, title="Forbidden",
                      message="This page is for admins. Your own jobs and bills are on your dashboard.")
