@@ -20,8 +20,10 @@ $(VENV)/.installed: pyproject.toml Makefile
 demo: install
 	$(PY) -m demo $(if $(KEEP),--keep,)
 
+# Two test processes (pytest-xdist) on this 2-core machine; `make test PYTEST_WORKERS=0` runs in one.
+PYTEST_WORKERS ?= 2
 test: install
-	$(PY) -m pytest -q $(PYTEST_ARGS)
+	$(PY) -m pytest -q $(if $(filter 0,$(PYTEST_WORKERS)),,-n $(PYTEST_WORKERS) --dist load) $(PYTEST_ARGS)
 
 serve: install
 	$(VENV)/bin/tunegrid-coordinator serve

@@ -29,6 +29,10 @@ from coordinator.settings import CoordinatorSettings
 from shared.money import usd_to_micros
 
 IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
+# One CPU thread per torch process (the trainers this suite starts inherit it): the suite runs two test processes
+# on two cores, and torch's default of a thread per core, twice over, spins more than it computes (a QLoRA test
+# that takes 11 s alone took 130 s beside another). The tiny model gains little from a second thread anyway.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
 POSTGRES_URL = os.environ.get(
     "TUNEGRID_TEST_POSTGRES_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/tunegrid_test"
 ).replace("postgresql://", "postgresql+psycopg://", 1)
@@ -55,6 +59,16 @@ def _prepare_postgres(url) -> str | None:  # type: ignore[no-untyped-def]
         return f"PostgreSQL unreachable at {url.render_as_string(hide_password=True)}: {exc.__class__.__name__}"
     upgrade_head(url.render_as_string(hide_password=False))
     return None
+
+
+# Real processes, real trainers and the fuzzer: run first, so that two test processes (`make test` runs two)
+# finish together instead of one waiting out the other's last long run.
+LONG_RUNNING = ("tests/e2e/", "tests/security/", "tests/trainer/", "tests/worker/test_docker_runtime.py",
+                "tests/coordinator/api/test_fuzz.py")
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    items.sort(key=lambda item: not item.nodeid.startswith(LONG_RUNNING))  # stable: each group keeps its order
 
 
 @pytest.fixture(scope="session")
@@ -220,12 +234,19 @@ def create_job(client: TestClient, customer: Caller, training_file: str):  # typ
     return do
 
 
-REDIS_URL = os.environ.get("TUNEGRID_TEST_REDIS_URL", "redis://127.0.0.1:6379/15")
+def xdist_index() -> int:
+    """This test process's number when the suite runs in parallel (pytest-xdist's gw0, gw1, ...); 0 otherwise."""
+    worker = os.environ.get("PYTEST_XDIST_WORKER", "gw0")
+    return int(worker[2:]) if worker[2:].isdigit() else 0
+
+
+# One Redis database per test process (15, 14, ...), as each has its own PostgreSQL database.
+REDIS_URL = os.environ.get("TUNEGRID_TEST_REDIS_URL", f"redis://127.0.0.1:6379/{15 - xdist_index()}")
 
 
 @pytest.fixture(scope="session")
 def redis_url() -> str:
-    """A reachable Redis (database 15 by default); outside CI a missing server skips, under CI=true it fails."""
+    """A reachable Redis (database 15 by default, 14 for a second parallel process, ...); outside CI a missing server skips, under CI=true it fails."""
     import redis  # noqa: PLC0415
 
     try:

@@ -242,3 +242,133 @@ def checkpoint_archive(model: str = "tunegrid/tiny-llama", *, r: int = 16, step:
     folder = tarfile.TarInfo("resume")
     folder.type = tarfile.DIRTYPE
     return tar_gz([folder, *[(f"resume/{n}", b) for n, b in members.items()], *(extra or [])])
+
+
+# --- the same worker, calling the services (no HTTP) -------------------------------------------------
+
+@dataclass
+class ServiceAgent:
+    """A worker that drives `services/workers.py`, `leases.py` and `checkpoints.py` directly on a session, as the
+    API's handlers do: for testing service behaviour on a real database without the HTTP layer. Its methods
+    return what the services return and raise what they raise (`LeaseLost`, `Conflict`, ...)."""
+
+    session: Any
+    settings: Any
+    store: Any
+    worker_id: str = ""
+    leases: dict[str, int] = field(default_factory=dict)
+    assignments: dict[str, Any] = field(default_factory=dict)
+
+    @classmethod
+    def register(cls, session: Any, settings: Any, store: Any, provider: Any, machine_id: str = "pc-1",
+                 **fields: Any) -> ServiceAgent:
+        from coordinator.services import workers  # noqa: PLC0415 - fakes.py is imported by benches without a coordinator
+        from shared.protocol import WorkerRegister  # noqa: PLC0415
+
+        worker, _ = workers.register(session=session, account=provider,
+                                     request=WorkerRegister.model_validate(registration(machine_id, **fields)),
+                                     protocol_version=PROTOCOL_VERSION, max_workers=settings.max_workers_per_provider)
+        return cls(session=session, settings=settings, store=store, worker_id=worker.id)
+
+    @property
+    def worker(self) -> Any:
+        from coordinator.db.tables import WorkerModel  # noqa: PLC0415
+
+        return self.session.get(WorkerModel, self.worker_id, populate_existing=True)
+
+    def claim(self, **fields: Any) -> Any:
+        from coordinator.services import leases  # noqa: PLC0415
+        from shared.protocol import ClaimRequest  # noqa: PLC0415
+
+        assignment = leases.claim(session=self.session, settings=self.settings, worker=self.worker,
+                                  request=ClaimRequest.model_validate({"wait_s": 0, **fields}))
+        if assignment is not None:
+            self.leases[assignment.lease_id] = assignment.fencing_token
+            self.assignments[assignment.lease_id] = assignment
+        return assignment
+
+    def _token(self, lease_id: str, token: int | None) -> int:
+        return token if token is not None else self.leases[lease_id]
+
+    def events(self, lease_id: str, *events: dict[str, Any], token: int | None = None) -> Any:
+        from coordinator.services import leases  # noqa: PLC0415
+        from shared.protocol import LeaseEvent  # noqa: PLC0415
+
+        return leases.record_events(session=self.session, worker=self.worker, lease_id=lease_id,
+                                    fencing_token=self._token(lease_id, token),
+                                    events=[LeaseEvent.model_validate(e) for e in events])
+
+    def progress(self, lease_id: str, step: int = 1, loss: float = 2.0, *, token: int | None = None, **fields: Any) -> Any:
+        return self.events(lease_id, {"type": "progress", "step": step, "total_steps": 10, "train_loss": loss,
+                                      "tokens_per_s": 200.0, **fields}, token=token)
+
+    def upload_adapter(self, lease_id: str, data: bytes, *, token: int | None = None) -> Any:
+        from coordinator.services import leases  # noqa: PLC0415
+
+        blob = self.store.put(leases.adapter_upload_key(lease_id), io.BytesIO(data))
+        return leases.record_adapter(session=self.session, store=self.store, worker=self.worker, lease_id=lease_id,
+                                     fencing_token=self._token(lease_id, token), blob=blob)
+
+    def upload_checkpoint(self, lease_id: str, step: int, data: bytes, *, token: int | None = None) -> Any:
+        """As the API does it: rules from the lease, the check outside any session, refused or recorded."""
+        from coordinator.db.ids import new_id  # noqa: PLC0415
+        from coordinator.services import checkpoints  # noqa: PLC0415
+
+        fencing = self._token(lease_id, token)
+        rules = checkpoints.upload_rules(session=self.session, settings=self.settings, worker=self.worker,
+                                         lease_id=lease_id, fencing_token=fencing)
+        checkpoint_id = new_id("ftckpt-")
+        blob = self.store.put(checkpoints.checkpoint_key(checkpoint_id), io.BytesIO(data))
+        refused = checkpoints.check_upload(self.store, blob, rules, step)
+        if refused is not None:
+            self.store.delete(blob.key)
+            raise checkpoints.refuse(session=self.session, settings=self.settings, worker=self.worker,
+                                     lease_id=lease_id, step=step, reason=refused)
+        return checkpoints.record(session=self.session, store=self.store, settings=self.settings, worker=self.worker,
+                                  lease_id=lease_id, fencing_token=fencing, step=step, checkpoint_id=checkpoint_id,
+                                  blob=blob)
+
+    def checkpoint_for(self, lease_id: str, step: int) -> bytes:
+        spec = self.assignments[lease_id].spec
+        targets = spec.lora.target_modules
+        return checkpoint_archive(spec.base_model, r=spec.lora.r, step=step, lr=spec.hyperparameters.learning_rate,
+                                  seed=spec.seed, targets=ALL_LINEAR if targets == "all-linear" else tuple(targets))
+
+    def complete(self, lease_id: str, adapter: bytes, *, loss: float = 2.0, token: int | None = None,
+                 usage: dict[str, Any] | None = None) -> Any:
+        from coordinator.services import leases  # noqa: PLC0415
+        from shared.protocol import LeaseComplete  # noqa: PLC0415
+
+        report = LeaseComplete.model_validate({
+            "adapter_sha256": sha256(adapter), "result": {"steps": 10, "trained_tokens": 1000, "final_train_loss": loss},
+            "usage": usage or {"wall_seconds": 10.0, "gpu_seconds": 9.5, "energy_joules": 2500.0}})
+        return leases.complete(session=self.session, store=self.store, settings=self.settings, worker=self.worker,
+                               lease_id=lease_id, fencing_token=self._token(lease_id, token), report=report)
+
+    def finish(self, lease_id: str, model: str = "tunegrid/tiny-llama", r: int = 16, alpha: int = 32) -> Any:
+        """The honest path after a claim: progress, adapter upload, complete."""
+        adapter = adapter_archive(model, r=r, alpha=alpha)
+        self.progress(lease_id)
+        self.upload_adapter(lease_id, adapter)
+        return self.complete(lease_id, adapter)
+
+    def fail(self, lease_id: str, kind: str = "worker_error", message: str = "CUDA error", *, token: int | None = None) -> Any:
+        from coordinator.services import checkpoints, leases  # noqa: PLC0415
+        from shared.protocol import LeaseFail  # noqa: PLC0415
+
+        report = LeaseFail.model_validate({"kind": kind, "message": message,
+                                           "usage": {"wall_seconds": 5.0, "gpu_seconds": 4.0}})
+        if kind == "bad_checkpoint":
+            return checkpoints.report_bad(session=self.session, store=self.store, settings=self.settings,
+                                          worker=self.worker, lease_id=lease_id,
+                                          fencing_token=self._token(lease_id, token), report=report)
+        return leases.fail(session=self.session, settings=self.settings, worker=self.worker, lease_id=lease_id,
+                           fencing_token=self._token(lease_id, token), report=report)
+
+    def preempted(self, lease_id: str, reason: str = "a game started") -> Any:
+        from coordinator.services import leases  # noqa: PLC0415
+        from shared.protocol import LeasePreempted  # noqa: PLC0415
+
+        report = LeasePreempted.model_validate({"reason": reason, "usage": {"wall_seconds": 5.0, "gpu_seconds": 4.0}})
+        return leases.preempted(session=self.session, settings=self.settings, worker=self.worker, lease_id=lease_id,
+                                fencing_token=self._token(lease_id, token=None), report=report)

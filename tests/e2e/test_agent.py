@@ -51,19 +51,6 @@ def registered_agent(server: LiveServer, settings: WorkerSettings, monkeypatch: 
                  heartbeat_interval_s=1.0)
 
 
-def own_server(tmp_path: Path) -> tuple[dict[str, str], LiveServer]:
-    """A coordinator of the test's own (SQLite, embedded) that the test can stop and start on one port."""
-    import os  # noqa: PLC0415
-
-    from tests.e2e.conftest import _free_port  # noqa: PLC0415
-
-    port = _free_port()
-    env = {**os.environ, "TUNEGRID_DATA_DIR": str(tmp_path / "data"), "TUNEGRID_PORT": str(port),
-           "TUNEGRID_LOG_LEVEL": "warning"}
-    env.pop("TUNEGRID_DATABASE_URL", None)
-    return env, LiveServer(url=f"http://127.0.0.1:{port}", env=env)
-
-
 def submit(client: httpx.Client, *, examples: int, **fields: object) -> dict:  # type: ignore[type-arg]
     """Upload a chat dataset and create a tiny-model job on it."""
     file_id = client.post("/v1/files", data={"purpose": "fine-tune"},
@@ -95,15 +82,24 @@ def run_until_done(agent: Agent, client: httpx.Client, job_id: str) -> dict:  # 
 
 @pytest.mark.live
 @pytest.mark.parametrize("backend", ["postgresql"], indirect=True)  # the agent's side; the demo runs it on SQLite
-def test_the_agent_trains_a_job_end_to_end(live_server: LiveServer, tmp_path: Path, tiny_model: Path,
-                                           monkeypatch: pytest.MonkeyPatch) -> None:
+def test_the_agent_trains_a_job_end_to_end_and_is_billed_by_the_coordinators_clock(
+    live_server: LiveServer, tmp_path: Path, tiny_model: Path, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The worker's wall clock is ten minutes off (its own and this test's `time.time`): nothing of the skew
+    reaches the bill, which is the coordinator's clock."""
     settings = worker_settings(tmp_path, tiny_model)
     agent = registered_agent(live_server, settings, monkeypatch)
+    real_time = time.time
+    monkeypatch.setattr(time, "time", lambda: real_time() + 600)
     customer = live_server.new_key("customer", "alice")
     with httpx.Client(base_url=live_server.url, headers={"Authorization": f"Bearer {customer}"}, timeout=30) as client:
+        started = time.monotonic()
         job = submit(client, examples=40, hyperparameters={"n_epochs": 2}, lora={"r": 8})
         done = run_until_done(agent, client, job["id"])
+        elapsed = time.monotonic() - started
         assert done["status"] == "succeeded", done
+        [usage] = client.get("/v1/billing/usage?group_by=job").json()["data"]
+        assert 0 <= usage["seconds"] <= elapsed + 1
         events = client.get(f"/v1/fine_tuning/jobs/{job['id']}/events?limit=200").json()["data"]
         metrics = [e for e in events if e["type"] == "metrics"]
         assert metrics and all("train_loss" in e["data"] for e in metrics if "step" in e["data"] and "valid_loss" not in e["data"])
@@ -142,7 +138,7 @@ def test_the_owners_game_preempts_the_job_and_it_resumes_elsewhere(
     customer = live_server.new_key("customer", "alice")
     threads = []
     with httpx.Client(base_url=live_server.url, headers={"Authorization": f"Bearer {customer}"}, timeout=30) as client:
-        job = submit(client, examples=60, hyperparameters={"n_epochs": 30, "batch_size": 1})
+        job = submit(client, examples=60, hyperparameters={"n_epochs": 10, "batch_size": 1})
         try:
             threads.append(threading.Thread(target=agent_a.run, daemon=True))
             threads[-1].start()
@@ -178,42 +174,6 @@ def test_the_owners_game_preempts_the_job_and_it_resumes_elsewhere(
 
 
 @pytest.mark.live
-def test_the_agent_rides_out_a_coordinator_outage(tmp_path: Path, tiny_model: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """The coordinator process goes away mid-job and comes back on the same port (SQLite, embedded)."""
-    from tests.e2e.conftest import start_server, stop_server  # noqa: PLC0415
-
-    env, server = own_server(tmp_path)
-    process = start_server(env, tmp_path / "server-1.log", server.url)
-    agent = registered_agent(server, worker_settings(tmp_path / "w", tiny_model), monkeypatch)
-    customer = server.new_key("customer", "alice")
-    thread = threading.Thread(target=agent.run, daemon=True)
-    try:
-        with httpx.Client(base_url=server.url, headers={"Authorization": f"Bearer {customer}"}, timeout=30) as client:
-            job = submit(client, examples=60, hyperparameters={"n_epochs": 12, "batch_size": 1})
-            thread.start()
-            deadline = time.monotonic() + JOB_TIMEOUT_S
-            while (agent.status.step or 0) < 2:
-                assert time.monotonic() < deadline, "training never started"
-                time.sleep(0.1)
-            stop_server(process)  # the coordinator is gone
-            outage_step = agent.status.step or 0
-            time.sleep(6)
-            assert (agent.status.step or 0) > outage_step  # the job kept training through it
-            process = start_server(env, tmp_path / "server-2.log", server.url)
-            done = wait_for(client, job["id"], {"succeeded", "failed"})
-            assert done["status"] == "succeeded", done
-            steps = [e["data"]["step"] for e in client.get(f"/v1/fine_tuning/jobs/{job['id']}/events?limit=1000").json()["data"]
-                     if e["type"] == "metrics" and "train_loss" in e["data"]]
-            assert len(steps) == len(set(steps)) and max(steps) > outage_step + 1  # buffered events arrived, once
-            assert set(range(1, max(steps) + 1)) <= set(steps)  # none lost in the outage
-    finally:
-        agent.stop()
-        if thread.is_alive():
-            thread.join(timeout=30)
-        stop_server(process)
-
-
-@pytest.mark.live
 @pytest.mark.parametrize("backend", ["postgresql"], indirect=True)  # the agent's side; the database is the production one
 def test_a_restarted_agent_reattaches_to_its_running_trainer(live_server: LiveServer, tmp_path: Path, tiny_model: Path,
                                                              monkeypatch: pytest.MonkeyPatch) -> None:
@@ -236,7 +196,7 @@ def test_a_restarted_agent_reattaches_to_its_running_trainer(live_server: LiveSe
     thread = threading.Thread(target=agent.run, daemon=True)
     try:
         with httpx.Client(base_url=live_server.url, headers={"Authorization": f"Bearer {customer}"}, timeout=30) as client:
-            job = submit(client, examples=60, hyperparameters={"n_epochs": 12, "batch_size": 1})
+            job = submit(client, examples=60, hyperparameters={"n_epochs": 8, "batch_size": 1})
 
             def metric_steps() -> list[int]:
                 events = client.get(f"/v1/fine_tuning/jobs/{job['id']}/events?limit=1000").json()["data"]
@@ -264,56 +224,3 @@ def test_a_restarted_agent_reattaches_to_its_running_trainer(live_server: LiveSe
             thread.join(timeout=30)
         if first.poll() is None:
             first.kill()
-
-
-@pytest.mark.live
-def test_an_agent_stopped_while_its_trainer_finishes_delivers_the_adapter_on_the_next_start(
-    tmp_path: Path, tiny_model: Path, monkeypatch: pytest.MonkeyPatch,
-) -> None:
-    """SIGTERM (`agent.stop()`) arrives while the trainer finishes and the coordinator is unreachable: the finished
-    adapter is not lost. The job folder and state.json stay, and the next agent delivers the rest of the progress
-    and the adapter, and the job succeeds."""
-    from tests.e2e.conftest import start_server, stop_server  # noqa: PLC0415
-
-    env, server = own_server(tmp_path)
-    process = start_server(env, tmp_path / "server-1.log", server.url)
-    settings = worker_settings(tmp_path / "w", tiny_model)
-    agent = registered_agent(server, settings, monkeypatch)
-    customer = server.new_key("customer", "alice")
-    thread = threading.Thread(target=agent.run, daemon=True)
-    try:
-        with httpx.Client(base_url=server.url, headers={"Authorization": f"Bearer {customer}"}, timeout=30) as client:
-            job = submit(client, examples=24, hyperparameters={"n_epochs": 2, "batch_size": 2})
-            thread.start()
-            deadline = time.monotonic() + JOB_TIMEOUT_S
-            while (agent.status.step or 0) < 1:
-                assert time.monotonic() < deadline and thread.is_alive(), "training never started"
-                time.sleep(0.05)
-            stop_server(process)  # the coordinator is gone while the trainer finishes
-            lease_dir = settings.jobs_dir / agent.status.lease_id  # type: ignore[operator]
-            while not (lease_dir / "work" / "out" / "result.json").exists():
-                assert time.monotonic() < deadline, "the trainer did not finish"
-                time.sleep(0.1)
-            time.sleep(1.0)
-            agent.stop()  # what the CLI does on SIGTERM
-            thread.join(timeout=30)
-            assert not thread.is_alive()
-            assert (lease_dir / "work" / "out" / "adapter.tar.gz").is_file()  # kept, not cleaned up
-            assert json.loads(settings.state_path.read_text())["assignment"]["job_id"] == job["id"]
-
-            process = start_server(env, tmp_path / "server-2.log", server.url)
-            restarted = Agent(settings=settings, channel=agent.channel, probe=agent.probe, gate=agent.gate,
-                              runtime=agent.runtime, cache=agent.cache, heartbeat_interval_s=1.0)  # the next start
-            again = threading.Thread(target=restarted.run, daemon=True)
-            again.start()
-            try:
-                done = wait_for(client, job["id"], {"succeeded", "failed"})
-                assert done["status"] == "succeeded", done
-                assert done["result_files"]
-            finally:
-                restarted.stop()
-                again.join(timeout=30)
-            assert not settings.state_path.exists() and not lease_dir.exists()
-    finally:
-        agent.stop()
-        stop_server(process)

@@ -1,11 +1,10 @@
 """Faults with real processes on PostgreSQL and Redis (two coordinator processes' worth of shared state):
-a worker machine killed mid-training, the coordinator restarted and Redis flushed mid-job, a worker whose clock
-is 10 minutes off, and a full disk during an upload. Times are scaled down (lease ttl 2 s, grace 8 s) so the
+a worker machine killed mid-training, the coordinator gone mid-job (restarted, Redis flushed meanwhile), and a
+full disk during an upload. (A worker's skewed clock is in test_agent.py's end-to-end run.) Times are scaled down (lease ttl 2 s, grace 8 s) so the
 suite stays short; the mechanisms are the production ones."""
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 import subprocess
@@ -70,7 +69,7 @@ def test_a_worker_killed_mid_training_loses_only_unsaved_work(live_server: LiveS
     customer = live_server.new_key("customer", "alice")
     machine_a = _agent_process(settings_a, tmp_path / "agent-a.log")
     with httpx.Client(base_url=live_server.url, headers={"Authorization": f"Bearer {customer}"}, timeout=30) as client:
-        job = submit(client, examples=60, hyperparameters={"n_epochs": 12, "batch_size": 1})
+        job = submit(client, examples=60, hyperparameters={"n_epochs": 6, "batch_size": 1})
         deadline = time.monotonic() + JOB_TIMEOUT_S
         while not client.get(f"/v1/fine_tuning/jobs/{job['id']}/checkpoints").json()["data"]:
             assert time.monotonic() < deadline and machine_a.poll() is None, "worker A never checkpointed"
@@ -119,7 +118,7 @@ def test_coordinator_restart_and_redis_flush_mid_job_lose_nothing(postgres_url: 
     customer = server.new_key("customer", "alice")
     try:
         with httpx.Client(base_url=server.url, headers={"Authorization": f"Bearer {customer}"}, timeout=30) as client:
-            job = submit(client, examples=60, hyperparameters={"n_epochs": 12, "batch_size": 1})
+            job = submit(client, examples=60, hyperparameters={"n_epochs": 6, "batch_size": 1})
             import threading  # noqa: PLC0415
 
             thread = threading.Thread(target=agent.run, daemon=True)
@@ -132,6 +131,7 @@ def test_coordinator_restart_and_redis_flush_mid_job_lose_nothing(postgres_url: 
             outage_step = agent.status.step or 0
             redis.Redis.from_url(redis_url).flushdb()  # hot state gone: heartbeats, recheck flags, rate counts
             time.sleep(6)  # three lease ttls without a word
+            assert (agent.status.step or 0) > outage_step  # the job kept training through it
             process = start_server(env, tmp_path / "server-2.log", server.url)
             done = wait_for(client, job["id"], {"succeeded", "failed"})
             agent.stop()
@@ -146,25 +146,6 @@ def test_coordinator_restart_and_redis_flush_mid_job_lose_nothing(postgres_url: 
     finally:
         stop_server(process)
         truncate_all(postgres_url)
-
-
-@pytest.mark.live
-@pytest.mark.parametrize("backend", ["postgresql"])
-def test_a_worker_whose_clock_is_ten_minutes_off_is_billed_by_the_coordinators(
-    live_server: LiveServer, tmp_path: Path, tiny_model: Path, monkeypatch: pytest.MonkeyPatch,
-) -> None:
-    agent = registered_agent(live_server, worker_settings(tmp_path, tiny_model), monkeypatch)
-    real_time = time.time
-    monkeypatch.setattr(time, "time", lambda: real_time() + 600)  # the agent's (and this test's) wall clock
-    customer = live_server.new_key("customer", "alice")
-    with httpx.Client(base_url=live_server.url, headers={"Authorization": f"Bearer {customer}"}, timeout=30) as client:
-        started = time.monotonic()
-        job = submit(client, examples=40, hyperparameters={"n_epochs": 4})
-        done = run_until_done(agent, client, job["id"])
-        elapsed = time.monotonic() - started
-        assert done["status"] == "succeeded", done
-        [usage] = client.get("/v1/billing/usage?group_by=job").json()["data"]
-    assert 0 <= usage["seconds"] <= elapsed + 1  # nothing of the skew reached the bill
 
 
 def _mount_tiny_disk(path: Path, size: str) -> bool:

@@ -45,7 +45,7 @@ def host_runtime(client, **kwargs) -> DockerRuntime:  # type: ignore[no-untyped-
     paths = [p for p in ("/usr", "/lib", "/lib64", "/bin", "/etc/ld.so.cache") if os.path.exists(p)]
     paths += [sys.base_prefix, str(ROOT)]
     volumes = {p: {"bind": p, "mode": "ro"} for p in paths}
-    return DockerRuntime(image=IMAGE, client=client, memory_bytes=MEMORY, cpus=2, extra_volumes=volumes,
+    return DockerRuntime(image=IMAGE, client=client, memory_bytes=MEMORY, cpus=1, extra_volumes=volumes,
                          working_dir=str(ROOT), user=NOBODY, **kwargs)
 
 

@@ -132,7 +132,9 @@ class DockerRuntime(Runtime):
             memswap_limit=self.memory_bytes, nano_cpus=int(self.cpus * 1e9), pids_limit=self.pids_limit,
             user=user, read_only=True, tmpfs={SCRATCH: "size=1g,mode=1777"}, cap_drop=["ALL"],
             security_opt=["no-new-privileges"], device_requests=devices,
-            environment={"PYTHONUNBUFFERED": "1", "HOME": SCRATCH, "TMPDIR": SCRATCH, "HF_HUB_OFFLINE": "1"},
+            # As many torch threads as CPUs the container may use: more only spin against the quota.
+            environment={"PYTHONUNBUFFERED": "1", "HOME": SCRATCH, "TMPDIR": SCRATCH, "HF_HUB_OFFLINE": "1",
+                         "OMP_NUM_THREADS": str(max(1, int(self.cpus)))},
             volumes={str(mount.job_dir): {"bind": JOB, "mode": "rw"}, str(mount.model_dir): {"bind": MODEL, "mode": "ro"},
                      **self.extra_volumes},
             working_dir=self.working_dir, labels={"tunegrid.job_dir": str(mount.job_dir)},

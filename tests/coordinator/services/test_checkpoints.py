@@ -15,7 +15,7 @@ from sqlalchemy.orm import Session
 from coordinator.db.tables import JobCheckpointModel, LeaseModel, UsageRecordModel, WorkerModel, utcnow
 from coordinator.services.lease_states import reap
 from coordinator.settings import CoordinatorSettings
-from tests.coordinator.services.test_leases import silence
+from tests.coordinator.services.test_lease_states import silence
 from tests.fakes import FakeAgent
 
 

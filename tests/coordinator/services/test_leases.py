@@ -1,132 +1,241 @@
-"""Leases gone quiet: suspect after the ttl, lost after the grace; the job resumes on another worker
-from its last checkpoint with a higher fencing token, and the first worker's late reports get 409."""
+"""`services/leases.py`, the worker's side of a lease, called on a real database (no HTTP): claiming, events,
+inputs, the adapter, and each way a worker finishes. Fencing: a stale token or someone else's lease is refused.
+What the HTTP layer adds (headers, status codes, upload limits) is tests/coordinator/api/test_leases.py."""
 
 from __future__ import annotations
 
-import time
-from datetime import timedelta
+from collections.abc import Callable
 
 import pytest
-from fastapi.testclient import TestClient
-from sqlalchemy import select, update
+from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from coordinator.db.tables import LeaseModel, LeaseStatus, WorkerModel, utcnow
-from coordinator.services.lease_states import reap
+from coordinator.db.tables import (
+    FileModel, JobCheckpointModel, JobEventModel, JobModel, JobStatus, LeaseModel, LeaseStatus, WorkerModel, WorkerState,
+)
+from coordinator.services import catalog, leases, worker_states
 from coordinator.settings import CoordinatorSettings
-from tests.fakes import FakeAgent, adapter_archive, sha256
+from coordinator.storage import BlobStore
+from shared.errors import Conflict, InvalidRequest, LeaseLost, NotFound
+from tests.fakes import ServiceAgent, adapter_archive, gpu, sha256
+
+NewJob = Callable[..., JobModel]
+Agents = Callable[..., ServiceAgent]
 
 
-@pytest.fixture
-def provider(make_caller):  # type: ignore[no-untyped-def]
-    return make_caller("provider", "pat")
+def placed(service_agent: Agents, new_job: NewJob, **fields: object) -> tuple[JobModel, ServiceAgent, str]:
+    agent = service_agent()
+    job = new_job(**fields)
+    assignment = agent.claim()
+    assert assignment is not None and assignment.job_id == job.id
+    return job, agent, assignment.lease_id
 
 
-def silence(session: Session, lease_id: str, seconds: float) -> None:
-    """As if the lease's worker had not been heard from for `seconds` (instead of sleeping through it)."""
-    session.execute(update(LeaseModel).where(LeaseModel.id == lease_id)
-                    .values(last_renewed_at=utcnow() - timedelta(seconds=seconds)))
+def fresh(session: Session, job: JobModel) -> JobModel:
+    session.expire_all()
+    row = session.get(JobModel, job.id)
+    assert row is not None
+    return row
+
+
+def test_a_claim_with_nothing_queued_hands_nothing_and_leaves_the_worker_placeable(service_agent: Agents, session: Session) -> None:
+    agent = service_agent()
+    assert agent.claim() is None
+    worker = agent.worker
+    assert worker.state is WorkerState.idle and worker.available_until is not None
+
+
+def test_an_assignment_carries_the_spec_its_inputs_and_the_ask(service_agent: Agents, new_job: NewJob) -> None:
+    job, agent, lease_id = placed(service_agent, new_job, suffix="demo", seed=7)
+    a = agent.assignments[lease_id]
+    assert a.fencing_token == 1 and a.resume_from is None and a.ask_price_per_gpu_hour == "0.300000"
+    assert a.spec.job_id == job.id and a.spec.seed == 7 and a.spec.lora.alpha == 32
+    assert a.spec.model_dir == "models/tunegrid/tiny-llama" and a.base_model_repo is None
+    assert a.training_file_url == f"/v1/workers/leases/{lease_id}/files/training" and a.validation_file_url is None
+
+
+def test_claiming_again_hands_the_same_assignment(service_agent: Agents, new_job: NewJob) -> None:
+    _, agent, lease_id = placed(service_agent, new_job)
+    again = agent.claim()
+    assert again is not None and again.lease_id == lease_id and again.fencing_token == 1
+
+
+def test_the_training_input_is_only_for_the_lease_holder(service_agent: Agents, new_job: NewJob, session: Session) -> None:
+    job, agent, lease_id = placed(service_agent, new_job)
+    file = leases.training_input(session=session, worker=agent.worker, lease_id=lease_id, fencing_token=1, which="training")
+    assert file.id == job.training_file_id
+    with pytest.raises(NotFound):
+        leases.training_input(session=session, worker=agent.worker, lease_id=lease_id, fencing_token=1, which="validation")
+    stranger = service_agent("pc-2")
+    with pytest.raises(NotFound):
+        leases.training_input(session=session, worker=stranger.worker, lease_id=lease_id, fencing_token=1, which="training")
+
+
+def test_events_become_the_jobs_metrics_events(service_agent: Agents, new_job: NewJob, session: Session) -> None:
+    job, agent, lease_id = placed(service_agent, new_job)
+    f = agent.events(lease_id, {"type": "started", "total_steps": 10},
+                     {"type": "progress", "step": 3, "total_steps": 10, "train_loss": 2.5, "tokens_per_s": 180},
+                     {"type": "eval", "step": 3, "eval_loss": 2.7})
+    assert f.lease.status is LeaseStatus.running and f.lease.last_step == 3 and f.lease.training_started_at is not None
+    metrics = session.scalars(select(JobEventModel).where(JobEventModel.job_id == job.id, JobEventModel.type == "metrics")
+                              .order_by(JobEventModel.id)).all()
+    assert {"step": 3, "total_steps": 10, "train_loss": 2.5, "tokens_per_s": 180.0}.items() <= metrics[0].data.items()
+    assert metrics[1].data["valid_loss"] == 2.7
+
+
+def test_a_step_past_what_the_job_can_have_is_refused(service_agent: Agents, new_job: NewJob) -> None:
+    _, agent, lease_id = placed(service_agent, new_job)
+    with pytest.raises(InvalidRequest) as refused:
+        agent.progress(lease_id, step=10**9)
+    assert refused.value.code == "implausible_step"
+
+
+def test_a_good_checkpoint_is_recorded_with_the_metrics_of_its_step(service_agent: Agents, new_job: NewJob,
+                                                                     session: Session) -> None:
+    job, agent, lease_id = placed(service_agent, new_job)
+    agent.progress(lease_id, step=5, loss=1.5)
+    checkpoint = agent.upload_checkpoint(lease_id, 5, agent.checkpoint_for(lease_id, 5))
+    assert checkpoint.step_number == 5 and checkpoint.metrics["train_loss"] == 1.5
+    assert [c.step_number for c in session.scalars(select(JobCheckpointModel).where(
+        JobCheckpointModel.job_id == job.id))] == [5]
+
+
+def test_completion_makes_the_adapter_a_result_file_and_the_model_usable(
+    service_agent: Agents, new_job: NewJob, session: Session, store: BlobStore, customer_account,  # type: ignore[no-untyped-def]
+) -> None:
+    job, agent, lease_id = placed(service_agent, new_job, suffix="sums")
+    f = agent.finish(lease_id)
+    assert f.lease.status is LeaseStatus.completed and f.job.status is JobStatus.succeeded
+    done = fresh(session, job)
+    assert done.fine_tuned_model == f"ft:tunegrid/tiny-llama:{job.account_id}:sums:{job.id}"
+    [file_id] = done.result_files
+    file = session.get(FileModel, file_id)
+    assert file is not None and file.purpose == "fine-tune-results" and file.sha256 == sha256(adapter_archive())
+    assert store.sha256(f"files/{file_id}") == file.sha256
+    assert done.fine_tuned_model in [m.id for m in catalog.list_models(session=session, account=customer_account)]
+    worker = agent.worker
+    assert worker.completed_leases == 1 and worker.state is WorkerState.idle and worker.reliability > 0.9
+
+
+def test_completion_reported_twice_answers_the_same(service_agent: Agents, new_job: NewJob) -> None:
+    _, agent, lease_id = placed(service_agent, new_job)
+    first = agent.finish(lease_id)
+    second = agent.complete(lease_id, adapter_archive())
+    assert (first.lease.id, first.lease.status) == (second.lease.id, second.lease.status)
+    with pytest.raises(LeaseLost):  # a different ending of the same lease is not the same report
+        agent.fail(lease_id)
+
+
+def test_completion_without_an_adapter_is_a_conflict(service_agent: Agents, new_job: NewJob) -> None:
+    _, agent, lease_id = placed(service_agent, new_job)
+    with pytest.raises(Conflict) as conflict:
+        agent.complete(lease_id, adapter_archive())
+    assert conflict.value.code == "adapter_missing"
+
+
+def test_a_completion_naming_another_adapter_is_refused(service_agent: Agents, new_job: NewJob) -> None:
+    _, agent, lease_id = placed(service_agent, new_job)
+    agent.progress(lease_id)
+    agent.upload_adapter(lease_id, adapter_archive())
+    with pytest.raises(InvalidRequest) as refused:
+        agent.complete(lease_id, adapter_archive(r=8))
+    assert refused.value.code == "sha256_mismatch"
+
+
+def test_a_tampered_adapter_fails_the_lease_counts_against_the_worker_and_requeues(
+    service_agent: Agents, new_job: NewJob, session: Session,
+) -> None:
+    job, agent, lease_id = placed(service_agent, new_job)
+    wrong_rank = adapter_archive(r=8, alpha=32)
+    agent.progress(lease_id)
+    agent.upload_adapter(lease_id, wrong_rank)
+    f = agent.complete(lease_id, wrong_rank)
+    assert f.lease.status is LeaseStatus.failed and "r/alpha" in (f.lease.end_reason or "")
+    assert fresh(session, job).status is JobStatus.queued
+    worker = agent.worker
+    assert worker.failed_checks == 1 and worker.reliability < 0.9
+
+
+def test_an_adapter_without_any_progress_is_refused(service_agent: Agents, new_job: NewJob) -> None:
+    _, agent, lease_id = placed(service_agent, new_job)
+    adapter = adapter_archive()
+    agent.upload_adapter(lease_id, adapter)
+    f = agent.complete(lease_id, adapter)
+    assert f.lease.status is LeaseStatus.failed and "no training progress" in (f.lease.end_reason or "")
+
+
+def test_a_second_adapter_upload_replaces_the_first(service_agent: Agents, new_job: NewJob, store: BlobStore) -> None:
+    _, agent, lease_id = placed(service_agent, new_job)
+    first = agent.upload_adapter(lease_id, adapter_archive(r=8)).adapter_key
+    second = agent.upload_adapter(lease_id, adapter_archive()).adapter_key
+    assert first != second and not store.path(first).exists() and store.path(second).exists()
+
+
+def test_a_user_error_fails_the_job_with_the_trainers_message(service_agent: Agents, new_job: NewJob,
+                                                               session: Session) -> None:
+    job, agent, lease_id = placed(service_agent, new_job)
+    f = agent.fail(lease_id, kind="user_error", message="line 3: no assistant message")
+    assert f.job.status is JobStatus.failed
+    error = fresh(session, job).error
+    assert error is not None and error["code"] == "invalid_training_data" and "line 3" in error["message"]
+
+
+def test_worker_errors_requeue_until_max_attempts(service_agent: Agents, new_job: NewJob, session: Session,
+                                                  settings: CoordinatorSettings) -> None:
+    job = new_job()
+    for attempt in range(1, settings.max_attempts + 1):
+        agent = service_agent(f"pc-{attempt}")
+        a = agent.claim()
+        assert a is not None and a.fencing_token == attempt
+        agent.fail(a.lease_id, message="CUDA error: an illegal memory access")
+        assert agent.worker.lost_leases == 1
+    done = fresh(session, job)
+    assert done.status is JobStatus.failed and done.error is not None and done.error["code"] == "worker_error"
+
+
+def test_preemption_requeues_without_using_an_attempt(service_agent: Agents, new_job: NewJob, session: Session) -> None:
+    job, agent, lease_id = placed(service_agent, new_job)
+    f = agent.preempted(lease_id, reason="a game started")
+    assert f.lease.status is LeaseStatus.preempted
+    worker = agent.worker
+    assert worker.state is WorkerState.paused and worker.pause_reason == "a game started" and worker.lost_leases == 0
+    done = fresh(session, job)
+    assert done.status is JobStatus.queued and done.attempts == 0
+
+
+def test_a_stale_token_or_anothers_lease_is_refused(service_agent: Agents, new_job: NewJob) -> None:
+    _, agent, lease_id = placed(service_agent, new_job)
+    with pytest.raises(LeaseLost):
+        agent.events(lease_id, {"type": "log", "message": "hi"}, token=2)
+    other = service_agent("pc-9")
+    other.leases[lease_id] = 1
+    with pytest.raises(NotFound):
+        other.events(lease_id, {"type": "log", "message": "x"})
+    with pytest.raises(NotFound):
+        other.complete(lease_id, adapter_archive())
+
+
+def test_too_big_a_job_waits_for_a_card_that_holds_it(service_agent: Agents, new_job: NewJob) -> None:
+    small = service_agent("pc-small", gpus=[gpu("NVIDIA GeForce RTX 3070", 8, "8.6")])
+    job = new_job(model="llama-3.1-8b-instruct")
+    assert small.claim() is None
+    big = service_agent("pc-big", gpus=[gpu("NVIDIA GeForce RTX 4090", 24, "8.9", uuid="GPU-big")])
+    a = big.claim()
+    assert a is not None and a.job_id == job.id
+
+
+def test_a_lease_keeps_the_prices_fixed_at_placement(service_agent: Agents, new_job: NewJob, session: Session) -> None:
+    _, _, lease_id = placed(service_agent, new_job)
+    lease = session.get(LeaseModel, lease_id)
+    assert lease is not None and lease.ask_price_per_gpu_hour == 300_000 and lease.price_per_gpu_hour == 360_000
+    assert lease.status is LeaseStatus.running and lease.claimed_at is not None
+
+
+def test_a_suspended_worker_is_handed_nothing(service_agent: Agents, new_job: NewJob, session: Session) -> None:
+    agent = service_agent()
+    worker = session.get(WorkerModel, agent.worker_id)
+    assert worker is not None
+    worker_states.suspend(session, worker, reason="testing")
     session.commit()
-
-
-def placed_by_dispatcher(session: Session, job_id: str, timeout_s: float = 5.0) -> LeaseModel:
-    """The lease the app's dispatcher creates right after the job is queued (it runs after the response)."""
-    deadline = time.monotonic() + timeout_s
-    while True:
-        session.expire_all()
-        lease = session.scalars(select(LeaseModel).where(LeaseModel.job_id == job_id)).first()
-        if lease is not None or time.monotonic() > deadline:
-            assert lease is not None, "the job was not placed"
-            return lease
-        time.sleep(0.02)
-
-
-def test_lost_lease_resumes_elsewhere_from_the_last_checkpoint(
-    client: TestClient, session: Session, settings: CoordinatorSettings, provider, customer, create_job,  # type: ignore[no-untyped-def]
-) -> None:
-    first = FakeAgent.register(client, provider.key, machine_id="pc-1")
-    job = create_job().json()
-    a = first.claim(wait_s=2)
-    assert a is not None and a["fencing_token"] == 1
-    first.progress(a["lease_id"], step=5, loss=1.9)
-    checkpoint = first.checkpoint_for(a["lease_id"], 5)
-    assert first.upload(a["lease_id"], "checkpoint", checkpoint, step=5).status_code == 200
-
-    silence(session, a["lease_id"], settings.lease_ttl_s + 1)
-    assert reap(session=session, settings=settings) == {"suspect": 1, "lost": 0, "unclaimed": 0}
-    assert reap(session=session, settings=settings)["suspect"] == 0  # said once
-    assert client.get(f"/v1/fine_tuning/jobs/{job['id']}", headers=customer.headers).json()["status"] == "running"
-
-    silence(session, a["lease_id"], settings.lease_grace_s + 1)
-    assert reap(session=session, settings=settings)["lost"] == 1
-    assert client.get(f"/v1/fine_tuning/jobs/{job['id']}", headers=customer.headers).json()["status"] == "queued"
-    session.expire_all()
-    assert session.get(WorkerModel, first.worker_id).lost_leases == 1  # type: ignore[union-attr]
-
-    second = FakeAgent.register(client, provider.key, machine_id="pc-2")
-    b = second.claim(wait_s=2)
-    assert b is not None and b["job_id"] == job["id"] and b["fencing_token"] == 2
-    assert b["resume_from"]["step"] == 5 and b["resume_from"]["sha256"] == sha256(checkpoint)
-    resumed = client.get(b["resume_from"]["url"], headers=second.headers(b["lease_id"]))
-    assert resumed.status_code == 200 and resumed.content == checkpoint
-
-    late = first.complete(a["lease_id"], adapter_archive())
-    assert late.status_code == 409 and late.json()["error"]["code"] == "lease_lost"
-    # The reaper ran here outside the app, so no recheck flag reached the hot state (as if Redis had lost it):
-    # the next batch flush finds the ended lease, and the heartbeat after it carries the command.
-    assert first.heartbeat("working", lease_id=a["lease_id"]).json()["commands"] == []
-    client.portal.call(client.app.state.heartbeats.flush_now)  # type: ignore[attr-defined, union-attr]
-    beat = first.heartbeat("working", lease_id=a["lease_id"]).json()
-    assert beat["commands"][0]["type"] == "lease_lost"
-    # The first worker cannot read the job's inputs any more either: the URL died with its lease.
-    assert client.get(a["training_file_url"], headers=first.headers(a["lease_id"])).status_code == 409
-
-    assert second.finish(b["lease_id"]).json()["job_status"] == "succeeded"
-    events = client.get(f"/v1/fine_tuning/jobs/{job['id']}/events?limit=100", headers=customer.headers).json()["data"]
-    messages = " | ".join(e["message"] for e in events)
-    assert "has not reported" in messages and "resuming from checkpoint" in messages
-
-
-def test_heartbeats_keep_a_lease_alive(client: TestClient, session: Session, settings: CoordinatorSettings,  # type: ignore[no-untyped-def]
-                                       provider, create_job) -> None:
-    agent = FakeAgent.register(client, provider.key)
-    create_job()
-    a = agent.claim(wait_s=2)
-    assert a is not None
-    silence(session, a["lease_id"], settings.lease_grace_s + 1)
-    assert agent.heartbeat("working", lease_id=a["lease_id"], step=3).status_code == 200
-    client.portal.call(client.app.state.heartbeats.flush_now)  # type: ignore[attr-defined, union-attr]
-    session.expire_all()
-    assert session.get(LeaseModel, a["lease_id"]).last_step == 3  # type: ignore[union-attr]
-    assert reap(session=session, settings=settings) == {"suspect": 0, "lost": 0, "unclaimed": 0}
-
-
-def test_an_assignment_never_picked_up_goes_back_without_using_an_attempt(
-    client: TestClient, session: Session, settings: CoordinatorSettings, provider, customer, create_job,  # type: ignore[no-untyped-def]
-) -> None:
-    agent = FakeAgent.register(client, provider.key)
-    assert agent.claim() is None  # idle and placeable from now on
-    job = create_job().json()
-    lease = placed_by_dispatcher(session, job["id"])
-    lease.created_at = utcnow() - timedelta(seconds=settings.assignment_ttl_s + 1)
-    lease.status = LeaseStatus.assigned
-    session.commit()
-    assert reap(session=session, settings=settings)["unclaimed"] == 1
-    body = client.get(f"/v1/fine_tuning/jobs/{job['id']}", headers=customer.headers).json()
-    assert body["status"] == "queued"
-    session.expire_all()
-    assert session.get(WorkerModel, agent.worker_id).lost_leases == 0  # type: ignore[union-attr]
-
-
-def test_the_job_fails_after_max_attempts_lost_workers(
-    client: TestClient, session: Session, settings: CoordinatorSettings, provider, customer, create_job,  # type: ignore[no-untyped-def]
-) -> None:
-    job = create_job().json()
-    for attempt in range(settings.max_attempts):
-        agent = FakeAgent.register(client, provider.key, machine_id=f"pc-{attempt}")
-        a = agent.claim(wait_s=2)
-        assert a is not None
-        silence(session, a["lease_id"], settings.lease_grace_s + 1)
-        reap(session=session, settings=settings)
-    body = client.get(f"/v1/fine_tuning/jobs/{job['id']}", headers=customer.headers).json()
-    assert body["status"] == "failed" and body["error"]["code"] == "worker_error"
+    new_job()
+    assert agent.claim() is None
