@@ -23,7 +23,7 @@ demo: install
 # Two test processes (pytest-xdist) on this 2-core machine; `make test PYTEST_WORKERS=0` runs in one.
 PYTEST_WORKERS ?= 2
 test: install
-	$(PY) -m pytest -q $(if $(filter 0,$(PYTEST_WORKERS)),,-n $(PYTEST_WORKERS) --dist load) $(PYTEST_ARGS)
+	$(PY) -m pytest -q $(if $(filter 0,$(PYTEST_WORKERS)),,-n $(PYTEST_WORKERS) --dist worksteal) $(PYTEST_ARGS)
 
 serve: install
 	$(VENV)/bin/tunegrid-coordinator serve

@@ -61,16 +61,6 @@ def _prepare_postgres(url) -> str | None:  # type: ignore[no-untyped-def]
     return None
 
 
-# Real processes, real trainers and the fuzzer: run first, so that two test processes (`make test` runs two)
-# finish together instead of one waiting out the other's last long run.
-LONG_RUNNING = ("tests/e2e/", "tests/security/", "tests/trainer/", "tests/worker/test_docker_runtime.py",
-                "tests/coordinator/api/test_fuzz.py")
-
-
-def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-    items.sort(key=lambda item: not item.nodeid.startswith(LONG_RUNNING))  # stable: each group keeps its order
-
-
 @pytest.fixture(scope="session")
 def postgres_url() -> Iterator[str]:
     configured = make_url(POSTGRES_URL)

@@ -138,7 +138,7 @@ def test_the_owners_game_preempts_the_job_and_it_resumes_elsewhere(
     customer = live_server.new_key("customer", "alice")
     threads = []
     with httpx.Client(base_url=live_server.url, headers={"Authorization": f"Bearer {customer}"}, timeout=30) as client:
-        job = submit(client, examples=60, hyperparameters={"n_epochs": 10, "batch_size": 1})
+        job = submit(client, examples=60, hyperparameters={"n_epochs": 5, "batch_size": 1})
         try:
             threads.append(threading.Thread(target=agent_a.run, daemon=True))
             threads[-1].start()

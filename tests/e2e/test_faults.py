@@ -69,7 +69,7 @@ def test_a_worker_killed_mid_training_loses_only_unsaved_work(live_server: LiveS
     customer = live_server.new_key("customer", "alice")
     machine_a = _agent_process(settings_a, tmp_path / "agent-a.log")
     with httpx.Client(base_url=live_server.url, headers={"Authorization": f"Bearer {customer}"}, timeout=30) as client:
-        job = submit(client, examples=60, hyperparameters={"n_epochs": 6, "batch_size": 1})
+        job = submit(client, examples=60, hyperparameters={"n_epochs": 3, "batch_size": 1})
         deadline = time.monotonic() + JOB_TIMEOUT_S
         while not client.get(f"/v1/fine_tuning/jobs/{job['id']}/checkpoints").json()["data"]:
             assert time.monotonic() < deadline and machine_a.poll() is None, "worker A never checkpointed"

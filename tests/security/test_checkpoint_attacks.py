@@ -123,14 +123,14 @@ def test_malicious_checkpoints_are_refused_at_the_door_and_never_billed(
     assert not MARKER.exists() and secret.read_text() == "the PC owner's private key"
 
 
-@pytest.mark.parametrize("runtime", ["process", "docker"])
 def test_a_checkpoint_past_the_door_is_refused_by_the_victim_who_is_not_blamed(
     coordinator: LiveServer, tmp_path: Path, tiny_model: Path, monkeypatch: pytest.MonkeyPatch, secret: Path,
-    runtime: str, request: pytest.FixtureRequest,
+    trainer_image: str,
 ) -> None:
     """As if the door had a hole (a bug, a tampered disk): the stored checkpoint of a job is swapped for a
-    poisoned one with a matching sha256. The victim's agent checks it as it unpacks, runs nothing of it,
-    reports it; the coordinator's own check agrees, quarantines it, blames the uploader."""
+    poisoned one with a matching sha256. The victim's agent (training in the real trainer image) checks it as it
+    unpacks, runs nothing of it, reports it; the coordinator's own check agrees, quarantines it, blames the
+    uploader. (The agent's refusal alone: tests/worker/test_agent.py; the trainer's: tests/trainer/test_resume.py.)"""
     with placed_on_a_fake_worker(coordinator, "uploader-pc") as (http, client, provider, uploader, job, a):
         assert uploader.save_checkpoint(a["lease_id"], 2).status_code == 200
         [checkpoint] = client.get(f"/v1/fine_tuning/jobs/{job['id']}/checkpoints").json()["data"]
@@ -146,8 +146,7 @@ def test_a_checkpoint_past_the_door_is_refused_by_the_victim_who_is_not_blamed(
 
         settings = worker_settings(tmp_path / "victim", tiny_model)
         victim = registered_agent(coordinator, settings, monkeypatch, provider_key=provider)
-        if runtime == "docker":  # the victim trains in the real trainer image
-            victim.runtime = docker_runtime(request.getfixturevalue("trainer_image"))
+        victim.runtime = docker_runtime(trainer_image)
         done = run_until_done(victim, client, job["id"])
         assert done["status"] == "succeeded", done  # from scratch, after the bad checkpoint was refused
         events = [e["message"] for e in client.get(f"/v1/fine_tuning/jobs/{job['id']}/events?limit=500").json()["data"]]

@@ -1,0 +1,114 @@
+"""`services/jobs.py` on a real database: creating a job (its file checked, its estimate held, queued), someone
+else's job or file being a 404, listing with metadata filters, and the customer's cancel, pause and resume,
+which end a running lease and hold again. Request validation and the OpenAI shapes: api/test_jobs.py."""
+
+from __future__ import annotations
+
+import io
+from collections.abc import Callable
+from datetime import timedelta
+
+import pytest
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
+from coordinator.db.tables import AccountModel, Book, JobEventModel, JobModel, JobStatus, LeaseModel, LeaseStatus
+from coordinator.services import files, jobs, ledger
+from coordinator.settings import CoordinatorSettings
+from shared.errors import Conflict, InvalidRequest, NotFound, PaymentRequired
+from shared.schemas.jobs import JobCreate
+from tests.conftest import STARTING_CREDIT_USD, chat_lines, jsonl
+from shared.money import usd_to_micros
+from tests.fakes import ServiceAgent
+
+NewJob = Callable[..., JobModel]
+
+
+def other_customer_account(session: Session, make_caller, credit: str | None = "100") -> AccountModel:  # type: ignore[no-untyped-def]
+    account = session.get(AccountModel, make_caller("customer", "bob", credit=credit).account_id)
+    assert account is not None
+    return account
+
+
+def test_a_new_job_is_queued_with_its_estimate_held(new_job: NewJob, session: Session, customer_account: AccountModel) -> None:
+    job = new_job(suffix="sums", seed=7, metadata={"team": "a"})
+    assert job.status is JobStatus.queued and job.seed == 7 and job.held_micros > 0
+    available = ledger.balance(session, Book.customer_available, customer_account.id)
+    assert available == usd_to_micros(STARTING_CREDIT_USD) - job.held_micros
+    messages = [e.message for e in session.scalars(select(JobEventModel).where(JobEventModel.job_id == job.id)
+                                                   .order_by(JobEventModel.id))]
+    assert messages[0] == "Created fine-tuning job" and messages[-1].startswith("Fine-tuning job queued; $")
+
+
+def test_a_job_the_balance_cannot_cover_is_refused_and_nothing_is_kept(session: Session, make_caller, store,  # type: ignore[no-untyped-def]
+                                                                        settings: CoordinatorSettings) -> None:
+    poor = other_customer_account(session, make_caller, credit=None)
+    own = files.upload(session=session, store=store, account=poor, filename="t.jsonl", purpose="fine-tune",
+                       source=io.BytesIO(jsonl(chat_lines())), max_bytes=settings.max_upload_bytes,
+                       min_examples=settings.min_training_examples, retention=timedelta(days=1))
+    with pytest.raises(PaymentRequired):
+        jobs.create(session=session, account=poor, settings=settings,
+                    request=JobCreate.model_validate({"model": "tunegrid/tiny-llama", "training_file": own.id}))
+    session.rollback()
+    assert session.scalars(select(JobModel).where(JobModel.account_id == poor.id)).all() == []
+
+
+def test_someone_elses_file_or_job_is_the_same_404_as_a_missing_one(new_job: NewJob, session: Session, make_caller,  # type: ignore[no-untyped-def]
+                                                                   dataset: str, settings: CoordinatorSettings) -> None:
+    job = new_job()
+    bob = other_customer_account(session, make_caller)
+    with pytest.raises(InvalidRequest) as missing_file:
+        jobs.create(session=session, account=bob, settings=settings,
+                    request=JobCreate.model_validate({"model": "tunegrid/tiny-llama", "training_file": dataset}))
+    assert (missing_file.value.param, missing_file.value.code) == ("training_file", "file_not_found")
+    for call in (jobs.get, jobs.cancel, jobs.pause):
+        with pytest.raises(NotFound):
+            call(session=session, account=bob, job_id=job.id)
+
+
+def test_integrations_are_refused_by_name(session: Session, customer_account: AccountModel, dataset: str,
+                                          settings: CoordinatorSettings) -> None:
+    with pytest.raises(InvalidRequest) as refused:
+        jobs.create(session=session, account=customer_account, settings=settings, request=JobCreate.model_validate(
+            {"model": "tunegrid/tiny-llama", "training_file": dataset, "integrations": [{"type": "wandb"}]}))
+    assert refused.value.code == "unsupported_integration"
+
+
+def test_jobs_list_newest_first_filtered_by_metadata(new_job: NewJob, session: Session, customer_account: AccountModel) -> None:
+    a = new_job(metadata={"team": "a", 'k"ey': "x/y"})
+    b = new_job(metadata={"team": "b"})
+    rows, _ = jobs.list_jobs(session=session, account=customer_account, after=None, limit=10, metadata=None)
+    assert [j.id for j in rows] == [b.id, a.id]
+    assert [j.id for j in jobs.list_jobs(session=session, account=customer_account, after=None, limit=10,
+                                         metadata={"team": "a"})[0]] == [a.id]
+    assert [j.id for j in jobs.list_jobs(session=session, account=customer_account, after=None, limit=10,
+                                         metadata={'k"ey': "x/y"})[0]] == [a.id]
+
+
+def test_pausing_a_running_job_ends_its_lease_and_releases_the_hold_and_resume_holds_again(
+    new_job: NewJob, service_agent, session: Session, customer_account: AccountModel, settings: CoordinatorSettings,  # type: ignore[no-untyped-def]
+) -> None:
+    agent: ServiceAgent = service_agent()
+    job = new_job()
+    a = agent.claim()
+    assert a is not None
+    paused = jobs.pause(session=session, account=customer_account, job_id=job.id)
+    assert paused.status is JobStatus.paused and paused.held_micros == 0
+    lease = session.get(LeaseModel, a.lease_id)
+    assert lease is not None and lease.status is LeaseStatus.cancelled
+    assert jobs.pause(session=session, account=customer_account, job_id=job.id).status is JobStatus.paused  # twice: same
+    resumed = jobs.resume(session=session, account=customer_account, job_id=job.id, settings=settings)
+    assert resumed.status is JobStatus.queued and resumed.held_micros > 0
+    again = agent.claim()
+    assert again is not None and again.fencing_token == 2
+
+
+def test_cancel_is_final_and_idempotent(new_job: NewJob, session: Session, customer_account: AccountModel,
+                                        settings: CoordinatorSettings) -> None:
+    job = new_job()
+    assert jobs.cancel(session=session, account=customer_account, job_id=job.id).status is JobStatus.cancelled
+    assert jobs.cancel(session=session, account=customer_account, job_id=job.id).status is JobStatus.cancelled
+    for call in (jobs.pause, lambda **kw: jobs.resume(settings=settings, **kw)):
+        with pytest.raises(Conflict) as conflict:
+            call(session=session, account=customer_account, job_id=job.id)
+        assert conflict.value.code == "invalid_job_state"
