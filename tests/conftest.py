@@ -103,11 +103,11 @@ def database_url(backend: str, request: pytest.FixtureRequest, tmp_path: Path) -
 
 
 def truncate_all(url: str) -> None:
-    """Empty every table of the shared PostgreSQL test database (cheaper than re-migrating it)."""
+    """Empty every table of the shared PostgreSQL test database (cheaper than re-migrating it). DELETE, children
+    first, not TRUNCATE: a test leaves a few rows, and TRUNCATE's new files for every table cost 100 ms a test."""
     engine = create_engine(url)
     with engine.begin() as conn:
-        tables = ", ".join(f'"{t.name}"' for t in Base.metadata.sorted_tables)
-        conn.execute(text(f"TRUNCATE {tables} CASCADE"))
+        conn.execute(text("; ".join(f'DELETE FROM "{t.name}"' for t in reversed(Base.metadata.sorted_tables))))
     engine.dispose()
 
 

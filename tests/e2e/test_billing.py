@@ -1,8 +1,9 @@
-"""Money end to end, against a real coordinator process and a local fake of Stripe: the customer tops up
-through Checkout (credited by a signed webhook), the real agent trains the job, the lease settles, the
-customer is charged `seconds * (ask + fee) / 3600` to the micro-dollar, the provider's payable is
-`seconds * ask / 3600`, the ledger sums to zero, and the scheduled payout transfers the provider's earnings
-to its Stripe Connect account."""
+"""A job end to end with its money, against a real coordinator process (PostgreSQL), the real agent and trainer,
+and a local fake of Stripe: the customer tops up through Checkout (credited by a signed webhook), the agent
+(whose wall clock is ten minutes off) trains the job and reports its progress, the adapter is downloadable, the
+lease settles on the coordinator's clock: the customer is charged `seconds * (ask + fee) / 3600` to the
+micro-dollar, the provider's payable is `seconds * ask / 3600`, the ledger sums to zero, and the scheduled
+payout transfers the provider's earnings to its Stripe Connect account."""
 
 from __future__ import annotations
 
@@ -48,8 +49,8 @@ def webhook(server: LiveServer, payload: bytes) -> dict:  # type: ignore[type-ar
 def test_top_up_train_settle_and_pay_out(live_server: LiveServer, stripe_server: FakeStripe, tmp_path: Path,
                                           tiny_model: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     provider_key = live_server.new_key("provider", "pat")
-    agent = registered_agent(live_server, worker_settings(tmp_path, tiny_model), monkeypatch, price="90",
-                             provider_key=provider_key)
+    settings = worker_settings(tmp_path, tiny_model)
+    agent = registered_agent(live_server, settings, monkeypatch, price="90", provider_key=provider_key)
     provider = httpx.Client(base_url=live_server.url, timeout=30, headers={"Authorization": f"Bearer {provider_key}"})
     account = provider.post("/v1/providers/me/payout-account").json()
     assert account["onboarding_url"].startswith("https://connect.stripe.test/")
@@ -65,14 +66,26 @@ def test_top_up_train_settle_and_pay_out(live_server: LiveServer, stripe_server:
                                                         stripe_server.pay(session["id"])))["outcome"] == "credited"
         assert client.get("/v1/billing/balance").json()["available"] == "20.000000"
 
+        real_time = time.time  # from here on the worker's clock (and this test's) is ten minutes fast
+        monkeypatch.setattr(time, "time", lambda: real_time() + 600)
+        started = time.monotonic()
         job = submit(client, examples=120, hyperparameters={"n_epochs": 2}, lora={"r": 8})  # about a second of training
         assert usd_to_micros(job["cost_held"]) > 0
         done = run_until_done(agent, client, job["id"])
+        elapsed = time.monotonic() - started
         assert done["status"] == "succeeded", done
+        events = client.get(f"/v1/fine_tuning/jobs/{job['id']}/events?limit=200").json()["data"]
+        metrics = [e for e in events if e["type"] == "metrics" and "valid_loss" not in e["data"]]
+        assert metrics and all("train_loss" in e["data"] for e in metrics if "step" in e["data"])
+        [adapter_file] = done["result_files"]
+        archive = client.get(f"/v1/files/{adapter_file}/content")
+        assert archive.status_code == 200 and archive.content[:2] == b"\x1f\x8b"  # the PEFT adapter, gzipped
+        assert agent.status.jobs_done == 1 and agent.status.earned_micros > 0  # the ask times the wall time
+        assert not settings.state_path.exists() and not any(settings.jobs_dir.iterdir())  # nothing left behind
 
         [usage] = client.get("/v1/billing/usage?group_by=job").json()["data"]
         seconds = usage["seconds"]
-        assert seconds >= 1 and usage["price_per_gpu_hour"] == "108.000000"
+        assert 1 <= seconds <= elapsed + 1 and usage["price_per_gpu_hour"] == "108.000000"  # nothing of the skew
         charge = -(-seconds * PRICE // 3600)  # rounded up to the micro-dollar
         earned = seconds * ASK // 3600  # rounded down
         assert usd_to_micros(usage["cost"]) == charge == usd_to_micros(done["cost"])

@@ -77,3 +77,28 @@ def docker_runtime(image: str):  # type: ignore[no-untyped-def]
     from worker.runtimes.docker import DockerRuntime  # noqa: PLC0415
 
     return DockerRuntime(image=image, memory_bytes=3 * 1024**3, cpus=1)  # one torch thread: the suite runs two at once
+
+
+def watch_sandbox(runtime) -> dict:  # type: ignore[no-untyped-def, type-arg]
+    """Record how the Docker engine runs each trainer `runtime` starts (its host config and user) and the job
+    folder's mode and owner, for the test to check the sandbox."""
+    seen: dict = {}  # type: ignore[type-arg]
+    start = runtime.start
+
+    def watched(mount):  # type: ignore[no-untyped-def]
+        running = start(mount)
+        running._container.reload()  # noqa: SLF001 - the container as the engine runs it
+        seen.update(host=running._container.attrs["HostConfig"], user=running._container.attrs["Config"]["User"],  # noqa: SLF001
+                    mode=mount.job_dir.stat().st_mode & 0o777, uid=mount.job_dir.stat().st_uid)
+        return running
+
+    runtime.start = watched
+    return seen
+
+
+def assert_sandboxed(seen: dict) -> None:  # type: ignore[type-arg]
+    """No network, a read-only root, no capabilities, the limits, a non-root user, a job folder that is its own."""
+    host = seen["host"]
+    assert host["NetworkMode"] == "none" and host["ReadonlyRootfs"] is True and host["CapDrop"] == ["ALL"]
+    assert host["Memory"] == 3 * 1024**3 and host["PidsLimit"] == 512
+    assert seen["user"] == "10001:10001" and seen["mode"] == 0o700 and seen["uid"] == 10001

@@ -22,7 +22,7 @@ from sqlalchemy import create_engine, text
 from tests.e2e.conftest import LiveServer
 from tests.e2e.test_agent import registered_agent, run_until_done, submit, worker_settings
 from tests.fakes import FakeAgent, checkpoint_state, sha256, tar_gz
-from tests.security.conftest import database, docker_runtime, storage
+from tests.security.conftest import assert_sandboxed, database, docker_runtime, storage, watch_sandbox
 
 pytestmark = pytest.mark.live
 MARKER = Path("/tmp/tunegrid-security-pwned")
@@ -128,9 +128,10 @@ def test_a_checkpoint_past_the_door_is_refused_by_the_victim_who_is_not_blamed(
     trainer_image: str,
 ) -> None:
     """As if the door had a hole (a bug, a tampered disk): the stored checkpoint of a job is swapped for a
-    poisoned one with a matching sha256. The victim's agent (training in the real trainer image) checks it as it
-    unpacks, runs nothing of it, reports it; the coordinator's own check agrees, quarantines it, blames the
-    uploader. (The agent's refusal alone: tests/worker/test_agent.py; the trainer's: tests/trainer/test_resume.py.)"""
+    poisoned one with a matching sha256. The victim's agent (training in the real trainer image, built offline
+    here on a debootstrap base, through the Docker runtime's sandbox) checks it as it unpacks, runs nothing of it,
+    reports it; the coordinator's own check agrees, quarantines it, blames the uploader; the job then trains from
+    scratch in the sandbox. (The agent's refusal alone: tests/worker/test_agent.py; the trainer's: tests/trainer/test_resume.py.)"""
     with placed_on_a_fake_worker(coordinator, "uploader-pc") as (http, client, provider, uploader, job, a):
         assert uploader.save_checkpoint(a["lease_id"], 2).status_code == 200
         [checkpoint] = client.get(f"/v1/fine_tuning/jobs/{job['id']}/checkpoints").json()["data"]
@@ -147,8 +148,13 @@ def test_a_checkpoint_past_the_door_is_refused_by_the_victim_who_is_not_blamed(
         settings = worker_settings(tmp_path / "victim", tiny_model)
         victim = registered_agent(coordinator, settings, monkeypatch, provider_key=provider)
         victim.runtime = docker_runtime(trainer_image)
+        sandbox = watch_sandbox(victim.runtime)
         done = run_until_done(victim, client, job["id"])
         assert done["status"] == "succeeded", done  # from scratch, after the bad checkpoint was refused
+        with tarfile.open(fileobj=io.BytesIO(client.get(f"/v1/files/{done['result_files'][0]}/content").content),
+                          mode="r:gz") as tar:
+            assert "adapter/adapter_model.safetensors" in tar.getnames()  # a real job, trained in the real image
+        assert_sandboxed(sandbox)
         events = [e["message"] for e in client.get(f"/v1/fine_tuning/jobs/{job['id']}/events?limit=500").json()["data"]]
         assert any("failed its checks" in m and "quarantined" in m for m in events), events
         victim_id = next(w["id"] for w in http.get("/v1/workers", headers={"Authorization": f"Bearer {provider}"})

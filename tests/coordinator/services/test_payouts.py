@@ -15,7 +15,7 @@ from coordinator.services.ledger import HOUSE, Entry
 from coordinator.settings import CoordinatorSettings
 from coordinator.stripe_gateway import StripeGateway
 from shared.money import usd_to_micros
-from tests.coordinator.api.test_billing import deliver
+from tests.coordinator.api.conftest import deliver
 
 
 @pytest.fixture

@@ -1,0 +1,58 @@
+"""`services/quotes.py` on a real database: a quote from a training file or a token count, offering the cheapest
+and the fastest idle worker that could take the job (placement's own rules), and every GPU class that fits it
+when none is idle. Nothing is held or stored. The HTTP shape: api/test_quotes.py."""
+
+from __future__ import annotations
+
+import pytest
+from sqlalchemy import func, select
+from sqlalchemy.orm import Session
+
+from coordinator.db.tables import AccountModel, JobModel
+from coordinator.services import quotes
+from coordinator.settings import CoordinatorSettings
+from shared.errors import InvalidRequest
+from shared.schemas.quotes import QuoteCreate
+from tests.fakes import gpu
+
+
+def quote(session: Session, account: AccountModel, settings: CoordinatorSettings, **fields: object):  # type: ignore[no-untyped-def]
+    return quotes.quote(session=session, account=account, settings=settings,
+                        request=QuoteCreate.model_validate({"model": "tunegrid/tiny-llama", **fields}))
+
+
+def test_with_no_idle_worker_a_quote_prices_each_gpu_class_and_stores_nothing(
+    session: Session, customer_account: AccountModel, settings: CoordinatorSettings, dataset: str,
+) -> None:
+    q = quote(session, customer_account, settings, training_file=dataset, hyperparameters={"n_epochs": 2})
+    assert q.workers_available == 0 and q.cheapest is None and q.fastest is None and q.n_epochs == 2
+    assert q.estimated_tokens > 0 and q.gpu_classes
+    assert session.scalar(select(func.count()).select_from(JobModel)) == 0
+
+
+def test_the_cheapest_and_the_fastest_idle_workers_are_offered(session: Session, customer_account: AccountModel,
+                                                               settings: CoordinatorSettings, service_agent) -> None:  # type: ignore[no-untyped-def]
+    cheap = service_agent("cheap", price="0.10", gpus=[gpu("NVIDIA GeForce RTX 3060", 12, "8.6", uuid="GPU-c")])
+    fast = service_agent("fast", price="0.90", gpus=[gpu("NVIDIA GeForce RTX 4090", 24, "8.9", uuid="GPU-f")])
+    for agent in (cheap, fast):
+        agent.claim()  # idle and placeable
+    q = quote(session, customer_account, settings, training_tokens=10**10)  # hours of training: speeds tell apart
+    assert q.workers_available == 2
+    assert q.cheapest is not None and q.cheapest.worker_id == cheap.worker_id
+    assert q.fastest is not None and q.fastest.worker_id == fast.worker_id
+    assert q.fastest.estimated_seconds <= q.cheapest.estimated_seconds
+    assert q.cheapest.price_per_gpu_hour == "0.120000"  # the ask plus the platform's fee
+
+
+def test_a_worker_above_the_jobs_max_price_is_not_offered(session: Session, customer_account: AccountModel,
+                                                          settings: CoordinatorSettings, service_agent) -> None:  # type: ignore[no-untyped-def]
+    service_agent("dear", price="2.00").claim()
+    assert quote(session, customer_account, settings, training_tokens=1000, max_price_per_gpu_hour="1").workers_available == 0
+
+
+def test_someone_elses_file_cannot_be_quoted(session: Session, settings: CoordinatorSettings, make_caller,  # type: ignore[no-untyped-def]
+                                             dataset: str) -> None:
+    bob = session.get(AccountModel, make_caller("customer", "bob").account_id)
+    with pytest.raises(InvalidRequest) as refused:
+        quote(session, bob, settings, training_file=dataset)  # type: ignore[arg-type]
+    assert refused.value.code == "file_not_found"
