@@ -1,80 +1,16 @@
-"""The dashboard over HTTP (no browser): logins into signed cookies, CSRF on every form, admins only under
-/admin, pages with real data, CSV exports, and the admin actions (cancel, suspend, refund as a ledger entry)."""
+"""`/admin` (coordinator/dashboard/admin.py) over HTTP: pages with real data, CSV exports, and the admin actions
+(cancel, suspend, refund as a ledger entry), each behind CSRF."""
 
 from __future__ import annotations
 
-import re
-from datetime import timedelta
-
-import pytest
 from fastapi.testclient import TestClient
-from sqlalchemy import update
 from sqlalchemy.orm import Session
 
-from coordinator.dashboard.sessions import COOKIE
-from coordinator.db.tables import Book, LeaseModel, WorkerModel, WorkerState, utcnow
+from coordinator.db.tables import Book, WorkerModel, WorkerState
 from coordinator.services import ledger
 from shared.money import usd_to_micros
-from tests.fakes import FakeAgent, adapter_archive
 
-
-def login(client: TestClient, key: str, next_page: str = "/admin") -> object:
-    form = client.get("/login")
-    token = re.search(r'name="csrf_token" value="([^"]+)"', form.text).group(1)  # type: ignore[union-attr]
-    return client.post("/login", data={"api_key": key, "csrf_token": token, "next": next_page}, follow_redirects=False)
-
-
-def csrf_of(html: str) -> str:
-    return re.search(r'name="csrf_token" value="([^"]+)"', html).group(1)  # type: ignore[union-attr]
-
-
-@pytest.fixture
-def admin(make_caller):  # type: ignore[no-untyped-def]
-    return make_caller("admin", "root")
-
-
-@pytest.fixture
-def ran(client: TestClient, session: Session, make_caller, create_job):  # type: ignore[no-untyped-def]
-    """One job that trained for ten minutes and succeeded on a fake worker, and one still queued."""
-    provider = make_caller("provider", "pat")
-    agent = FakeAgent.register(client, provider.key)
-    done = create_job().json()
-    a = agent.claim(wait_s=2)
-    assert a is not None and agent.progress(a["lease_id"], step=1, loss=2.5).status_code == 200
-    agent.progress(a["lease_id"], step=2, loss=2.1)
-    session.execute(update(LeaseModel).where(LeaseModel.id == a["lease_id"]).values(
-        training_started_at=utcnow() - timedelta(minutes=10)))
-    session.commit()
-    adapter = adapter_archive()
-    agent.upload(a["lease_id"], "adapter", adapter)
-    assert agent.complete(a["lease_id"], adapter, usage={"wall_seconds": 700.0, "gpu_seconds": 650.0}).status_code == 200
-    queued = create_job().json()
-    return {"done": done["id"], "queued": queued["id"], "worker": agent.worker_id}
-
-
-def test_pages_need_a_session_and_admin_pages_an_admin(client: TestClient, admin, customer) -> None:  # type: ignore[no-untyped-def]
-    for path in ("/admin/costs", "/admin/fleet", "/admin/jobs", "/admin/costs.csv", "/dashboard"):
-        response = client.get(path, follow_redirects=False)
-        assert response.status_code == 303 and response.headers["location"].startswith("/login")
-    bad = login(client, "tg_000000000000_nope")
-    assert bad.status_code == 401 and "not valid" in bad.text  # type: ignore[attr-defined]
-    as_customer = login(client, customer.key)
-    assert as_customer.status_code == 303 and as_customer.headers["location"] == "/dashboard"  # type: ignore[attr-defined]
-    cookie = as_customer.cookies[COOKIE]  # type: ignore[attr-defined]
-    header = as_customer.headers["set-cookie"].lower()  # type: ignore[attr-defined]
-    assert "httponly" in header and "samesite=strict" in header
-    assert client.get("/admin/costs").status_code == 403
-    assert client.get("/admin/costs.csv").status_code == 403
-    assert client.get("/dashboard").status_code == 200
-    client.cookies.clear()
-    client.cookies.set(COOKIE, cookie[:-2] + ("xx" if not cookie.endswith("xx") else "yy"))  # tampered
-    assert client.get("/dashboard", follow_redirects=False).status_code == 303
-
-
-def test_login_needs_the_forms_token(client: TestClient, admin) -> None:  # type: ignore[no-untyped-def]
-    client.get("/login")
-    forged = client.post("/login", data={"api_key": admin.key, "csrf_token": "guess"}, follow_redirects=False)
-    assert forged.status_code == 400 and COOKIE not in forged.cookies
+from tests.coordinator.dashboard.conftest import csrf_of, login
 
 
 def test_admin_pages_show_real_data(client: TestClient, admin, ran) -> None:  # type: ignore[no-untyped-def]
@@ -137,18 +73,3 @@ def test_admin_actions_need_csrf_and_do_their_job(client: TestClient, session: S
     logout = client.post("/logout", data={"csrf_token": csrf_of(page)}, follow_redirects=False)
     assert logout.status_code == 303
     assert client.get("/admin/costs", follow_redirects=False).status_code == 303
-
-
-def test_customers_and_providers_see_their_own(client: TestClient, ran, customer, other_customer, make_caller) -> None:  # type: ignore[no-untyped-def]
-    login(client, customer.key)
-    own = client.get("/dashboard")
-    assert own.status_code == 200 and ran["done"] in own.text and "Available" in own.text
-    assert client.get(f"/dashboard/jobs/{ran['done']}").status_code == 200
-    client.cookies.clear()
-    login(client, other_customer.key)
-    assert ran["done"] not in client.get("/dashboard").text
-    assert client.get(f"/dashboard/jobs/{ran['done']}").status_code == 404
-    client.cookies.clear()
-    provider = make_caller("provider", "pat2")
-    login(client, provider.key)
-    assert "Your workers" in client.get("/dashboard").text
