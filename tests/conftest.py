@@ -61,6 +61,26 @@ def _prepare_postgres(url) -> str | None:  # type: ignore[no-untyped-def]
     return None
 
 
+def built_tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The tiny Llama and its tokenizer (worker/trainer/tiny.py), built locally once per run and shared by the
+    run's test processes (nothing is downloaded): the first to need it builds it under a lock, the rest wait."""
+    import fcntl  # noqa: PLC0415 - Linux and macOS, as this suite
+
+    from worker.trainer.tiny import build  # noqa: PLC0415 - torch only for the tests that train
+
+    base = tmp_path_factory.getbasetemp()
+    shared = base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base  # one run's folder, never a later run's
+    target = shared / "tiny-llama"
+    with open(shared / "tiny-llama.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not (target / "config.json").exists():
+            partial = shared / f"tiny-llama.partial-{os.getpid()}"
+            shutil.rmtree(partial, ignore_errors=True)
+            build(partial)
+            partial.rename(target)
+    return target
+
+
 @pytest.fixture(scope="session")
 def postgres_url() -> Iterator[str]:
     configured = make_url(POSTGRES_URL)

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import httpx
 import pytest
-from tests.conftest import truncate_all
+from tests.conftest import built_tiny_model, truncate_all
 
 BIN = Path(sys.executable).parent
 STARTUP_TIMEOUT_S = 30
@@ -47,9 +47,7 @@ class LiveServer:
 @pytest.fixture(scope="session")
 def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The tiny Llama and its tokenizer, built locally once per run (nothing is downloaded)."""
-    from worker.trainer.tiny import build  # noqa: PLC0415
-
-    return build(tmp_path_factory.mktemp("tiny-llama"))
+    return built_tiny_model(tmp_path_factory)
 
 
 @pytest.fixture

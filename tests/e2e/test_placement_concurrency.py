@@ -18,7 +18,7 @@ from tests.conftest import chat_lines, jsonl, truncate_all
 from tests.e2e.conftest import LiveServer, _free_port, start_server, stop_server
 from tests.fakes import FakeAgent
 
-JOBS, CLAIMERS = 120, 30
+JOBS, CLAIMERS = 80, 20
 DEADLINE_S = 120
 
 

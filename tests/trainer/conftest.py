@@ -9,13 +9,12 @@ from pathlib import Path
 import pytest
 
 from shared.jobspec import JobSpec
+from tests.conftest import built_tiny_model
 
 
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from worker.trainer.tiny import build
-
-    return build(tmp_path_factory.mktemp("tiny-llama"))
+    return built_tiny_model(tmp_path_factory)
 
 
 def arithmetic_chat(n: int, seed: int = 0) -> list[dict]:
