@@ -199,6 +199,10 @@ class WorkerCaller:
         cache[digest] = (worker_id, now + WORKER_TOKEN_CACHE_S)
         return worker_id
 
+    async def verify(self) -> None:
+        """Check the token alone (401), for error replies decided before `run` got to check it."""
+        await self.worker_id()
+
     def _authenticate(self, session: Session) -> WorkerModel:
         return workers.authenticate(session=session, token=self.token)
 
@@ -210,12 +214,16 @@ async def _worker_caller(
         raise AuthenticationFailed("Send the worker token: 'Authorization: Bearer tgw_...'.", code="missing_worker_token")
     await request.app.state.worker_limiter.check(credentials.credentials)  # wrong tokens are limited too
     version = request.headers.get(PROTOCOL_HEADER)
-    if not is_supported(version):
+    supported = is_supported(version)
+    caller = WorkerCaller(state=request.app.state, token=credentials.credentials,
+                          protocol_version=int(version or 0) if supported else 0)
+    request.state.caller = caller  # a request refused before its hop (headers, body) checks the token first
+    if not supported:
         raise InvalidRequest(
             f"Unsupported or missing {PROTOCOL_HEADER} header ({version!r}); this coordinator speaks "
             f"{sorted(SUPPORTED_PROTOCOL_VERSIONS)}. Upgrade tunegrid-worker.",
             param=PROTOCOL_HEADER, code="unsupported_protocol_version")
-    return WorkerCaller(state=request.app.state, token=credentials.credentials, protocol_version=int(version or 0))
+    return caller
 
 
 CurrentWorker = Annotated[WorkerCaller, Depends(_worker_caller)]

@@ -15,7 +15,9 @@ from sqlalchemy.exc import IntegrityError, OperationalError
 from sqlalchemy.exc import TimeoutError as PoolTimeout
 from sqlalchemy.orm.exc import StaleDataError
 
+from coordinator.api.deps import WorkerCaller
 from shared.errors import Conflict, RateLimited, ServerError, TunegridError
+from shared.protocol import WORKER_TOKEN_SCHEME
 from shared.schemas.common import ErrorResponse
 
 log = logging.getLogger(__name__)
@@ -70,13 +72,23 @@ def _validation_message(error: dict[str, Any], param: str | None) -> tuple[str, 
     return (f"Invalid value for {param!r}: {message}." if param else f"Invalid request: {message}."), "invalid_value"
 
 
+def _worker_caller_of(request: Request) -> WorkerCaller | None:
+    """A worker route's token when the request was refused before any dependency ran (a body that is not JSON)."""
+    scheme, _, token = request.headers.get("authorization", "").partition(" ")
+    if scheme.lower() != "bearer" or not token.startswith(f"{WORKER_TOKEN_SCHEME}_"):
+        return None
+    if not request.url.path.startswith("/v1/workers/"):
+        return None
+    return WorkerCaller(state=request.app.state, token=token, protocol_version=0)
+
+
 async def _auth_error_first(request: Request) -> JSONResponse | None:
     """A request with a bad key (or the wrong role) is told so, not what else is wrong with it.
 
     Routes check the key in the same thread hop as their database work, so a request refused before that
     hop (body validation, form checks) has not had its key checked yet: check it now, on this error path.
     """
-    caller = getattr(request.state, "caller", None)
+    caller = getattr(request.state, "caller", None) or _worker_caller_of(request)
     if caller is None:
         return None
     try:

@@ -35,10 +35,11 @@ async def stripe_webhook(
     except stripe.SignatureVerificationError as exc:
         raise InvalidRequest(f"Invalid Stripe-Signature: {exc.user_message or exc}", param="Stripe-Signature",
                              code="invalid_signature") from None
-    except ValueError:
+    except (ValueError, TypeError, AttributeError, KeyError):  # not JSON, or JSON that is not an object
         raise InvalidRequest("The webhook payload is not a Stripe event.", code="invalid_payload") from None
-    body = event.to_dict()
-    if not isinstance(body.get("data"), dict) or not isinstance(body["data"].get("object"), dict) or "type" not in body:
+    body = event.to_dict() if hasattr(event, "to_dict") else None
+    if (not isinstance(body, dict) or not isinstance(body.get("id"), str) or not isinstance(body.get("type"), str)
+            or not isinstance(body.get("data"), dict) or not isinstance(body["data"].get("object"), dict)):
         raise InvalidRequest("The webhook payload is not a Stripe event.", code="invalid_payload")
     outcome = await run_in_session(request.app.state, lambda session: stripe_sync.handle_event(session=session, event=body))
     return {"received": "true", "outcome": outcome}

@@ -91,7 +91,7 @@ class Sessions:
             data = self.serializer.loads(cookie, max_age=LOGIN_MAX_AGE_S)
         except BadSignature:
             return False
-        return hmac.compare_digest(str(data.get("login", "")), submitted)
+        return _same(str(data.get("login", "")), submitted)
 
     def cookie_options(self) -> dict[str, object]:
         return {"httponly": True, "samesite": "strict", "secure": self.secure, "path": "/"}
@@ -106,5 +106,10 @@ def same_origin(request: Request) -> bool:
     return origin.split("://", 1)[-1].split("/", 1)[0] == host
 
 
+def _same(expected: str, submitted: str) -> bool:
+    """Constant-time, and for any text a form can carry (compare_digest refuses non-ASCII `str`)."""
+    return hmac.compare_digest(expected.encode(), submitted.encode("utf-8", "surrogatepass"))
+
+
 def csrf_ok(dashboard: DashboardSession, submitted: str | None) -> bool:
-    return bool(submitted) and hmac.compare_digest(dashboard.csrf, submitted or "")
+    return bool(submitted) and _same(dashboard.csrf, submitted or "")

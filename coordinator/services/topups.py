@@ -141,8 +141,14 @@ def refund_charge(*, session: Session, charge: dict) -> str:  # type: ignore[typ
     account_id = metadata.get("tunegrid_account_id")
     if not account_id:
         return "not a top-up"
+    refunds = (charge.get("refunds") or {}).get("data") if isinstance(charge.get("refunds"), dict) else None
+    if not isinstance(refunds, list) or not all(
+            isinstance(r, dict) and isinstance(r.get("id"), str) and type(r.get("amount")) is int and r["amount"] > 0
+            for r in refunds):
+        raise InvalidRequest("charge.refunded without a list of refunds, each with an id and a positive amount.",
+                             code="invalid_payload")
     done = 0
-    for refund in (charge.get("refunds") or {}).get("data") or []:
+    for refund in refunds:
         posted = ledger.move(
             session=session, key=f"refund:{refund['id']}", kind="refund", amount=int(refund["amount"]) * MICROS_PER_CENT,
             frm=(Book.customer_available, account_id), to=(Book.stripe_clearing, HOUSE),

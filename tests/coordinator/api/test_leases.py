@@ -157,3 +157,23 @@ def test_an_adapter_upload_is_bounded_by_what_the_jobs_adapter_can_be(client: Te
     assert huge.status_code == 413 and huge.json()["error"]["code"] == "payload_too_large"
     assert [p for p in (settings.resolved_storage_dir / "adapters").rglob("*") if p.is_file()] == []
     assert agent.upload(a["lease_id"], "adapter", adapter_archive()).status_code == 200
+
+
+@pytest.mark.parametrize("bad", ["fencing", "json", "sha256", "protocol"])
+def test_a_bad_worker_token_is_told_so_before_anything_else_is_wrong(client: TestClient, agent: FakeAgent,
+                                                                       create_job, bad: str) -> None:  # type: ignore[no-untyped-def]
+    _, a = placed(client, agent, create_job)
+    stranger = {**agent.headers(a["lease_id"]), "Authorization": "Bearer tgw_000000000000_nope"}
+    if bad == "fencing":
+        del stranger["Tunegrid-Fencing-Token"]
+        response = client.post(f"/v1/workers/leases/{a['lease_id']}/events", json={"events": []}, headers=stranger)
+    elif bad == "json":
+        response = client.post(f"/v1/workers/leases/{a['lease_id']}/events", content=b"[",
+                               headers={**stranger, "Content-Type": "application/json"})
+    elif bad == "sha256":
+        response = client.put(f"/v1/workers/leases/{a['lease_id']}/adapter", content=b"x", headers=stranger)
+    else:
+        response = client.post(f"/v1/workers/leases/{a['lease_id']}/events", json={"events": []},
+                               headers={**stranger, "Tunegrid-Protocol": "999"})
+    assert response.status_code == 401, response.text
+    assert response.json()["error"]["code"] == "invalid_worker_token"

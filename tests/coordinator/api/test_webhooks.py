@@ -45,3 +45,15 @@ def test_webhook_signatures_are_verified(stripe_client: TestClient, stripe_serve
                           "data": {"object": {"id": "cus_1", "object": "customer"}}}).encode()
     assert deliver(stripe_client, unknown).json()["outcome"] == "ignored"
     assert deliver(stripe_client, payload).json()["outcome"] == "credited"
+
+
+def test_a_signed_payload_that_is_no_event_is_a_400_and_moves_nothing(stripe_client: TestClient, paying) -> None:  # type: ignore[no-untyped-def]
+    charge = {"id": "ch_1", "metadata": {"tunegrid_account_id": paying.account_id}}
+    for payload in (b"[1, 2]", b'"just text"', json.dumps({"type": "charge.refunded", "data": {"object": charge}}).encode(),
+                    json.dumps({"id": "evt_1", "type": "charge.refunded", "data": {"object": {
+                        **charge, "refunds": {"data": [{"amount": 500}]}}}}).encode(),
+                    json.dumps({"id": "evt_2", "type": "charge.refunded", "data": {"object": {
+                        **charge, "refunds": {"data": [{"id": "re_1", "amount": "abc"}]}}}}).encode()):
+        response = deliver(stripe_client, payload)
+        assert response.status_code == 400 and response.json()["error"]["code"] == "invalid_payload", (payload, response.text)
+    assert stripe_client.get("/v1/billing/balance", headers=paying.headers).json()["available"] == "0.000000"

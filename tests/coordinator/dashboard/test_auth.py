@@ -33,3 +33,14 @@ def test_login_needs_the_forms_token(client: TestClient, admin) -> None:  # type
     client.get("/login")
     forged = client.post("/login", data={"api_key": admin.key, "csrf_token": "guess"}, follow_redirects=False)
     assert forged.status_code == 400 and COOKIE not in forged.cookies
+
+
+def test_a_csrf_token_of_any_text_is_refused_not_a_crash(client: TestClient, admin) -> None:  # type: ignore[no-untyped-def]
+    form = client.get("/login")
+    assert form.status_code == 200
+    refused = client.post("/login", data={"api_key": admin.key, "csrf_token": "é" * 10, "next": "/admin"},
+                          follow_redirects=False)
+    assert refused.status_code == 400
+    assert login(client, admin.key).status_code == 303  # type: ignore[attr-defined]
+    logout = client.post("/logout", data={"csrf_token": "é" * 10}, follow_redirects=False)
+    assert logout.status_code == 400
