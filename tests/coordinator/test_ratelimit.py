@@ -1,0 +1,64 @@
+"""`coordinator/ratelimit.py`: a budget of requests per key per minute, in memory or in Redis (shared by every
+coordinator process); the one over it is told when to retry; keys are kept only as digests; a Redis that is
+away never refuses service."""
+
+from __future__ import annotations
+
+import uuid
+
+import anyio
+import pytest
+
+from coordinator.ratelimit import MemoryRateLimiter, RedisRateLimiter, key_digest
+from shared.errors import RateLimited
+
+
+async def _spend(limiter, key: str, n: int) -> None:  # type: ignore[no-untyped-def]
+    for _ in range(n):
+        await limiter.check(key)
+
+
+def test_the_request_over_the_budget_is_told_when_to_retry() -> None:
+    limiter = MemoryRateLimiter(per_minute=3)
+    anyio.run(_spend, limiter, "tg_key_a", 3)
+    with pytest.raises(RateLimited) as limited:
+        anyio.run(_spend, limiter, "tg_key_a", 1)
+    assert 1 <= limited.value.retry_after_s <= 61
+    anyio.run(_spend, limiter, "tg_key_b", 3)  # another key has its own budget
+
+
+def test_no_budget_means_no_limit() -> None:
+    anyio.run(_spend, MemoryRateLimiter(per_minute=0), "k", 1000)
+
+
+def test_keys_are_kept_as_digests_only() -> None:
+    digest = key_digest("tg_secret_key")
+    assert "secret" not in digest and len(digest) == 32
+
+
+def test_processes_share_one_budget_in_redis(redis_url: str) -> None:
+    import redis.asyncio as aioredis  # noqa: PLC0415
+
+    async def main() -> None:
+        a, b = aioredis.Redis.from_url(redis_url), aioredis.Redis.from_url(redis_url)
+        namespace = f"test-{uuid.uuid4().hex}"  # this test's own counters, whatever else the database holds
+        first, second = RedisRateLimiter(2, a, namespace=namespace), RedisRateLimiter(2, b, namespace=namespace)
+        await first.check("k")
+        await second.check("k")
+        with pytest.raises(RateLimited):
+            await first.check("k")
+        await a.aclose()
+        await b.aclose()
+
+    anyio.run(main)
+
+
+def test_a_redis_that_is_away_never_refuses_service() -> None:
+    import redis.asyncio as aioredis  # noqa: PLC0415
+
+    async def main() -> None:
+        away = aioredis.Redis.from_url("redis://127.0.0.1:1/0", socket_connect_timeout=0.2)
+        await _spend(RedisRateLimiter(1, away), "k", 5)
+        await away.aclose()
+
+    anyio.run(main)
