@@ -100,9 +100,7 @@ def secret(tmp_path: Path) -> Path:
     return path
 
 
-def test_malicious_checkpoints_are_refused_at_the_door_and_never_billed(
-    coordinator: LiveServer, tmp_path: Path, tiny_model: Path, monkeypatch: pytest.MonkeyPatch, secret: Path,
-) -> None:
+def test_malicious_checkpoints_are_refused_at_the_door_and_never_billed(coordinator: LiveServer, secret: Path) -> None:
     with placed_on_a_fake_worker(coordinator, "mallory-pc") as (http, client, provider, mallory, job, a):
         assert mallory.progress(a["lease_id"], step=4).status_code == 200
         for name, (archive, step) in _attacks(mallory, a["lease_id"], 4, secret).items():
@@ -115,11 +113,12 @@ def test_malicious_checkpoints_are_refused_at_the_door_and_never_billed(
         assert mallory.fail(a["lease_id"]).status_code == 200  # and it walks away
         assert _charged(coordinator, a["lease_id"]) == 0  # junk is never billed
 
-        victim = registered_agent(coordinator, worker_settings(tmp_path / "victim", tiny_model), monkeypatch)
-        done = run_until_done(victim, client, job["id"])
-        assert done["status"] == "succeeded", done
-        events = client.get(f"/v1/fine_tuning/jobs/{job['id']}/events?limit=500").json()["data"]
-        assert not any("resuming from checkpoint" in e["message"] for e in events)  # nothing of Mallory's was used
+        # The next worker is handed nothing of Mallory's: there is nothing stored to resume from. (What a victim does
+        # with a bad checkpoint that did get stored is the next test, with the real agent and trainer.)
+        victim = FakeAgent.register(http, provider, machine_id="victim-pc")
+        b = victim.claim(wait_s=5)
+        assert b is not None and b["job_id"] == job["id"] and b["resume_from"] is None
+        assert victim.finish(b["lease_id"]).json()["job_status"] == "succeeded"
     assert not MARKER.exists() and secret.read_text() == "the PC owner's private key"
 
 

@@ -18,7 +18,7 @@ from shared.protocol import PROTOCOL_HEADER, PROTOCOL_VERSION
 from tests.conftest import IN_CI, Caller
 from tests.fakes import FakeAgent
 
-EXAMPLES_PER_OPERATION = 7  # per run (3 of every operation, below); CI replays the same cases
+EXAMPLES_PER_OPERATION = 5  # per run (3 of every operation, below); CI replays the same cases
 # A schema-valid upload can still hold a bad dataset (line-level rules live outside the schema), and a
 # schema-valid id can name nothing; so "valid data is accepted" is not a rule here. Everything else is.
 EXCLUDED = [schemathesis.checks.positive_data_acceptance]

@@ -19,7 +19,7 @@ from tests.trainer.conftest import arithmetic_chat, write_job
 from worker.runtimes.base import JobMount
 from worker.runtimes.docker import NOBODY, DockerRuntime
 
-ROOT = Path(__file__).resolve().parents[2]
+ROOT = Path(__file__).resolve().parents[3]
 IMAGE = "tunegrid/test-scratch:1"
 MEMORY = 2 * 1024**3
 
