@@ -98,7 +98,7 @@ def end_lease(
                               counts_against_worker=counts_against_worker)
 
 
-def requeue_or_fail(
+def _requeue_or_fail(
     *, session: Session, job: JobModel, reason: str, count_attempt: bool, max_attempts: int,
 ) -> None:
     """Send a running job back to the queue (it resumes from its last checkpoint), or fail it when the
@@ -127,7 +127,7 @@ def end_and_requeue(
     this end uses one of the job's attempts). `job_reason` is what the job's event says, when not `reason`."""
     end_lease(session=session, lease=lease, job=job, worker=worker, status=status, reason=reason, usage=usage,
               failed_check=failed_check, counts_against_worker=counts_against_worker, unbilled=unbilled)
-    requeue_or_fail(session=session, job=job, reason=job_reason or reason, count_attempt=count_attempt,
+    _requeue_or_fail(session=session, job=job, reason=job_reason or reason, count_attempt=count_attempt,
                     max_attempts=settings.max_attempts)
 
 

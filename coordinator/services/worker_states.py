@@ -49,7 +49,7 @@ def asking_for_work(worker: WorkerModel, *, now: datetime, wait_s: float) -> Non
     worker.available_until = now + timedelta(seconds=wait_s) + AVAILABLE_SLACK
 
 
-def state_after_heartbeat(activity: Any) -> Any:
+def _state_after_heartbeat(activity: Any) -> Any:
     """The worker's state once a heartbeat says what it is doing (a SQL CASE, so a batch is one statement).
 
     Suspended stays suspended and working stays working (only a lease's end frees a worker, and only a claim
@@ -71,7 +71,7 @@ def state_after_heartbeat(activity: Any) -> Any:
 _HEARD = (
     update(WorkerModel).where(WorkerModel.id == bindparam("b_id"))
     .values(last_heartbeat_at=bindparam("b_seen"), telemetry=bindparam("b_telemetry", type_=WorkerModel.telemetry.type),
-            state=state_after_heartbeat(bindparam("b_activity", type_=String)),
+            state=_state_after_heartbeat(bindparam("b_activity", type_=String)),
             pause_reason=bindparam("b_reason", type_=Text))
 )
 
