@@ -91,6 +91,21 @@ def cmd_credits_grant(args: argparse.Namespace, settings: CoordinatorSettings) -
     return 0
 
 
+def cmd_workers_suspend(args: argparse.Namespace, settings: CoordinatorSettings) -> int:
+    from coordinator.services import workers
+    from shared.errors import TunegridError
+
+    with _session(settings) as session:
+        try:
+            worker = workers.suspend(session=session, worker_id=args.worker, reason=args.reason, settings=settings)
+        except TunegridError as exc:
+            print(f"error: {exc.message}", file=sys.stderr)
+            return 2
+        print(f"Suspended worker {worker.id} of provider {worker.account_id}: {args.reason}. New machines of that "
+              "provider register suspended.")
+    return 0
+
+
 def cmd_ledger_audit(_: argparse.Namespace, settings: CoordinatorSettings) -> int:
     from coordinator.services import ledger
 
@@ -129,6 +144,12 @@ def build_parser() -> argparse.ArgumentParser:
     grant.add_argument("--memo", default="granted by an admin", help="shown in the customer's transactions")
     grant.add_argument("--key", default=None, help="idempotency key: the same key grants once (default: random)")
     grant.set_defaults(func=cmd_credits_grant)
+
+    fleet = sub.add_parser("workers", help="providers' machines").add_subparsers(dest="workers_command", required=True)
+    suspend = fleet.add_parser("suspend", help="suspend a worker: never placed again; its lease resumes elsewhere")
+    suspend.add_argument("--worker", required=True, help="the worker id (wrk-...)")
+    suspend.add_argument("--reason", default="suspended by an admin")
+    suspend.set_defaults(func=cmd_workers_suspend)
 
     ledger = sub.add_parser("ledger", help="the double-entry ledger").add_subparsers(dest="ledger_command", required=True)
     audit = ledger.add_parser("audit", help="check that postings balance and kept balances match; exit 1 if not")

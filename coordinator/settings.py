@@ -8,6 +8,7 @@ from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from shared.money import usd_to_micros
+from shared.pricing import BPS
 
 
 def _default_data_dir() -> Path:
@@ -72,6 +73,24 @@ class CoordinatorSettings(BaseSettings):
     min_hold_usd: str = Field(default="0.01", description="The smallest hold a job places.")
     hold_fallback_price_usd: str = Field(default="1.00", description="Price per GPU-hour a hold assumes when no "
                                          "worker could run the job now and it names no max price.")
+    market_price_cap_bps: int = Field(default=30_000, ge=BPS, le=1_000_000, description="A job that names no "
+                                      "max price is capped at this share of the market price of fitting GPUs "
+                                      "(30000 = 3x; services/market.py).")
+    max_price_cap_usd: str = Field(default="10.00", description="The highest default cap, and the cap when no "
+                                   "fitting GPU is registered.")
+    # Independent verification (issue 16; services/verification.py).
+    verify_share_bps: int = Field(default=1000, ge=0, le=BPS, description="Share of jobs verified by a worker of "
+                                  "another provider (1000 = 10%), besides those of providers below the threshold "
+                                  "and those whose customer asks.")
+    verify_below_reliability: float = Field(default=0.85, ge=0, le=1, description="Every job trained by a worker "
+                                            "below this reliability is verified.")
+    verify_min_improvement: float = Field(default=0.02, ge=0, description="The adapter's mean token loss on the "
+                                          "held-out sample must be at least this much (nats) below the base's.")
+    verify_tolerance: float = Field(default=0.05, ge=0, description="A verifier's validation loss may differ from "
+                                    "the trainer's report by this much (nats) plus verify_tolerance_share of it.")
+    verify_tolerance_share: float = Field(default=0.03, ge=0, le=1)
+    verify_wait_s: int = Field(default=900, ge=1, description="A job the platform chose to verify that finds no "
+                               "worker of another provider this long is released unverified.")
     stripe_api_key: str | None = Field(default=None, description="Stripe secret key; unset: no top-ups through "
                                        "Stripe (admins grant credit) and payouts stay pending.")
     stripe_api_base: str | None = Field(default=None, description="Stripe API base URL (a local fake in tests).")
@@ -97,7 +116,7 @@ class CoordinatorSettings(BaseSettings):
                                        "random secret kept in data_dir/session-secret (0600).")
     session_max_age_s: int = Field(default=12 * 3600, ge=60, description="A dashboard login lasts this long.")
 
-    @field_validator("min_hold_usd", "hold_fallback_price_usd", "min_payout_usd")
+    @field_validator("min_hold_usd", "hold_fallback_price_usd", "min_payout_usd", "max_price_cap_usd")
     @classmethod
     def _usd(cls, value: str) -> str:
         if usd_to_micros(value) < 0:
@@ -139,6 +158,10 @@ class CoordinatorSettings(BaseSettings):
     @property
     def hold_fallback_price(self) -> int:
         return usd_to_micros(self.hold_fallback_price_usd)
+
+    @property
+    def max_price_cap(self) -> int:
+        return usd_to_micros(self.max_price_cap_usd)
 
     @property
     def min_payout(self) -> int:

@@ -17,7 +17,7 @@ from typing import Any
 from sqlalchemy.orm import Session, sessionmaker
 
 from coordinator.effects import Effects, take_effects
-from coordinator.services import blobs, budgets, lease_states, placement, stripe_sync, worker_states
+from coordinator.services import blobs, budgets, lease_states, placement, stripe_sync, verification, worker_states
 from coordinator.settings import CoordinatorSettings
 from coordinator.storage import BlobStore
 from coordinator.stripe_gateway import StripeGateway, make_gateway
@@ -27,7 +27,11 @@ SCORE_BATCH = 1000
 
 
 def reap_leases(*, session: Session, settings: CoordinatorSettings) -> dict[str, int]:
-    return lease_states.reap(session=session, settings=settings)
+    """Quiet leases (`lease_states.reap`), and jobs that waited too long for a verifier (`verification`)."""
+    counts = lease_states.reap(session=session, settings=settings)
+    counts["unverified"] = verification.stop_waiting(session=session, store=BlobStore(settings.resolved_storage_dir),
+                                                     settings=settings)
+    return counts
 
 
 def place_queued_jobs(*, session: Session, settings: CoordinatorSettings) -> int:

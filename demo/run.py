@@ -81,6 +81,8 @@ class Demo:
         self.env = {k: v for k, v in os.environ.items() if not k.startswith("TUNEGRID_")}
         self.env.update({"TUNEGRID_DATA_DIR": str(workdir / "coordinator"), "TUNEGRID_PORT": str(self.port),
                          "TUNEGRID_LOG_LEVEL": "warning", "TUNEGRID_SWEEP_INTERVAL_S": "1",
+                         # One provider: no second one could verify a sampled job (README: verification).
+                         "TUNEGRID_VERIFY_SHARE_BPS": "0",
                          "TUNEGRID_WORKER_CONFIG_DIR": str(workdir / "worker" / "config"),
                          "TUNEGRID_WORKER_DATA_DIR": str(workdir / "worker" / "data"),
                          "TUNEGRID_WORKER_RUNTIME": "process", "PYTHONUNBUFFERED": "1"})

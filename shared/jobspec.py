@@ -37,6 +37,8 @@ class LoraSpec(_Strict):
 
 class JobSpec(_Strict):
     job_id: str = Field(min_length=1, max_length=64)
+    kind: Literal["train", "verify"] = Field(default="train", description="which program of the trainer's image runs: "
+                                             "training, or the verification of another worker's adapter")
     base_model: str = Field(min_length=1, max_length=100, description="catalog id (shared.catalog)")
     model_dir: str = Field(min_length=1, description="directory holding the base model's weights and tokenizer")
     hyperparameters: TrainingHyperparameters = TrainingHyperparameters()

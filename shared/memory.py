@@ -72,3 +72,18 @@ def estimate_qlora(
 
 def fits(model: BaseModelSpec, *, vram_bytes: int, seq_len: int, batch_size: int = 1, lora_r: int = 16) -> bool:
     return estimate_qlora(model, seq_len=seq_len, batch_size=batch_size, lora_r=lora_r).total <= vram_bytes
+
+
+def estimate_evaluation(
+    model: BaseModelSpec, *, seq_len: int, batch_size: int = 1, lora_r: int = 16,
+    target_modules: str | list[str] = "all-linear",
+) -> MemoryEstimate:
+    """Forward passes only (a verification lease: the base and an adapter evaluated, nothing trained): the same
+    weights, LoRA weights without gradients or optimizer state (fp32), one layer's activations at a time, and
+    one copy of the logits."""
+    train = estimate_qlora(model, seq_len=seq_len, batch_size=batch_size, lora_r=lora_r, target_modules=target_modules)
+    tokens = seq_len * batch_size
+    per_layer = tokens * (model.hidden_size * ACTIVATIONS_PER_HIDDEN
+                          + model.intermediate_size * ACTIVATIONS_PER_INTERMEDIATE) * ACTIVATION_BYTES
+    return MemoryEstimate(weights=train.weights, lora=train.lora // (LORA_BYTES_PER_PARAM // 4), activations=per_layer,
+                          logits=tokens * model.vocab_size * 4, overhead=CUDA_CONTEXT_BYTES)

@@ -138,8 +138,13 @@ class HeartbeatReply(Reply):
 
 # --- claim ----------------------------------------------------------------------------------------
 
+LeaseKindName = Literal["train", "verify"]
+
+
 class ClaimRequest(Request):
     wait_s: float = Field(default=25, ge=0, le=30, description="long-poll for up to this long")
+    kinds: list[LeaseKindName] = Field(default_factory=lambda: ["train"], min_length=1, max_length=8,
+                                       description="the lease kinds this agent runs")
     gpus: list[GpuTelemetry] = Field(default_factory=list, max_length=16)
     cached_models: list[ModelId] | None = Field(default=None, max_length=256)
 
@@ -156,6 +161,8 @@ class Assignment(Reply):
     lease_id: str
     fencing_token: int
     job_id: str
+    kind: str = Field(default="train", description="`train`, or `verify`: evaluate another provider's adapter (an "
+                      "older agent that knows only training never claims other kinds: ClaimRequest.kinds)")
     spec: JobSpec = Field(description="model_dir is relative to the agent's model cache; the agent makes it absolute")
     base_model_repo: str | None = Field(description="Hugging Face repository to download; None: built locally")
     gpu_uuid: str | None
@@ -164,6 +171,11 @@ class Assignment(Reply):
     validation_file_url: str | None = None
     validation_file_sha256: str | None = None
     resume_from: ResumeFrom | None = None
+    # A verification lease's inputs: the adapter under test and the held-out sample its trainer never received.
+    adapter_url: str | None = None
+    adapter_sha256: str | None = None
+    held_out_url: str | None = None
+    held_out_sha256: str | None = None
     ask_price_per_gpu_hour: str = Field(description="USD the provider earns per GPU-hour of this lease")
     lease_ttl_s: int
     lease_grace_s: int
@@ -213,9 +225,24 @@ class TrainingResult(Request):
     final_eval_loss: float | None = Field(default=None, ge=0, le=1e6)
 
 
+class VerificationResult(Request):
+    """A verifier's figures: mean token losses of the base and of the adapter under test on the held-out sample
+    (which its trainer never received) and on the trainer's own validation rows, with the tokens each counted."""
+
+    heldout_base_loss: float | None = Field(default=None, ge=0, le=1e6)
+    heldout_adapter_loss: float | None = Field(default=None, ge=0, le=1e6)
+    heldout_tokens: Tokens = 0
+    valid_base_loss: float | None = Field(default=None, ge=0, le=1e6)
+    valid_adapter_loss: float | None = Field(default=None, ge=0, le=1e6)
+    valid_tokens: Tokens = 0
+
+
 class LeaseComplete(Request):
-    adapter_sha256: Sha256
-    result: TrainingResult
+    """A training lease sends its adapter's sha256 and result; a verification lease its figures."""
+
+    adapter_sha256: Sha256 | None = None
+    result: TrainingResult | None = None
+    verification: VerificationResult | None = None
     usage: Usage
 
 

@@ -335,22 +335,35 @@ class ServiceAgent:
                                   seed=spec.seed, targets=ALL_LINEAR if targets == "all-linear" else tuple(targets))
 
     def complete(self, lease_id: str, adapter: bytes, *, loss: float = 2.0, token: int | None = None,
-                 usage: dict[str, Any] | None = None) -> Any:
+                 usage: dict[str, Any] | None = None, eval_loss: float | None = None) -> Any:
         from coordinator.services import leases  # noqa: PLC0415
         from shared.protocol import LeaseComplete  # noqa: PLC0415
 
         report = LeaseComplete.model_validate({
-            "adapter_sha256": sha256(adapter), "result": {"steps": 10, "trained_tokens": 1000, "final_train_loss": loss},
+            "adapter_sha256": sha256(adapter), "result": {"steps": 10, "trained_tokens": 1000, "final_train_loss": loss,
+                                                          "final_eval_loss": eval_loss},
             "usage": usage or {"wall_seconds": 10.0, "gpu_seconds": 9.5, "energy_joules": 2500.0}})
         return leases.complete(session=self.session, store=self.store, settings=self.settings, worker=self.worker,
                                lease_id=lease_id, fencing_token=self._token(lease_id, token), report=report)
 
-    def finish(self, lease_id: str, model: str = "tunegrid/tiny-llama", r: int = 16, alpha: int = 32) -> Any:
+    def finish(self, lease_id: str, model: str = "tunegrid/tiny-llama", r: int = 16, alpha: int = 32,
+               eval_loss: float | None = None) -> Any:
         """The honest path after a claim: progress, adapter upload, complete."""
         adapter = adapter_archive(model, r=r, alpha=alpha)
         self.progress(lease_id)
         self.upload_adapter(lease_id, adapter)
-        return self.complete(lease_id, adapter)
+        return self.complete(lease_id, adapter, eval_loss=eval_loss)
+
+    def verify(self, lease_id: str, *, token: int | None = None, **figures: Any) -> Any:
+        """A verification lease's report: `figures` as `shared.protocol.VerificationResult` names them."""
+        from coordinator.services import leases  # noqa: PLC0415
+        from shared.protocol import LeaseComplete  # noqa: PLC0415
+
+        self.events(lease_id, {"type": "started", "total_steps": 0}, token=token)
+        report = LeaseComplete.model_validate({"verification": figures,
+                                               "usage": {"wall_seconds": 3.0, "gpu_seconds": 3.0}})
+        return leases.complete(session=self.session, store=self.store, settings=self.settings, worker=self.worker,
+                               lease_id=lease_id, fencing_token=self._token(lease_id, token), report=report)
 
     def fail(self, lease_id: str, kind: str = "worker_error", message: str = "CUDA error", *, token: int | None = None) -> Any:
         from coordinator.services import checkpoints, leases  # noqa: PLC0415

@@ -19,6 +19,7 @@ TESTED_ELSEWHERE: dict[str, str] = {
     "coordinator/api/limits.py": "tests/coordinator/api/test_rate_limits.py",
     "coordinator/api/providers.py": "tests/coordinator/services/test_payouts.py",  # onboarding over HTTP
     "coordinator/app.py": "tests/coordinator/api/test_errors.py",  # the app's routes and error envelopes
+    "coordinator/services/fencing.py": "tests/coordinator/services/test_leases.py",  # stale tokens, others' leases
     "coordinator/background.py": "tests/coordinator/test_tasks.py",
     "coordinator/dashboard/charts.py": "tests/coordinator/dashboard/test_admin.py",
     "coordinator/dashboard/pages.py": "tests/coordinator/dashboard/test_auth.py",  # the guard every page uses

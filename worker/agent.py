@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import queue
 import shutil
 import threading
@@ -31,7 +32,7 @@ from shared.money import usd_to_micros
 from shared.protocol import Assignment
 from worker.channel import Channel, ChannelError, CoordinatorUnreachable, LeaseLost, Rejected
 from worker.files import read_json, sha256_file, write_json_atomic
-from worker.jobdir import WORK, UnsafeJobFile, copy_out, pack_checkpoint, read_regular
+from worker.jobdir import WORK, UnsafeJobFile, copy_out, pack_checkpoint, read_regular, unpack_adapter_weights
 from worker.model_cache import ModelCache
 from worker.nvml import GpuProbe, Machine
 from worker.policy import PolicyGate, Verdict
@@ -44,6 +45,7 @@ from worker.trainer.errors import EXIT_DONE, EXIT_PREEMPTED, failure_kind
 log = logging.getLogger(__name__)
 MAX_RESULT_BYTES = 64 * 1024
 IDLE_RECHECK_S = 5.0
+KINDS = ("train", "verify")  # the lease kinds this agent runs: programs of the trainer's image
 
 
 class BadResume(Exception):
@@ -165,7 +167,8 @@ class Agent:
         }.items() if v is not None} for g in self.gate.shared(self._machine.gpus) if g.available]
 
     def _claim_body(self) -> dict[str, Any]:
-        return {"wait_s": self.settings.claim_wait_s, "gpus": self._telemetry(), "cached_models": self.cache.cached()}
+        return {"wait_s": self.settings.claim_wait_s, "gpus": self._telemetry(), "cached_models": self.cache.cached(),
+                "kinds": list(KINDS)}
 
     def _heartbeat_loop(self) -> None:
         while not self._stop.wait(self.heartbeat_interval_s):
@@ -213,6 +216,8 @@ class Agent:
         if a.validation_file_url and a.validation_file_sha256:
             self.channel.download(a.validation_file_url, a.lease_id, a.fencing_token, job.work / "validation.jsonl",
                                   a.validation_file_sha256)
+        if a.kind == "verify":
+            self._prepare_verification(job)
         if a.resume_from is not None:
             archive = self.channel.download(a.resume_from.url, a.lease_id, a.fencing_token,
                                             job.job_dir / "resume.tar.gz", a.resume_from.sha256)
@@ -227,6 +232,24 @@ class Agent:
         spec = a.spec.model_copy(update={"model_dir": self.runtime.model_dir_inside(mount)})
         (job.work / "spec.json").write_text(spec.model_dump_json(indent=2))
         return mount
+
+    def _prepare_verification(self, job: ActiveJob) -> None:
+        """A verification lease's inputs beside the training data: the held-out sample, and the weights of the
+        adapter under test (another worker's: only its safetensors member is unpacked, into the trainer's `adapter/`)."""
+        a = job.assignment
+        if a.held_out_url and a.held_out_sha256:
+            self.channel.download(a.held_out_url, a.lease_id, a.fencing_token, job.work / "held_out.jsonl",
+                                  a.held_out_sha256)
+        if not (a.adapter_url and a.adapter_sha256):
+            raise RuntimeError("the verification lease names no adapter to verify")
+        archive = self.channel.download(a.adapter_url, a.lease_id, a.fencing_token, job.job_dir / "under-test.tar.gz",
+                                        a.adapter_sha256)
+        (job.work / "adapter").mkdir(mode=0o700)
+        try:
+            unpack_adapter_weights(archive, job.work / "adapter" / "adapter_model.safetensors",
+                                   limit=self.settings.max_adapter_bytes)
+        finally:
+            archive.unlink(missing_ok=True)
 
     def _gpu_of(self, job: ActiveJob) -> int | None:
         gpus = self.gate.shared(self._machine.gpus)
@@ -371,7 +394,7 @@ class Agent:
             step = self.status.step
             return "preempted", {"reason": reason, "usage": usage, **({"checkpoint_step": step} if step else {})}
         if code == EXIT_DONE:
-            return self._completion(job, usage, losses)
+            return self._verification(job, usage) if a.kind == "verify" else self._completion(job, usage, losses)
         return "fail", {"kind": failure_kind(code), "message": last_error or f"the trainer exited with code {code}",
                         "usage": usage}
 
@@ -416,6 +439,29 @@ class Agent:
         lines = ProgressTail(job.work, job.progress_offset).read()
         self.reporter.events(job.assignment, [e for e in (lease_event(line) for line in lines) if e is not None])
         return [line.get("loss") for line in lines if line.get("type") == "step"]
+
+    def _verification(self, job: ActiveJob, usage: dict[str, Any]) -> tuple[str, dict[str, Any]]:
+        """A verification's figures, read from the trainer's folder (a regular file, no link followed); only
+        finite, non-negative numbers are passed on (anything else goes as no figure, for the coordinator to weigh)."""
+        try:
+            raw = read_regular(job.work, "out", "verification.json", limit=MAX_RESULT_BYTES)
+            figures = json.loads(raw) if raw else {}
+        except (UnsafeJobFile, FileNotFoundError, json.JSONDecodeError, UnicodeDecodeError):
+            figures = {}
+        figures = figures if isinstance(figures, dict) else {}
+
+        def number(name: str) -> float | None:
+            value = figures.get(name)
+            return float(value) if type(value) in (int, float) and math.isfinite(value) and 0 <= value <= 1e6 else None
+
+        def count(name: str) -> int:
+            value = figures.get(name)
+            return value if type(value) is int and 0 <= value <= 2**62 else 0
+
+        return "complete", {"usage": usage, "verification": {
+            **{name: number(name) for name in ("heldout_base_loss", "heldout_adapter_loss", "valid_base_loss",
+                                               "valid_adapter_loss")},
+            "heldout_tokens": count("heldout_tokens"), "valid_tokens": count("valid_tokens")}}
 
     def _completion(self, job: ActiveJob, usage: dict[str, Any], losses: list[Any]) -> tuple[str, dict[str, Any]]:
         """The adapter, copied out of the trainer's folder (a regular file, no link followed) and uploaded; even
@@ -497,10 +543,13 @@ class Agent:
                 finally:
                     self._job = None
             else:
-                finished = read_regular(job.work, "out", "result.json", limit=MAX_RESULT_BYTES) is not None
+                done_file = "verification.json" if assignment.kind == "verify" else "result.json"
+                finished = read_regular(job.work, "out", done_file, limit=MAX_RESULT_BYTES) is not None
                 if finished or state.get("delivering") == "complete":
                     losses = self._deliver_unsent(job)
-                    outcome, body = self._completion(job, {"wall_seconds": 0, "gpu_seconds": 0}, losses)
+                    idle = {"wall_seconds": 0, "gpu_seconds": 0}
+                    outcome, body = (self._verification(job, idle) if assignment.kind == "verify"
+                                     else self._completion(job, idle, losses))
                 else:
                     outcome, body = "fail", {"kind": "worker_error", "message": "the agent restarted during the job",
                                              "usage": {"wall_seconds": 0, "gpu_seconds": 0}}

@@ -55,7 +55,8 @@ def _event(line: dict[str, Any]) -> dict[str, Any] | None:
     if kind == "started":
         return {"type": "started", "time": when, "total_steps": line.get("total_steps"),
                 "step": line.get("resumed_from_step"),
-                "message": f"Training started on {line.get('device', 'the device')}"
+                "message": f"{'Verification' if line.get('kind') == 'verify' else 'Training'} started on "
+                           f"{line.get('device', 'the device')}"
                            + (f", resuming from step {line['resumed_from_step']}" if line.get("resumed_from_step") else "")}
     if kind == "step":
         return {"type": "progress", "time": when, "step": line.get("step"), "epoch": line.get("epoch"),

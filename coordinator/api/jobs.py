@@ -7,13 +7,14 @@ from typing import Annotated
 
 from fastapi import APIRouter, Query, Request
 
-from coordinator.api.deps import CustomerCaller, SettingsDep, reject_unknown_query
+from coordinator.api.deps import CustomerCaller, SettingsDep, StoreDep, reject_unknown_query
 from coordinator.api.errors import ERROR_RESPONSES
 from coordinator.db.tables import JobCheckpointModel, JobEventModel, JobModel
 from coordinator.services import billing, jobs
 from shared.errors import InvalidRequest
 from shared.money import micros_to_usd
 from shared.schemas.jobs import (
+    VerificationRead,
     CheckpointList, CheckpointRead, HyperparametersRead, JobCreate, JobEventList, JobEventRead, JobList, JobRead,
     LoraRead, MethodRead, SupervisedMethodRead,
 )
@@ -43,10 +44,26 @@ def job_read(job: JobModel) -> JobRead:
         method=MethodRead(supervised=SupervisedMethodRead(hyperparameters=hp)), metadata=job.job_metadata,
         lora=LoraRead(**job.lora),
         max_price_per_gpu_hour=micros_to_usd(job.max_price_per_gpu_hour) if job.max_price_per_gpu_hour else None,
+        max_price_source=job.max_price_source,  # type: ignore[arg-type]
         max_cost=micros_to_usd(job.max_cost) if job.max_cost else None,
         min_vram_gb=job.min_vram_gb, gpu_filter=job.gpu_filter, trusted_hosts_only=job.trusted_hosts_only,
         estimated_tokens=job.estimated_tokens,
         cost=micros_to_usd(cost.so_far), cost_held=micros_to_usd(cost.held),
+        verified=(job.verification or {}).get("status") == "passed", verification=verification_read(job),
+    )
+
+
+def verification_read(job: JobModel) -> VerificationRead:
+    state = job.verification or {}
+    agreed = next((v for v in reversed(state.get("verdicts", [])) if v.get("agrees")), None)
+    figures = (agreed or {}).get("figures") or {}
+    return VerificationRead(
+        mode=job.verification_mode,  # type: ignore[arg-type]
+        status=state.get("status", "not_selected"), reason=state.get("reason"),
+        heldout_base_loss=figures.get("heldout_base_loss"), heldout_adapter_loss=figures.get("heldout_adapter_loss"),
+        valid_adapter_loss=figures.get("valid_adapter_loss"),
+        reported_valid_loss=(state.get("reported") or {}).get("final_eval_loss"),
+        held_out_examples=(job.held_out or {}).get("examples", 0),
     )
 
 
@@ -66,8 +83,8 @@ def checkpoint_read(checkpoint: JobCheckpointModel) -> CheckpointRead:
 
 
 @router.post("", response_model=JobRead, dependencies=STRICT_QUERY)
-async def create_job(body: JobCreate, caller: CustomerCaller, settings: SettingsDep) -> JobRead:
-    return job_read(await caller.run(jobs.create, request=body, settings=settings))
+async def create_job(body: JobCreate, caller: CustomerCaller, settings: SettingsDep, store: StoreDep) -> JobRead:
+    return job_read(await caller.run(jobs.create, store=store, request=body, settings=settings))
 
 
 @router.get("", response_model=JobList, dependencies=[reject_unknown_query("metadata[")])

@@ -13,8 +13,8 @@ from fastapi.responses import FileResponse
 from coordinator.api.deps import CurrentWorker, SettingsDep, StoreDep
 from coordinator.api.errors import ERROR_RESPONSES
 from coordinator.db.ids import new_id
-from coordinator.services import checkpoints, files, leases
-from coordinator.services.leases import FencedLease, parse_fencing_token
+from coordinator.services import checkpoints, leases
+from coordinator.services.fencing import FencedLease, parse_fencing_token
 from shared.errors import InvalidRequest, PayloadTooLarge
 from shared.protocol import (
     FENCING_TOKEN_HEADER, SHA256_HEADER, LeaseComplete, LeaseEvents, LeaseFail, LeasePreempted, LeaseReply,
@@ -45,12 +45,13 @@ async def lease_events(lease_id: LeaseId, body: LeaseEvents, worker: CurrentWork
 
 
 @router.get("/{lease_id}/files/{which}", response_class=FileResponse)
-async def lease_file(lease_id: LeaseId, which: Annotated[str, Path(pattern="^(training|validation)$")],
+async def lease_file(lease_id: LeaseId, which: Annotated[str, Path(pattern="^(training|validation|held_out|adapter)$")],
                      worker: CurrentWorker, token: FencingToken, store: StoreDep) -> FileResponse:
-    """The lease's dataset; only for the worker holding the live lease, so the URL dies with the lease."""
-    file = await worker.run(leases.training_input, lease_id=lease_id, fencing_token=token, which=which)
-    return FileResponse(store.path(files.blob_key(file.id)), media_type="application/jsonl",
-                        headers={SHA256_HEADER: file.sha256})
+    """The lease's inputs; only for the worker holding the live lease, so the URL dies with the lease. The
+    held-out sample and the adapter under test go to verification leases only."""
+    found = await worker.run(leases.lease_input, lease_id=lease_id, fencing_token=token, which=which)
+    media = "application/gzip" if which == "adapter" else "application/jsonl"
+    return FileResponse(store.path(found.key), media_type=media, headers={SHA256_HEADER: found.sha256})
 
 
 @router.get("/{lease_id}/checkpoints/{checkpoint_id}/content", response_class=FileResponse)

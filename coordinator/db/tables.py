@@ -85,6 +85,13 @@ class WorkerState(enum.StrEnum):
     suspended = "suspended"  # by an admin or for failed checks; never placed
 
 
+class LeaseKind(enum.StrEnum):
+    """What a lease asks the worker to run: each kind is a program of the trainer's image (`worker/trainer`)."""
+
+    train = "train"  # QLoRA fine-tuning: checkpoints, then an adapter
+    verify = "verify"  # another provider's adapter and the base, evaluated on data its trainer never received
+
+
 class LeaseStatus(enum.StrEnum):
     assigned = "assigned"  # placed; the worker has not picked it up yet
     running = "running"  # the worker holds it
@@ -175,6 +182,19 @@ class JobModel(Base):
     min_vram_gb: Mapped[int | None]
     gpu_filter: Mapped[list[Any] | None]
     trusted_hosts_only: Mapped[bool] = mapped_column(Boolean, default=False)
+    # Where max_price_per_gpu_hour came from: the customer's, or the market's default cap (services/market.py).
+    max_price_source: Mapped[str | None] = mapped_column(String(16))
+    # Never placed on these again: providers whose claim about the job is unconfirmed or whose work failed
+    # verification, workers the preemption rule took off it (services/placement.py).
+    excluded_providers: Mapped[list[Any] | None]
+    excluded_workers: Mapped[list[Any] | None]
+    # The kind of lease the job is queued for (`LeaseKind`): training, then verification when it is chosen.
+    stage: Mapped[str] = mapped_column(String(16), default="train")
+    verification_mode: Mapped[str] = mapped_column(String(16), default="auto")  # auto | always (the customer asks)
+    # The held-out sample no trainer receives: {"examples", "sha256", "bytes", "training_sha256", "training_bytes"}
+    # (services/held_out.py); None when the file was too small to keep any back.
+    held_out: Mapped[dict[str, Any] | None]
+    verification: Mapped[dict[str, Any] | None]  # what verification found (services/verification.py)
     estimated_tokens: Mapped[int] = mapped_column(BigInteger)
     trained_tokens: Mapped[int | None] = mapped_column(BigInteger)
     fine_tuned_model: Mapped[str | None] = mapped_column(String(200))
@@ -270,6 +290,7 @@ class WorkerModel(Base):
     ask_price_per_gpu_hour: Mapped[int] = mapped_column(BigInteger)  # Micros
     policy: Mapped[dict[str, Any]]
     cached_models: Mapped[list[Any]] = mapped_column(JSON(none_as_null=True), default=list)
+    lease_kinds: Mapped[list[Any] | None]  # the kinds its agent said it runs (claims); None: training only
     state: Mapped[WorkerState] = mapped_column(_enum(WorkerState))
     pause_reason: Mapped[str | None] = mapped_column(Text)
     # Placeable while idle and long-polling: each claim extends this a little past its wait.
@@ -282,6 +303,13 @@ class WorkerModel(Base):
     completed_leases: Mapped[int] = mapped_column(Integer, default=0)
     lost_leases: Mapped[int] = mapped_column(Integer, default=0)
     failed_checks: Mapped[int] = mapped_column(Integer, default=0)
+    preempted_leases: Mapped[int] = mapped_column(Integer, default=0)
+    preemption_strikes: Mapped[int] = mapped_column(Integer, default=0)  # preemptions the written rule counts against it
+    unconfirmed_claims: Mapped[int] = mapped_column(Integer, default=0)  # user errors no second worker confirmed
+    # The provider's record when this machine registered (its other machines' counters): a new machine starts there.
+    inherited_completed: Mapped[int] = mapped_column(Integer, default=0)
+    inherited_lost: Mapped[int] = mapped_column(Integer, default=0)
+    inherited_failed_checks: Mapped[int] = mapped_column(Integer, default=0)
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
     revoked_at: Mapped[datetime | None]
     suspended_at: Mapped[datetime | None]
@@ -305,6 +333,7 @@ class LeaseModel(Base):
     job_id: Mapped[str] = mapped_column(ForeignKey("jobs.id", ondelete="CASCADE"))
     worker_id: Mapped[str] = mapped_column(ForeignKey("workers.id"))
     fencing_token: Mapped[int] = mapped_column(Integer)
+    kind: Mapped[str] = mapped_column(String(16), default=LeaseKind.train.value)
     status: Mapped[LeaseStatus] = mapped_column(_enum(LeaseStatus))
     gpu_uuid: Mapped[str | None] = mapped_column(String(128))
     gpu_class: Mapped[str] = mapped_column(String(32))
@@ -325,6 +354,7 @@ class LeaseModel(Base):
     adapter_sha256: Mapped[str | None] = mapped_column(String(64))
     adapter_bytes: Mapped[int | None] = mapped_column(BigInteger)
     result: Mapped[dict[str, Any] | None]
+    claim: Mapped[str | None] = mapped_column(String(32))  # what the worker claimed about the job: `user_error`
 
     job: Mapped[JobModel] = relationship(lazy="raise")
     worker: Mapped[WorkerModel] = relationship(lazy="raise")
@@ -343,6 +373,7 @@ class Book(enum.StrEnum):
     platform_grants = "platform_grants"  # credit admins granted (a cost to us)
     stripe_clearing = "stripe_clearing"  # money in (top-ups) and out (transfers) through Stripe
     refunds = "refunds"  # credit admins gave back for jobs (a cost to us, like grants)
+    verification = "verification"  # what verifiers earned checking others' work (a cost to us)
 
 
 OWNED_BOOKS = frozenset({Book.customer_available, Book.customer_held, Book.provider_payable})

@@ -71,6 +71,21 @@ def settle(*, session: Session, job: JobModel, record: UsageRecordModel) -> None
         job.billed_micros += charge
 
 
+def settle_verification(*, session: Session, job: JobModel, record: UsageRecordModel) -> None:
+    """Pay a verifier: its earnings are the platform's cost (the verification book); the customer pays nothing.
+    Posted once per lease."""
+    if record.provider_micros <= 0:
+        return
+    ledger.post(
+        session=session, key=f"settle:{record.lease_id}", kind="verification", account_id=record.provider_id,
+        job_id=job.id, lease_id=record.lease_id,
+        description=f"Verification of fine-tuning job {job.id}: {record.billable_seconds} s on {record.gpu_class} at "
+                    f"${micros_to_usd(record.ask_price_per_gpu_hour)}/GPU-hour (lease {record.lease_id})",
+        entries=[ledger.Entry(Book.provider_payable, record.provider_id, record.provider_micros),
+                 ledger.Entry(Book.verification, HOUSE, -record.provider_micros)],
+    )
+
+
 def grant(*, session: Session, account: AccountModel, amount: int, key: str, memo: str) -> str | None:
     """Credit granted by an admin (no Stripe needed); once per `key`."""
     if amount <= 0:

@@ -21,8 +21,9 @@ from coordinator.db.tables import (
 from coordinator.services.job_states import record_event
 from coordinator.services.lease_states import end_and_requeue, release_revoked
 from coordinator.services.worker_states import count_failed_check
+from coordinator.services.fencing import FencedLease, already_ended, fenced
 from coordinator.services.leases import (
-    FencedLease, already_ended, fenced, job_spec, step_bound,
+    job_spec, step_bound,
 )
 from coordinator.settings import CoordinatorSettings
 from coordinator.storage import BlobStore, StoredBlob

@@ -21,7 +21,8 @@ S = JobStatus
 TERMINAL = frozenset({S.succeeded, S.failed, S.cancelled})
 TRANSITIONS: dict[JobStatus, frozenset[JobStatus]] = {
     S.validating_files: frozenset({S.queued, S.failed, S.cancelled}),
-    S.queued: frozenset({S.running, S.paused, S.failed, S.cancelled}),
+    # queued -> succeeded: a job that waited for a verifier in vain is released unverified (verification.py).
+    S.queued: frozenset({S.running, S.paused, S.succeeded, S.failed, S.cancelled}),
     # running -> queued: the worker was lost or preempted; the job resumes from its last checkpoint elsewhere.
     S.running: frozenset({S.queued, S.paused, S.succeeded, S.failed, S.cancelled}),
     S.paused: frozenset({S.queued, S.cancelled, S.failed}),
@@ -29,6 +30,14 @@ TRANSITIONS: dict[JobStatus, frozenset[JobStatus]] = {
     S.failed: frozenset(),
     S.cancelled: frozenset(),
 }
+
+
+def exclude(job: JobModel, *, provider: str | None = None, worker: str | None = None) -> None:
+    """Never place the job on this provider's machines (or on this one machine) again (placement reads it)."""
+    if provider is not None and provider not in (job.excluded_providers or []):
+        job.excluded_providers = [*(job.excluded_providers or []), provider]
+    if worker is not None and worker not in (job.excluded_workers or []):
+        job.excluded_workers = [*(job.excluded_workers or []), worker]
 
 
 def record_event(

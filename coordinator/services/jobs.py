@@ -12,10 +12,12 @@ from coordinator.db.ids import new_id
 from coordinator.db.tables import (
     AccountModel, FileModel, FileStatus, JobCheckpointModel, JobEventModel, JobModel, JobStatus,
 )
-from coordinator.services import files, holds, lease_states
+from coordinator.services import files, held_out, holds, lease_states, market, verification
+from coordinator.services.placement import requirements
 from coordinator.services.job_states import TERMINAL, change_status, record_event
 from coordinator.services.paging import page
 from coordinator.settings import CoordinatorSettings
+from coordinator.storage import BlobStore
 from shared.catalog import get_base_model
 from shared.errors import Conflict, InvalidRequest, NotFound
 from shared.money import micros_to_usd, usd_to_micros
@@ -54,8 +56,10 @@ def lora_of(request: JobCreate | QuoteCreate) -> dict[str, Any]:
     return lora
 
 
-def create(*, session: Session, account: AccountModel, request: JobCreate, settings: CoordinatorSettings) -> JobModel:
-    """Check the request, hold its estimated cost on the customer's balance (402 when short), and queue it."""
+def create(*, session: Session, store: BlobStore, account: AccountModel, request: JobCreate,
+           settings: CoordinatorSettings) -> JobModel:
+    """Check the request, keep back its held-out sample (`held_out.py`), hold its estimated cost on the
+    customer's balance (402 when short), and queue it."""
     base = get_base_model(request.model)
     if request.integrations:
         raise InvalidRequest("Integrations are not supported.", param="integrations", code="unsupported_integration")
@@ -86,7 +90,9 @@ def create(*, session: Session, account: AccountModel, request: JobCreate, setti
         trusted_hosts_only=request.trusted_hosts_only,
         estimated_tokens=(training.estimated_tokens or 0) * n_epochs,
         result_files=[],
+        verification_mode=request.verification,
     )
+    price_cap(session=session, job=job, settings=settings)
     session.add(job)
     record_event(session=session, job=job, message="Created fine-tuning job", data={"status": job.status.value})
     # Uploads are validated line by line when they arrive, so the files are already known good.
@@ -96,11 +102,26 @@ def create(*, session: Session, account: AccountModel, request: JobCreate, setti
                 f"about {training.estimated_tokens} tokens per epoch",
     )
     session.flush()
+    job.held_out = held_out.keep_back(store=store, job=job, training=training)
+    if job.held_out:
+        record_event(session=session, job=job,
+                     message=f"Kept back {job.held_out['examples']} examples as a held-out sample for independent "
+                             "verification; no trainer receives them")
     held = holds.hold_for_queue(session=session, job=job, settings=settings)
     change_status(session=session, job=job, to=JobStatus.queued,
                   message=f"Fine-tuning job queued; ${micros_to_usd(held)} held on your balance")
     session.commit()
     return job
+
+
+def price_cap(*, session: Session, job: JobModel, settings: CoordinatorSettings) -> None:
+    """The customer's cap stands; a job that names none gets the market's default (services/market.py)."""
+    if job.max_price_per_gpu_hour is not None:
+        job.max_price_source = "customer"
+        return
+    req = requirements(job)
+    assert req is not None
+    job.max_price_per_gpu_hour, job.max_price_source = market.default_price_cap(session, req, settings), "market"
 
 
 def get(*, session: Session, account: AccountModel, job_id: str, for_update: bool = False) -> JobModel:
@@ -135,7 +156,10 @@ def cancel(*, session: Session, account: AccountModel, job_id: str) -> JobModel:
         return job
     if job.status in TERMINAL:
         raise Conflict(f"Job {job_id} has already {job.status.value}; it cannot be cancelled.", code="invalid_job_state")
+    if job.stage == "verify":  # the verifier's lease and the training under test settle together
+        verification.lock_books(session, job, *lease_states.live_providers(session, job))
     lease_states.end_for_customer(session=session, job=job, paused=False)
+    verification.abandon(session=session, job=job)
     change_status(session=session, job=job, to=JobStatus.cancelled, message="Fine-tuning job cancelled by the customer")
     session.commit()
     return job

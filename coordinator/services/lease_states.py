@@ -18,7 +18,7 @@ from sqlalchemy.orm import Session
 from coordinator.db.ids import new_id
 from coordinator.db.tables import LIVE_LEASE, JobModel, JobStatus, LeaseModel, LeaseStatus, WorkerModel, utcnow
 from coordinator.services import worker_states
-from coordinator.services.job_states import change_status, record_event
+from coordinator.services.job_states import change_status, exclude, record_event
 from coordinator.services.metering import meter_lease, rule_for
 from coordinator.settings import CoordinatorSettings
 from shared.errors import Conflict
@@ -30,13 +30,13 @@ REAP_BATCH = 500  # leases one reaper pass handles; the next pass takes the rest
 
 def start_lease(
     *, session: Session, job: JobModel, worker: WorkerModel, price_per_gpu_hour: int, resume_checkpoint_id: str | None,
-    now: datetime,
+    now: datetime, kind: str = "train",
 ) -> LeaseModel:
     """A new lease with the job's next fencing token; the caller moves the job to running with that token
     (`job_states.change_status_many`, which writes `jobs.fencing_token`)."""
     gpu_uuid = max(worker.gpus, key=lambda g: g["memory_total_bytes"])["uuid"] if worker.gpus else None
     lease = LeaseModel(
-        id=new_id("lease-"), job_id=job.id, worker_id=worker.id, fencing_token=job.fencing_token + 1,
+        id=new_id("lease-"), job_id=job.id, worker_id=worker.id, fencing_token=job.fencing_token + 1, kind=kind,
         status=LeaseStatus.assigned, gpu_uuid=gpu_uuid, gpu_class=worker.gpu_class,
         ask_price_per_gpu_hour=worker.ask_price_per_gpu_hour, price_per_gpu_hour=price_per_gpu_hour,
         resume_checkpoint_id=resume_checkpoint_id, created_at=now, last_renewed_at=now,
@@ -77,11 +77,15 @@ def renew_reported(conn: Connection, rows: list[dict[str, Any]]) -> None:
 def end_lease(
     *, session: Session, lease: LeaseModel, job: JobModel, worker: WorkerModel, status: LeaseStatus, reason: str,
     usage: dict[str, Any] | None = None, failed_check: bool = False, counts_against_worker: bool = False,
-    unbilled: bool = False,
+    unbilled: bool = False, claim: str | None = None, settle_later: bool = False,
 ) -> None:
     """End the lease (the caller holds job, lease and worker locks, in that order) and bill it once
     (`metering`: how the lease ended decides what is billed; `unbilled`: nothing, through no fault of the
-    worker, as when the checkpoint it was handed proved bad). The job is the caller's to move."""
+    worker, as when the checkpoint it was handed proved bad; `claim`: what the worker claimed about the job and
+    the coordinator has not confirmed, neither billed nor paid, and counted against the worker). A preemption
+    the preemption rule strikes (`worker_states`) takes the job off this worker for good. `settle_later`: its
+    work is under verification, metered when the verdict comes (`verification.py`). The job is the caller's to
+    move."""
     if lease.status not in LIVE_LEASE:
         raise Conflict(f"Lease {lease.id} has already ended ({lease.status.value}).", code="lease_ended")
     if status in LIVE_LEASE:
@@ -89,13 +93,21 @@ def end_lease(
     lease.status = status
     lease.ended_at = utcnow()
     lease.end_reason = reason
+    lease.claim = claim
     if usage is not None:
         lease.usage = usage
-    meter_lease(session=session, lease=lease, job=job, worker=worker, ended_at=lease.ended_at, usage=usage,
-                rule="not_billed" if unbilled else rule_for(status, failed_check=failed_check,
-                                                            counts_against_worker=counts_against_worker))
-    worker_states.lease_ended(session, worker, status=status, failed_check=failed_check,
-                              counts_against_worker=counts_against_worker)
+    if settle_later:
+        job.accruing_since = job.accruing_price = None
+    else:
+        meter_lease(session=session, lease=lease, job=job, worker=worker, ended_at=lease.ended_at, usage=usage,
+                    rule="not_billed" if unbilled or claim else rule_for(status, failed_check=failed_check,
+                                                                          counts_against_worker=counts_against_worker))
+    struck = worker_states.lease_ended(session, worker, lease=lease, failed_check=failed_check,
+                                       counts_against_worker=counts_against_worker)
+    if struck is not None:
+        exclude(job, worker=worker.id)
+        record_event(session=session, job=job, level="warn", data={"lease_id": lease.id, "worker_id": worker.id},
+                     message=f"Worker {worker.id} {struck}: the job is not placed on it again")
 
 
 def _requeue_or_fail(
@@ -121,12 +133,13 @@ def end_and_requeue(
     *, session: Session, lease: LeaseModel, job: JobModel, worker: WorkerModel, status: LeaseStatus, reason: str,
     settings: CoordinatorSettings, count_attempt: bool, job_reason: str | None = None,
     usage: dict[str, Any] | None = None, failed_check: bool = False, counts_against_worker: bool = False,
-    unbilled: bool = False,
+    unbilled: bool = False, claim: str | None = None, settle_later: bool = False,
 ) -> None:
     """End the lease and send its job back to the queue, or fail it after `max_attempts` (`count_attempt`:
     this end uses one of the job's attempts). `job_reason` is what the job's event says, when not `reason`."""
     end_lease(session=session, lease=lease, job=job, worker=worker, status=status, reason=reason, usage=usage,
-              failed_check=failed_check, counts_against_worker=counts_against_worker, unbilled=unbilled)
+              failed_check=failed_check, counts_against_worker=counts_against_worker, unbilled=unbilled, claim=claim,
+              settle_later=settle_later)
     _requeue_or_fail(session=session, job=job, reason=job_reason or reason, count_attempt=count_attempt,
                     max_attempts=settings.max_attempts)
 
@@ -150,6 +163,12 @@ def end_live_leases(*, session: Session, job: JobModel, reason: str) -> None:
         worker = session.get(WorkerModel, lease.worker_id, with_for_update=True, populate_existing=True)
         assert worker is not None
         end_lease(session=session, lease=lease, job=job, worker=worker, status=LeaseStatus.cancelled, reason=reason)
+
+
+def live_providers(session: Session, job: JobModel) -> list[str]:
+    """The providers whose workers hold the job's live leases."""
+    return list(session.scalars(select(WorkerModel.account_id).join(LeaseModel, LeaseModel.worker_id == WorkerModel.id)
+                                .where(LeaseModel.job_id == job.id, LeaseModel.status.in_(LIVE_LEASE))))
 
 
 def lock_lease(

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import logging
 import math
-import re
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
@@ -21,20 +20,21 @@ from sqlalchemy.orm import Session
 
 from coordinator.db.ids import new_id
 from coordinator.db.tables import (
-    LIVE_LEASE, FileModel, FileStatus, JobCheckpointModel, JobEventModel, JobModel, JobStatus, LeaseModel,
+    LIVE_LEASE, FileModel, FileStatus, LeaseKind, JobCheckpointModel, JobEventModel, JobModel, JobStatus, LeaseModel,
     LeaseStatus, WorkerModel, WorkerState, utcnow,
 )
-from coordinator.services import files
+from coordinator.services import files, held_out, verification
 from coordinator.services.adapters import AdapterRejected, adapter_limit, verify_adapter
-from coordinator.services.job_states import change_status, record_event
+from coordinator.services.job_states import change_status, exclude, record_event
 from coordinator.services import worker_states
+from coordinator.services.fencing import FencedLease, already_ended, fenced
 from coordinator.services.lease_states import end_and_requeue, end_lease, renew
 from coordinator.services.placement import place_for_worker, seq_len_for
 from coordinator.services.workers import free_vram
 from coordinator.settings import CoordinatorSettings
 from coordinator.storage import BlobStore, StoredBlob
 from shared.catalog import get_base_model
-from shared.errors import Conflict, InvalidRequest, LeaseLost, NotFound
+from shared.errors import Conflict, InvalidRequest, NotFound
 from shared.jobspec import JobSpec, LoraSpec, TrainingHyperparameters
 from shared.money import micros_to_usd
 from shared.protocol import (
@@ -89,6 +89,8 @@ def claim(*, session: Session, settings: CoordinatorSettings, worker: WorkerMode
     worker.vram_free_bytes = free_vram(worker, request.gpus)
     if request.cached_models is not None:
         worker.cached_models = list(request.cached_models)
+    if sorted(request.kinds) != sorted(worker.lease_kinds or ["train"]):
+        worker.lease_kinds = sorted(set(request.kinds))
     worker.last_heartbeat_at = now
     # A worker asking for work holds no live lease (we just looked), whatever its row said.
     worker_states.asking_for_work(worker, now=now, wait_s=request.wait_s)
@@ -98,12 +100,12 @@ def claim(*, session: Session, settings: CoordinatorSettings, worker: WorkerMode
     return pending_assignment(session=session, settings=settings, worker=worker)
 
 
-def job_spec(job: JobModel, *, checkpoint_every_steps: int = 100) -> JobSpec:
+def job_spec(job: JobModel, *, checkpoint_every_steps: int = 100, kind: str = "train") -> JobSpec:
     base = get_base_model(job.model)
     hp = job.hyperparameters
     multiplier = hp.get("learning_rate_multiplier", "auto")
     return JobSpec(
-        job_id=job.id, base_model=base.id, model_dir=f"models/{base.id}",
+        job_id=job.id, kind=kind, base_model=base.id, model_dir=f"models/{base.id}",  # type: ignore[arg-type]
         hyperparameters=TrainingHyperparameters(
             n_epochs=hp["n_epochs"], batch_size=hp.get("batch_size", "auto"),
             learning_rate=BASE_LEARNING_RATE * (1.0 if multiplier == "auto" else float(multiplier)),
@@ -137,59 +139,33 @@ def build_assignment(*, session: Session, settings: CoordinatorSettings, lease: 
                 url=f"/v1/workers/leases/{lease.id}/checkpoints/{checkpoint.id}/content",
             )
     base = get_base_model(job.model)
+    inputs = f"/v1/workers/leases/{lease.id}/files"
+    verifying: dict[str, Any] = {}
+    if lease.kind == LeaseKind.verify:
+        adapter = _adapter_under_test(session, job)
+        sample = held_out.sample_input(job)
+        verifying = {"adapter_url": f"{inputs}/adapter", "adapter_sha256": adapter.sha256 if adapter else None,
+                     "held_out_url": f"{inputs}/held_out" if sample else None,
+                     "held_out_sha256": sample.sha256 if sample else None}
     return Assignment(
-        lease_id=lease.id, fencing_token=lease.fencing_token, job_id=job.id,
-        spec=job_spec(job, checkpoint_every_steps=settings.checkpoint_every_steps),
+        lease_id=lease.id, fencing_token=lease.fencing_token, job_id=job.id, kind=lease.kind,
+        spec=job_spec(job, checkpoint_every_steps=settings.checkpoint_every_steps, kind=lease.kind),
         base_model_repo=base.hf_repo, gpu_uuid=lease.gpu_uuid,
-        training_file_url=f"/v1/workers/leases/{lease.id}/files/training", training_file_sha256=training.sha256,
-        validation_file_url=f"/v1/workers/leases/{lease.id}/files/validation" if validation else None,
+        training_file_url=f"{inputs}/training", training_file_sha256=held_out.training_input(job, training).sha256,
+        validation_file_url=f"{inputs}/validation" if validation else None,
         validation_file_sha256=validation.sha256 if validation else None, resume_from=resume,
         ask_price_per_gpu_hour=micros_to_usd(lease.ask_price_per_gpu_hour), lease_ttl_s=settings.lease_ttl_s,
-        lease_grace_s=settings.lease_grace_s, heartbeat_interval_s=settings.heartbeat_interval_s,
+        lease_grace_s=settings.lease_grace_s, heartbeat_interval_s=settings.heartbeat_interval_s, **verifying,
     )
 
 
-# --- the lease, fenced ----------------------------------------------------------------------------
-
-_TOKEN = re.compile(r"[0-9]{1,18}")
-
-
-def parse_fencing_token(value: str | None) -> int:
-    if value is None or _TOKEN.fullmatch(value.strip()) is None:
-        raise InvalidRequest("Send the lease's fencing token in the Tunegrid-Fencing-Token header.",
-                             param="Tunegrid-Fencing-Token", code="missing_fencing_token")
-    return int(value)
-
-
-@dataclass(slots=True)
-class FencedLease:
-    lease: LeaseModel
-    job: JobModel
-    worker: WorkerModel
-
-
-def fenced(
-    *, session: Session, worker: WorkerModel, lease_id: str, fencing_token: int, allow_ended: bool = False,
-) -> FencedLease:
-    """The worker's lease, locked, if the token is current; otherwise `LeaseLost` (or 404 for another's lease).
-
-    Locks are always taken job, then lease, then worker (as cancel, the reaper and placement do), and each
-    locked row is re-read so no decision rests on a copy loaded before the lock.
-    """
-    peek = session.get(LeaseModel, lease_id)
-    if peek is None or peek.worker_id != worker.id:
-        raise NotFound(f"No such lease: {lease_id}", param="lease_id", code="lease_not_found")
-    job = session.get(JobModel, peek.job_id, with_for_update=True, populate_existing=True)
-    lease = session.get(LeaseModel, lease_id, with_for_update=True, populate_existing=True)
-    assert job is not None and lease is not None
-    if fencing_token != lease.fencing_token or job.fencing_token != lease.fencing_token:
-        raise LeaseLost(f"Lease {lease_id} is no longer current (fencing token {fencing_token}, "
-                        f"job {job.id} is at {job.fencing_token}); stop this job.", param="Tunegrid-Fencing-Token")
-    if lease.status not in LIVE_LEASE and not allow_ended:
-        raise LeaseLost(f"Lease {lease_id} has ended ({lease.status.value}: {lease.end_reason}); stop this job.")
-    worker_row = session.get(WorkerModel, worker.id, with_for_update=True, populate_existing=True)
-    assert worker_row is not None
-    return FencedLease(lease=lease, job=job, worker=worker_row)
+def _adapter_under_test(session: Session, job: JobModel) -> held_out.Input | None:
+    """The adapter a verification lease checks: the upload of the training lease that produced it."""
+    lease_id = (job.verification or {}).get("lease_id")
+    lease = session.get(LeaseModel, lease_id) if lease_id else None
+    if lease is None or lease.adapter_key is None or lease.adapter_sha256 is None:
+        return None
+    return held_out.Input(lease.adapter_key, lease.adapter_sha256)
 
 
 def adapter_upload_limit(*, session: Session, worker: WorkerModel, lease_id: str, fencing_token: int) -> int:
@@ -260,16 +236,25 @@ def record_events(
 
 # --- inputs and uploads ---------------------------------------------------------------------------
 
-def training_input(*, session: Session, worker: WorkerModel, lease_id: str, fencing_token: int, which: str) -> FileModel:
-    """The job's training or validation file, for the worker holding the live lease only."""
+def lease_input(*, session: Session, worker: WorkerModel, lease_id: str, fencing_token: int, which: str) -> held_out.Input:
+    """A blob the live lease downloads, for the worker holding it only: `training` (without the held-out sample),
+    `validation`; and for a verification lease only, the `held_out` sample and the `adapter` under test."""
     f = fenced(session=session, worker=worker, lease_id=lease_id, fencing_token=fencing_token)
-    file_id = {"training": f.job.training_file_id, "validation": f.job.validation_file_id}.get(which)
-    if file_id is None:
-        raise NotFound(f"This job has no {which} file.", param="which")
-    file = session.get(FileModel, file_id)
-    assert file is not None
-    session.commit()  # nothing changed; ends the transaction (rollback would expire the rows we return)
-    return file
+    found: held_out.Input | None = None
+    if which == "training":
+        training = session.get(FileModel, f.job.training_file_id)
+        assert training is not None
+        found = held_out.training_input(f.job, training)
+    elif which == "validation" and f.job.validation_file_id:
+        validation = session.get(FileModel, f.job.validation_file_id)
+        assert validation is not None
+        found = held_out.Input(files.blob_key(validation.id), validation.sha256)
+    elif which in ("held_out", "adapter") and f.lease.kind == LeaseKind.verify:
+        found = held_out.sample_input(f.job) if which == "held_out" else _adapter_under_test(session, f.job)
+    session.commit()  # nothing changed; ends the transaction
+    if found is None:
+        raise NotFound(f"This lease has no {which} input.", param="which")
+    return found
 
 
 def adapter_upload_key(lease_id: str) -> str:
@@ -294,15 +279,6 @@ def record_adapter(
 
 
 # --- finishing ------------------------------------------------------------------------------------
-
-def already_ended(f: FencedLease, status: LeaseStatus) -> bool:
-    """A repeated report of how the lease ended answers like the first; a different one is a conflict."""
-    if f.lease.status in LIVE_LEASE:
-        return False
-    if f.lease.status is status:
-        return True
-    raise LeaseLost(f"Lease {f.lease.id} already ended as {f.lease.status.value}; stop this job.")
-
 
 def _reported_losses(session: Session, lease: LeaseModel) -> list[float]:
     rows = session.scalars(
@@ -379,7 +355,15 @@ def complete(
     fencing_token: int, report: LeaseComplete,
 ) -> FencedLease:
     """Check the adapter (without holding locks), then settle the lease: the job succeeds with the adapter as a
-    result file, or the lease fails its check and the job resumes elsewhere."""
+    result file (or waits for its verification: `verification.py`), or the lease fails its check and the job
+    resumes elsewhere. A verification lease reports its figures instead."""
+    peek = session.get(LeaseModel, lease_id)
+    if peek is not None and peek.kind == LeaseKind.verify and peek.worker_id == worker.id:
+        return _verified(session=session, store=store, settings=settings, worker=worker, lease_id=lease_id,
+                         fencing_token=fencing_token, report=report)
+    if report.adapter_sha256 is None or report.result is None:
+        raise InvalidRequest("A training lease completes with `adapter_sha256` and `result`.", param="result",
+                             code="result_missing")
     submitted = _submitted(session=session, worker=worker, lease_id=lease_id, fencing_token=fencing_token, report=report)
     if isinstance(submitted, FencedLease):
         return submitted
@@ -403,13 +387,24 @@ def complete(
         session.commit()
         store.delete(submitted.key)
         return f
+    f.lease.result = {**report.result.model_dump(), "lora_parameters": parameters}
+    why = verification.chosen(f.job, f.worker, settings)
+    if why is not None and not verification.verifiable(f.job):
+        verification.skipped(session=session, job=f.job, reason=f"{why}, but the job has no data its trainer "
+                                                                "did not see")
+    elif why is not None:
+        end_lease(session=session, lease=f.lease, job=f.job, worker=f.worker, status=LeaseStatus.completed,
+                  reason="completed; adapter checked, verification pending", usage=usage, settle_later=True)
+        _update_speed(f.worker, f.lease, f.job, report)
+        verification.begin(session=session, job=f.job, lease=f.lease, worker=f.worker, reason=why)
+        session.commit()  # the upload stays the adapter under test (`lease.adapter_key`) until the verdict
+        return f
     file = FileModel(
         id=new_id("file-"), account_id=f.job.account_id, filename=f"{f.job.id}-adapter.tar.gz",
         purpose="fine-tune-results", bytes=f.lease.adapter_bytes or 0, sha256=submitted.sha256,
         status=FileStatus.processed, format="peft-lora", created_at=utcnow(),
     )
     session.add(file)
-    f.lease.result = {**report.result.model_dump(), "lora_parameters": parameters}
     end_lease(session=session, lease=f.lease, job=f.job, worker=f.worker, status=LeaseStatus.completed,
               reason="completed; adapter verified", usage=usage)
     _update_speed(f.worker, f.lease, f.job, report)
@@ -432,6 +427,20 @@ def complete(
     return f
 
 
+def _verified(*, session: Session, store: BlobStore, settings: CoordinatorSettings, worker: WorkerModel, lease_id: str,
+              fencing_token: int, report: LeaseComplete) -> FencedLease:
+    f = fenced(session=session, worker=worker, lease_id=lease_id, fencing_token=fencing_token, allow_ended=True)
+    if already_ended(f, LeaseStatus.completed):
+        session.commit()
+        return f
+    unused = verification.report(session=session, store=store, settings=settings, f=f, figures=report.verification,
+                                 usage=report.usage.model_dump())
+    session.commit()
+    for key in unused:
+        store.delete(key)
+    return f
+
+
 def fail(
     *, session: Session, settings: CoordinatorSettings, worker: WorkerModel, lease_id: str, fencing_token: int,
     report: LeaseFail,
@@ -441,11 +450,8 @@ def fail(
         session.commit()
         return f
     usage = report.usage.model_dump()
-    if report.kind == "user_error":
-        end_lease(session=session, lease=f.lease, job=f.job, worker=f.worker, status=LeaseStatus.failed,
-                  reason=f"user error: {report.message}", usage=usage)
-        change_status(session=session, job=f.job, to=JobStatus.failed, message=f"Training failed: {report.message}",
-                      error={"code": "invalid_training_data", "message": report.message, "param": "training_file"})
+    if report.kind == "user_error" and f.lease.kind == LeaseKind.train:
+        _user_error(session=session, settings=settings, f=f, message=report.message, usage=usage)
     else:
         end_and_requeue(session=session, lease=f.lease, job=f.job, worker=f.worker, status=LeaseStatus.failed,
                         reason=f"worker error: {report.message}",
@@ -453,6 +459,41 @@ def fail(
                         count_attempt=True, usage=usage, counts_against_worker=True)
     session.commit()
     return f
+
+
+USER_ERROR = "user_error"
+
+
+def _user_error(*, session: Session, settings: CoordinatorSettings, f: FencedLease, message: str,
+                usage: dict[str, Any]) -> None:
+    """A worker says the customer's data is bad. The coordinator validated it, so that is a claim: the lease is
+    neither billed nor paid, counts against the worker, and the job retries on another provider's worker. Only
+    when a worker of a second provider claims the same does the job fail as the customer's, billed until the end
+    (`metering`), and the first claim stops counting against its worker."""
+    earlier = session.execute(
+        select(LeaseModel.id, LeaseModel.worker_id).join(WorkerModel, WorkerModel.id == LeaseModel.worker_id)
+        .where(LeaseModel.job_id == f.job.id, LeaseModel.claim == USER_ERROR, LeaseModel.id != f.lease.id,
+               WorkerModel.account_id != f.worker.account_id)
+        .order_by(LeaseModel.id).limit(1)
+    ).first()
+    if earlier is None:
+        end_and_requeue(session=session, lease=f.lease, job=f.job, worker=f.worker, status=LeaseStatus.failed,
+                        reason=f"user error claimed: {message}", settings=settings, count_attempt=False, usage=usage,
+                        claim=USER_ERROR,
+                        job_reason=f"Worker {f.worker.id} reported a problem with the training data ({message}); "
+                                   "the files were validated, so another provider's worker checks it before it "
+                                   "counts (this attempt is not billed)")
+        exclude(f.job, provider=f.worker.account_id)
+        return
+    end_lease(session=session, lease=f.lease, job=f.job, worker=f.worker, status=LeaseStatus.failed,
+              reason=f"user error: {message} (confirms lease {earlier.id})", usage=usage)
+    first = session.get(WorkerModel, earlier.worker_id, with_for_update=True, populate_existing=True)
+    assert first is not None
+    worker_states.claim_confirmed(first)
+    change_status(session=session, job=f.job, to=JobStatus.failed,
+                  message=f"Training failed: {message} (reported by workers of two providers)",
+                  error={"code": "invalid_training_data", "message": message, "param": "training_file"},
+                  data={"lease_id": f.lease.id, "confirms_lease_id": earlier.id})
 
 
 def preempted(

@@ -10,7 +10,11 @@ decides where billing stops:
 - the worker failed, vanished, was revoked, or its owner took the PC back: only the work kept in the last
   checkpoint this lease uploaded, none without one (`until_checkpoint`); the next worker resumes from
   that checkpoint, so the customer never pays twice for the same steps;
-- the worker's adapter failed its checks: nothing (`not_billed`).
+- the worker's adapter failed its checks, or a worker's claim went unconfirmed: nothing (`not_billed`).
+
+A training lease whose adapter is being verified (`verification.py`) is metered when the verdict comes: until
+its end when the adapter is confirmed, nothing when it is refuted. A verification lease is the platform's cost:
+the customer pays nothing for it, the verifier earns its ask, booked to the platform's verification book.
 
 The worker's own measurement is compared: when it says it worked less than we saw (`until_end` leases),
 the lower figure is billed and the record says so. A job's `max_cost` caps the charge. The customer pays
@@ -28,7 +32,7 @@ from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
 from coordinator.db.tables import (
-    JobCheckpointModel, JobModel, LeaseModel, LeaseStatus, UsageRecordModel, WorkerModel,
+    JobCheckpointModel, JobModel, LeaseKind, LeaseModel, LeaseStatus, UsageRecordModel, WorkerModel,
 )
 from coordinator.services import billing
 from shared.pricing import cost_for_seconds, provider_earnings, seconds_for_budget
@@ -73,21 +77,27 @@ def meter_lease(
     if rule == "until_end" and reported is not None and reported < observed - REPORT_TOLERANCE_S:
         seconds = math.floor(reported)
         notes.append(f"the worker reported {reported:.0f} s, the coordinator saw {observed:.0f} s; billed the lower")
-    if job.max_cost is not None:
+    verifying = lease.kind == LeaseKind.verify
+    if job.max_cost is not None and not verifying:
         budget = seconds_for_budget(lease.price_per_gpu_hour, job.max_cost - job.billed_micros)
         if seconds > budget:
             notes.append(f"capped at {budget} s by max_cost")
             seconds = budget
-    charge = cost_for_seconds(lease.price_per_gpu_hour, seconds)
-    earned = min(provider_earnings(lease.ask_price_per_gpu_hour, seconds), charge)
+    charge = 0 if verifying else cost_for_seconds(lease.price_per_gpu_hour, seconds)
+    earned = provider_earnings(lease.ask_price_per_gpu_hour, seconds)
+    if not verifying:
+        earned = min(earned, charge)
     record = UsageRecordModel(
         lease_id=lease.id, job_id=job.id, customer_id=job.account_id, provider_id=worker.account_id,
         worker_id=worker.id, gpu_class=lease.gpu_class, price_per_gpu_hour=lease.price_per_gpu_hour,
         ask_price_per_gpu_hour=lease.ask_price_per_gpu_hour, rule=rule, started_at=start, billed_until=until,
         observed_seconds=round(observed, 3), reported_seconds=reported, billable_seconds=seconds,
-        charge_micros=charge, provider_micros=earned, fee_micros=charge - earned,
+        charge_micros=charge, provider_micros=earned, fee_micros=0 if verifying else charge - earned,
         note="; ".join(notes) or None, usage_day=ended_at.date(), created_at=ended_at,
     )
     session.add(record)
-    billing.settle(session=session, job=job, record=record)
+    if verifying:
+        billing.settle_verification(session=session, job=job, record=record)
+    else:
+        billing.settle(session=session, job=job, record=record)
     return record

@@ -3,7 +3,8 @@
 A worker can take a job when the QLoRA memory estimate fits its free VRAM, its GPU has the compute
 capability for 4-bit kernels (or it is a CPU worker and the model is tiny), its price with our fee is
 within the job's `max_price_per_gpu_hour`, it meets the job's trust, VRAM and GPU-name requirements,
-and it is idle and long-polling (its owner's policy allows work now). Only jobs with a hold on their
+it is idle and long-polling (its owner's policy allows work now), and neither it nor its provider is off the
+job (`jobs.excluded_workers`, `excluded_providers`) or suspended. Only jobs with a hold on their
 customer's balance are placed (billing.py; `budgets.py` renews a hold a lease used up). Among those the best expected
 throughput per dollar wins, weighted by reliability, preferring a worker that already holds the model.
 
@@ -20,16 +21,19 @@ from dataclasses import dataclass
 from datetime import datetime
 from functools import lru_cache
 
-from sqlalchemy import select
-from sqlalchemy.orm import Session
+from sqlalchemy import exists, or_, select
+from sqlalchemy.orm import Session, aliased
 
-from coordinator.db.tables import JobCheckpointModel, JobModel, JobStatus, LeaseModel, WorkerModel, WorkerState, utcnow
+from coordinator.db.tables import (
+    JobCheckpointModel, JobModel, JobStatus, LeaseKind, LeaseModel, WorkerModel, WorkerState, utcnow,
+)
 from coordinator.effects import effects
+from coordinator.services import worker_states
 from coordinator.services.job_states import Move, change_status_many
 from coordinator.services.lease_states import start_lease
 from coordinator.settings import CoordinatorSettings
 from shared.catalog import BaseModelSpec, find_base_model
-from shared.memory import GIB, estimate_qlora
+from shared.memory import GIB, estimate_evaluation, estimate_qlora
 from shared.money import micros_to_usd
 from shared.pricing import (
     CPU, REFERENCE_TOKENS_PER_S_7B, cpu_can_train, customer_price, get_gpu_class, supports_4bit, throughput_per_dollar,
@@ -53,15 +57,18 @@ class Requirements:
     min_vram_bytes: int
     gpu_filter: tuple[str, ...]
     trusted_only: bool
+    excluded_providers: frozenset[str] = frozenset()
+    excluded_workers: frozenset[str] = frozenset()
+    kind: str = LeaseKind.train.value  # the lease the job is queued for (its stage)
 
 
 @lru_cache(maxsize=4096)
-def _memory(model: str, r: int, targets: str | tuple[str, ...], batch: int) -> int:
+def _memory(model: str, r: int, targets: str | tuple[str, ...], batch: int, kind: str) -> int:
     base = find_base_model(model)
     assert base is not None
     target_modules = targets if isinstance(targets, str) else list(targets)
-    return estimate_qlora(base, seq_len=seq_len_for(base), batch_size=batch, lora_r=r,
-                          target_modules=target_modules).total
+    estimate = estimate_evaluation if kind == LeaseKind.verify else estimate_qlora
+    return estimate(base, seq_len=seq_len_for(base), batch_size=batch, lora_r=r, target_modules=target_modules).total
 
 
 def requirements(job: JobModel) -> Requirements | None:
@@ -70,12 +77,17 @@ def requirements(job: JobModel) -> Requirements | None:
         return None
     targets = job.lora.get("target_modules", "all-linear")
     batch = job.hyperparameters.get("batch_size", "auto")
+    kind = job.stage or LeaseKind.train.value
     memory = _memory(base.id, int(job.lora.get("r", 16)), targets if isinstance(targets, str) else tuple(targets),
-                     batch if isinstance(batch, int) else 1)
+                     batch if isinstance(batch, int) else 1, kind)
+    excluded = set(job.excluded_providers or ())
+    if kind == LeaseKind.verify:  # never the adapter's own trainer, nor a provider that verified it already
+        excluded.update((job.verification or {}).get("not_by", ()))
     return Requirements(
         base=base, memory_bytes=memory, max_price=job.max_price_per_gpu_hour,
         min_vram_bytes=(job.min_vram_gb or 0) * GIB,
         gpu_filter=tuple(f.lower() for f in (job.gpu_filter or ())), trusted_only=job.trusted_hosts_only,
+        excluded_providers=frozenset(excluded), excluded_workers=frozenset(job.excluded_workers or ()), kind=kind,
     )
 
 
@@ -99,6 +111,10 @@ def candidate(worker: WorkerModel, *, platform_fee_bps: int) -> Candidate:
 
 def eligible(req: Requirements, c: Candidate) -> bool:
     w = c.worker
+    if w.account_id in req.excluded_providers or w.id in req.excluded_workers:
+        return False
+    if req.kind != LeaseKind.train and req.kind not in (w.lease_kinds or ()):
+        return False
     if w.gpu_class == CPU.id:
         if not cpu_can_train(req.base):
             return False
@@ -132,12 +148,24 @@ def _pick(req: Requirements, ranked: list[Candidate]) -> int | None:
     return best
 
 
+def _provider_suspended():  # type: ignore[no-untyped-def]
+    """A worker whose provider has a suspended machine (suspension belongs to the provider: worker_states)."""
+    other = aliased(WorkerModel)
+    return exists().where(other.account_id == WorkerModel.account_id, other.suspended_at.is_not(None))
+
+
 def placeable_workers(now: datetime, settings: CoordinatorSettings):  # type: ignore[no-untyped-def]
     return select(WorkerModel).where(
         WorkerModel.state == WorkerState.idle, WorkerModel.available_until > now,
         WorkerModel.revoked_at.is_(None), WorkerModel.suspended_at.is_(None),
-        WorkerModel.reliability >= settings.min_reliability,
+        WorkerModel.reliability >= settings.min_reliability, ~_provider_suspended(),
     )
+
+
+def _funded():  # type: ignore[no-untyped-def]
+    """A job placement may take: one with a hold on its customer's balance, or one waiting for verification
+    (the platform pays verifiers; the customer's hold still covers the training under test)."""
+    return or_(JobModel.held_micros > 0, JobModel.stage == LeaseKind.verify.value)
 
 
 def _latest_checkpoints(session: Session, job_ids: list[str]) -> dict[str, str]:
@@ -160,12 +188,15 @@ def _assign(session: Session, matches: list[tuple[JobModel, Candidate]], now: da
     leases, moves = [], []
     for job, c in matches:
         checkpoint = resume.get(job.id)
+        if job.stage != LeaseKind.train:
+            checkpoint = None  # only training resumes
         lease = start_lease(session=session, job=job, worker=c.worker, price_per_gpu_hour=c.price,
-                            resume_checkpoint_id=checkpoint, now=now)
+                            resume_checkpoint_id=checkpoint, now=now, kind=job.stage)
         leases.append(lease)
         moves.append(Move(
             job=job, values={"fencing_token": lease.fencing_token},
-            message=f"Placed on {c.worker.gpu_name} on worker {c.worker.id} at ${micros_to_usd(c.price)}/GPU-hour "
+            message=("Verification placed" if job.stage == LeaseKind.verify else "Placed")
+                    + f" on {c.worker.gpu_name} on worker {c.worker.id} at ${micros_to_usd(c.price)}/GPU-hour "
                     f"(lease {lease.id}, attempt {lease.fencing_token})"
                     + (f", resuming from checkpoint {checkpoint}" if checkpoint else ""),
             data={"lease_id": lease.id, "worker_id": c.worker.id, "gpu_class": c.worker.gpu_class,
@@ -180,7 +211,7 @@ def place_queued_jobs(*, session: Session, settings: CoordinatorSettings, limit:
     """One placement pass: the oldest queued jobs onto the best idle workers. Returns how many were placed."""
     now = utcnow()
     jobs = session.scalars(
-        select(JobModel).where(JobModel.status == JobStatus.queued, JobModel.held_micros > 0).order_by(JobModel.id)
+        select(JobModel).where(JobModel.status == JobStatus.queued, _funded()).order_by(JobModel.id)
         .limit(limit or settings.placement_batch).with_for_update(skip_locked=True)
     ).all()
     if not jobs:
@@ -211,13 +242,14 @@ def place_for_worker(*, session: Session, settings: CoordinatorSettings, worker:
     """
     now = utcnow()
     if (worker.state is not WorkerState.idle or worker.suspended_at is not None or worker.revoked_at is not None
-            or worker.reliability < settings.min_reliability):
+            or worker.reliability < settings.min_reliability
+            or worker_states.provider_suspended(session, worker.account_id) is not None):
         session.commit()
         return None
     c = candidate(worker, platform_fee_bps=settings.platform_fee_bps)
     # Look without locks, then lock only the chosen job: fifty claimers must not queue on the same rows.
     jobs = session.scalars(
-        select(JobModel).where(JobModel.status == JobStatus.queued, JobModel.held_micros > 0).order_by(JobModel.id)
+        select(JobModel).where(JobModel.status == JobStatus.queued, _funded()).order_by(JobModel.id)
         .limit(PULL_SCAN)
     ).all()
     for job in jobs:
@@ -225,7 +257,7 @@ def place_for_worker(*, session: Session, settings: CoordinatorSettings, worker:
         if req is None or not eligible(req, c):
             continue
         locked = session.scalars(
-            select(JobModel).where(JobModel.id == job.id, JobModel.status == JobStatus.queued, JobModel.held_micros > 0)
+            select(JobModel).where(JobModel.id == job.id, JobModel.status == JobStatus.queued, _funded())
             .with_for_update(skip_locked=True).execution_options(populate_existing=True)
         ).first()
         if locked is None:

@@ -49,6 +49,7 @@ def _offer(c: Candidate, *, base, tokens: int) -> Offer:  # type: ignore[no-unty
 
 def quote(*, session: Session, account: AccountModel, request: QuoteCreate, settings: CoordinatorSettings) -> QuoteRead:
     draft = _draft_job(session, account, request)
+    jobs.price_cap(session=session, job=draft, settings=settings)
     req = requirements(draft)
     assert req is not None
     base, tokens = req.base, draft.estimated_tokens
@@ -76,6 +77,8 @@ def quote(*, session: Session, account: AccountModel, request: QuoteCreate, sett
     return QuoteRead(
         model=base.id, n_epochs=draft.hyperparameters["n_epochs"], estimated_tokens=tokens,
         estimated_memory_gb=round(req.memory_bytes / GIB, 2), platform_fee_percent=settings.platform_fee_bps / 100,
-        workers_available=len(able), cheapest=cheapest, fastest=fastest, gpu_classes=rows,
+        workers_available=len(able), max_price_per_gpu_hour=micros_to_usd(draft.max_price_per_gpu_hour or 0),
+        max_price_source=draft.max_price_source,  # type: ignore[arg-type]
+        cheapest=cheapest, fastest=fastest, gpu_classes=rows,
     )
 

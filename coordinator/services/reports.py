@@ -38,6 +38,7 @@ class Costs:
     earned: int = 0
     paid_out: int = 0
     refunded: int = 0
+    verification: int = 0  # what verifiers earned: the platform's cost of independent verification
     outstanding_holds: int = 0
     payable: int = 0
 
@@ -86,7 +87,8 @@ def costs(*, session: Session, start: date, end: date, account_id: str | None = 
         report.paid_out = int(session.scalar(select(func.coalesce(func.sum(PayoutModel.amount), 0)).where(
             PayoutModel.status == PayoutStatus.paid, PayoutModel.created_at >= since,
             PayoutModel.created_at < until)) or 0)
-        report.refunded = _refunded(session, since, until)
+        report.refunded = _house_cost(session, Book.refunds, since, until)
+        report.verification = _house_cost(session, Book.verification, since, until)
         report.outstanding_holds = _sum_balances(session, Book.customer_held)
         report.payable = _sum_balances(session, Book.provider_payable)
     else:
@@ -100,13 +102,14 @@ def _sum_balances(session: Session, book: Book) -> int:
                               .where(LedgerBalanceModel.book == book)) or 0)
 
 
-def _refunded(session: Session, since: datetime, until: datetime) -> int:
+def _house_cost(session: Session, book: Book, since: datetime, until: datetime) -> int:
+    """What a house book of costs (refunds, verification) paid out in the period."""
     from coordinator.db.tables import LedgerPostingModel  # noqa: PLC0415
 
     return -int(session.scalar(
         select(func.coalesce(func.sum(LedgerPostingModel.amount), 0))
         .join(LedgerTransactionModel, LedgerTransactionModel.id == LedgerPostingModel.transaction_id)
-        .where(LedgerPostingModel.book == Book.refunds, LedgerTransactionModel.created_at >= since,
+        .where(LedgerPostingModel.book == book, LedgerTransactionModel.created_at >= since,
                LedgerTransactionModel.created_at < until)) or 0)
 
 

@@ -64,7 +64,8 @@ def _best_device(request: WorkerRegister) -> dict[str, Any]:
 def register(
     *, session: Session, account: AccountModel, request: WorkerRegister, protocol_version: int, max_workers: int,
 ) -> tuple[WorkerModel, str]:
-    """Register a machine (or re-register it: same worker, new token, fresh inventory, reputation kept). A
+    """Register a machine (or re-register it: same worker, new token, fresh inventory, reputation kept; a new
+    machine starts from its provider's record, suspended when the provider has a suspended machine). A
     provider has at most `max_workers` machines that are not revoked (registrations of one provider queue on its
     account's row, so the cap holds under concurrency)."""
     prefix, digest, token = _new_token()
@@ -94,6 +95,7 @@ def register(
         worker = WorkerModel(id=new_id("wrk-"), account_id=account.id, machine_id=request.machine_id,
                              state=WorkerState.offline, **fields)
         session.add(worker)
+        worker_states.new_machine(session, worker)
     else:
         for name, value in fields.items():
             setattr(worker, name, value)

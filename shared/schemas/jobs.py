@@ -69,6 +69,10 @@ class JobCreate(Request):
         default=None, description="GPU names to allow, matched as case-insensitive substrings (e.g. 'RTX 4090')."
     )
     trusted_hosts_only: bool = False
+    verification: Literal["auto", "always"] = Field(
+        default="auto", description="'always': a worker of another provider verifies the adapter before the job "
+        "succeeds (at the platform's cost); 'auto': the platform verifies a share of jobs and every job of a "
+        "provider below its reliability threshold")
 
     _check_usd = field_validator("max_price_per_gpu_hour", "max_cost")(_six_places)
 
@@ -130,6 +134,8 @@ class JobRead(Reply):
     # Marketplace extensions.
     lora: LoraRead
     max_price_per_gpu_hour: str | None = Field(description="USD per GPU-hour, decimal string")
+    max_price_source: Literal["customer", "market"] | None = Field(
+        description="the customer's cap, or the market's default for a job that named none")
     max_cost: str | None = Field(description="USD, decimal string")
     min_vram_gb: int | None
     gpu_filter: list[str] | None
@@ -137,6 +143,22 @@ class JobRead(Reply):
     estimated_tokens: int = Field(description="Training tokens estimated from the files and epochs")
     cost: str = Field(description="USD charged so far: ended leases plus the running one's time, decimal string")
     cost_held: str = Field(description="USD still held on the customer's balance for this job, decimal string")
+    verified: bool = Field(description="a worker of another provider confirmed the adapter")
+    verification: VerificationRead
+
+
+class VerificationRead(Reply):
+    """What independent verification found: a worker of another provider evaluated the adapter on a held-out
+    sample its trainer never received."""
+
+    mode: Literal["auto", "always"]
+    status: Literal["not_selected", "pending", "passed", "failed", "skipped", "unverified", "cancelled"]
+    reason: str | None = None
+    heldout_base_loss: float | None = None
+    heldout_adapter_loss: float | None = None
+    valid_adapter_loss: float | None = None
+    reported_valid_loss: float | None = None
+    held_out_examples: int = 0
 
 
 class JobList(Page):

@@ -67,6 +67,9 @@ class QuoteRead(Reply):
     estimated_memory_gb: float
     platform_fee_percent: float
     workers_available: int = Field(description="idle workers that could take this job now")
+    max_price_per_gpu_hour: str = Field(description="the highest price per GPU-hour the job would pay, USD decimal "
+                                        "string: the request's, or the market's default cap")
+    max_price_source: Literal["customer", "market"]
     cheapest: Offer | None
     fastest: Offer | None
     gpu_classes: list[GpuClassQuote]

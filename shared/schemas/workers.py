@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
+from pydantic import Field
+
 from shared.schemas.common import Page, Reply
 
 
@@ -27,6 +29,9 @@ class WorkerRead(Reply):
     completed_leases: int
     lost_leases: int
     failed_checks: int
+    preempted_leases: int
+    preemption_strikes: int = Field(description="preemptions the preemption rule counted against the worker")
+    unconfirmed_claims: int = Field(description="user errors it reported that no second provider's worker confirmed")
     agent_version: str
     created_at: int
     last_heartbeat_at: int | None

@@ -69,7 +69,8 @@ def test_top_up_train_settle_and_pay_out(live_server: LiveServer, stripe_server:
         real_time = time.time  # from here on the worker's clock (and this test's) is ten minutes fast
         monkeypatch.setattr(time, "time", lambda: real_time() + 600)
         started = time.monotonic()
-        job = submit(client, examples=120, hyperparameters={"n_epochs": 2}, lora={"r": 8})  # about a second of training
+        job = submit(client, examples=120, hyperparameters={"n_epochs": 2}, lora={"r": 8},  # about a second of training
+                     max_price_per_gpu_hour="120")  # this dear worker is above the market's default cap (README)
         assert usd_to_micros(job["cost_held"]) > 0
         done = run_until_done(agent, client, job["id"])
         elapsed = time.monotonic() - started

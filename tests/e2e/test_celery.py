@@ -37,11 +37,11 @@ def test_celery_beat_places_a_queued_job_and_wakes_the_worker(postgres_url: str,
     with sessions() as session:
         customer = keys.create_account(session=session, name="alice", role=Role.customer)
         provider = keys.create_account(session=session, name="pat", role=Role.provider)
-        file = files.upload(session=session, store=BlobStore(tmp_path / "storage"), account=customer, filename="t.jsonl",
+        file = files.upload(session=session, store=(store := BlobStore(tmp_path / "storage")), account=customer, filename="t.jsonl",
                             purpose="fine-tune", source=io.BytesIO(jsonl(chat_lines())), max_bytes=10**6,
                             min_examples=10, retention=timedelta(days=1))
         billing.grant(session=session, account=customer, amount=usd_to_micros(10), key="test", memo="test credit")
-        job = jobs.create(session=session, account=customer, settings=settings,
+        job = jobs.create(session=session, store=store, account=customer, settings=settings,
                           request=JobCreate(model="tunegrid/tiny-llama", training_file=file.id))
         worker, _ = workers.register(session=session, account=provider,
                                      request=WorkerRegister.model_validate(registration("pc-1")), protocol_version=1,

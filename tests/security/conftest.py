@@ -45,7 +45,7 @@ def _fresh_fleet(request: pytest.FixtureRequest) -> Iterator[None]:
     import httpx  # noqa: PLC0415
 
     server: LiveServer = request.getfixturevalue("coordinator")
-    admin = {"Authorization": f"Bearer {server.new_key('admin', 'root')}"}
+    admin = {"Authorization": f"Bearer {direct_key(server, 'admin', 'root')}"}
     with httpx.Client(base_url=server.url, headers=admin, timeout=30) as http:
         for worker in http.get("/v1/workers", params={"limit": 100}).json()["data"]:
             if not worker["revoked"]:
@@ -102,3 +102,41 @@ def assert_sandboxed(seen: dict) -> None:  # type: ignore[type-arg]
     assert host["NetworkMode"] == "none" and host["ReadonlyRootfs"] is True and host["CapDrop"] == ["ALL"]
     assert host["Memory"] == 3 * 1024**3 and host["PidsLimit"] == 512
     assert seen["user"] == "10001:10001" and seen["mode"] == 0o700 and seen["uid"] == 10001
+
+
+def direct_key(server: LiveServer, role: str, name: str, credit: str = "100") -> str:
+    """A new account's key, written straight into the live coordinator's database (what `LiveServer.new_key` does
+    through the CLI, without a process start per key); a customer gets `credit` granted."""
+    from coordinator.db.engine import make_engine, make_sessionmaker  # noqa: PLC0415
+    from coordinator.db.tables import Role  # noqa: PLC0415
+    from coordinator.services import billing  # noqa: PLC0415
+    from coordinator.services.keys import create_account_with_key  # noqa: PLC0415
+    from coordinator.settings import CoordinatorSettings  # noqa: PLC0415
+    from shared.money import usd_to_micros  # noqa: PLC0415
+
+    engine = make_engine(CoordinatorSettings(database_url=database(server)))
+    try:
+        with make_sessionmaker(engine)() as session:
+            created = create_account_with_key(session=session, name=name, role=Role(role))
+            if role == "customer" and credit:
+                billing.grant(session=session, account=created.account, amount=usd_to_micros(credit),
+                              key=f"test-{created.account.id}", memo="test credit")
+            session.commit()
+            return created.key
+    finally:
+        engine.dispose()
+
+
+def audit_is_clean(server: LiveServer) -> None:
+    """The live coordinator's ledger audit (as `tunegrid-coordinator ledger audit` runs it) finds nothing."""
+    from coordinator.db.engine import make_engine, make_sessionmaker  # noqa: PLC0415
+    from coordinator.services import ledger  # noqa: PLC0415
+    from coordinator.settings import CoordinatorSettings  # noqa: PLC0415
+
+    engine = make_engine(CoordinatorSettings(database_url=database(server)))
+    try:
+        with make_sessionmaker(engine)() as session:
+            result = ledger.audit(session)
+        assert result.ok, result
+    finally:
+        engine.dispose()

@@ -115,7 +115,8 @@ def test_malicious_checkpoints_are_refused_at_the_door_and_never_billed(coordina
 
         # The next worker is handed nothing of Mallory's: there is nothing stored to resume from. (What a victim does
         # with a bad checkpoint that did get stored is the next test, with the real agent and trainer.)
-        victim = FakeAgent.register(http, provider, machine_id="victim-pc")
+        # Another provider's: a new machine of Mallory's would start from her record and have its work verified.
+        victim = FakeAgent.register(http, coordinator.new_key("provider", "victim"), machine_id="victim-pc")
         b = victim.claim(wait_s=5)
         assert b is not None and b["job_id"] == job["id"] and b["resume_from"] is None
         assert victim.finish(b["lease_id"]).json()["job_status"] == "succeeded"

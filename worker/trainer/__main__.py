@@ -5,6 +5,9 @@ Reads `JOB_DIR/spec.json` (shared.jobspec.JobSpec), `train.jsonl`, optionally
 `spec.model_dir`. Writes `JOB_DIR/out/`: `progress.jsonl`, `checkpoints/step-N/`,
 `adapter/`, `adapter.tar.gz` and `result.json`.
 
+A spec of kind `verify` runs the verification program instead (worker/trainer/verify.py): it reads
+`held_out.jsonl` and `adapter/` too, and writes `out/verification.json`.
+
 Exit codes:
     0  done: the adapter and result.json are written
     3  user error: bad data, unknown model, nothing to train on
@@ -41,6 +44,13 @@ def run(job_dir: Path) -> int:
     progress = Progress(job_dir / "out" / "progress.jsonl")
     try:
         spec = _load_spec(job_dir)
+        if spec.kind == "verify":
+            from worker.trainer import verify  # noqa: PLC0415 - torch loads only past the spec check
+
+            figures = verify.run(spec, job_dir, progress)
+            (job_dir / "out" / "verification.json").write_text(json.dumps(figures, indent=2))
+            progress.emit("finished", kind="verify")
+            return EXIT_DONE
         from worker.trainer.train import Trainer, install_stop_handler  # torch loads only past the spec check
 
         trainer = Trainer(spec, job_dir, progress)

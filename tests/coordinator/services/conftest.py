@@ -52,13 +52,19 @@ def new_job(session: Session, settings: CoordinatorSettings, customer_account: A
     """Jobs created (held and queued) through the service: no dispatcher runs, so only the test's claims place them."""
     def make(**fields: object) -> JobModel:
         request = JobCreate.model_validate({"model": "tunegrid/tiny-llama", "training_file": dataset, **fields})
-        return jobs.create(session=session, account=customer_account, request=request, settings=settings)
+        return jobs.create(session=session, store=store, account=customer_account, request=request, settings=settings)
     return make
 
 
 @pytest.fixture
 def service_agent(session: Session, settings: CoordinatorSettings, store: BlobStore,
                   provider_account: AccountModel) -> Callable[..., ServiceAgent]:
-    def register(machine_id: str = "pc-1", **fields: object) -> ServiceAgent:
-        return ServiceAgent.register(session, settings, store, provider_account, machine_id, **fields)
+    def register(machine_id: str = "pc-1", *, provider: AccountModel | None = None, **fields: object) -> ServiceAgent:
+        return ServiceAgent.register(session, settings, store, provider or provider_account, machine_id, **fields)
     return register
+
+
+@pytest.fixture
+def new_provider(session: Session) -> Callable[[str], AccountModel]:
+    """Another provider's account (a worker of theirs is independent of `provider_account`'s)."""
+    return lambda name: create_account(session=session, name=name, role=Role.provider)

@@ -15,6 +15,7 @@ from sqlalchemy.orm import Session
 from coordinator.db.tables import AccountModel, Book, JobEventModel, JobModel, JobStatus, LeaseModel, LeaseStatus
 from coordinator.services import files, jobs, ledger
 from coordinator.settings import CoordinatorSettings
+from coordinator.storage import BlobStore
 from shared.errors import Conflict, InvalidRequest, NotFound, PaymentRequired
 from shared.schemas.jobs import JobCreate
 from tests.conftest import STARTING_CREDIT_USD, chat_lines, jsonl
@@ -47,18 +48,19 @@ def test_a_job_the_balance_cannot_cover_is_refused_and_nothing_is_kept(session: 
                        source=io.BytesIO(jsonl(chat_lines())), max_bytes=settings.max_upload_bytes,
                        min_examples=settings.min_training_examples, retention=timedelta(days=1))
     with pytest.raises(PaymentRequired):
-        jobs.create(session=session, account=poor, settings=settings,
+        jobs.create(session=session, store=store, account=poor, settings=settings,
                     request=JobCreate.model_validate({"model": "tunegrid/tiny-llama", "training_file": own.id}))
     session.rollback()
     assert session.scalars(select(JobModel).where(JobModel.account_id == poor.id)).all() == []
 
 
 def test_someone_elses_file_or_job_is_the_same_404_as_a_missing_one(new_job: NewJob, session: Session, make_caller,  # type: ignore[no-untyped-def]
-                                                                   dataset: str, settings: CoordinatorSettings) -> None:
+                                                                   dataset: str, settings: CoordinatorSettings,
+                                                                   store: BlobStore) -> None:
     job = new_job()
     bob = other_customer_account(session, make_caller)
     with pytest.raises(InvalidRequest) as missing_file:
-        jobs.create(session=session, account=bob, settings=settings,
+        jobs.create(session=session, store=store, account=bob, settings=settings,
                     request=JobCreate.model_validate({"model": "tunegrid/tiny-llama", "training_file": dataset}))
     assert (missing_file.value.param, missing_file.value.code) == ("training_file", "file_not_found")
     for call in (jobs.get, jobs.cancel, jobs.pause):
@@ -67,9 +69,9 @@ def test_someone_elses_file_or_job_is_the_same_404_as_a_missing_one(new_job: New
 
 
 def test_integrations_are_refused_by_name(session: Session, customer_account: AccountModel, dataset: str,
-                                          settings: CoordinatorSettings) -> None:
+                                          settings: CoordinatorSettings, store: BlobStore) -> None:
     with pytest.raises(InvalidRequest) as refused:
-        jobs.create(session=session, account=customer_account, settings=settings, request=JobCreate.model_validate(
+        jobs.create(session=session, store=store, account=customer_account, settings=settings, request=JobCreate.model_validate(
             {"model": "tunegrid/tiny-llama", "training_file": dataset, "integrations": [{"type": "wandb"}]}))
     assert refused.value.code == "unsupported_integration"
 

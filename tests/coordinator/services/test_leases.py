@@ -11,9 +11,9 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from coordinator.db.tables import (
-    FileModel, JobCheckpointModel, JobEventModel, JobModel, JobStatus, LeaseModel, LeaseStatus, WorkerModel, WorkerState,
+    AccountModel, FileModel, JobCheckpointModel, JobEventModel, JobModel, JobStatus, LeaseModel, LeaseStatus, WorkerModel, WorkerState,
 )
-from coordinator.services import catalog, leases, worker_states
+from coordinator.services import catalog, jobs, leases, worker_states
 from coordinator.settings import CoordinatorSettings
 from coordinator.storage import BlobStore
 from shared.errors import Conflict, InvalidRequest, LeaseLost, NotFound
@@ -62,13 +62,15 @@ def test_claiming_again_hands_the_same_assignment(service_agent: Agents, new_job
 
 def test_the_training_input_is_only_for_the_lease_holder(service_agent: Agents, new_job: NewJob, session: Session) -> None:
     job, agent, lease_id = placed(service_agent, new_job)
-    file = leases.training_input(session=session, worker=agent.worker, lease_id=lease_id, fencing_token=1, which="training")
-    assert file.id == job.training_file_id
-    with pytest.raises(NotFound):
-        leases.training_input(session=session, worker=agent.worker, lease_id=lease_id, fencing_token=1, which="validation")
+    found = leases.lease_input(session=session, worker=agent.worker, lease_id=lease_id, fencing_token=1, which="training")
+    training = session.get(FileModel, job.training_file_id)
+    assert training is not None and found.sha256 == training.sha256  # 12 examples: nothing kept back
+    for which in ("validation", "held_out", "adapter"):  # the last two are a verification lease's only
+        with pytest.raises(NotFound):
+            leases.lease_input(session=session, worker=agent.worker, lease_id=lease_id, fencing_token=1, which=which)
     stranger = service_agent("pc-2")
     with pytest.raises(NotFound):
-        leases.training_input(session=session, worker=stranger.worker, lease_id=lease_id, fencing_token=1, which="training")
+        leases.lease_input(session=session, worker=stranger.worker, lease_id=lease_id, fencing_token=1, which="training")
 
 
 def test_events_become_the_jobs_metrics_events(service_agent: Agents, new_job: NewJob, session: Session) -> None:
@@ -171,13 +173,66 @@ def test_a_second_adapter_upload_replaces_the_first(service_agent: Agents, new_j
     assert first != second and not store.path(first).exists() and store.path(second).exists()
 
 
-def test_a_user_error_fails_the_job_with_the_trainers_message(service_agent: Agents, new_job: NewJob,
-                                                               session: Session) -> None:
+def test_a_user_error_is_a_claim_the_job_retries_on_another_providers_worker(
+    service_agent: Agents, new_job: NewJob, new_provider, session: Session,  # type: ignore[no-untyped-def]
+) -> None:
     job, agent, lease_id = placed(service_agent, new_job)
     f = agent.fail(lease_id, kind="user_error", message="line 3: no assistant message")
-    assert f.job.status is JobStatus.failed
+    assert f.lease.claim == "user_error" and f.job.status is JobStatus.queued and f.job.error is None
+    worker = agent.worker
+    assert worker.unconfirmed_claims == 1 and worker.reliability < worker_states.reliability(
+        completed=0, lost=0, failed_checks=0)
+    assert service_agent("pc-2").claim() is None  # the same provider's other machine is no second opinion
+    other = service_agent("pc-3", provider=new_provider("quinn")).claim()
+    assert other is not None and other.job_id == job.id
+
+
+def test_a_user_error_a_second_provider_confirms_fails_the_job_as_the_customers(
+    service_agent: Agents, new_job: NewJob, new_provider, session: Session,  # type: ignore[no-untyped-def]
+) -> None:
+    job, agent, lease_id = placed(service_agent, new_job)
+    agent.fail(lease_id, kind="user_error", message="line 3: no assistant message")
+    second = service_agent("pc-3", provider=new_provider("quinn"))
+    a = second.claim()
+    assert a is not None
+    f = second.fail(a.lease_id, kind="user_error", message="line 3: no assistant message")
+    assert f.job.status is JobStatus.failed and f.lease.claim is None
     error = fresh(session, job).error
     assert error is not None and error["code"] == "invalid_training_data" and "line 3" in error["message"]
+    assert agent.worker.unconfirmed_claims == 0  # confirmed: the first claim no longer counts against it
+
+
+def test_preempting_the_same_job_twice_strikes_and_takes_it_off_that_worker(
+    service_agent: Agents, new_job: NewJob, session: Session,
+) -> None:
+    job, agent, lease_id = placed(service_agent, new_job)
+    agent.preempted(lease_id)
+    assert agent.worker.preemption_strikes == 0  # the owner's right, once
+    again = agent.claim()
+    assert again is not None and again.job_id == job.id
+    agent.preempted(again.lease_id)
+    worker = agent.worker
+    assert worker.preempted_leases == 2 and worker.preemption_strikes == 1
+    assert worker.reliability == pytest.approx(worker_states.reliability(completed=0, lost=1, failed_checks=0))
+    assert fresh(session, job).excluded_workers == [worker.id]
+    assert agent.claim() is None
+    other = service_agent("pc-2").claim()
+    assert other is not None and other.job_id == job.id
+
+
+def test_a_worker_that_preempts_most_of_its_leases_is_struck(
+    service_agent: Agents, new_job: NewJob, session: Session, customer_account: AccountModel,
+) -> None:
+    agent = service_agent()
+    strikes = []
+    for _ in range(worker_states.MOST_LEASES_AFTER + 1):
+        job = new_job()
+        a = agent.claim()
+        assert a is not None and a.job_id == job.id
+        agent.preempted(a.lease_id)
+        jobs.cancel(session=session, account=customer_account, job_id=job.id)  # the next claim takes a new job
+        strikes.append(agent.worker.preemption_strikes)
+    assert strikes == [0, 0, 0, 1, 2]  # from its 4th lease, all preempted: each one more is a strike
 
 
 def test_worker_errors_requeue_until_max_attempts(service_agent: Agents, new_job: NewJob, session: Session,

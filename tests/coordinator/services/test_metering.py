@@ -41,17 +41,22 @@ def running(client: TestClient, session: Session, provider, create_job):  # type
         assert agent.progress(a["lease_id"], step=1).status_code == 200
         if checkpoint_after is not None:
             assert agent.save_checkpoint(a["lease_id"], 5).status_code == 200
-        now = utcnow()
-        started = now - timedelta(seconds=seconds)
-        session.execute(update(LeaseModel).where(LeaseModel.id == a["lease_id"]).values(
-            training_started_at=started, last_renewed_at=now))
-        session.execute(update(JobModel).where(JobModel.id == job["id"]).values(accruing_since=started))
-        if checkpoint_after is not None:
-            session.execute(update(JobCheckpointModel).where(JobCheckpointModel.lease_id == a["lease_id"]).values(
-                created_at=started + timedelta(seconds=checkpoint_after)))
-        session.commit()
+        backdate(session, a["lease_id"], job["id"], seconds, checkpoint_after=checkpoint_after)
         return agent, job, a["lease_id"]
     return start
+
+
+def backdate(session: Session, lease_id: str, job_id: str, seconds: int, *, checkpoint_after: int | None = None) -> None:
+    """The lease started training `seconds` ago on the coordinator's clock and was heard from just now."""
+    now = utcnow()
+    started = now - timedelta(seconds=seconds)
+    session.execute(update(LeaseModel).where(LeaseModel.id == lease_id).values(
+        training_started_at=started, last_renewed_at=now))
+    session.execute(update(JobModel).where(JobModel.id == job_id).values(accruing_since=started))
+    if checkpoint_after is not None:
+        session.execute(update(JobCheckpointModel).where(JobCheckpointModel.lease_id == lease_id).values(
+            created_at=started + timedelta(seconds=checkpoint_after)))
+    session.commit()
 
 
 def record(session: Session, lease_id: str) -> UsageRecordModel:
@@ -140,10 +145,27 @@ def test_preemption_costs_the_customer_nothing_past_the_checkpoint(session: Sess
     assert (row.rule, row.billable_seconds) == ("until_checkpoint", 3000)
 
 
-def test_a_failure_on_the_customers_data_bills_until_the_failure(session: Session, running) -> None:  # type: ignore[no-untyped-def]
+def test_a_claimed_user_error_is_neither_billed_nor_paid(session: Session, running, provider) -> None:  # type: ignore[no-untyped-def]
     agent, _, lease_id = running(600)
     agent.fail(lease_id, kind="user_error", message="bad data", usage={"wall_seconds": 700.0, "gpu_seconds": 600.0})
     row = record(session, lease_id)
+    assert (row.rule, row.charge_micros, row.provider_micros) == ("not_billed", 0, 0)
+    assert ledger.balance(session, Book.provider_payable, provider.account_id) == 0
+
+
+def test_a_user_error_two_providers_report_bills_the_second_until_the_failure(  # type: ignore[no-untyped-def]
+    client: TestClient, session: Session, running, make_caller,
+) -> None:
+    agent, job, first = running(600)
+    agent.fail(first, kind="user_error", message="bad data")
+    second = FakeAgent.register(client, make_caller("provider", "quinn").key, machine_id="pc-2")
+    a = second.claim(wait_s=2)
+    assert a is not None and a["job_id"] == job["id"]
+    assert second.progress(a["lease_id"], step=1).status_code == 200
+    backdate(session, a["lease_id"], job["id"], 600)
+    second.fail(a["lease_id"], kind="user_error", message="bad data", usage={"wall_seconds": 700.0, "gpu_seconds": 600.0})
+    assert record(session, first).charge_micros == 0
+    row = record(session, a["lease_id"])
     assert row.rule == "until_end" and 600 <= row.billable_seconds <= 602
 
 
@@ -192,8 +214,8 @@ def test_max_cost_caps_the_charge(session: Session, running, customer) -> None: 
 
 
 def test_a_lease_settles_once(session: Session, running) -> None:  # type: ignore[no-untyped-def]
-    agent, job, lease_id = running(3600)
-    agent.fail(lease_id, kind="user_error", message="bad data")
+    agent, job, lease_id = running(3600, checkpoint_after=1800)
+    agent.fail(lease_id, message="CUDA error")
     row = record(session, lease_id)
     job_row = session.get(JobModel, job["id"])
     assert job_row is not None

@@ -42,13 +42,13 @@ def add_worker(session: Session, provider):  # type: ignore[no-untyped-def]
 
 
 @pytest.fixture
-def queue(session: Session, settings, customer, training_file: str):  # type: ignore[no-untyped-def]
+def queue(session: Session, settings, customer, training_file: str, store):  # type: ignore[no-untyped-def]
     """Jobs created through the service, so no dispatcher is kicked and no pass but the test's runs."""
     account = session.get(AccountModel, customer.account_id)
 
     def make(**fields) -> str:  # type: ignore[no-untyped-def]
         request = JobCreate.model_validate({"model": "tunegrid/tiny-llama", "training_file": training_file, **fields})
-        return jobs.create(session=session, account=account, request=request, settings=settings).id
+        return jobs.create(session=session, store=store, account=account, request=request, settings=settings).id
     return make
 
 

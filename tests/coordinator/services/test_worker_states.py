@@ -9,7 +9,7 @@ import pytest
 from sqlalchemy import update
 from sqlalchemy.orm import Session
 
-from coordinator.db.tables import LeaseStatus, WorkerModel, WorkerState, utcnow
+from coordinator.db.tables import LeaseModel, LeaseStatus, WorkerModel, WorkerState, utcnow
 from coordinator.effects import effects
 from coordinator.services import worker_states
 from coordinator.settings import CoordinatorSettings
@@ -22,6 +22,11 @@ def test_reliability_starts_at_nine_tenths_and_failed_checks_weigh_three_times()
     lost = worker_states.reliability(completed=0, lost=3, failed_checks=0)
     cheated = worker_states.reliability(completed=0, lost=0, failed_checks=1)
     assert lost == pytest.approx(cheated) == pytest.approx(9 / 13)
+
+
+def ended(status: LeaseStatus, *, claim: str | None = None, job_id: str = "ftjob-x") -> LeaseModel:
+    """A lease as `lease_states.end_lease` hands it over: its end status set (never added to the session)."""
+    return LeaseModel(id="lease-x", job_id=job_id, status=status, claim=claim)
 
 
 @pytest.mark.parametrize(("status", "failed_check", "against", "counter", "state"), [
@@ -38,7 +43,8 @@ def test_a_leases_end_counts_rescores_frees_and_tells_the_agent(
     worker: WorkerModel = service_agent().worker
     worker_states.lease_started(session, worker)
     assert worker.state is WorkerState.working and worker.id in effects(session).wake
-    worker_states.lease_ended(session, worker, status=status, failed_check=failed_check, counts_against_worker=against)
+    worker_states.lease_ended(session, worker, lease=ended(status), failed_check=failed_check,
+                              counts_against_worker=against)
     counts = {name: getattr(worker, name) for name in ("completed_leases", "failed_checks", "lost_leases")}
     assert counts == {name: int(name == counter) for name in counts}
     assert worker.reliability == pytest.approx(worker_states.reliability(
@@ -49,7 +55,8 @@ def test_a_leases_end_counts_rescores_frees_and_tells_the_agent(
 def test_a_suspended_worker_stays_suspended_when_its_lease_ends(session: Session, service_agent) -> None:  # type: ignore[no-untyped-def]
     worker = service_agent().worker
     worker_states.suspend(session, worker, reason="stolen GPU")
-    worker_states.lease_ended(session, worker, status=LeaseStatus.lost, failed_check=False, counts_against_worker=False)
+    worker_states.lease_ended(session, worker, lease=ended(LeaseStatus.lost), failed_check=False,
+                              counts_against_worker=False)
     assert worker.state is WorkerState.suspended and worker.pause_reason == "suspended by an admin: stolen GPU"
 
 

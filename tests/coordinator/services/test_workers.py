@@ -1,7 +1,7 @@
 """`services/workers.py` on a real database: registration (the token shown once, stored hashed; a machine
 re-registers as itself; revoked machines and providers over their cap are refused), token authentication, a
-provider's view, revocation and suspension ending leases, and heartbeats written in batches with the commands
-an agent must hear."""
+provider's view, revocation and suspension ending leases, heartbeats written in batches with the commands
+an agent must hear, and the provider's record a new machine starts from (its suspension included)."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ import pytest
 from sqlalchemy.orm import Session
 
 from coordinator.db.tables import AccountModel, JobModel, JobStatus, LeaseModel, LeaseStatus, Role, WorkerModel, WorkerState, utcnow
-from coordinator.services import workers
+from coordinator.services import worker_states, workers
 from coordinator.services.keys import create_account
 from coordinator.settings import CoordinatorSettings
 from shared.errors import AuthenticationFailed, Conflict, NotFound, PermissionDenied
@@ -147,3 +147,38 @@ def test_a_heartbeat_on_an_ended_lease_hears_what_happened(session: Session, ser
     [unknown] = workers.record_heartbeat(session=session, worker=agent.worker, received_at=utcnow(),
                                          heartbeat=WorkerHeartbeat(activity="working", lease_id="lease-nobody"))
     assert unknown.type == "lease_lost" and unknown.reason == "unknown lease"
+
+
+# --- the provider's record ------------------------------------------------------------------------
+
+def test_a_new_machine_starts_from_its_providers_record(session: Session, provider_account: AccountModel,
+                                                         service_agent: Agents, new_job) -> None:  # type: ignore[no-untyped-def]
+    first = service_agent("pc-1")
+    for _ in range(2):  # two losses on the provider's first machine
+        new_job()
+        a = first.claim()
+        assert a is not None
+        first.fail(a.lease_id)
+    worn = first.worker.reliability
+    fresh_start = worker_states.reliability(completed=0, lost=0, failed_checks=0)
+    assert worn < fresh_start
+    second, _ = register(session, provider_account, "pc-2")
+    assert (second.inherited_lost, second.lost_leases) == (2, 0)
+    assert second.reliability == pytest.approx(worn)
+    stranger, _ = register(session, create_account(session=session, name="quinn", role=Role.provider), "pc-9")
+    assert stranger.reliability == pytest.approx(fresh_start)
+
+
+def test_a_new_machine_of_a_suspended_provider_is_suspended_and_its_others_are_not_placed(
+    session: Session, provider_account: AccountModel, settings: CoordinatorSettings, service_agent: Agents,
+    new_job,  # type: ignore[no-untyped-def]
+) -> None:
+    bad, other = service_agent("pc-1"), service_agent("pc-2")
+    workers.suspend(session=session, worker_id=bad.worker_id, reason="tampered adapters", settings=settings)
+    escape, _ = register(session, provider_account, "pc-brand-new")
+    assert escape.state is WorkerState.suspended and escape.suspended_at is not None
+    assert bad.worker_id in (escape.pause_reason or "")
+    job = new_job()
+    assert other.claim() is None  # the provider's unsuspended machine is not placed either
+    assert ServiceAgent.register(session, settings, other.store, create_account(
+        session=session, name="quinn", role=Role.provider), "pc-9").claim().job_id == job.id  # type: ignore[union-attr]

@@ -1,0 +1,91 @@
+"""The held-out sample: a few examples of each job's training file that no trainer ever receives, so a verifier
+can measure what an adapter learned on data its trainer could not have trained on (`verification.py`).
+
+When a job is created from a file of at least `MIN_EXAMPLES` examples, `SHARE_BPS` of them (at least
+`MIN_KEPT`, at most `MAX_KEPT`), chosen by a generator seeded with the job's id, are written to the job's
+held-out blob, and the rest to the job's training blob: that is what a training lease downloads. The lines are
+copied byte for byte (validated at upload), so both blobs are valid files of the same format. Smaller files keep
+nothing back; their verification measures the validation split alone.
+"""
+
+from __future__ import annotations
+
+import random
+import tempfile
+from dataclasses import dataclass
+from typing import Any
+
+from coordinator.db.tables import FileModel, JobModel
+from coordinator.services import files
+from coordinator.storage import BlobStore
+from shared.datasets import UTF8_BOM
+from shared.pricing import BPS
+
+MIN_EXAMPLES = 20
+SHARE_BPS = 500  # 5%
+MIN_KEPT, MAX_KEPT = 2, 64
+SPOOL_BYTES = 8 * 1024 * 1024
+
+
+def training_key(job_id: str) -> str:
+    return f"jobs/{job_id}/training.jsonl"
+
+
+def held_out_key(job_id: str) -> str:
+    return f"jobs/{job_id}/held-out.jsonl"
+
+
+@dataclass(frozen=True, slots=True)
+class Input:
+    """A blob a lease downloads: its key in the store and its sha256."""
+
+    key: str
+    sha256: str
+
+
+def kept_back(examples: int) -> int:
+    if examples < MIN_EXAMPLES:
+        return 0
+    return max(MIN_KEPT, min(MAX_KEPT, examples * SHARE_BPS // BPS))
+
+
+def keep_back(*, store: BlobStore, job: JobModel, training: FileModel) -> dict[str, Any] | None:
+    """Split the job's training file into what trainers get and the held-out sample; what `job.held_out` records
+    (None when the file is too small to keep any back)."""
+    examples = training.examples or 0
+    count = kept_back(examples)
+    if count == 0:
+        return None
+    chosen = frozenset(random.Random(f"{job.id}:held-out").sample(range(examples), count))
+    with tempfile.SpooledTemporaryFile(SPOOL_BYTES) as shipped, tempfile.SpooledTemporaryFile(SPOOL_BYTES) as held:
+        index = 0
+        for number, line in enumerate(store.iter_lines(files.blob_key(training.id)), start=1):
+            if number == 1:
+                line = line.removeprefix(UTF8_BOM)
+            if not line.strip():
+                continue
+            (held if index in chosen else shipped).write(line if line.endswith(b"\n") else line + b"\n")
+            index += 1
+        shipped.seek(0)
+        held.seek(0)
+        kept = store.put(training_key(job.id), shipped)  # type: ignore[arg-type]
+        sample = store.put(held_out_key(job.id), held)  # type: ignore[arg-type]
+    return {"examples": count, "sha256": sample.sha256, "bytes": sample.bytes,
+            "training_examples": index - count, "training_sha256": kept.sha256, "training_bytes": kept.bytes}
+
+
+def training_input(job: JobModel, training: FileModel) -> Input:
+    """What a training lease downloads: the job's training blob without the held-out sample (or the file itself)."""
+    if job.held_out:
+        return Input(training_key(job.id), job.held_out["training_sha256"])
+    return Input(files.blob_key(training.id), training.sha256)
+
+
+def sample_input(job: JobModel) -> Input | None:
+    """The held-out sample, for a verification lease only."""
+    return Input(held_out_key(job.id), job.held_out["sha256"]) if job.held_out else None
+
+
+def delete(store: BlobStore, job_id: str) -> None:
+    store.delete(training_key(job_id))
+    store.delete(held_out_key(job_id))

@@ -1,0 +1,296 @@
+"""Independent verification: a worker of another provider checks a trained adapter before its job succeeds, and
+its trainer is paid only when the check agrees.
+
+Chosen (`chosen`) when a training lease completes with an adapter that passed the coordinator's checks: every
+job whose customer asked (`verification: "always"`), every job trained by a worker below
+`verify_below_reliability`, and `verify_share_bps` of the rest (by the job id's hash, so a job is chosen or not
+for good). A job needs something its trainer did not train on: a held-out sample (`held_out.py`) or validation
+rows.
+
+The job then waits in the queue for a verification lease (`job.stage == "verify"`), placed on a worker of a
+provider that neither trained this adapter nor verified it already. The verifier loads the base and the adapter
+and reports the mean token loss of both on the held-out sample (which the trainer never received) and on the
+trainer's own validation rows. The figures agree (`compare`) when the adapter improves on the base by
+`verify_min_improvement` on data its trainer could not train on, and its validation loss is what the trainer
+reported, within `verify_tolerance` + `verify_tolerance_share` of it (same rows, same model, 4-bit numerics).
+
+A quorum of independent workers decides:
+- the first verifier agrees: the training lease is metered (until its end) and the job succeeds, `verified`;
+- it disagrees: a second verifier, of a third provider, is asked;
+  - the second agrees: the first verifier disagreed with two others and loses instead (unpaid, a failed check);
+    the trainer is paid and the job succeeds;
+  - the second disagrees too: the training lease is not billed nor paid, its worker's completion counts as a
+    failed check, its provider is off the job and its checkpoints are quarantined; the job trains again elsewhere
+    (an attempt used).
+Verifiers are paid at their ask from the platform's verification book (`billing.settle_verification`).
+"""
+
+from __future__ import annotations
+
+import hashlib
+from datetime import datetime
+from typing import Any
+
+from sqlalchemy import select, update
+from sqlalchemy.orm import Session
+
+from coordinator.db.ids import new_id
+from coordinator.db.tables import (
+    Book, FileModel, FileStatus, JobCheckpointModel, JobModel, JobStatus, LeaseKind, LeaseModel, LeaseStatus, WorkerModel,
+    utcnow,
+)
+from coordinator.services import files, ledger, worker_states
+from coordinator.services.fencing import FencedLease
+from coordinator.services.job_states import change_status, exclude, record_event
+from coordinator.services.lease_states import end_and_requeue, end_lease
+from coordinator.services.metering import meter_lease
+from coordinator.settings import CoordinatorSettings
+from coordinator.storage import BlobStore
+from shared.errors import InvalidRequest
+from shared.pricing import BPS
+from shared.protocol import VerificationResult
+
+QUORUM = 2  # verifiers that must disagree before the trainer loses
+
+
+def _sampled(job_id: str, share_bps: int) -> bool:
+    return int.from_bytes(hashlib.sha256(f"verify:{job_id}".encode()).digest()[:4], "big") % BPS < share_bps
+
+
+def verifiable(job: JobModel) -> bool:
+    """Whether the job holds data its trainer does not train on (a held-out sample, or validation rows)."""
+    return bool(job.held_out) or job.validation_file_id is not None
+
+
+def chosen(job: JobModel, worker: WorkerModel, settings: CoordinatorSettings) -> str | None:
+    """Why this job's adapter is verified (the module's rule), or None."""
+    if job.verification_mode == "always":
+        return "its customer asked for verification"
+    if worker.reliability < settings.verify_below_reliability:
+        return f"its trainer's reliability {worker.reliability:.2f} is below {settings.verify_below_reliability:.2f}"
+    if _sampled(job.id, settings.verify_share_bps):
+        return f"sampled ({settings.verify_share_bps / 100:g}% of jobs are verified)"
+    return None
+
+
+def begin(*, session: Session, job: JobModel, lease: LeaseModel, worker: WorkerModel, reason: str) -> None:
+    """The training lease ended with a checked adapter (kept as its upload, `lease.adapter_key`, until the verdict)
+    and its metering waits (the caller ended it with `settle_later`): the job waits for a verifier."""
+    reported = lease.result or {}
+    job.stage = LeaseKind.verify.value
+    job.verification = {
+        "status": "pending", "reason": reason, "lease_id": lease.id,
+        "trainer": {"worker_id": worker.id, "provider_id": worker.account_id},
+        "reported": {k: reported.get(k) for k in ("final_eval_loss", "final_train_loss", "steps", "trained_tokens")},
+        "not_by": [worker.account_id], "verdicts": [], "since": utcnow().isoformat(),
+    }
+    change_status(session=session, job=job, to=JobStatus.queued, data={"lease_id": lease.id},
+                  message=f"Training completed; the adapter is verified on another provider's worker before it is "
+                          f"released ({reason})")
+
+
+def skipped(*, session: Session, job: JobModel, reason: str) -> None:
+    """Verification was chosen but the job has nothing its trainer did not see: say so on the job."""
+    job.verification = {"status": "skipped", "reason": reason}
+    record_event(session=session, job=job, level="warn",
+                 message=f"Not verified: {reason}; keep a validation file, or at least "
+                         "20 training examples, for independent verification")
+
+
+def compare(reported: dict[str, Any], figures: VerificationResult, settings: CoordinatorSettings) -> str | None:
+    """None when the verifier's figures agree with the trainer's work; otherwise why not."""
+    if figures.heldout_tokens and figures.heldout_base_loss is not None and figures.heldout_adapter_loss is not None:
+        where, base, tuned = "the held-out sample", figures.heldout_base_loss, figures.heldout_adapter_loss
+    elif figures.valid_tokens and figures.valid_base_loss is not None and figures.valid_adapter_loss is not None:
+        where, base, tuned = "the validation rows", figures.valid_base_loss, figures.valid_adapter_loss
+    else:
+        return "the verifier measured no loss"
+    if base - tuned < settings.verify_min_improvement:
+        return (f"the adapter does not improve on the base on {where} (loss {base:.4f} -> {tuned:.4f}, "
+                f"at least {settings.verify_min_improvement} lower expected)")
+    claimed = reported.get("final_eval_loss")
+    if figures.valid_tokens:
+        measured = figures.valid_adapter_loss
+        if claimed is None or measured is None:
+            return "the trainer reported no validation loss for the validation rows it had"
+        allowed = settings.verify_tolerance + settings.verify_tolerance_share * claimed
+        if abs(measured - claimed) > allowed:
+            return (f"the trainer reported validation loss {claimed:.4f}, the verifier measured {measured:.4f} "
+                    f"(more than {allowed:.4f} apart)")
+    return None
+
+
+def _figures(verdict: dict[str, Any]) -> str:
+    f = verdict["figures"]
+    parts = []
+    if f.get("heldout_tokens"):
+        parts.append(f"held-out loss {f['heldout_base_loss']:.4f} (base) -> {f['heldout_adapter_loss']:.4f} (adapter)")
+    if f.get("valid_tokens") and f.get("valid_adapter_loss") is not None:
+        parts.append(f"validation loss {f['valid_adapter_loss']:.4f}")
+    return ", ".join(parts)
+
+
+def report(*, session: Session, store: BlobStore, settings: CoordinatorSettings, f: FencedLease,
+           figures: VerificationResult | None, usage: dict[str, Any]) -> list[str]:
+    """A verification lease's figures (the caller holds its fenced locks): record the verdict and act on the
+    quorum (the module's rule). Returns the blob keys the caller deletes once this is committed."""
+    if figures is None:
+        raise InvalidRequest("A verification lease reports `verification` (its figures), not an adapter.",
+                             param="verification", code="verification_missing")
+    lock_books(session, f.job, f.worker.account_id)
+    state = dict(f.job.verification or {})
+    disagreement = compare(state.get("reported") or {}, figures, settings)
+    verdict = {"lease_id": f.lease.id, "worker_id": f.worker.id, "provider_id": f.worker.account_id,
+               "agrees": disagreement is None, "why": disagreement, "figures": figures.model_dump()}
+    state["verdicts"] = [*state.get("verdicts", []), verdict]
+    state["not_by"] = [*state.get("not_by", []), f.worker.account_id]
+    f.job.verification = state
+    verdicts = state["verdicts"]
+    if disagreement is None:
+        end_lease(session=session, lease=f.lease, job=f.job, worker=f.worker, status=LeaseStatus.completed,
+                  reason="verified the adapter", usage=usage)
+        _overrule(session, settings, f.job, [v for v in verdicts if not v["agrees"]])
+        return _confirmed(session, store, f.job, state, verdict)
+    if sum(not v["agrees"] for v in verdicts) < QUORUM:
+        end_and_requeue(session=session, lease=f.lease, job=f.job, worker=f.worker, status=LeaseStatus.completed,
+                        reason=f"disagreed: {disagreement}", settings=settings, count_attempt=False, usage=usage,
+                        settle_later=True,
+                        job_reason=f"Verifier {f.worker.id} disagrees with the trainer ({disagreement}); a worker of "
+                                   "a third provider checks again")
+        return []
+    for earlier in verdicts[:-1]:  # the first verifier was right: paid
+        _settle(session, f.job, earlier["lease_id"], "until_end")
+    return _refuted(session, settings, f, state, disagreement, usage)
+
+
+def lock_books(session: Session, job: JobModel, *providers: str) -> None:
+    """Lock every kept balance a verdict may move (the customer's, the trainer's, each verifier's), in the ledger's
+    one order, before any moves: one transaction settles several providers' leases here."""
+    state = job.verification or {}
+    owners = {*providers, (state.get("trainer") or {}).get("provider_id"),
+              *(v.get("provider_id") for v in state.get("verdicts", []))}
+    ledger.lock_balances(session, [(Book.customer_available, job.account_id),
+                                   *((Book.provider_payable, owner) for owner in owners if owner)])
+
+
+def _settle(session: Session, job: JobModel, lease_id: str, rule: str) -> LeaseModel:
+    lease = session.get(LeaseModel, lease_id, with_for_update=True, populate_existing=True)
+    assert lease is not None and lease.ended_at is not None
+    worker = session.get(WorkerModel, lease.worker_id)
+    assert worker is not None
+    meter_lease(session=session, lease=lease, job=job, worker=worker, rule=rule, ended_at=lease.ended_at,
+                usage=lease.usage)
+    return lease
+
+
+def _overrule(session: Session, settings: CoordinatorSettings, job: JobModel, losers: list[dict[str, Any]]) -> None:
+    """Verifiers whose figures two others contradicted: not paid, and it counts against them."""
+    for loser in losers:
+        _settle(session, job, loser["lease_id"], "not_billed")
+        worker = session.get(WorkerModel, loser["worker_id"], with_for_update=True, populate_existing=True)
+        assert worker is not None
+        worker_states.work_refuted(session=session, worker=worker, max_failed_checks=settings.suspend_after_failed_checks)
+        record_event(session=session, job=job, level="warn", data={"lease_id": loser["lease_id"]},
+                     message=f"Verifier {worker.id} disagreed with two other workers; it is not paid")
+
+
+def _confirmed(session: Session, store: BlobStore, job: JobModel, state: dict[str, Any],
+               verdict: dict[str, Any] | None) -> list[str]:
+    """The adapter is confirmed (or, with no `verdict`, released unverified): its training is billed and paid,
+    and the job succeeds with it as a result file."""
+    trained = _settle(session, job, state["lease_id"], "until_end")
+    assert trained.adapter_key is not None and trained.adapter_sha256 is not None
+    file = FileModel(
+        id=new_id("file-"), account_id=job.account_id, filename=f"{job.id}-adapter.tar.gz",
+        purpose="fine-tune-results", bytes=trained.adapter_bytes or 0, sha256=trained.adapter_sha256,
+        status=FileStatus.processed, format="peft-lora", created_at=utcnow(),
+    )
+    session.add(file)
+    store.link(trained.adapter_key, files.blob_key(file.id))  # before the commit: a committed file has its bytes
+    # A new dict each time: the one assigned before may be what the session flushed, so changing it in place
+    # would leave nothing for the next flush to write.
+    state = {**state, "status": "passed" if verdict else "unverified", "result_file": file.id}
+    job.verification = state
+    job.stage = LeaseKind.train.value
+    job.result_files = [file.id]
+    job.trained_tokens = max(job.trained_tokens or 0, (trained.result or {}).get("trained_tokens") or 0)
+    job.fine_tuned_model = f"ft:{job.model}:{job.account_id}:{job.suffix or ''}:{job.id}"
+    if verdict is None:
+        change_status(session=session, job=job, to=JobStatus.succeeded, data={"result_file": file.id, "verified": False},
+                      message=f"The job has successfully completed with adapter {file.id}, unverified: "
+                              f"{state.get('unverified_reason')}")
+    else:
+        change_status(session=session, job=job, to=JobStatus.succeeded,
+                      data={"lease_id": verdict["lease_id"], "result_file": file.id, "verified": True,
+                            **verdict["figures"]},
+                      message=f"The job has successfully completed; its adapter {file.id} was verified by worker "
+                              f"{verdict['worker_id']} of another provider: {_figures(verdict)}")
+    return [trained.adapter_key]
+
+
+def _refuted(session: Session, settings: CoordinatorSettings, f: FencedLease, state: dict[str, Any],
+             why: str, usage: dict[str, Any]) -> list[str]:
+    """Two verifiers disagree with the trainer: it is not paid, nor the customer billed; the job trains again."""
+    trained = _settle(session, f.job, state["lease_id"], "not_billed")
+    trainer = session.get(WorkerModel, trained.worker_id, with_for_update=True, populate_existing=True)
+    assert trainer is not None
+    worker_states.work_refuted(session=session, worker=trainer, max_failed_checks=settings.suspend_after_failed_checks)
+    exclude(f.job, provider=trainer.account_id)
+    session.execute(update(JobCheckpointModel).where(
+        JobCheckpointModel.lease_id == trained.id, JobCheckpointModel.quarantined_at.is_(None)).values(
+        quarantined_at=utcnow(), quarantine_reason=f"its lease's adapter failed independent verification: {why}"))
+    f.job.verification = {**state, "status": "failed",
+                          "refuted": [*state.get("refuted", []), {"lease_id": trained.id, "why": why}]}
+    f.job.stage = LeaseKind.train.value
+    end_and_requeue(session=session, lease=f.lease, job=f.job, worker=f.worker, status=LeaseStatus.completed,
+                    reason=f"disagreed: {why}", settings=settings, count_attempt=True, usage=usage,
+                    job_reason=f"Two workers of other providers refuted the adapter of worker {trainer.id} ({why}); "
+                               "it is not paid nor billed, and the job trains again elsewhere")
+    return [trained.adapter_key] if trained.adapter_key else []
+
+
+def abandon(*, session: Session, job: JobModel) -> None:
+    """The customer cancels a job under verification (the caller holds its lock): the work it waited on stands
+    unchallenged, so the training lease and any verifier whose verdict was pending are metered until their end."""
+    state = job.verification or {}
+    if job.stage != LeaseKind.verify.value or state.get("status") != "pending":
+        return
+    lock_books(session, job)
+    for lease_id in [state["lease_id"], *(v["lease_id"] for v in state.get("verdicts", []) if not v["agrees"])]:
+        _settle(session, job, lease_id, "until_end")
+    job.verification = {**state, "status": "cancelled"}
+    job.stage = LeaseKind.train.value
+
+
+WAIT_BATCH = 200
+
+
+def stop_waiting(*, session: Session, store: BlobStore, settings: CoordinatorSettings) -> int:
+    """Jobs the platform chose to verify (not those whose customer asked) that found no independent verifier
+    within `verify_wait_s`: released unverified, their training paid (no verdict refuted it). How many."""
+    now = utcnow()
+    released = 0
+    for job_id in session.scalars(select(JobModel.id).where(
+            JobModel.stage == LeaseKind.verify.value, JobModel.status == JobStatus.queued,
+            JobModel.verification_mode != "always").order_by(JobModel.id).limit(WAIT_BATCH)).all():
+        job = session.scalars(select(JobModel).where(JobModel.id == job_id, JobModel.status == JobStatus.queued,
+                                                     JobModel.stage == LeaseKind.verify.value)
+                              .with_for_update(skip_locked=True).execution_options(populate_existing=True)).first()
+        state = dict(job.verification or {}) if job is not None else {}
+        since = state.get("since")
+        if job is None or since is None or (now - datetime.fromisoformat(since)).total_seconds() < settings.verify_wait_s:
+            session.rollback()
+            continue
+        lock_books(session, job)
+        for pending in (v for v in state.get("verdicts", []) if not v["agrees"]):  # no third opinion came: paid
+            _settle(session, job, pending["lease_id"], "until_end")
+        disputed = [v["why"] for v in state.get("verdicts", []) if not v["agrees"]]
+        state["unverified_reason"] = (f"no worker of another provider could verify it within {settings.verify_wait_s} s"
+                                      + (f" (one verifier disagreed: {disputed[0]})" if disputed else ""))
+        unused = _confirmed(session, store, job, state, None)
+        session.commit()
+        for key in unused:
+            store.delete(key)
+        released += 1
+    session.commit()
+    return released

@@ -1,0 +1,224 @@
+"""`services/verification.py` on a real database: which jobs are verified, the verification lease (another
+provider's worker, the held-out sample and the adapter as its inputs), the quorum of verifiers, and the money of
+each outcome (training metered at the verdict, verifiers paid from the platform's verification book)."""
+
+from __future__ import annotations
+
+import io
+from collections.abc import Callable
+from datetime import timedelta
+
+import pytest
+from sqlalchemy import select, update
+from sqlalchemy.orm import Session
+
+from coordinator.db.tables import (
+    AccountModel, Book, JobCheckpointModel, JobModel, JobStatus, LeaseModel, UsageRecordModel, utcnow,
+)
+from coordinator.services import files, jobs, leases, ledger, verification
+from coordinator.settings import CoordinatorSettings
+from coordinator.storage import BlobStore
+from shared.errors import NotFound
+from shared.protocol import VerificationResult
+from shared.schemas.jobs import JobCreate
+from tests.conftest import chat_lines, jsonl
+from tests.fakes import ServiceAgent
+
+Agents = Callable[..., ServiceAgent]
+AGREE = {"heldout_base_loss": 3.0, "heldout_adapter_loss": 2.0, "heldout_tokens": 40, "valid_base_loss": 3.1,
+         "valid_adapter_loss": 1.01, "valid_tokens": 30}
+DISAGREE = {**AGREE, "valid_adapter_loss": 2.5}
+REPORTED = 1.0  # the trainer's final validation loss
+
+
+@pytest.fixture
+def big_job(session: Session, store: BlobStore, settings: CoordinatorSettings,
+            customer_account: AccountModel) -> Callable[..., JobModel]:
+    """A job on 40 examples: 2 of them are kept back as its held-out sample."""
+    file = files.upload(session=session, store=store, account=customer_account, filename="train.jsonl",
+                        purpose="fine-tune", source=io.BytesIO(jsonl(chat_lines(40))), max_bytes=settings.max_upload_bytes,
+                        min_examples=settings.min_training_examples, retention=timedelta(days=1))
+
+    def make(**fields: object) -> JobModel:
+        request = JobCreate.model_validate({"model": "tunegrid/tiny-llama", "training_file": file.id, **fields})
+        return jobs.create(session=session, store=store, account=customer_account, request=request, settings=settings)
+    return make
+
+
+def fresh(session: Session, job: JobModel) -> JobModel:
+    session.expire_all()
+    row = session.get(JobModel, job.id)
+    assert row is not None
+    return row
+
+
+def usage(session: Session, lease_id: str) -> UsageRecordModel | None:
+    session.expire_all()
+    return session.get(UsageRecordModel, lease_id)
+
+
+def trained(service_agent: Agents, job: JobModel) -> tuple[ServiceAgent, str]:
+    trainer = service_agent("trainer-pc")
+    a = trainer.claim()
+    assert a is not None and a.job_id == job.id and a.kind == "train" and a.held_out_url is None
+    trainer.finish(a.lease_id, eval_loss=REPORTED)
+    return trainer, a.lease_id
+
+
+def verifier(service_agent: Agents, new_provider, name: str) -> tuple[ServiceAgent, str]:  # type: ignore[no-untyped-def]
+    """A worker of a new provider holding the job's verification lease, ten minutes into it."""
+    agent = service_agent(f"{name}-pc", provider=new_provider(name))
+    a = agent.claim(kinds=["train", "verify"])
+    assert a is not None and a.kind == "verify" and a.spec.kind == "verify"
+    assert a.held_out_url and a.held_out_sha256 and a.adapter_url and a.adapter_sha256
+    agent.events(a.lease_id, {"type": "started", "total_steps": 0})
+    agent.session.execute(update(LeaseModel).where(LeaseModel.id == a.lease_id).values(
+        training_started_at=utcnow() - timedelta(seconds=600)))
+    agent.session.commit()
+    return agent, a.lease_id
+
+
+def test_the_held_out_sample_never_reaches_a_trainer(session: Session, big_job, store: BlobStore,  # type: ignore[no-untyped-def]
+                                                     service_agent: Agents) -> None:
+    job = big_job()
+    assert job.held_out is not None and job.held_out["examples"] == 2 and job.held_out["training_examples"] == 38
+    trainer = service_agent("trainer-pc")
+    a = trainer.claim()
+    assert a is not None and a.training_file_sha256 == job.held_out["training_sha256"]
+    shipped = leases.lease_input(session=session, worker=trainer.worker, lease_id=a.lease_id, fencing_token=1,
+                                 which="training")
+    held = set(store.path(verification_key := f"jobs/{job.id}/held-out.jsonl").read_bytes().splitlines())
+    assert len(held) == 2 and not held & set(store.path(shipped.key).read_bytes().splitlines())
+    assert verification_key != shipped.key
+    for which in ("held_out", "adapter"):
+        with pytest.raises(NotFound):
+            leases.lease_input(session=session, worker=trainer.worker, lease_id=a.lease_id, fencing_token=1, which=which)
+
+
+def test_an_agreeing_verifier_releases_the_payment_and_the_job_succeeds_verified(
+    session: Session, big_job, service_agent: Agents, new_provider, provider_account: AccountModel,  # type: ignore[no-untyped-def]
+) -> None:
+    job = big_job(verification="always")
+    trainer, training = trained(service_agent, job)
+    waiting = fresh(session, job)
+    assert (waiting.status, waiting.stage, waiting.result_files) == (JobStatus.queued, "verify", [])
+    assert usage(session, training) is None  # metered at the verdict
+    assert service_agent("other-pc").claim(kinds=["train", "verify"]) is None  # the trainer's own provider: never
+    assert service_agent("old-agent", provider=new_provider("old")).claim() is None  # an agent that only trains
+    agent, lease_id = verifier(service_agent, new_provider, "vera")
+    agent.verify(lease_id, **AGREE)
+    done = fresh(session, job)
+    assert done.status is JobStatus.succeeded and done.verification["status"] == "passed"  # type: ignore[index]
+    assert len(done.result_files) == 1 and done.fine_tuned_model
+    charged = usage(session, training)
+    assert charged is not None and charged.rule == "until_end"
+    paid = usage(session, lease_id)
+    assert paid is not None and (paid.charge_micros, paid.fee_micros) == (0, 0) and paid.provider_micros > 0
+    assert ledger.balance(session, Book.verification, "") == -paid.provider_micros
+    assert ledger.audit(session).ok
+
+
+def test_a_verifier_two_others_contradict_loses_instead(
+    session: Session, big_job, service_agent: Agents, new_provider,  # type: ignore[no-untyped-def]
+) -> None:
+    job = big_job(verification="always")
+    trained(service_agent, job)
+    liar, first = verifier(service_agent, new_provider, "liar")
+    liar.verify(first, **DISAGREE)
+    assert fresh(session, job).status is JobStatus.queued and usage(session, first) is None
+    assert liar.claim(kinds=["train", "verify"]) is None  # it verified this adapter already
+    honest, second = verifier(service_agent, new_provider, "honest")
+    honest.verify(second, **AGREE)
+    assert fresh(session, job).status is JobStatus.succeeded
+    overruled = usage(session, first)
+    assert overruled is not None and (overruled.rule, overruled.provider_micros) == ("not_billed", 0)
+    assert (liar.worker.failed_checks, liar.worker.completed_leases) == (1, 0)
+    assert ledger.audit(session).ok
+
+
+def test_two_disagreeing_verifiers_refute_the_adapter_and_the_job_trains_again(
+    session: Session, big_job, service_agent: Agents, new_provider, provider_account: AccountModel,  # type: ignore[no-untyped-def]
+) -> None:
+    job = big_job(verification="always")
+    trainer, training = trained(service_agent, job)
+    session.execute(update(LeaseModel).where(LeaseModel.id == training).values(last_step=10))
+    trainer_lease = session.get(LeaseModel, training)
+    assert trainer_lease is not None
+    for name in ("vera", "hugo"):
+        agent, lease_id = verifier(service_agent, new_provider, name)
+        agent.verify(lease_id, **DISAGREE)
+    again = fresh(session, job)
+    assert (again.status, again.stage, again.attempts) == (JobStatus.queued, "train", 1)
+    assert again.verification["status"] == "failed" and again.excluded_providers == [provider_account.id]  # type: ignore[index]
+    refuted = usage(session, training)
+    assert refuted is not None and (refuted.rule, refuted.charge_micros, refuted.provider_micros) == ("not_billed", 0, 0)
+    assert (trainer.worker.failed_checks, trainer.worker.completed_leases) == (1, 0)
+    for lease_id in [v["lease_id"] for v in again.verification["verdicts"]]:  # type: ignore[index]
+        paid = usage(session, lease_id)
+        assert paid is not None and paid.provider_micros > 0  # both verifiers were right
+    assert service_agent("trainer-2").claim() is None  # the refuted trainer's provider is off the job
+    assert ledger.audit(session).ok
+    assert not session.scalars(select(JobCheckpointModel).where(
+        JobCheckpointModel.lease_id == training, JobCheckpointModel.quarantined_at.is_(None))).all()
+
+
+def test_which_jobs_are_chosen(session: Session, big_job, service_agent: Agents,  # type: ignore[no-untyped-def]
+                               settings: CoordinatorSettings) -> None:
+    job, worker = big_job(), service_agent().worker
+    assert verification.chosen(job, worker, settings) is None  # share 0 here (tests/conftest.py), reliable worker
+    assert verification.chosen(big_job(verification="always"), worker, settings) == "its customer asked for verification"
+    worker.reliability = settings.verify_below_reliability - 0.01
+    assert "below" in (verification.chosen(job, worker, settings) or "")
+    worker.reliability = 0.99
+    everything = settings.model_copy(update={"verify_share_bps": 10_000})
+    assert "sampled" in (verification.chosen(job, worker, everything) or "")
+
+
+def test_a_chosen_job_without_a_verifier_is_released_unverified_after_the_wait(
+    session: Session, big_job, service_agent: Agents, settings: CoordinatorSettings, store: BlobStore,  # type: ignore[no-untyped-def]
+) -> None:
+    sampled = settings.model_copy(update={"verify_share_bps": 10_000, "verify_wait_s": 1})
+    job = big_job()
+    trainer = service_agent("trainer-pc")
+    a = trainer.claim()
+    assert a is not None
+    from tests.fakes import adapter_archive  # noqa: PLC0415
+
+    trainer.settings = sampled
+    trainer.progress(a.lease_id)
+    trainer.upload_adapter(a.lease_id, adapter := adapter_archive())
+    trainer.complete(a.lease_id, adapter, eval_loss=REPORTED)
+    assert fresh(session, job).stage == "verify"
+    assert verification.stop_waiting(session=session, store=store, settings=sampled) == 0  # not yet
+    state = dict(fresh(session, job).verification or {})
+    session.execute(update(JobModel).where(JobModel.id == job.id).values(
+        verification={**state, "since": "2000-01-01T00:00:00+00:00"}))
+    session.commit()
+    assert verification.stop_waiting(session=session, store=store, settings=sampled) == 1
+    done = fresh(session, job)
+    assert done.status is JobStatus.succeeded and done.verification["status"] == "unverified"  # type: ignore[index]
+    record = usage(session, a.lease_id)
+    assert record is not None and record.rule == "until_end"
+
+
+def test_cancelling_during_verification_bills_the_training_done(
+    session: Session, big_job, service_agent: Agents, new_provider, customer_account: AccountModel,  # type: ignore[no-untyped-def]
+) -> None:
+    job = big_job(verification="always")
+    _, training = trained(service_agent, job)
+    verifier(service_agent, new_provider, "vera")  # its lease is live when the customer cancels
+    jobs.cancel(session=session, account=customer_account, job_id=job.id)
+    assert fresh(session, job).status is JobStatus.cancelled
+    record = usage(session, training)
+    assert record is not None and record.rule == "until_end"
+    assert ledger.audit(session).ok
+
+
+def test_the_verdict_rule(settings: CoordinatorSettings) -> None:
+    figures = VerificationResult.model_validate(AGREE)
+    assert verification.compare({"final_eval_loss": REPORTED}, figures, settings) is None
+    assert "no validation loss" in (verification.compare({}, figures, settings) or "")
+    flat = VerificationResult.model_validate({**AGREE, "heldout_adapter_loss": 2.99})
+    assert "does not improve" in (verification.compare({"final_eval_loss": REPORTED}, flat, settings) or "")
+    assert "measured no loss" in (verification.compare({"final_eval_loss": REPORTED}, VerificationResult(), settings)
+                                  or "")

@@ -1,0 +1,84 @@
+"""The verification program (`spec.kind == "verify"`): another worker's adapter and the base model, evaluated on
+data that adapter's trainer never received.
+
+Reads `spec.json`, `train.jsonl` and `validation.jsonl` (what the trainer got: its validation rows are rebuilt
+exactly as the trainer split them), `held_out.jsonl` (the coordinator's held-out sample) and
+`adapter/adapter_model.safetensors`. The adapter is data, never code: its tensors are loaded into LoRA layers
+built from the job's own spec (PEFT's config file of the archive is not read), after checking names, shapes and
+that every value is finite. Writes `out/verification.json`: the mean token loss of the base (the adapter
+disabled) and of the adapter on the held-out sample and on the validation rows, with the tokens each counted.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+from peft import set_peft_model_state_dict
+from safetensors import SafetensorError
+from safetensors.torch import load_file
+
+from shared.jobspec import JobSpec
+from worker.trainer import data, model as models
+from worker.trainer.checkpoints import ADAPTER_NAME, trainable_names
+from worker.trainer.errors import UserError
+from worker.trainer.progress import Progress
+from worker.trainer.train import Trainer
+
+ADAPTER = Path("adapter") / "adapter_model.safetensors"
+
+
+class BadAdapter(Exception):
+    """The adapter under test cannot be loaded into the job's LoRA layers: reported as figures that show no loss
+    (the coordinator's quorum decides whose fault that is), never as this worker's error."""
+
+
+def load_adapter_weights(model, path: Path) -> None:  # type: ignore[no-untyped-def]
+    try:
+        weights = load_file(str(path))
+    except (SafetensorError, OSError, ValueError) as exc:
+        raise BadAdapter(f"the adapter under test is unreadable: {exc}") from None
+    names = trainable_names(model)
+    if set(weights) != set(names):
+        raise BadAdapter("the adapter's tensors are not this job's LoRA weights")
+    for name, param in zip(names, (p for p in model.parameters() if p.requires_grad), strict=True):
+        tensor = weights[name]
+        if tuple(tensor.shape) != tuple(param.shape) or not bool(torch.isfinite(tensor).all()):
+            raise BadAdapter(f"{name} has the wrong shape or values that are not finite")
+    set_peft_model_state_dict(model, weights, adapter_name=ADAPTER_NAME)
+
+
+def _loss(trainer: Trainer, model, rows: list[data.PackedRow], pad_id: int) -> tuple[float | None, int]:  # type: ignore[no-untyped-def]
+    tokens = sum(sum(1 for label in r.labels[1:] if label != data.IGNORE) for r in rows)
+    return trainer.evaluate(model, rows, pad_id), tokens
+
+
+def run(spec: JobSpec, job_dir: Path, progress: Progress) -> dict[str, Any]:
+    trainer = Trainer(spec, job_dir, progress)
+    model_dir = Path(spec.model_dir)
+    if not (model_dir / "config.json").is_file():
+        raise UserError(f"no model at {model_dir} (config.json missing)")
+    tokenizer = models.load_tokenizer(model_dir)
+    _, valid_rows = trainer._load_data(tokenizer)  # noqa: SLF001 - the very split the trainer made
+    held = job_dir / "held_out.jsonl"
+    held_rows = trainer._rows(data.read_examples(held), tokenizer) if held.is_file() else []  # noqa: SLF001
+    model = models.with_lora(models.load_base(model_dir, quantization=spec.quantization, gradient_checkpointing=False),
+                             spec)
+    try:
+        load_adapter_weights(model, job_dir / ADAPTER)
+    except BadAdapter as exc:
+        progress.emit("warning", message=str(exc))
+        return {"adapter_error": str(exc)[:500]}
+    progress.emit("started", total_steps=0, kind="verify", device=str(trainer.device), held_out_rows=len(held_rows),
+                  valid_rows=len(valid_rows))
+    pad_id = tokenizer.pad_token_id
+    result: dict[str, Any] = {}
+    for name, rows in (("heldout", held_rows), ("valid", valid_rows)):
+        adapter_loss, tokens = _loss(trainer, model, rows, pad_id)
+        with model.disable_adapter():
+            base_loss, _ = _loss(trainer, model, rows, pad_id)
+        result.update({f"{name}_base_loss": base_loss, f"{name}_adapter_loss": adapter_loss,
+                       f"{name}_tokens": tokens if rows else 0})
+        progress.emit("measured", split=name, base_loss=base_loss, adapter_loss=adapter_loss)  # the agent relays none
+    return result
