@@ -21,7 +21,7 @@ from coordinator.db.tables import (
 from coordinator.services.job_states import record_event
 from coordinator.services.lease_states import end_and_requeue, release_revoked
 from coordinator.services.worker_states import count_failed_check
-from coordinator.services.fencing import FencedLease, already_ended, fenced
+from coordinator.services.fencing import FencedLease, already_ended, fenced, training_only
 from coordinator.services.leases import (
     job_spec, step_bound,
 )
@@ -50,6 +50,7 @@ def upload_rules(
 ) -> CheckpointRules:
     """What this lease's next checkpoint may be: the job's shapes, no step past what the lease reported."""
     f = fenced(session=session, worker=worker, lease_id=lease_id, fencing_token=fencing_token)
+    training_only(f, "upload checkpoints")
     rules = _rules(session, settings, f.job, f.worker, f.lease.last_step or 0)
     session.commit()
     return rules

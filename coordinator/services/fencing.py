@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from sqlalchemy.orm import Session
 
 from coordinator.db.tables import LIVE_LEASE, JobModel, LeaseModel, LeaseStatus, WorkerModel
-from shared.errors import InvalidRequest, LeaseLost, NotFound
+from shared.errors import Conflict, InvalidRequest, LeaseLost, NotFound
 
 _TOKEN = re.compile(r"[0-9]{1,18}")
 
@@ -60,3 +60,10 @@ def already_ended(f: FencedLease, status: LeaseStatus) -> bool:
     if f.lease.status is status:
         return True
     raise LeaseLost(f"Lease {f.lease.id} already ended as {f.lease.status.value}; stop this job.")
+
+
+def training_only(f: FencedLease, what: str) -> None:
+    """Only a training lease uploads checkpoints and adapters, or reports steps: a verifier reports figures."""
+    if f.lease.kind != "train":
+        raise Conflict(f"A {f.lease.kind} lease does not {what}; it completes with its figures.",
+                       code="wrong_lease_kind")

@@ -27,7 +27,7 @@ from coordinator.services import files, held_out, verification
 from coordinator.services.adapters import AdapterRejected, adapter_limit, verify_adapter
 from coordinator.services.job_states import change_status, exclude, record_event
 from coordinator.services import worker_states
-from coordinator.services.fencing import FencedLease, already_ended, fenced
+from coordinator.services.fencing import FencedLease, already_ended, fenced, training_only
 from coordinator.services.lease_states import end_and_requeue, end_lease, renew
 from coordinator.services.placement import place_for_worker, seq_len_for
 from coordinator.services.workers import free_vram
@@ -172,6 +172,7 @@ def adapter_upload_limit(*, session: Session, worker: WorkerModel, lease_id: str
     """Before accepting an adapter upload: the lease is still current (checked again when the upload is recorded),
     and the most bytes an adapter of its job can take."""
     f = fenced(session=session, worker=worker, lease_id=lease_id, fencing_token=fencing_token)
+    training_only(f, "upload an adapter")
     limit = adapter_limit(get_base_model(f.job.model), dict(f.job.lora))
     session.commit()
     return limit
@@ -199,6 +200,8 @@ def record_events(
     *, session: Session, worker: WorkerModel, lease_id: str, fencing_token: int, events: list[LeaseEvent],
 ) -> FencedLease:
     f = fenced(session=session, worker=worker, lease_id=lease_id, fencing_token=fencing_token)
+    if f.lease.kind != LeaseKind.train and any(e.type in ("progress", "eval", "checkpoint") for e in events):
+        training_only(f, "report training progress")
     bound = step_bound(session, f.job)
     for event in events:  # a step is the worker's claim: never past what the job can have
         for value in (event.step, event.total_steps):
@@ -267,6 +270,7 @@ def record_adapter(
 ) -> LeaseModel:
     try:
         f = fenced(session=session, worker=worker, lease_id=lease_id, fencing_token=fencing_token)
+        training_only(f, "upload an adapter")
         previous = f.lease.adapter_key
         f.lease.adapter_key, f.lease.adapter_sha256, f.lease.adapter_bytes = blob.key, blob.sha256, blob.bytes
         session.commit()

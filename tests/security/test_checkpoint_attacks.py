@@ -22,7 +22,7 @@ from sqlalchemy import create_engine, text
 from tests.e2e.conftest import LiveServer
 from tests.e2e.test_agent import registered_agent, run_until_done, submit, worker_settings
 from tests.fakes import FakeAgent, checkpoint_state, sha256, tar_gz
-from tests.security.conftest import assert_sandboxed, database, docker_runtime, storage, watch_sandbox
+from tests.security.conftest import assert_sandboxed, database, direct_key, docker_runtime, storage, watch_sandbox
 
 pytestmark = pytest.mark.live
 MARKER = Path("/tmp/tunegrid-security-pwned")
@@ -82,7 +82,7 @@ def _stored_checkpoints(server: LiveServer) -> list[Path]:
 def placed_on_a_fake_worker(coordinator: LiveServer, machine: str) -> Iterator[tuple]:  # type: ignore[type-arg]
     """A new customer's small job placed on a new provider's protocol-level worker: (worker-side client,
     customer client, provider key, the fake agent, the job, its assignment)."""
-    customer, provider = coordinator.new_key("customer", f"customer-of-{machine}"), coordinator.new_key("provider", machine)
+    customer, provider = direct_key(coordinator, "customer", f"customer-of-{machine}"), direct_key(coordinator, "provider", machine)
     with httpx.Client(base_url=coordinator.url, timeout=30) as http, \
             httpx.Client(base_url=coordinator.url, headers={"Authorization": f"Bearer {customer}"}, timeout=30) as client:
         fake = FakeAgent.register(http, provider, machine_id=machine)
@@ -116,7 +116,7 @@ def test_malicious_checkpoints_are_refused_at_the_door_and_never_billed(coordina
         # The next worker is handed nothing of Mallory's: there is nothing stored to resume from. (What a victim does
         # with a bad checkpoint that did get stored is the next test, with the real agent and trainer.)
         # Another provider's: a new machine of Mallory's would start from her record and have its work verified.
-        victim = FakeAgent.register(http, coordinator.new_key("provider", "victim"), machine_id="victim-pc")
+        victim = FakeAgent.register(http, direct_key(coordinator, "provider", "victim"), machine_id="victim-pc")
         b = victim.claim(wait_s=5)
         assert b is not None and b["job_id"] == job["id"] and b["resume_from"] is None
         assert victim.finish(b["lease_id"]).json()["job_status"] == "succeeded"
@@ -146,7 +146,10 @@ def test_a_checkpoint_past_the_door_is_refused_by_the_victim_who_is_not_blamed(
         assert uploader.fail(a["lease_id"]).status_code == 200
 
         settings = worker_settings(tmp_path / "victim", tiny_model)
-        victim = registered_agent(coordinator, settings, monkeypatch, provider_key=provider)
+        # Another provider's machine: one of the uploader's provider would start from its record (a loss) and
+        # have its work verified by a third provider, which this test does not run.
+        victim_provider = direct_key(coordinator, "provider", "victim")
+        victim = registered_agent(coordinator, settings, monkeypatch, provider_key=victim_provider)
         victim.runtime = docker_runtime(trainer_image)
         sandbox = watch_sandbox(victim.runtime)
         done = run_until_done(victim, client, job["id"])
@@ -157,9 +160,8 @@ def test_a_checkpoint_past_the_door_is_refused_by_the_victim_who_is_not_blamed(
         assert_sandboxed(sandbox)
         events = [e["message"] for e in client.get(f"/v1/fine_tuning/jobs/{job['id']}/events?limit=500").json()["data"]]
         assert any("failed its checks" in m and "quarantined" in m for m in events), events
-        victim_id = next(w["id"] for w in http.get("/v1/workers", headers={"Authorization": f"Bearer {provider}"})
-                         .json()["data"] if w["id"] != uploader.worker_id)
-        innocent = _worker(http, provider, victim_id)
+        [victim_worker] = http.get("/v1/workers", headers={"Authorization": f"Bearer {victim_provider}"}).json()["data"]
+        innocent = _worker(http, victim_provider, victim_worker["id"])
         assert (innocent["failed_checks"], innocent["lost_leases"]) == (0, 0)
         assert _worker(http, provider, uploader.worker_id)["failed_checks"] == 1
     assert not MARKER.exists() and secret.read_text() == "the PC owner's private key"

@@ -18,7 +18,7 @@ import pytest
 from shared.checkpoint import MEMBERS
 from tests.e2e.conftest import LiveServer
 from tests.e2e.test_agent import registered_agent, submit, worker_settings
-from tests.security.conftest import storage
+from tests.security.conftest import direct_key, storage
 from worker.runtimes.base import JobMount, Running
 from worker.runtimes.process import ProcessRunning, ProcessRuntime
 
@@ -69,7 +69,7 @@ def test_a_hostile_trainer_cannot_make_the_agent_read_or_send_host_files(
     settings = worker_settings(tmp_path / "agent", tiny_model)
     agent = registered_agent(coordinator, settings, monkeypatch)
     agent.runtime = HostileRuntime(secrets)
-    customer = coordinator.new_key("customer", "carol")
+    customer = direct_key(coordinator, "customer", "carol")
     with httpx.Client(base_url=coordinator.url, headers={"Authorization": f"Bearer {customer}"}, timeout=30) as client:
         job = submit(client, examples=24, hyperparameters={"n_epochs": 2, "batch_size": 2})
         thread = threading.Thread(target=agent.run, daemon=True)

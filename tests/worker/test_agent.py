@@ -351,3 +351,87 @@ def test_a_good_resume_checkpoint_is_unpacked_for_the_trainer(settings: WorkerSe
 
     run(make_agent(settings, channel, Peek()))
     assert seen == [set(checkpoint_members())] and channel.kinds()[-1] == "complete"
+
+
+# --- a verification lease -------------------------------------------------------------------------
+
+def verification_assignment(adapter: bytes, held: bytes) -> Assignment:
+    a = assignment()
+    return a.model_copy(update={
+        "kind": "verify", "spec": a.spec.model_copy(update={"kind": "verify"}),
+        "adapter_url": "/files/adapter", "adapter_sha256": sha256(adapter),
+        "held_out_url": "/files/held_out", "held_out_sha256": sha256(held)})
+
+
+class Exited(Running):
+    """A program that has already exited done."""
+
+    def poll(self) -> int | None:
+        return EXIT_DONE
+
+    def stop(self, grace_s: float) -> int:
+        return EXIT_DONE
+
+    def kill(self) -> None:
+        pass
+
+    def pids(self) -> set[int]:
+        return set()
+
+
+@dataclass
+class VerifyingRuntime(Runtime):
+    """The verification program's part: notes what the job folder held when it started, writes `figures` as its
+    verification.json and exits done."""
+
+    figures: str
+    seen: dict[str, Any] = field(default_factory=dict)
+    name: str = "verifying"
+
+    def start(self, mount: JobMount) -> Running:
+        work = mount.job_dir
+        self.seen = {"files": sorted(str(p.relative_to(work)) for p in work.rglob("*")),
+                     "spec_kind": json.loads((work / "spec.json").read_text())["kind"],
+                     "held_out": (work / "held_out.jsonl").read_bytes()}
+        (work / "out").mkdir()
+        (work / "out" / "progress.jsonl").write_text(json.dumps({"type": "started", "total_steps": 0}) + "\n")
+        (work / "out" / "verification.json").write_text(self.figures)
+        return Exited()
+
+    def model_dir_inside(self, mount: JobMount) -> str:
+        return str(mount.model_dir)
+
+
+def test_a_verification_lease_gets_the_held_out_sample_and_only_the_adapters_weights(settings: WorkerSettings,
+                                                                                     tmp_path: Path) -> None:
+    from tests.fakes import tar_gz  # noqa: PLC0415
+    import tarfile  # noqa: PLC0415
+
+    link = tarfile.TarInfo("adapter/adapter_config.json")
+    link.type, link.linkname = tarfile.SYMTYPE, "/etc/passwd"
+    archive = tar_gz([link, ("adapter/adapter_model.safetensors", b"weights"), ("adapter/run_me.py", b"import os")])
+    held = b'{"messages": [{"role": "user", "content": "held"}]}\n'
+    figures = {"heldout_base_loss": 3.0, "heldout_adapter_loss": 2.0, "heldout_tokens": 40, "valid_base_loss": 3.1,
+               "valid_adapter_loss": 2.1, "valid_tokens": 30}
+    channel = channel_for(verification_assignment(archive, held), adapter=archive, held_out=held)
+    runtime = VerifyingRuntime(figures=json.dumps(figures))
+    agent = make_agent(settings, channel, runtime)
+    run(agent)
+    assert runtime.seen["spec_kind"] == "verify" and runtime.seen["held_out"] == held
+    assert [f for f in runtime.seen["files"] if f.startswith("adapter")] == ["adapter", "adapter/adapter_model.safetensors"]
+    assert channel.kinds()[-1] == "complete" and "adapter" not in channel.kinds()  # nothing is uploaded
+    body = channel.calls[-1][1]
+    assert body["verification"] == figures and "adapter_sha256" not in body
+
+
+def test_figures_a_verifier_cannot_stand_behind_are_sent_as_none(settings: WorkerSettings) -> None:
+    from tests.fakes import tar_gz  # noqa: PLC0415
+
+    archive = tar_gz([("adapter/adapter_model.safetensors", b"weights")])
+    held = b"{}\n"
+    hostile = '{"heldout_base_loss": NaN, "heldout_adapter_loss": "1.0", "valid_adapter_loss": -2, "valid_tokens": 1e99}'
+    channel = channel_for(verification_assignment(archive, held), adapter=archive, held_out=held)
+    run(make_agent(settings, channel, VerifyingRuntime(figures=hostile)))
+    sent = channel.calls[-1][1]["verification"]
+    assert all(sent[name] is None for name in ("heldout_base_loss", "heldout_adapter_loss", "valid_adapter_loss"))
+    assert sent["valid_tokens"] == 0

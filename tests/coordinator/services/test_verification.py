@@ -15,7 +15,7 @@ from sqlalchemy.orm import Session
 from coordinator.db.tables import (
     AccountModel, Book, JobCheckpointModel, JobModel, JobStatus, LeaseModel, UsageRecordModel, utcnow,
 )
-from coordinator.services import files, jobs, leases, ledger, verification
+from coordinator.services import files, jobs, leases, ledger, reports, verification
 from coordinator.settings import CoordinatorSettings
 from coordinator.storage import BlobStore
 from shared.errors import NotFound
@@ -115,6 +115,10 @@ def test_an_agreeing_verifier_releases_the_payment_and_the_job_succeeds_verified
     paid = usage(session, lease_id)
     assert paid is not None and (paid.charge_micros, paid.fee_micros) == (0, 0) and paid.provider_micros > 0
     assert ledger.balance(session, Book.verification, "") == -paid.provider_micros
+    today = utcnow().date()
+    report = reports.costs(session=session, start=today, end=today)
+    assert report.verification == paid.provider_micros  # /admin/costs, "Verification (platform cost)"
+    assert report.revenue == charged.fee_micros  # the platform's fee is not reduced by what verification cost
     assert ledger.audit(session).ok
 
 
@@ -222,3 +226,22 @@ def test_the_verdict_rule(settings: CoordinatorSettings) -> None:
     assert "does not improve" in (verification.compare({"final_eval_loss": REPORTED}, flat, settings) or "")
     assert "measured no loss" in (verification.compare({"final_eval_loss": REPORTED}, VerificationResult(), settings)
                                   or "")
+
+
+def test_a_verifier_uploads_nothing_and_reports_no_training(session: Session, big_job, service_agent: Agents,  # type: ignore[no-untyped-def]
+                                                            new_provider) -> None:
+    from shared.errors import Conflict  # noqa: PLC0415
+    from tests.fakes import adapter_archive  # noqa: PLC0415
+
+    job = big_job(verification="always")
+    trained(service_agent, job)
+    agent, lease_id = verifier(service_agent, new_provider, "vera")
+    for attempt in (lambda: agent.upload_adapter(lease_id, adapter_archive()),
+                    lambda: agent.upload_checkpoint(lease_id, 1, b"x"),
+                    lambda: agent.progress(lease_id, step=3)):
+        with pytest.raises(Conflict) as refused:
+            attempt()
+        assert refused.value.code == "wrong_lease_kind"
+    assert fresh(session, job).trained_tokens is None  # set when the adapter is confirmed, never by a verifier
+    failed = agent.fail(lease_id, kind="user_error", message="your data is bad")  # a verifier has no such claim
+    assert failed.lease.claim is None and fresh(session, job).excluded_providers is None
