@@ -56,10 +56,14 @@ def write(job: Path, model: Path, *, kind: str, train: list[dict], held: list[di
     (job / "spec.json").write_text(spec.model_dump_json())
 
 
-def timed(job: Path) -> float:
+def timed(job: Path) -> tuple[float, float]:
+    """(the subprocess's wall time, the time its program reported between starting work and finishing)."""
     began = time.monotonic()
     subprocess.run([sys.executable, "-m", "worker.trainer", "--job", str(job)], check=True, capture_output=True)
-    return time.monotonic() - began
+    wall = time.monotonic() - began
+    lines = [json.loads(line) for line in (job / "out" / "progress.jsonl").read_text().splitlines()]
+    at = {line["type"]: line["time"] for line in lines}
+    return wall, at["finished"] - at["started"]
 
 
 def main() -> None:
@@ -75,16 +79,18 @@ def main() -> None:
         build(model)
         data, held = chat(args.examples - held_n, 1), chat(held_n, 2)
         write(root / "train", model, kind="train", train=data, held=held, epochs=args.epochs)
-        train_s = timed(root / "train")
+        train_s, train_work = timed(root / "train")
         write(root / "verify", model, kind="verify", train=data, held=held, epochs=args.epochs)
         (root / "verify" / "adapter").mkdir()
         shutil.copy(root / "train" / "out" / "adapter" / "adapter_model.safetensors", root / "verify" / "adapter")
-        verify_s = timed(root / "verify")
+        verify_s, verify_work = timed(root / "verify")
         figures = json.loads((root / "verify" / "out" / "verification.json").read_text())
     print(f"tiny model, {args.examples} examples ({held_n} held out), {args.epochs} epochs, this CPU:")
     print(f"  training   {train_s:7.1f} s   (the trainer subprocess, model load included)")
     print(f"  verifying  {verify_s:7.1f} s   = {100 * verify_s / train_s:.1f}% of training "
           f"({2 * 100 * verify_s / train_s:.1f}% when a dispute asks a second verifier)")
+    print(f"  past start-up (Python, torch, the model load): training {train_work:.1f} s, verifying "
+          f"{verify_work:.1f} s = {100 * verify_work / train_work:.1f}%")
     print(f"  figures: held-out loss {figures['heldout_base_loss']:.3f} -> {figures['heldout_adapter_loss']:.3f}, "
           f"validation {figures['valid_adapter_loss']:.3f}")
 
@@ -96,7 +102,7 @@ def main() -> None:
     train_7b = tokens_per_example * (examples - held_7b - valid) * epochs / train_tps
     eval_tokens = tokens_per_example * (held_7b + valid) * 2  # the base and the adapter
     verify_7b = args.load_7b_s + eval_tokens / (train_tps * FORWARDS_PER_TRAINING_STEP)
-    print(f"{base.id} on an {gpu.label}, {examples} examples of {tokens_per_example} tokens, {epochs} epochs "
+    print(f"{base.id} on a {gpu.label}, {examples} examples of {tokens_per_example} tokens, {epochs} epochs "
           f"(estimated, {train_tps:.0f} training tokens/s):")
     print(f"  training   {train_7b:7.0f} s")
     print(f"  verifying  {verify_7b:7.0f} s   = {100 * verify_7b / train_7b:.1f}% of training "
