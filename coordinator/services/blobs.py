@@ -2,7 +2,8 @@
 uploads, a customer's expired files and ended jobs' scratch do not fill the coordinator's disk.
 
 - files past their `expires_at` (no job still running on them) lose their content; the rows stay, as deleted;
-- checkpoints of jobs that ended `scratch_retention_s` ago lose their content (they are listed still);
+- checkpoints of jobs that ended `scratch_retention_s` ago lose their content (they are listed still), and so do
+  those jobs' copies of their training data: what trainers got and the held-out sample (`held_out.py`);
 - a stored file no row refers to (a crash between storing and recording, a pruned checkpoint whose delete
   failed) and an upload abandoned half way are deleted once older than `ORPHAN_GRACE`, so an upload in
   flight is never touched.
@@ -19,6 +20,7 @@ from sqlalchemy import or_, select
 from sqlalchemy.orm import Session
 
 from coordinator.db.tables import FileModel, JobCheckpointModel, JobModel, JobStatus, LeaseModel, utcnow
+from coordinator.services import held_out
 from coordinator.services.files import blob_key
 from coordinator.services.checkpoints import checkpoint_key
 from coordinator.settings import CoordinatorSettings
@@ -33,6 +35,7 @@ ENDED = (JobStatus.succeeded, JobStatus.failed, JobStatus.cancelled)
 class Collected:
     files: int = 0
     checkpoints: int = 0
+    held_out: int = 0  # ended jobs whose training copy and held-out sample were deleted
     orphans: int = 0
     keys: list[str] = field(default_factory=list)
 
@@ -63,6 +66,16 @@ def _drop_scratch(session: Session, store: BlobStore, settings: CoordinatorSetti
     for checkpoint in stale:
         store.delete(checkpoint_key(checkpoint.id))
         collected.checkpoints += 1
+    ended = session.scalars(
+        select(JobModel).where(JobModel.status.in_(ENDED), JobModel.finished_at <= before,
+                               JobModel.held_out.is_not(None)).limit(BATCH).with_for_update()).all()
+    ended = [job for job in ended if job.held_out and not job.held_out.get("deleted")]
+    for job in ended:
+        job.held_out = {**(job.held_out or {}), "deleted": True}
+    session.commit()
+    for job in ended:
+        held_out.delete(store, job.id)
+        collected.held_out += 1
 
 
 def _referenced(session: Session, folder: str, keys: list[str]) -> set[str]:

@@ -95,3 +95,24 @@ def test_what_is_recent_running_or_referenced_is_kept(
     collected = blobs.collect(session=session, store=BlobStore(root), settings=settings)
     assert (collected.files, collected.checkpoints, collected.orphans) == (0, 0, 0)  # its job still runs on it
     assert sorted(p.relative_to(root) for p in root.rglob("*") if p.is_file()) == before
+
+
+def test_an_ended_jobs_training_copy_and_held_out_sample_are_deleted_after_the_retention(
+    client: TestClient, session: Session, settings: CoordinatorSettings, customer, upload,  # type: ignore[no-untyped-def]
+) -> None:
+    from tests.conftest import chat_lines, jsonl  # noqa: PLC0415
+
+    root = settings.resolved_storage_dir
+    file_id = upload(customer, jsonl(chat_lines(40))).json()["id"]
+    job = client.post("/v1/fine_tuning/jobs", headers=customer.headers,
+                      json={"model": "tunegrid/tiny-llama", "training_file": file_id}).json()
+    folder = root / "jobs" / job["id"]
+    assert sorted(p.name for p in folder.iterdir()) == ["held-out.jsonl", "training.jsonl"]
+    assert blobs.collect(session=session, store=BlobStore(root), settings=settings).held_out == 0  # still queued
+    assert client.post(f"/v1/fine_tuning/jobs/{job['id']}/cancel", headers=customer.headers).status_code == 200
+    assert blobs.collect(session=session, store=BlobStore(root), settings=settings).held_out == 0  # within retention
+    session.execute(update(JobModel).where(JobModel.id == job["id"]).values(finished_at=utcnow() - timedelta(days=2)))
+    session.commit()
+    assert blobs.collect(session=session, store=BlobStore(root), settings=settings).held_out == 1
+    assert not any(folder.iterdir())
+    assert blobs.collect(session=session, store=BlobStore(root), settings=settings).held_out == 0  # once
