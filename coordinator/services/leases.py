@@ -396,6 +396,10 @@ def complete(
     if why is not None and not verification.verifiable(f.job):
         verification.skipped(session=session, job=f.job, reason=f"{why}, but the job has no data its trainer "
                                                                 "did not see")
+    elif why is not None and f.job.verification_mode != "always" and not verification.verifier_exists(
+            session, f.worker.account_id):
+        verification.skipped(session=session, job=f.job, reason=f"{why}, but no worker of another provider "
+                                                                "runs verification")
     elif why is not None:
         end_lease(session=session, lease=f.lease, job=f.job, worker=f.worker, status=LeaseStatus.completed,
                   reason="completed; adapter checked, verification pending", usage=usage, settle_later=True)

@@ -73,6 +73,17 @@ def chosen(job: JobModel, worker: WorkerModel, settings: CoordinatorSettings) ->
     return None
 
 
+def verifier_exists(session: Session, provider_id: str) -> bool:
+    """Whether any worker of another provider could ever take a verification lease (registered, not revoked nor
+    suspended, its agent runs `verify`): with none, the platform does not make a job wait for one."""
+    for kinds in session.scalars(select(WorkerModel.lease_kinds).where(
+            WorkerModel.account_id != provider_id, WorkerModel.revoked_at.is_(None),
+            WorkerModel.suspended_at.is_(None), WorkerModel.lease_kinds.is_not(None)).limit(1000)):
+        if LeaseKind.verify.value in (kinds or ()):
+            return True
+    return False
+
+
 def begin(*, session: Session, job: JobModel, lease: LeaseModel, worker: WorkerModel, reason: str) -> None:
     """The training lease ended with a checked adapter (kept as its upload, `lease.adapter_key`, until the verdict)
     and its metering waits (the caller ended it with `settle_later`): the job waits for a verifier."""
@@ -90,11 +101,10 @@ def begin(*, session: Session, job: JobModel, lease: LeaseModel, worker: WorkerM
 
 
 def skipped(*, session: Session, job: JobModel, reason: str) -> None:
-    """Verification was chosen but the job has nothing its trainer did not see: say so on the job."""
+    """Verification was chosen but cannot be done (the job has nothing its trainer did not see, or no other
+    provider verifies): the job goes on unverified, and says so."""
     job.verification = {"status": "skipped", "reason": reason}
-    record_event(session=session, job=job, level="warn",
-                 message=f"Not verified: {reason}; keep a validation file, or at least "
-                         "20 training examples, for independent verification")
+    record_event(session=session, job=job, level="warn", message=f"Not verified: {reason}")
 
 
 def compare(reported: dict[str, Any], figures: VerificationResult, settings: CoordinatorSettings) -> str | None:

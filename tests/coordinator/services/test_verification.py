@@ -99,7 +99,7 @@ def test_an_agreeing_verifier_releases_the_payment_and_the_job_succeeds_verified
     session: Session, big_job, service_agent: Agents, new_provider, provider_account: AccountModel,  # type: ignore[no-untyped-def]
 ) -> None:
     job = big_job(verification="always")
-    trainer, training = trained(service_agent, job)
+    _, training = trained(service_agent, job)
     waiting = fresh(session, job)
     assert (waiting.status, waiting.stage, waiting.result_files) == (JobStatus.queued, "verify", [])
     assert usage(session, training) is None  # metered at the verdict
@@ -180,8 +180,11 @@ def test_which_jobs_are_chosen(session: Session, big_job, service_agent: Agents,
 
 def test_a_chosen_job_without_a_verifier_is_released_unverified_after_the_wait(
     session: Session, big_job, service_agent: Agents, settings: CoordinatorSettings, store: BlobStore,  # type: ignore[no-untyped-def]
+    new_provider,
 ) -> None:
     sampled = settings.model_copy(update={"verify_share_bps": 10_000, "verify_wait_s": 1})
+    away = service_agent("away-pc", provider=new_provider("vera"))
+    assert away.claim(kinds=["train", "verify"]) is None  # another provider verifies, but never comes for this job
     job = big_job()
     trainer = service_agent("trainer-pc")
     a = trainer.claim()
@@ -203,6 +206,21 @@ def test_a_chosen_job_without_a_verifier_is_released_unverified_after_the_wait(
     assert done.status is JobStatus.succeeded and done.verification["status"] == "unverified"  # type: ignore[index]
     record = usage(session, a.lease_id)
     assert record is not None and record.rule == "until_end"
+
+
+def test_a_platform_chosen_job_with_no_other_provider_verifying_goes_on_unverified(
+    session: Session, big_job, service_agent: Agents, settings: CoordinatorSettings,  # type: ignore[no-untyped-def]
+) -> None:
+    sampled = settings.model_copy(update={"verify_share_bps": 10_000})
+    job = big_job()
+    trainer = service_agent("trainer-pc")
+    trainer.settings = sampled
+    a = trainer.claim()
+    assert a is not None
+    trainer.finish(a.lease_id, eval_loss=REPORTED)
+    done = fresh(session, job)
+    assert done.status is JobStatus.succeeded and done.verification["status"] == "skipped"  # type: ignore[index]
+    assert "no worker of another provider" in done.verification["reason"]  # type: ignore[index]
 
 
 def test_cancelling_during_verification_bills_the_training_done(
