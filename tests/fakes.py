@@ -354,14 +354,14 @@ class ServiceAgent:
         self.upload_adapter(lease_id, adapter)
         return self.complete(lease_id, adapter, eval_loss=eval_loss)
 
-    def verify(self, lease_id: str, *, token: int | None = None, **figures: Any) -> Any:
+    def verify(self, lease_id: str, *, token: int | None = None, wall_seconds: float = 3.0, **figures: Any) -> Any:
         """A verification lease's report: `figures` as `shared.protocol.VerificationResult` names them."""
         from coordinator.services import leases  # noqa: PLC0415
         from shared.protocol import LeaseComplete  # noqa: PLC0415
 
         self.events(lease_id, {"type": "started", "total_steps": 0}, token=token)
         report = LeaseComplete.model_validate({"verification": figures,
-                                               "usage": {"wall_seconds": 3.0, "gpu_seconds": 3.0}})
+                                               "usage": {"wall_seconds": wall_seconds, "gpu_seconds": wall_seconds}})
         return leases.complete(session=self.session, store=self.store, settings=self.settings, worker=self.worker,
                                lease_id=lease_id, fencing_token=self._token(lease_id, token), report=report)
 

@@ -111,7 +111,8 @@ def enforce_budgets(*, session: Session, settings: CoordinatorSettings) -> dict[
         JobModel.status == JobStatus.running, JobModel.accruing_since.is_not(None)).order_by(JobModel.id)
         .limit(SWEEP_BATCH)))
     unheld = list(session.scalars(select(JobModel.id).where(
-        JobModel.status == JobStatus.queued, JobModel.held_micros <= 0).order_by(JobModel.id).limit(SWEEP_BATCH)))
+        JobModel.status == JobStatus.queued, JobModel.held_micros <= 0, JobModel.stage == "train")  # a verifier is
+        .order_by(JobModel.id).limit(SWEEP_BATCH)))  # the platform's to pay: a job waiting for one needs no hold
     session.rollback()
     for job_id in running:
         job = _locked(session, job_id)

@@ -2,7 +2,7 @@
 can measure what an adapter learned on data its trainer could not have trained on (`verification.py`).
 
 When a job is created from a file of at least `MIN_EXAMPLES` examples, `SHARE_BPS` of them (at least
-`MIN_KEPT`, at most `MAX_KEPT`), chosen by a generator seeded with the job's id, are written to the job's
+`MIN_KEPT`, at most `MAX_KEPT`), chosen by a generator seeded with the file's sha256, are written to the job's
 held-out blob, and the rest to the job's training blob: that is what a training lease downloads. The lines are
 copied byte for byte (validated at upload), so both blobs are valid files of the same format. Smaller files keep
 nothing back; their verification measures the validation split alone.
@@ -56,7 +56,9 @@ def keep_back(*, store: BlobStore, job: JobModel, training: FileModel) -> dict[s
     count = kept_back(examples)
     if count == 0:
         return None
-    chosen = frozenset(random.Random(f"{job.id}:held-out").sample(range(examples), count))
+    # Seeded by the file, not the job: jobs on the same file keep back the same examples, so their trainers
+    # together never hold the whole of it.
+    chosen = frozenset(random.Random(f"{training.sha256}:held-out").sample(range(examples), count))
     with tempfile.SpooledTemporaryFile(SPOOL_BYTES) as shipped, tempfile.SpooledTemporaryFile(SPOOL_BYTES) as held:
         index = 0
         for number, line in enumerate(store.iter_lines(files.blob_key(training.id)), start=1):

@@ -172,6 +172,9 @@ def pause(*, session: Session, account: AccountModel, job_id: str) -> JobModel:
     if job.status not in (JobStatus.queued, JobStatus.running):
         raise Conflict(f"Job {job_id} is {job.status.value}; only queued or running jobs can be paused.",
                        code="invalid_job_state")
+    if job.stage == "verify":
+        raise Conflict(f"Job {job_id} has finished training and its adapter is being verified; it cannot be paused "
+                       "(cancel it to stop, which bills the training done).", code="invalid_job_state")
     lease_states.end_for_customer(session=session, job=job, paused=True)
     change_status(session=session, job=job, to=JobStatus.paused,
                   message="Fine-tuning job paused; it keeps its last checkpoint and resumes from it")

@@ -136,7 +136,11 @@ def end_and_requeue(
     unbilled: bool = False, claim: str | None = None, settle_later: bool = False,
 ) -> None:
     """End the lease and send its job back to the queue, or fail it after `max_attempts` (`count_attempt`:
-    this end uses one of the job's attempts). `job_reason` is what the job's event says, when not `reason`."""
+    this end uses one of the job's attempts). `job_reason` is what the job's event says, when not `reason`. A
+    verification lease that fails or is lost uses no attempt of the customer's job: that worker is off the job."""
+    if lease.kind != "train" and status in (LeaseStatus.failed, LeaseStatus.lost):
+        count_attempt = False
+        exclude(job, worker=worker.id)
     end_lease(session=session, lease=lease, job=job, worker=worker, status=status, reason=reason, usage=usage,
               failed_check=failed_check, counts_against_worker=counts_against_worker, unbilled=unbilled, claim=claim,
               settle_later=settle_later)

@@ -190,10 +190,12 @@ def _metrics_message(event: LeaseEvent) -> str:
 
 
 def _start_training(f: FencedLease, now: datetime) -> None:
-    """Billing counts from the lease's first progress, on the coordinator's clock (metering.py)."""
+    """Billing counts from the lease's first progress, on the coordinator's clock (metering.py). Only a training
+    lease accrues to the customer's cost; a verification lease is the platform's."""
     if f.lease.training_started_at is None:
         f.lease.training_started_at = now
-        f.job.accruing_since, f.job.accruing_price = now, f.lease.price_per_gpu_hour
+        if f.lease.kind == LeaseKind.train:
+            f.job.accruing_since, f.job.accruing_price = now, f.lease.price_per_gpu_hour
 
 
 def record_events(

@@ -32,13 +32,36 @@ from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
 from coordinator.db.tables import (
-    JobCheckpointModel, JobModel, LeaseKind, LeaseModel, LeaseStatus, UsageRecordModel, WorkerModel,
+    FileModel, JobCheckpointModel, JobModel, LeaseKind, LeaseModel, LeaseStatus, UsageRecordModel, WorkerModel,
 )
 from coordinator.services import billing
 from shared.pricing import cost_for_seconds, provider_earnings, seconds_for_budget
 
 UNSEEN_SLACK = timedelta(seconds=30)  # time past the last word from the worker that is still billed
 REPORT_TOLERANCE_S = 5.0  # a worker's report this much below ours counts as lower
+
+
+VERIFY_MIN_S = 120  # the least a verification lease may bill: a small job's forward passes and their overheads
+VERIFY_SLACK = 5  # a verification may take this many times its expected forward passes
+FORWARDS_PER_STEP = 4  # a QLoRA step is about four forward passes of work (forward, recompute, backward at 2x)
+
+
+def verification_seconds(session: Session, job: JobModel, lease: LeaseModel) -> int:
+    """The most seconds a verification lease of this job is paid for: `VERIFY_SLACK` times two forward passes (base
+    and adapter) over the held-out and validation examples at the lease's GPU class's expected speed, at least
+    `VERIFY_MIN_S`. A verifier that keeps its lease open longer is not paid for it."""
+    from shared.catalog import get_base_model  # noqa: PLC0415
+    from shared.pricing import expected_tokens_per_s, get_gpu_class  # noqa: PLC0415
+
+    training = session.get(FileModel, job.training_file_id)
+    validation = session.get(FileModel, job.validation_file_id) if job.validation_file_id else None
+    examples = max((training.examples if training else 0) or 1, 1)
+    per_example = (job.estimated_tokens / max(int(job.hyperparameters.get("n_epochs", 1)), 1)) / examples
+    held = (job.held_out or {}).get("examples", 0)
+    valid = (validation.examples or 0) if validation else math.ceil(0.1 * (examples - held))
+    tokens = 2 * per_example * (held + valid)
+    tps = expected_tokens_per_s(get_base_model(job.model), get_gpu_class(lease.gpu_class)) * FORWARDS_PER_STEP
+    return max(VERIFY_MIN_S, math.ceil(VERIFY_SLACK * tokens / max(tps, 1e-9)))
 
 
 def rule_for(status: LeaseStatus, *, failed_check: bool, counts_against_worker: bool) -> str:
@@ -78,13 +101,23 @@ def meter_lease(
         seconds = math.floor(reported)
         notes.append(f"the worker reported {reported:.0f} s, the coordinator saw {observed:.0f} s; billed the lower")
     verifying = lease.kind == LeaseKind.verify
+    ask = lease.ask_price_per_gpu_hour
+    if verifying:
+        cap = verification_seconds(session, job, lease)
+        if seconds > cap:
+            notes.append(f"capped at {cap} s, what verifying this job can take")
+            seconds = cap
+        trained = session.get(LeaseModel, (job.verification or {}).get("lease_id") or "")
+        if trained is not None and trained.ask_price_per_gpu_hour < ask:
+            notes.append("paid at the ask of the training it checked")
+            ask = trained.ask_price_per_gpu_hour
     if job.max_cost is not None and not verifying:
         budget = seconds_for_budget(lease.price_per_gpu_hour, job.max_cost - job.billed_micros)
         if seconds > budget:
             notes.append(f"capped at {budget} s by max_cost")
             seconds = budget
     charge = 0 if verifying else cost_for_seconds(lease.price_per_gpu_hour, seconds)
-    earned = provider_earnings(lease.ask_price_per_gpu_hour, seconds)
+    earned = provider_earnings(ask, seconds)
     if not verifying:
         earned = min(earned, charge)
     record = UsageRecordModel(

@@ -16,13 +16,13 @@ reported, within `verify_tolerance` + `verify_tolerance_share` of it (same rows,
 
 A quorum of independent workers decides:
 - the first verifier agrees: the training lease is metered (until its end) and the job succeeds, `verified`;
-- it disagrees: a second verifier, of a third provider, is asked;
-  - the second agrees: the first verifier disagreed with two others and loses instead (unpaid, a failed check);
-    the trainer is paid and the job succeeds;
-  - the second disagrees too: the training lease is not billed nor paid, its worker's completion counts as a
-    failed check, its provider is off the job and its checkpoints are quarantined; the job trains again elsewhere
-    (an attempt used).
-Verifiers are paid at their ask from the platform's verification book (`billing.settle_verification`).
+- otherwise verifiers of further providers are asked until two concur (`QUORUM`): two agreeing confirm the
+  adapter as above; two disagreeing refute it: the training lease is not billed nor paid, its worker's completion
+  counts as a failed check, its provider is off the job, its checkpoints are quarantined, and the job trains again
+  elsewhere (an attempt used), never on a provider that saw the held-out sample. Verifiers on the quorum's side
+  are paid; one it contradicted is not, and that counts as a failed check.
+Verifiers are paid from the platform's verification book (`billing.settle_verification`), for at most what
+verifying the job can take (`metering.verification_seconds`), at the lower of their ask and the trainer's.
 """
 
 from __future__ import annotations
@@ -50,7 +50,7 @@ from shared.errors import InvalidRequest
 from shared.pricing import BPS
 from shared.protocol import VerificationResult
 
-QUORUM = 2  # verifiers that must disagree before the trainer loses
+QUORUM = 2  # concurring verifiers that decide, once any verifier disagreed
 
 
 def _sampled(job_id: str, share_bps: int) -> bool:
@@ -88,12 +88,13 @@ def begin(*, session: Session, job: JobModel, lease: LeaseModel, worker: WorkerM
     """The training lease ended with a checked adapter (kept as its upload, `lease.adapter_key`, until the verdict)
     and its metering waits (the caller ended it with `settle_later`): the job waits for a verifier."""
     reported = lease.result or {}
+    seen = (job.verification or {}).get("held_out_seen_by", [])  # earlier verifications' verifiers
     job.stage = LeaseKind.verify.value
     job.verification = {
         "status": "pending", "reason": reason, "lease_id": lease.id,
         "trainer": {"worker_id": worker.id, "provider_id": worker.account_id},
         "reported": {k: reported.get(k) for k in ("final_eval_loss", "final_train_loss", "steps", "trained_tokens")},
-        "not_by": [worker.account_id], "verdicts": [], "since": utcnow().isoformat(),
+        "not_by": [worker.account_id], "verdicts": [], "since": utcnow().isoformat(), "held_out_seen_by": seen,
     }
     change_status(session=session, job=job, to=JobStatus.queued, data={"lease_id": lease.id},
                   message=f"Training completed; the adapter is verified on another provider's worker before it is "
@@ -107,9 +108,13 @@ def skipped(*, session: Session, job: JobModel, reason: str) -> None:
     record_event(session=session, job=job, level="warn", message=f"Not verified: {reason}")
 
 
-def compare(reported: dict[str, Any], figures: VerificationResult, settings: CoordinatorSettings) -> str | None:
-    """None when the verifier's figures agree with the trainer's work; otherwise why not."""
-    if figures.heldout_tokens and figures.heldout_base_loss is not None and figures.heldout_adapter_loss is not None:
+def compare(reported: dict[str, Any], figures: VerificationResult, settings: CoordinatorSettings, *,
+            held_out: bool = False) -> str | None:
+    """None when the verifier's figures agree with the trainer's work; otherwise why not. With a held-out sample
+    (`held_out`), the improvement is measured there and nowhere else: the trainer had the validation rows."""
+    if held_out:
+        if not figures.heldout_tokens or figures.heldout_base_loss is None or figures.heldout_adapter_loss is None:
+            return "the verifier's figures for the held-out sample are missing"
         where, base, tuned = "the held-out sample", figures.heldout_base_loss, figures.heldout_adapter_loss
     elif figures.valid_tokens and figures.valid_base_loss is not None and figures.valid_adapter_loss is not None:
         where, base, tuned = "the validation rows", figures.valid_base_loss, figures.valid_adapter_loss
@@ -121,7 +126,9 @@ def compare(reported: dict[str, Any], figures: VerificationResult, settings: Coo
     claimed = reported.get("final_eval_loss")
     if figures.valid_tokens:
         measured = figures.valid_adapter_loss
-        if claimed is None or measured is None:
+        if measured is None:
+            return "the verifier's figures for the validation rows are missing"
+        if claimed is None:
             return "the trainer reported no validation loss for the validation rows it had"
         allowed = settings.verify_tolerance + settings.verify_tolerance_share * claimed
         if abs(measured - claimed) > allowed:
@@ -133,11 +140,11 @@ def compare(reported: dict[str, Any], figures: VerificationResult, settings: Coo
 def _figures(verdict: dict[str, Any]) -> str:
     f = verdict["figures"]
     parts = []
-    if f.get("heldout_tokens"):
+    if f.get("heldout_base_loss") is not None and f.get("heldout_adapter_loss") is not None:
         parts.append(f"held-out loss {f['heldout_base_loss']:.4f} (base) -> {f['heldout_adapter_loss']:.4f} (adapter)")
-    if f.get("valid_tokens") and f.get("valid_adapter_loss") is not None:
+    if f.get("valid_adapter_loss") is not None:
         parts.append(f"validation loss {f['valid_adapter_loss']:.4f}")
-    return ", ".join(parts)
+    return ", ".join(parts) or "no figures"
 
 
 def report(*, session: Session, store: BlobStore, settings: CoordinatorSettings, f: FencedLease,
@@ -149,28 +156,45 @@ def report(*, session: Session, store: BlobStore, settings: CoordinatorSettings,
                              param="verification", code="verification_missing")
     lock_books(session, f.job, f.worker.account_id)
     state = dict(f.job.verification or {})
-    disagreement = compare(state.get("reported") or {}, figures, settings)
+    disagreement = compare(state.get("reported") or {}, figures, settings, held_out=bool(f.job.held_out))
     verdict = {"lease_id": f.lease.id, "worker_id": f.worker.id, "provider_id": f.worker.account_id,
                "agrees": disagreement is None, "why": disagreement, "figures": figures.model_dump()}
     state["verdicts"] = [*state.get("verdicts", []), verdict]
     state["not_by"] = [*state.get("not_by", []), f.worker.account_id]
+    state["held_out_seen_by"] = [*state.get("held_out_seen_by", []), f.worker.account_id]
     f.job.verification = state
-    verdicts = state["verdicts"]
-    if disagreement is None:
+    agreeing = [v for v in state["verdicts"] if v["agrees"]]
+    disagreeing = [v for v in state["verdicts"] if not v["agrees"]]
+    if agreeing and (not disagreeing or len(agreeing) >= QUORUM):
         end_lease(session=session, lease=f.lease, job=f.job, worker=f.worker, status=LeaseStatus.completed,
-                  reason="verified the adapter", usage=usage)
-        _overrule(session, settings, f.job, [v for v in verdicts if not v["agrees"]])
+                  reason="verified the adapter", usage=usage, settle_later=True)
+        _decide(session, settings, f.job, winners=agreeing, losers=disagreeing)
         return _confirmed(session, store, f.job, state, verdict)
-    if sum(not v["agrees"] for v in verdicts) < QUORUM:
-        end_and_requeue(session=session, lease=f.lease, job=f.job, worker=f.worker, status=LeaseStatus.completed,
-                        reason=f"disagreed: {disagreement}", settings=settings, count_attempt=False, usage=usage,
-                        settle_later=True,
-                        job_reason=f"Verifier {f.worker.id} disagrees with the trainer ({disagreement}); a worker of "
-                                   "a third provider checks again")
-        return []
-    for earlier in verdicts[:-1]:  # the first verifier was right: paid
-        _settle(session, f.job, earlier["lease_id"], "until_end")
-    return _refuted(session, settings, f, state, disagreement, usage)
+    if len(disagreeing) >= QUORUM:
+        return _refuted(session, settings, f, state, disagreement or "", usage, winners=disagreeing, losers=agreeing)
+    split = f"{len(agreeing)} agree, {len(disagreeing)} disagree" if agreeing else "it disagrees"
+    end_and_requeue(session=session, lease=f.lease, job=f.job, worker=f.worker, status=LeaseStatus.completed,
+                    reason=f"disagreed: {disagreement}" if disagreement else "agreed", settings=settings,
+                    count_attempt=False, usage=usage, settle_later=True,
+                    job_reason=f"Verifier {f.worker.id} " + (f"disagrees with the trainer ({disagreement})"
+                                                             if disagreement else "agrees with the trainer")
+                               + f" ({split}); a worker of another provider checks again")
+    return []
+
+
+def _decide(session: Session, settings: CoordinatorSettings, job: JobModel, *, winners: list[dict[str, Any]],
+            losers: list[dict[str, Any]]) -> None:
+    """The quorum decided: verifiers on its side are paid; those it contradicted are not, and it counts against
+    them."""
+    for winner in winners:
+        _settle(session, job, winner["lease_id"], "until_end")
+    for loser in losers:
+        _settle(session, job, loser["lease_id"], "not_billed")
+        worker = session.get(WorkerModel, loser["worker_id"], with_for_update=True, populate_existing=True)
+        assert worker is not None
+        worker_states.work_refuted(session=session, worker=worker, max_failed_checks=settings.suspend_after_failed_checks)
+        record_event(session=session, job=job, level="warn", data={"lease_id": loser["lease_id"]},
+                     message=f"Verifier {worker.id} was contradicted by two other workers; it is not paid")
 
 
 def lock_books(session: Session, job: JobModel, *providers: str) -> None:
@@ -191,17 +215,6 @@ def _settle(session: Session, job: JobModel, lease_id: str, rule: str) -> LeaseM
     meter_lease(session=session, lease=lease, job=job, worker=worker, rule=rule, ended_at=lease.ended_at,
                 usage=lease.usage)
     return lease
-
-
-def _overrule(session: Session, settings: CoordinatorSettings, job: JobModel, losers: list[dict[str, Any]]) -> None:
-    """Verifiers whose figures two others contradicted: not paid, and it counts against them."""
-    for loser in losers:
-        _settle(session, job, loser["lease_id"], "not_billed")
-        worker = session.get(WorkerModel, loser["worker_id"], with_for_update=True, populate_existing=True)
-        assert worker is not None
-        worker_states.work_refuted(session=session, worker=worker, max_failed_checks=settings.suspend_after_failed_checks)
-        record_event(session=session, job=job, level="warn", data={"lease_id": loser["lease_id"]},
-                     message=f"Verifier {worker.id} disagreed with two other workers; it is not paid")
 
 
 def _confirmed(session: Session, store: BlobStore, job: JobModel, state: dict[str, Any],
@@ -238,24 +251,28 @@ def _confirmed(session: Session, store: BlobStore, job: JobModel, state: dict[st
     return [trained.adapter_key]
 
 
-def _refuted(session: Session, settings: CoordinatorSettings, f: FencedLease, state: dict[str, Any],
-             why: str, usage: dict[str, Any]) -> list[str]:
-    """Two verifiers disagree with the trainer: it is not paid, nor the customer billed; the job trains again."""
-    trained = _settle(session, f.job, state["lease_id"], "not_billed")
+def _refuted(session: Session, settings: CoordinatorSettings, f: FencedLease, state: dict[str, Any], why: str,
+             usage: dict[str, Any], *, winners: list[dict[str, Any]], losers: list[dict[str, Any]]) -> list[str]:
+    """Two verifiers disagree with the trainer: it is not paid, nor the customer billed; the job trains again,
+    never on the trainer's provider, nor on one that saw the held-out sample."""
+    trained = session.get(LeaseModel, state["lease_id"])
+    assert trained is not None
     trainer = session.get(WorkerModel, trained.worker_id, with_for_update=True, populate_existing=True)
     assert trainer is not None
+    f.job.verification = {**state, "status": "failed",
+                          "refuted": [*state.get("refuted", []), {"lease_id": trained.id, "why": why}]}
+    f.job.stage = LeaseKind.train.value
+    end_and_requeue(session=session, lease=f.lease, job=f.job, worker=f.worker, status=LeaseStatus.completed,
+                    reason=f"disagreed: {why}", settings=settings, count_attempt=True, usage=usage, settle_later=True,
+                    job_reason=f"Two workers of other providers refuted the adapter of worker {trainer.id} ({why}); "
+                               "it is not paid nor billed, and the job trains again elsewhere")
+    _decide(session, settings, f.job, winners=winners, losers=losers)
+    _settle(session, f.job, trained.id, "not_billed")
     worker_states.work_refuted(session=session, worker=trainer, max_failed_checks=settings.suspend_after_failed_checks)
     exclude(f.job, provider=trainer.account_id)
     session.execute(update(JobCheckpointModel).where(
         JobCheckpointModel.lease_id == trained.id, JobCheckpointModel.quarantined_at.is_(None)).values(
         quarantined_at=utcnow(), quarantine_reason=f"its lease's adapter failed independent verification: {why}"))
-    f.job.verification = {**state, "status": "failed",
-                          "refuted": [*state.get("refuted", []), {"lease_id": trained.id, "why": why}]}
-    f.job.stage = LeaseKind.train.value
-    end_and_requeue(session=session, lease=f.lease, job=f.job, worker=f.worker, status=LeaseStatus.completed,
-                    reason=f"disagreed: {why}", settings=settings, count_attempt=True, usage=usage,
-                    job_reason=f"Two workers of other providers refuted the adapter of worker {trainer.id} ({why}); "
-                               "it is not paid nor billed, and the job trains again elsewhere")
     return [trained.adapter_key] if trained.adapter_key else []
 
 
@@ -266,8 +283,8 @@ def abandon(*, session: Session, job: JobModel) -> None:
     if job.stage != LeaseKind.verify.value or state.get("status") != "pending":
         return
     lock_books(session, job)
-    for lease_id in [state["lease_id"], *(v["lease_id"] for v in state.get("verdicts", []) if not v["agrees"])]:
-        _settle(session, job, lease_id, "until_end")
+    for lease_id in [state["lease_id"], *(v["lease_id"] for v in state.get("verdicts", []))]:
+        _settle(session, job, lease_id, "until_end")  # every verdict waits for the quorum, so none is settled yet
     job.verification = {**state, "status": "cancelled"}
     job.stage = LeaseKind.train.value
 
@@ -292,7 +309,7 @@ def stop_waiting(*, session: Session, store: BlobStore, settings: CoordinatorSet
             session.rollback()
             continue
         lock_books(session, job)
-        for pending in (v for v in state.get("verdicts", []) if not v["agrees"]):  # no third opinion came: paid
+        for pending in state.get("verdicts", []):  # no quorum came: each verifier is paid
             _settle(session, job, pending["lease_id"], "until_end")
         disputed = [v["why"] for v in state.get("verdicts", []) if not v["agrees"]]
         state["unverified_reason"] = (f"no worker of another provider could verify it within {settings.verify_wait_s} s"

@@ -3,7 +3,8 @@ whose trainer and verifier run as subprocesses (4-bit QLoRA of the tiny model on
 provider speaking the protocol. The cheater returns an adapter trained on other data (by the real trainer) and
 claims a plausible validation loss; two verifiers of other providers measure it and disagree; the cheater is not
 paid nor the customer billed, and the job trains again on an honest worker, whose adapter a verifier of another
-provider confirms: the customer sees `verified` with the figures, verifiers are paid from the platform's
+provider confirms (a provider that saw the held-out sample as a verifier never trains the job): the customer sees
+`verified` with the figures, verifiers are paid from the platform's
 verification book, and the ledger audit stays clean."""
 
 from __future__ import annotations
@@ -52,7 +53,8 @@ def test_an_adapter_trained_on_other_data_is_refuted_unpaid_and_the_job_is_verif
     archive, claimed = foreign_adapter(tmp_path, tiny_model)
     customer = direct_key(coordinator, "customer", "verified-customer")
     agents = [registered_agent(coordinator, worker_settings(tmp_path / name, tiny_model), monkeypatch,
-                               provider_key=direct_key(coordinator, "provider", name)) for name in ("vera", "hugo")]
+                               provider_key=direct_key(coordinator, "provider", name))
+              for name in ("vera", "hugo", "tom")]  # two refute the cheater; they saw the held-out sample, so the third trains
     with httpx.Client(base_url=coordinator.url, timeout=30) as http, \
             httpx.Client(base_url=coordinator.url, headers={"Authorization": f"Bearer {customer}"}, timeout=30) as client:
         cheater = FakeAgent.register(http, direct_key(coordinator, "provider", "cheater"), machine_id="cheater-pc",

@@ -24,7 +24,7 @@ def test_the_split_copies_every_line_once(tmp_path) -> None:  # type: ignore[no-
     raw = b"\xef\xbb\xbf" + b"\n".join(lines[:20]) + b"\n\n" + b"\n".join(lines[20:])  # a BOM, a blank line, no last \n
     store.put(files.blob_key("file-x"), io.BytesIO(raw))
     job = SimpleNamespace(id="ftjob-x", held_out=None)
-    record = held_out.keep_back(store=store, job=job, training=SimpleNamespace(id="file-x", examples=40))  # type: ignore[arg-type]
+    record = held_out.keep_back(store=store, job=job, training=SimpleNamespace(id="file-x", examples=40, sha256="s"))  # type: ignore[arg-type]
     assert record is not None and (record["examples"], record["training_examples"]) == (2, 38)
     shipped = store.path(held_out.training_key("ftjob-x")).read_bytes().splitlines()
     held = store.path(held_out.held_out_key("ftjob-x")).read_bytes().splitlines()
@@ -32,5 +32,5 @@ def test_the_split_copies_every_line_once(tmp_path) -> None:  # type: ignore[no-
     assert store.sha256(held_out.held_out_key("ftjob-x")) == record["sha256"]
     job.held_out = record
     assert held_out.training_input(job, SimpleNamespace(id="file-x", sha256="s")).key == held_out.training_key("ftjob-x")  # type: ignore[arg-type]
-    again = held_out.keep_back(store=store, job=job, training=SimpleNamespace(id="file-x", examples=40))  # type: ignore[arg-type]
+    again = held_out.keep_back(store=store, job=job, training=SimpleNamespace(id="file-x", examples=40, sha256="s"))  # type: ignore[arg-type]
     assert again is not None and again["sha256"] == record["sha256"]  # the same examples, seeded by the job's id

@@ -122,7 +122,7 @@ def test_an_agreeing_verifier_releases_the_payment_and_the_job_succeeds_verified
     assert ledger.audit(session).ok
 
 
-def test_a_verifier_two_others_contradict_loses_instead(
+def test_a_split_vote_asks_another_verifier_and_the_one_two_others_contradict_loses(
     session: Session, big_job, service_agent: Agents, new_provider,  # type: ignore[no-untyped-def]
 ) -> None:
     job = big_job(verification="always")
@@ -133,10 +133,17 @@ def test_a_verifier_two_others_contradict_loses_instead(
     assert liar.claim(kinds=["train", "verify"]) is None  # it verified this adapter already
     honest, second = verifier(service_agent, new_provider, "honest")
     honest.verify(second, **AGREE)
+    assert fresh(session, job).status is JobStatus.queued  # one against one: a single agreement does not overrule
+    assert usage(session, second) is None
+    third, last = verifier(service_agent, new_provider, "third")
+    third.verify(last, **AGREE)
     assert fresh(session, job).status is JobStatus.succeeded
     overruled = usage(session, first)
     assert overruled is not None and (overruled.rule, overruled.provider_micros) == ("not_billed", 0)
     assert (liar.worker.failed_checks, liar.worker.completed_leases) == (1, 0)
+    for lease_id in (second, last):
+        paid = usage(session, lease_id)
+        assert paid is not None and paid.provider_micros > 0
     assert ledger.audit(session).ok
 
 
@@ -148,9 +155,11 @@ def test_two_disagreeing_verifiers_refute_the_adapter_and_the_job_trains_again(
     session.execute(update(LeaseModel).where(LeaseModel.id == training).values(last_step=10))
     trainer_lease = session.get(LeaseModel, training)
     assert trainer_lease is not None
+    verifiers = []
     for name in ("vera", "hugo"):
         agent, lease_id = verifier(service_agent, new_provider, name)
         agent.verify(lease_id, **DISAGREE)
+        verifiers.append(agent)
     again = fresh(session, job)
     assert (again.status, again.stage, again.attempts) == (JobStatus.queued, "train", 1)
     assert again.verification["status"] == "failed" and again.excluded_providers == [provider_account.id]  # type: ignore[index]
@@ -161,6 +170,8 @@ def test_two_disagreeing_verifiers_refute_the_adapter_and_the_job_trains_again(
         paid = usage(session, lease_id)
         assert paid is not None and paid.provider_micros > 0  # both verifiers were right
     assert service_agent("trainer-2").claim() is None  # the refuted trainer's provider is off the job
+    for agent in verifiers:  # they saw the held-out sample: they never train this job
+        assert agent.claim(kinds=["train", "verify"]) is None
     assert ledger.audit(session).ok
     assert not session.scalars(select(JobCheckpointModel).where(
         JobCheckpointModel.lease_id == training, JobCheckpointModel.quarantined_at.is_(None))).all()
@@ -241,7 +252,16 @@ def test_the_verdict_rule(settings: CoordinatorSettings) -> None:
     assert verification.compare({"final_eval_loss": REPORTED}, figures, settings) is None
     assert "no validation loss" in (verification.compare({}, figures, settings) or "")
     flat = VerificationResult.model_validate({**AGREE, "heldout_adapter_loss": 2.99})
-    assert "does not improve" in (verification.compare({"final_eval_loss": REPORTED}, flat, settings) or "")
+    assert "does not improve" in (verification.compare({"final_eval_loss": REPORTED}, flat, settings, held_out=True)
+                                  or "")
+    # With a held-out sample, the validation rows (which the trainer had) never stand in for it.
+    blind = VerificationResult.model_validate({**AGREE, "heldout_base_loss": None, "heldout_adapter_loss": None})
+    assert "held-out sample are missing" in (verification.compare({"final_eval_loss": REPORTED}, blind, settings,
+                                                                  held_out=True) or "")
+    assert verification.compare({"final_eval_loss": REPORTED}, blind, settings) is None  # no sample: the rows
+    gap = VerificationResult.model_validate({**AGREE, "valid_adapter_loss": None})
+    assert "validation rows are missing" in (verification.compare({"final_eval_loss": REPORTED}, gap, settings,
+                                                                  held_out=True) or "")
     assert "measured no loss" in (verification.compare({"final_eval_loss": REPORTED}, VerificationResult(), settings)
                                   or "")
 
@@ -263,3 +283,61 @@ def test_a_verifier_uploads_nothing_and_reports_no_training(session: Session, bi
     assert fresh(session, job).trained_tokens is None  # set when the adapter is confirmed, never by a verifier
     failed = agent.fail(lease_id, kind="user_error", message="your data is bad")  # a verifier has no such claim
     assert failed.lease.claim is None and fresh(session, job).excluded_providers is None
+
+
+def test_a_failing_verifier_uses_no_attempt_and_is_off_the_job(session: Session, big_job, service_agent: Agents,  # type: ignore[no-untyped-def]
+                                                              new_provider, settings: CoordinatorSettings) -> None:
+    job = big_job(verification="always")
+    _, training = trained(service_agent, job)
+    for attempt in range(settings.max_attempts + 1):  # more failures than the job has attempts
+        agent, lease_id = verifier(service_agent, new_provider, f"flaky{attempt}")
+        agent.fail(lease_id, message="CUDA error")
+        assert agent.claim(kinds=["train", "verify"]) is None
+    waiting = fresh(session, job)
+    assert (waiting.status, waiting.stage, waiting.attempts) == (JobStatus.queued, "verify", 0)
+    assert usage(session, training) is None  # still waiting for a verdict, not lost
+
+
+def test_a_verifier_neither_accrues_to_the_customer_nor_is_paid_past_what_verifying_takes(
+    session: Session, big_job, service_agent: Agents, new_provider,  # type: ignore[no-untyped-def]
+) -> None:
+    job = big_job(verification="always")
+    _, training = trained(service_agent, job)
+    agent = service_agent("greedy-pc", provider=new_provider("greedy"), price="8.00")
+    a = agent.claim(kinds=["train", "verify"])
+    assert a is not None and a.kind == "verify"
+    agent.events(a.lease_id, {"type": "started", "total_steps": 0})
+    assert fresh(session, job).accruing_since is None  # the customer's cost does not run
+    session.execute(update(LeaseModel).where(LeaseModel.id == a.lease_id).values(
+        training_started_at=utcnow() - timedelta(hours=10)))
+    session.commit()
+    agent.verify(a.lease_id, wall_seconds=36_000.0, **AGREE)
+    paid = usage(session, a.lease_id)
+    trainer_ask = session.get(LeaseModel, training).ask_price_per_gpu_hour  # type: ignore[union-attr]
+    from coordinator.services.metering import VERIFY_MIN_S  # noqa: PLC0415
+    from shared.pricing import provider_earnings  # noqa: PLC0415
+
+    assert paid is not None and paid.billable_seconds == VERIFY_MIN_S  # not ten hours: the tiny job's cap
+    assert paid.provider_micros == provider_earnings(trainer_ask, VERIFY_MIN_S)  # at the trainer's ask, not $8
+
+
+def test_figures_without_the_held_out_losses_disagree_and_never_fail_the_request(
+    session: Session, big_job, service_agent: Agents, new_provider,  # type: ignore[no-untyped-def]
+) -> None:
+    job = big_job(verification="always")
+    trained(service_agent, job)
+    agent, lease_id = verifier(service_agent, new_provider, "vera")
+    agent.verify(lease_id, **{**AGREE, "heldout_base_loss": None, "heldout_adapter_loss": None})
+    [verdict] = fresh(session, job).verification["verdicts"]  # type: ignore[index]
+    assert not verdict["agrees"] and "held-out sample are missing" in verdict["why"]
+
+
+def test_a_job_under_verification_cannot_be_paused(session: Session, big_job, service_agent: Agents,  # type: ignore[no-untyped-def]
+                                                   customer_account: AccountModel) -> None:
+    from shared.errors import Conflict  # noqa: PLC0415
+
+    job = big_job(verification="always")
+    trained(service_agent, job)
+    with pytest.raises(Conflict) as refused:
+        jobs.pause(session=session, account=customer_account, job_id=job.id)
+    assert "being verified" in refused.value.message
