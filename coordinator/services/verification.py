@@ -172,13 +172,13 @@ def report(*, session: Session, store: BlobStore, settings: CoordinatorSettings,
         return _confirmed(session, store, f.job, state, verdict)
     if len(disagreeing) >= QUORUM:
         return _refuted(session, settings, f, state, disagreement or "", usage, winners=disagreeing, losers=agreeing)
-    split = f"{len(agreeing)} agree, {len(disagreeing)} disagree" if agreeing else "it disagrees"
+    split = f" ({len(agreeing)} agree, {len(disagreeing)} disagree)" if agreeing else ""
     end_and_requeue(session=session, lease=f.lease, job=f.job, worker=f.worker, status=LeaseStatus.completed,
                     reason=f"disagreed: {disagreement}" if disagreement else "agreed", settings=settings,
                     count_attempt=False, usage=usage, settle_later=True,
                     job_reason=f"Verifier {f.worker.id} " + (f"disagrees with the trainer ({disagreement})"
                                                              if disagreement else "agrees with the trainer")
-                               + f" ({split}); a worker of another provider checks again")
+                               + f"{split}; a worker of another provider checks again")
     return []
 
 

@@ -1,7 +1,7 @@
 """Independent verification with real processes: a real coordinator (`tunegrid-coordinator serve`), real agents
 whose trainer and verifier run as subprocesses (4-bit QLoRA of the tiny model on the CPU), and a cheating
 provider speaking the protocol. The cheater returns an adapter trained on other data (by the real trainer) and
-claims a plausible validation loss; two verifiers of other providers measure it and disagree; the cheater is not
+claims the validation loss of a full run; two verifiers of other providers measure it and disagree; the cheater is not
 paid nor the customer billed, and the job trains again on an honest worker, whose adapter a verifier of another
 provider confirms (a provider that saw the held-out sample as a verifier never trains the job): the customer sees
 `verified` with the figures, verifiers are paid from the platform's
@@ -29,14 +29,16 @@ pytestmark = pytest.mark.live
 
 
 def foreign_adapter(tmp_path: Path, tiny_model: Path) -> tuple[bytes, float]:
-    """An adapter the real trainer made from data that is not the customer's: its archive and its own validation
-    loss (what the cheater claims)."""
+    """An adapter the real trainer made from data that is not the customer's: its archive, and the validation loss
+    the cheater claims for it (a full run's, better than the one it has). A cheater that instead measured its
+    adapter on the customer's validation rows and reported that truthfully is not caught by one verification
+    (SECURITY.md: what verification can and cannot catch)."""
     job = write_job(tmp_path / "foreign", tiny_model, train=spelling(40),
                     hyperparameters={"n_epochs": 2, "batch_size": 2, "learning_rate": 3e-3})
     assert run_trainer(job) == 0
     folder = job / "out" / "adapter"
     archive = tar_gz([(f"adapter/{p.name}", p.read_bytes()) for p in sorted(folder.iterdir())])
-    return archive, json.loads((job / "out" / "result.json").read_text())["valid_loss"]
+    return archive, json.loads((job / "out" / "result.json").read_text())["valid_loss"] - 1.0
 
 
 def _usage(server: LiveServer) -> dict[str, tuple[int, int, str]]:
