@@ -137,10 +137,17 @@ def end_and_requeue(
 ) -> None:
     """End the lease and send its job back to the queue, or fail it after `max_attempts` (`count_attempt`:
     this end uses one of the job's attempts). `job_reason` is what the job's event says, when not `reason`. A
-    verification lease that fails or is lost uses no attempt of the customer's job: that worker is off the job."""
-    if lease.kind != "train" and status in (LeaseStatus.failed, LeaseStatus.lost):
+    verification lease that ends without its figures uses no attempt of the customer's job, and its provider does
+    not verify that adapter again."""
+    if lease.kind != "train" and status is not LeaseStatus.completed:
+        # A verifier that did not deliver: its provider does not verify this adapter again (a new machine id
+        # would not help), and a failure or loss takes the machine off the job.
         count_attempt = False
-        exclude(job, worker=worker.id)
+        state = job.verification or {}
+        if worker.account_id not in state.get("not_by", []):
+            job.verification = {**state, "not_by": [*state.get("not_by", []), worker.account_id]}
+        if status in (LeaseStatus.failed, LeaseStatus.lost):
+            exclude(job, worker=worker.id)
     end_lease(session=session, lease=lease, job=job, worker=worker, status=status, reason=reason, usage=usage,
               failed_check=failed_check, counts_against_worker=counts_against_worker, unbilled=unbilled, claim=claim,
               settle_later=settle_later)

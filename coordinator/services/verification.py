@@ -101,6 +101,13 @@ def begin(*, session: Session, job: JobModel, lease: LeaseModel, worker: WorkerM
                           f"released ({reason})")
 
 
+def saw_held_out(job: JobModel, provider_id: str) -> None:
+    """A verifier's worker downloaded the held-out sample: its provider never trains this job."""
+    state = job.verification or {}
+    if provider_id not in state.get("held_out_seen_by", []):
+        job.verification = {**state, "held_out_seen_by": [*state.get("held_out_seen_by", []), provider_id]}
+
+
 def skipped(*, session: Session, job: JobModel, reason: str) -> None:
     """Verification was chosen but cannot be done (the job has nothing its trainer did not see, or no other
     provider verifies): the job goes on unverified, and says so."""
@@ -277,14 +284,17 @@ def _refuted(session: Session, settings: CoordinatorSettings, f: FencedLease, st
 
 
 def abandon(*, session: Session, job: JobModel) -> None:
-    """The customer cancels a job under verification (the caller holds its lock): the work it waited on stands
-    unchallenged, so the training lease and any verifier whose verdict was pending are metered until their end."""
+    """The customer cancels a job under verification (the caller holds its lock): the verifiers whose verdicts
+    waited for a quorum are paid, and the training lease is metered until its end, unless a verifier disputed it
+    (then it is neither billed nor paid: no quorum cleared it)."""
     state = job.verification or {}
     if job.stage != LeaseKind.verify.value or state.get("status") != "pending":
         return
     lock_books(session, job)
-    for lease_id in [state["lease_id"], *(v["lease_id"] for v in state.get("verdicts", []))]:
-        _settle(session, job, lease_id, "until_end")  # every verdict waits for the quorum, so none is settled yet
+    disputed = any(not v["agrees"] for v in state.get("verdicts", []))
+    _settle(session, job, state["lease_id"], "not_billed" if disputed else "until_end")
+    for verdict in state.get("verdicts", []):  # every verdict waits for the quorum, so none is settled yet
+        _settle(session, job, verdict["lease_id"], "until_end")
     job.verification = {**state, "status": "cancelled"}
     job.stage = LeaseKind.train.value
 
@@ -294,7 +304,8 @@ WAIT_BATCH = 200
 
 def stop_waiting(*, session: Session, store: BlobStore, settings: CoordinatorSettings) -> int:
     """Jobs the platform chose to verify (not those whose customer asked) that found no independent verifier
-    within `verify_wait_s`: released unverified, their training paid (no verdict refuted it). How many."""
+    within `verify_wait_s`: released unverified, their training paid (no verdict disputed it; a disputed one
+    waits for its quorum or a cancel). How many."""
     now = utcnow()
     released = 0
     for job_id in session.scalars(select(JobModel.id).where(
@@ -309,11 +320,12 @@ def stop_waiting(*, session: Session, store: BlobStore, settings: CoordinatorSet
             session.rollback()
             continue
         lock_books(session, job)
-        for pending in state.get("verdicts", []):  # no quorum came: each verifier is paid
+        if any(not v["agrees"] for v in state.get("verdicts", [])):  # disputed: only a quorum, or a cancel, ends it
+            session.rollback()
+            continue
+        for pending in state.get("verdicts", []):
             _settle(session, job, pending["lease_id"], "until_end")
-        disputed = [v["why"] for v in state.get("verdicts", []) if not v["agrees"]]
-        state["unverified_reason"] = (f"no worker of another provider could verify it within {settings.verify_wait_s} s"
-                                      + (f" (one verifier disagreed: {disputed[0]})" if disputed else ""))
+        state["unverified_reason"] = f"no worker of another provider could verify it within {settings.verify_wait_s} s"
         unused = _confirmed(session, store, job, state, None)
         session.commit()
         for key in unused:

@@ -341,3 +341,45 @@ def test_a_job_under_verification_cannot_be_paused(session: Session, big_job, se
     with pytest.raises(Conflict) as refused:
         jobs.pause(session=session, account=customer_account, job_id=job.id)
     assert "being verified" in refused.value.message
+
+
+def test_a_verifier_that_fetched_the_held_out_sample_and_walked_away_never_verifies_nor_trains_the_job(
+    session: Session, big_job, service_agent: Agents, new_provider,  # type: ignore[no-untyped-def]
+) -> None:
+    job = big_job(verification="always")
+    trained(service_agent, job)
+    leaker = new_provider("leaker")
+    agent = service_agent("leaker-pc", provider=leaker)
+    a = agent.claim(kinds=["train", "verify"])
+    assert a is not None and a.kind == "verify"
+    leases.lease_input(session=session, worker=agent.worker, lease_id=a.lease_id, fencing_token=a.fencing_token,
+                       which="held_out")
+    agent.preempted(a.lease_id)  # not a failure: still, it saw the sample and delivered nothing
+    state = fresh(session, job).verification or {}
+    assert leaker.id in state["held_out_seen_by"] and leaker.id in state["not_by"]
+    assert service_agent("leaker-pc-2", provider=leaker).claim(kinds=["train", "verify"]) is None
+
+
+def test_a_disputed_verification_is_not_released_by_the_wait_and_a_cancel_bills_nothing_of_it(
+    session: Session, big_job, service_agent: Agents, new_provider, settings: CoordinatorSettings,  # type: ignore[no-untyped-def]
+    store: BlobStore, customer_account: AccountModel,
+) -> None:
+    job = big_job()
+    trainer = service_agent("trainer-pc")
+    trainer.settings = sampled = settings.model_copy(update={"verify_share_bps": 10_000, "verify_wait_s": 1})
+    away = service_agent("away-pc", provider=new_provider("away"))
+    a = trainer.claim()
+    assert a is not None
+    assert away.claim(kinds=["train", "verify"]) is None  # registered as a verifier, nothing for it yet
+    trainer.finish(a.lease_id, eval_loss=REPORTED)
+    liar, first = verifier(service_agent, new_provider, "liar")
+    liar.verify(first, **DISAGREE)
+    state = dict(fresh(session, job).verification or {})
+    session.execute(update(JobModel).where(JobModel.id == job.id).values(
+        verification={**state, "since": "2000-01-01T00:00:00+00:00"}))
+    session.commit()
+    assert verification.stop_waiting(session=session, store=store, settings=sampled) == 0  # disputed: it waits
+    jobs.cancel(session=session, account=customer_account, job_id=job.id)
+    training = usage(session, a.lease_id)
+    assert training is not None and (training.rule, training.charge_micros, training.provider_micros) == ("not_billed", 0, 0)
+    assert ledger.audit(session).ok
