@@ -3,6 +3,7 @@ trains nothing, and a PEFT-shaped adapter archive built without torch (zeros of 
 
 from __future__ import annotations
 
+import gzip
 import hashlib
 import io
 import json
@@ -46,7 +47,8 @@ def adapter_archive(
                "adapter/adapter_model.safetensors": safetensors_bytes(shapes or lora_shapes(base, r, targets)),
                **(extra_members or {})}
     buffer = io.BytesIO()
-    with tarfile.open(fileobj=buffer, mode="w:gz") as tar:
+    # gzip's header holds a timestamp: fixed, so the same adapter is the same bytes in any second.
+    with gzip.GzipFile(fileobj=buffer, mode="wb", mtime=0) as gz, tarfile.open(fileobj=gz, mode="w") as tar:
         for name, data in members.items():
             info = tarfile.TarInfo(name)
             info.size = len(data)
