@@ -11,6 +11,7 @@ import hashlib
 import logging
 import time
 from abc import ABC, abstractmethod
+from collections.abc import Callable
 
 from shared.errors import RateLimited
 
@@ -23,14 +24,15 @@ def key_digest(key: str) -> str:
 
 
 class RateLimiter(ABC):
-    def __init__(self, per_minute: int) -> None:
+    def __init__(self, per_minute: int, clock: Callable[[], float] = time.time) -> None:
         self.per_minute = per_minute
+        self.clock = clock  # the wall clock; a test holds it still so a run never straddles a minute
 
     async def check(self, key: str) -> None:
         """Count one request for `key`; RateLimited when the window's budget is spent."""
         if self.per_minute <= 0:
             return
-        now = time.time()
+        now = self.clock()
         window = int(now // WINDOW_S)
         count = await self._hit(key_digest(key), window)
         if count > self.per_minute:
@@ -44,8 +46,8 @@ class RateLimiter(ABC):
 
 
 class MemoryRateLimiter(RateLimiter):
-    def __init__(self, per_minute: int) -> None:
-        super().__init__(per_minute)
+    def __init__(self, per_minute: int, clock: Callable[[], float] = time.time) -> None:
+        super().__init__(per_minute, clock)
         self._counts: dict[tuple[str, int], int] = {}
         self._window = 0
 

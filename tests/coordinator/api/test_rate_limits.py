@@ -14,8 +14,14 @@ from coordinator.ratelimit import MemoryRateLimiter, RedisRateLimiter
 from shared.errors import RateLimited
 
 
+def _mid_minute() -> float:
+    """Now, held 20 s into the current minute: a slow run must not cross into a new window mid-test."""
+    return (time.time() // 60) * 60 + 20
+
+
 def test_past_the_limit_a_key_gets_429_with_retry_after(settings, customer, other_customer) -> None:  # type: ignore[no-untyped-def]
     app = create_app(settings.model_copy(update={"rate_limit_per_minute": 5}))
+    app.state.limiter.clock = _mid_minute
     with TestClient(app) as client:
         statuses = [client.get("/v1/fine_tuning/jobs", headers=customer.headers).status_code for _ in range(6)]
         assert statuses == [200] * 5 + [429]
@@ -36,6 +42,7 @@ def test_worker_routes_are_limited_per_token(settings, make_caller) -> None:  # 
     from tests.fakes import FakeAgent  # noqa: PLC0415
 
     app = create_app(settings.model_copy(update={"worker_rate_limit_per_minute": 4}))
+    app.state.worker_limiter.clock = _mid_minute
     provider = make_caller("provider", "pat")
     with TestClient(app) as client:
         noisy, quiet = FakeAgent.register(client, provider.key, "pc-1"), FakeAgent.register(client, provider.key, "pc-2")
@@ -67,12 +74,11 @@ def test_a_provider_has_a_cap_on_registered_workers(settings, make_caller) -> No
     app.state.engine.dispose()
 
 
-def test_the_window_resets_each_minute(monkeypatch) -> None:  # type: ignore[no-untyped-def]
+def test_the_window_resets_each_minute() -> None:
     import coordinator.ratelimit as ratelimit  # noqa: PLC0415
 
     now = [1_000_040.0]  # 20 s into a minute
-    monkeypatch.setattr(ratelimit.time, "time", lambda: now[0])
-    limiter = MemoryRateLimiter(2)
+    limiter = MemoryRateLimiter(2, clock=lambda: now[0])
     anyio.run(limiter.check, "k")
     anyio.run(limiter.check, "k")
     with pytest.raises(ratelimit.RateLimited) as refused:
@@ -88,6 +94,7 @@ def test_redis_counts_for_every_process(redis_url: str) -> None:
     async def run() -> int:
         client = redis.Redis.from_url(redis_url)
         first, second = RedisRateLimiter(3, client), RedisRateLimiter(3, client)  # two API processes
+        first.clock = second.clock = lambda: 1_000_040.0
         key = f"k-{time.time()}"
         await first.check(key)
         await second.check(key)
@@ -100,4 +107,4 @@ def test_redis_counts_for_every_process(redis_url: str) -> None:
         await client.aclose()
         raise AssertionError("the fourth request passed")
 
-    assert 1 <= anyio.run(run) <= 61
+    assert anyio.run(run) == 41
