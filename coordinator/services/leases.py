@@ -20,10 +20,10 @@ from sqlalchemy.orm import Session
 
 from coordinator.db.ids import new_id
 from coordinator.db.tables import (
-    LIVE_LEASE, FileModel, FileStatus, LeaseKind, JobCheckpointModel, JobEventModel, JobModel, JobStatus, LeaseModel,
+    LIVE_LEASE, FileModel, LeaseKind, JobCheckpointModel, JobEventModel, JobModel, JobStatus, LeaseModel,
     LeaseStatus, WorkerModel, WorkerState, utcnow,
 )
-from coordinator.services import files, held_out, verification
+from coordinator.services import files, held_out, results, verification
 from coordinator.services.adapters import AdapterRejected, adapter_limit, verify_adapter
 from coordinator.services.job_states import change_status, exclude, record_event
 from coordinator.services import worker_states
@@ -411,25 +411,14 @@ def complete(
         verification.begin(session=session, job=f.job, lease=f.lease, worker=f.worker, reason=why)
         session.commit()  # the upload stays the adapter under test (`lease.adapter_key`) until the verdict
         return f
-    file = FileModel(
-        id=new_id("file-"), account_id=f.job.account_id, filename=f"{f.job.id}-adapter.tar.gz",
-        purpose="fine-tune-results", bytes=f.lease.adapter_bytes or 0, sha256=submitted.sha256,
-        status=FileStatus.processed, format="peft-lora", created_at=utcnow(),
-    )
-    session.add(file)
     end_lease(session=session, lease=f.lease, job=f.job, worker=f.worker, status=LeaseStatus.completed,
-              reason="completed; adapter verified", usage=usage)
+              reason="completed; adapter checked", usage=usage)
     _update_speed(f.worker, f.lease, f.job, report)
-    f.job.result_files = [file.id]
-    f.job.trained_tokens = max(f.job.trained_tokens or 0, report.result.trained_tokens)
-    f.job.fine_tuned_model = f"ft:{f.job.model}:{f.job.account_id}:{f.job.suffix or ''}:{f.job.id}"
-    change_status(session=session, job=f.job, to=JobStatus.succeeded,
-                  message=f"The job has successfully completed; adapter {file.id} verified "
-                          f"({parameters} LoRA parameters)",
-                  data={"lease_id": f.lease.id, "result_file": file.id})
+    file = results.deliver(session=session, store=store, job=f.job, lease=f.lease,
+                           how=f"; the adapter passed the checks ({parameters} LoRA parameters)",
+                           data={"lease_id": f.lease.id})
     # The result file's name is linked before the commit and the upload's name dropped after it: whatever
     # fails in between, a retried completion still finds its adapter, and a committed file its bytes.
-    store.link(submitted.key, files.blob_key(file.id))
     try:
         session.commit()
     except BaseException:

@@ -34,12 +34,11 @@ from typing import Any
 from sqlalchemy import select, update
 from sqlalchemy.orm import Session
 
-from coordinator.db.ids import new_id
 from coordinator.db.tables import (
-    Book, FileModel, FileStatus, JobCheckpointModel, JobModel, JobStatus, LeaseKind, LeaseModel, LeaseStatus, WorkerModel,
+    Book, JobCheckpointModel, JobModel, JobStatus, LeaseKind, LeaseModel, LeaseStatus, WorkerModel,
     utcnow,
 )
-from coordinator.services import files, ledger, worker_states
+from coordinator.services import ledger, results, worker_states
 from coordinator.services.fencing import FencedLease
 from coordinator.services.job_states import change_status, exclude, record_event
 from coordinator.services.lease_states import end_and_requeue, end_lease
@@ -229,32 +228,19 @@ def _confirmed(session: Session, store: BlobStore, job: JobModel, state: dict[st
     """The adapter is confirmed (or, with no `verdict`, released unverified): its training is billed and paid,
     and the job succeeds with it as a result file."""
     trained = _settle(session, job, state["lease_id"], "until_end")
-    assert trained.adapter_key is not None and trained.adapter_sha256 is not None
-    file = FileModel(
-        id=new_id("file-"), account_id=job.account_id, filename=f"{job.id}-adapter.tar.gz",
-        purpose="fine-tune-results", bytes=trained.adapter_bytes or 0, sha256=trained.adapter_sha256,
-        status=FileStatus.processed, format="peft-lora", created_at=utcnow(),
-    )
-    session.add(file)
-    store.link(trained.adapter_key, files.blob_key(file.id))  # before the commit: a committed file has its bytes
-    # A new dict each time: the one assigned before may be what the session flushed, so changing it in place
-    # would leave nothing for the next flush to write.
-    state = {**state, "status": "passed" if verdict else "unverified", "result_file": file.id}
-    job.verification = state
+    assert trained.adapter_key is not None
     job.stage = LeaseKind.train.value
-    job.result_files = [file.id]
-    job.trained_tokens = max(job.trained_tokens or 0, (trained.result or {}).get("trained_tokens") or 0)
-    job.fine_tuned_model = f"ft:{job.model}:{job.account_id}:{job.suffix or ''}:{job.id}"
     if verdict is None:
-        change_status(session=session, job=job, to=JobStatus.succeeded, data={"result_file": file.id, "verified": False},
-                      message=f"The job has successfully completed with adapter {file.id}, unverified: "
-                              f"{state.get('unverified_reason')}")
+        file = results.deliver(session=session, store=store, job=job, lease=trained,
+                               how=f", unverified: {state.get('unverified_reason')}", data={"verified": False})
     else:
-        change_status(session=session, job=job, to=JobStatus.succeeded,
-                      data={"lease_id": verdict["lease_id"], "result_file": file.id, "verified": True,
-                            **verdict["figures"]},
-                      message=f"The job has successfully completed; its adapter {file.id} was verified by worker "
-                              f"{verdict['worker_id']} of another provider: {_figures(verdict)}")
+        file = results.deliver(session=session, store=store, job=job, lease=trained,
+                               how=f"; it was verified by worker {verdict['worker_id']} of another provider: "
+                                   f"{_figures(verdict)}",
+                               data={"lease_id": verdict["lease_id"], "verified": True, **verdict["figures"]})
+    # A new dict: the one assigned before may be what the session flushed, so changing it in place would leave
+    # nothing for the next flush to write.
+    job.verification = {**state, "status": "passed" if verdict else "unverified", "result_file": file.id}
     return [trained.adapter_key]
 
 
