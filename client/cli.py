@@ -65,7 +65,7 @@ def cmd_jobs_create(args: argparse.Namespace) -> int:
         body["method"] = {"type": "supervised", "supervised": {"hyperparameters": {"n_epochs": args.epochs}}}
     if args.lora_r:
         body["lora"] = {"r": args.lora_r}
-    for field in ("max_price_per_gpu_hour", "max_cost", "suffix", "min_vram_gb"):
+    for field in ("max_price_per_gpu_hour", "max_cost", "suffix", "min_vram_gb", "verification"):
         value = getattr(args, field)
         if value is not None:
             body[field] = value
@@ -173,6 +173,8 @@ def cmd_quote(args: argparse.Namespace) -> int:
     body: dict[str, Any] = {"model": args.model, "training_file": args.file}
     if args.epochs:
         body["hyperparameters"] = {"n_epochs": args.epochs}
+    if args.verification:
+        body["verification"] = args.verification
     with _client(args) as api:
         quote = api.post("/v1/fine_tuning/quotes", body)
     table = Table("GPU class", "fits", "tokens/s", "GPU-hours", "workers", "from", box=None)
@@ -183,7 +185,9 @@ def cmd_quote(args: argparse.Namespace) -> int:
                           f"${row['estimated_cost_min']}" if row["estimated_cost_min"] else "-")
     if not args.json:
         cheapest = quote.get("cheapest")
-        console.print(f"{quote['estimated_tokens']} tokens; {quote['workers_available']} workers could run it now"
+        console.print(f"{quote['estimated_tokens']} tokens"
+                      + (f", trained {quote['trainings']} times" if quote.get("trainings", 1) > 1 else "")
+                      + f"; {quote['workers_available']} workers could run it now"
                       + (f"; cheapest ${cheapest['estimated_cost']} in about {cheapest['estimated_seconds']} s"
                          if cheapest else ""))
     _print(args, quote, table)
@@ -195,6 +199,10 @@ def cmd_balance(args: argparse.Namespace) -> int:
         balance = api.get("/v1/billing/balance")
     _print(args, balance, f"available ${balance['available']}, held ${balance['held']}")
     return 0
+
+
+VERIFICATION = ("auto", "always", "redundant")
+VERIFICATION_HELP = "always: another provider verifies the adapter; redundant: trained twice and compared (paid twice)"
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -221,6 +229,7 @@ def build_parser() -> argparse.ArgumentParser:
     create.add_argument("--max-cost", dest="max_cost", help="USD for the whole job")
     create.add_argument("--min-vram-gb", dest="min_vram_gb", type=int)
     create.add_argument("--suffix")
+    create.add_argument("--verification", choices=VERIFICATION, help=VERIFICATION_HELP)
     create.add_argument("--watch", action="store_true", help="follow it to the end with a progress bar")
     create.set_defaults(func=cmd_jobs_create)
     listing = jobs.add_parser("list", help="your jobs, newest first")
@@ -244,6 +253,7 @@ def build_parser() -> argparse.ArgumentParser:
     quote.add_argument("--model", required=True)
     quote.add_argument("--file", required=True, help="training file id")
     quote.add_argument("--epochs", type=int)
+    quote.add_argument("--verification", choices=VERIFICATION, help=VERIFICATION_HELP)
     quote.set_defaults(func=cmd_quote)
 
     balance = sub.add_parser("balance", help="your prepaid balance")

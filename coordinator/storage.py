@@ -31,6 +31,11 @@ _KEY = re.compile(r"^[A-Za-z0-9_-]+(/[A-Za-z0-9_.-]+)*$")
 CHUNK = 1024 * 1024
 
 
+def checkpoint_key(checkpoint_id: str) -> str:
+    """Where a job checkpoint's content is kept."""
+    return f"checkpoints/{checkpoint_id}"
+
+
 @dataclass(frozen=True, slots=True)
 class StoredBlob:
     key: str

@@ -10,13 +10,12 @@ from fastapi import APIRouter, Query, Request
 from coordinator.api.deps import CustomerCaller, SettingsDep, StoreDep, reject_unknown_query
 from coordinator.api.errors import ERROR_RESPONSES
 from coordinator.db.tables import JobCheckpointModel, JobEventModel, JobModel
-from coordinator.services import billing, jobs
+from coordinator.services import billing, jobs, replicas
 from shared.errors import InvalidRequest
 from shared.money import micros_to_usd
 from shared.schemas.jobs import (
-    VerificationRead,
     CheckpointList, CheckpointRead, HyperparametersRead, JobCreate, JobEventList, JobEventRead, JobList, JobRead,
-    LoraRead, MethodRead, SupervisedMethodRead,
+    LoraRead, MethodRead, ReplicaRead, SupervisedMethodRead, VerificationRead,
 )
 
 # Query strictness is per route: only the list takes `metadata[KEY]` filters.
@@ -33,7 +32,7 @@ def _ts(value) -> int | None:  # type: ignore[no-untyped-def]
 
 def job_read(job: JobModel) -> JobRead:
     hp = HyperparametersRead(**job.hyperparameters)
-    cost = billing.job_cost(job)
+    cost = billing.job_cost(job, pending=replicas.pending_charge(job))
     return JobRead(
         id=job.id, created_at=int(job.created_at.timestamp()), error=job.error,  # type: ignore[arg-type]
         fine_tuned_model=job.fine_tuned_model, finished_at=_ts(job.finished_at), hyperparameters=hp,
@@ -64,6 +63,8 @@ def verification_read(job: JobModel) -> VerificationRead:
         valid_adapter_loss=figures.get("valid_adapter_loss"),
         reported_valid_loss=(state.get("reported") or {}).get("final_eval_loss"),
         held_out_examples=(job.held_out or {}).get("examples", 0),
+        replicas=[ReplicaRead(worker_id=r["worker_id"], heldout_adapter_loss=r["heldout_adapter_loss"],
+                              outcome=r["outcome"]) for r in replicas.of(job)],
     )
 
 

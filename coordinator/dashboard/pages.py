@@ -20,7 +20,7 @@ from sqlalchemy.orm import Session
 from coordinator.api.deps import run_in_session
 from coordinator.dashboard import charts
 from coordinator.dashboard.sessions import COOKIE, DashboardSession, Sessions, csrf_ok, same_origin
-from coordinator.services import billing, reports
+from coordinator.services import billing, replicas, reports
 from shared.errors import InvalidRequest, TunegridError
 from shared.money import micros_to_usd
 
@@ -131,7 +131,7 @@ def check_csrf(request: Request, dashboard: DashboardSession, submitted: str) ->
 
 def job_page(request: Request, dashboard: DashboardSession, detail: reports.JobDetail, *, admin: bool) -> Response:
     chart = charts.line_chart(detail.losses, title="Loss by step", x_label="step", y_label="loss")
-    cost = billing.job_cost(detail.job)
+    cost = billing.job_cost(detail.job, pending=replicas.pending_charge(detail.job))
     return html(request, "job.html", dashboard=dashboard, detail=detail, chart=chart, cost=cost, admin=admin,
                  title=detail.job.id)
 

@@ -190,7 +190,7 @@ class JobModel(Base):
     excluded_workers: Mapped[list[Any] | None]
     # The kind of lease the job is queued for (`LeaseKind`): training, then verification when it is chosen.
     stage: Mapped[str] = mapped_column(String(16), default="train")
-    verification_mode: Mapped[str] = mapped_column(String(16), default="auto")  # auto | always (the customer asks)
+    verification_mode: Mapped[str] = mapped_column(String(16), default="auto")  # auto | always | redundant (the customer asks)
     # The held-out sample no trainer receives: {"examples", "sha256", "bytes", "training_sha256", "training_bytes"}
     # (services/held_out.py); None when the file was too small to keep any back.
     held_out: Mapped[dict[str, Any] | None]
@@ -211,7 +211,7 @@ class JobModel(Base):
     # were charged, and the running lease's price and billable start (for "cost so far" without a join).
     held_micros: Mapped[int] = mapped_column(BigInteger, default=0)
     billed_micros: Mapped[int] = mapped_column(BigInteger, default=0)
-    hold_seq: Mapped[int] = mapped_column(Integer, default=0)  # holds placed so far; names each hold's ledger entry
+    hold_seq: Mapped[int] = mapped_column(Integer, default=0)  # holds and releases so far; names their ledger entries
     accruing_since: Mapped[datetime | None]
     accruing_price: Mapped[int | None] = mapped_column(BigInteger)
     # Every UPDATE checks and bumps it, so two concurrent status changes cannot both win.

@@ -38,15 +38,18 @@ def place_hold(*, session: Session, job: JobModel, amount: int, reason: str) -> 
     job.held_micros += amount
 
 
-def release(*, session: Session, job: JobModel, reason: str) -> None:
-    """What is left of the job's hold goes back to the customer's available balance."""
-    if job.held_micros <= 0:
+def release(*, session: Session, job: JobModel, reason: str, keep: int = 0) -> None:
+    """What is left of the job's hold goes back to the customer's available balance, but for `keep` (what a
+    paused redundant job's confirmed training will still be charged: `replicas.py`)."""
+    amount = job.held_micros - max(keep, 0)
+    if amount <= 0:
         return
-    ledger.move(session=session, key=f"release:{job.id}:{job.hold_seq}", kind="release", amount=job.held_micros,
+    job.hold_seq += 1  # names this release, and a hold placed after it
+    ledger.move(session=session, key=f"release:{job.id}:{job.hold_seq}", kind="release", amount=amount,
                 frm=(Book.customer_held, job.account_id), to=(Book.customer_available, job.account_id),
                 description=f"Released the rest of job {job.id}'s hold: {reason}", account_id=job.account_id,
                 job_id=job.id)
-    job.held_micros = 0
+    job.held_micros -= amount
 
 
 def settle(*, session: Session, job: JobModel, record: UsageRecordModel) -> None:
@@ -99,18 +102,19 @@ def grant(*, session: Session, account: AccountModel, amount: int, key: str, mem
 
 @dataclass(frozen=True, slots=True)
 class JobCost:
-    so_far: int  # settled leases plus the running lease's time so far
+    so_far: int  # settled leases, confirmed trainings still to settle, and the running lease's time so far
     held: int
 
 
-def job_cost(job: JobModel, now: datetime | None = None) -> JobCost:
+def job_cost(job: JobModel, now: datetime | None = None, *, pending: int = 0) -> JobCost:
+    """`pending`: what confirmed trainings waiting to settle will be charged (`replicas.pending_charge`)."""
     running = 0
     if job.accruing_since is not None and job.accruing_price is not None:
         seconds = max(int(((now or utcnow()) - job.accruing_since).total_seconds()), 0)
         running = cost_for_seconds(job.accruing_price, seconds)
         if job.max_cost is not None:
-            running = min(running, max(job.max_cost - job.billed_micros, 0))
-    return JobCost(so_far=job.billed_micros + running, held=job.held_micros)
+            running = min(running, max(job.max_cost - job.billed_micros - pending, 0))
+    return JobCost(so_far=job.billed_micros + pending + running, held=job.held_micros)
 
 
 @dataclass(frozen=True, slots=True)

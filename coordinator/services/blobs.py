@@ -22,9 +22,8 @@ from sqlalchemy.orm import Session
 from coordinator.db.tables import FileModel, JobCheckpointModel, JobModel, JobStatus, LeaseModel, utcnow
 from coordinator.services import held_out
 from coordinator.services.files import blob_key
-from coordinator.services.checkpoints import checkpoint_key
 from coordinator.settings import CoordinatorSettings
-from coordinator.storage import BlobStore
+from coordinator.storage import BlobStore, checkpoint_key
 
 ORPHAN_GRACE_S = 3600.0  # older than any upload could take to be recorded
 BATCH = 1000

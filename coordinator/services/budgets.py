@@ -14,7 +14,7 @@ from sqlalchemy.orm import Session
 
 from coordinator.db.tables import Book, JobCheckpointModel, JobModel, JobStatus, utcnow
 from coordinator.effects import effects
-from coordinator.services import billing, holds, ledger
+from coordinator.services import billing, holds, ledger, replicas
 from coordinator.services.job_states import change_status, record_event
 from coordinator.services.lease_states import end_live_leases
 from coordinator.settings import CoordinatorSettings
@@ -58,8 +58,9 @@ def pause_for_balance(session: Session, job: JobModel, available: int) -> None:
 def _review(session: Session, job: JobModel, now: datetime, lookahead_s: int) -> str | None:
     assert job.accruing_since is not None and job.accruing_price is not None
     seconds = _seconds(job.accruing_since, now)
-    running = cost_for_seconds(job.accruing_price, seconds)
-    ahead = cost_for_seconds(job.accruing_price, seconds + lookahead_s)
+    pending = replicas.pending_charge(job)  # a redundant job's confirmed training, charged when it settles
+    running = cost_for_seconds(job.accruing_price, seconds) + pending
+    ahead = cost_for_seconds(job.accruing_price, seconds + lookahead_s) + pending
     if job.max_cost is not None and job.billed_micros + ahead >= job.max_cost:
         stop_at_max_cost(session, job)
         return "stopped"

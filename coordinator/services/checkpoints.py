@@ -26,17 +26,13 @@ from coordinator.services.leases import (
     job_spec, step_bound,
 )
 from coordinator.settings import CoordinatorSettings
-from coordinator.storage import BlobStore, StoredBlob
+from coordinator.storage import BlobStore, StoredBlob, checkpoint_key
 from shared.checkpoint import CheckpointRejected, CheckpointRules, check_file
 from shared.errors import NotFound, UploadRejected
 from shared.pricing import CPU
 from shared.protocol import LeaseFail
 
 log = logging.getLogger(__name__)
-
-
-def checkpoint_key(checkpoint_id: str) -> str:
-    return f"checkpoints/{checkpoint_id}"
 
 
 def _rules(session: Session, settings: CoordinatorSettings, job: JobModel, worker: WorkerModel, max_step: int) -> CheckpointRules:

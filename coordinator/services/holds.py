@@ -11,7 +11,7 @@ from __future__ import annotations
 from sqlalchemy.orm import Session
 
 from coordinator.db.tables import JobModel, utcnow
-from coordinator.services import billing
+from coordinator.services import billing, replicas
 from coordinator.services.placement import candidate, eligible, placeable_workers, requirements
 from coordinator.settings import CoordinatorSettings
 from shared.catalog import get_base_model
@@ -46,9 +46,12 @@ def estimated_cost(session: Session, job: JobModel, settings: CoordinatorSetting
 
 
 def hold_for_queue(*, session: Session, job: JobModel, settings: CoordinatorSettings) -> int:
-    """Place the hold a job needs to be queued (at create, or on resume); 402 when the balance is short."""
-    estimate = estimated_cost(session, job, settings)
-    amount = max(-(-estimate * settings.hold_margin_bps // BPS), settings.min_hold)
+    """Place the hold a job needs to be queued (at create, or on resume); 402 when the balance is short. A
+    redundant job holds for each training still to come, and for its confirmed ones waiting to settle."""
+    pending = replicas.pending_charge(job)
+    to_train = max(replicas.trainings(job.verification_mode) - len(replicas.waiting(job)), 1)
+    estimate = estimated_cost(session, job, settings) * to_train
+    amount = max(-(-estimate * settings.hold_margin_bps // BPS), settings.min_hold) + pending
     if job.max_cost is not None:
         remaining = job.max_cost - job.billed_micros
         if remaining <= 0:

@@ -69,6 +69,11 @@ def create(*, session: Session, store: BlobStore, account: AccountModel, request
         usable_file(session=session, account=account, file_id=request.validation_file, param="validation_file")
         if request.validation_file else None
     )
+    if request.verification == "redundant" and not held_out.kept_back(training.examples or 0):
+        raise InvalidRequest(
+            f"verification 'redundant' compares two trainings on a held-out sample, which needs a training file "
+            f"of at least {held_out.MIN_EXAMPLES} examples ({training.examples} given).", param="verification",
+            code="too_few_examples_to_compare")
     n_epochs = DEFAULT_EPOCHS if hp.n_epochs == "auto" else hp.n_epochs
     lora = lora_of(request)
     job = JobModel(

@@ -17,7 +17,7 @@ from sqlalchemy.orm import Session
 
 from coordinator.db.ids import new_id
 from coordinator.db.tables import LIVE_LEASE, JobModel, JobStatus, LeaseModel, LeaseStatus, WorkerModel, utcnow
-from coordinator.services import worker_states
+from coordinator.services import replicas, worker_states
 from coordinator.services.job_states import change_status, exclude, record_event
 from coordinator.services.metering import meter_lease, rule_for
 from coordinator.settings import CoordinatorSettings
@@ -96,6 +96,8 @@ def end_lease(
     lease.claim = claim
     if usage is not None:
         lease.usage = usage
+    if replicas.waiting(job):  # the job may end in this transaction, settling them: lock before any posting
+        replicas.lock_books(session, job, worker.account_id)
     if settle_later:
         job.accruing_since = job.accruing_price = None
     else:

@@ -288,12 +288,30 @@ def record_adapter(
 
 # --- finishing ------------------------------------------------------------------------------------
 
-def _reported_losses(session: Session, lease: LeaseModel) -> list[float]:
+def _metrics(session: Session, lease_id: str, job_id: str, *, started: bool = False) -> list[dict[str, Any]]:
+    """The lease's metrics events (with `started`, its "Training started" events too), oldest first."""
+    kinds = ("metrics", "message") if started else ("metrics",)
     rows = session.scalars(
-        select(JobEventModel.data).where(JobEventModel.job_id == lease.job_id, JobEventModel.type == "metrics")
+        select(JobEventModel.data).where(JobEventModel.job_id == job_id, JobEventModel.type.in_(kinds))
         .order_by(JobEventModel.id)
     ).all()
-    return [d["train_loss"] for d in rows if d and d.get("lease_id") == lease.id and d.get("train_loss") is not None]
+    return [d for d in rows if d and d.get("lease_id") == lease_id]
+
+
+def _reported_losses(session: Session, lease: LeaseModel) -> list[float]:
+    """The training losses this lease reported. A lease that resumed from a checkpoint at the end of training
+    (its step is the last the checkpoint's own lease announced) has no step left to report: the losses of the
+    lease that trained up to that checkpoint stand for it."""
+    losses = [d["train_loss"] for d in _metrics(session, lease.id, lease.job_id) if d.get("train_loss") is not None]
+    checkpoint = session.get(JobCheckpointModel, lease.resume_checkpoint_id) if lease.resume_checkpoint_id else None
+    if losses or checkpoint is None or checkpoint.lease_id is None or checkpoint.quarantined_at is not None:
+        return losses
+    earlier = [d for d in _metrics(session, checkpoint.lease_id, lease.job_id, started=True)
+               if (d.get("step") or 0) <= checkpoint.step_number]
+    announced = max((d.get("total_steps") or 0 for d in earlier), default=0)
+    if announced == 0 or checkpoint.step_number < announced:
+        return losses
+    return [d["train_loss"] for d in earlier if d.get("train_loss") is not None]
 
 
 SPEED_BOUNDS = (0.25, 3.0)  # no single lease moves a worker's ranking further than this
@@ -400,7 +418,7 @@ def complete(
     if why is not None and not verification.verifiable(f.job):
         verification.skipped(session=session, job=f.job, reason=f"{why}, but the job has no data its trainer "
                                                                 "did not see")
-    elif why is not None and f.job.verification_mode != "always" and not verification.verifier_exists(
+    elif why is not None and f.job.verification_mode == "auto" and not verification.verifier_exists(
             session, f.worker.account_id):
         verification.skipped(session=session, job=f.job, reason=f"{why}, but no worker of another provider "
                                                                 "runs verification")

@@ -5,7 +5,7 @@ from __future__ import annotations
 from sqlalchemy.orm import Session
 
 from coordinator.db.tables import AccountModel, JobModel, utcnow
-from coordinator.services import jobs
+from coordinator.services import jobs, replicas
 from coordinator.services.placement import Candidate, placeable_workers, candidate, eligible, requirements
 from coordinator.settings import CoordinatorSettings
 from shared.catalog import get_base_model
@@ -37,13 +37,14 @@ def _draft_job(session: Session, account: AccountModel, request: QuoteCreate) ->
     )
 
 
-def _offer(c: Candidate, *, base, tokens: int) -> Offer:  # type: ignore[no-untyped-def]
+def _offer(c: Candidate, *, base, tokens: int, trainings: int) -> Offer:  # type: ignore[no-untyped-def]
     tps = expected_tokens_per_s(base, get_gpu_class(c.worker.gpu_class), speed_factor=c.worker.speed_factor)
     seconds = training_seconds(tokens, tps)
     return Offer(
         worker_id=c.worker.id, gpu_class=c.worker.gpu_class, gpu_name=c.worker.gpu_name,
         price_per_gpu_hour=micros_to_usd(c.price), estimated_tokens_per_s=round(tps, 1), estimated_seconds=seconds,
-        estimated_cost=micros_to_usd(cost_for_seconds(c.price, seconds)), has_model_cached=base.id in c.cached,
+        estimated_cost=micros_to_usd(cost_for_seconds(c.price, seconds) * trainings),
+        has_model_cached=base.id in c.cached,
     )
 
 
@@ -56,7 +57,8 @@ def quote(*, session: Session, account: AccountModel, request: QuoteCreate, sett
     workers = session.scalars(placeable_workers(utcnow(), settings).limit(MAX_QUOTED_WORKERS)).all()
     session.commit()
     able = [c for c in (candidate(w, platform_fee_bps=settings.platform_fee_bps) for w in workers) if eligible(req, c)]
-    offers = [_offer(c, base=base, tokens=tokens) for c in able]
+    trainings = replicas.trainings(request.verification)
+    offers = [_offer(c, base=base, tokens=tokens, trainings=trainings) for c in able]
     cheapest = min(offers, key=lambda o: (usd_to_micros(o.estimated_cost), o.estimated_seconds), default=None)
     fastest = min(offers, key=lambda o: (o.estimated_seconds, usd_to_micros(o.estimated_cost)), default=None)
     classes = [*GPU_CLASSES, *([CPU] if cpu_can_train(base) else [])]
@@ -72,13 +74,13 @@ def quote(*, session: Session, account: AccountModel, request: QuoteCreate, sett
             workers_available=len(prices),
             price_per_gpu_hour_min=micros_to_usd(prices[0]) if prices else None,
             price_per_gpu_hour_max=micros_to_usd(prices[-1]) if prices else None,
-            estimated_cost_min=micros_to_usd(cost_for_seconds(prices[0], seconds)) if prices else None,
+            estimated_cost_min=micros_to_usd(cost_for_seconds(prices[0], seconds) * trainings) if prices else None,
         ))
     return QuoteRead(
         model=base.id, n_epochs=draft.hyperparameters["n_epochs"], estimated_tokens=tokens,
         estimated_memory_gb=round(req.memory_bytes / GIB, 2), platform_fee_percent=settings.platform_fee_bps / 100,
         workers_available=len(able), max_price_per_gpu_hour=micros_to_usd(draft.max_price_per_gpu_hour or 0),
         max_price_source=draft.max_price_source,  # type: ignore[arg-type]
-        cheapest=cheapest, fastest=fastest, gpu_classes=rows,
+        trainings=trainings, cheapest=cheapest, fastest=fastest, gpu_classes=rows,
     )
 

@@ -35,16 +35,16 @@ from sqlalchemy import select, update
 from sqlalchemy.orm import Session
 
 from coordinator.db.tables import (
-    Book, JobCheckpointModel, JobModel, JobStatus, LeaseKind, LeaseModel, LeaseStatus, WorkerModel,
+    JobCheckpointModel, JobModel, JobStatus, LeaseKind, LeaseModel, LeaseStatus, WorkerModel,
     utcnow,
 )
-from coordinator.services import ledger, results, worker_states
+from coordinator.services import replicas, results, worker_states
 from coordinator.services.fencing import FencedLease
 from coordinator.services.job_states import change_status, exclude, record_event
 from coordinator.services.lease_states import end_and_requeue, end_lease
 from coordinator.services.metering import meter_lease
 from coordinator.settings import CoordinatorSettings
-from coordinator.storage import BlobStore
+from coordinator.storage import BlobStore, checkpoint_key
 from shared.errors import InvalidRequest
 from shared.pricing import BPS
 from shared.protocol import VerificationResult
@@ -65,6 +65,8 @@ def chosen(job: JobModel, worker: WorkerModel, settings: CoordinatorSettings) ->
     """Why this job's adapter is verified (the module's rule), or None."""
     if job.verification_mode == "always":
         return "its customer asked for verification"
+    if job.verification_mode == "redundant":
+        return "its customer asked for redundant training"
     if worker.reliability < settings.verify_below_reliability:
         return f"its trainer's reliability {worker.reliability:.2f} is below {settings.verify_below_reliability:.2f}"
     if _sampled(job.id, settings.verify_share_bps):
@@ -87,13 +89,15 @@ def begin(*, session: Session, job: JobModel, lease: LeaseModel, worker: WorkerM
     """The training lease ended with a checked adapter (kept as its upload, `lease.adapter_key`, until the verdict)
     and its metering waits (the caller ended it with `settle_later`): the job waits for a verifier."""
     reported = lease.result or {}
-    seen = (job.verification or {}).get("held_out_seen_by", [])  # earlier verifications' verifiers
+    earlier = job.verification or {}  # what earlier verifications of the job leave: who saw the sample, replicas
     job.stage = LeaseKind.verify.value
     job.verification = {
         "status": "pending", "reason": reason, "lease_id": lease.id,
         "trainer": {"worker_id": worker.id, "provider_id": worker.account_id},
         "reported": {k: reported.get(k) for k in ("final_eval_loss", "final_train_loss", "steps", "trained_tokens")},
-        "not_by": [worker.account_id], "verdicts": [], "since": utcnow().isoformat(), "held_out_seen_by": seen,
+        "not_by": [worker.account_id, *replicas.providers(job)], "verdicts": [], "since": utcnow().isoformat(),
+        "held_out_seen_by": earlier.get("held_out_seen_by", []), "replicas": replicas.of(job),
+        "refuted": earlier.get("refuted", []),
     }
     change_status(session=session, job=job, to=JobStatus.queued, data={"lease_id": lease.id},
                   message=f"Training completed; the adapter is verified on another provider's worker before it is "
@@ -175,6 +179,8 @@ def report(*, session: Session, store: BlobStore, settings: CoordinatorSettings,
         end_lease(session=session, lease=f.lease, job=f.job, worker=f.worker, status=LeaseStatus.completed,
                   reason="verified the adapter", usage=usage, settle_later=True)
         _decide(session, settings, f.job, winners=agreeing, losers=disagreeing)
+        if f.job.verification_mode == "redundant":
+            return _replicated(session, store, settings, f.job, agreeing)
         return _confirmed(session, store, f.job, state, verdict)
     if len(disagreeing) >= QUORUM:
         return _refuted(session, settings, f, state, disagreement or "", usage, winners=disagreeing, losers=agreeing)
@@ -208,9 +214,8 @@ def lock_books(session: Session, job: JobModel, *providers: str) -> None:
     one order, before any moves: one transaction settles several providers' leases here."""
     state = job.verification or {}
     owners = {*providers, (state.get("trainer") or {}).get("provider_id"),
-              *(v.get("provider_id") for v in state.get("verdicts", []))}
-    ledger.lock_balances(session, [(Book.customer_available, job.account_id),
-                                   *((Book.provider_payable, owner) for owner in owners if owner)])
+              *(v.get("provider_id") for v in state.get("verdicts", [])), *replicas.providers(job)}
+    replicas.lock_books(session, job, *(owner for owner in owners if owner))
 
 
 def _settle(session: Session, job: JobModel, lease_id: str, rule: str) -> LeaseModel:
@@ -225,23 +230,102 @@ def _settle(session: Session, job: JobModel, lease_id: str, rule: str) -> LeaseM
 
 def _confirmed(session: Session, store: BlobStore, job: JobModel, state: dict[str, Any],
                verdict: dict[str, Any] | None) -> list[str]:
-    """The adapter is confirmed (or, with no `verdict`, released unverified): its training is billed and paid,
-    and the job succeeds with it as a result file."""
-    trained = _settle(session, job, state["lease_id"], "until_end")
+    """The adapter under verification is confirmed by `verdict` (or, with none, released unverified)."""
+    if verdict is None:
+        return _deliver(session, store, job, state, state["lease_id"], verified=False,
+                        how=f", unverified: {state.get('unverified_reason')}", data={"verified": False})
+    return _deliver(session, store, job, state, state["lease_id"], verified=True,
+                    how=f"; it was verified by worker {verdict['worker_id']} of another provider: {_figures(verdict)}",
+                    data={"lease_id": verdict["lease_id"], "verified": True, **verdict["figures"]})
+
+
+def _deliver(session: Session, store: BlobStore, job: JobModel, state: dict[str, Any], trained_id: str, *,
+             verified: bool, how: str, data: dict[str, Any]) -> list[str]:
+    """The training lease `trained_id` is billed and paid, and the job succeeds with its adapter as a result
+    file. Returns the upload's blob key, for the caller to delete after the commit."""
+    # A new dict each time: the one assigned before may be what the session flushed, so changing it in place
+    # would leave nothing for the next flush to write.
+    job.verification = dict(state)
+    trained = _settle(session, job, trained_id, "until_end")
     assert trained.adapter_key is not None
     job.stage = LeaseKind.train.value
-    if verdict is None:
-        file = results.deliver(session=session, store=store, job=job, lease=trained,
-                               how=f", unverified: {state.get('unverified_reason')}", data={"verified": False})
-    else:
-        file = results.deliver(session=session, store=store, job=job, lease=trained,
-                               how=f"; it was verified by worker {verdict['worker_id']} of another provider: "
-                                   f"{_figures(verdict)}",
-                               data={"lease_id": verdict["lease_id"], "verified": True, **verdict["figures"]})
-    # A new dict: the one assigned before may be what the session flushed, so changing it in place would leave
-    # nothing for the next flush to write.
-    job.verification = {**state, "status": "passed" if verdict else "unverified", "result_file": file.id}
+    file = results.deliver(session=session, store=store, job=job, lease=trained, how=how, data=data)
+    job.verification = {**job.verification, "status": "passed" if verified else "unverified", "result_file": file.id}
     return [trained.adapter_key]
+
+
+def _replicated(session: Session, store: BlobStore, settings: CoordinatorSettings, job: JobModel,
+                agreeing: list[dict[str, Any]]) -> list[str]:
+    """A redundant job's training is confirmed by its verifiers: it waits, unsettled (`replicas.py`), for a
+    second one trained from scratch elsewhere; with two, their held-out losses are compared (`_compare_replicas`).
+    Returns the blob keys the caller deletes after the commit."""
+    state = job.verification or {}
+    trained = session.get(LeaseModel, state["lease_id"])
+    assert trained is not None
+    losses = sorted(v["figures"]["heldout_adapter_loss"] for v in agreeing)
+    replica = {"lease_id": trained.id, **state["trainer"], "heldout_adapter_loss": losses[len(losses) // 2],
+               "heldout_base_loss": agreeing[0]["figures"]["heldout_base_loss"],
+               "charge": replicas.charge_of(job, trained), "outcome": replicas.WAITING}
+    job.verification = {**state, "replicas": [*replicas.of(job), replica]}
+    record_event(session=session, job=job, data={"lease_id": trained.id},
+                 message=f"Training {len(replicas.of(job))} confirmed by {len(agreeing)} verifier(s): held-out loss "
+                         f"{replica['heldout_adapter_loss']:.4f} (base {replica['heldout_base_loss']:.4f})")
+    waiting = replicas.waiting(job)
+    if len(waiting) < replicas.trainings(job.verification_mode):
+        return _next_replica(session, job, why="a second training, from scratch on another provider, is compared "
+                                               "with it")
+    better, worse = sorted(waiting, key=lambda r: r["heldout_adapter_loss"])
+    gap = worse["heldout_adapter_loss"] - better["heldout_adapter_loss"]
+    allowed = settings.verify_tolerance + settings.verify_tolerance_share * better["heldout_adapter_loss"]
+    if gap <= allowed:
+        replicas.mark(job, better["lease_id"], "delivered")  # settled as the job's adapter; the other as it ends
+        unused = [k for k in (_upload(session, worse["lease_id"]),) if k]
+        how = (f"; two trainings on independent providers, each verified, agree on the held-out sample (loss "
+               f"{better['heldout_adapter_loss']:.4f} and {worse['heldout_adapter_loss']:.4f}, base "
+               f"{better['heldout_base_loss']:.4f}); the better one is delivered")
+        return [*_deliver(session, store, job, job.verification or {}, better["lease_id"], verified=True, how=how,
+                          data={"verified": True, "heldout_base_loss": better["heldout_base_loss"],
+                                "heldout_adapter_loss": better["heldout_adapter_loss"],
+                                "other_heldout_adapter_loss": worse["heldout_adapter_loss"]}), *unused]
+    why = (f"its held-out loss {worse['heldout_adapter_loss']:.4f} is worse than the other training's "
+           f"{better['heldout_adapter_loss']:.4f} by more than {allowed:.4f}")
+    _settle(session, job, worse["lease_id"], "not_billed")
+    replicas.mark(job, worse["lease_id"], "refuted")
+    trainer = session.get(WorkerModel, worse["worker_id"], with_for_update=True, populate_existing=True)
+    assert trainer is not None
+    worker_states.work_refuted(session=session, worker=trainer, max_failed_checks=settings.suspend_after_failed_checks)
+    job.verification = {**(job.verification or {}),
+                        "refuted": [*(job.verification or {}).get("refuted", []),
+                                    {"lease_id": worse["lease_id"], "why": why}]}
+    record_event(session=session, job=job, level="warn", data={"lease_id": worse["lease_id"]},
+                 message=f"The training of worker {trainer.id} is not paid nor billed: {why}")
+    unused = [k for k in (_upload(session, worse["lease_id"]),) if k]
+    return [*unused, *_next_replica(session, job, why="another training, from scratch on another provider, is "
+                                                       "compared with the better one")]
+
+
+def _upload(session: Session, lease_id: str) -> str | None:
+    lease = session.get(LeaseModel, lease_id)
+    return lease.adapter_key if lease is not None else None
+
+
+def _next_replica(session: Session, job: JobModel, *, why: str) -> list[str]:
+    """The job trains again from scratch: never on a provider that trained it before (nor one that saw the
+    held-out sample), and never from an earlier training's checkpoints (their content is dropped). Returns their
+    blob keys, for the caller to delete after the commit."""
+    for provider in session.scalars(select(WorkerModel.account_id).join(
+            LeaseModel, LeaseModel.worker_id == WorkerModel.id).where(
+            LeaseModel.job_id == job.id, LeaseModel.kind == LeaseKind.train).distinct()):
+        exclude(job, provider=provider)
+    retired = session.scalars(select(JobCheckpointModel).where(
+        JobCheckpointModel.job_id == job.id, JobCheckpointModel.blob_sha256.is_not(None))).all()
+    for checkpoint in retired:
+        checkpoint.blob_sha256 = checkpoint.blob_bytes = None
+    job.stage = LeaseKind.train.value
+    job.verification = {**(job.verification or {}), "status": "pending"}
+    change_status(session=session, job=job, to=JobStatus.queued, data={"training": len(replicas.of(job)) + 1},
+                  message=f"Training again from scratch: {why}")
+    return [checkpoint_key(c.id) for c in retired]
 
 
 def _refuted(session: Session, settings: CoordinatorSettings, f: FencedLease, state: dict[str, Any], why: str,
@@ -296,7 +380,7 @@ def stop_waiting(*, session: Session, store: BlobStore, settings: CoordinatorSet
     released = 0
     for job_id in session.scalars(select(JobModel.id).where(
             JobModel.stage == LeaseKind.verify.value, JobModel.status == JobStatus.queued,
-            JobModel.verification_mode != "always").order_by(JobModel.id).limit(WAIT_BATCH)).all():
+            JobModel.verification_mode == "auto").order_by(JobModel.id).limit(WAIT_BATCH)).all():
         job = session.scalars(select(JobModel).where(JobModel.id == job_id, JobModel.status == JobStatus.queued,
                                                      JobModel.stage == LeaseKind.verify.value)
                               .with_for_update(skip_locked=True).execution_options(populate_existing=True)).first()

@@ -16,6 +16,7 @@ ModuleName = Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9_.]{1,64}$")]
 MetadataKey = Annotated[str, StringConstraints(min_length=1, max_length=64)]
 MetadataValue = Annotated[str, StringConstraints(max_length=512)]
 GpuName = Annotated[str, StringConstraints(min_length=1, max_length=64, strip_whitespace=True)]
+VerificationMode = Literal["auto", "always", "redundant"]
 Usd = Annotated[Decimal, Field(gt=0, le=1_000_000)]
 
 
@@ -69,10 +70,12 @@ class JobCreate(Request):
         default=None, description="GPU names to allow, matched as case-insensitive substrings (e.g. 'RTX 4090')."
     )
     trusted_hosts_only: bool = False
-    verification: Literal["auto", "always"] = Field(
+    verification: VerificationMode = Field(
         default="auto", description="'always': a worker of another provider verifies the adapter before the job "
-        "succeeds (at the platform's cost); 'auto': the platform verifies a share of jobs and every job of a "
-        "provider below its reliability threshold")
+        "succeeds (at the platform's cost); 'redundant': the job trains twice, on two independent providers, each "
+        "adapter is verified and their held-out losses compared (the customer pays both trainings, quoted up "
+        "front; needs a training file of at least 20 examples); 'auto': the platform verifies a share of jobs "
+        "and every job of a provider below its reliability threshold")
 
     _check_usd = field_validator("max_price_per_gpu_hour", "max_cost")(_six_places)
 
@@ -147,11 +150,22 @@ class JobRead(Reply):
     verification: VerificationRead
 
 
+class ReplicaRead(Reply):
+    """One of a redundant job's trainings, as its verifiers measured it."""
+
+    worker_id: str
+    heldout_adapter_loss: float
+    outcome: Literal["confirmed", "delivered", "settled", "refuted"] = Field(
+        description="confirmed: verified, waiting for the other training; delivered: the adapter the job "
+        "returns; settled: verified, agreed with the delivered one, paid; refuted: its held-out loss was "
+        "worse than the other's beyond the tolerance, not billed nor paid")
+
+
 class VerificationRead(Reply):
     """What independent verification found: a worker of another provider evaluated the adapter on a held-out
     sample its trainer never received."""
 
-    mode: Literal["auto", "always"]
+    mode: VerificationMode
     status: Literal["not_selected", "pending", "passed", "failed", "skipped", "unverified", "cancelled"]
     reason: str | None = None
     heldout_base_loss: float | None = None
@@ -159,6 +173,8 @@ class VerificationRead(Reply):
     valid_adapter_loss: float | None = None
     reported_valid_loss: float | None = None
     held_out_examples: int = 0
+    replicas: list[ReplicaRead] = Field(default_factory=list, description="with 'redundant': each training "
+                                        "whose adapter a verifier confirmed, and what came of it")
 
 
 class JobList(Page):

@@ -7,7 +7,7 @@ from typing import Annotated, Literal
 from pydantic import Field, field_validator, model_validator
 
 from shared.schemas.common import Reply, Request
-from shared.schemas.jobs import GpuName, Hyperparameters, LoraConfig, MethodCreate, Usd, _six_places
+from shared.schemas.jobs import GpuName, Hyperparameters, LoraConfig, MethodCreate, Usd, VerificationMode, _six_places
 
 
 class QuoteCreate(Request):
@@ -25,6 +25,7 @@ class QuoteCreate(Request):
     min_vram_gb: int | None = Field(default=None, ge=1, le=1024)
     gpu_filter: Annotated[list[GpuName], Field(min_length=1, max_length=16)] | None = None
     trusted_hosts_only: bool = False
+    verification: VerificationMode = Field(default="auto", description="as on the job: 'redundant' trains twice")
 
     _check_usd = field_validator("max_price_per_gpu_hour", "max_cost")(_six_places)
 
@@ -70,6 +71,8 @@ class QuoteRead(Reply):
     max_price_per_gpu_hour: str = Field(description="the highest price per GPU-hour the job would pay, USD decimal "
                                         "string: the request's, or the market's default cap")
     max_price_source: Literal["customer", "market"]
+    trainings: int = Field(description="how many times the job trains (2 with verification 'redundant', on two "
+                           "providers); every estimated cost here covers all of them")
     cheapest: Offer | None
     fastest: Offer | None
     gpu_classes: list[GpuClassQuote]

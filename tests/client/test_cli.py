@@ -47,12 +47,15 @@ def test_upload_quote_create_show_list_events_and_cancel(tunegrid, tmp_path: Pat
 
     code, out = tunegrid("--json", "quote", "--model", "tunegrid/tiny-llama", "--file", file["id"])
     assert code == 0 and json.loads(out)["estimated_tokens"] > 0
+    code, out = tunegrid("quote", "--model", "tunegrid/tiny-llama", "--file", file["id"], "--verification", "redundant")
+    assert code == 0 and "trained 2 times" in out
 
     code, out = tunegrid("--json", "jobs", "create", "--model", "tunegrid/tiny-llama", "--file", file["id"],
-                         "--epochs", "1", "--max-cost", "1")
+                         "--epochs", "1", "--max-cost", "1", "--verification", "redundant")
     assert code == 0
     job = json.loads(out)
     assert job["status"] in ("queued", "running") and job["training_file"] == file["id"]
+    assert job["verification"]["mode"] == "redundant"
 
     code, out = tunegrid("jobs", "list")
     assert code == 0 and job["id"] in out

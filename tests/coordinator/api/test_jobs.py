@@ -67,6 +67,8 @@ BAD = {
     "integrations": ({"integrations": [{"type": "wandb"}]}, "integrations", "unsupported_integration"),
     "missing model": ({"model": None}, "model", "invalid_value"),
     "wrong type": ({"trusted_hosts_only": "maybe"}, "trusted_hosts_only", "invalid_value"),
+    "unknown verification": ({"verification": "twice"}, "verification", "invalid_value"),
+    "redundant on a small file": ({"verification": "redundant"}, "verification", "too_few_examples_to_compare"),
 }
 
 

@@ -20,7 +20,9 @@ def test_quote_from_a_training_file_with_no_workers(client: TestClient, customer
     assert body["workers_available"] == 0 and body["cheapest"] is None and body["fastest"] is None
     classes = {row["gpu_class"]: row for row in body["gpu_classes"]}
     assert classes["cpu"]["fits"] and classes["rtx-4090"]["estimated_tokens_per_s"] > classes["rtx-3060"]["estimated_tokens_per_s"]
-    assert classes["rtx-4090"]["price_per_gpu_hour_min"] is None
+    assert classes["rtx-4090"]["price_per_gpu_hour_min"] is None and body["trainings"] == 1
+    twice = quote(client, customer, model="tunegrid/tiny-llama", training_file=training_file, verification="redundant")
+    assert twice.status_code == 200 and twice.json()["trainings"] == 2
 
 
 def test_quote_offers_the_cheapest_and_the_fastest_idle_worker(client: TestClient, customer, make_caller) -> None:  # type: ignore[no-untyped-def]

@@ -294,3 +294,30 @@ def test_a_suspended_worker_is_handed_nothing(service_agent: Agents, new_job: Ne
     session.commit()
     new_job()
     assert agent.claim() is None
+
+
+@pytest.mark.parametrize("saved,completes", [(4, True), (2, False)], ids=["at the end", "mid-training"])
+def test_a_lease_resumed_from_the_last_checkpoint_completes_with_the_progress_that_led_to_it(
+    session: Session, settings: CoordinatorSettings, service_agent: Agents, new_job: NewJob, saved: int,
+    completes: bool,
+) -> None:
+    """The checkpoint at the last step its lease announced leaves the next lease nothing to train: its adapter
+    is checked against the earlier lease's losses. A checkpoint short of the end leaves steps to report."""
+    from coordinator.services.lease_states import reap  # noqa: PLC0415
+    from tests.coordinator.services.test_lease_states import silence  # noqa: PLC0415
+
+    job, first, lease_id = placed(service_agent, new_job)
+    first.events(lease_id, {"type": "started", "total_steps": 4})
+    first.progress(lease_id, step=saved, loss=2.0, total_steps=4)
+    first.upload_checkpoint(lease_id, saved, first.checkpoint_for(lease_id, saved))
+    silence(session, lease_id, settings.lease_grace_s + 1)
+    assert reap(session=session, settings=settings)["lost"] == 1
+    second = service_agent("pc-2")
+    b = second.claim()
+    assert b is not None and b.resume_from is not None and b.resume_from.step == saved
+    second.events(b.lease_id, {"type": "started", "total_steps": 4, "step": saved})
+    adapter = adapter_archive()
+    second.upload_adapter(b.lease_id, adapter)
+    f = second.complete(b.lease_id, adapter, loss=2.0)
+    assert (f.lease.status is LeaseStatus.completed) is completes, f.lease.end_reason
+    assert (fresh(session, job).status is JobStatus.succeeded) is completes

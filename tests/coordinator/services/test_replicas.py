@@ -1,0 +1,149 @@
+"""`verification: "redundant"` on a real database (`services/replicas.py`, `verification._replicated`): the job
+trains twice, from scratch, on two independent providers; each adapter is verified; the held-out losses are
+compared; the customer pays both trainings only when they agree, and a worse one beyond the tolerance is neither
+billed nor paid."""
+
+from __future__ import annotations
+
+import io
+from datetime import timedelta
+
+import pytest
+from sqlalchemy import update
+from sqlalchemy.orm import Session
+
+from coordinator.db.tables import AccountModel, Book, JobCheckpointModel, JobModel, JobStatus, LeaseModel, utcnow
+from coordinator.services import files, jobs, ledger, quotes, replicas
+from coordinator.settings import CoordinatorSettings
+from coordinator.storage import BlobStore
+from shared.errors import InvalidRequest
+from shared.schemas.jobs import JobCreate
+from shared.schemas.quotes import QuoteCreate
+from tests.conftest import chat_lines, jsonl
+from tests.coordinator.services.test_verification import (  # noqa: F401 - big_job is a fixture
+    AGREE, REPORTED, Agents, big_job, fresh, usage, verifier,
+)
+
+
+def train(agent, job: JobModel, *, checkpoint: bool = False) -> str:  # type: ignore[no-untyped-def]
+    """One training of the job by `agent`, ten minutes long, from scratch; its lease id."""
+    a = agent.claim()
+    assert a is not None and a.job_id == job.id and a.kind == "train"
+    assert a.resume_from is None  # a training never starts from another training's checkpoints
+    agent.progress(a.lease_id)
+    agent.session.execute(update(LeaseModel).where(LeaseModel.id == a.lease_id).values(
+        training_started_at=utcnow() - timedelta(seconds=600)))
+    agent.session.commit()
+    if checkpoint:
+        agent.upload_checkpoint(a.lease_id, 1, agent.checkpoint_for(a.lease_id, 1))
+    agent.finish(a.lease_id, eval_loss=REPORTED)
+    return a.lease_id
+
+
+def outcomes(job: JobModel) -> dict[str, str]:
+    return {r["lease_id"]: r["outcome"] for r in replicas.of(job)}
+
+
+def test_two_agreeing_trainings_are_both_paid_and_the_better_adapter_is_delivered(
+    session: Session, big_job, service_agent: Agents, new_provider, provider_account: AccountModel,  # type: ignore[no-untyped-def]
+) -> None:
+    job = big_job(verification="redundant")
+    first_trainer = service_agent("trainer-pc")
+    first = train(first_trainer, job, checkpoint=True)
+    vera, check_first = verifier(service_agent, new_provider, "vera")
+    vera.verify(check_first, **AGREE)
+    again = fresh(session, job)
+    assert (again.status, again.stage, again.result_files) == (JobStatus.queued, "train", [])
+    assert outcomes(again) == {first: "confirmed"}
+    assert usage(session, first) is None  # waits for the other training
+    assert usage(session, check_first) is not None  # the verifier is paid as usual
+    pending = replicas.pending_charge(again)
+    assert pending > 0 and again.held_micros >= pending
+    assert all(c.blob_sha256 is None for c in session.query(JobCheckpointModel).filter_by(job_id=job.id))
+    assert service_agent("trainer-pc-2").claim() is None  # the first trainer's provider never trains it again
+    assert vera.claim() is None  # the verifier saw the held-out sample
+    second = train(service_agent("bob-pc", provider=new_provider("bob")), job)
+    assert fresh(session, job).stage == "verify"
+    assert service_agent("trainer-pc-3").claim(kinds=["train", "verify"]) is None  # a rival does not judge it
+    other, check_second = verifier(service_agent, new_provider, "otto")
+    other.verify(check_second, **{**AGREE, "heldout_adapter_loss": 2.03})
+    done = fresh(session, job)
+    assert done.status is JobStatus.succeeded and done.verification["status"] == "passed"  # type: ignore[index]
+    assert outcomes(done) == {first: "delivered", second: "settled"}
+    assert done.result_files and replicas.pending_charge(done) == 0 and done.held_micros == 0
+    for lease_id in (first, second):
+        record = usage(session, lease_id)
+        assert record is not None and record.rule == "until_end" and record.charge_micros > 0
+    assert done.billed_micros == usage(session, first).charge_micros + usage(session, second).charge_micros  # type: ignore[union-attr]
+    assert ledger.audit(session).ok
+
+
+def test_a_training_worse_beyond_the_tolerance_is_not_paid_and_a_third_one_decides(
+    session: Session, big_job, service_agent: Agents, new_provider,  # type: ignore[no-untyped-def]
+) -> None:
+    job = big_job(verification="redundant")
+    first = train(service_agent("trainer-pc"), job)
+    vera, check = verifier(service_agent, new_provider, "vera")
+    vera.verify(check, **AGREE)
+    bob = service_agent("bob-pc", provider=new_provider("bob"))
+    lazy = train(bob, job)  # a tenth of the steps: it improves on the base, but less
+    otto, check = verifier(service_agent, new_provider, "otto")
+    otto.verify(check, **{**AGREE, "heldout_adapter_loss": 2.5})
+    again = fresh(session, job)
+    assert (again.status, again.stage) == (JobStatus.queued, "train")
+    assert outcomes(again) == {first: "confirmed", lazy: "refuted"}
+    refused = usage(session, lazy)
+    assert refused is not None and refused.rule == "not_billed" and refused.charge_micros == refused.provider_micros == 0
+    session.refresh(bob.worker)
+    assert bob.worker.failed_checks == 1
+    third = train(service_agent("carl-pc", provider=new_provider("carl")), job)
+    vic, check = verifier(service_agent, new_provider, "vic")
+    vic.verify(check, **{**AGREE, "heldout_adapter_loss": 1.98})
+    done = fresh(session, job)
+    assert done.status is JobStatus.succeeded
+    assert outcomes(done) == {first: "settled", lazy: "refuted", third: "delivered"}
+    assert usage(session, first).rule == usage(session, third).rule == "until_end"  # type: ignore[union-attr]
+    assert ledger.audit(session).ok
+
+
+def test_a_cancel_while_the_second_training_runs_pays_the_confirmed_one(
+    session: Session, big_job, service_agent: Agents, new_provider, customer_account: AccountModel,  # type: ignore[no-untyped-def]
+) -> None:
+    job = big_job(verification="redundant")
+    first = train(service_agent("trainer-pc"), job)
+    vera, check = verifier(service_agent, new_provider, "vera")
+    vera.verify(check, **AGREE)
+    a = service_agent("bob-pc", provider=new_provider("bob")).claim()
+    assert a is not None
+    jobs.cancel(session=session, account=customer_account, job_id=job.id)
+    done = fresh(session, job)
+    assert done.status is JobStatus.cancelled and outcomes(done) == {first: "settled"}
+    assert usage(session, first).rule == "until_end" and done.held_micros == 0  # type: ignore[union-attr]
+    assert ledger.balance(session, Book.customer_held, customer_account.id) == 0
+    assert ledger.audit(session).ok
+
+
+def test_redundant_needs_a_held_out_sample_and_is_quoted_twice(
+    session: Session, store: BlobStore, settings: CoordinatorSettings, customer_account: AccountModel,
+    service_agent: Agents,
+) -> None:
+    service_agent("trainer-pc").claim()  # idle and placeable, so the quote has prices
+    small = files.upload(session=session, store=store, account=customer_account, filename="small.jsonl",
+                         purpose="fine-tune", source=io.BytesIO(jsonl(chat_lines(12))),
+                         max_bytes=settings.max_upload_bytes, min_examples=settings.min_training_examples,
+                         retention=timedelta(days=1))
+    with pytest.raises(InvalidRequest) as refused:
+        jobs.create(session=session, store=store, account=customer_account, settings=settings,
+                    request=JobCreate(model="tunegrid/tiny-llama", training_file=small.id, verification="redundant"))
+    assert refused.value.code == "too_few_examples_to_compare" and refused.value.param == "verification"
+    asked = {"model": "tunegrid/tiny-llama", "training_tokens": 100_000}
+    once = quotes.quote(session=session, account=customer_account, settings=settings, request=QuoteCreate(**asked))
+    twice = quotes.quote(session=session, account=customer_account, settings=settings,
+                         request=QuoteCreate(**asked, verification="redundant"))
+    assert (once.trainings, twice.trainings) == (1, 2)
+    assert once.cheapest is not None and twice.cheapest is not None
+    assert float(twice.cheapest.estimated_cost) == pytest.approx(2 * float(once.cheapest.estimated_cost), abs=2e-6)
+    priced = [(a, b) for a, b in zip(once.gpu_classes, twice.gpu_classes, strict=True) if a.estimated_cost_min]
+    assert priced
+    for a, b in priced:
+        assert float(b.estimated_cost_min) == pytest.approx(2 * float(a.estimated_cost_min), abs=2e-6)  # type: ignore[arg-type]
