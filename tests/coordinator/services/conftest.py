@@ -68,3 +68,17 @@ def service_agent(session: Session, settings: CoordinatorSettings, store: BlobSt
 def new_provider(session: Session) -> Callable[[str], AccountModel]:
     """Another provider's account (a worker of theirs is independent of `provider_account`'s)."""
     return lambda name: create_account(session=session, name=name, role=Role.provider)
+
+
+@pytest.fixture
+def big_job(session: Session, store: BlobStore, settings: CoordinatorSettings,
+            customer_account: AccountModel) -> Callable[..., JobModel]:
+    """A job on 40 examples: 2 of them are kept back as its held-out sample."""
+    file = files.upload(session=session, store=store, account=customer_account, filename="train.jsonl",
+                        purpose="fine-tune", source=io.BytesIO(jsonl(chat_lines(40))), max_bytes=settings.max_upload_bytes,
+                        min_examples=settings.min_training_examples, retention=timedelta(days=1))
+
+    def make(**fields: object) -> JobModel:
+        request = JobCreate.model_validate({"model": "tunegrid/tiny-llama", "training_file": file.id, **fields})
+        return jobs.create(session=session, store=store, account=customer_account, request=request, settings=settings)
+    return make

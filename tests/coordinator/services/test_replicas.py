@@ -20,9 +20,7 @@ from shared.errors import InvalidRequest
 from shared.schemas.jobs import JobCreate
 from shared.schemas.quotes import QuoteCreate
 from tests.conftest import chat_lines, jsonl
-from tests.coordinator.services.test_verification import (  # noqa: F401 - big_job is a fixture
-    AGREE, REPORTED, Agents, big_job, fresh, usage, verifier,
-)
+from tests.coordinator.services.test_verification import AGREE, REPORTED, Agents, fresh, usage, verifier
 
 
 def train(agent, job: JobModel, *, checkpoint: bool = False) -> str:  # type: ignore[no-untyped-def]

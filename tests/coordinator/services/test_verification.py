@@ -4,7 +4,6 @@ each outcome (training metered at the verdict, verifiers paid from the platform'
 
 from __future__ import annotations
 
-import io
 from collections.abc import Callable
 from datetime import timedelta
 
@@ -15,13 +14,11 @@ from sqlalchemy.orm import Session
 from coordinator.db.tables import (
     AccountModel, Book, JobCheckpointModel, JobModel, JobStatus, LeaseModel, UsageRecordModel, utcnow,
 )
-from coordinator.services import files, jobs, leases, ledger, reports, verification
+from coordinator.services import jobs, leases, ledger, reports, verification
 from coordinator.settings import CoordinatorSettings
 from coordinator.storage import BlobStore
 from shared.errors import NotFound
 from shared.protocol import VerificationResult
-from shared.schemas.jobs import JobCreate
-from tests.conftest import chat_lines, jsonl
 from tests.fakes import ServiceAgent
 
 Agents = Callable[..., ServiceAgent]
@@ -29,20 +26,6 @@ AGREE = {"heldout_base_loss": 3.0, "heldout_adapter_loss": 2.0, "heldout_tokens"
          "valid_adapter_loss": 1.01, "valid_tokens": 30}
 DISAGREE = {**AGREE, "valid_adapter_loss": 2.5}
 REPORTED = 1.0  # the trainer's final validation loss
-
-
-@pytest.fixture
-def big_job(session: Session, store: BlobStore, settings: CoordinatorSettings,
-            customer_account: AccountModel) -> Callable[..., JobModel]:
-    """A job on 40 examples: 2 of them are kept back as its held-out sample."""
-    file = files.upload(session=session, store=store, account=customer_account, filename="train.jsonl",
-                        purpose="fine-tune", source=io.BytesIO(jsonl(chat_lines(40))), max_bytes=settings.max_upload_bytes,
-                        min_examples=settings.min_training_examples, retention=timedelta(days=1))
-
-    def make(**fields: object) -> JobModel:
-        request = JobCreate.model_validate({"model": "tunegrid/tiny-llama", "training_file": file.id, **fields})
-        return jobs.create(session=session, store=store, account=customer_account, request=request, settings=settings)
-    return make
 
 
 def fresh(session: Session, job: JobModel) -> JobModel:
