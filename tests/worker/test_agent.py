@@ -46,7 +46,8 @@ def assignment(*, resume: bytes | None = None) -> Assignment:
 @dataclass
 class FakeChannel:
     """The coordinator as the agent sees it: one assignment to hand out, then stop the agent; every call
-    recorded in order. `down` makes every call unreachable (an outage); `lost` makes lease calls 409."""
+    recorded in order. `down` makes every call unreachable (an outage); `lost` makes lease calls 409 and heartbeats
+    answer `lease_lost` (the lease may have nothing left to report when it is lost)."""
 
     to_hand: Assignment | None
     files: dict[str, bytes] = field(default_factory=dict)
@@ -72,6 +73,8 @@ class FakeChannel:
     def heartbeat(self, body: dict[str, Any]) -> HeartbeatReply:
         self._reach(lease_call=False)
         commands, self.commands = self.commands, []
+        if self.lost:  # as the coordinator answers a heartbeat naming a lease that is no longer live
+            commands.append(Command(type="lease_lost", lease_id=LEASE, reason="not live"))
         return HeartbeatReply(commands=commands, heartbeat_interval_s=10)
 
     def events(self, lease_id: str, token: int, events: list[dict[str, Any]]) -> LeaseReply:
