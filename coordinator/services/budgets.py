@@ -14,10 +14,11 @@ from sqlalchemy.orm import Session
 
 from coordinator.db.tables import Book, JobCheckpointModel, JobModel, JobStatus, utcnow
 from coordinator.effects import effects
-from coordinator.services import billing, holds, ledger, replicas
+from coordinator.services import billing, holds, ledger, replicas, results
 from coordinator.services.job_states import change_status, record_event
 from coordinator.services.lease_states import end_live_leases
 from coordinator.settings import CoordinatorSettings
+from coordinator.storage import BlobStore
 from shared.errors import Conflict, PaymentRequired
 from shared.money import micros_to_usd
 from shared.pricing import cost_for_seconds
@@ -38,9 +39,14 @@ def _last_checkpoint(session: Session, job: JobModel) -> str:
     return f"its last checkpoint {checkpoint.id} (step {checkpoint.step_number}) is kept"
 
 
-def stop_at_max_cost(session: Session, job: JobModel) -> None:
+def stop_at_max_cost(session: Session, job: JobModel, settings: CoordinatorSettings) -> None:
+    """The job reached its max_cost: it stops and fails, or, a redundant job with a confirmed training, delivers
+    that (`results.deliver_uncompared`)."""
     assert job.max_cost is not None
     end_live_leases(session=session, job=job, reason="the job reached its max_cost")
+    why = f"the job reached its max_cost of ${micros_to_usd(job.max_cost)} before its next training finished"
+    if results.deliver_uncompared(session=session, store=BlobStore(settings.resolved_storage_dir), job=job, why=why):
+        return
     message = (f"The job reached its max_cost of ${micros_to_usd(job.max_cost)} and was stopped "
                f"(charged ${micros_to_usd(job.billed_micros)}); {_last_checkpoint(session, job)}")
     change_status(session=session, job=job, to=JobStatus.failed, message=message,
@@ -55,14 +61,14 @@ def pause_for_balance(session: Session, job: JobModel, available: int) -> None:
                   data={"code": "insufficient_balance"})
 
 
-def _review(session: Session, job: JobModel, now: datetime, lookahead_s: int) -> str | None:
+def _review(session: Session, job: JobModel, now: datetime, lookahead_s: int, settings: CoordinatorSettings) -> str | None:
     assert job.accruing_since is not None and job.accruing_price is not None
     seconds = _seconds(job.accruing_since, now)
     pending = replicas.pending_charge(job)  # a redundant job's confirmed training, charged when it settles
     running = cost_for_seconds(job.accruing_price, seconds) + pending
     ahead = cost_for_seconds(job.accruing_price, seconds + lookahead_s) + pending
     if job.max_cost is not None and job.billed_micros + ahead >= job.max_cost:
-        stop_at_max_cost(session, job)
+        stop_at_max_cost(session, job, settings)
         return "stopped"
     if ahead <= job.held_micros:
         return None
@@ -92,7 +98,7 @@ def _rehold(session: Session, job: JobModel, settings: CoordinatorSettings) -> s
                       data={"code": "insufficient_balance"})
         return "paused"
     except Conflict:  # max_cost already reached by the leases so far
-        stop_at_max_cost(session, job)
+        stop_at_max_cost(session, job, settings)
         return "stopped"
     record_event(session=session, job=job, message=f"${micros_to_usd(job.held_micros)} held again on your balance")
     effects(session).placeable = True
@@ -119,7 +125,7 @@ def enforce_budgets(*, session: Session, settings: CoordinatorSettings) -> dict[
         job = _locked(session, job_id)
         outcome = None
         if job is not None and job.status is JobStatus.running and job.accruing_since is not None:
-            outcome = _review(session, job, now, lookahead_s)
+            outcome = _review(session, job, now, lookahead_s, settings)
         session.commit()
         if outcome:
             counts[outcome] += 1

@@ -13,7 +13,7 @@ from sqlalchemy.orm.exc import StaleDataError
 
 from coordinator.db.ids import new_id
 from coordinator.effects import effects
-from coordinator.services import billing, replicas
+from coordinator.services import billing, metering, replicas
 from coordinator.db.tables import JobEventModel, JobModel, JobStatus, utcnow
 from shared.errors import Conflict
 
@@ -64,7 +64,7 @@ def change_status(
         job.finished_at = utcnow()
         job.estimated_finish = None
     if to in TERMINAL:
-        replicas.settle_pending(session, job)  # confirmed trainings of a redundant job are paid however it ends
+        metering.settle_waiting(session, job)  # confirmed trainings of a redundant job are paid however it ends
     if to in TERMINAL or to is S.paused:
         billing.release(session=session, job=job, reason=f"the job is {to.value}",
                         keep=replicas.pending_charge(job))

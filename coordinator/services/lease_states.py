@@ -17,10 +17,11 @@ from sqlalchemy.orm import Session
 
 from coordinator.db.ids import new_id
 from coordinator.db.tables import LIVE_LEASE, JobModel, JobStatus, LeaseModel, LeaseStatus, WorkerModel, utcnow
-from coordinator.services import replicas, worker_states
+from coordinator.services import replicas, results, worker_states
 from coordinator.services.job_states import change_status, exclude, record_event
 from coordinator.services.metering import meter_lease, rule_for
 from coordinator.settings import CoordinatorSettings
+from coordinator.storage import BlobStore
 from shared.errors import Conflict
 
 REAP_BATCH = 500  # leases one reaper pass handles; the next pass takes the rest
@@ -113,13 +114,17 @@ def end_lease(
 
 
 def _requeue_or_fail(
-    *, session: Session, job: JobModel, reason: str, count_attempt: bool, max_attempts: int,
+    *, session: Session, job: JobModel, reason: str, count_attempt: bool, settings: CoordinatorSettings,
 ) -> None:
     """Send a running job back to the queue (it resumes from its last checkpoint), or fail it when the
-    worker losses reached `max_attempts`."""
+    worker losses reached `max_attempts` (a redundant job with a confirmed training delivers that instead)."""
     if count_attempt:
         job.attempts += 1
-    if job.attempts >= max_attempts:
+    if job.attempts >= settings.max_attempts:
+        why = f"the next training failed on {job.attempts} workers in a row (last: {reason})"
+        if results.deliver_uncompared(session=session, store=BlobStore(settings.resolved_storage_dir), job=job,
+                                      why=why):
+            return
         change_status(
             session=session, job=job, to=JobStatus.failed,
             message=f"{reason}; the job failed after {job.attempts} worker failures",
@@ -154,7 +159,7 @@ def end_and_requeue(
               failed_check=failed_check, counts_against_worker=counts_against_worker, unbilled=unbilled, claim=claim,
               settle_later=settle_later)
     _requeue_or_fail(session=session, job=job, reason=job_reason or reason, count_attempt=count_attempt,
-                    max_attempts=settings.max_attempts)
+                    settings=settings)
 
 
 # --- the coordinator's own endings ----------------------------------------------------------------

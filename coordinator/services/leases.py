@@ -23,7 +23,7 @@ from coordinator.db.tables import (
     LIVE_LEASE, FileModel, LeaseKind, JobCheckpointModel, JobEventModel, JobModel, JobStatus, LeaseModel,
     LeaseStatus, WorkerModel, WorkerState, utcnow,
 )
-from coordinator.services import files, held_out, results, verification
+from coordinator.services import files, held_out, replicas, results, verification
 from coordinator.services.adapters import AdapterRejected, adapter_limit, verify_adapter
 from coordinator.services.job_states import change_status, exclude, record_event
 from coordinator.services import worker_states
@@ -488,8 +488,9 @@ def _user_error(*, session: Session, settings: CoordinatorSettings, f: FencedLea
     """A worker says the customer's data is bad. The coordinator validated it, so that is a claim: the lease is
     neither billed nor paid, counts against the worker, and the job retries on another provider's worker. Only
     when a worker of a second provider claims the same does the job fail as the customer's, billed until the end
-    (`metering`), and the first claim stops counting against its worker."""
-    earlier = session.execute(
+    (`metering`), and the first claim stops counting against its worker. A redundant job one of whose trainings
+    its verifiers confirmed trained on that data: no claim about it is ever confirmed."""
+    earlier = None if replicas.of(f.job) else session.execute(
         select(LeaseModel.id, LeaseModel.worker_id).join(WorkerModel, WorkerModel.id == LeaseModel.worker_id)
         .where(LeaseModel.job_id == f.job.id, LeaseModel.claim == USER_ERROR, LeaseModel.id != f.lease.id,
                WorkerModel.account_id != f.worker.account_id)

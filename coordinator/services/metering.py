@@ -17,7 +17,8 @@ its end when the adapter is confirmed, nothing when it is refuted. A verificatio
 the customer pays nothing for it, the verifier earns its ask, booked to the platform's verification book.
 
 The worker's own measurement is compared: when it says it worked less than we saw (`until_end` leases),
-the lower figure is billed and the record says so. A job's `max_cost` caps the charge. The customer pays
+the lower figure is billed and the record says so. A job's `max_cost` caps the charge, less what a redundant
+job's confirmed training waiting to settle will be charged (`replicas.py`). The customer pays
 `ceil(seconds * price / 3600)` micro-dollars, the provider earns `floor(seconds * ask / 3600)`, and the
 platform keeps the difference.
 """
@@ -34,7 +35,7 @@ from sqlalchemy.orm import Session
 from coordinator.db.tables import (
     FileModel, JobCheckpointModel, JobModel, LeaseKind, LeaseModel, LeaseStatus, UsageRecordModel, WorkerModel,
 )
-from coordinator.services import billing
+from coordinator.services import billing, replicas
 from shared.pricing import cost_for_seconds, provider_earnings, seconds_for_budget
 
 UNSEEN_SLACK = timedelta(seconds=30)  # time past the last word from the worker that is still billed
@@ -78,6 +79,32 @@ def _last_checkpoint_at(session: Session, lease: LeaseModel) -> datetime | None:
     return session.scalar(select(func.max(JobCheckpointModel.created_at)).where(JobCheckpointModel.lease_id == lease.id))
 
 
+def _seen_until(lease: LeaseModel, until: datetime | None) -> datetime | None:
+    """Billing stops at `until`, but never more than `UNSEEN_SLACK` past the last word from the worker."""
+    if until is not None and lease.last_renewed_at is not None and lease.training_started_at is not None:
+        until = min(until, max(lease.last_renewed_at, lease.training_started_at) + UNSEEN_SLACK)
+    return until
+
+
+def _billable(observed: float, usage: dict[str, Any] | None) -> tuple[int, list[str]]:
+    """Whole seconds billed for `observed` seconds, or the worker's own lower figure in `usage` (until-end leases)."""
+    reported = float(usage["wall_seconds"]) if usage and usage.get("wall_seconds") else None
+    if reported is not None and reported < observed - REPORT_TOLERANCE_S:
+        return math.floor(reported), [f"the worker reported {reported:.0f} s, the coordinator saw {observed:.0f} s; "
+                                      "billed the lower"]
+    return math.floor(observed), []
+
+
+def until_end_charge(lease: LeaseModel) -> int:
+    """What an ended lease will be charged when metered until its end, before any max_cost cap (a redundant job's
+    confirmed training waiting to settle, `replicas.py`)."""
+    until = _seen_until(lease, lease.ended_at)
+    if lease.training_started_at is None or until is None:
+        return 0
+    seconds, _ = _billable(max((until - lease.training_started_at).total_seconds(), 0.0), lease.usage)
+    return cost_for_seconds(lease.price_per_gpu_hour, seconds)
+
+
 def meter_lease(
     *, session: Session, lease: LeaseModel, job: JobModel, worker: WorkerModel, rule: str, ended_at: datetime,
     usage: dict[str, Any] | None,
@@ -90,16 +117,10 @@ def meter_lease(
         return None
     until: datetime | None = None
     if rule != "not_billed":
-        until = ended_at if rule == "until_end" else _last_checkpoint_at(session, lease)
-        if until is not None and lease.last_renewed_at is not None:
-            until = min(until, max(lease.last_renewed_at, start) + UNSEEN_SLACK)
+        until = _seen_until(lease, ended_at if rule == "until_end" else _last_checkpoint_at(session, lease))
     observed = max((until - start).total_seconds(), 0.0) if until is not None else 0.0
-    seconds = math.floor(observed)
-    notes = []
+    seconds, notes = _billable(observed, usage if rule == "until_end" else None)
     reported = float(usage["wall_seconds"]) if usage and usage.get("wall_seconds") else None
-    if rule == "until_end" and reported is not None and reported < observed - REPORT_TOLERANCE_S:
-        seconds = math.floor(reported)
-        notes.append(f"the worker reported {reported:.0f} s, the coordinator saw {observed:.0f} s; billed the lower")
     verifying = lease.kind == LeaseKind.verify
     ask = lease.ask_price_per_gpu_hour
     if verifying:
@@ -112,7 +133,8 @@ def meter_lease(
             notes.append("paid at the ask of the training it checked")
             ask = trained.ask_price_per_gpu_hour
     if job.max_cost is not None and not verifying:
-        budget = seconds_for_budget(lease.price_per_gpu_hour, job.max_cost - job.billed_micros)
+        committed = job.billed_micros + replicas.pending_charge(job, besides=lease.id)  # a waiting training's share
+        budget = seconds_for_budget(lease.price_per_gpu_hour, max(job.max_cost - committed, 0))
         if seconds > budget:
             notes.append(f"capped at {budget} s by max_cost")
             seconds = budget
@@ -134,3 +156,20 @@ def meter_lease(
     else:
         billing.settle(session=session, job=job, record=record)
     return record
+
+
+def settle_waiting(session: Session, job: JobModel) -> None:
+    """The redundant job ends (the caller holds its lock): each of its trainings that waits, confirmed by its
+    verifiers and refuted by no comparison (`replicas.py`), is metered until its end."""
+    pending = replicas.waiting(job)
+    if not pending:
+        return
+    replicas.lock_books(session, job)
+    for replica in pending:
+        lease = session.get(LeaseModel, replica["lease_id"], with_for_update=True, populate_existing=True)
+        assert lease is not None and lease.ended_at is not None
+        worker = session.get(WorkerModel, lease.worker_id)
+        assert worker is not None
+        meter_lease(session=session, lease=lease, job=job, worker=worker, rule="until_end", ended_at=lease.ended_at,
+                    usage=lease.usage)
+        replicas.mark(job, lease.id, "settled")

@@ -1,6 +1,10 @@
 """A job's delivery: the checked adapter of one of its training leases becomes the customer's result file and
 the job succeeds with it. The one place a `fine-tune-results` file is made, and a job named `ft:...`.
 
+A redundant job (`replicas.py`) that cannot have its next training (its workers kept failing, its max_cost was
+reached) is not failed while a training its verifiers confirmed waits: that one is delivered, uncompared
+(`deliver_uncompared`); the customer was charged for it either way.
+
 The file's blob name is linked to the upload before the caller commits (a committed file always has its
 bytes); the caller deletes the upload's name after the commit, and the file's name if the commit fails.
 """
@@ -12,8 +16,8 @@ from typing import Any
 from sqlalchemy.orm import Session
 
 from coordinator.db.ids import new_id
-from coordinator.db.tables import FileModel, FileStatus, JobModel, JobStatus, LeaseModel, utcnow
-from coordinator.services import files
+from coordinator.db.tables import FileModel, FileStatus, JobModel, JobStatus, LeaseKind, LeaseModel, WorkerModel, utcnow
+from coordinator.services import files, metering, replicas
 from coordinator.services.job_states import change_status
 from coordinator.storage import BlobStore
 
@@ -37,3 +41,30 @@ def deliver(*, session: Session, store: BlobStore, job: JobModel, lease: LeaseMo
                   message=f"The job has successfully completed with adapter {file.id}{how}",
                   data={**data, "result_file": file.id})
     return file
+
+
+def deliver_uncompared(*, session: Session, store: BlobStore, job: JobModel, why: str) -> bool:
+    """The redundant job would fail because `why` (the caller holds its lock): if a training its verifiers
+    confirmed waits, the best one is billed until its end and delivered instead, without the comparison, and
+    True is returned. Its upload's name stays beside the result file's (a hard link: no second copy)."""
+    waiting = sorted(replicas.waiting(job), key=lambda r: r["heldout_adapter_loss"])
+    if not waiting:
+        return False
+    replicas.lock_books(session, job)
+    best = waiting[0]
+    lease = session.get(LeaseModel, best["lease_id"], with_for_update=True, populate_existing=True)
+    assert lease is not None and lease.ended_at is not None
+    worker = session.get(WorkerModel, lease.worker_id)
+    assert worker is not None
+    replicas.mark(job, lease.id, "delivered")
+    metering.meter_lease(session=session, lease=lease, job=job, worker=worker, rule="until_end",
+                         ended_at=lease.ended_at, usage=lease.usage)
+    job.stage = LeaseKind.train.value
+    file = deliver(session=session, store=store, job=job, lease=lease,
+                   how=f"; {why}, so the training that its verifiers confirmed (held-out loss "
+                       f"{best['heldout_adapter_loss']:.4f}, base {best['heldout_base_loss']:.4f}) is delivered "
+                       "without the comparison of two trainings",
+                   data={"verified": True, "compared": False, "heldout_base_loss": best["heldout_base_loss"],
+                         "heldout_adapter_loss": best["heldout_adapter_loss"]})
+    job.verification = {**(job.verification or {}), "status": "passed", "compared": False, "result_file": file.id}
+    return True

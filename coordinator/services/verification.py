@@ -42,7 +42,7 @@ from coordinator.services import replicas, results, worker_states
 from coordinator.services.fencing import FencedLease
 from coordinator.services.job_states import change_status, exclude, record_event
 from coordinator.services.lease_states import end_and_requeue, end_lease
-from coordinator.services.metering import meter_lease
+from coordinator.services.metering import meter_lease, until_end_charge
 from coordinator.settings import CoordinatorSettings
 from coordinator.storage import BlobStore, checkpoint_key
 from shared.errors import InvalidRequest
@@ -265,7 +265,7 @@ def _replicated(session: Session, store: BlobStore, settings: CoordinatorSetting
     losses = sorted(v["figures"]["heldout_adapter_loss"] for v in agreeing)
     replica = {"lease_id": trained.id, **state["trainer"], "heldout_adapter_loss": losses[len(losses) // 2],
                "heldout_base_loss": agreeing[0]["figures"]["heldout_base_loss"],
-               "charge": replicas.charge_of(job, trained), "outcome": replicas.WAITING}
+               "charge": until_end_charge(trained), "outcome": replicas.WAITING}
     job.verification = {**state, "replicas": [*replicas.of(job), replica]}
     record_event(session=session, job=job, data={"lease_id": trained.id},
                  message=f"Training {len(replicas.of(job))} confirmed by {len(agreeing)} verifier(s): held-out loss "

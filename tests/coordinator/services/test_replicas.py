@@ -14,6 +14,7 @@ from sqlalchemy.orm import Session
 
 from coordinator.db.tables import AccountModel, Book, JobCheckpointModel, JobModel, JobStatus, LeaseModel, utcnow
 from coordinator.services import files, jobs, ledger, quotes, replicas
+from coordinator.services.metering import until_end_charge
 from coordinator.settings import CoordinatorSettings
 from coordinator.storage import BlobStore
 from shared.errors import InvalidRequest
@@ -36,6 +37,14 @@ def train(agent, job: JobModel, *, checkpoint: bool = False) -> str:  # type: ig
         agent.upload_checkpoint(a.lease_id, 1, agent.checkpoint_for(a.lease_id, 1))
     agent.finish(a.lease_id, eval_loss=REPORTED)
     return a.lease_id
+
+
+def confirmed(service_agent: Agents, new_provider, job: JobModel) -> str:  # type: ignore[no-untyped-def]
+    """The job's first training, by `trainer-pc`, confirmed by a verifier of another provider; its lease id."""
+    first = train(service_agent("trainer-pc"), job)
+    vera, check = verifier(service_agent, new_provider, "vera")
+    vera.verify(check, **AGREE)
+    return first
 
 
 def outcomes(job: JobModel) -> dict[str, str]:
@@ -80,9 +89,7 @@ def test_a_training_worse_beyond_the_tolerance_is_not_paid_and_a_third_one_decid
     session: Session, big_job, service_agent: Agents, new_provider,  # type: ignore[no-untyped-def]
 ) -> None:
     job = big_job(verification="redundant")
-    first = train(service_agent("trainer-pc"), job)
-    vera, check = verifier(service_agent, new_provider, "vera")
-    vera.verify(check, **AGREE)
+    first = confirmed(service_agent, new_provider, job)
     bob = service_agent("bob-pc", provider=new_provider("bob"))
     lazy = train(bob, job)  # a tenth of the steps: it improves on the base, but less
     otto, check = verifier(service_agent, new_provider, "otto")
@@ -108,9 +115,7 @@ def test_a_cancel_while_the_second_training_runs_pays_the_confirmed_one(
     session: Session, big_job, service_agent: Agents, new_provider, customer_account: AccountModel,  # type: ignore[no-untyped-def]
 ) -> None:
     job = big_job(verification="redundant")
-    first = train(service_agent("trainer-pc"), job)
-    vera, check = verifier(service_agent, new_provider, "vera")
-    vera.verify(check, **AGREE)
+    first = confirmed(service_agent, new_provider, job)
     a = service_agent("bob-pc", provider=new_provider("bob")).claim()
     assert a is not None
     jobs.cancel(session=session, account=customer_account, job_id=job.id)
@@ -145,3 +150,74 @@ def test_redundant_needs_a_held_out_sample_and_is_quoted_twice(
     assert priced
     for a, b in priced:
         assert float(b.estimated_cost_min) == pytest.approx(2 * float(a.estimated_cost_min), abs=2e-6)  # type: ignore[arg-type]
+
+
+def test_a_second_training_that_keeps_failing_delivers_the_confirmed_one_uncompared(
+    session: Session, big_job, service_agent: Agents, new_provider, settings: CoordinatorSettings,  # type: ignore[no-untyped-def]
+    store: BlobStore,
+) -> None:
+    job = big_job(verification="redundant")
+    first = confirmed(service_agent, new_provider, job)
+    for n in range(settings.max_attempts):
+        flaky = service_agent(f"flaky-pc-{n}", provider=new_provider(f"flaky-{n}"))
+        a = flaky.claim()
+        assert a is not None and a.kind == "train"
+        flaky.progress(a.lease_id)
+        flaky.fail(a.lease_id)
+    done = fresh(session, job)
+    assert done.status is JobStatus.succeeded and done.error is None and done.fine_tuned_model
+    assert outcomes(done) == {first: "delivered"} and done.verification["compared"] is False  # type: ignore[index]
+    result = done.result_files[0]
+    assert store.sha256(files.blob_key(result)) == session.get(LeaseModel, first).adapter_sha256  # type: ignore[union-attr]
+    record = usage(session, first)
+    assert record is not None and record.rule == "until_end" and record.charge_micros == until_end_charge(
+        session.get(LeaseModel, first))  # type: ignore[arg-type]
+    assert done.held_micros == 0 and ledger.audit(session).ok
+
+
+def test_max_cost_reached_by_the_second_training_delivers_the_first_paid_in_full(
+    session: Session, big_job, service_agent: Agents, new_provider, settings: CoordinatorSettings,  # type: ignore[no-untyped-def]
+) -> None:
+    from coordinator.services import budgets  # noqa: PLC0415
+
+    job = big_job(verification="redundant")
+    first = confirmed(service_agent, new_provider, job)
+    owed = replicas.pending_charge(fresh(session, job))
+    budget = owed + owed // 4  # room for a quarter of the second training only
+    session.execute(update(JobModel).where(JobModel.id == job.id).values(max_cost=budget))
+    session.commit()
+    bob = service_agent("bob-pc", provider=new_provider("bob"))
+    a = bob.claim()
+    assert a is not None
+    bob.progress(a.lease_id)
+    long_ago = utcnow() - timedelta(seconds=600)  # as long as the first: past the budget, no sweep having run
+    session.execute(update(LeaseModel).where(LeaseModel.id == a.lease_id).values(training_started_at=long_ago))
+    session.execute(update(JobModel).where(JobModel.id == job.id).values(accruing_since=long_ago))
+    session.commit()
+    assert budgets.enforce_budgets(session=session, settings=settings)["stopped"] == 1
+    done = fresh(session, job)
+    assert done.status is JobStatus.succeeded and outcomes(done) == {first: "delivered"}
+    paid = usage(session, first)
+    assert paid is not None and paid.charge_micros == owed and paid.provider_micros > 0  # the confirmed work in full
+    cut = usage(session, a.lease_id)
+    assert cut is not None and cut.charge_micros <= budget - owed
+    assert done.billed_micros <= budget and ledger.audit(session).ok
+
+
+def test_no_claim_of_bad_data_is_confirmed_once_a_training_on_it_was_confirmed(
+    session: Session, big_job, service_agent: Agents, new_provider,  # type: ignore[no-untyped-def]
+) -> None:
+    job = big_job(verification="redundant")
+    first = confirmed(service_agent, new_provider, job)
+    for name in ("mallory", "mike"):  # two providers agree the data that just trained is bad
+        liar = service_agent(f"{name}-pc", provider=new_provider(name))
+        a = liar.claim()
+        assert a is not None
+        liar.progress(a.lease_id)
+        liar.fail(a.lease_id, kind="user_error", message="the data is bad")
+        record = usage(session, a.lease_id)
+        assert record is not None and record.rule == "not_billed" and record.provider_micros == 0
+    again = fresh(session, job)
+    assert (again.status, again.error) == (JobStatus.queued, None)
+    assert outcomes(again) == {first: "confirmed"} and usage(session, first) is None
+    assert ledger.audit(session).ok
