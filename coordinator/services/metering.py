@@ -86,9 +86,13 @@ def _seen_until(lease: LeaseModel, until: datetime | None) -> datetime | None:
     return until
 
 
+def _reported(usage: dict[str, Any] | None) -> float | None:
+    return float(usage["wall_seconds"]) if usage and usage.get("wall_seconds") else None
+
+
 def _billable(observed: float, usage: dict[str, Any] | None) -> tuple[int, list[str]]:
     """Whole seconds billed for `observed` seconds, or the worker's own lower figure in `usage` (until-end leases)."""
-    reported = float(usage["wall_seconds"]) if usage and usage.get("wall_seconds") else None
+    reported = _reported(usage)
     if reported is not None and reported < observed - REPORT_TOLERANCE_S:
         return math.floor(reported), [f"the worker reported {reported:.0f} s, the coordinator saw {observed:.0f} s; "
                                       "billed the lower"]
@@ -120,7 +124,7 @@ def meter_lease(
         until = _seen_until(lease, ended_at if rule == "until_end" else _last_checkpoint_at(session, lease))
     observed = max((until - start).total_seconds(), 0.0) if until is not None else 0.0
     seconds, notes = _billable(observed, usage if rule == "until_end" else None)
-    reported = float(usage["wall_seconds"]) if usage and usage.get("wall_seconds") else None
+    reported = _reported(usage)
     verifying = lease.kind == LeaseKind.verify
     ask = lease.ask_price_per_gpu_hour
     if verifying:
@@ -158,6 +162,19 @@ def meter_lease(
     return record
 
 
+def settle_replica(session: Session, job: JobModel, lease_id: str, outcome: str) -> LeaseModel:
+    """A redundant job's waiting training (`replicas.py`) is metered until its end and marked `outcome` (the caller
+    holds the job's lock and has locked its books: `replicas.lock_books`)."""
+    lease = session.get(LeaseModel, lease_id, with_for_update=True, populate_existing=True)
+    assert lease is not None and lease.ended_at is not None
+    worker = session.get(WorkerModel, lease.worker_id)
+    assert worker is not None
+    meter_lease(session=session, lease=lease, job=job, worker=worker, rule="until_end", ended_at=lease.ended_at,
+                usage=lease.usage)
+    replicas.mark(job, lease.id, outcome)
+    return lease
+
+
 def settle_waiting(session: Session, job: JobModel) -> None:
     """The redundant job ends (the caller holds its lock): each of its trainings that waits, confirmed by its
     verifiers and refuted by no comparison (`replicas.py`), is metered until its end."""
@@ -166,10 +183,4 @@ def settle_waiting(session: Session, job: JobModel) -> None:
         return
     replicas.lock_books(session, job)
     for replica in pending:
-        lease = session.get(LeaseModel, replica["lease_id"], with_for_update=True, populate_existing=True)
-        assert lease is not None and lease.ended_at is not None
-        worker = session.get(WorkerModel, lease.worker_id)
-        assert worker is not None
-        meter_lease(session=session, lease=lease, job=job, worker=worker, rule="until_end", ended_at=lease.ended_at,
-                    usage=lease.usage)
-        replicas.mark(job, lease.id, "settled")
+        settle_replica(session, job, replica["lease_id"], "settled")

@@ -16,7 +16,7 @@ from typing import Any
 from sqlalchemy.orm import Session
 
 from coordinator.db.ids import new_id
-from coordinator.db.tables import FileModel, FileStatus, JobModel, JobStatus, LeaseKind, LeaseModel, WorkerModel, utcnow
+from coordinator.db.tables import FileModel, FileStatus, JobModel, JobStatus, LeaseKind, LeaseModel, utcnow
 from coordinator.services import files, metering, replicas
 from coordinator.services.job_states import change_status
 from coordinator.storage import BlobStore
@@ -52,13 +52,7 @@ def deliver_uncompared(*, session: Session, store: BlobStore, job: JobModel, why
         return False
     replicas.lock_books(session, job)
     best = waiting[0]
-    lease = session.get(LeaseModel, best["lease_id"], with_for_update=True, populate_existing=True)
-    assert lease is not None and lease.ended_at is not None
-    worker = session.get(WorkerModel, lease.worker_id)
-    assert worker is not None
-    replicas.mark(job, lease.id, "delivered")
-    metering.meter_lease(session=session, lease=lease, job=job, worker=worker, rule="until_end",
-                         ended_at=lease.ended_at, usage=lease.usage)
+    lease = metering.settle_replica(session, job, best["lease_id"], "delivered")
     job.stage = LeaseKind.train.value
     file = deliver(session=session, store=store, job=job, lease=lease,
                    how=f"; {why}, so the training that its verifiers confirmed (held-out loss "
