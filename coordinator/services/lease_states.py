@@ -16,7 +16,9 @@ from sqlalchemy import Connection, Integer, bindparam, case, func, or_, select, 
 from sqlalchemy.orm import Session
 
 from coordinator.db.ids import new_id
-from coordinator.db.tables import LIVE_LEASE, JobModel, JobStatus, LeaseModel, LeaseStatus, WorkerModel, utcnow
+from coordinator.db.tables import (
+    LIVE_LEASE, JobModel, JobStatus, LeaseKind, LeaseModel, LeaseStatus, WorkerModel, utcnow,
+)
 from coordinator.services import replicas, results, worker_states
 from coordinator.services.job_states import change_status, exclude, record_event
 from coordinator.services.metering import meter_lease, rule_for
@@ -44,6 +46,10 @@ def start_lease(
     )
     session.add(lease)
     worker_states.lease_started(session, worker)
+    if kind == LeaseKind.verify:  # it may see the held-out sample and the adapter under test: it never trains the job
+        state = job.verification or {}
+        if worker.account_id not in state.get("never_trains", []):
+            job.verification = {**state, "never_trains": [*state.get("never_trains", []), worker.account_id]}
     return lease
 
 

@@ -256,8 +256,6 @@ def lease_input(*, session: Session, worker: WorkerModel, lease_id: str, fencing
         found = held_out.Input(files.blob_key(validation.id), validation.sha256)
     elif which in ("held_out", "adapter") and f.lease.kind == LeaseKind.verify:
         found = held_out.sample_input(f.job) if which == "held_out" else _adapter_under_test(session, f.job)
-        if which == "held_out" and found is not None:
-            verification.saw_held_out(f.job, f.worker.account_id)  # however its lease ends, it never trains the job
     session.commit()
     if found is None:
         raise NotFound(f"This lease has no {which} input.", param="which")

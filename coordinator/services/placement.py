@@ -83,8 +83,8 @@ def requirements(job: JobModel) -> Requirements | None:
     excluded = set(job.excluded_providers or ())
     if kind == LeaseKind.verify:  # never the adapter's own trainer, nor a provider that verified it already
         excluded.update((job.verification or {}).get("not_by", ()))
-    else:  # a verifier saw the held-out sample: it never trains the job
-        excluded.update((job.verification or {}).get("held_out_seen_by", ()))
+    else:  # a provider that held a verification lease (the held-out sample, an adapter to copy) never trains it
+        excluded.update((job.verification or {}).get("never_trains", ()))
     return Requirements(
         base=base, memory_bytes=memory, max_price=job.max_price_per_gpu_hour,
         min_vram_bytes=(job.min_vram_gb or 0) * GIB,

@@ -8,18 +8,21 @@ for good). A job needs something its trainer did not train on: a held-out sample
 rows.
 
 The job then waits in the queue for a verification lease (`job.stage == "verify"`), placed on a worker of a
-provider that neither trained this adapter nor verified it already. The verifier loads the base and the adapter
+provider that trained no part of the job and did not verify this adapter already. The verifier loads the base and the adapter
 and reports the mean token loss of both on the held-out sample (which the trainer never received) and on the
 trainer's own validation rows. The figures agree (`compare`) when the adapter improves on the base by
 `verify_min_improvement` on data its trainer could not train on, and its validation loss is what the trainer
 reported, within `verify_tolerance` + `verify_tolerance_share` of it (same rows, same model, 4-bit numerics).
 
 A quorum of independent workers decides:
-- the first verifier agrees: the training lease is metered (until its end) and the job succeeds, `verified`;
+- the first verifier agrees: the training lease is metered (until its end) and the job succeeds, `verified`; a
+  redundant job's training (`replicas.py`) needs two agreeing verifiers whose held-out losses agree within the
+  tolerance (`_concurring`), since that figure decides which training is paid;
 - otherwise verifiers of further providers are asked until two concur (`QUORUM`): two agreeing confirm the
   adapter as above; two disagreeing refute it: the training lease is not billed nor paid, its worker's completion
   counts as a failed check, its provider is off the job, its checkpoints are quarantined, and the job trains again
-  elsewhere (an attempt used), never on a provider that saw the held-out sample. Verifiers on the quorum's side
+  elsewhere (an attempt used), never on a provider that held a verification lease of the job (it may have seen
+  the held-out sample, or the adapter to copy). Verifiers on the quorum's side
   are paid; one it contradicted is not, and that counts as a failed check.
 Verifiers are paid from the platform's verification book (`billing.settle_verification`), for at most what
 verifying the job can take (`metering.verification_seconds`), at the lower of their ask and the trainer's.
@@ -85,30 +88,31 @@ def verifier_exists(session: Session, provider_id: str) -> bool:
     return False
 
 
+def trainers(session: Session, job: JobModel) -> list[str]:
+    """Every provider that held a training lease of the job (whole or part of any training, refuted or not)."""
+    return list(session.scalars(select(WorkerModel.account_id).join(
+        LeaseModel, LeaseModel.worker_id == WorkerModel.id).where(
+        LeaseModel.job_id == job.id, LeaseModel.kind == LeaseKind.train).distinct().order_by(WorkerModel.account_id)))
+
+
 def begin(*, session: Session, job: JobModel, lease: LeaseModel, worker: WorkerModel, reason: str) -> None:
     """The training lease ended with a checked adapter (kept as its upload, `lease.adapter_key`, until the verdict)
-    and its metering waits (the caller ended it with `settle_later`): the job waits for a verifier."""
+    and its metering waits (the caller ended it with `settle_later`): the job waits for a verifier, of a provider
+    that trained no part of the job (a preempted lease's checkpoint may be in this adapter)."""
     reported = lease.result or {}
-    earlier = job.verification or {}  # what earlier verifications of the job leave: who saw the sample, replicas
+    earlier = job.verification or {}  # what earlier verifications of the job leave: who held one, replicas
     job.stage = LeaseKind.verify.value
     job.verification = {
         "status": "pending", "reason": reason, "lease_id": lease.id,
         "trainer": {"worker_id": worker.id, "provider_id": worker.account_id},
         "reported": {k: reported.get(k) for k in ("final_eval_loss", "final_train_loss", "steps", "trained_tokens")},
-        "not_by": [worker.account_id, *replicas.providers(job)], "verdicts": [], "since": utcnow().isoformat(),
-        "held_out_seen_by": earlier.get("held_out_seen_by", []), "replicas": replicas.of(job),
+        "not_by": sorted({worker.account_id, *replicas.providers(job), *trainers(session, job)}), "verdicts": [],
+        "since": utcnow().isoformat(), "never_trains": earlier.get("never_trains", []), "replicas": replicas.of(job),
         "refuted": earlier.get("refuted", []),
     }
     change_status(session=session, job=job, to=JobStatus.queued, data={"lease_id": lease.id},
                   message=f"Training completed; the adapter is verified on another provider's worker before it is "
                           f"released ({reason})")
-
-
-def saw_held_out(job: JobModel, provider_id: str) -> None:
-    """A verifier's worker downloaded the held-out sample: its provider never trains this job."""
-    state = job.verification or {}
-    if provider_id not in state.get("held_out_seen_by", []):
-        job.verification = {**state, "held_out_seen_by": [*state.get("held_out_seen_by", []), provider_id]}
 
 
 def skipped(*, session: Session, job: JobModel, reason: str) -> None:
@@ -171,27 +175,45 @@ def report(*, session: Session, store: BlobStore, settings: CoordinatorSettings,
                "agrees": disagreement is None, "why": disagreement, "figures": figures.model_dump()}
     state["verdicts"] = [*state.get("verdicts", []), verdict]
     state["not_by"] = [*state.get("not_by", []), f.worker.account_id]
-    state["held_out_seen_by"] = [*state.get("held_out_seen_by", []), f.worker.account_id]
     f.job.verification = state
     agreeing = [v for v in state["verdicts"] if v["agrees"]]
     disagreeing = [v for v in state["verdicts"] if not v["agrees"]]
-    if agreeing and (not disagreeing or len(agreeing) >= QUORUM):
+    redundant = f.job.verification_mode == "redundant"
+    concurring = _concurring(agreeing, settings) if redundant else agreeing
+    if concurring and (len(concurring) >= QUORUM or (not redundant and not disagreeing)):
         end_lease(session=session, lease=f.lease, job=f.job, worker=f.worker, status=LeaseStatus.completed,
                   reason="verified the adapter", usage=usage, settle_later=True)
-        _decide(session, settings, f.job, winners=agreeing, losers=disagreeing)
-        if f.job.verification_mode == "redundant":
-            return _replicated(session, store, settings, f.job, agreeing)
+        _decide(session, settings, f.job, winners=concurring,
+                losers=[v for v in state["verdicts"] if v not in concurring])
+        if redundant:
+            return _replicated(session, store, settings, f.job, concurring)
         return _confirmed(session, store, f.job, state, verdict)
     if len(disagreeing) >= QUORUM:
         return _refuted(session, settings, f, state, disagreement or "", usage, winners=disagreeing, losers=agreeing)
-    split = f" ({len(agreeing)} agree, {len(disagreeing)} disagree)" if agreeing else ""
+    split = f" ({len(agreeing)} agree, {len(disagreeing)} disagree)" if agreeing and disagreeing else ""
+    again = ("; a worker of another provider checks again" if disagreeing or not redundant else
+             "; a redundant training's held-out loss is measured by two, so a worker of another provider checks too")
     end_and_requeue(session=session, lease=f.lease, job=f.job, worker=f.worker, status=LeaseStatus.completed,
                     reason=f"disagreed: {disagreement}" if disagreement else "agreed", settings=settings,
                     count_attempt=False, usage=usage, settle_later=True,
                     job_reason=f"Verifier {f.worker.id} " + (f"disagrees with the trainer ({disagreement})"
                                                              if disagreement else "agrees with the trainer")
-                               + f"{split}; a worker of another provider checks again")
+                               + split + again)
     return []
+
+
+def _concurring(agreeing: list[dict[str, Any]], settings: CoordinatorSettings) -> list[dict[str, Any]]:
+    """A redundant training's agreeing verdicts that also measured the same held-out loss (within the tolerance of
+    one of them): the largest such group. Its held-out loss decides which training is better, so one verifier's
+    figure alone must never refute the other training."""
+    best: list[dict[str, Any]] = []
+    for centre in agreeing:
+        loss = centre["figures"]["heldout_adapter_loss"]
+        allowed = settings.verify_tolerance + settings.verify_tolerance_share * loss
+        group = [v for v in agreeing if abs(v["figures"]["heldout_adapter_loss"] - loss) <= allowed]
+        if len(group) > len(best):
+            best = group
+    return best
 
 
 def _decide(session: Session, settings: CoordinatorSettings, job: JobModel, *, winners: list[dict[str, Any]],
@@ -310,12 +332,10 @@ def _upload(session: Session, lease_id: str) -> str | None:
 
 
 def _next_replica(session: Session, job: JobModel, *, why: str) -> list[str]:
-    """The job trains again from scratch: never on a provider that trained it before (nor one that saw the
-    held-out sample), and never from an earlier training's checkpoints (their content is dropped). Returns their
+    """The job trains again from scratch: never on a provider that trained it before (nor one that held a
+    verification lease of it: placement reads `never_trains`), and never from an earlier training's checkpoints (their content is dropped). Returns their
     blob keys, for the caller to delete after the commit."""
-    for provider in session.scalars(select(WorkerModel.account_id).join(
-            LeaseModel, LeaseModel.worker_id == WorkerModel.id).where(
-            LeaseModel.job_id == job.id, LeaseModel.kind == LeaseKind.train).distinct()):
+    for provider in trainers(session, job):
         exclude(job, provider=provider)
     retired = session.scalars(select(JobCheckpointModel).where(
         JobCheckpointModel.job_id == job.id, JobCheckpointModel.blob_sha256.is_not(None))).all()
@@ -331,7 +351,7 @@ def _next_replica(session: Session, job: JobModel, *, why: str) -> list[str]:
 def _refuted(session: Session, settings: CoordinatorSettings, f: FencedLease, state: dict[str, Any], why: str,
              usage: dict[str, Any], *, winners: list[dict[str, Any]], losers: list[dict[str, Any]]) -> list[str]:
     """Two verifiers disagree with the trainer: it is not paid, nor the customer billed; the job trains again,
-    never on the trainer's provider, nor on one that saw the held-out sample."""
+    never on the trainer's provider, nor on one that held a verification lease of it."""
     trained = session.get(LeaseModel, state["lease_id"])
     assert trained is not None
     trainer = session.get(WorkerModel, trained.worker_id, with_for_update=True, populate_existing=True)

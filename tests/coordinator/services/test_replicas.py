@@ -39,11 +39,21 @@ def train(agent, job: JobModel, *, checkpoint: bool = False) -> str:  # type: ig
     return a.lease_id
 
 
+def checked(service_agent: Agents, new_provider, *names: str, **figures: float) -> list[str]:  # type: ignore[no-untyped-def]
+    """The training under verification checked by a worker of a new provider per name, each measuring `figures`
+    (over `AGREE`); their verification lease ids. Two that concur confirm a redundant training."""
+    checks = []
+    for name in names:
+        agent, check = verifier(service_agent, new_provider, name)
+        agent.verify(check, **{**AGREE, **figures})
+        checks.append(check)
+    return checks
+
+
 def confirmed(service_agent: Agents, new_provider, job: JobModel) -> str:  # type: ignore[no-untyped-def]
-    """The job's first training, by `trainer-pc`, confirmed by a verifier of another provider; its lease id."""
+    """The job's first training, by `trainer-pc`, confirmed by two verifiers of other providers; its lease id."""
     first = train(service_agent("trainer-pc"), job)
-    vera, check = verifier(service_agent, new_provider, "vera")
-    vera.verify(check, **AGREE)
+    checked(service_agent, new_provider, "vera", "vic")
     return first
 
 
@@ -59,6 +69,8 @@ def test_two_agreeing_trainings_are_both_paid_and_the_better_adapter_is_delivere
     first = train(first_trainer, job, checkpoint=True)
     vera, check_first = verifier(service_agent, new_provider, "vera")
     vera.verify(check_first, **AGREE)
+    assert fresh(session, job).stage == "verify" and usage(session, check_first) is None  # one measure is not enough
+    checked(service_agent, new_provider, "vic")
     again = fresh(session, job)
     assert (again.status, again.stage, again.result_files) == (JobStatus.queued, "train", [])
     assert outcomes(again) == {first: "confirmed"}
@@ -72,8 +84,7 @@ def test_two_agreeing_trainings_are_both_paid_and_the_better_adapter_is_delivere
     second = train(service_agent("bob-pc", provider=new_provider("bob")), job)
     assert fresh(session, job).stage == "verify"
     assert service_agent("trainer-pc-3").claim(kinds=["train", "verify"]) is None  # a rival does not judge it
-    other, check_second = verifier(service_agent, new_provider, "otto")
-    other.verify(check_second, **{**AGREE, "heldout_adapter_loss": 2.03})
+    checked(service_agent, new_provider, "otto", "olga", heldout_adapter_loss=2.03)
     done = fresh(session, job)
     assert done.status is JobStatus.succeeded and done.verification["status"] == "passed"  # type: ignore[index]
     assert outcomes(done) == {first: "delivered", second: "settled"}
@@ -92,8 +103,7 @@ def test_a_training_worse_beyond_the_tolerance_is_not_paid_and_a_third_one_decid
     first = confirmed(service_agent, new_provider, job)
     bob = service_agent("bob-pc", provider=new_provider("bob"))
     lazy = train(bob, job)  # a tenth of the steps: it improves on the base, but less
-    otto, check = verifier(service_agent, new_provider, "otto")
-    otto.verify(check, **{**AGREE, "heldout_adapter_loss": 2.5})
+    checked(service_agent, new_provider, "otto", "olga", heldout_adapter_loss=2.5)
     again = fresh(session, job)
     assert (again.status, again.stage) == (JobStatus.queued, "train")
     assert outcomes(again) == {first: "confirmed", lazy: "refuted"}
@@ -102,8 +112,7 @@ def test_a_training_worse_beyond_the_tolerance_is_not_paid_and_a_third_one_decid
     session.refresh(bob.worker)
     assert bob.worker.failed_checks == 1
     third = train(service_agent("carl-pc", provider=new_provider("carl")), job)
-    vic, check = verifier(service_agent, new_provider, "vic")
-    vic.verify(check, **{**AGREE, "heldout_adapter_loss": 1.98})
+    checked(service_agent, new_provider, "val", "vlad", heldout_adapter_loss=1.98)
     done = fresh(session, job)
     assert done.status is JobStatus.succeeded
     assert outcomes(done) == {first: "settled", lazy: "refuted", third: "delivered"}
@@ -220,4 +229,65 @@ def test_no_claim_of_bad_data_is_confirmed_once_a_training_on_it_was_confirmed(
     again = fresh(session, job)
     assert (again.status, again.error) == (JobStatus.queued, None)
     assert outcomes(again) == {first: "confirmed"} and usage(session, first) is None
+    assert ledger.audit(session).ok
+
+
+def test_a_verifier_that_fetched_only_the_adapter_never_trains_the_job_to_hand_in_a_copy(
+    session: Session, big_job, service_agent: Agents, new_provider,  # type: ignore[no-untyped-def]
+) -> None:
+    from coordinator.services import leases  # noqa: PLC0415
+
+    job = big_job(verification="redundant")
+    train(service_agent("trainer-pc"), job)
+    rival = new_provider("copycat")
+    copycat = service_agent("copycat-pc", provider=rival)
+    a = copycat.claim(kinds=["train", "verify"])
+    assert a is not None and a.kind == "verify"
+    leases.lease_input(session=session, worker=copycat.worker, lease_id=a.lease_id, fencing_token=a.fencing_token,
+                       which="adapter")  # the adapter, not the held-out sample: enough to hand in a copy
+    copycat.preempted(a.lease_id)
+    checked(service_agent, new_provider, "vera", "vic")
+    assert fresh(session, job).stage == "train"  # the second training waits for a worker
+    assert copycat.claim(kinds=["train", "verify"]) is None
+    assert service_agent("copycat-pc-2", provider=rival).claim(kinds=["train", "verify"]) is None
+
+
+def test_a_provider_that_trained_part_of_the_adapter_never_verifies_it(
+    session: Session, big_job, service_agent: Agents, new_provider,  # type: ignore[no-untyped-def]
+) -> None:
+    job = big_job(verification="always")
+    part = new_provider("early")
+    early = service_agent("early-pc", provider=part)
+    a = early.claim(kinds=["train"])
+    assert a is not None and a.kind == "train"
+    early.progress(a.lease_id)
+    early.upload_checkpoint(a.lease_id, 1, early.checkpoint_for(a.lease_id, 1))
+    early.preempted(a.lease_id)
+    finisher = service_agent("trainer-pc")
+    b = finisher.claim()
+    assert b is not None and b.resume_from is not None  # it goes on from the early worker's checkpoint
+    finisher.finish(b.lease_id, eval_loss=REPORTED)
+    assert fresh(session, job).stage == "verify"
+    assert early.claim(kinds=["train", "verify"]) is None
+    assert service_agent("early-pc-2", provider=part).claim(kinds=["train", "verify"]) is None
+    assert part.id in (fresh(session, job).verification or {})["not_by"]
+
+
+def test_one_verifier_s_held_out_figure_alone_never_refutes_the_other_training(
+    session: Session, big_job, service_agent: Agents, new_provider,  # type: ignore[no-untyped-def]
+) -> None:
+    job = big_job(verification="redundant")
+    honest = confirmed(service_agent, new_provider, job)  # held-out loss 2.0, measured by two
+    rival = train(service_agent("rival-pc", provider=new_provider("rival")), job)
+    (flatterer,) = checked(service_agent, new_provider, "flatterer", heldout_adapter_loss=1.5)  # the rival's friend
+    waiting = fresh(session, job)
+    assert waiting.stage == "verify" and outcomes(waiting) == {honest: "confirmed"}  # nothing decided on one figure
+    checked(service_agent, new_provider, "fair", heldout_adapter_loss=2.02)
+    assert fresh(session, job).stage == "verify"  # 1.5 against 2.02: a third measures
+    checked(service_agent, new_provider, "third", heldout_adapter_loss=2.03)
+    done = fresh(session, job)
+    assert done.status is JobStatus.succeeded and outcomes(done) == {honest: "delivered", rival: "settled"}
+    overruled = usage(session, flatterer)
+    assert overruled is not None and overruled.rule == "not_billed" and overruled.provider_micros == 0
+    assert usage(session, honest).rule == "until_end"  # type: ignore[union-attr]
     assert ledger.audit(session).ok

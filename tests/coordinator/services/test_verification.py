@@ -339,7 +339,7 @@ def test_a_verifier_that_fetched_the_held_out_sample_and_walked_away_never_verif
                        which="held_out")
     agent.preempted(a.lease_id)  # not a failure: still, it saw the sample and delivered nothing
     state = fresh(session, job).verification or {}
-    assert leaker.id in state["held_out_seen_by"] and leaker.id in state["not_by"]
+    assert leaker.id in state["never_trains"] and leaker.id in state["not_by"]
     assert service_agent("leaker-pc-2", provider=leaker).claim(kinds=["train", "verify"]) is None
 
 
