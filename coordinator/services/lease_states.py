@@ -21,12 +21,13 @@ from coordinator.db.tables import (
 )
 from coordinator.services import replicas, results, worker_states
 from coordinator.services.job_states import change_status, exclude, record_event
-from coordinator.services.metering import meter_lease, rule_for
+from coordinator.services.metering import meter_lease, rule_for, until_checkpoint_charge
 from coordinator.settings import CoordinatorSettings
 from coordinator.storage import BlobStore
 from shared.errors import Conflict
 
 REAP_BATCH = 500  # leases one reaper pass handles; the next pass takes the rest
+WITHHELD_MODES = ("always", "redundant")  # a lease's checkpoint waits for the verdict (`replicas.py`)
 
 
 # --- start and renewal ----------------------------------------------------------------------------
@@ -91,8 +92,9 @@ def end_lease(
     worker, as when the checkpoint it was handed proved bad; `claim`: what the worker claimed about the job and
     the coordinator has not confirmed, neither billed nor paid, and counted against the worker). A preemption
     the preemption rule strikes (`worker_states`) takes the job off this worker for good. `settle_later`: its
-    work is under verification, metered when the verdict comes (`verification.py`). The job is the caller's to
-    move."""
+    work is under verification, metered when the verdict comes (`verification.py`); so is the checkpoint of a
+    lease that ends early in a job whose customer asked for verification (withheld, `replicas.py`). The job is
+    the caller's to move."""
     if lease.status not in LIVE_LEASE:
         raise Conflict(f"Lease {lease.id} has already ended ({lease.status.value}).", code="lease_ended")
     if status in LIVE_LEASE:
@@ -103,14 +105,21 @@ def end_lease(
     lease.claim = claim
     if usage is not None:
         lease.usage = usage
-    if replicas.waiting(job):  # the job may end in this transaction, settling them: lock before any posting
+    rule = "not_billed" if unbilled or claim else rule_for(status, failed_check=failed_check,
+                                                             counts_against_worker=counts_against_worker)
+    if (not settle_later and rule == "until_checkpoint" and lease.kind == LeaseKind.train
+            and job.verification_mode in WITHHELD_MODES):
+        charge = until_checkpoint_charge(session, lease)
+        if charge:  # its checkpoint is part of an adapter not yet checked: paid with it (`replicas.py`)
+            replicas.withhold(job, lease_id=lease.id, provider_id=worker.account_id, charge=charge)
+            settle_later = True
+    if replicas.waiting_providers(job):  # the job may end in this transaction, settling them: lock before posting
         replicas.lock_books(session, job, worker.account_id)
     if settle_later:
         job.accruing_since = job.accruing_price = None
     else:
         meter_lease(session=session, lease=lease, job=job, worker=worker, ended_at=lease.ended_at, usage=usage,
-                    rule="not_billed" if unbilled or claim else rule_for(status, failed_check=failed_check,
-                                                                          counts_against_worker=counts_against_worker))
+                    rule=rule)
     struck = worker_states.lease_ended(session, worker, lease=lease, failed_check=failed_check,
                                        counts_against_worker=counts_against_worker)
     if struck is not None:

@@ -13,7 +13,8 @@ decides where billing stops:
 - the worker's adapter failed its checks, or a worker's claim went unconfirmed: nothing (`not_billed`).
 
 A training lease whose adapter is being verified (`verification.py`) is metered when the verdict comes: until
-its end when the adapter is confirmed, nothing when it is refuted. A verification lease is the platform's cost:
+its end when the adapter is confirmed, nothing when it is refuted; so is, in a job whose customer asked for
+verification, a lease that ended early with a checkpoint (withheld, `replicas.py`). A verification lease is the platform's cost:
 the customer pays nothing for it, the verifier earns its ask, booked to the platform's verification book.
 
 The worker's own measurement is compared: when it says it worked less than we saw (`until_end` leases),
@@ -99,14 +100,24 @@ def _billable(observed: float, usage: dict[str, Any] | None) -> tuple[int, list[
     return math.floor(observed), []
 
 
+def _charge(lease: LeaseModel, until: datetime | None, usage: dict[str, Any] | None) -> int:
+    until = _seen_until(lease, until)
+    if lease.training_started_at is None or until is None:
+        return 0
+    seconds, _ = _billable(max((until - lease.training_started_at).total_seconds(), 0.0), usage)
+    return cost_for_seconds(lease.price_per_gpu_hour, seconds)
+
+
 def until_end_charge(lease: LeaseModel) -> int:
     """What an ended lease will be charged when metered until its end, before any max_cost cap (a redundant job's
     confirmed training waiting to settle, `replicas.py`)."""
-    until = _seen_until(lease, lease.ended_at)
-    if lease.training_started_at is None or until is None:
-        return 0
-    seconds, _ = _billable(max((until - lease.training_started_at).total_seconds(), 0.0), lease.usage)
-    return cost_for_seconds(lease.price_per_gpu_hour, seconds)
+    return _charge(lease, lease.ended_at, lease.usage)
+
+
+def until_checkpoint_charge(session: Session, lease: LeaseModel) -> int:
+    """What an ended lease will be charged when metered until its last checkpoint, before any max_cost cap (a
+    withheld checkpoint, `replicas.py`)."""
+    return _charge(lease, _last_checkpoint_at(session, lease), None)
 
 
 def meter_lease(
@@ -163,24 +174,46 @@ def meter_lease(
 
 
 def settle_replica(session: Session, job: JobModel, lease_id: str, outcome: str) -> LeaseModel:
-    """A redundant job's waiting training (`replicas.py`) is metered until its end and marked `outcome` (the caller
-    holds the job's lock and has locked its books: `replicas.lock_books`)."""
+    """A redundant job's waiting training (`replicas.py`) is marked `outcome` and metered until its end, its
+    withheld checkpoints until theirs (the caller holds the job's lock and has locked its books:
+    `replicas.lock_books`)."""
+    replica = next(r for r in replicas.of(job) if r["lease_id"] == lease_id)
+    replicas.mark(job, lease_id, outcome)  # no longer waiting: its charge is what this settles
+    lease = meter_ended(session, job, lease_id, "until_end")
+    for entry in replica.get("withheld") or []:
+        meter_ended(session, job, entry["lease_id"], "until_checkpoint")
+    return lease
+
+
+def settle_withheld(session: Session, job: JobModel, entries: list[dict[str, Any]], *,
+                    refuted_provider: str | None = None) -> None:
+    """Withheld checkpoints (`replicas.py`, taken from the job or a replica) are metered until their checkpoint,
+    or not at all when their provider is `refuted_provider` (the caller holds the job's lock and has locked its
+    books)."""
+    for entry in entries:
+        meter_ended(session, job, entry["lease_id"],
+                     "not_billed" if entry["provider_id"] == refuted_provider else "until_checkpoint")
+
+
+def meter_ended(session: Session, job: JobModel, lease_id: str, rule: str) -> LeaseModel:
+    """An ended lease whose metering waited (a verdict's, a withheld checkpoint's) is metered by `rule` (the caller
+    holds the job's lock and has locked the books it moves)."""
     lease = session.get(LeaseModel, lease_id, with_for_update=True, populate_existing=True)
     assert lease is not None and lease.ended_at is not None
     worker = session.get(WorkerModel, lease.worker_id)
     assert worker is not None
-    meter_lease(session=session, lease=lease, job=job, worker=worker, rule="until_end", ended_at=lease.ended_at,
+    meter_lease(session=session, lease=lease, job=job, worker=worker, rule=rule, ended_at=lease.ended_at,
                 usage=lease.usage)
-    replicas.mark(job, lease.id, outcome)
     return lease
 
 
 def settle_waiting(session: Session, job: JobModel) -> None:
-    """The redundant job ends (the caller holds its lock): each of its trainings that waits, confirmed by its
-    verifiers and refuted by no comparison (`replicas.py`), is metered until its end."""
-    pending = replicas.waiting(job)
-    if not pending:
+    """The job ends (the caller holds its lock): each redundant training that waits, confirmed by its verifiers
+    and refuted by no comparison, is metered until its end, and every withheld checkpoint until its checkpoint
+    (`replicas.py`)."""
+    if not replicas.waiting_providers(job):
         return
     replicas.lock_books(session, job)
-    for replica in pending:
+    for replica in replicas.waiting(job):
         settle_replica(session, job, replica["lease_id"], "settled")
+    settle_withheld(session, job, replicas.take_withheld(job))

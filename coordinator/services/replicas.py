@@ -1,15 +1,26 @@
-"""Redundant training (`verification: "redundant"`): the job trains twice, from scratch, on two independent
-providers; each adapter is verified (`verification.py`), and their held-out losses must agree.
+"""Work whose pay waits for a verdict: a redundant job's confirmed training, and the checkpoints of a verified
+job's preempted leases.
 
-This module owns the money of a replica that waits: once its verifiers confirm it, a replica's training lease
-is neither billed nor paid until the other replica is decided. Its charge counts as committed meanwhile
-(`pending_charge`: budgets, holds and the job's cost include it), and it is settled, until its end, when the
-job ends however it ends (`metering.settle_waiting`, from `job_states.change_status`), unless the comparison
-refuted it. `metering` also keeps a waiting replica's charge out of the next training's `max_cost`.
+Redundant training (`verification: "redundant"`): the job trains twice, from scratch, on two independent
+providers; each adapter is verified (`verification.py`), and their held-out losses must agree. Once its verifiers
+confirm it, a replica's training lease is neither billed nor paid until the other replica is decided. Its charge
+counts as committed meanwhile (`pending_charge`: budgets, holds and the job's cost include it), and it is settled,
+until its end, when the job ends however it ends (`metering.settle_waiting`, from `job_states.change_status`),
+unless the comparison refuted it. `metering` also keeps a waiting replica's charge out of the next training's
+`max_cost`.
 
 A replica is a dict in `job.verification["replicas"]`: the training lease (`lease_id`), its trainer
 (`worker_id`, `provider_id`), what its verifiers measured (`heldout_adapter_loss`, `heldout_base_loss`), its
-estimated `charge`, and its `outcome`: confirmed (waiting), delivered (the job's adapter), settled, refuted.
+estimated `charge`, its `withheld` leases (below), and its `outcome`: confirmed (waiting), delivered (the job's
+adapter), settled, refuted.
+
+Withheld checkpoints: in a job whose customer asked for verification ("always", "redundant"), a training lease
+that ends early with a checkpoint (preempted, lost, a worker failure) is not billed until its checkpoint at once:
+that checkpoint is part of an adapter nobody has checked yet. Its entry (`lease_id`, `provider_id`, `charge`)
+waits in `job.verification["withheld"]` (counted in `pending_charge`) and is settled with the training built on
+it (`metering.settle_withheld`): until its checkpoint when that training is confirmed or the job ends, nothing
+when the verdict refutes a training of the entry's own provider. A confirmed replica takes the job's withheld
+entries with it.
 """
 
 from __future__ import annotations
@@ -38,14 +49,44 @@ def waiting(job: JobModel) -> list[dict[str, Any]]:
     return [r for r in of(job) if r["outcome"] == WAITING]
 
 
+def withheld(job: JobModel) -> list[dict[str, Any]]:
+    """The withheld checkpoints of the job's current training (the module's rule)."""
+    return list((job.verification or {}).get("withheld") or [])
+
+
+def withhold(job: JobModel, *, lease_id: str, provider_id: str, charge: int) -> None:
+    job.verification = {**(job.verification or {}), "withheld": [
+        *withheld(job), {"lease_id": lease_id, "provider_id": provider_id, "charge": charge}]}
+
+
+def take_withheld(job: JobModel, *, of_provider: str | None = None) -> list[dict[str, Any]]:
+    """Remove the current training's withheld entries (only `of_provider`'s, when given) and return them."""
+    taken = [w for w in withheld(job) if of_provider is None or w["provider_id"] == of_provider]
+    if taken:
+        job.verification = {**(job.verification or {}), "withheld": [w for w in withheld(job) if w not in taken]}
+    return taken
+
+
 def pending_charge(job: JobModel, *, besides: str | None = None) -> int:
-    """What the job's confirmed, not yet settled replicas (but the lease `besides`) will be charged (committed,
-    not yet billed)."""
-    return sum(int(r.get("charge") or 0) for r in waiting(job) if r["lease_id"] != besides)
+    """What the job's waiting work (confirmed, not yet settled replicas and their withheld checkpoints, the
+    current training's withheld checkpoints), but the lease `besides`, will be charged (committed, not yet
+    billed)."""
+    entries = [*withheld(job)]
+    for replica in waiting(job):
+        entries += [replica, *(replica.get("withheld") or [])]
+    return sum(int(e.get("charge") or 0) for e in entries if e["lease_id"] != besides)
 
 
 def providers(job: JobModel) -> list[str]:
     return [r["provider_id"] for r in of(job)]
+
+
+def waiting_providers(job: JobModel) -> set[str]:
+    """Every provider whose pay waits on the job (the module's rule)."""
+    owners = {w["provider_id"] for w in withheld(job)}
+    for replica in waiting(job):
+        owners |= {replica["provider_id"], *(w["provider_id"] for w in replica.get("withheld") or [])}
+    return owners
 
 
 def mark(job: JobModel, lease_id: str, outcome: str) -> None:
@@ -54,8 +95,8 @@ def mark(job: JobModel, lease_id: str, outcome: str) -> None:
 
 
 def lock_books(session: Session, job: JobModel, *others: str) -> None:
-    """Lock the balances settling the job's waiting replicas moves (the customer's, their providers'), with
+    """Lock the balances settling the job's waiting work moves (the customer's, their providers'), with
     `others`, in the ledger's one order: call before anything else in the transaction posts."""
-    owners = {*others, *(r["provider_id"] for r in waiting(job))}
+    owners = {*others, *waiting_providers(job)}
     ledger.lock_balances(session, [(Book.customer_available, job.account_id),
                                    *((Book.provider_payable, owner) for owner in owners)])

@@ -45,7 +45,7 @@ from coordinator.services import replicas, results, worker_states
 from coordinator.services.fencing import FencedLease
 from coordinator.services.job_states import change_status, exclude, record_event
 from coordinator.services.lease_states import end_and_requeue, end_lease
-from coordinator.services.metering import meter_lease, until_end_charge
+from coordinator.services.metering import meter_ended, settle_replica, settle_withheld, until_end_charge
 from coordinator.settings import CoordinatorSettings
 from coordinator.storage import BlobStore, checkpoint_key
 from shared.errors import InvalidRequest
@@ -108,7 +108,7 @@ def begin(*, session: Session, job: JobModel, lease: LeaseModel, worker: WorkerM
         "reported": {k: reported.get(k) for k in ("final_eval_loss", "final_train_loss", "steps", "trained_tokens")},
         "not_by": sorted({worker.account_id, *replicas.providers(job), *trainers(session, job)}), "verdicts": [],
         "since": utcnow().isoformat(), "never_trains": earlier.get("never_trains", []), "replicas": replicas.of(job),
-        "refuted": earlier.get("refuted", []),
+        "refuted": earlier.get("refuted", []), "withheld": replicas.withheld(job),
     }
     change_status(session=session, job=job, to=JobStatus.queued, data={"lease_id": lease.id},
                   message=f"Training completed; the adapter is verified on another provider's worker before it is "
@@ -118,7 +118,7 @@ def begin(*, session: Session, job: JobModel, lease: LeaseModel, worker: WorkerM
 def skipped(*, session: Session, job: JobModel, reason: str) -> None:
     """Verification was chosen but cannot be done (the job has nothing its trainer did not see, or no other
     provider verifies): the job goes on unverified, and says so."""
-    job.verification = {"status": "skipped", "reason": reason}
+    job.verification = {"status": "skipped", "reason": reason, "withheld": replicas.withheld(job)}
     record_event(session=session, job=job, level="warn", message=f"Not verified: {reason}")
 
 
@@ -221,9 +221,9 @@ def _decide(session: Session, settings: CoordinatorSettings, job: JobModel, *, w
     """The quorum decided: verifiers on its side are paid; those it contradicted are not, and it counts against
     them."""
     for winner in winners:
-        _settle(session, job, winner["lease_id"], "until_end")
+        meter_ended(session, job, winner["lease_id"], "until_end")
     for loser in losers:
-        _settle(session, job, loser["lease_id"], "not_billed")
+        meter_ended(session, job, loser["lease_id"], "not_billed")
         worker = session.get(WorkerModel, loser["worker_id"], with_for_update=True, populate_existing=True)
         assert worker is not None
         worker_states.work_refuted(session=session, worker=worker, max_failed_checks=settings.suspend_after_failed_checks)
@@ -240,16 +240,6 @@ def lock_books(session: Session, job: JobModel, *providers: str) -> None:
     replicas.lock_books(session, job, *(owner for owner in owners if owner))
 
 
-def _settle(session: Session, job: JobModel, lease_id: str, rule: str) -> LeaseModel:
-    lease = session.get(LeaseModel, lease_id, with_for_update=True, populate_existing=True)
-    assert lease is not None and lease.ended_at is not None
-    worker = session.get(WorkerModel, lease.worker_id)
-    assert worker is not None
-    meter_lease(session=session, lease=lease, job=job, worker=worker, rule=rule, ended_at=lease.ended_at,
-                usage=lease.usage)
-    return lease
-
-
 def _confirmed(session: Session, store: BlobStore, job: JobModel, state: dict[str, Any],
                verdict: dict[str, Any] | None) -> list[str]:
     """The adapter under verification is confirmed by `verdict` (or, with none, released unverified)."""
@@ -263,12 +253,16 @@ def _confirmed(session: Session, store: BlobStore, job: JobModel, state: dict[st
 
 def _deliver(session: Session, store: BlobStore, job: JobModel, state: dict[str, Any], trained_id: str, *,
              verified: bool, how: str, data: dict[str, Any]) -> list[str]:
-    """The training lease `trained_id` is billed and paid, and the job succeeds with its adapter as a result
-    file. Returns the upload's blob key, for the caller to delete after the commit."""
+    """The training lease `trained_id` is billed and paid (a redundant job's, with its withheld checkpoints), and
+    the job succeeds with its adapter as a result file. Returns the upload's blob key, for the caller to delete
+    after the commit."""
     # A new dict each time: the one assigned before may be what the session flushed, so changing it in place
     # would leave nothing for the next flush to write.
     job.verification = dict(state)
-    trained = _settle(session, job, trained_id, "until_end")
+    if any(r["lease_id"] == trained_id for r in replicas.waiting(job)):
+        trained = settle_replica(session, job, trained_id, "delivered")
+    else:
+        trained = meter_ended(session, job, trained_id, "until_end")
     assert trained.adapter_key is not None
     job.stage = LeaseKind.train.value
     file = results.deliver(session=session, store=store, job=job, lease=trained, how=how, data=data)
@@ -281,13 +275,14 @@ def _replicated(session: Session, store: BlobStore, settings: CoordinatorSetting
     """A redundant job's training is confirmed by its verifiers: it waits, unsettled (`replicas.py`), for a
     second one trained from scratch elsewhere; with two, their held-out losses are compared (`_compare_replicas`).
     Returns the blob keys the caller deletes after the commit."""
+    withheld = replicas.take_withheld(job)  # its checkpoints are paid with it
     state = job.verification or {}
     trained = session.get(LeaseModel, state["lease_id"])
     assert trained is not None
     losses = sorted(v["figures"]["heldout_adapter_loss"] for v in agreeing)
     replica = {"lease_id": trained.id, **state["trainer"], "heldout_adapter_loss": losses[len(losses) // 2],
                "heldout_base_loss": agreeing[0]["figures"]["heldout_base_loss"],
-               "charge": until_end_charge(trained), "outcome": replicas.WAITING}
+               "charge": until_end_charge(trained), "outcome": replicas.WAITING, "withheld": withheld}
     job.verification = {**state, "replicas": [*replicas.of(job), replica]}
     record_event(session=session, job=job, data={"lease_id": trained.id},
                  message=f"Training {len(replicas.of(job))} confirmed by {len(agreeing)} verifier(s): held-out loss "
@@ -299,8 +294,7 @@ def _replicated(session: Session, store: BlobStore, settings: CoordinatorSetting
     better, worse = sorted(waiting, key=lambda r: r["heldout_adapter_loss"])
     gap = worse["heldout_adapter_loss"] - better["heldout_adapter_loss"]
     allowed = settings.verify_tolerance + settings.verify_tolerance_share * better["heldout_adapter_loss"]
-    if gap <= allowed:
-        replicas.mark(job, better["lease_id"], "delivered")  # settled as the job's adapter; the other as it ends
+    if gap <= allowed:  # the better one is settled as the job's adapter; the other as the job ends
         unused = [k for k in (_upload(session, worse["lease_id"]),) if k]
         how = (f"; two trainings on independent providers, each verified, agree on the held-out sample (loss "
                f"{better['heldout_adapter_loss']:.4f} and {worse['heldout_adapter_loss']:.4f}, base "
@@ -311,8 +305,9 @@ def _replicated(session: Session, store: BlobStore, settings: CoordinatorSetting
                                 "other_heldout_adapter_loss": worse["heldout_adapter_loss"]}), *unused]
     why = (f"its held-out loss {worse['heldout_adapter_loss']:.4f} is worse than the other training's "
            f"{better['heldout_adapter_loss']:.4f} by more than {allowed:.4f}")
-    _settle(session, job, worse["lease_id"], "not_billed")
     replicas.mark(job, worse["lease_id"], "refuted")
+    meter_ended(session, job, worse["lease_id"], "not_billed")
+    settle_withheld(session, job, worse.get("withheld") or [], refuted_provider=worse["provider_id"])
     trainer = session.get(WorkerModel, worse["worker_id"], with_for_update=True, populate_existing=True)
     assert trainer is not None
     worker_states.work_refuted(session=session, worker=trainer, max_failed_checks=settings.suspend_after_failed_checks)
@@ -358,17 +353,23 @@ def _refuted(session: Session, settings: CoordinatorSettings, f: FencedLease, st
     assert trainer is not None
     f.job.verification = {**state, "status": "failed",
                           "refuted": [*state.get("refuted", []), {"lease_id": trained.id, "why": why}]}
+    # Its provider's earlier leases of this training (preempted with a checkpoint) are part of what was refuted:
+    # not paid, their checkpoints quarantined. Other providers' withheld checkpoints wait for the next verdict.
+    settle_withheld(session, f.job, replicas.take_withheld(f.job, of_provider=trainer.account_id),
+                    refuted_provider=trainer.account_id)
     f.job.stage = LeaseKind.train.value
     end_and_requeue(session=session, lease=f.lease, job=f.job, worker=f.worker, status=LeaseStatus.completed,
                     reason=f"disagreed: {why}", settings=settings, count_attempt=True, usage=usage, settle_later=True,
                     job_reason=f"Two workers of other providers refuted the adapter of worker {trainer.id} ({why}); "
                                "it is not paid nor billed, and the job trains again elsewhere")
     _decide(session, settings, f.job, winners=winners, losers=losers)
-    _settle(session, f.job, trained.id, "not_billed")
+    meter_ended(session, f.job, trained.id, "not_billed")
     worker_states.work_refuted(session=session, worker=trainer, max_failed_checks=settings.suspend_after_failed_checks)
     exclude(f.job, provider=trainer.account_id)
+    own = select(LeaseModel.id).join(WorkerModel, WorkerModel.id == LeaseModel.worker_id).where(
+        LeaseModel.job_id == f.job.id, WorkerModel.account_id == trainer.account_id)
     session.execute(update(JobCheckpointModel).where(
-        JobCheckpointModel.lease_id == trained.id, JobCheckpointModel.quarantined_at.is_(None)).values(
+        JobCheckpointModel.lease_id.in_(own), JobCheckpointModel.quarantined_at.is_(None)).values(
         quarantined_at=utcnow(), quarantine_reason=f"its lease's adapter failed independent verification: {why}"))
     return [trained.adapter_key] if trained.adapter_key else []
 
@@ -382,9 +383,9 @@ def abandon(*, session: Session, job: JobModel) -> None:
         return
     lock_books(session, job)
     disputed = any(not v["agrees"] for v in state.get("verdicts", []))
-    _settle(session, job, state["lease_id"], "not_billed" if disputed else "until_end")
+    meter_ended(session, job, state["lease_id"], "not_billed" if disputed else "until_end")
     for verdict in state.get("verdicts", []):  # every verdict waits for the quorum, so none is settled yet
-        _settle(session, job, verdict["lease_id"], "until_end")
+        meter_ended(session, job, verdict["lease_id"], "until_end")
     job.verification = {**state, "status": "cancelled"}
     job.stage = LeaseKind.train.value
 
@@ -414,7 +415,7 @@ def stop_waiting(*, session: Session, store: BlobStore, settings: CoordinatorSet
             session.rollback()
             continue
         for pending in state.get("verdicts", []):
-            _settle(session, job, pending["lease_id"], "until_end")
+            meter_ended(session, job, pending["lease_id"], "until_end")
         state["unverified_reason"] = f"no worker of another provider could verify it within {settings.verify_wait_s} s"
         unused = _confirmed(session, store, job, state, None)
         session.commit()

@@ -21,7 +21,9 @@ from shared.errors import InvalidRequest
 from shared.schemas.jobs import JobCreate
 from shared.schemas.quotes import QuoteCreate
 from tests.conftest import chat_lines, jsonl
-from tests.coordinator.services.test_verification import AGREE, REPORTED, Agents, fresh, usage, verifier
+from tests.coordinator.services.test_verification import (
+    AGREE, REPORTED, Agents, fresh, preempted_with_checkpoint, usage, verifier,
+)
 
 
 def train(agent, job: JobModel, *, checkpoint: bool = False) -> str:  # type: ignore[no-untyped-def]
@@ -290,4 +292,26 @@ def test_one_verifier_s_held_out_figure_alone_never_refutes_the_other_training(
     overruled = usage(session, flatterer)
     assert overruled is not None and overruled.rule == "not_billed" and overruled.provider_micros == 0
     assert usage(session, honest).rule == "until_end"  # type: ignore[union-attr]
+    assert ledger.audit(session).ok
+
+
+def test_a_training_that_loses_the_comparison_is_not_paid_for_its_preempted_checkpoints(
+    session: Session, big_job, service_agent: Agents, new_provider,  # type: ignore[no-untyped-def]
+) -> None:
+    job = big_job(verification="redundant")
+    first = confirmed(service_agent, new_provider, job)
+    bob = service_agent("bob-pc", provider=new_provider("bob"))
+    early = preempted_with_checkpoint(bob, job)
+    assert usage(session, early) is None
+    a = bob.claim()
+    assert a is not None and a.resume_from is not None  # its own checkpoint, of this training
+    bob.finish(a.lease_id, eval_loss=REPORTED)
+    lazy = a.lease_id
+    checked(service_agent, new_provider, "otto", "olga", heldout_adapter_loss=2.5)
+    again = fresh(session, job)
+    assert outcomes(again) == {first: "confirmed", lazy: "refuted"}
+    for lease_id in (early, lazy):
+        refused = usage(session, lease_id)
+        assert refused is not None and refused.rule == "not_billed" and refused.provider_micros == 0
+    assert replicas.pending_charge(again) == replicas.waiting(again)[0]["charge"]
     assert ledger.audit(session).ok

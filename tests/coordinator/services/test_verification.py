@@ -366,3 +366,79 @@ def test_a_disputed_verification_is_not_released_by_the_wait_and_a_cancel_bills_
     training = usage(session, a.lease_id)
     assert training is not None and (training.rule, training.charge_micros, training.provider_micros) == ("not_billed", 0, 0)
     assert ledger.audit(session).ok
+
+
+def preempted_with_checkpoint(agent: ServiceAgent, job: JobModel) -> str:
+    """`agent` trains the job for ten minutes, uploads a checkpoint and is preempted; its lease id."""
+    a = agent.claim(kinds=["train"])
+    assert a is not None and a.job_id == job.id and a.kind == "train"
+    agent.progress(a.lease_id)
+    agent.session.execute(update(LeaseModel).where(LeaseModel.id == a.lease_id).values(
+        training_started_at=utcnow() - timedelta(seconds=600)))
+    agent.session.commit()
+    agent.upload_checkpoint(a.lease_id, 1, agent.checkpoint_for(a.lease_id, 1))
+    agent.preempted(a.lease_id)
+    return a.lease_id
+
+
+def test_a_refuted_trainer_is_not_paid_for_the_checkpoint_it_preempted_with_either(
+    session: Session, big_job, service_agent: Agents, new_provider, provider_account: AccountModel,  # type: ignore[no-untyped-def]
+) -> None:
+    from coordinator.services import replicas  # noqa: PLC0415
+
+    job = big_job(verification="always")
+    cheat = service_agent("trainer-pc")
+    early = preempted_with_checkpoint(cheat, job)  # junk, paid until its checkpoint if nothing checked it
+    assert usage(session, early) is None  # withheld until the training built on it is checked
+    waiting = fresh(session, job)
+    assert replicas.pending_charge(waiting) > 0  # committed: budgets and holds count it
+    a = cheat.claim()
+    assert a is not None and a.resume_from is not None
+    cheat.finish(a.lease_id, eval_loss=REPORTED)
+    for name in ("vera", "hugo"):
+        agent, lease_id = verifier(service_agent, new_provider, name)
+        agent.verify(lease_id, **DISAGREE)
+    again = fresh(session, job)
+    assert (again.status, again.stage) == (JobStatus.queued, "train")
+    for lease_id in (early, a.lease_id):
+        refused = usage(session, lease_id)
+        assert refused is not None and (refused.rule, refused.charge_micros, refused.provider_micros) == (
+            "not_billed", 0, 0)
+    assert again.billed_micros == 0 and replicas.pending_charge(again) == 0
+    assert not session.scalars(select(JobCheckpointModel).where(
+        JobCheckpointModel.lease_id == early, JobCheckpointModel.quarantined_at.is_(None))).all()
+    assert ledger.balance(session, Book.provider_payable, provider_account.id) == 0
+    assert ledger.audit(session).ok
+
+
+def test_an_honest_checkpoint_is_paid_when_the_adapter_built_on_it_is_verified(
+    session: Session, big_job, service_agent: Agents, new_provider,  # type: ignore[no-untyped-def]
+) -> None:
+    job = big_job(verification="always")
+    early = preempted_with_checkpoint(service_agent("early-pc", provider=new_provider("early")), job)
+    assert usage(session, early) is None
+    finisher = service_agent("trainer-pc")
+    b = finisher.claim()
+    assert b is not None and b.resume_from is not None
+    finisher.finish(b.lease_id, eval_loss=REPORTED)
+    agent, check = verifier(service_agent, new_provider, "vera")
+    agent.verify(check, **AGREE)
+    done = fresh(session, job)
+    assert done.status is JobStatus.succeeded
+    paid = usage(session, early)
+    assert paid is not None and paid.rule == "until_checkpoint" and paid.provider_micros > 0
+    assert done.billed_micros == paid.charge_micros + usage(session, b.lease_id).charge_micros  # type: ignore[union-attr]
+    assert done.held_micros == 0 and ledger.audit(session).ok
+
+
+def test_a_withheld_checkpoint_is_paid_when_the_job_ends_otherwise(
+    session: Session, big_job, service_agent: Agents, new_provider, customer_account: AccountModel,  # type: ignore[no-untyped-def]
+) -> None:
+    job = big_job(verification="always")
+    early = preempted_with_checkpoint(service_agent("early-pc", provider=new_provider("early")), job)
+    jobs.cancel(session=session, account=customer_account, job_id=job.id)
+    paid = usage(session, early)
+    assert paid is not None and paid.rule == "until_checkpoint" and paid.charge_micros > 0
+    done = fresh(session, job)
+    assert done.billed_micros == paid.charge_micros and done.held_micros == 0
+    assert ledger.balance(session, Book.customer_held, customer_account.id) == 0 and ledger.audit(session).ok
