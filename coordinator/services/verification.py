@@ -377,16 +377,19 @@ def _refuted(session: Session, settings: CoordinatorSettings, f: FencedLease, st
 def abandon(*, session: Session, job: JobModel) -> None:
     """The customer cancels a job under verification (the caller holds its lock): the verifiers whose verdicts
     waited for a quorum are paid, and the training lease is metered until its end, unless a verifier disputed it
-    (then it is neither billed nor paid: no quorum cleared it)."""
+    (then it is neither billed nor paid, nor are its provider's withheld checkpoints: no quorum cleared them)."""
     state = job.verification or {}
     if job.stage != LeaseKind.verify.value or state.get("status") != "pending":
         return
     lock_books(session, job)
     disputed = any(not v["agrees"] for v in state.get("verdicts", []))
     meter_ended(session, job, state["lease_id"], "not_billed" if disputed else "until_end")
+    if disputed:  # nor its provider's withheld checkpoints of this training; the rest are paid as the job ends
+        trainer = state["trainer"]["provider_id"]
+        settle_withheld(session, job, replicas.take_withheld(job, of_provider=trainer), refuted_provider=trainer)
     for verdict in state.get("verdicts", []):  # every verdict waits for the quorum, so none is settled yet
         meter_ended(session, job, verdict["lease_id"], "until_end")
-    job.verification = {**state, "status": "cancelled"}
+    job.verification = {**(job.verification or {}), "status": "cancelled"}  # what the settling above left
     job.stage = LeaseKind.train.value
 
 
