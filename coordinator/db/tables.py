@@ -260,6 +260,19 @@ class JobCheckpointModel(Base):
         return and_(cls.blob_sha256.is_not(None), cls.quarantined_at.is_(None))
 
 
+class HeldOutViewerModel(Base):
+    """A provider one of whose workers held a verification lease of a job with this held-out sample (it may have
+    downloaded it): it never trains a job that holds back the same sample. Jobs on the same data keep back the
+    same examples (`held_out.py`), so this is kept per sample, not per job."""
+
+    __tablename__ = "held_out_viewers"
+    __table_args__ = (Index("ix_held_out_viewers_sample_sha256", "sample_sha256"),)
+
+    provider_id: Mapped[str] = mapped_column(ForeignKey("accounts.id"), primary_key=True)
+    sample_sha256: Mapped[str] = mapped_column(String(64), primary_key=True)
+    first_seen_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+
 class WorkerModel(Base):
     """A provider's machine running the agent: its inventory, price, policy and reputation."""
 

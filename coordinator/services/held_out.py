@@ -6,6 +6,10 @@ When a job is created from a file of at least `MIN_EXAMPLES` examples, `SHARE_BP
 held-out blob, and the rest to the job's training blob: that is what a training lease downloads. The lines are
 copied byte for byte (validated at upload), so both blobs are valid files of the same format. Smaller files keep
 nothing back; their verification measures the validation split alone.
+
+Jobs on the same data keep back the same examples, so whoever may have seen a sample is kept per sample, not per
+job (`held_out_viewers`): a provider one of whose workers held a verification lease of a job with the sample
+(`viewed`) never trains a job that holds it back (`viewers`, `viewed_by`, read by placement).
 """
 
 from __future__ import annotations
@@ -15,7 +19,10 @@ import tempfile
 from dataclasses import dataclass
 from typing import Any
 
-from coordinator.db.tables import FileModel, JobModel
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
+from coordinator.db.tables import FileModel, HeldOutViewerModel, JobModel
 from coordinator.services import files
 from coordinator.storage import BlobStore
 from shared.datasets import UTF8_BOM
@@ -86,6 +93,33 @@ def training_input(job: JobModel, training: FileModel) -> Input:
 def sample_input(job: JobModel) -> Input | None:
     """The held-out sample, for a verification lease only."""
     return Input(held_out_key(job.id), job.held_out["sha256"]) if job.held_out else None
+
+
+def sample_of(job: JobModel) -> str | None:
+    return job.held_out["sha256"] if job.held_out else None
+
+
+def viewed(session: Session, job: JobModel, provider_id: str) -> None:
+    """A worker of the provider holds a verification lease of the job: it may download the held-out sample."""
+    sample = sample_of(job)
+    if sample is not None and session.get(HeldOutViewerModel, (provider_id, sample)) is None:
+        session.add(HeldOutViewerModel(provider_id=provider_id, sample_sha256=sample))
+
+
+def viewers(session: Session, jobs: list[JobModel]) -> dict[str, frozenset[str]]:
+    """For each sample the jobs hold back, the providers that may have seen it."""
+    samples = sorted({s for s in map(sample_of, jobs) if s})
+    found: dict[str, set[str]] = {}
+    for sample, provider in session.execute(select(HeldOutViewerModel.sample_sha256, HeldOutViewerModel.provider_id)
+                                            .where(HeldOutViewerModel.sample_sha256.in_(samples))) if samples else ():
+        found.setdefault(sample, set()).add(provider)
+    return {sample: frozenset(providers) for sample, providers in found.items()}
+
+
+def viewed_by(session: Session, provider_id: str) -> frozenset[str]:
+    """The samples the provider may have seen."""
+    return frozenset(session.scalars(select(HeldOutViewerModel.sample_sha256).where(
+        HeldOutViewerModel.provider_id == provider_id)))
 
 
 def delete(store: BlobStore, job_id: str) -> None:

@@ -19,7 +19,7 @@ from coordinator.db.ids import new_id
 from coordinator.db.tables import (
     LIVE_LEASE, JobModel, JobStatus, LeaseKind, LeaseModel, LeaseStatus, WorkerModel, utcnow,
 )
-from coordinator.services import replicas, results, worker_states
+from coordinator.services import held_out, replicas, results, worker_states
 from coordinator.services.job_states import change_status, exclude, record_event
 from coordinator.services.metering import meter_lease, rule_for, until_checkpoint_charge
 from coordinator.settings import CoordinatorSettings
@@ -51,6 +51,7 @@ def start_lease(
         state = job.verification or {}
         if worker.account_id not in state.get("never_trains", []):
             job.verification = {**state, "never_trains": [*state.get("never_trains", []), worker.account_id]}
+        held_out.viewed(session, job, worker.account_id)  # nor any job that holds back the same sample
     return lease
 
 

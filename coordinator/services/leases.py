@@ -28,7 +28,7 @@ from coordinator.services.adapters import AdapterRejected, adapter_limit, verify
 from coordinator.services.job_states import change_status, exclude, record_event
 from coordinator.services import worker_states
 from coordinator.services.fencing import FencedLease, already_ended, fenced, training_only
-from coordinator.services.lease_states import end_and_requeue, end_lease, renew
+from coordinator.services.lease_states import end_and_requeue, end_lease, release_revoked, renew
 from coordinator.services.placement import place_for_worker, seq_len_for
 from coordinator.services.workers import free_vram
 from coordinator.settings import CoordinatorSettings
@@ -452,9 +452,17 @@ def _verified(*, session: Session, store: BlobStore, settings: CoordinatorSettin
         return f
     unused = verification.report(session=session, store=store, settings=settings, f=f, figures=report.verification,
                                  usage=report.usage.model_dump())
+    judged = verification.judged(f.job)
     session.commit()
     for key in unused:
         store.delete(key)
+    # A worker the verdict suspended (its adapter refuted, its figures contradicted) loses its other live leases,
+    # as a suspension by a refused checkpoint does.
+    for row in session.scalars(select(WorkerModel).where(WorkerModel.id.in_(judged),
+                                                         WorkerModel.suspended_at.is_not(None))).all():
+        release_revoked(session=session, worker=row, settings=settings,
+                        why="suspended after work that failed independent verification")
+    session.commit()
     return f
 
 

@@ -28,7 +28,7 @@ from coordinator.db.tables import (
     JobCheckpointModel, JobModel, JobStatus, LeaseKind, LeaseModel, WorkerModel, WorkerState, utcnow,
 )
 from coordinator.effects import effects
-from coordinator.services import worker_states
+from coordinator.services import held_out, worker_states
 from coordinator.services.job_states import Move, change_status_many
 from coordinator.services.lease_states import start_lease
 from coordinator.settings import CoordinatorSettings
@@ -71,7 +71,9 @@ def _memory(model: str, r: int, targets: str | tuple[str, ...], batch: int, kind
     return estimate(base, seq_len=seq_len_for(base), batch_size=batch, lora_r=r, target_modules=target_modules).total
 
 
-def requirements(job: JobModel) -> Requirements | None:
+def requirements(job: JobModel, *, viewers: frozenset[str] = frozenset()) -> Requirements | None:
+    """What a worker must be and have to take the job's next lease; `viewers`: the providers that may have seen
+    its held-out sample (`held_out.viewers`), which never train it."""
     base = find_base_model(job.model)
     if base is None:
         return None
@@ -85,6 +87,7 @@ def requirements(job: JobModel) -> Requirements | None:
         excluded.update((job.verification or {}).get("not_by", ()))
     else:  # a provider that held a verification lease (the held-out sample, an adapter to copy) never trains it
         excluded.update((job.verification or {}).get("never_trains", ()))
+        excluded.update(viewers)
     return Requirements(
         base=base, memory_bytes=memory, max_price=job.max_price_per_gpu_hour,
         min_vram_bytes=(job.min_vram_gb or 0) * GIB,
@@ -223,10 +226,11 @@ def place_queued_jobs(*, session: Session, settings: CoordinatorSettings, limit:
     ranked = sorted((candidate(w, platform_fee_bps=settings.platform_fee_bps) for w in workers),
                     key=lambda c: c.score, reverse=True)
     matches: list[tuple[JobModel, Candidate]] = []
+    seen = held_out.viewers(session, [job for job in jobs if job.stage == LeaseKind.train])
     for job in jobs:
         if not ranked:
             break
-        req = requirements(job)
+        req = requirements(job, viewers=seen.get(held_out.sample_of(job) or "", frozenset()))
         if req is None:
             continue
         index = _pick(req, ranked)
@@ -254,8 +258,14 @@ def place_for_worker(*, session: Session, settings: CoordinatorSettings, worker:
         select(JobModel).where(JobModel.status == JobStatus.queued, _funded()).order_by(JobModel.id)
         .limit(PULL_SCAN)
     ).all()
+    mine = held_out.viewed_by(session, worker.account_id)  # samples its provider may have seen
+
+    def needs(job: JobModel) -> Requirements | None:
+        return requirements(job, viewers=frozenset({worker.account_id}) if held_out.sample_of(job) in mine
+                            else frozenset())
+
     for job in jobs:
-        req = requirements(job)
+        req = needs(job)
         if req is None or not eligible(req, c):
             continue
         locked = session.scalars(
@@ -265,6 +275,9 @@ def place_for_worker(*, session: Session, settings: CoordinatorSettings, worker:
         if locked is None:
             # A placement pass holds it, and that pass skipped this (locked) worker: run another after us.
             effects(session).placeable = True
+            continue
+        again = needs(locked)  # it may have changed since the look (its stage, who it excludes)
+        if again is None or not eligible(again, c):
             continue
         [lease] = _assign(session, [(locked, c)], now)
         session.commit()

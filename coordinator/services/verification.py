@@ -138,6 +138,9 @@ def compare(reported: dict[str, Any], figures: VerificationResult, settings: Coo
         return (f"the adapter does not improve on the base on {where} (loss {base:.4f} -> {tuned:.4f}, "
                 f"at least {settings.verify_min_improvement} lower expected)")
     claimed = reported.get("final_eval_loss")
+    if claimed is not None and not figures.valid_tokens:  # the one figure a verifier cannot make up unseen
+        return (f"the trainer reported validation loss {claimed:.4f}, and the verifier measured none on those "
+                f"rows")
     if figures.valid_tokens:
         measured = figures.valid_adapter_loss
         if measured is None:
@@ -149,6 +152,14 @@ def compare(reported: dict[str, Any], figures: VerificationResult, settings: Coo
             return (f"the trainer reported validation loss {claimed:.4f}, the verifier measured {measured:.4f} "
                     f"(more than {allowed:.4f} apart)")
     return None
+
+
+def judged(job: JobModel) -> list[str]:
+    """The workers whose work the job's verifications judged: its trainers and its verifiers."""
+    state = job.verification or {}
+    return sorted({w for w in ((state.get("trainer") or {}).get("worker_id"),
+                               *(v.get("worker_id") for v in state.get("verdicts", [])),
+                               *(r.get("worker_id") for r in replicas.of(job))) if w})
 
 
 def _figures(verdict: dict[str, Any]) -> str:
