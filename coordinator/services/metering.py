@@ -27,6 +27,7 @@ platform keeps the difference.
 from __future__ import annotations
 
 import math
+from collections.abc import Collection
 from datetime import datetime, timedelta
 from typing import Any
 
@@ -186,13 +187,11 @@ def settle_replica(session: Session, job: JobModel, lease_id: str, outcome: str)
 
 
 def settle_withheld(session: Session, job: JobModel, entries: list[dict[str, Any]], *,
-                    refuted_provider: str | None = None) -> None:
+                    unpaid: Collection[str] = ()) -> None:
     """Withheld checkpoints (`replicas.py`, taken from the job or a replica) are metered until their checkpoint,
-    or not at all when their provider is `refuted_provider` (the caller holds the job's lock and has locked its
-    books)."""
+    or not at all for the leases `unpaid` (the caller holds the job's lock and has locked its books)."""
     for entry in entries:
-        meter_ended(session, job, entry["lease_id"],
-                     "not_billed" if entry["provider_id"] == refuted_provider else "until_checkpoint")
+        meter_ended(session, job, entry["lease_id"], "not_billed" if entry["lease_id"] in unpaid else "until_checkpoint")
 
 
 def meter_ended(session: Session, job: JobModel, lease_id: str, rule: str) -> LeaseModel:

@@ -16,15 +16,19 @@ adapter), settled, refuted.
 
 Withheld checkpoints: in a job whose customer asked for verification ("always", "redundant"), a training lease
 that ends early with a checkpoint (preempted, lost, a worker failure) is not billed until its checkpoint at once:
-that checkpoint is part of an adapter nobody has checked yet. Its entry (`lease_id`, `provider_id`, `charge`)
-waits in `job.verification["withheld"]` (counted in `pending_charge`) and is settled with the training built on
-it (`metering.settle_withheld`): until its checkpoint when that training is confirmed or the job ends, nothing
-when the verdict refutes a training of the entry's own provider. A confirmed replica takes the job's withheld
-entries with it.
+that checkpoint may become part of an adapter nobody has checked yet. Its entry (`lease_id`, `provider_id`,
+`charge`) waits in `job.verification["withheld"]` (counted in `pending_charge`) and is settled by the verdict on
+the training built on it, through that training's lineage (the leases whose checkpoints it resumed from, one
+after another: `verification.lineage`): refuted, the entries of its lineage are not paid (their checkpoints are
+quarantined, their providers off the job) and the rest wait on; confirmed, those of its lineage are paid until
+their checkpoint and the rest, which the delivered adapter was not built on, are not. A confirmed redundant
+training takes its lineage's entries with it (paid when it settles, not when the comparison refutes it). A job
+that ends otherwise pays what still waits until its checkpoint, as for any job.
 """
 
 from __future__ import annotations
 
+from collections.abc import Collection
 from typing import Any
 
 from sqlalchemy.orm import Session
@@ -59,9 +63,10 @@ def withhold(job: JobModel, *, lease_id: str, provider_id: str, charge: int) -> 
         *withheld(job), {"lease_id": lease_id, "provider_id": provider_id, "charge": charge}]}
 
 
-def take_withheld(job: JobModel, *, of_provider: str | None = None) -> list[dict[str, Any]]:
-    """Remove the current training's withheld entries (only `of_provider`'s, when given) and return them."""
-    taken = [w for w in withheld(job) if of_provider is None or w["provider_id"] == of_provider]
+def take_withheld(job: JobModel, *, of_leases: Collection[str] | None = None) -> list[dict[str, Any]]:
+    """Remove the current training's withheld entries (only those of the leases `of_leases`, when given) and return
+    them."""
+    taken = [w for w in withheld(job) if of_leases is None or w["lease_id"] in of_leases]
     if taken:
         job.verification = {**(job.verification or {}), "withheld": [w for w in withheld(job) if w not in taken]}
     return taken

@@ -12,7 +12,9 @@ provider that trained no part of the job and did not verify this adapter already
 and reports the mean token loss of both on the held-out sample (which the trainer never received) and on the
 trainer's own validation rows. The figures agree (`compare`) when the adapter improves on the base by
 `verify_min_improvement` on data its trainer could not train on, and its validation loss is what the trainer
-reported, within `verify_tolerance` + `verify_tolerance_share` of it (same rows, same model, 4-bit numerics).
+reported, within `verify_tolerance` + `verify_tolerance_share` of it (same rows, same model, 4-bit numerics); a
+verifier that measured no validation rows when the trainer reported a loss on them does not agree (that figure
+is the one it cannot make up without running the model).
 
 A quorum of independent workers decides:
 - the first verifier agrees: the training lease is metered (until its end) and the job succeeds, `verified`; a
@@ -22,7 +24,9 @@ A quorum of independent workers decides:
   adapter as above; two disagreeing refute it: the training lease is not billed nor paid, its worker's completion
   counts as a failed check, its provider is off the job, its checkpoints are quarantined, and the job trains again
   elsewhere (an attempt used), never on a provider that held a verification lease of the job (it may have seen
-  the held-out sample, or the adapter to copy). Verifiers on the quorum's side
+  the held-out sample, or the adapter to copy). The refuted adapter's `lineage` (the leases whose checkpoints it
+  was built on) goes with it: those checkpoints are quarantined, their withheld pay is not paid (`replicas.py`),
+  their providers are off the job. Verifiers on the quorum's side
   are paid; one it contradicted is not, and that counts as a failed check.
 Verifiers are paid from the platform's verification book (`billing.settle_verification`), for at most what
 verifying the job can take (`metering.verification_seconds`), at the lower of their ask and the trainer's.
@@ -34,7 +38,7 @@ import hashlib
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import select, update
+from sqlalchemy import or_, select, update
 from sqlalchemy.orm import Session
 
 from coordinator.db.tables import (
@@ -251,6 +255,35 @@ def lock_books(session: Session, job: JobModel, *providers: str) -> None:
     replicas.lock_books(session, job, *(owner for owner in owners if owner))
 
 
+LINEAGE_MAX = 1000  # leases one lineage walks at most (a job's attempts are far fewer)
+
+
+def lineage(session: Session, lease_id: str) -> list[str]:
+    """The lease and, one after another, the leases whose checkpoints it was built on (`resume_checkpoint_id`):
+    every lease whose work is in its adapter."""
+    chain: list[str] = []
+    current: str | None = lease_id
+    while current is not None and current not in chain and len(chain) < LINEAGE_MAX:
+        chain.append(current)
+        resumed = session.scalar(select(LeaseModel.resume_checkpoint_id).where(LeaseModel.id == current))
+        current = session.scalar(select(JobCheckpointModel.lease_id).where(JobCheckpointModel.id == resumed)) \
+            if resumed else None
+    return chain
+
+
+def _settle_lineage(session: Session, job: JobModel, trained_id: str, *, confirmed: bool) -> list[str]:
+    """The verdict on training `trained_id` settles the withheld checkpoints (`replicas.py`): confirmed, its
+    lineage's are paid and the rest, which the adapter was not built on, are not; refuted, its lineage's are not
+    paid and the rest wait on. Returns the lineage."""
+    chain = lineage(session, trained_id)
+    if confirmed:
+        taken = replicas.take_withheld(job)
+        settle_withheld(session, job, taken, unpaid=[w["lease_id"] for w in taken if w["lease_id"] not in chain])
+    else:
+        settle_withheld(session, job, replicas.take_withheld(job, of_leases=chain), unpaid=chain)
+    return chain
+
+
 def _confirmed(session: Session, store: BlobStore, job: JobModel, state: dict[str, Any],
                verdict: dict[str, Any] | None) -> list[str]:
     """The adapter under verification is confirmed by `verdict` (or, with none, released unverified)."""
@@ -274,6 +307,7 @@ def _deliver(session: Session, store: BlobStore, job: JobModel, state: dict[str,
         trained = settle_replica(session, job, trained_id, "delivered")
     else:
         trained = meter_ended(session, job, trained_id, "until_end")
+        _settle_lineage(session, job, trained_id, confirmed=True)
     assert trained.adapter_key is not None
     job.stage = LeaseKind.train.value
     file = results.deliver(session=session, store=store, job=job, lease=trained, how=how, data=data)
@@ -286,10 +320,13 @@ def _replicated(session: Session, store: BlobStore, settings: CoordinatorSetting
     """A redundant job's training is confirmed by its verifiers: it waits, unsettled (`replicas.py`), for a
     second one trained from scratch elsewhere; with two, their held-out losses are compared (`_compare_replicas`).
     Returns the blob keys the caller deletes after the commit."""
-    withheld = replicas.take_withheld(job)  # its checkpoints are paid with it
-    state = job.verification or {}
-    trained = session.get(LeaseModel, state["lease_id"])
+    trained = session.get(LeaseModel, (job.verification or {})["lease_id"])
     assert trained is not None
+    chain = lineage(session, trained.id)
+    withheld = replicas.take_withheld(job, of_leases=chain)  # paid with it; the rest it was not built on: never
+    aside = replicas.take_withheld(job)
+    settle_withheld(session, job, aside, unpaid=[w["lease_id"] for w in aside])
+    state = job.verification or {}
     losses = sorted(v["figures"]["heldout_adapter_loss"] for v in agreeing)
     replica = {"lease_id": trained.id, **state["trainer"], "heldout_adapter_loss": losses[len(losses) // 2],
                "heldout_base_loss": agreeing[0]["figures"]["heldout_base_loss"],
@@ -318,7 +355,8 @@ def _replicated(session: Session, store: BlobStore, settings: CoordinatorSetting
            f"{better['heldout_adapter_loss']:.4f} by more than {allowed:.4f}")
     replicas.mark(job, worse["lease_id"], "refuted")
     meter_ended(session, job, worse["lease_id"], "not_billed")
-    settle_withheld(session, job, worse.get("withheld") or [], refuted_provider=worse["provider_id"])
+    settle_withheld(session, job, worse.get("withheld") or [],
+                    unpaid=[w["lease_id"] for w in worse.get("withheld") or []])
     trainer = session.get(WorkerModel, worse["worker_id"], with_for_update=True, populate_existing=True)
     assert trainer is not None
     worker_states.work_refuted(session=session, worker=trainer, max_failed_checks=settings.suspend_after_failed_checks)
@@ -364,10 +402,9 @@ def _refuted(session: Session, settings: CoordinatorSettings, f: FencedLease, st
     assert trainer is not None
     f.job.verification = {**state, "status": "failed",
                           "refuted": [*state.get("refuted", []), {"lease_id": trained.id, "why": why}]}
-    # Its provider's earlier leases of this training (preempted with a checkpoint) are part of what was refuted:
-    # not paid, their checkpoints quarantined. Other providers' withheld checkpoints wait for the next verdict.
-    settle_withheld(session, f.job, replicas.take_withheld(f.job, of_provider=trainer.account_id),
-                    refuted_provider=trainer.account_id)
+    # The leases it was built on (preempted with a checkpoint) are part of what was refuted: not paid, their
+    # checkpoints quarantined, their providers off the job (the verdict cannot tell which of them spoiled it).
+    chain = _settle_lineage(session, f.job, trained.id, confirmed=False)
     f.job.stage = LeaseKind.train.value
     end_and_requeue(session=session, lease=f.lease, job=f.job, worker=f.worker, status=LeaseStatus.completed,
                     reason=f"disagreed: {why}", settings=settings, count_attempt=True, usage=usage, settle_later=True,
@@ -376,11 +413,14 @@ def _refuted(session: Session, settings: CoordinatorSettings, f: FencedLease, st
     _decide(session, settings, f.job, winners=winners, losers=losers)
     meter_ended(session, f.job, trained.id, "not_billed")
     worker_states.work_refuted(session=session, worker=trainer, max_failed_checks=settings.suspend_after_failed_checks)
-    exclude(f.job, provider=trainer.account_id)
+    for provider in {trainer.account_id, *session.scalars(select(WorkerModel.account_id).join(
+            LeaseModel, LeaseModel.worker_id == WorkerModel.id).where(LeaseModel.id.in_(chain)))}:
+        exclude(f.job, provider=provider)
     own = select(LeaseModel.id).join(WorkerModel, WorkerModel.id == LeaseModel.worker_id).where(
         LeaseModel.job_id == f.job.id, WorkerModel.account_id == trainer.account_id)
     session.execute(update(JobCheckpointModel).where(
-        JobCheckpointModel.lease_id.in_(own), JobCheckpointModel.quarantined_at.is_(None)).values(
+        or_(JobCheckpointModel.lease_id.in_(own), JobCheckpointModel.lease_id.in_(chain)),
+        JobCheckpointModel.quarantined_at.is_(None)).values(
         quarantined_at=utcnow(), quarantine_reason=f"its lease's adapter failed independent verification: {why}"))
     return [trained.adapter_key] if trained.adapter_key else []
 
@@ -388,16 +428,16 @@ def _refuted(session: Session, settings: CoordinatorSettings, f: FencedLease, st
 def abandon(*, session: Session, job: JobModel) -> None:
     """The customer cancels a job under verification (the caller holds its lock): the verifiers whose verdicts
     waited for a quorum are paid, and the training lease is metered until its end, unless a verifier disputed it
-    (then it is neither billed nor paid, nor are its provider's withheld checkpoints: no quorum cleared them)."""
+    (then it is neither billed nor paid, nor are the withheld checkpoints it was built on: no quorum cleared
+    them)."""
     state = job.verification or {}
     if job.stage != LeaseKind.verify.value or state.get("status") != "pending":
         return
     lock_books(session, job)
     disputed = any(not v["agrees"] for v in state.get("verdicts", []))
     meter_ended(session, job, state["lease_id"], "not_billed" if disputed else "until_end")
-    if disputed:  # nor its provider's withheld checkpoints of this training; the rest are paid as the job ends
-        trainer = state["trainer"]["provider_id"]
-        settle_withheld(session, job, replicas.take_withheld(job, of_provider=trainer), refuted_provider=trainer)
+    if disputed:  # nor the withheld checkpoints it was built on; the rest are paid as the job ends
+        _settle_lineage(session, job, state["lease_id"], confirmed=False)
     for verdict in state.get("verdicts", []):  # every verdict waits for the quorum, so none is settled yet
         meter_ended(session, job, verdict["lease_id"], "until_end")
     job.verification = {**(job.verification or {}), "status": "cancelled"}  # what the settling above left
