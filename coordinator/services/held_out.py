@@ -9,7 +9,8 @@ nothing back; their verification measures the validation split alone.
 
 Jobs on the same data keep back the same examples, so whoever may have seen a sample is kept per sample, not per
 job (`held_out_viewers`): a provider one of whose workers held a verification lease of a job with the sample
-(`viewed`) never trains a job that holds it back (`viewers`, `viewed_by`, read by placement).
+(`viewed`) never trains a job that holds it back (`viewers`, `viewed_by`, read by placement), and a provider
+training a job that holds it back never verifies one with it meanwhile (`training`, `trained_by`).
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ from typing import Any
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from coordinator.db.tables import FileModel, HeldOutViewerModel, JobModel
+from coordinator.db.tables import LIVE_LEASE, FileModel, HeldOutViewerModel, JobModel, LeaseKind, LeaseModel, WorkerModel
 from coordinator.services import files
 from coordinator.storage import BlobStore
 from shared.datasets import UTF8_BOM
@@ -120,6 +121,30 @@ def viewed_by(session: Session, provider_id: str) -> frozenset[str]:
     """The samples the provider may have seen."""
     return frozenset(session.scalars(select(HeldOutViewerModel.sample_sha256).where(
         HeldOutViewerModel.provider_id == provider_id)))
+
+
+def _in_training(session: Session, *where: Any) -> list[tuple[str, str]]:
+    rows = session.execute(select(WorkerModel.account_id, JobModel.held_out).join(
+        LeaseModel, LeaseModel.worker_id == WorkerModel.id).join(JobModel, JobModel.id == LeaseModel.job_id).where(
+        LeaseModel.kind == LeaseKind.train, LeaseModel.status.in_(LIVE_LEASE), JobModel.held_out.is_not(None), *where))
+    return [(provider, held["sha256"]) for provider, held in rows if held and held.get("sha256")]
+
+
+def training(session: Session, jobs: list[JobModel]) -> dict[str, frozenset[str]]:
+    """For each sample the jobs hold back, the providers training a job that holds it back right now (a live
+    training lease): they never verify a job with it, since what a verifier downloads could go into that
+    training."""
+    samples = {s for s in map(sample_of, jobs) if s}
+    found: dict[str, set[str]] = {}
+    for provider, sample in _in_training(session) if samples else ():
+        if sample in samples:
+            found.setdefault(sample, set()).add(provider)
+    return {sample: frozenset(providers) for sample, providers in found.items()}
+
+
+def trained_by(session: Session, provider_id: str) -> frozenset[str]:
+    """The samples held back by the jobs the provider is training right now."""
+    return frozenset(sample for _, sample in _in_training(session, WorkerModel.account_id == provider_id))
 
 
 def delete(store: BlobStore, job_id: str) -> None:

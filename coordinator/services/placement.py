@@ -71,9 +71,10 @@ def _memory(model: str, r: int, targets: str | tuple[str, ...], batch: int, kind
     return estimate(base, seq_len=seq_len_for(base), batch_size=batch, lora_r=r, target_modules=target_modules).total
 
 
-def requirements(job: JobModel, *, viewers: frozenset[str] = frozenset()) -> Requirements | None:
-    """What a worker must be and have to take the job's next lease; `viewers`: the providers that may have seen
-    its held-out sample (`held_out.viewers`), which never train it."""
+def requirements(job: JobModel, *, off: frozenset[str] = frozenset()) -> Requirements | None:
+    """What a worker must be and have to take the job's next lease; `off`: providers that placement found off
+    the job's held-out sample for this lease (`held_out.viewers` for a training, `held_out.training` for a
+    verification)."""
     base = find_base_model(job.model)
     if base is None:
         return None
@@ -82,12 +83,11 @@ def requirements(job: JobModel, *, viewers: frozenset[str] = frozenset()) -> Req
     kind = job.stage or LeaseKind.train.value
     memory = _memory(base.id, int(job.lora.get("r", 16)), targets if isinstance(targets, str) else tuple(targets),
                      batch if isinstance(batch, int) else 1, kind)
-    excluded = set(job.excluded_providers or ())
+    excluded = set(job.excluded_providers or ()) | off
     if kind == LeaseKind.verify:  # never the adapter's own trainer, nor a provider that verified it already
         excluded.update((job.verification or {}).get("not_by", ()))
     else:  # a provider that held a verification lease (the held-out sample, an adapter to copy) never trains it
         excluded.update((job.verification or {}).get("never_trains", ()))
-        excluded.update(viewers)
     return Requirements(
         base=base, memory_bytes=memory, max_price=job.max_price_per_gpu_hour,
         min_vram_bytes=(job.min_vram_gb or 0) * GIB,
@@ -227,10 +227,12 @@ def place_queued_jobs(*, session: Session, settings: CoordinatorSettings, limit:
                     key=lambda c: c.score, reverse=True)
     matches: list[tuple[JobModel, Candidate]] = []
     seen = held_out.viewers(session, [job for job in jobs if job.stage == LeaseKind.train])
+    busy = held_out.training(session, [job for job in jobs if job.stage == LeaseKind.verify])
     for job in jobs:
         if not ranked:
             break
-        req = requirements(job, viewers=seen.get(held_out.sample_of(job) or "", frozenset()))
+        sample = held_out.sample_of(job) or ""
+        req = requirements(job, off=(seen if job.stage == LeaseKind.train else busy).get(sample, frozenset()))
         if req is None:
             continue
         index = _pick(req, ranked)
@@ -258,11 +260,12 @@ def place_for_worker(*, session: Session, settings: CoordinatorSettings, worker:
         select(JobModel).where(JobModel.status == JobStatus.queued, _funded()).order_by(JobModel.id)
         .limit(PULL_SCAN)
     ).all()
-    mine = held_out.viewed_by(session, worker.account_id)  # samples its provider may have seen
+    seen = held_out.viewed_by(session, worker.account_id)  # samples its provider may have seen: never trains them
+    busy = held_out.trained_by(session, worker.account_id)  # samples its provider trains now: never verifies them
 
     def needs(job: JobModel) -> Requirements | None:
-        return requirements(job, viewers=frozenset({worker.account_id}) if held_out.sample_of(job) in mine
-                            else frozenset())
+        off = (seen if job.stage == LeaseKind.train else busy)
+        return requirements(job, off=frozenset({worker.account_id}) if held_out.sample_of(job) in off else frozenset())
 
     for job in jobs:
         req = needs(job)

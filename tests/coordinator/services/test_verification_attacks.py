@@ -356,3 +356,42 @@ def test_a_max_cost_below_the_waiting_charge_is_never_exceeded(
     assert done.status is JobStatus.succeeded and done.billed_micros <= owed + 1 and done.held_micros == 0
     assert session.get(LeaseModel, a.lease_id).status is LeaseStatus.cancelled  # type: ignore[union-attr]
     assert ledger.audit(session).ok
+
+
+def test_a_provider_training_a_job_never_verifies_another_that_holds_back_the_same_sample_meanwhile(
+    session: Session, big_job, service_agent: Agents, new_provider,  # type: ignore[no-untyped-def]
+) -> None:
+    """A sweep: two jobs on the same file keep back the same sample. A provider training the second must not be
+    handed the first's verification (and with it the sample, to train on) while that training runs."""
+    first = big_job(verification="always")
+    trained(service_agent, first)
+    second = big_job()
+    assert second.held_out == {**second.held_out, "sha256": first.held_out["sha256"]}  # type: ignore[index]
+    sweeper = new_provider("sweeper")
+    a = service_agent("sweep-1", provider=sweeper).claim(kinds=["train"])
+    assert a is not None and a.job_id == second.id
+    assert service_agent("sweep-2", provider=sweeper).claim(kinds=["train", "verify"]) is None
+    fair, check = verifier(service_agent, new_provider, "fair")  # another provider verifies it as usual
+    fair.verify(check, **AGREE)
+    assert fresh(session, first).status is JobStatus.succeeded
+
+
+def test_a_placement_pass_never_hands_a_sample_s_viewer_a_job_that_holds_it_back(
+    session: Session, big_job, service_agent: Agents, new_provider, settings: CoordinatorSettings,  # type: ignore[no-untyped-def]
+) -> None:
+    from coordinator.services.placement import place_queued_jobs  # noqa: PLC0415
+
+    first = big_job(verification="always")
+    trainer, _ = trained(service_agent, first)
+    spy, check = verifier(service_agent, new_provider, "spy")
+    spy.verify(check, **AGREE)
+    for agent in (trainer, spy):
+        assert agent.claim(kinds=["train", "verify"]) is None  # idle: nothing queued
+    session.execute(update(type(trainer.worker)).where(type(trainer.worker).id == trainer.worker_id).values(
+        state="offline"))  # only the spy is idle when the pass runs
+    session.commit()
+    second = big_job()  # the same file: the same held-out sample
+    assert place_queued_jobs(session=session, settings=settings) == 0
+    assert fresh(session, second).status is JobStatus.queued
+    fair = service_agent("fair-pc", provider=new_provider("fair"))
+    assert fair.claim(kinds=["train"]) is not None  # anyone else trains it
