@@ -18,8 +18,9 @@ from sqlalchemy.orm import Session
 from coordinator.db.tables import (
     LIVE_LEASE, JobCheckpointModel, JobEventModel, JobModel, LeaseModel, LeaseStatus, WorkerModel, utcnow,
 )
+from coordinator.services import replicas
 from coordinator.services.job_states import record_event
-from coordinator.services.lease_states import end_and_requeue, release_revoked
+from coordinator.services.lease_states import end_and_requeue, release_suspended
 from coordinator.services.worker_states import count_failed_check
 from coordinator.services.fencing import FencedLease, already_ended, fenced, training_only
 from coordinator.services.leases import (
@@ -83,8 +84,8 @@ def refuse(
     session.commit()
     if suspended:
         log.warning("worker %s suspended after %d failed checks", row.id, row.failed_checks)
-        release_revoked(session=session, worker=row, settings=settings,
-                        why=f"suspended after {row.failed_checks} uploads that failed their checks")
+        release_suspended(session=session, settings=settings, provider_ids=[row.account_id],
+                          why=f"suspended after {row.failed_checks} uploads that failed their checks")
         session.commit()
     return UploadRejected(f"The checkpoint was refused and not stored: {reason}.", param="checkpoint")
 
@@ -202,17 +203,23 @@ def recheck(store: BlobStore, handed: Handed) -> str | None:
 def quarantine(
     *, session: Session, store: BlobStore, settings: CoordinatorSettings, handed: Handed, reason: str,
     blame_uploader: bool,
-) -> None:
-    """Never resume from it again; with `blame_uploader`, count it against the worker that uploaded it."""
+) -> str | None:
+    """Never resume from it again; with `blame_uploader`, count it against the worker that uploaded it (and
+    forfeit its withheld pay). Returns the uploader's provider when this suspended it."""
     checkpoint = session.get(JobCheckpointModel, handed.checkpoint_id, with_for_update=True)
     assert checkpoint is not None
     checkpoint.quarantined_at, checkpoint.quarantine_reason = utcnow(), reason[:2000]
     uploader_lease = session.get(LeaseModel, checkpoint.lease_id) if checkpoint.lease_id and blame_uploader else None
     if uploader_lease is not None:
+        job = session.get(JobModel, checkpoint.job_id)
+        if job is not None:
+            replicas.forfeit(job, uploader_lease.id)  # confirmed bad: its withheld pay is never paid
         uploader = session.get(WorkerModel, uploader_lease.worker_id, with_for_update=True)
         if uploader is not None and count_failed_check(session=session, worker=uploader,
                                                        max_failed_checks=settings.suspend_after_failed_checks):
             log.warning("worker %s suspended: its checkpoint %s was bad", uploader.id, checkpoint.id)
+            return uploader.account_id
+    return None
 
 
 def report_bad(
@@ -252,10 +259,14 @@ def report_bad(
     else:
         reason = (f"{where} could not be resumed by worker {f.worker.id} ({report.message[:300]}), though it passes "
                   f"the coordinator's checks; it is set aside and nobody is blamed")
-    quarantine(session=session, store=store, settings=settings, handed=was_handed, reason=reason,
-               blame_uploader=verdict is not None)
+    suspended = quarantine(session=session, store=store, settings=settings, handed=was_handed, reason=reason,
+                           blame_uploader=verdict is not None)
     end_and_requeue(session=session, lease=f.lease, job=f.job, worker=f.worker, status=LeaseStatus.failed,
                     reason=reason[:2000], job_reason=f"The {reason}"[:2000], settings=settings, count_attempt=False,
                     usage=usage, unbilled=True)
     session.commit()
+    if suspended is not None:
+        release_suspended(session=session, settings=settings, provider_ids=[suspended],
+                          why="suspended after a checkpoint the coordinator confirmed bad")
+        session.commit()
     return f

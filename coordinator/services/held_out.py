@@ -20,7 +20,7 @@ import tempfile
 from dataclasses import dataclass
 from typing import Any
 
-from sqlalchemy import select
+from sqlalchemy import select, text
 from sqlalchemy.orm import Session
 
 from coordinator.db.tables import LIVE_LEASE, FileModel, HeldOutViewerModel, JobModel, LeaseKind, LeaseModel, WorkerModel
@@ -94,6 +94,18 @@ def training_input(job: JobModel, training: FileModel) -> Input:
 def sample_input(job: JobModel) -> Input | None:
     """The held-out sample, for a verification lease only."""
     return Input(held_out_key(job.id), job.held_out["sha256"]) if job.held_out else None
+
+
+def lock_providers(session: Session, provider_ids: list[str]) -> None:
+    """Serialise placing held-out work on these providers (a verification that shows a sample, a training that
+    must never see it) until the transaction ends, so two of a provider's machines claiming at once cannot split
+    a sample between them; the caller reads `viewed_by`/`trained_by` again afterwards. PostgreSQL advisory locks,
+    in one order; SQLite (the embedded default, one process) has nothing to lock here."""
+    if session.get_bind().dialect.name != "postgresql":
+        return
+    for provider_id in sorted(set(provider_ids)):
+        session.execute(text("SELECT pg_advisory_xact_lock(hashtextextended(:key, 0))"),
+                        {"key": f"held-out:{provider_id}"})
 
 
 def sample_of(job: JobModel) -> str | None:

@@ -17,7 +17,7 @@ from sqlalchemy.orm import Session
 
 from coordinator.db.ids import new_id
 from coordinator.db.tables import (
-    LIVE_LEASE, JobModel, JobStatus, LeaseKind, LeaseModel, LeaseStatus, WorkerModel, utcnow,
+    LIVE_LEASE, JobCheckpointModel, JobModel, JobStatus, LeaseKind, LeaseModel, LeaseStatus, WorkerModel, utcnow,
 )
 from coordinator.services import held_out, replicas, results, worker_states
 from coordinator.services.job_states import change_status, exclude, record_event
@@ -206,19 +206,20 @@ def live_providers(session: Session, job: JobModel) -> list[str]:
 
 
 def lock_lease(
-    session: Session, lease_id: str, statuses: tuple[LeaseStatus, ...],
+    session: Session, lease_id: str, statuses: tuple[LeaseStatus, ...], *, wait: bool = False,
 ) -> tuple[LeaseModel, JobModel, WorkerModel] | None:
     """Lock job, lease and worker in the one order every path uses; None when another process holds the job or
-    the lease, or the lease has moved on meanwhile (the caller commits and moves on)."""
+    the lease (unless `wait`: then it waits for them), or the lease has moved on meanwhile (the caller commits
+    and moves on)."""
     peek = session.get(LeaseModel, lease_id)
     if peek is None:
         return None
-    job = session.scalars(select(JobModel).where(JobModel.id == peek.job_id).with_for_update(skip_locked=True)
+    job = session.scalars(select(JobModel).where(JobModel.id == peek.job_id).with_for_update(skip_locked=not wait)
                           .execution_options(populate_existing=True)).first()
     if job is None:
         return None
     lease = session.scalars(select(LeaseModel).where(LeaseModel.id == lease_id, LeaseModel.status.in_(statuses))
-                            .with_for_update(skip_locked=True).execution_options(populate_existing=True)).first()
+                            .with_for_update(skip_locked=not wait).execution_options(populate_existing=True)).first()
     if lease is None:
         return None
     worker = session.get(WorkerModel, lease.worker_id, with_for_update=True, populate_existing=True)
@@ -227,19 +228,36 @@ def lock_lease(
 
 
 def release_revoked(*, session: Session, worker: WorkerModel, settings: CoordinatorSettings,
-                    why: str = "revoked by its provider") -> int:
+                    why: str = "revoked by its provider", untrusted: bool = False) -> int:
     """A revoked (or suspended) worker's live leases end at once; their jobs go back to the queue without using
-    an attempt. Each lease's end is committed on its own (one transaction moves one job's money)."""
+    an attempt. Each lease's end is committed on its own (one transaction moves one job's money). `untrusted`
+    (suspended for work that failed its checks): the leases are not paid, their checkpoints are never resumed
+    from, and each waits for its job's lock rather than skip a job another process holds."""
     lease_ids = session.scalars(select(LeaseModel.id).where(
         LeaseModel.worker_id == worker.id, LeaseModel.status.in_(LIVE_LEASE))).all()
     for lease_id in lease_ids:
-        locked = lock_lease(session, lease_id, LIVE_LEASE)
+        locked = lock_lease(session, lease_id, LIVE_LEASE, wait=untrusted)
         if locked is not None:
             lease, job, row = locked
+            if untrusted:
+                session.execute(update(JobCheckpointModel).where(
+                    JobCheckpointModel.lease_id == lease.id, JobCheckpointModel.quarantined_at.is_(None)).values(
+                    quarantined_at=utcnow(), quarantine_reason=f"its worker was {why}"[:2000]))
             end_and_requeue(session=session, lease=lease, job=job, worker=row, status=LeaseStatus.lost,
-                            reason=f"Worker {row.id} was {why}", settings=settings, count_attempt=False)
+                            reason=f"Worker {row.id} was {why}", settings=settings, count_attempt=False,
+                            unbilled=untrusted)
         session.commit()
     return len(lease_ids)
+
+
+def release_suspended(*, session: Session, settings: CoordinatorSettings, provider_ids: list[str], why: str) -> int:
+    """Providers suspended for work that failed its checks (a suspension belongs to the provider): every live
+    lease of every machine of theirs ends, untrusted (`release_revoked`). How many leases."""
+    released = 0
+    for worker in session.scalars(select(WorkerModel).where(WorkerModel.account_id.in_(sorted(set(provider_ids))))
+                                  .order_by(WorkerModel.id)).all():
+        released += release_revoked(session=session, worker=worker, settings=settings, why=why, untrusted=True)
+    return released
 
 
 # --- the reaper -----------------------------------------------------------------------------------

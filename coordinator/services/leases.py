@@ -28,7 +28,7 @@ from coordinator.services.adapters import AdapterRejected, adapter_limit, verify
 from coordinator.services.job_states import change_status, exclude, record_event
 from coordinator.services import worker_states
 from coordinator.services.fencing import FencedLease, already_ended, fenced, training_only
-from coordinator.services.lease_states import end_and_requeue, end_lease, release_revoked, renew
+from coordinator.services.lease_states import end_and_requeue, end_lease, release_suspended, renew
 from coordinator.services.placement import place_for_worker, seq_len_for
 from coordinator.services.workers import free_vram
 from coordinator.settings import CoordinatorSettings
@@ -456,12 +456,12 @@ def _verified(*, session: Session, store: BlobStore, settings: CoordinatorSettin
     session.commit()
     for key in unused:
         store.delete(key)
-    # A worker the verdict suspended (its adapter refuted, its figures contradicted) loses its other live leases,
-    # as a suspension by a refused checkpoint does.
-    for row in session.scalars(select(WorkerModel).where(WorkerModel.id.in_(judged),
-                                                         WorkerModel.suspended_at.is_not(None))).all():
-        release_revoked(session=session, worker=row, settings=settings,
-                        why="suspended after work that failed independent verification")
+    # A provider the verdict suspended (its adapter refuted, its figures contradicted) loses every live lease of
+    # its machines, as a suspension by a refused checkpoint does.
+    suspended = session.scalars(select(WorkerModel.account_id).where(
+        WorkerModel.id.in_(judged), WorkerModel.suspended_at.is_not(None))).all()
+    release_suspended(session=session, settings=settings, provider_ids=list(suspended),
+                      why="suspended after work that failed independent verification")
     session.commit()
     return f
 

@@ -189,9 +189,11 @@ def settle_replica(session: Session, job: JobModel, lease_id: str, outcome: str)
 def settle_withheld(session: Session, job: JobModel, entries: list[dict[str, Any]], *,
                     unpaid: Collection[str] = ()) -> None:
     """Withheld checkpoints (`replicas.py`, taken from the job or a replica) are metered until their checkpoint,
-    or not at all for the leases `unpaid` (the caller holds the job's lock and has locked its books)."""
+    or not at all for the leases `unpaid` and those forfeit (the caller holds the job's lock and has locked its
+    books)."""
     for entry in entries:
-        meter_ended(session, job, entry["lease_id"], "not_billed" if entry["lease_id"] in unpaid else "until_checkpoint")
+        unpaid_here = entry["lease_id"] in unpaid or entry.get("forfeit")
+        meter_ended(session, job, entry["lease_id"], "not_billed" if unpaid_here else "until_checkpoint")
 
 
 def meter_ended(session: Session, job: JobModel, lease_id: str, rule: str) -> LeaseModel:

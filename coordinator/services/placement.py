@@ -226,21 +226,42 @@ def place_queued_jobs(*, session: Session, settings: CoordinatorSettings, limit:
     ranked = sorted((candidate(w, platform_fee_bps=settings.platform_fee_bps) for w in workers),
                     key=lambda c: c.score, reverse=True)
     matches: list[tuple[JobModel, Candidate]] = []
-    seen = held_out.viewers(session, [job for job in jobs if job.stage == LeaseKind.train])
-    busy = held_out.training(session, [job for job in jobs if job.stage == LeaseKind.verify])
+    seen, busy = _held_out_sides(session, jobs)
     for job in jobs:
         if not ranked:
             break
-        sample = held_out.sample_of(job) or ""
-        req = requirements(job, off=(seen if job.stage == LeaseKind.train else busy).get(sample, frozenset()))
+        sample = held_out.sample_of(job)
+        req = requirements(job, off=_off(seen, busy, job, sample))
         if req is None:
             continue
         index = _pick(req, ranked)
         if index is not None:
             matches.append((job, ranked.pop(index)))
+            if sample is not None:  # what this pass hands out counts for the rest of it
+                (seen if job.stage == LeaseKind.verify else busy).setdefault(sample, set()).add(
+                    matches[-1][1].worker.account_id)
+    held_out.lock_providers(session, [c.worker.account_id for job, c in matches if job.held_out])
+    if any(job.held_out for job, _ in matches):  # what another process placed meanwhile, now that it cannot
+        seen, busy = _held_out_sides(session, [job for job, _ in matches])
+        matches = [(job, c) for job, c in matches if c.worker.account_id not in _off(seen, busy, job,
+                                                                                     held_out.sample_of(job))]
     _assign(session, matches, now)
     session.commit()
     return len(matches)
+
+
+def _held_out_sides(session: Session, jobs: list[JobModel]) -> tuple[dict[str, set[str]], dict[str, set[str]]]:
+    """Per held-out sample of the jobs: the providers that may have seen it (never train it) and those training a
+    job that holds it back now (never verify it)."""
+    seen = held_out.viewers(session, [job for job in jobs if job.stage == LeaseKind.train])
+    busy = held_out.training(session, [job for job in jobs if job.stage == LeaseKind.verify])
+    return ({k: set(v) for k, v in seen.items()}, {k: set(v) for k, v in busy.items()})
+
+
+def _off(seen: dict[str, set[str]], busy: dict[str, set[str]], job: JobModel, sample: str | None) -> frozenset[str]:
+    if sample is None:
+        return frozenset()
+    return frozenset((seen if job.stage == LeaseKind.train else busy).get(sample, ()))
 
 
 def place_for_worker(*, session: Session, settings: CoordinatorSettings, worker: WorkerModel) -> LeaseModel | None:
@@ -260,12 +281,13 @@ def place_for_worker(*, session: Session, settings: CoordinatorSettings, worker:
         select(JobModel).where(JobModel.status == JobStatus.queued, _funded()).order_by(JobModel.id)
         .limit(PULL_SCAN)
     ).all()
-    seen = held_out.viewed_by(session, worker.account_id)  # samples its provider may have seen: never trains them
-    busy = held_out.trained_by(session, worker.account_id)  # samples its provider trains now: never verifies them
+    provider = worker.account_id
+    seen = held_out.viewed_by(session, provider)  # samples its provider may have seen: never trains them
+    busy = held_out.trained_by(session, provider)  # samples its provider trains now: never verifies them
 
     def needs(job: JobModel) -> Requirements | None:
         off = (seen if job.stage == LeaseKind.train else busy)
-        return requirements(job, off=frozenset({worker.account_id}) if held_out.sample_of(job) in off else frozenset())
+        return requirements(job, off=frozenset({provider}) if held_out.sample_of(job) in off else frozenset())
 
     for job in jobs:
         req = needs(job)
@@ -279,6 +301,9 @@ def place_for_worker(*, session: Session, settings: CoordinatorSettings, worker:
             # A placement pass holds it, and that pass skipped this (locked) worker: run another after us.
             effects(session).placeable = True
             continue
+        if locked.held_out:  # another machine of the provider may be placed on the same sample meanwhile
+            held_out.lock_providers(session, [provider])
+            seen, busy = held_out.viewed_by(session, provider), held_out.trained_by(session, provider)
         again = needs(locked)  # it may have changed since the look (its stage, who it excludes)
         if again is None or not eligible(again, c):
             continue

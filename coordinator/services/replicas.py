@@ -20,10 +20,11 @@ that checkpoint may become part of an adapter nobody has checked yet. Its entry 
 `charge`) waits in `job.verification["withheld"]` (counted in `pending_charge`) and is settled by the verdict on
 the training built on it, through that training's lineage (the leases whose checkpoints it resumed from, one
 after another: `verification.lineage`): refuted, the entries of its lineage are not paid (their checkpoints are
-quarantined, their providers off the job) and the rest wait on; confirmed, those of its lineage are paid until
-their checkpoint and the rest, which the delivered adapter was not built on, are not. A confirmed redundant
-training takes its lineage's entries with it (paid when it settles, not when the comparison refutes it). A job
-that ends otherwise pays what still waits until its checkpoint, as for any job.
+quarantined, their workers take a failed check, their providers are off the job) and the rest wait on;
+confirmed, every entry is paid until its checkpoint, as when the job ends otherwise. An entry whose checkpoint
+the coordinator confirmed bad (`forfeit`, from `checkpoints.quarantine`) is never paid; one merely set aside on
+another worker's unconfirmable claim is paid (a rival's word costs nobody anything). A confirmed redundant
+training takes its lineage's entries with it (paid when it settles, not when the comparison refutes it).
 """
 
 from __future__ import annotations
@@ -61,6 +62,13 @@ def withheld(job: JobModel) -> list[dict[str, Any]]:
 def withhold(job: JobModel, *, lease_id: str, provider_id: str, charge: int) -> None:
     job.verification = {**(job.verification or {}), "withheld": [
         *withheld(job), {"lease_id": lease_id, "provider_id": provider_id, "charge": charge}]}
+
+
+def forfeit(job: JobModel, lease_id: str) -> None:
+    """The checkpoint of a withheld lease proved bad (the coordinator confirmed it): it is never paid."""
+    if any(w["lease_id"] == lease_id for w in withheld(job)):
+        job.verification = {**(job.verification or {}), "withheld": [
+            {**w, "forfeit": True} if w["lease_id"] == lease_id else w for w in withheld(job)]}
 
 
 def take_withheld(job: JobModel, *, of_leases: Collection[str] | None = None) -> list[dict[str, Any]]:

@@ -26,7 +26,8 @@ A quorum of independent workers decides:
   elsewhere (an attempt used), never on a provider that held a verification lease of the job (it may have seen
   the held-out sample, or the adapter to copy). The refuted adapter's `lineage` (the leases whose checkpoints it
   was built on) goes with it: those checkpoints are quarantined, their withheld pay is not paid (`replicas.py`),
-  their providers are off the job. Verifiers on the quorum's side
+  their workers take a failed check (the verdict cannot tell which of them spoiled it, and a junk checkpoint must
+  not cost only the honest worker that resumed it), their providers are off the job. Verifiers on the quorum's side
   are paid; one it contradicted is not, and that counts as a failed check.
 Verifiers are paid from the platform's verification book (`billing.settle_verification`), for at most what
 verifying the job can take (`metering.verification_seconds`), at the lower of their ask and the trainer's.
@@ -272,13 +273,11 @@ def lineage(session: Session, lease_id: str) -> list[str]:
 
 
 def _settle_lineage(session: Session, job: JobModel, trained_id: str, *, confirmed: bool) -> list[str]:
-    """The verdict on training `trained_id` settles the withheld checkpoints (`replicas.py`): confirmed, its
-    lineage's are paid and the rest, which the adapter was not built on, are not; refuted, its lineage's are not
-    paid and the rest wait on. Returns the lineage."""
+    """The verdict on training `trained_id` settles the withheld checkpoints (`replicas.py`): confirmed, all are
+    paid (but those forfeit); refuted, its lineage's are not paid and the rest wait on. Returns the lineage."""
     chain = lineage(session, trained_id)
     if confirmed:
-        taken = replicas.take_withheld(job)
-        settle_withheld(session, job, taken, unpaid=[w["lease_id"] for w in taken if w["lease_id"] not in chain])
+        settle_withheld(session, job, replicas.take_withheld(job))
     else:
         settle_withheld(session, job, replicas.take_withheld(job, of_leases=chain), unpaid=chain)
     return chain
@@ -322,10 +321,8 @@ def _replicated(session: Session, store: BlobStore, settings: CoordinatorSetting
     Returns the blob keys the caller deletes after the commit."""
     trained = session.get(LeaseModel, (job.verification or {})["lease_id"])
     assert trained is not None
-    chain = lineage(session, trained.id)
-    withheld = replicas.take_withheld(job, of_leases=chain)  # paid with it; the rest it was not built on: never
-    aside = replicas.take_withheld(job)
-    settle_withheld(session, job, aside, unpaid=[w["lease_id"] for w in aside])
+    withheld = replicas.take_withheld(job, of_leases=lineage(session, trained.id))  # paid with it
+    settle_withheld(session, job, replicas.take_withheld(job))  # the rest (set aside, not built on): paid now
     state = job.verification or {}
     losses = sorted(v["figures"]["heldout_adapter_loss"] for v in agreeing)
     replica = {"lease_id": trained.id, **state["trainer"], "heldout_adapter_loss": losses[len(losses) // 2],
@@ -403,7 +400,7 @@ def _refuted(session: Session, settings: CoordinatorSettings, f: FencedLease, st
     f.job.verification = {**state, "status": "failed",
                           "refuted": [*state.get("refuted", []), {"lease_id": trained.id, "why": why}]}
     # The leases it was built on (preempted with a checkpoint) are part of what was refuted: not paid, their
-    # checkpoints quarantined, their providers off the job (the verdict cannot tell which of them spoiled it).
+    # checkpoints quarantined, their workers a failed check, their providers off the job (below).
     chain = _settle_lineage(session, f.job, trained.id, confirmed=False)
     f.job.stage = LeaseKind.train.value
     end_and_requeue(session=session, lease=f.lease, job=f.job, worker=f.worker, status=LeaseStatus.completed,
@@ -413,6 +410,12 @@ def _refuted(session: Session, settings: CoordinatorSettings, f: FencedLease, st
     _decide(session, settings, f.job, winners=winners, losers=losers)
     meter_ended(session, f.job, trained.id, "not_billed")
     worker_states.work_refuted(session=session, worker=trainer, max_failed_checks=settings.suspend_after_failed_checks)
+    for worker_id in sorted(set(session.scalars(select(LeaseModel.worker_id).where(LeaseModel.id.in_(chain[1:]))))
+                            - {trainer.id}):  # each machine whose checkpoint it was built on: the verdict cannot
+        built_on = session.get(WorkerModel, worker_id, with_for_update=True, populate_existing=True)  # tell which
+        assert built_on is not None                                                         # of them spoiled it
+        worker_states.count_failed_check(session=session, worker=built_on,
+                                         max_failed_checks=settings.suspend_after_failed_checks)
     for provider in {trainer.account_id, *session.scalars(select(WorkerModel.account_id).join(
             LeaseModel, LeaseModel.worker_id == WorkerModel.id).where(LeaseModel.id.in_(chain)))}:
         exclude(f.job, provider=provider)

@@ -146,28 +146,32 @@ def test_a_redundant_training_that_loses_the_comparison_pays_no_checkpoint_it_wa
         f"the checkpoint the refuted training was built on is paid {paid.provider_micros} micro-$ ({paid.rule})")
 
 
-def test_a_checkpoint_no_confirmed_training_was_built_on_is_not_paid(
-    session: Session, big_job, service_agent: Agents, new_provider,  # type: ignore[no-untyped-def]
+def test_a_withheld_checkpoint_the_coordinator_confirms_bad_is_never_paid(
+    session: Session, big_job, service_agent: Agents, new_provider, store: BlobStore,  # type: ignore[no-untyped-def]
 ) -> None:
-    """A withheld checkpoint is "paid with the training built on it". One the next worker could not resume
-    (report_bad: set aside, quarantined) is built on by nothing, yet the confirmed training (from scratch) pays it:
-    `_deliver` -> change_status(succeeded) -> settle_waiting settles every withheld entry until its checkpoint."""
+    """The next worker reports the checkpoint bad and the coordinator's recheck agrees (its stored bytes no longer
+    match): the uploader's withheld pay is forfeit, however the job ends. (One merely set aside on a claim the
+    coordinator cannot confirm is paid: `test_review2_16`.)"""
+    from coordinator.storage import checkpoint_key  # noqa: PLC0415
+
     job = big_job(verification="always")
     cheat = service_agent("cheat-pc", provider=new_provider("cheat"))
     junk = preempted_with_checkpoint(cheat, job)
+    [checkpoint] = session.scalars(select(JobCheckpointModel.id).where(JobCheckpointModel.lease_id == junk)).all()
+    path = store.path(checkpoint_key(checkpoint))
+    path.write_bytes(path.read_bytes()[:-100])
     b = service_agent("bob-pc", provider=new_provider("bob"))
     a = b.claim()
-    assert a is not None and a.resume_from is not None
-    b.fail(a.lease_id, kind="bad_checkpoint", message="torch RNG state does not load")
-    assert session.get(JobCheckpointModel, a.resume_from.checkpoint_id, populate_existing=True).quarantined_at  # type: ignore[union-attr]
+    assert a is not None and a.resume_from is not None and a.resume_from.checkpoint_id == checkpoint
+    b.fail(a.lease_id, kind="bad_checkpoint", message="resume/: archive truncated")
+    assert (fresh(session, job).verification or {})["withheld"][0]["forfeit"] is True
     _scratch, resumed = _resume(service_agent("trainer-pc"), job)
-    assert resumed is None  # from scratch: nothing of the cheater's is in the adapter
+    assert resumed is None
     checked(service_agent, new_provider, "vera")
     assert fresh(session, job).status is JobStatus.succeeded
-    paid = usage(session, junk)
+    forfeit = usage(session, junk)
+    assert forfeit is not None and (forfeit.rule, forfeit.provider_micros) == ("not_billed", 0)
     assert ledger.audit(session).ok
-    assert paid is None or paid.provider_micros == 0, (
-        f"a checkpoint no confirmed training was built on is paid {paid.provider_micros} micro-$ ({paid.rule})")
 
 
 def test_a_verifier_that_omits_the_validation_rows_the_trainer_reported_on_does_not_agree(
