@@ -321,5 +321,21 @@ def reap(*, session: Session, settings: CoordinatorSettings) -> dict[str, int]:
         session.commit()
         if became is not None:
             counts[became] += 1
+    counts["suspended"] = _reap_suspended(session, settings)
     session.commit()
     return counts
+
+
+def _reap_suspended(session: Session, settings: CoordinatorSettings) -> int:
+    """Live leases of a provider with a machine suspended for failed checks: its suspension's release
+    (`release_suspended`) runs after the suspension commits, and one that failed (a deadlock answered 503, a
+    crash) is done here."""
+    suspended = select(WorkerModel.account_id).where(
+        WorkerModel.suspended_at.is_not(None),
+        WorkerModel.failed_checks + WorkerModel.inherited_failed_checks >= settings.suspend_after_failed_checks)
+    providers = session.scalars(select(WorkerModel.account_id).join(
+        LeaseModel, LeaseModel.worker_id == WorkerModel.id).where(
+        LeaseModel.status.in_(LIVE_LEASE), WorkerModel.account_id.in_(suspended)).distinct().limit(REAP_BATCH)).all()
+    session.commit()
+    return release_suspended(session=session, settings=settings, provider_ids=list(providers),
+                             why="suspended (its release is finished by the reaper)") if providers else 0

@@ -405,11 +405,15 @@ def complete(
         end_and_requeue(session=session, lease=f.lease, job=f.job, worker=f.worker, status=LeaseStatus.failed,
                         reason=reason, job_reason=f"{reason} (worker {f.worker.id})", settings=settings,
                         count_attempt=True, usage=usage, failed_check=True)
-        if worker_states.suspend_if_untrustworthy(session=session, worker=f.worker,
-                                                  max_failed_checks=settings.suspend_after_failed_checks):
-            log.warning("worker %s suspended after %d failed checks", f.worker.id, f.worker.failed_checks)
+        suspended = worker_states.suspend_if_untrustworthy(session=session, worker=f.worker,
+                                                           max_failed_checks=settings.suspend_after_failed_checks)
         session.commit()
         store.delete(submitted.key)
+        if suspended:
+            log.warning("worker %s suspended after %d failed checks", f.worker.id, f.worker.failed_checks)
+            release_suspended(session=session, settings=settings, provider_ids=[f.worker.account_id],
+                              why=f"suspended after {f.worker.failed_checks} failed checks")
+            session.commit()
         return f
     f.lease.result = {**report.result.model_dump(), "lora_parameters": parameters}
     why = verification.chosen(f.job, f.worker, settings)
@@ -458,8 +462,9 @@ def _verified(*, session: Session, store: BlobStore, settings: CoordinatorSettin
         store.delete(key)
     # A provider the verdict suspended (its adapter refuted, its figures contradicted) loses every live lease of
     # its machines, as a suspension by a refused checkpoint does.
+    providers = select(WorkerModel.account_id).where(WorkerModel.id.in_(judged)).scalar_subquery()
     suspended = session.scalars(select(WorkerModel.account_id).where(
-        WorkerModel.id.in_(judged), WorkerModel.suspended_at.is_not(None))).all()
+        WorkerModel.account_id.in_(providers), WorkerModel.suspended_at.is_not(None)).distinct()).all()
     release_suspended(session=session, settings=settings, provider_ids=list(suspended),
                       why="suspended after work that failed independent verification")
     session.commit()

@@ -181,8 +181,7 @@ def settle_replica(session: Session, job: JobModel, lease_id: str, outcome: str)
     replica = next(r for r in replicas.of(job) if r["lease_id"] == lease_id)
     replicas.mark(job, lease_id, outcome)  # no longer waiting: its charge is what this settles
     lease = meter_ended(session, job, lease_id, "until_end")
-    for entry in replica.get("withheld") or []:
-        meter_ended(session, job, entry["lease_id"], "until_checkpoint")
+    settle_withheld(session, job, replica.get("withheld") or [])  # but those forfeit
     return lease
 
 

@@ -26,8 +26,9 @@ A quorum of independent workers decides:
   elsewhere (an attempt used), never on a provider that held a verification lease of the job (it may have seen
   the held-out sample, or the adapter to copy). The refuted adapter's `lineage` (the leases whose checkpoints it
   was built on) goes with it: those checkpoints are quarantined, their withheld pay is not paid (`replicas.py`),
-  their workers take a failed check (the verdict cannot tell which of them spoiled it, and a junk checkpoint must
-  not cost only the honest worker that resumed it), their providers are off the job. Verifiers on the quorum's side
+  their providers are off the job; the trainer takes the failed check only when the lineage is all its
+  provider's (across providers the verdict cannot tell who spoiled it, and blaming either side would let a
+  throwaway account get an honest provider suspended). Verifiers on the quorum's side
   are paid; one it contradicted is not, and that counts as a failed check.
 Verifiers are paid from the platform's verification book (`billing.settle_verification`), for at most what
 verifying the job can take (`metering.verification_seconds`), at the lower of their ask and the trainer's.
@@ -184,6 +185,7 @@ def report(*, session: Session, store: BlobStore, settings: CoordinatorSettings,
     if figures is None:
         raise InvalidRequest("A verification lease reports `verification` (its figures), not an adapter.",
                              param="verification", code="verification_missing")
+    _lock_judged(session, f)
     lock_books(session, f.job, f.worker.account_id)
     state = dict(f.job.verification or {})
     disagreement = compare(state.get("reported") or {}, figures, settings, held_out=bool(f.job.held_out))
@@ -230,6 +232,14 @@ def _concurring(agreeing: list[dict[str, Any]], settings: CoordinatorSettings) -
         if len(group) > len(best):
             best = group
     return best
+
+
+def _lock_judged(session: Session, f: FencedLease) -> None:
+    """Lock the rows of every worker a verdict may count against (the trainers, the verifiers), in id order,
+    after the verifier's own and before any balance: the order a lease's own end takes them (worker, then books),
+    so a verdict never waits for a worker row while holding balances another lease's end waits for."""
+    for worker_id in [w for w in judged(f.job) if w != f.worker.id]:
+        session.get(WorkerModel, worker_id, with_for_update=True, populate_existing=True)
 
 
 def _decide(session: Session, settings: CoordinatorSettings, job: JobModel, *, winners: list[dict[str, Any]],
@@ -356,7 +366,9 @@ def _replicated(session: Session, store: BlobStore, settings: CoordinatorSetting
                     unpaid=[w["lease_id"] for w in worse.get("withheld") or []])
     trainer = session.get(WorkerModel, worse["worker_id"], with_for_update=True, populate_existing=True)
     assert trainer is not None
-    worker_states.work_refuted(session=session, worker=trainer, max_failed_checks=settings.suspend_after_failed_checks)
+    built_on = {w["provider_id"] for w in worse.get("withheld") or []} - {trainer.account_id}
+    worker_states.work_refuted(session=session, worker=trainer, blame=not built_on,  # as in `_refuted`
+                               max_failed_checks=settings.suspend_after_failed_checks)
     job.verification = {**(job.verification or {}),
                         "refuted": [*(job.verification or {}).get("refuted", []),
                                     {"lease_id": worse["lease_id"], "why": why}]}
@@ -400,7 +412,7 @@ def _refuted(session: Session, settings: CoordinatorSettings, f: FencedLease, st
     f.job.verification = {**state, "status": "failed",
                           "refuted": [*state.get("refuted", []), {"lease_id": trained.id, "why": why}]}
     # The leases it was built on (preempted with a checkpoint) are part of what was refuted: not paid, their
-    # checkpoints quarantined, their workers a failed check, their providers off the job (below).
+    # checkpoints quarantined, their providers off the job (below).
     chain = _settle_lineage(session, f.job, trained.id, confirmed=False)
     f.job.stage = LeaseKind.train.value
     end_and_requeue(session=session, lease=f.lease, job=f.job, worker=f.worker, status=LeaseStatus.completed,
@@ -409,15 +421,14 @@ def _refuted(session: Session, settings: CoordinatorSettings, f: FencedLease, st
                                "it is not paid nor billed, and the job trains again elsewhere")
     _decide(session, settings, f.job, winners=winners, losers=losers)
     meter_ended(session, f.job, trained.id, "not_billed")
-    worker_states.work_refuted(session=session, worker=trainer, max_failed_checks=settings.suspend_after_failed_checks)
-    for worker_id in sorted(set(session.scalars(select(LeaseModel.worker_id).where(LeaseModel.id.in_(chain[1:]))))
-                            - {trainer.id}):  # each machine whose checkpoint it was built on: the verdict cannot
-        built_on = session.get(WorkerModel, worker_id, with_for_update=True, populate_existing=True)  # tell which
-        assert built_on is not None                                                         # of them spoiled it
-        worker_states.count_failed_check(session=session, worker=built_on,
-                                         max_failed_checks=settings.suspend_after_failed_checks)
-    for provider in {trainer.account_id, *session.scalars(select(WorkerModel.account_id).join(
-            LeaseModel, LeaseModel.worker_id == WorkerModel.id).where(LeaseModel.id.in_(chain)))}:
+    providers = {trainer.account_id, *session.scalars(select(WorkerModel.account_id).join(
+        LeaseModel, LeaseModel.worker_id == WorkerModel.id).where(LeaseModel.id.in_(chain)))}
+    # One provider's lineage is its own work: a failed check. Across providers the verdict cannot tell which of
+    # them spoiled it, and blaming any one would let a throwaway account get an honest provider suspended (a junk
+    # checkpoint for its finisher, a junk finish for the checkpoint's maker): none is blamed, none is paid.
+    worker_states.work_refuted(session=session, worker=trainer, blame=len(providers) == 1,
+                               max_failed_checks=settings.suspend_after_failed_checks)
+    for provider in providers:
         exclude(f.job, provider=provider)
     own = select(LeaseModel.id).join(WorkerModel, WorkerModel.id == LeaseModel.worker_id).where(
         LeaseModel.job_id == f.job.id, WorkerModel.account_id == trainer.account_id)

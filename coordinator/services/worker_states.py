@@ -189,11 +189,14 @@ def _preempted(session: Session, worker: WorkerModel, lease: LeaseModel) -> str 
     return why
 
 
-def work_refuted(*, session: Session, worker: WorkerModel, max_failed_checks: int) -> bool:
+def work_refuted(*, session: Session, worker: WorkerModel, max_failed_checks: int, blame: bool = True) -> bool:
     """Independent verification refuted work this worker completed (its adapter, or a verifier's figures two
-    others contradicted): the completion no longer counts, and it weighs like a failed check. True when this
-    suspended it."""
+    others contradicted): the completion no longer counts, and (`blame`) it weighs like a failed check. True
+    when this suspended it."""
     worker.completed_leases = max(worker.completed_leases - 1, 0)
+    if not blame:
+        _rescore(worker)
+        return False
     return count_failed_check(session=session, worker=worker, max_failed_checks=max_failed_checks)
 
 

@@ -114,8 +114,8 @@ def test_a_preempter_s_junk_checkpoint_is_refuted_with_the_adapter_built_on_it_a
         state = client.get(f"/v1/fine_tuning/jobs/{job['id']}").json()
         assert state["status"] == "queued" and state["verification"]["status"] == "failed", state
         admin = {"Authorization": f"Bearer {direct_key(coordinator, 'admin', 'auditor-16')}"}
-        assert http.get(f"/v1/workers/{honest.worker_id}", headers=admin).json()["failed_checks"] == 1
-        assert http.get(f"/v1/workers/{cheat.worker_id}", headers=admin).json()["failed_checks"] == 1  # its lineage
+        for worker_id in (honest.worker_id, cheat.worker_id):  # across providers the verdict blames nobody
+            assert http.get(f"/v1/workers/{worker_id}", headers=admin).json()["failed_checks"] == 0
 
         nxt = FakeAgent.register(http, direct_key(coordinator, "provider", "next-trainer"), machine_id="n-pc",
                                  price="0.05")

@@ -54,7 +54,7 @@ def test_lost_lease_resumes_elsewhere_from_the_last_checkpoint(
     assert first.upload(a["lease_id"], "checkpoint", checkpoint, step=5).status_code == 200
 
     silence(session, a["lease_id"], settings.lease_ttl_s + 1)
-    assert reap(session=session, settings=settings) == {"suspect": 1, "lost": 0, "unclaimed": 0}
+    assert reap(session=session, settings=settings) == {"suspect": 1, "lost": 0, "unclaimed": 0, "suspended": 0}
     assert reap(session=session, settings=settings)["suspect"] == 0  # said once
     assert client.get(f"/v1/fine_tuning/jobs/{job['id']}", headers=customer.headers).json()["status"] == "running"
 
@@ -99,7 +99,7 @@ def test_heartbeats_keep_a_lease_alive(client: TestClient, session: Session, set
     client.portal.call(client.app.state.heartbeats.flush_now)  # type: ignore[attr-defined, union-attr]
     session.expire_all()
     assert session.get(LeaseModel, a["lease_id"]).last_step == 3  # type: ignore[union-attr]
-    assert reap(session=session, settings=settings) == {"suspect": 0, "lost": 0, "unclaimed": 0}
+    assert reap(session=session, settings=settings) == {"suspect": 0, "lost": 0, "unclaimed": 0, "suspended": 0}
 
 
 def test_an_assignment_never_picked_up_goes_back_without_using_an_attempt(

@@ -47,21 +47,24 @@ def _ten_minutes(session: Session, lease_id: str) -> None:
 
 
 def _cheat_with_another_lease(session: Session, settings: CoordinatorSettings, service_agent: Agents,  # type: ignore[no-untyped-def]
-                              new_provider, big_job, new_job):
-    """A worker one failed check from suspension hands in an adapter for verification, then trains another job
-    for ten minutes: (the worker, the other job, its lease there)."""
-    cheat = service_agent("cheat-pc", provider=new_provider("cheat"))
+                              new_provider, big_job, new_job, *, second_machine: bool = False):
+    """A worker one failed check from suspension hands in an adapter for verification, then it (or its
+    provider's `second_machine`) trains another job for ten minutes: (the worker, the other job's trainer, the
+    other job, its lease there)."""
+    cheater = new_provider("cheat")
+    cheat = service_agent("cheat-pc", provider=cheater)
     _near_suspension(session, settings, cheat)
     verified = big_job(verification="always")
     a = cheat.claim()
     assert a is not None and a.job_id == verified.id
     cheat.finish(a.lease_id, eval_loss=REPORTED)
     other = new_job()
-    b = cheat.claim()
+    trainer = service_agent("cheat-pc-2", provider=cheater) if second_machine else cheat
+    b = trainer.claim()
     assert b is not None and b.job_id == other.id
-    cheat.progress(b.lease_id)
+    trainer.progress(b.lease_id)
     _ten_minutes(session, b.lease_id)
-    return cheat, other, b
+    return cheat, trainer, other, b
 
 
 # --- found by the review (each failed before its fix) ----------------------------------------------------------
@@ -126,14 +129,12 @@ def test_a_rival_s_unconfirmable_bad_checkpoint_claim_does_not_cost_an_honest_pr
         f"{usage(session, b.lease_id).provider_micros} micro-$ for training the job itself")  # type: ignore[union-attr]
 
 
-def test_the_provider_of_a_junk_checkpoint_a_refuted_adapter_was_built_on_is_blamed_no_less_than_its_finisher(
+def test_the_finisher_of_an_adapter_built_on_a_rival_s_junk_checkpoint_is_blamed_no_more_than_the_rival(
     session: Session, big_job, service_agent: Agents, new_provider,  # type: ignore[no-untyped-def]
 ) -> None:
-    """`_refuted` calls `work_refuted` on the LAST trainer only; the lineage's providers are unpaid and excluded from
-    this job but take no failed check. A rival uploads one junk checkpoint (it passes the structural checks) and is
-    preempted (the first time is free): whoever resumes from it finishes a junk adapter and takes the failed check,
-    unpaid, while the rival loses only this job. Repeated over jobs it drives honest providers to suspension at no
-    cost to its own record."""
+    """Before: only the last trainer took the failed check, so a rival's one junk checkpoint (and a free first
+    preemption) cost whoever resumed it a failed check, and over jobs, a suspension. Across providers nobody is
+    blamed now (the third review: blaming the checkpoint's maker instead lets a junk finish frame it)."""
     job = big_job(verification="always")
     cheat = service_agent("cheat-pc", provider=new_provider("cheat"))
     preempted_with_checkpoint(cheat, job)
@@ -189,7 +190,7 @@ def test_a_lease_a_verdict_s_suspension_ends_is_not_paid_and_its_checkpoint_is_n
     """Before: the suspended cheater's other lease ended `lost`, paid until the checkpoint it uploaded there, and
     that checkpoint was the next worker's starting point. A suspension for failed checks ends its leases
     untrusted: unpaid, their checkpoints quarantined."""
-    cheat, other, b = _cheat_with_another_lease(session, settings, service_agent, new_provider, big_job, new_job)
+    cheat, _, other, b = _cheat_with_another_lease(session, settings, service_agent, new_provider, big_job, new_job)
     cheat.upload_checkpoint(b.lease_id, 1, cheat.checkpoint_for(b.lease_id, 1))
     checked(service_agent, new_provider, "vera", "vic", valid_adapter_loss=DISAGREE["valid_adapter_loss"])
     session.expire_all()
@@ -222,7 +223,7 @@ def test_a_suspended_worker_whose_other_job_is_locked_at_the_verdict_still_loses
         pytest.skip("two sessions at once: PostgreSQL")
     from coordinator.db.engine import make_engine, make_sessionmaker  # noqa: PLC0415
 
-    cheat, other, b = _cheat_with_another_lease(session, settings, service_agent, new_provider, big_job, new_job)
+    cheat, _, other, b = _cheat_with_another_lease(session, settings, service_agent, new_provider, big_job, new_job)
     engine = make_engine(settings)
     blocker = make_sessionmaker(engine)()
     try:
