@@ -23,7 +23,9 @@ from typing import Any
 from sqlalchemy import select, text
 from sqlalchemy.orm import Session
 
-from coordinator.db.tables import LIVE_LEASE, FileModel, HeldOutViewerModel, JobModel, LeaseKind, LeaseModel, WorkerModel
+from coordinator.db.tables import (
+    LIVE_LEASE, FileModel, HeldOutViewerModel, JobModel, LeaseKind, LeaseModel, WorkerModel,
+)
 from coordinator.services import files
 from coordinator.storage import BlobStore
 from shared.datasets import UTF8_BOM
@@ -119,14 +121,14 @@ def viewed(session: Session, job: JobModel, provider_id: str) -> None:
         session.add(HeldOutViewerModel(provider_id=provider_id, sample_sha256=sample))
 
 
-def viewers(session: Session, jobs: list[JobModel]) -> dict[str, frozenset[str]]:
+def viewers(session: Session, jobs: list[JobModel]) -> dict[str, set[str]]:
     """For each sample the jobs hold back, the providers that may have seen it."""
     samples = sorted({s for s in map(sample_of, jobs) if s})
     found: dict[str, set[str]] = {}
     for sample, provider in session.execute(select(HeldOutViewerModel.sample_sha256, HeldOutViewerModel.provider_id)
                                             .where(HeldOutViewerModel.sample_sha256.in_(samples))) if samples else ():
         found.setdefault(sample, set()).add(provider)
-    return {sample: frozenset(providers) for sample, providers in found.items()}
+    return found
 
 
 def viewed_by(session: Session, provider_id: str) -> frozenset[str]:
@@ -142,16 +144,17 @@ def _in_training(session: Session, *where: Any) -> list[tuple[str, str]]:
     return [(provider, held["sha256"]) for provider, held in rows if held and held.get("sha256")]
 
 
-def training(session: Session, jobs: list[JobModel]) -> dict[str, frozenset[str]]:
-    """For each sample the jobs hold back, the providers training a job that holds it back right now (a live
-    training lease): they never verify a job with it, since what a verifier downloads could go into that
+def training(session: Session, jobs: list[JobModel], providers: list[str]) -> dict[str, set[str]]:
+    """For each sample the jobs hold back, those of `providers` training a job that holds it back right now (a
+    live training lease): they never verify a job with it, since what a verifier downloads could go into that
     training."""
     samples = {s for s in map(sample_of, jobs) if s}
     found: dict[str, set[str]] = {}
-    for provider, sample in _in_training(session) if samples else ():
-        if sample in samples:
-            found.setdefault(sample, set()).add(provider)
-    return {sample: frozenset(providers) for sample, providers in found.items()}
+    if samples and providers:
+        for provider, sample in _in_training(session, WorkerModel.account_id.in_(sorted(set(providers)))):
+            if sample in samples:
+                found.setdefault(sample, set()).add(provider)
+    return found
 
 
 def trained_by(session: Session, provider_id: str) -> frozenset[str]:

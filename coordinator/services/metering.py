@@ -14,8 +14,9 @@ decides where billing stops:
 
 A training lease whose adapter is being verified (`verification.py`) is metered when the verdict comes: until
 its end when the adapter is confirmed, nothing when it is refuted; so is, in a job whose customer asked for
-verification, a lease that ended early with a checkpoint (withheld, `replicas.py`). A verification lease is the platform's cost:
-the customer pays nothing for it, the verifier earns its ask, booked to the platform's verification book.
+verification, a lease that ended early with a checkpoint (withheld, `replicas.py`). A verification lease is the
+platform's cost: the customer pays nothing for it, the verifier earns its ask, booked to the platform's
+verification book.
 
 The worker's own measurement is compared: when it says it worked less than we saw (`until_end` leases),
 the lower figure is billed and the record says so. A job's `max_cost` caps the charge, less what a redundant

@@ -226,7 +226,8 @@ def place_queued_jobs(*, session: Session, settings: CoordinatorSettings, limit:
     ranked = sorted((candidate(w, platform_fee_bps=settings.platform_fee_bps) for w in workers),
                     key=lambda c: c.score, reverse=True)
     matches: list[tuple[JobModel, Candidate]] = []
-    seen, busy = _held_out_sides(session, jobs)
+    candidates = [c.worker.account_id for c in ranked]
+    seen, busy = _held_out_sides(session, jobs, candidates)
     for job in jobs:
         if not ranked:
             break
@@ -242,7 +243,7 @@ def place_queued_jobs(*, session: Session, settings: CoordinatorSettings, limit:
                     matches[-1][1].worker.account_id)
     held_out.lock_providers(session, [c.worker.account_id for job, c in matches if job.held_out])
     if any(job.held_out for job, _ in matches):  # what another process placed meanwhile, now that it cannot
-        seen, busy = _held_out_sides(session, [job for job, _ in matches])
+        seen, busy = _held_out_sides(session, [job for job, _ in matches], [c.worker.account_id for _, c in matches])
         matches = [(job, c) for job, c in matches if c.worker.account_id not in _off(seen, busy, job,
                                                                                      held_out.sample_of(job))]
     _assign(session, matches, now)
@@ -250,12 +251,12 @@ def place_queued_jobs(*, session: Session, settings: CoordinatorSettings, limit:
     return len(matches)
 
 
-def _held_out_sides(session: Session, jobs: list[JobModel]) -> tuple[dict[str, set[str]], dict[str, set[str]]]:
-    """Per held-out sample of the jobs: the providers that may have seen it (never train it) and those training a
-    job that holds it back now (never verify it)."""
-    seen = held_out.viewers(session, [job for job in jobs if job.stage == LeaseKind.train])
-    busy = held_out.training(session, [job for job in jobs if job.stage == LeaseKind.verify])
-    return ({k: set(v) for k, v in seen.items()}, {k: set(v) for k, v in busy.items()})
+def _held_out_sides(session: Session, jobs: list[JobModel],
+                    providers: list[str]) -> tuple[dict[str, set[str]], dict[str, set[str]]]:
+    """Per held-out sample of the jobs: the providers that may have seen it (never train it) and those of
+    `providers` (the pass's candidates) training a job that holds it back now (never verify it)."""
+    return (held_out.viewers(session, [job for job in jobs if job.stage == LeaseKind.train]),
+            held_out.training(session, [job for job in jobs if job.stage == LeaseKind.verify], providers))
 
 
 def _off(seen: dict[str, set[str]], busy: dict[str, set[str]], job: JobModel, sample: str | None) -> frozenset[str]:

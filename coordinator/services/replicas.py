@@ -20,7 +20,7 @@ that checkpoint may become part of an adapter nobody has checked yet. Its entry 
 `charge`) waits in `job.verification["withheld"]` (counted in `pending_charge`) and is settled by the verdict on
 the training built on it, through that training's lineage (the leases whose checkpoints it resumed from, one
 after another: `verification.lineage`): refuted, the entries of its lineage are not paid (their checkpoints are
-quarantined, their workers take a failed check, their providers are off the job) and the rest wait on;
+quarantined, their providers are off the job) and the rest wait on;
 confirmed, every entry is paid until its checkpoint, as when the job ends otherwise. An entry whose checkpoint
 the coordinator confirmed bad (`forfeit`, from `checkpoints.quarantine`) is never paid; one merely set aside on
 another worker's unconfirmable claim is paid (a rival's word costs nobody anything). A confirmed redundant

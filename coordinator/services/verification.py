@@ -8,9 +8,9 @@ for good). A job needs something its trainer did not train on: a held-out sample
 rows.
 
 The job then waits in the queue for a verification lease (`job.stage == "verify"`), placed on a worker of a
-provider that trained no part of the job and did not verify this adapter already. The verifier loads the base and the adapter
-and reports the mean token loss of both on the held-out sample (which the trainer never received) and on the
-trainer's own validation rows. The figures agree (`compare`) when the adapter improves on the base by
+provider that trained no part of the job and did not verify this adapter already. The verifier loads the base and
+the adapter and reports the mean token loss of both on the held-out sample (which the trainer never received) and
+on the trainer's own validation rows. The figures agree (`compare`) when the adapter improves on the base by
 `verify_min_improvement` on data its trainer could not train on, and its validation loss is what the trainer
 reported, within `verify_tolerance` + `verify_tolerance_share` of it (same rows, same model, 4-bit numerics); a
 verifier that measured no validation rows when the trainer reported a loss on them does not agree (that figure
@@ -28,8 +28,8 @@ A quorum of independent workers decides:
   was built on) goes with it: those checkpoints are quarantined, their withheld pay is not paid (`replicas.py`),
   their providers are off the job; the trainer takes the failed check only when the lineage is all its
   provider's (across providers the verdict cannot tell who spoiled it, and blaming either side would let a
-  throwaway account get an honest provider suspended). Verifiers on the quorum's side
-  are paid; one it contradicted is not, and that counts as a failed check.
+  throwaway account get an honest provider suspended). Verifiers on the quorum's side are paid; one it
+  contradicted is not, and that counts as a failed check.
 Verifiers are paid from the platform's verification book (`billing.settle_verification`), for at most what
 verifying the job can take (`metering.verification_seconds`), at the lower of their ask and the trainer's.
 """
@@ -282,15 +282,24 @@ def lineage(session: Session, lease_id: str) -> list[str]:
     return chain
 
 
-def _settle_lineage(session: Session, job: JobModel, trained_id: str, *, confirmed: bool) -> list[str]:
-    """The verdict on training `trained_id` settles the withheld checkpoints (`replicas.py`): confirmed, all are
-    paid (but those forfeit); refuted, its lineage's are not paid and the rest wait on. Returns the lineage."""
+def _refute_lineage(session: Session, job: JobModel, trained_id: str) -> list[str]:
+    """Training `trained_id` is refuted: the withheld checkpoints of its lineage are not paid (`replicas.py`); the
+    rest wait on. Returns the lineage."""
     chain = lineage(session, trained_id)
-    if confirmed:
-        settle_withheld(session, job, replicas.take_withheld(job))
-    else:
-        settle_withheld(session, job, replicas.take_withheld(job, of_leases=chain), unpaid=chain)
+    settle_withheld(session, job, replicas.take_withheld(job, of_leases=chain), unpaid=chain)
     return chain
+
+
+def _blame(session: Session, settings: CoordinatorSettings, trainer: WorkerModel, chain: list[str]) -> set[str]:
+    """A refuted training's trainer: its completion no longer counts, and when the lineage is all its provider's
+    work it takes a failed check. Across providers the verdict cannot tell which of them spoiled it, and blaming
+    any one would let a throwaway account get an honest provider suspended (a junk checkpoint for its finisher, a
+    junk finish for the checkpoint's maker): none is blamed, none is paid. Returns the lineage's providers."""
+    providers = {trainer.account_id, *session.scalars(select(WorkerModel.account_id).join(
+        LeaseModel, LeaseModel.worker_id == WorkerModel.id).where(LeaseModel.id.in_(chain)))}
+    worker_states.work_refuted(session=session, worker=trainer, blame=len(providers) == 1,
+                               max_failed_checks=settings.suspend_after_failed_checks)
+    return providers
 
 
 def _confirmed(session: Session, store: BlobStore, job: JobModel, state: dict[str, Any],
@@ -316,7 +325,7 @@ def _deliver(session: Session, store: BlobStore, job: JobModel, state: dict[str,
         trained = settle_replica(session, job, trained_id, "delivered")
     else:
         trained = meter_ended(session, job, trained_id, "until_end")
-        _settle_lineage(session, job, trained_id, confirmed=True)
+        settle_withheld(session, job, replicas.take_withheld(job))  # all confirmed with it, but those forfeit
     assert trained.adapter_key is not None
     job.stage = LeaseKind.train.value
     file = results.deliver(session=session, store=store, job=job, lease=trained, how=how, data=data)
@@ -366,9 +375,7 @@ def _replicated(session: Session, store: BlobStore, settings: CoordinatorSetting
                     unpaid=[w["lease_id"] for w in worse.get("withheld") or []])
     trainer = session.get(WorkerModel, worse["worker_id"], with_for_update=True, populate_existing=True)
     assert trainer is not None
-    built_on = {w["provider_id"] for w in worse.get("withheld") or []} - {trainer.account_id}
-    worker_states.work_refuted(session=session, worker=trainer, blame=not built_on,  # as in `_refuted`
-                               max_failed_checks=settings.suspend_after_failed_checks)
+    _blame(session, settings, trainer, lineage(session, worse["lease_id"]))  # it trains again elsewhere anyway
     job.verification = {**(job.verification or {}),
                         "refuted": [*(job.verification or {}).get("refuted", []),
                                     {"lease_id": worse["lease_id"], "why": why}]}
@@ -386,8 +393,8 @@ def _upload(session: Session, lease_id: str) -> str | None:
 
 def _next_replica(session: Session, job: JobModel, *, why: str) -> list[str]:
     """The job trains again from scratch: never on a provider that trained it before (nor one that held a
-    verification lease of it: placement reads `never_trains`), and never from an earlier training's checkpoints (their content is dropped). Returns their
-    blob keys, for the caller to delete after the commit."""
+    verification lease of it: placement reads `never_trains`), and never from an earlier training's checkpoints
+    (their content is dropped). Returns their blob keys, for the caller to delete after the commit."""
     for provider in trainers(session, job):
         exclude(job, provider=provider)
     retired = session.scalars(select(JobCheckpointModel).where(
@@ -413,7 +420,7 @@ def _refuted(session: Session, settings: CoordinatorSettings, f: FencedLease, st
                           "refuted": [*state.get("refuted", []), {"lease_id": trained.id, "why": why}]}
     # The leases it was built on (preempted with a checkpoint) are part of what was refuted: not paid, their
     # checkpoints quarantined, their providers off the job (below).
-    chain = _settle_lineage(session, f.job, trained.id, confirmed=False)
+    chain = _refute_lineage(session, f.job, trained.id)
     f.job.stage = LeaseKind.train.value
     end_and_requeue(session=session, lease=f.lease, job=f.job, worker=f.worker, status=LeaseStatus.completed,
                     reason=f"disagreed: {why}", settings=settings, count_attempt=True, usage=usage, settle_later=True,
@@ -421,14 +428,7 @@ def _refuted(session: Session, settings: CoordinatorSettings, f: FencedLease, st
                                "it is not paid nor billed, and the job trains again elsewhere")
     _decide(session, settings, f.job, winners=winners, losers=losers)
     meter_ended(session, f.job, trained.id, "not_billed")
-    providers = {trainer.account_id, *session.scalars(select(WorkerModel.account_id).join(
-        LeaseModel, LeaseModel.worker_id == WorkerModel.id).where(LeaseModel.id.in_(chain)))}
-    # One provider's lineage is its own work: a failed check. Across providers the verdict cannot tell which of
-    # them spoiled it, and blaming any one would let a throwaway account get an honest provider suspended (a junk
-    # checkpoint for its finisher, a junk finish for the checkpoint's maker): none is blamed, none is paid.
-    worker_states.work_refuted(session=session, worker=trainer, blame=len(providers) == 1,
-                               max_failed_checks=settings.suspend_after_failed_checks)
-    for provider in providers:
+    for provider in _blame(session, settings, trainer, chain):
         exclude(f.job, provider=provider)
     own = select(LeaseModel.id).join(WorkerModel, WorkerModel.id == LeaseModel.worker_id).where(
         LeaseModel.job_id == f.job.id, WorkerModel.account_id == trainer.account_id)
@@ -451,7 +451,7 @@ def abandon(*, session: Session, job: JobModel) -> None:
     disputed = any(not v["agrees"] for v in state.get("verdicts", []))
     meter_ended(session, job, state["lease_id"], "not_billed" if disputed else "until_end")
     if disputed:  # nor the withheld checkpoints it was built on; the rest are paid as the job ends
-        _settle_lineage(session, job, state["lease_id"], confirmed=False)
+        _refute_lineage(session, job, state["lease_id"])
     for verdict in state.get("verdicts", []):  # every verdict waits for the quorum, so none is settled yet
         meter_ended(session, job, verdict["lease_id"], "until_end")
     job.verification = {**(job.verification or {}), "status": "cancelled"}  # what the settling above left
