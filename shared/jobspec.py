@@ -26,6 +26,7 @@ class TrainingHyperparameters(_Strict):
     gradient_accumulation_steps: int = Field(default=1, ge=1, le=1024)
     weight_decay: float = Field(default=0.0, ge=0, le=1)
     max_grad_norm: float = Field(default=1.0, gt=0)
+    beta: float = Field(default=0.1, gt=0, le=10, description="DPO: how far the policy may move from the reference")
 
 
 class LoraSpec(_Strict):
@@ -37,6 +38,9 @@ class LoraSpec(_Strict):
 
 class JobSpec(_Strict):
     job_id: str = Field(min_length=1, max_length=64)
+    method: Literal["supervised", "dpo"] = Field(default="supervised", description="the training objective: "
+                                                 "next-token loss on chat or prompt/completion data, or DPO on "
+                                                 "preference pairs")
     kind: Literal["train", "verify"] = Field(default="train", description="which program of the trainer's image runs: "
                                              "training, or the verification of another worker's adapter")
     base_model: str = Field(min_length=1, max_length=100, description="catalog id (shared.catalog)")
@@ -50,5 +54,9 @@ class JobSpec(_Strict):
     quantization: Literal["nf4", "none"] = "nf4"
     train_on_inputs: bool = Field(default=False, description="also train on system/user tokens")
     packing: bool = Field(default=True, description="pack short examples into one sequence, without cross-attention")
+    initial_adapter: bool = Field(default=False, description="start from the adapter in `initial/` (the fine-tune "
+                                  "or checkpoint the job continues) instead of a fresh LoRA")
+    early_stopping_patience: int | None = Field(default=None, ge=1, le=100, description="stop after this many "
+                                                "evaluations without a better validation loss, keeping the best")
     validation_fraction: float = Field(default=0.1, ge=0, lt=1,
                                        description="held-out share of the training data when no validation file")

@@ -44,3 +44,16 @@ def write_job(job_dir: Path, model_dir: Path, *, train: list[dict], validation: 
 
 def progress_lines(job_dir: Path) -> list[dict]:
     return [json.loads(line) for line in (job_dir / "out" / "progress.jsonl").read_text().splitlines()]
+
+
+def arithmetic_preferences(n: int, seed: int = 0) -> list[dict]:
+    """Pairs that prefer the right sum, stated, over a wrong one: what DPO must learn to rank."""
+    rng = random.Random(seed)
+    rows = []
+    for _ in range(n):
+        a, b = rng.randint(0, 30), rng.randint(0, 30)
+        wrong = a + b + rng.choice([-3, -2, -1, 1, 2, 3])
+        rows.append({"input": {"messages": [{"role": "user", "content": f"What is {a} plus {b}?"}]},
+                     "preferred_output": [{"role": "assistant", "content": f"The answer is {a + b}."}],
+                     "non_preferred_output": [{"role": "assistant", "content": f"I think {wrong}, maybe."}]})
+    return rows

@@ -12,7 +12,7 @@ from shared.datasets import parse_line
 from worker.trainer import data
 from worker.trainer.errors import UserError
 from worker.trainer.model import load_tokenizer
-from worker.trainer.train import collate
+from worker.trainer.batches import collate
 
 
 def _example(obj: dict):  # type: ignore[no-untyped-def]

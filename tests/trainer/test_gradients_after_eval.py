@@ -22,7 +22,7 @@ from shared.jobspec import JobSpec
 from tests.trainer.conftest import arithmetic_chat
 from worker.trainer import data
 from worker.trainer.model import load_base, load_for_training, load_tokenizer, with_lora
-from worker.trainer.train import batch_loss, collate
+from worker.trainer.batches import batch_loss, collate
 
 
 def _lora_grads(model) -> torch.Tensor:  # type: ignore[no-untyped-def]

@@ -1,4 +1,5 @@
-"""The training loop: packed batches, LoRA steps, evaluation, atomic checkpoints, resume, the final adapter."""
+"""The training loop: batches of the job's objective (supervised or DPO), LoRA steps, evaluation, early stopping,
+atomic checkpoints, resume, the final adapter."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ import shutil
 import signal
 import tarfile
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -18,51 +19,82 @@ import torch
 from transformers import get_cosine_schedule_with_warmup
 
 from shared.catalog import find_base_model
+from shared.datasets import TrainingExample
 from shared.jobspec import JobSpec
-from worker.trainer import checkpoints, data, model as models
+from worker.trainer import checkpoints, data, dpo, model as models
+from worker.trainer.batches import Batch, batch_loss, collate  # noqa: F401 - Batch and collate: the trainer's API
 from worker.trainer.errors import UserError
 from worker.trainer.progress import Progress
 
 CPU_AUTO_BATCH_TOKENS = 4096
+INITIAL_ADAPTER = Path("initial") / "adapter_model.safetensors"
 
 
 @dataclass
-class Batch:
-    input_ids: torch.Tensor
-    position_ids: torch.Tensor
-    targets: torch.Tensor  # next-token labels, IGNORE across example boundaries and padding
-    attention_mask: torch.Tensor  # (B, 1, L, L) bool: True where a token may attend
+class StepFigures:
+    loss: float
     tokens: int
+    extra: dict[str, float] = field(default_factory=dict)
 
 
-def collate(rows: list[data.PackedRow], *, pad_id: int, device: torch.device) -> Batch:
-    length = max(len(r) for r in rows)
-    ids = torch.full((len(rows), length), pad_id, dtype=torch.long)
-    positions = torch.zeros((len(rows), length), dtype=torch.long)
-    targets = torch.full((len(rows), length), data.IGNORE, dtype=torch.long)
-    segments = torch.zeros((len(rows), length), dtype=torch.long)  # 0: padding
-    for i, row in enumerate(rows):
-        n = len(row)
-        ids[i, :n] = torch.tensor(row.input_ids)
-        positions[i, :n] = torch.tensor(row.position_ids)
-        segments[i, :n] = torch.tensor(row.segment_ids)
-        labels = torch.tensor(row.labels)
-        same_example = segments[i, 1:n] == segments[i, : n - 1]
-        targets[i, : n - 1] = torch.where(same_example, labels[1:], data.IGNORE)
-    causal = torch.ones((length, length), dtype=torch.bool).tril()
-    allowed = (segments[:, :, None] == segments[:, None, :]) & causal & (segments[:, None, :] > 0)
-    allowed |= torch.eye(length, dtype=torch.bool)  # padding rows attend to themselves (no NaN)
-    return Batch(ids.to(device), positions.to(device), targets.to(device), allowed[:, None].to(device),
-                 tokens=int((segments > 0).sum()))
+class Supervised:
+    """Next-token loss over the labelled tokens of packed rows."""
+
+    def __init__(self, trainer: Trainer, train: list[data.PackedRow], valid: list[data.PackedRow], pad_id: int) -> None:
+        self.trainer, self.units, self.valid, self.pad_id = trainer, train, valid, pad_id
+
+    def prepare(self, model, *, adapter_is_reference: bool) -> None:  # type: ignore[no-untyped-def]
+        pass
+
+    def step(self, model, chunk: list[data.PackedRow]) -> StepFigures:  # type: ignore[no-untyped-def]
+        size = self.trainer.batch_size()
+        batches = [collate(chunk[s:s + size], pad_id=self.pad_id, device=self.trainer.device)
+                   for s in range(0, len(chunk), size)]
+        labelled = sum(b.labelled for b in batches)
+        total = 0.0
+        for batch in batches:
+            loss, _ = batch_loss(model, batch)
+            (loss / max(labelled, 1)).backward()
+            total += loss.item()
+        return StepFigures(loss=total / max(labelled, 1), tokens=sum(b.tokens for b in batches))
+
+    def evaluate(self, model) -> dict[str, float] | None:  # type: ignore[no-untyped-def]
+        loss = self.trainer.evaluate(model, self.valid, self.pad_id)
+        return None if loss is None else {"valid_loss": round(loss, 6)}
 
 
-def batch_loss(model, batch: Batch) -> tuple[torch.Tensor, int]:  # type: ignore[no-untyped-def]
-    """Sum of token losses and how many tokens carry loss."""
-    logits = model(input_ids=batch.input_ids, position_ids=batch.position_ids,
-                   attention_mask=batch.attention_mask).logits
-    loss = torch.nn.functional.cross_entropy(logits.float().flatten(0, 1), batch.targets.flatten(),
-                                             ignore_index=data.IGNORE, reduction="sum")
-    return loss, int((batch.targets != data.IGNORE).sum())
+class Preference:
+    """DPO over preference pairs (worker/trainer/dpo.py)."""
+
+    def __init__(self, trainer: Trainer, train: list[dpo.Pair], valid: list[dpo.Pair], pad_id: int) -> None:
+        self.trainer, self.units, self.valid, self.pad_id = trainer, train, valid, pad_id
+        self.beta = trainer.spec.hyperparameters.beta
+
+    def prepare(self, model, *, adapter_is_reference: bool) -> None:  # type: ignore[no-untyped-def]
+        dpo.set_reference(model, self.units + self.valid, batch_size=self.trainer.batch_size(), pad_id=self.pad_id,
+                          device=self.trainer.device, adapter_is_reference=adapter_is_reference)
+
+    def step(self, model, chunk: list[dpo.Pair]) -> StepFigures:  # type: ignore[no-untyped-def]
+        size = self.trainer.batch_size()
+        parts = []
+        for start in range(0, len(chunk), size):
+            part = dpo.figures(model, chunk[start:start + size], beta=self.beta, pad_id=self.pad_id,
+                               device=self.trainer.device)
+            (part.loss / len(chunk)).backward()
+            parts.append(part)
+        figures = dpo.metrics(parts)
+        return StepFigures(loss=figures.pop("loss"), tokens=sum(p.tokens for p in parts), extra=figures)
+
+    def evaluate(self, model) -> dict[str, float] | None:  # type: ignore[no-untyped-def]
+        if not self.valid:
+            return None
+        model.eval()
+        size = self.trainer.batch_size()
+        with torch.no_grad():
+            parts = [dpo.figures(model, self.valid[s:s + size], beta=self.beta, pad_id=self.pad_id,
+                                 device=self.trainer.device) for s in range(0, len(self.valid), size)]
+        model.train()
+        return dpo.metrics(parts, prefix="valid_")
 
 
 class Trainer:
@@ -73,19 +105,26 @@ class Trainer:
         self.progress = progress
         self.stop_requested = False
         self.device = models.device()
-        self.rows = 0  # packed training rows: part of the data order a checkpoint records
+        self.rows = 0  # training units (packed rows, or pairs): part of the data order a checkpoint records
 
     def request_stop(self, *_: Any) -> None:
         self.stop_requested = True
 
     # -- data ---------------------------------------------------------------
+    def _warn_truncated(self, count: int) -> None:
+        if count:
+            self.progress.emit("warning", message=f"{count} examples were longer than max_seq_len="
+                                                  f"{self.spec.max_seq_len} tokens and were truncated")
+
+    def _check_tools(self, examples: list[TrainingExample], tokenizer) -> None:  # type: ignore[no-untyped-def]
+        if any(e.uses_tools for e in examples):
+            data.check_expresses_tools(tokenizer, self.spec.base_model)
+
     def _rows(self, examples, tokenizer) -> list[data.PackedRow]:  # type: ignore[no-untyped-def]
+        self._check_tools(examples, tokenizer)
         tokenized = [data.tokenize(e, tokenizer, max_seq_len=self.spec.max_seq_len,
                                    train_on_inputs=self.spec.train_on_inputs) for e in examples]
-        truncated = sum(t.truncated for t in tokenized)
-        if truncated:
-            self.progress.emit("warning", message=f"{truncated} examples were longer than max_seq_len="
-                                                  f"{self.spec.max_seq_len} tokens and were truncated")
+        self._warn_truncated(sum(t.truncated for t in tokenized))
         tokenized = [t for t in tokenized if any(label != data.IGNORE for label in t.labels)]
         if not tokenized:
             raise UserError("no example has any token to train on after tokenization and truncation")
@@ -93,7 +132,17 @@ class Trainer:
             return data.pack(tokenized, max_seq_len=self.spec.max_seq_len)
         return data.unpacked(tokenized)
 
-    def _load_data(self, tokenizer):  # type: ignore[no-untyped-def]
+    def _pairs(self, examples, tokenizer) -> list[dpo.Pair]:  # type: ignore[no-untyped-def]
+        self._check_tools(examples, tokenizer)
+        pairs = [dpo.Pair(*data.tokenize_pair(e, tokenizer, max_seq_len=self.spec.max_seq_len)) for e in examples]
+        self._warn_truncated(sum(p.chosen.truncated or p.rejected.truncated for p in pairs))
+        pairs = [p for p in pairs if all(any(label != data.IGNORE for label in side.labels)
+                                         for side in (p.chosen, p.rejected))]
+        if not pairs:
+            raise UserError("no preference pair keeps tokens of both answers after tokenization and truncation")
+        return pairs
+
+    def _examples(self) -> tuple[list[TrainingExample], list[TrainingExample]]:
         train_path = self.job_dir / "train.jsonl"
         if not train_path.is_file():
             raise UserError("train.jsonl is missing from the job directory")
@@ -107,12 +156,33 @@ class Trainer:
             validation, examples = examples[:held_out], examples[held_out:]
         if not examples:
             raise UserError("the training data is empty")
+        return examples, validation
+
+    def _load_data(self, tokenizer):  # type: ignore[no-untyped-def]
+        examples, validation = self._examples()
         return self._rows(examples, tokenizer), (self._rows(validation, tokenizer) if validation else [])
+
+    def objective(self, tokenizer) -> Supervised | Preference:  # type: ignore[no-untyped-def]
+        examples, validation = self._examples()
+        preference = [e.format == "preference" for e in examples + validation]
+        if self.spec.method == "dpo":
+            if not all(preference):
+                raise UserError("the DPO method trains on preference examples (input, preferred_output, "
+                                "non_preferred_output); this data is in another format")
+            return Preference(self, self._pairs(examples, tokenizer),
+                              self._pairs(validation, tokenizer) if validation else [], tokenizer.pad_token_id)
+        if any(preference):
+            raise UserError("preference examples train only with the DPO method (method.type \"dpo\")")
+        return Supervised(self, self._rows(examples, tokenizer),
+                          self._rows(validation, tokenizer) if validation else [], tokenizer.pad_token_id)
 
     # -- loop ---------------------------------------------------------------
     def batch_size(self) -> int:
         size = self.spec.hyperparameters.batch_size
-        return size if size != "auto" else max(1, min(8, CPU_AUTO_BATCH_TOKENS // self.spec.max_seq_len))
+        if size != "auto":
+            return size
+        sequences = 2 if self.spec.method == "dpo" else 1  # a pair is two sequences
+        return max(1, min(8, CPU_AUTO_BATCH_TOKENS // (self.spec.max_seq_len * sequences)))
 
     def evaluate(self, model, rows: list[data.PackedRow], pad_id: int) -> float | None:  # type: ignore[no-untyped-def]
         if not rows:
@@ -127,6 +197,19 @@ class Trainer:
         model.train()
         return total / max(count, 1)
 
+    def _load_initial_adapter(self, model) -> None:  # type: ignore[no-untyped-def]
+        """The adapter the job continues from; the coordinator checked it and the agent its sha256, so one that
+        does not fit this job's LoRA layers is the request's problem."""
+        from worker.trainer.verify import BadAdapter, load_adapter_weights  # noqa: PLC0415 - verify imports us
+
+        path = self.job_dir / INITIAL_ADAPTER
+        if os.path.islink(path) or not path.is_file():
+            raise UserError("the adapter to continue from is missing from the job directory")
+        try:
+            load_adapter_weights(model, path)
+        except BadAdapter as exc:
+            raise UserError(f"the adapter to continue from does not fit this job: {exc}") from None
+
     def run(self) -> dict[str, Any]:
         spec, hp = self.spec, self.spec.hyperparameters
         torch.manual_seed(spec.seed)
@@ -137,63 +220,59 @@ class Trainer:
         if not (model_dir / "config.json").is_file():
             raise UserError(f"no model at {model_dir} (config.json missing)")
         tokenizer = models.load_tokenizer(model_dir)
-        train_rows, valid_rows = self._load_data(tokenizer)
+        objective = self.objective(tokenizer)
+        units = objective.units
         model = models.load_for_training(spec)
         model.train()
+        if spec.initial_adapter:
+            self._load_initial_adapter(model)
+        objective.prepare(model, adapter_is_reference=spec.initial_adapter)  # before any resumed weights load
         trainable = [p for p in model.parameters() if p.requires_grad]
         optimizer = torch.optim.AdamW(trainable, lr=hp.learning_rate, weight_decay=hp.weight_decay)
-        batches_per_epoch = math.ceil(len(train_rows) / self.batch_size())
+        batches_per_epoch = math.ceil(len(units) / self.batch_size())
         steps_per_epoch = math.ceil(batches_per_epoch / hp.gradient_accumulation_steps)
         total_steps = steps_per_epoch * hp.n_epochs
         scheduler = get_cosine_schedule_with_warmup(optimizer, math.ceil(total_steps * hp.warmup_ratio), total_steps)
-        self.rows = len(train_rows)
+        self.rows = len(units)
         step, trained_tokens = self._resume(model, optimizer, scheduler, total_steps)
-        pad_id = tokenizer.pad_token_id
         resumed_from = step
-        self.progress.emit("started", total_steps=total_steps, resumed_from_step=step, examples_rows=len(train_rows),
-                           device=str(self.device), quantization=spec.quantization)
+        self.progress.emit("started", total_steps=total_steps, resumed_from_step=step, examples_rows=len(units),
+                           device=str(self.device), quantization=spec.quantization, method=spec.method)
         began, tokens_at_start = time.monotonic(), trained_tokens
         peak_rss = 0
+        per_step = hp.gradient_accumulation_steps * self.batch_size()
         while step < total_steps:
             epoch, step_in_epoch = divmod(step, steps_per_epoch)
-            order = torch.randperm(len(train_rows), generator=torch.Generator().manual_seed(spec.seed + epoch))
-            first = step_in_epoch * hp.gradient_accumulation_steps * self.batch_size()
-            chunk = [train_rows[int(i)] for i in order[first:first + hp.gradient_accumulation_steps * self.batch_size()]]
+            order = torch.randperm(len(units), generator=torch.Generator().manual_seed(spec.seed + epoch))
+            chunk = [units[int(i)] for i in order[step_in_epoch * per_step:(step_in_epoch + 1) * per_step]]
             optimizer.zero_grad(set_to_none=True)
-            batches = [collate(chunk[s:s + self.batch_size()], pad_id=pad_id, device=self.device)
-                       for s in range(0, len(chunk), self.batch_size())]
-            labelled = sum(int((b.targets != data.IGNORE).sum()) for b in batches)
-            step_loss = 0.0
-            for batch in batches:
-                loss, _ = batch_loss(model, batch)
-                (loss / max(labelled, 1)).backward()
-                step_loss += loss.item()
-                trained_tokens += batch.tokens
+            figures = objective.step(model, chunk)
+            trained_tokens += figures.tokens
             torch.nn.utils.clip_grad_norm_(trainable, hp.max_grad_norm)
             optimizer.step()
             scheduler.step()
             step += 1
             elapsed = time.monotonic() - began
             peak_rss = max(peak_rss, _peak_memory_bytes())
-            self.progress.emit("step", step=step, epoch=epoch + 1, loss=round(step_loss / max(labelled, 1), 6),
+            self.progress.emit("step", step=step, epoch=epoch + 1, loss=round(figures.loss, 6),
                                learning_rate=scheduler.get_last_lr()[0], tokens=trained_tokens,
                                tokens_per_s=round((trained_tokens - tokens_at_start) / max(elapsed, 1e-9), 1),
                                eta_s=round(elapsed / (step - resumed_from) * (total_steps - step), 1),
-                               peak_memory_bytes=peak_rss)
+                               peak_memory_bytes=peak_rss, **figures.extra)
             if step % spec.eval_every_steps == 0 and step < total_steps:
-                self._emit_eval(model, valid_rows, pad_id, step)
+                self._emit_eval(model, objective, step)
             if step % spec.checkpoint_every_steps == 0 or self.stop_requested:
                 self.checkpoint(model, optimizer, scheduler, step, trained_tokens)
             if self.stop_requested and step < total_steps:
                 return {"preempted_at_step": step}
-        valid_loss = self._emit_eval(model, valid_rows, pad_id, step)
-        return self._finish(model, step, trained_tokens, valid_loss)
+        evaluation = self._emit_eval(model, objective, step)
+        return self._finish(model, step, trained_tokens, evaluation)
 
-    def _emit_eval(self, model, rows, pad_id, step: int) -> float | None:  # type: ignore[no-untyped-def]
-        valid_loss = self.evaluate(model, rows, pad_id)
-        if valid_loss is not None:
-            self.progress.emit("eval", step=step, valid_loss=round(valid_loss, 6))
-        return valid_loss
+    def _emit_eval(self, model, objective: Supervised | Preference, step: int) -> dict[str, float] | None:  # type: ignore[no-untyped-def]
+        evaluation = objective.evaluate(model)
+        if evaluation is not None:
+            self.progress.emit("eval", step=step, **evaluation)
+        return evaluation
 
     # -- checkpoints ----------------------------------------------------------
     def checkpoint(self, model, optimizer, scheduler, step: int, trained_tokens: int) -> Path:  # type: ignore[no-untyped-def]
@@ -214,7 +293,7 @@ class Trainer:
         return checkpoints.load(resume, model=model, optimizer=optimizer, scheduler=scheduler, spec=self.spec,
                                 total_steps=total_steps)
 
-    def _finish(self, model, step: int, trained_tokens: int, valid_loss: float | None) -> dict[str, Any]:  # type: ignore[no-untyped-def]
+    def _finish(self, model, step: int, trained_tokens: int, evaluation: dict[str, float] | None) -> dict[str, Any]:  # type: ignore[no-untyped-def]
         adapter = self.out / "adapter"
         shutil.rmtree(adapter, ignore_errors=True)
         model.save_pretrained(adapter)
@@ -222,9 +301,9 @@ class Trainer:
         with tarfile.open(archive, "w:gz") as tar:
             for path in sorted(adapter.iterdir()):
                 tar.add(path, arcname=f"adapter/{path.name}")
-        result = {"steps": step, "trained_tokens": trained_tokens, "valid_loss": valid_loss,
-                  "adapter_sha256": _sha256(archive), "adapter_bytes": archive.stat().st_size}
-        return result
+        return {"steps": step, "trained_tokens": trained_tokens, "valid_loss": (evaluation or {}).get("valid_loss"),
+                "adapter_sha256": _sha256(archive), "adapter_bytes": archive.stat().st_size,
+                **{k: v for k, v in (evaluation or {}).items() if k != "valid_loss"}}
 
 
 def _peak_memory_bytes() -> int:

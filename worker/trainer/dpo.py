@@ -1,0 +1,100 @@
+"""Direct Preference Optimization (Rafailov et al., 2023) on the 4-bit base with LoRA, computed here.
+
+Each preference pair is two sequences, the input with the preferred and with the non-preferred answer; a
+sequence's log-probability counts its answer tokens only. The reference policy is the same model with the
+adapter as it was before the first step: disabled for a fresh LoRA (whose B matrices start at zero, so the
+two are the same function), or the adapter the job continues from (SFT, then DPO). Its log-probabilities are
+computed once, before training, in evaluation mode and without gradients, so no second copy of the model is
+ever held and each step runs one forward and backward pass over both answers.
+
+    loss = -log sigmoid(beta * ((log pi(y_w) - log ref(y_w)) - (log pi(y_l) - log ref(y_l))))
+
+The rewards are beta * (log pi - log ref) of each answer; the margin is their difference, the accuracy the
+share of pairs whose preferred answer has the larger reward.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from worker.trainer import data
+from worker.trainer.batches import collate, sequence_logps
+
+
+@dataclass(slots=True)
+class Pair:
+    chosen: data.Tokenized
+    rejected: data.Tokenized
+    reference_chosen: float = 0.0
+    reference_rejected: float = 0.0
+
+    @property
+    def tokens(self) -> int:
+        return len(self.chosen.input_ids) + len(self.rejected.input_ids)
+
+
+@dataclass(frozen=True, slots=True)
+class PreferenceFigures:
+    loss: torch.Tensor  # summed over the pairs (the caller divides)
+    chosen_reward: float  # summed
+    rejected_reward: float
+    correct: int  # pairs whose preferred answer has the larger reward
+    pairs: int
+    tokens: int
+
+
+def _rows(pairs: list[Pair]) -> list[data.PackedRow]:
+    return data.unpacked([p.chosen for p in pairs] + [p.rejected for p in pairs])
+
+
+def pair_logps(model, pairs: list[Pair], *, pad_id: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor, int]:  # type: ignore[no-untyped-def]
+    """Log-probabilities of the preferred and the non-preferred answers, in one forward pass."""
+    batch = collate(_rows(pairs), pad_id=pad_id, device=device)
+    logps = sequence_logps(model, batch)
+    return logps[: len(pairs)], logps[len(pairs):], batch.tokens
+
+
+def set_reference(model, pairs: list[Pair], *, batch_size: int, pad_id: int, device: torch.device,  # type: ignore[no-untyped-def]
+                  adapter_is_reference: bool) -> None:
+    """Fill each pair's reference log-probabilities from the model as it is now (see the module's docstring)."""
+    was_training = model.training
+    model.eval()
+    with torch.no_grad():
+        for start in range(0, len(pairs), batch_size):
+            chunk = pairs[start:start + batch_size]
+            if adapter_is_reference:
+                chosen, rejected, _ = pair_logps(model, chunk, pad_id=pad_id, device=device)
+            else:
+                with model.disable_adapter():
+                    chosen, rejected, _ = pair_logps(model, chunk, pad_id=pad_id, device=device)
+            for pair, c, r in zip(chunk, chosen.tolist(), rejected.tolist(), strict=True):
+                pair.reference_chosen, pair.reference_rejected = c, r
+    model.train(was_training)
+
+
+def figures(model, pairs: list[Pair], *, beta: float, pad_id: int, device: torch.device) -> PreferenceFigures:  # type: ignore[no-untyped-def]
+    chosen, rejected, tokens = pair_logps(model, pairs, pad_id=pad_id, device=device)
+    reference_chosen = torch.tensor([p.reference_chosen for p in pairs], device=chosen.device)
+    reference_rejected = torch.tensor([p.reference_rejected for p in pairs], device=chosen.device)
+    chosen_reward = beta * (chosen - reference_chosen)
+    rejected_reward = beta * (rejected - reference_rejected)
+    margin = chosen_reward - rejected_reward
+    return PreferenceFigures(
+        loss=-F.logsigmoid(margin).sum(), chosen_reward=float(chosen_reward.detach().sum()),
+        rejected_reward=float(rejected_reward.detach().sum()), correct=int((margin.detach() > 0).sum()),
+        pairs=len(pairs), tokens=tokens,
+    )
+
+
+def metrics(parts: list[PreferenceFigures], prefix: str = "") -> dict[str, float]:
+    """Mean loss, rewards, margin and accuracy over the pairs of `parts`, named as the events carry them."""
+    pairs = max(sum(p.pairs for p in parts), 1)
+    chosen = sum(p.chosen_reward for p in parts) / pairs
+    rejected = sum(p.rejected_reward for p in parts) / pairs
+    return {f"{prefix}loss": round(sum(float(p.loss.detach()) for p in parts) / pairs, 6),
+            f"{prefix}chosen_reward": round(chosen, 6), f"{prefix}rejected_reward": round(rejected, 6),
+            f"{prefix}reward_margin": round(chosen - rejected, 6),
+            f"{prefix}reward_accuracy": round(sum(p.correct for p in parts) / pairs, 6)}
