@@ -6,7 +6,9 @@ A checkpoint is a folder of exactly these files (in an archive, under `resume/`)
   shape and dtype) and `step/<name>` (a float32 scalar);
 - `rng.safetensors`: torch's generator states as bytes: `torch` (the CPU's) and, on a GPU, `cuda`;
 - `state.json`: the step, the tokens trained, the learning rates, the scheduler's counters, Python's RNG
-  state and the data order, against a strict schema (`CheckpointState`).
+  state and the data order, against a strict schema (`CheckpointState`);
+- with early stopping, `best_adapter.safetensors` too: the LoRA weights of the step with the best validation
+  loss so far, when that step is an earlier one (`state.json` names it and its loss).
 
 The coordinator checks every upload with `check_archive` (streaming, nothing extracted); the agent runs the same
 check while it unpacks into `resume/` (`extract_to`), and the trainer validates `state.json` and the tensors'
@@ -39,6 +41,8 @@ FORMAT = "tunegrid.checkpoint/1"
 ROOT = "resume"  # the archive's one folder, and the job folder's subfolder the agent unpacks it into
 ADAPTER, OPTIMIZER, RNG, STATE = "adapter_model.safetensors", "optimizer.safetensors", "rng.safetensors", "state.json"
 MEMBERS = (ADAPTER, OPTIMIZER, RNG, STATE)
+BEST = "best_adapter.safetensors"  # optional: early stopping's best weights, when they are not the current ones
+ALLOWED = (*MEMBERS, BEST)
 MOMENTS = ("exp_avg", "exp_avg_sq")
 WEIGHT_DTYPES = {"F32": 4, "BF16": 2, "F16": 2}
 DTYPE_BYTES = {**WEIGHT_DTYPES, "U8": 1}
@@ -46,7 +50,7 @@ TORCH_RNG_BYTES = 5056  # torch's CPU Mersenne Twister state
 CUDA_RNG_BYTES = 16  # a CUDA Philox generator: seed and offset
 MAX_STATE_BYTES = 64 * 1024
 HEADER_BYTES_PER_TENSOR = 512
-MAX_ENTRIES = len(MEMBERS) + 1  # the folder and its files
+MAX_ENTRIES = len(ALLOWED) + 1  # the folder and its files
 MAX_METADATA = 8
 # Auto batch sizes never exceed this many rows a micro-batch; it bounds the tokens a step can claim.
 MAX_AUTO_BATCH = 256
@@ -92,6 +96,14 @@ class DataOrder(_Strict):
     rows: int = Field(ge=1, le=2**31 - 1)
 
 
+class EarlyStoppingState(_Strict):
+    """The best evaluation so far; its weights are `best_adapter.safetensors` unless it is this very step."""
+
+    best_step: int = Field(ge=1, le=10**9)
+    best_valid_loss: float = Field(ge=0, le=1e6)
+    evals_since_best: int = Field(ge=0, le=10**6)
+
+
 class CheckpointState(_Strict):
     format: Literal["tunegrid.checkpoint/1"]
     step: int = Field(ge=1, le=10**9)
@@ -100,6 +112,12 @@ class CheckpointState(_Strict):
     scheduler: SchedulerState
     python_rng: PythonRng
     data_order: DataOrder
+    early_stopping: EarlyStoppingState | None = None
+
+    @property
+    def holds_best(self) -> bool:
+        """Whether the checkpoint must carry `best_adapter.safetensors`."""
+        return self.early_stopping is not None and self.early_stopping.best_step < self.step
 
 
 # --- what a job allows --------------------------------------------------------------------------
@@ -145,6 +163,7 @@ class CheckpointRules:
         widest = max(WEIGHT_DTYPES.values())
         return {
             ADAPTER: 8 + self.header_limit(n) + widest * self.parameters,
+            BEST: 8 + self.header_limit(n) + widest * self.parameters,
             OPTIMIZER: 8 + self.header_limit(3 * n) + 2 * widest * self.parameters + 4 * n,
             RNG: 8 + self.header_limit(2) + TORCH_RNG_BYTES + CUDA_RNG_BYTES,
             STATE: MAX_STATE_BYTES,
@@ -327,6 +346,8 @@ def check_tensors(tensors: dict[str, dict[str, _Tensor]], rules: CheckpointRules
     """Names, shapes and dtypes of the three safetensors members against the job."""
     floats = frozenset(WEIGHT_DTYPES)
     _expect(ADAPTER, tensors[ADAPTER], {k: (s, floats) for k, s in rules.adapter_shapes.items()})
+    if BEST in tensors:
+        _expect(BEST, tensors[BEST], {k: (s, floats) for k, s in rules.adapter_shapes.items()})
     adapter = tensors[ADAPTER]
     optimizer: dict[str, tuple[tuple[int, ...], frozenset[str]]] = {}
     for key, shape in rules.adapter_shapes.items():
@@ -368,6 +389,16 @@ def check_state(state: CheckpointState, rules: CheckpointRules, *, step: int | N
         raise CheckpointRejected("Python's RNG state has an invalid position")
     if state.trained_tokens > state.step * rules.max_tokens_per_step:
         raise CheckpointRejected(f"{state.trained_tokens} tokens in {state.step} steps is more than the job allows")
+    if state.early_stopping is not None and state.early_stopping.best_step > state.step:
+        raise CheckpointRejected("early stopping's best step is past the checkpoint's step")
+
+
+def check_best(state: CheckpointState, present: bool) -> None:
+    """`best_adapter.safetensors` is there exactly when the state says the best step is an earlier one."""
+    if state.holds_best and not present:
+        raise CheckpointRejected(f"the best step is {state.early_stopping.best_step} but {BEST} is missing")  # type: ignore[union-attr]
+    if present and not state.holds_best:
+        raise CheckpointRejected(f"{BEST} is present but the state names no earlier best step")
 
 
 def _member_name(member: tarfile.TarInfo) -> str | None:
@@ -379,9 +410,9 @@ def _member_name(member: tarfile.TarInfo) -> str | None:
         if not member.isdir():
             raise CheckpointRejected(f"{ROOT!r} is not a folder")
         return None
-    if len(path.parts) != 2 or path.parts[0] != ROOT or path.parts[1] not in MEMBERS:
+    if len(path.parts) != 2 or path.parts[0] != ROOT or path.parts[1] not in ALLOWED:
         raise CheckpointRejected(f"unexpected entry in the archive: {member.name[:80]!r} (a checkpoint holds "
-                                 f"{ROOT}/{{{','.join(MEMBERS)}}} only)")
+                                 f"{ROOT}/{{{','.join(ALLOWED)}}} only)")
     sparse = member.sparse is not None or any(k.startswith("GNU.sparse") for k in member.pax_headers)
     if member.type not in (tarfile.REGTYPE, tarfile.AREGTYPE) or sparse:
         raise CheckpointRejected(f"{member.name!r} is not a regular file (links, devices and sparse files are refused)")
@@ -407,7 +438,7 @@ def check_archive(source: IO[bytes], rules: CheckpointRules, *, step: int | None
         return _check(source, rules, step=step, folder_fd=folder_fd)
     except BaseException:
         if extract_to is not None:
-            for name in MEMBERS:
+            for name in ALLOWED:
                 try:
                     os.unlink(name, dir_fd=folder_fd)
                 except FileNotFoundError:
@@ -446,7 +477,8 @@ def _check(source: IO[bytes], rules: CheckpointRules, *, step: int | None, folde
                         if sink is not None:
                             sink.write(raw)
                     else:
-                        n = {ADAPTER: len(rules.adapter_shapes), OPTIMIZER: 3 * len(rules.adapter_shapes), RNG: 2}[name]
+                        n = {ADAPTER: len(rules.adapter_shapes), BEST: len(rules.adapter_shapes),
+                             OPTIMIZER: 3 * len(rules.adapter_shapes), RNG: 2}[name]
                         tensors[name] = _safetensors(data, size=member.size, name=name, max_header=rules.header_limit(n),
                                                      sink=sink)
                 finally:
@@ -462,15 +494,16 @@ def _check(source: IO[bytes], rules: CheckpointRules, *, step: int | None, folde
     assert state is not None
     check_tensors(tensors, rules)
     check_state(state, rules, step=step)
+    check_best(state, BEST in tensors)
     return CheckpointFacts(step=state.step, trained_tokens=state.trained_tokens, bytes=stream.count, state=state)
 
 
-def tensor_headers(folder: Path, rules: CheckpointRules) -> dict[str, dict[str, Any]]:
+def tensor_headers(folder: Path, rules: CheckpointRules, *, best: bool = False) -> dict[str, dict[str, Any]]:
     """The safetensors members of an unpacked checkpoint, each read through the same checks as an upload
     (regular files only, never through a link), and their tensors checked against the job."""
     tensors: dict[str, dict[str, _Tensor]] = {}
     n = len(rules.adapter_shapes)
-    for name, count in ((ADAPTER, n), (OPTIMIZER, 3 * n), (RNG, 2)):
+    for name, count in ((ADAPTER, n), (OPTIMIZER, 3 * n), (RNG, 2), *(((BEST, n),) if best else ())):
         with open_member(folder, name, limit=rules.member_limits()[name]) as (f, size):
             tensors[name] = _safetensors(f, size=size, name=name, max_header=rules.header_limit(count), sink=None)
     check_tensors(tensors, rules)
@@ -523,12 +556,13 @@ def check_folder(folder: Path, rules: CheckpointRules) -> CheckpointState:
         entries = set(os.listdir(folder))
     except OSError:
         raise CheckpointRejected(f"{folder.name}/ cannot be read") from None
-    if entries != set(MEMBERS):
-        odd = sorted(entries - set(MEMBERS)) or sorted(set(MEMBERS) - entries)
+    if entries - {BEST} != set(MEMBERS):
+        odd = sorted(entries - set(ALLOWED)) or sorted(set(MEMBERS) - entries)
         raise CheckpointRejected(f"{folder.name}/ must hold exactly {', '.join(MEMBERS)} (not {odd[0][:80]!r})")
-    tensor_headers(folder, rules)
     state = read_state(folder)
     check_state(state, rules, step=None)
+    check_best(state, BEST in entries)
+    tensor_headers(folder, rules, best=BEST in entries)
     return state
 
 

@@ -148,17 +148,21 @@ def pack_checkpoint(root: Path, step: int, target: Path, *, limits: dict[str, in
     """The checkpoint the trainer wrote for `step` as an archive of its allowed files (`resume/<name>`), each
     read as a regular file; anything else in its folder stays behind."""
     parts = checkpoint_parts(step)
-    limits = limits or {name: 64 * 1024**3 for name in fmt.MEMBERS}
+    limits = limits or {name: 64 * 1024**3 for name in fmt.ALLOWED}
     target.unlink(missing_ok=True)
     with create_private(target) as sink, tarfile.open(fileobj=sink, mode="w:gz") as tar:
         folder = tarfile.TarInfo(fmt.ROOT)
         folder.type, folder.mode = tarfile.DIRTYPE, 0o700
         tar.addfile(folder)
-        for name in fmt.MEMBERS:
-            with open_regular(root, *parts, name, limit=limits[name]) as (source, size):
-                info = tarfile.TarInfo(f"{fmt.ROOT}/{name}")
-                info.size, info.mode = size, 0o600
-                tar.addfile(info, source)
+        for name in fmt.ALLOWED:
+            try:
+                with open_regular(root, *parts, name, limit=limits[name]) as (source, size):
+                    info = tarfile.TarInfo(f"{fmt.ROOT}/{name}")
+                    info.size, info.mode = size, 0o600
+                    tar.addfile(info, source)
+            except FileNotFoundError:
+                if name in fmt.MEMBERS:
+                    raise  # only early stopping's best weights are optional (the coordinator checks the rest)
     return target
 
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 import random
 import shutil
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -32,8 +33,10 @@ def _cpu(tensor: torch.Tensor) -> torch.Tensor:
 
 
 def save(folder: Path, *, model, optimizer, scheduler, spec: JobSpec, step: int, trained_tokens: int,  # type: ignore[no-untyped-def]
-         rows: int) -> None:
-    """Write the checkpoint's four files into `folder` (which must not exist)."""
+         rows: int, early_stopping: dict[str, Any] | None = None,
+         best_adapter: dict[str, torch.Tensor] | None = None) -> None:
+    """Write the checkpoint's four files into `folder` (which must not exist), and early stopping's best weights
+    when its best step is an earlier one."""
     folder.mkdir(parents=True)
     names = trainable_names(model)
     adapter = {k: _cpu(v) for k, v in get_peft_model_state_dict(model).items()}
@@ -63,6 +66,11 @@ def save(folder: Path, *, model, optimizer, scheduler, spec: JobSpec, step: int,
         "python_rng": {"version": version, "state": list(words), "gauss": gauss},
         "data_order": {"seed": spec.seed, "rows": rows},
     }
+    if early_stopping is not None:
+        state["early_stopping"] = early_stopping
+        if early_stopping["best_step"] < step:
+            assert best_adapter is not None and set(best_adapter) == set(names)
+            save_file({k: _cpu(v) for k, v in best_adapter.items()}, str(folder / fmt.BEST), metadata={"format": "pt"})
     (folder / fmt.STATE).write_bytes(fmt.state_json(state))
 
 
@@ -78,8 +86,16 @@ def write_atomically(final: Path, **fields: Any) -> None:
     os.replace(tmp, final)
 
 
-def load(folder: Path, *, model, optimizer, scheduler, spec: JobSpec, total_steps: int) -> tuple[int, int]:  # type: ignore[no-untyped-def]
-    """Restore the model, optimizer, scheduler and RNGs from `folder`; (step, trained tokens). Everything is
+@dataclass(frozen=True, slots=True)
+class Restored:
+    step: int
+    trained_tokens: int
+    early_stopping: fmt.EarlyStoppingState | None
+    best_adapter: dict[str, torch.Tensor] | None  # early stopping's best weights when they are an earlier step's
+
+
+def load(folder: Path, *, model, optimizer, scheduler, spec: JobSpec, total_steps: int) -> Restored:  # type: ignore[no-untyped-def]
+    """Restore the model, optimizer, scheduler and RNGs from `folder`. Everything is
     checked before anything is loaded, and anything that fails while loading is the checkpoint's fault too
     (`BadCheckpoint`, never a worker error). The data order is the trainer's own (seeded by the job, over the
     rows it packed), so a checkpoint's record of it is informational."""
@@ -97,22 +113,25 @@ def load(folder: Path, *, model, optimizer, scheduler, spec: JobSpec, total_step
                             f"{str(exc)[:300]}") from None
 
 
-def _restore(folder: Path, state: fmt.CheckpointState, *, model, optimizer, scheduler) -> tuple[int, int]:  # type: ignore[no-untyped-def]
+def _restore(folder: Path, state: fmt.CheckpointState, *, model, optimizer, scheduler) -> Restored:  # type: ignore[no-untyped-def]
     adapter = load_file(str(folder / fmt.ADAPTER))
     moments = load_file(str(folder / fmt.OPTIMIZER))
     rng = load_file(str(folder / fmt.RNG))
+    best = load_file(str(folder / fmt.BEST)) if state.holds_best else None
     names = trainable_names(model)
-    if set(names) != set(adapter):
+    if set(names) != set(adapter) or (best is not None and set(best) != set(names)):
         raise BadCheckpoint("the checkpoint's adapter does not match this model's LoRA weights")
-    for tensors in (adapter, moments):  # values the coordinator does not read: a NaN or a negative step poisons
+    for tensors in (adapter, moments, best or {}):  # values the coordinator does not read: a NaN or a negative step poisons
         for key, tensor in tensors.items():
             if not bool(torch.isfinite(tensor).all()):
                 raise BadCheckpoint(f"{key} holds values that are not finite")
     if any(float(moments[f"step/{name}"]) != float(state.step) for name in names):
         raise BadCheckpoint(f"the optimizer's step counts are not the checkpoint's step {state.step}")
     for name, param in zip(names, (p for p in model.parameters() if p.requires_grad), strict=True):
-        if tuple(adapter[name].shape) != tuple(param.shape):
-            raise BadCheckpoint(f"{name} has shape {list(adapter[name].shape)}, the model's is {list(param.shape)}")
+        for tensors in (adapter, best or {}):
+            if tuple(tensors[name].shape) != tuple(param.shape):
+                raise BadCheckpoint(f"{name} has shape {list(tensors[name].shape)}, the model's is "
+                                    f"{list(param.shape)}")
     set_peft_model_state_dict(model, adapter, adapter_name=ADAPTER_NAME)
     current = optimizer.state_dict()["param_groups"][0]
     optimizer.load_state_dict({
@@ -127,4 +146,5 @@ def _restore(folder: Path, state: fmt.CheckpointState, *, model, optimizer, sche
     if "cuda" in rng and torch.cuda.is_available():
         torch.cuda.set_rng_state(rng["cuda"])
     random.setstate((state.python_rng.version, tuple(state.python_rng.state), state.python_rng.gauss))
-    return state.step, state.trained_tokens
+    return Restored(step=state.step, trained_tokens=state.trained_tokens, early_stopping=state.early_stopping,
+                    best_adapter=best)

@@ -22,6 +22,7 @@ from shared.catalog import find_base_model
 from shared.datasets import TrainingExample
 from shared.jobspec import JobSpec
 from worker.trainer import checkpoints, data, dpo, model as models
+from worker.trainer.early_stopping import EarlyStopping
 from worker.trainer.batches import Batch, batch_loss, collate  # noqa: F401 - Batch and collate: the trainer's API
 from worker.trainer.errors import UserError
 from worker.trainer.progress import Progress
@@ -106,6 +107,8 @@ class Trainer:
         self.stop_requested = False
         self.device = models.device()
         self.rows = 0  # training units (packed rows, or pairs): part of the data order a checkpoint records
+        self.early_stopping = EarlyStopping(spec.early_stopping_patience) if spec.early_stopping_patience else None
+        self._last_eval: dict[str, float] | None = None
 
     def request_stop(self, *_: Any) -> None:
         self.stop_requested = True
@@ -222,6 +225,9 @@ class Trainer:
         tokenizer = models.load_tokenizer(model_dir)
         objective = self.objective(tokenizer)
         units = objective.units
+        if self.early_stopping is not None and not objective.valid:
+            raise UserError("early stopping needs validation data: give a validation file, or leave part of the "
+                            "training file for validation")
         model = models.load_for_training(spec)
         model.train()
         if spec.initial_adapter:
@@ -235,6 +241,7 @@ class Trainer:
         scheduler = get_cosine_schedule_with_warmup(optimizer, math.ceil(total_steps * hp.warmup_ratio), total_steps)
         self.rows = len(units)
         step, trained_tokens = self._resume(model, optimizer, scheduler, total_steps)
+        stopped_early = False
         resumed_from = step
         self.progress.emit("started", total_steps=total_steps, resumed_from_step=step, examples_rows=len(units),
                            device=str(self.device), quantization=spec.quantization, method=spec.method)
@@ -260,13 +267,40 @@ class Trainer:
                                eta_s=round(elapsed / (step - resumed_from) * (total_steps - step), 1),
                                peak_memory_bytes=peak_rss, **figures.extra)
             if step % spec.eval_every_steps == 0 and step < total_steps:
-                self._emit_eval(model, objective, step)
+                stopped_early = self._stop_early(model, self._emit_eval(model, objective, step), step)
+            if stopped_early:
+                break
             if step % spec.checkpoint_every_steps == 0 or self.stop_requested:
                 self.checkpoint(model, optimizer, scheduler, step, trained_tokens)
             if self.stop_requested and step < total_steps:
                 return {"preempted_at_step": step}
-        evaluation = self._emit_eval(model, objective, step)
-        return self._finish(model, step, trained_tokens, evaluation)
+        if not stopped_early:
+            self._stop_early(model, self._emit_eval(model, objective, step), step)
+        if self.early_stopping is None:
+            return self._finish(model, step, trained_tokens, self._last_eval)
+        return self._finish_best(model, objective, step, trained_tokens, stopped_early)
+
+    def _stop_early(self, model, evaluation: dict[str, float] | None, step: int) -> bool:  # type: ignore[no-untyped-def]
+        self._last_eval = evaluation
+        if self.early_stopping is None or evaluation is None:
+            return False
+        return self.early_stopping.evaluated(model, step, evaluation["valid_loss"])
+
+    def _finish_best(self, model, objective, step: int, trained_tokens: int, stopped_early: bool) -> dict[str, Any]:  # type: ignore[no-untyped-def]
+        """The result with early stopping: the best evaluation's adapter, and which step that was and why."""
+        stopping = self.early_stopping
+        assert stopping is not None and stopping.best_step is not None
+        stopping.keep_best(model, step)
+        evaluation = objective.evaluate(model) if stopping.best_step != step else self._last_eval
+        if stopped_early:
+            reason = (f"validation loss did not improve for {stopping.patience} evaluation"
+                      f"{'s' if stopping.patience != 1 else ''} after step {stopping.best_step}")
+        else:
+            reason = f"training ran all its steps; the best validation loss was at step {stopping.best_step}"
+        self.progress.emit("early_stopping", stopped_early=stopped_early, stopped_at_step=step,
+                           best_step=stopping.best_step, best_valid_loss=stopping.best_valid_loss, reason=reason)
+        return {**self._finish(model, step, trained_tokens, evaluation), "best_step": stopping.best_step,
+                "stopped_early": stopped_early, "early_stopping_reason": reason}
 
     def _emit_eval(self, model, objective: Supervised | Preference, step: int) -> dict[str, float] | None:  # type: ignore[no-untyped-def]
         evaluation = objective.evaluate(model)
@@ -279,19 +313,25 @@ class Trainer:
         """Write `out/checkpoints/step-N` atomically (tensors and JSON, `shared.checkpoint`)."""
         final = self.out / "checkpoints" / f"step-{step}"
         final.parent.mkdir(parents=True, exist_ok=True)
+        stopping = self.early_stopping
         checkpoints.write_atomically(final, model=model, optimizer=optimizer, scheduler=scheduler, spec=self.spec,
-                                     step=step, trained_tokens=trained_tokens, rows=self.rows)
+                                     step=step, trained_tokens=trained_tokens, rows=self.rows,
+                                     early_stopping=stopping.state() if stopping else None,
+                                     best_adapter=stopping.best_adapter if stopping else None)
         self.progress.emit("checkpoint", step=step, sha256=_tree_sha256(final))
         return final
 
     def _resume(self, model, optimizer, scheduler, total_steps: int) -> tuple[int, int]:  # type: ignore[no-untyped-def]
         """(step, trained tokens) of the checkpoint in `resume/`, checked, then loaded into the model and
-        optimizer; (0, 0) without one."""
+        optimizer (and early stopping's record); (0, 0) without one."""
         resume = self.job_dir / "resume"
         if not os.path.lexists(resume):
             return 0, 0
-        return checkpoints.load(resume, model=model, optimizer=optimizer, scheduler=scheduler, spec=self.spec,
-                                total_steps=total_steps)
+        restored = checkpoints.load(resume, model=model, optimizer=optimizer, scheduler=scheduler, spec=self.spec,
+                                    total_steps=total_steps)
+        if self.early_stopping is not None:
+            self.early_stopping.resumed(model, restored)
+        return restored.step, restored.trained_tokens
 
     def _finish(self, model, step: int, trained_tokens: int, evaluation: dict[str, float] | None) -> dict[str, Any]:  # type: ignore[no-untyped-def]
         adapter = self.out / "adapter"
