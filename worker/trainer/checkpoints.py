@@ -128,7 +128,7 @@ def _restore(folder: Path, state: fmt.CheckpointState, *, model, optimizer, sche
     if any(float(moments[f"step/{name}"]) != float(state.step) for name in names):
         raise BadCheckpoint(f"the optimizer's step counts are not the checkpoint's step {state.step}")
     for name, param in zip(names, (p for p in model.parameters() if p.requires_grad), strict=True):
-        for tensors in (adapter, best or {}):
+        for tensors in (adapter, *((best,) if best is not None else ())):
             if tuple(tensors[name].shape) != tuple(param.shape):
                 raise BadCheckpoint(f"{name} has shape {list(tensors[name].shape)}, the model's is "
                                     f"{list(param.shape)}")
