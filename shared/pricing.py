@@ -110,6 +110,18 @@ def expected_tokens_per_s(model: BaseModelSpec, gpu_class: GpuClass, *, speed_fa
         REFERENCE_PARAMETERS / model.parameters)
 
 
+# DPO computes its reference policy's log-probabilities once, before training: a forward pass over every pair's
+# two sequences, about a third of what a training step (forward and backward) costs per token.
+DPO_REFERENCE_PASS_SHARE = 3
+
+
+def training_tokens(tokens_per_epoch: int, *, n_epochs: int, method: str = "supervised") -> int:
+    """The tokens a job's compute amounts to, in training-step tokens: every epoch's, plus DPO's reference pass.
+    A preference file's token count already holds both sequences of each pair (`shared.datasets`)."""
+    total = tokens_per_epoch * n_epochs
+    return total + (-(-tokens_per_epoch // DPO_REFERENCE_PASS_SHARE) if method == "dpo" else 0)
+
+
 def training_seconds(tokens: int, tokens_per_s: float) -> int:
     return max(1, math.ceil(tokens / tokens_per_s)) if tokens > 0 else 0
 

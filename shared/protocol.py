@@ -176,6 +176,10 @@ class Assignment(Reply):
     adapter_sha256: str | None = None
     held_out_url: str | None = None
     held_out_sha256: str | None = None
+    # A continued job's starting adapter: an archive from which only `initial_adapter_member` is unpacked.
+    initial_adapter_url: str | None = None
+    initial_adapter_sha256: str | None = None
+    initial_adapter_member: Literal["adapter/adapter_model.safetensors", "resume/adapter_model.safetensors"] | None = None
     ask_price_per_gpu_hour: str = Field(description="USD the provider earns per GPU-hour of this lease")
     lease_ttl_s: int
     lease_grace_s: int
@@ -191,6 +195,19 @@ class ClaimReply(Reply):
 EventType = Literal["progress", "eval", "log", "started", "checkpoint"]
 
 
+Reward = Annotated[float, Field(ge=-1e6, le=1e6)]
+
+
+class PreferenceMetrics(Request):
+    """DPO's figures at a step (or, on an `eval` event, on the validation pairs): mean rewards of the preferred
+    and non-preferred answers, their margin, and the share of pairs ranked right."""
+
+    chosen_reward: Reward
+    rejected_reward: Reward
+    reward_margin: Reward
+    reward_accuracy: float = Field(ge=0, le=1)
+
+
 class LeaseEvent(Request):
     """One report from the trainer, relayed by the agent; `time` is the worker's clock, for display only."""
 
@@ -203,6 +220,8 @@ class LeaseEvent(Request):
     eval_loss: float | None = Field(default=None, ge=0, le=1e6)
     tokens_per_s: float | None = Field(default=None, ge=0, le=1e9)
     trained_tokens: Tokens | None = None
+    eta_s: float | None = Field(default=None, ge=0, le=1e8, description="the trainer's estimate of the time left")
+    preference: PreferenceMetrics | None = None
     message: ShortText | None = None
 
 
@@ -223,6 +242,8 @@ class TrainingResult(Request):
     trained_tokens: Tokens
     final_train_loss: float | None = Field(default=None, ge=0, le=1e6)
     final_eval_loss: float | None = Field(default=None, ge=0, le=1e6)
+    best_step: Step | None = Field(default=None, description="with early stopping: the step whose adapter this is")
+    stopped_early: bool | None = None
 
 
 class VerificationResult(Request):

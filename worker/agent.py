@@ -218,6 +218,15 @@ class Agent:
                                   a.validation_file_sha256)
         if a.kind == "verify":
             self._prepare_verification(job)
+        if a.initial_adapter_url and a.initial_adapter_sha256 and a.initial_adapter_member:
+            archive = self.channel.download(a.initial_adapter_url, a.lease_id, a.fencing_token,
+                                            job.job_dir / "initial.tar.gz", a.initial_adapter_sha256)
+            (job.work / "initial").mkdir(mode=0o700)
+            try:
+                unpack_adapter_weights(archive, job.work / "initial" / "adapter_model.safetensors",
+                                       limit=self.settings.max_adapter_bytes, member=a.initial_adapter_member)
+            finally:
+                archive.unlink(missing_ok=True)
         if a.resume_from is not None:
             archive = self.channel.download(a.resume_from.url, a.lease_id, a.fencing_token,
                                             job.job_dir / "resume.tar.gz", a.resume_from.sha256)
@@ -488,11 +497,14 @@ class Agent:
             value = result.get(name)
             return value if type(value) is int and value >= 0 else 0
 
-        valid = result.get("valid_loss")
+        valid, best = result.get("valid_loss"), result.get("best_step")
+        stopped = result.get("stopped_early")
         return "complete", {
             "adapter_sha256": sha256_file(adapter), "usage": usage,
             "result": {"steps": count("steps"), "trained_tokens": count("trained_tokens"), "final_train_loss": final,
-                       "final_eval_loss": valid if isinstance(valid, float) else None},
+                       "final_eval_loss": valid if isinstance(valid, float) else None,
+                       "best_step": best if type(best) is int and best >= 1 else None,
+                       "stopped_early": stopped if isinstance(stopped, bool) else None},
         }
 
     def _report(self, job: ActiveJob, outcome: str, body: dict[str, Any]) -> None:

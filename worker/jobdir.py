@@ -120,20 +120,21 @@ ADAPTER_WEIGHTS = "adapter/adapter_model.safetensors"
 MAX_ADAPTER_MEMBERS = 16
 
 
-def unpack_adapter_weights(archive: Path, target: Path, *, limit: int) -> Path:
-    """From another worker's adapter archive (a verification lease's input, sha256-checked on download), only its
-    weights (`adapter/adapter_model.safetensors`, a regular file of at most `limit` bytes) are written to `target`,
-    a new file of the agent's; nothing else of the archive is extracted, no link is followed or made."""
+def unpack_adapter_weights(archive: Path, target: Path, *, limit: int, member: str = ADAPTER_WEIGHTS) -> Path:
+    """From another worker's adapter archive (a verification lease's input, or the adapter a continued job starts
+    from, sha256-checked on download), only its weights (`member`, named by the coordinator: a regular file of at
+    most `limit` bytes) are written to `target`, a new file of the agent's; nothing else of the archive is
+    extracted, no link is followed or made."""
     try:
         with tarfile.open(archive, "r:gz") as tar:
-            for count, member in enumerate(tar, start=1):
+            for count, entry in enumerate(tar, start=1):
                 if count > MAX_ADAPTER_MEMBERS:
                     break
-                if member.name != ADAPTER_WEIGHTS:
+                if entry.name != member:
                     continue
-                if not member.isfile() or member.size > limit:
-                    raise UnsafeJobFile(f"{ADAPTER_WEIGHTS} in the adapter is not a regular file within {limit} bytes")
-                source = tar.extractfile(member)
+                if not entry.isfile() or entry.size > limit:
+                    raise UnsafeJobFile(f"{member} in the adapter is not a regular file within {limit} bytes")
+                source = tar.extractfile(entry)
                 assert source is not None
                 with create_private(target) as sink:
                     while chunk := source.read(CHUNK):
@@ -141,7 +142,7 @@ def unpack_adapter_weights(archive: Path, target: Path, *, limit: int) -> Path:
                 return target
     except (tarfile.TarError, EOFError, OSError) as exc:
         raise UnsafeJobFile(f"the adapter archive is unreadable ({exc.__class__.__name__})") from None
-    raise UnsafeJobFile(f"the adapter archive holds no {ADAPTER_WEIGHTS}")
+    raise UnsafeJobFile(f"the adapter archive holds no {member}")
 
 
 def pack_checkpoint(root: Path, step: int, target: Path, *, limits: dict[str, int] | None = None) -> Path:

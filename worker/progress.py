@@ -50,6 +50,15 @@ def lease_event(line: dict[str, Any]) -> dict[str, Any] | None:
     return event
 
 
+PREFERENCE_FIELDS = ("chosen_reward", "rejected_reward", "reward_margin", "reward_accuracy")
+
+
+def _preference(line: dict[str, Any], prefix: str) -> dict[str, Any] | None:
+    """DPO's figures of a step (or, prefixed `valid_`, an evaluation), when the line has them all."""
+    values = {name: line.get(prefix + name) for name in PREFERENCE_FIELDS}
+    return values if all(v is not None for v in values.values()) else None
+
+
 def _event(line: dict[str, Any]) -> dict[str, Any] | None:
     kind, when = line.get("type"), line.get("time")
     if kind == "started":
@@ -61,9 +70,14 @@ def _event(line: dict[str, Any]) -> dict[str, Any] | None:
     if kind == "step":
         return {"type": "progress", "time": when, "step": line.get("step"), "epoch": line.get("epoch"),
                 "train_loss": line.get("loss"), "tokens_per_s": line.get("tokens_per_s"),
-                "trained_tokens": line.get("tokens"), "total_steps": line.get("total_steps")}
+                "trained_tokens": line.get("tokens"), "total_steps": line.get("total_steps"),
+                "eta_s": line.get("eta_s"), "preference": _preference(line, "")}
     if kind == "eval":
-        return {"type": "eval", "time": when, "step": line.get("step"), "eval_loss": line.get("valid_loss")}
+        return {"type": "eval", "time": when, "step": line.get("step"), "eval_loss": line.get("valid_loss"),
+                "preference": _preference(line, "valid_")}
+    if kind == "early_stopping":
+        return {"type": "log", "time": when,
+                "message": f"Early stopping: {line.get('reason', '')}; keeping step {line.get('best_step')}"[:2000]}
     if kind == "checkpoint":
         return {"type": "checkpoint", "time": when, "step": line.get("step"), "message": f"checkpoint at step {line.get('step')}"}
     if kind in ("warning", "error"):

@@ -14,7 +14,8 @@ from coordinator.services import billing, jobs, replicas
 from shared.errors import InvalidRequest
 from shared.money import micros_to_usd
 from shared.schemas.jobs import (
-    CheckpointList, CheckpointRead, HyperparametersRead, JobCreate, JobEventList, JobEventRead, JobList, JobRead,
+    CheckpointList, CheckpointRead, DpoHyperparametersRead, DpoMethodRead, EarlyStoppingRead, HyperparametersRead,
+    JobCreate, JobEventList, JobEventRead, JobList, JobRead,
     LoraRead, MethodRead, ReplicaRead, SupervisedMethodRead, VerificationRead,
 )
 
@@ -30,17 +31,25 @@ def _ts(value) -> int | None:  # type: ignore[no-untyped-def]
     return int(value.timestamp()) if value is not None else None
 
 
+def method_read(job: JobModel) -> MethodRead:
+    if job.method == "dpo":
+        return MethodRead(type="dpo", dpo=DpoMethodRead(hyperparameters=DpoHyperparametersRead(
+            **{"beta": "auto", **job.hyperparameters})))
+    return MethodRead(supervised=SupervisedMethodRead(hyperparameters=HyperparametersRead(**job.hyperparameters)))
+
+
 def job_read(job: JobModel) -> JobRead:
     hp = HyperparametersRead(**job.hyperparameters)
     cost = billing.job_cost(job, pending=replicas.pending_charge(job))
     return JobRead(
         id=job.id, created_at=int(job.created_at.timestamp()), error=job.error,  # type: ignore[arg-type]
         fine_tuned_model=job.fine_tuned_model, finished_at=_ts(job.finished_at), hyperparameters=hp,
-        model=job.model, organization_id=job.account_id, result_files=job.result_files,
+        model=job.initial_model or job.model, organization_id=job.account_id, result_files=job.result_files,
         status=job.status.value, trained_tokens=job.trained_tokens,  # type: ignore[arg-type]
         training_file=job.training_file_id, validation_file=job.validation_file_id, seed=job.seed,
         estimated_finish=_ts(job.estimated_finish),
-        method=MethodRead(supervised=SupervisedMethodRead(hyperparameters=hp)), metadata=job.job_metadata,
+        method=method_read(job), metadata=job.job_metadata,
+        early_stopping=EarlyStoppingRead(**job.early_stopping) if job.early_stopping else None,
         lora=LoraRead(**job.lora),
         max_price_per_gpu_hour=micros_to_usd(job.max_price_per_gpu_hour) if job.max_price_per_gpu_hour else None,
         max_price_source=job.max_price_source,  # type: ignore[arg-type]

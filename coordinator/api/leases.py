@@ -45,12 +45,12 @@ async def lease_events(lease_id: LeaseId, body: LeaseEvents, worker: CurrentWork
 
 
 @router.get("/{lease_id}/files/{which}", response_class=FileResponse)
-async def lease_file(lease_id: LeaseId, which: Annotated[str, Path(pattern="^(training|validation|held_out|adapter)$")],
+async def lease_file(lease_id: LeaseId, which: Annotated[str, Path(pattern="^(training|validation|held_out|adapter|initial)$")],
                      worker: CurrentWorker, token: FencingToken, store: StoreDep) -> FileResponse:
     """The lease's inputs; only for the worker holding the live lease, so the URL dies with the lease. The
     held-out sample and the adapter under test go to verification leases only."""
     found = await worker.run(leases.lease_input, lease_id=lease_id, fencing_token=token, which=which)
-    media = "application/gzip" if which == "adapter" else "application/jsonl"
+    media = "application/gzip" if which in ("adapter", "initial") else "application/jsonl"
     return FileResponse(store.path(found.key), media_type=media, headers={SHA256_HEADER: found.sha256})
 
 

@@ -154,6 +154,7 @@ class FileModel(Base):
     format: Mapped[str | None] = mapped_column(String(32))
     examples: Mapped[int | None]
     estimated_tokens: Mapped[int | None] = mapped_column(BigInteger)
+    uses_tools: Mapped[bool] = mapped_column(Boolean, default=False)  # tools or tool calls: needs a model that has them
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
     expires_at: Mapped[datetime | None]
     deleted_at: Mapped[datetime | None]
@@ -195,6 +196,14 @@ class JobModel(Base):
     # (services/held_out.py); None when the file was too small to keep any back.
     held_out: Mapped[dict[str, Any] | None]
     verification: Mapped[dict[str, Any] | None]  # what verification found (services/verification.py)
+    method: Mapped[str] = mapped_column(String(16), default="supervised")  # supervised | dpo
+    # The fine-tune or checkpoint the job continues, as the customer named it, and the adapter it starts from:
+    # {"key", "sha256", "member", "job_id", "step"} (services/continuation.py); None for a fresh LoRA.
+    initial_model: Mapped[str | None] = mapped_column(String(240))
+    initial_adapter: Mapped[dict[str, Any] | None]
+    # {"patience"}, then what happened: {"best_step", "stopped_early", "reason"} (services/early_stopping.py).
+    early_stopping: Mapped[dict[str, Any] | None]
+    integrations: Mapped[list[Any] | None]  # [{"type": "wandb", "wandb": {...}}] (services/integrations.py)
     estimated_tokens: Mapped[int] = mapped_column(BigInteger)
     trained_tokens: Mapped[int | None] = mapped_column(BigInteger)
     fine_tuned_model: Mapped[str | None] = mapped_column(String(200))

@@ -18,7 +18,7 @@ from sqlalchemy.orm import Session
 from coordinator.db.tables import (
     LIVE_LEASE, JobCheckpointModel, JobEventModel, JobModel, LeaseModel, LeaseStatus, WorkerModel, utcnow,
 )
-from coordinator.services import replicas
+from coordinator.services import continuation, replicas
 from coordinator.services.job_states import record_event
 from coordinator.services.lease_states import end_and_requeue, release_suspended
 from coordinator.services.worker_states import count_failed_check
@@ -31,7 +31,11 @@ from coordinator.storage import BlobStore, StoredBlob, checkpoint_key
 from shared.checkpoint import CheckpointRejected, CheckpointRules, check_file
 from shared.errors import NotFound, UploadRejected
 from shared.pricing import CPU
-from shared.protocol import LeaseFail
+from shared.protocol import LeaseFail, PreferenceMetrics
+
+# What a checkpoint lists of the metrics reported at its step (OpenAI's names; DPO's figures beside them).
+CHECKPOINT_METRICS = frozenset({"train_loss", "valid_loss", *PreferenceMetrics.model_fields,
+                                *(f"valid_{name}" for name in PreferenceMetrics.model_fields)})
 
 log = logging.getLogger(__name__)
 
@@ -104,10 +108,10 @@ def record(
             select(JobEventModel).where(JobEventModel.job_id == f.job.id, JobEventModel.type == "metrics")
             .order_by(JobEventModel.id.desc()).limit(1)
         ).first()
-        metrics = {k: v for k, v in (last.data or {}).items() if k in ("train_loss", "valid_loss")} if last else {}
+        metrics = {k: v for k, v in (last.data or {}).items() if k in CHECKPOINT_METRICS} if last else {}
         checkpoint = JobCheckpointModel(
             id=checkpoint_id, job=f.job, step_number=step, metrics={"step": step, **metrics},
-            fine_tuned_model_checkpoint=f"ft:{f.job.model}:{f.job.account_id}:{f.job.id}:ckpt-step-{step}",
+            fine_tuned_model_checkpoint=continuation.checkpoint_name(f.job, step),
             blob_sha256=blob.sha256, blob_bytes=blob.bytes, lease_id=f.lease.id,
         )
         session.add(checkpoint)

@@ -79,7 +79,8 @@ def record(
         file = FileModel(
             id=checked.file_id, account_id=account.id, filename=_clean_filename(filename), purpose=purpose,
             bytes=checked.blob.bytes, sha256=checked.blob.sha256, status=FileStatus.processed, format=summary.format,
-            examples=summary.examples, estimated_tokens=summary.estimated_tokens, created_at=now,
+            examples=summary.examples, estimated_tokens=summary.estimated_tokens, uses_tools=summary.uses_tools,
+            created_at=now,
             expires_at=now + retention,
         )
         session.add(file)

@@ -12,19 +12,23 @@ from coordinator.db.ids import new_id
 from coordinator.db.tables import (
     AccountModel, FileModel, FileStatus, JobCheckpointModel, JobEventModel, JobModel, JobStatus,
 )
-from coordinator.services import files, held_out, holds, lease_states, market, verification
+from coordinator.services import continuation, files, held_out, holds, lease_states, market, verification
 from coordinator.services.placement import requirements
 from coordinator.services.job_states import TERMINAL, change_status, record_event
 from coordinator.services.paging import page
 from coordinator.settings import CoordinatorSettings
 from coordinator.storage import BlobStore
-from shared.catalog import get_base_model
+from shared.catalog import CATALOG, BaseModelSpec, get_base_model
 from shared.errors import Conflict, InvalidRequest, NotFound
 from shared.money import micros_to_usd, usd_to_micros
-from shared.schemas.jobs import Hyperparameters, JobCreate, LoraConfig
+from shared.pricing import training_tokens
+from shared.schemas.jobs import DpoHyperparameters, Hyperparameters, JobCreate, LoraConfig
 from shared.schemas.quotes import QuoteCreate
 
 DEFAULT_EPOCHS = 3
+# The trainer takes a tenth of the training file for validation when there is no validation file: this many
+# examples leave it at least two to watch.
+MIN_EXAMPLES_FOR_EARLY_STOPPING = 20
 
 
 def usable_file(*, session: Session, account: AccountModel, file_id: str, param: str) -> FileModel:
@@ -39,13 +43,24 @@ def usable_file(*, session: Session, account: AccountModel, file_id: str, param:
     return file
 
 
-def hyperparameters_of(request: JobCreate | QuoteCreate) -> Hyperparameters:
+def method_of(request: JobCreate | QuoteCreate) -> str:
     method = request.method
-    if method is not None and method.type != "supervised":
+    if method is not None and method.type not in ("supervised", "dpo"):
         raise InvalidRequest(
-            f"Fine-tuning method {method.type!r} is not supported; tunegrid runs supervised QLoRA.",
-            param="method.type", code="unsupported_method",
+            f"Fine-tuning method {method.type!r} is not supported; tunegrid trains with 'supervised' (SFT) or 'dpo' "
+            "(preference pairs), both as QLoRA.", param="method.type", code="unsupported_method",
         )
+    return method.type if method is not None else "supervised"
+
+
+def hyperparameters_of(request: JobCreate | QuoteCreate) -> Hyperparameters:
+    """The method's hyperparameters, or the top-level ones (OpenAI's older place); DPO's carry `beta`."""
+    method = request.method
+    if method_of(request) == "dpo":
+        chosen = method.dpo.hyperparameters if method and method.dpo else None
+        if chosen is None and request.hyperparameters is not None:
+            chosen = DpoHyperparameters(**request.hyperparameters.model_dump())
+        return chosen or DpoHyperparameters()
     chosen = (method.supervised.hyperparameters if method and method.supervised else None) or request.hyperparameters
     return chosen or Hyperparameters()
 
@@ -56,30 +71,75 @@ def lora_of(request: JobCreate | QuoteCreate) -> dict[str, Any]:
     return lora
 
 
+def check_files_fit(*, method: str, base: BaseModelSpec, training: FileModel, validation: FileModel | None) -> None:
+    """The data's format is the method's, and a model trains on tool calls only if its template expresses them."""
+    for file, param in ((training, "training_file"), (validation, "validation_file")):
+        if file is None:
+            continue
+        if method == "dpo" and file.format != "preference":
+            raise InvalidRequest(
+                f"File {file.id} is in {file.format} format; the 'dpo' method trains on preference pairs "
+                "({\"input\", \"preferred_output\", \"non_preferred_output\"} per line).", param=param,
+                code="invalid_file_format")
+        if method != "dpo" and file.format == "preference":
+            raise InvalidRequest(
+                f"File {file.id} holds preference pairs, which train with method {{\"type\": \"dpo\"}}.",
+                param=param, code="invalid_file_format")
+        if file.uses_tools and not base.tools:
+            able = ", ".join(m.id for m in CATALOG if m.tools)
+            raise InvalidRequest(
+                f"Model {base.id!r} cannot train on file {file.id}: its examples use tools, and {base.id}'s chat "
+                f"template cannot express tool definitions or calls. Models that can: {able}.", param="model",
+                code="model_cannot_use_tools")
+    if validation is not None and training.format != validation.format:
+        raise InvalidRequest(f"The validation file is in {validation.format} format, the training file in "
+                             f"{training.format}; use one format for both.", param="validation_file",
+                             code="invalid_file_format")
+
+
+def check_early_stopping(request: JobCreate, *, training: FileModel, validation: FileModel | None) -> None:
+    if request.early_stopping is not None and validation is None \
+            and (training.examples or 0) < MIN_EXAMPLES_FOR_EARLY_STOPPING:
+        raise InvalidRequest(
+            "early_stopping watches validation loss: give a validation_file, or a training file of at least "
+            f"{MIN_EXAMPLES_FOR_EARLY_STOPPING} examples to take a validation share from ({training.examples} given).",
+            param="early_stopping", code="early_stopping_needs_validation")
+
+
 def create(*, session: Session, store: BlobStore, account: AccountModel, request: JobCreate,
            settings: CoordinatorSettings) -> JobModel:
     """Check the request, keep back its held-out sample (`held_out.py`), hold its estimated cost on the
-    customer's balance (402 when short), and queue it."""
-    base = get_base_model(request.model)
+    customer's balance (402 when short), and queue it. `model` may name the caller's fine-tune or checkpoint
+    (`continuation.py`): the job continues from its adapter, on its base model."""
+    start = continuation.resolve(session=session, account=account, name=request.model) \
+        if continuation.is_continuation(request.model) else None
+    base = get_base_model(start.parent.model if start else request.model)
     if request.integrations:
         raise InvalidRequest("Integrations are not supported.", param="integrations", code="unsupported_integration")
+    method = method_of(request)
     hp = hyperparameters_of(request)
     training = usable_file(session=session, account=account, file_id=request.training_file, param="training_file")
     validation = (
         usable_file(session=session, account=account, file_id=request.validation_file, param="validation_file")
         if request.validation_file else None
     )
+    check_files_fit(method=method, base=base, training=training, validation=validation)
+    check_early_stopping(request, training=training, validation=validation)
     if request.verification == "redundant" and not held_out.kept_back(training.examples or 0):
         raise InvalidRequest(
             f"verification 'redundant' compares two trainings on a held-out sample, which needs a training file "
             f"of at least {held_out.MIN_EXAMPLES} examples ({training.examples} given).", param="verification",
             code="too_few_examples_to_compare")
     n_epochs = DEFAULT_EPOCHS if hp.n_epochs == "auto" else hp.n_epochs
-    lora = lora_of(request)
+    lora = (continuation.lora_for(start, request.lora.model_dump(exclude_unset=True) if request.lora else None)
+            if start else lora_of(request))
     job = JobModel(
         id=new_id("ftjob-"),
         account_id=account.id,
         model=base.id,
+        method=method,
+        initial_model=request.model if start else None,
+        early_stopping=request.early_stopping.model_dump() if request.early_stopping else None,
         training_file_id=training.id,
         validation_file_id=validation.id if validation else None,
         status=JobStatus.validating_files,
@@ -93,19 +153,25 @@ def create(*, session: Session, store: BlobStore, account: AccountModel, request
         min_vram_gb=request.min_vram_gb,
         gpu_filter=request.gpu_filter,
         trusted_hosts_only=request.trusted_hosts_only,
-        estimated_tokens=(training.estimated_tokens or 0) * n_epochs,
+        estimated_tokens=training_tokens(training.estimated_tokens or 0, n_epochs=n_epochs, method=method),
         result_files=[],
         verification_mode=request.verification,
     )
+    if start is not None:
+        job.initial_adapter = continuation.keep(store=store, job=job, start=start)
     price_cap(session=session, job=job, settings=settings)
     session.add(job)
     record_event(session=session, job=job, message="Created fine-tuning job", data={"status": job.status.value})
     # Uploads are validated line by line when they arrive, so the files are already known good.
     record_event(
         session=session, job=job,
-        message=f"Validated training file {training.id}: {training.examples} examples, "
-                f"about {training.estimated_tokens} tokens per epoch",
+        message=f"Validated training file {training.id}: {training.examples} "
+                f"{'preference pairs' if method == 'dpo' else 'examples'}, about {training.estimated_tokens} tokens "
+                "per epoch" + (", with tool calls" if training.uses_tools else ""),
     )
+    if start is not None:
+        record_event(session=session, job=job, message=f"Continues from {request.model} (job {start.parent.id}"
+                                                        + (f", step {start.step}" if start.step else "") + ")")
     session.flush()
     job.held_out = held_out.keep_back(store=store, job=job, training=training)
     if job.held_out:

@@ -12,7 +12,7 @@ from __future__ import annotations
 import logging
 import math
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import datetime, timedelta
 from typing import Any
 
 from sqlalchemy import select
@@ -43,6 +43,10 @@ from shared.protocol import (
 
 log = logging.getLogger(__name__)
 BASE_LEARNING_RATE = 2e-4
+# DPO moves a policy away from its reference; a smaller step than SFT's is the usual choice (TRL's default
+# for LoRA DPO is 5e-6 on full models; with LoRA adapters 5e-5 is common), and OpenAI's documented default beta.
+DPO_LEARNING_RATE = 5e-5
+DPO_BETA = 0.1
 SPEED_EMA = 0.3  # weight of the newest lease in a worker's speed factor
 UNKNOWN_EXAMPLES = 10_000_000  # a file validated before examples were counted: a loose bound
 
@@ -106,12 +110,17 @@ def job_spec(job: JobModel, *, checkpoint_every_steps: int = 100, kind: str = "t
     multiplier = hp.get("learning_rate_multiplier", "auto")
     return JobSpec(
         job_id=job.id, kind=kind, base_model=base.id, model_dir=f"models/{base.id}",  # type: ignore[arg-type]
+        method=job.method,  # type: ignore[arg-type]
         hyperparameters=TrainingHyperparameters(
             n_epochs=hp["n_epochs"], batch_size=hp.get("batch_size", "auto"),
-            learning_rate=BASE_LEARNING_RATE * (1.0 if multiplier == "auto" else float(multiplier)),
+            learning_rate=(BASE_LEARNING_RATE if job.method != "dpo" else DPO_LEARNING_RATE)
+            * (1.0 if multiplier == "auto" else float(multiplier)),
+            beta=DPO_BETA if hp.get("beta", "auto") == "auto" else float(hp["beta"]),
         ),
         lora=LoraSpec(**job.lora), seed=job.seed, max_seq_len=seq_len_for(base),
         checkpoint_every_steps=checkpoint_every_steps, eval_every_steps=checkpoint_every_steps,
+        initial_adapter=job.initial_adapter is not None,
+        early_stopping_patience=(job.early_stopping or {}).get("patience"),
     )
 
 
@@ -147,6 +156,10 @@ def build_assignment(*, session: Session, settings: CoordinatorSettings, lease: 
         verifying = {"adapter_url": f"{inputs}/adapter", "adapter_sha256": adapter.sha256 if adapter else None,
                      "held_out_url": f"{inputs}/held_out" if sample else None,
                      "held_out_sha256": sample.sha256 if sample else None}
+    initial = job.initial_adapter
+    if initial:
+        verifying.update(initial_adapter_url=f"{inputs}/initial", initial_adapter_sha256=initial["sha256"],
+                         initial_adapter_member=initial["member"])
     return Assignment(
         lease_id=lease.id, fencing_token=lease.fencing_token, job_id=job.id, kind=lease.kind,
         spec=job_spec(job, checkpoint_every_steps=settings.checkpoint_every_steps, kind=lease.kind),
@@ -184,6 +197,9 @@ def _metrics_message(event: LeaseEvent) -> str:
         parts.append(f"training loss={event.train_loss:.4f}")
     if event.eval_loss is not None:
         parts.append(f"validation loss={event.eval_loss:.4f}")
+    if event.preference is not None:
+        parts.append(f"reward margin={event.preference.reward_margin:.4f}, "
+                     f"reward accuracy={event.preference.reward_accuracy:.2f}")
     if event.tokens_per_s is not None:
         parts.append(f"{event.tokens_per_s:.0f} tokens/s")
     return ", ".join(parts)
@@ -224,6 +240,11 @@ def record_events(
                 "valid_loss": event.eval_loss, "tokens_per_s": event.tokens_per_s, "epoch": event.epoch,
                 "trained_tokens": event.trained_tokens, "lease_id": f.lease.id,
             }.items() if v is not None}
+            if event.preference is not None:
+                prefix = "valid_" if event.type == "eval" else ""
+                data.update({prefix + k: v for k, v in event.preference.model_dump().items()})
+            if event.eta_s is not None and f.lease.kind == LeaseKind.train:  # the trainer's estimate, shown only
+                f.job.estimated_finish = now + timedelta(seconds=event.eta_s)
             record_event(session=session, job=f.job, type="metrics", message=_metrics_message(event), data=data)
             if event.step is not None:
                 f.lease.last_step = max(f.lease.last_step or 0, event.step)
@@ -243,7 +264,8 @@ def record_events(
 
 def lease_input(*, session: Session, worker: WorkerModel, lease_id: str, fencing_token: int, which: str) -> held_out.Input:
     """A blob the live lease downloads, for the worker holding it only: `training` (without the held-out sample),
-    `validation`; and for a verification lease only, the `held_out` sample and the `adapter` under test."""
+    `validation`, the `initial` adapter a continued job starts from; and for a verification lease only, the
+    `held_out` sample and the `adapter` under test."""
     f = fenced(session=session, worker=worker, lease_id=lease_id, fencing_token=fencing_token)
     found: held_out.Input | None = None
     if which == "training":
@@ -256,6 +278,8 @@ def lease_input(*, session: Session, worker: WorkerModel, lease_id: str, fencing
         found = held_out.Input(files.blob_key(validation.id), validation.sha256)
     elif which in ("held_out", "adapter") and f.lease.kind == LeaseKind.verify:
         found = held_out.sample_input(f.job) if which == "held_out" else _adapter_under_test(session, f.job)
+    elif which == "initial" and f.job.initial_adapter:
+        found = held_out.Input(f.job.initial_adapter["key"], f.job.initial_adapter["sha256"])
     session.commit()
     if found is None:
         raise NotFound(f"This lease has no {which} input.", param="which")

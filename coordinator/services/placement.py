@@ -81,8 +81,9 @@ def requirements(job: JobModel, *, off: frozenset[str] = frozenset()) -> Require
     targets = job.lora.get("target_modules", "all-linear")
     batch = job.hyperparameters.get("batch_size", "auto")
     kind = job.stage or LeaseKind.train.value
+    sequences = 2 if job.method == "dpo" else 1  # a preference pair is two sequences in one batch
     memory = _memory(base.id, int(job.lora.get("r", 16)), targets if isinstance(targets, str) else tuple(targets),
-                     batch if isinstance(batch, int) else 1, kind)
+                     (batch if isinstance(batch, int) else 1) * sequences, kind)
     excluded = set(job.excluded_providers or ()) | off
     if kind == LeaseKind.verify:  # never the adapter's own trainer, nor a provider that verified it already
         excluded.update((job.verification or {}).get("not_by", ()))

@@ -5,7 +5,7 @@ from __future__ import annotations
 from sqlalchemy.orm import Session
 
 from coordinator.db.tables import AccountModel, JobModel, utcnow
-from coordinator.services import jobs, replicas
+from coordinator.services import continuation, jobs, replicas
 from coordinator.services.placement import Candidate, placeable_workers, candidate, eligible, requirements
 from coordinator.settings import CoordinatorSettings
 from shared.catalog import get_base_model
@@ -13,6 +13,7 @@ from shared.memory import GIB
 from shared.money import micros_to_usd, usd_to_micros
 from shared.pricing import (
     CPU, GPU_CLASSES, cost_for_seconds, cpu_can_train, expected_tokens_per_s, get_gpu_class, training_seconds,
+    training_tokens,
 )
 from shared.schemas.quotes import GpuClassQuote, Offer, QuoteCreate, QuoteRead
 
@@ -21,17 +22,23 @@ MAX_QUOTED_WORKERS = 5000
 
 def _draft_job(session: Session, account: AccountModel, request: QuoteCreate) -> JobModel:
     """The job the request describes, never added to the session: placement's requirements read it."""
-    base = get_base_model(request.model)
+    start = (continuation.resolve(session=session, account=account, name=request.model)
+             if continuation.is_continuation(request.model) else None)
+    base = get_base_model(start.parent.model if start else request.model)
+    method = jobs.method_of(request)
     hp = jobs.hyperparameters_of(request)
     n_epochs = jobs.DEFAULT_EPOCHS if hp.n_epochs == "auto" else hp.n_epochs
     if request.training_file is not None:
         training = jobs.usable_file(session=session, account=account, file_id=request.training_file, param="training_file")
-        tokens = (training.estimated_tokens or 0) * n_epochs
+        jobs.check_files_fit(method=method, base=base, training=training, validation=None)
+        per_epoch = training.estimated_tokens or 0
     else:
-        tokens = (request.training_tokens or 0) * n_epochs
+        per_epoch = request.training_tokens or 0
+    tokens = training_tokens(per_epoch, n_epochs=n_epochs, method=method)
     return JobModel(
-        id="quote", model=base.id, hyperparameters={**hp.model_dump(), "n_epochs": n_epochs},
-        lora=jobs.lora_of(request), estimated_tokens=tokens,
+        id="quote", model=base.id, method=method, hyperparameters={**hp.model_dump(), "n_epochs": n_epochs},
+        lora=continuation.lora_for(start, request.lora.model_dump(exclude_unset=True) if request.lora else None)
+        if start else jobs.lora_of(request), estimated_tokens=tokens,
         max_price_per_gpu_hour=usd_to_micros(request.max_price_per_gpu_hour) if request.max_price_per_gpu_hour else None,
         min_vram_gb=request.min_vram_gb, gpu_filter=request.gpu_filter, trusted_hosts_only=request.trusted_hosts_only,
     )

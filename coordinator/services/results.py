@@ -17,7 +17,7 @@ from sqlalchemy.orm import Session
 
 from coordinator.db.ids import new_id
 from coordinator.db.tables import FileModel, FileStatus, JobModel, JobStatus, LeaseKind, LeaseModel, utcnow
-from coordinator.services import files, metering, replicas
+from coordinator.services import continuation, files, metering, replicas
 from coordinator.services.job_states import change_status
 from coordinator.storage import BlobStore
 
@@ -36,11 +36,29 @@ def deliver(*, session: Session, store: BlobStore, job: JobModel, lease: LeaseMo
     store.link(lease.adapter_key, files.blob_key(file.id))
     job.result_files = [file.id]
     job.trained_tokens = max(job.trained_tokens or 0, (lease.result or {}).get("trained_tokens") or 0)
-    job.fine_tuned_model = f"ft:{job.model}:{job.account_id}:{job.suffix or ''}:{job.id}"
+    job.fine_tuned_model = continuation.fine_tuned_model_name(job)
+    kept = _early_stopping(job, lease.result or {})
+    how = f"{how}; {kept}" if kept else how
     change_status(session=session, job=job, to=JobStatus.succeeded,
                   message=f"The job has successfully completed with adapter {file.id}{how}",
                   data={**data, "result_file": file.id})
     return file
+
+
+def _early_stopping(job: JobModel, result: dict[str, Any]) -> str | None:
+    """With early stopping, which step's adapter the job returns and why: the trainer's account, kept only when it
+    fits the steps it trained (it moves no money: billing is by the second)."""
+    if not job.early_stopping:
+        return None
+    best, steps = result.get("best_step"), result.get("steps") or 0
+    if not isinstance(best, int) or not 1 <= best <= steps:
+        return None
+    stopped = bool(result.get("stopped_early"))
+    reason = (f"validation loss stopped improving, so training stopped at step {steps} and the adapter of step "
+              f"{best}, the best by validation loss, is kept" if stopped else
+              f"training ran all {steps} steps; the adapter of step {best}, the best by validation loss, is kept")
+    job.early_stopping = {**job.early_stopping, "best_step": best, "stopped_early": stopped, "reason": reason}
+    return reason
 
 
 def deliver_uncompared(*, session: Session, store: BlobStore, job: JobModel, why: str) -> bool:

@@ -5,7 +5,9 @@ from __future__ import annotations
 from decimal import Decimal
 from typing import Annotated, Any, Literal
 
-from pydantic import Field, StringConstraints, field_validator, model_validator
+from pydantic import (
+    Field, SerializerFunctionWrapHandler, StringConstraints, field_validator, model_serializer, model_validator,
+)
 
 from shared.money import usd_to_micros
 from shared.schemas.common import Page, Reply, Request
@@ -36,12 +38,46 @@ class SupervisedMethod(Request):
     hyperparameters: Hyperparameters | None = None
 
 
+class DpoHyperparameters(Hyperparameters):
+    beta: Auto | Annotated[float, Field(gt=0, le=2)] = "auto"
+
+
+class DpoMethod(Request):
+    hyperparameters: DpoHyperparameters | None = None
+
+
 class MethodCreate(Request):
     type: Literal["supervised", "dpo", "reinforcement"]
     supervised: SupervisedMethod | None = None
+    dpo: DpoMethod | None = None
     # Accepted so the error can say "not supported" rather than "unknown field".
-    dpo: dict[str, Any] | None = None
     reinforcement: dict[str, Any] | None = None
+
+    @model_validator(mode="after")
+    def _settings_of_its_type(self) -> MethodCreate:
+        for other in ("supervised", "dpo", "reinforcement"):
+            if other != self.type and getattr(self, other) is not None:
+                raise ValueError(f"method.{other} is given but method.type is {self.type!r}")
+        return self
+
+
+class EarlyStopping(Request):
+    """Stop when validation loss has not improved for `patience` evaluations; the job keeps the best step."""
+
+    patience: int = Field(ge=1, le=100)
+
+
+class WandbSettings(Request):
+    project: str = Field(min_length=1, max_length=128)
+    name: str | None = Field(default=None, max_length=128)
+    entity: str | None = Field(default=None, max_length=128)
+    tags: list[Annotated[str, StringConstraints(min_length=1, max_length=64)]] | None = Field(default=None,
+                                                                                           max_length=32)
+
+
+class Integration(Request):
+    type: Literal["wandb"]
+    wandb: WandbSettings
 
 
 class LoraConfig(Request):
@@ -60,8 +96,9 @@ class JobCreate(Request):
     suffix: Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9_.-]{1,64}$")] | None = None
     seed: int | None = Field(default=None, ge=0, le=2_147_483_647)
     metadata: dict[MetadataKey, MetadataValue] | None = Field(default=None, max_length=16)
-    integrations: list[Any] | None = None
+    integrations: Annotated[list[Integration], Field(max_length=1)] | None = None
     # Marketplace fields (sent with the openai client through `extra_body`).
+    early_stopping: EarlyStopping | None = None
     lora: LoraConfig | None = None
     max_price_per_gpu_hour: Usd | None = Field(default=None, description="Highest worker price in USD per GPU-hour.")
     max_cost: Usd | None = Field(default=None, description="Stop the job at its last checkpoint past this total, USD.")
@@ -81,8 +118,12 @@ class JobCreate(Request):
 
     @model_validator(mode="after")
     def _one_place_for_hyperparameters(self) -> JobCreate:
-        if self.method and self.method.supervised and self.method.supervised.hyperparameters and self.hyperparameters:
-            raise ValueError("give hyperparameters either at the top level or in method.supervised, not both")
+        method = self.method
+        inner = method and ((method.supervised and method.supervised.hyperparameters)
+                            or (method.dpo and method.dpo.hyperparameters))
+        if inner and self.hyperparameters:
+            raise ValueError(f"give hyperparameters either at the top level or in method.{method.type}, "  # type: ignore[union-attr]
+                             "not both")
         return self
 
 
@@ -98,13 +139,34 @@ class HyperparametersRead(Reply):
     n_epochs: Auto | int
 
 
+class DpoHyperparametersRead(HyperparametersRead):
+    beta: Auto | float
+
+
 class SupervisedMethodRead(Reply):
     hyperparameters: HyperparametersRead
 
 
+class DpoMethodRead(Reply):
+    hyperparameters: DpoHyperparametersRead
+
+
 class MethodRead(Reply):
-    type: Literal["supervised"] = "supervised"
-    supervised: SupervisedMethodRead
+    type: Literal["supervised", "dpo"] = "supervised"
+    supervised: SupervisedMethodRead | None = None
+    dpo: DpoMethodRead | None = None
+
+    @model_serializer(mode="wrap")
+    def _only_its_method(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
+        """OpenAI's shape: the settings of the method used, and no null for the other."""
+        return {k: v for k, v in handler(self).items() if v is not None}
+
+
+class EarlyStoppingRead(Reply):
+    patience: int
+    best_step: int | None = Field(default=None, description="the step whose adapter the job returns")
+    stopped_early: bool | None = Field(default=None, description="whether training ended before its last step")
+    reason: str | None = None
 
 
 class LoraRead(Reply):
@@ -135,6 +197,7 @@ class JobRead(Reply):
     method: MethodRead
     metadata: dict[str, str] | None
     # Marketplace extensions.
+    early_stopping: EarlyStoppingRead | None = None
     lora: LoraRead
     max_price_per_gpu_hour: str | None = Field(description="USD per GPU-hour, decimal string")
     max_price_source: Literal["customer", "market"] | None = Field(

@@ -72,7 +72,7 @@ def test_integrations_are_refused_by_name(session: Session, customer_account: Ac
                                           settings: CoordinatorSettings, store: BlobStore) -> None:
     with pytest.raises(InvalidRequest) as refused:
         jobs.create(session=session, store=store, account=customer_account, settings=settings, request=JobCreate.model_validate(
-            {"model": "tunegrid/tiny-llama", "training_file": dataset, "integrations": [{"type": "wandb"}]}))
+            {"model": "tunegrid/tiny-llama", "training_file": dataset, "integrations": [{"type": "wandb", "wandb": {"project": "p"}}]}))
     assert refused.value.code == "unsupported_integration"
 
 
