@@ -303,3 +303,30 @@ def stripe_client(stripe_settings: CoordinatorSettings) -> Iterator[TestClient]:
     with TestClient(application, raise_server_exceptions=False) as c:
         yield c
     application.state.engine.dispose()
+
+
+def preference_lines(n: int = 12) -> list[str]:
+    """Preference pairs (DPO's format): the right sum preferred over a refusal."""
+    return [
+        json.dumps({"input": {"messages": [{"role": "user", "content": f"What is {i} + {i}?"}]},
+                    "preferred_output": [{"role": "assistant", "content": str(2 * i)}],
+                    "non_preferred_output": [{"role": "assistant", "content": "I cannot say."}]})
+        for i in range(n)
+    ]
+
+
+def tool_chat_lines(n: int = 12) -> list[str]:
+    """Chat examples that call a tool and answer from its result."""
+    tool = {"type": "function", "function": {"name": "add", "description": "Add two numbers",
+                                             "parameters": {"type": "object", "properties": {
+                                                 "a": {"type": "integer"}, "b": {"type": "integer"}}}}}
+    return [
+        json.dumps({"tools": [tool], "messages": [
+            {"role": "user", "content": f"What is {i} + {i}?"},
+            {"role": "assistant", "content": None, "tool_calls": [
+                {"id": f"call_{i}", "type": "function",
+                 "function": {"name": "add", "arguments": json.dumps({"a": i, "b": i})}}]},
+            {"role": "tool", "tool_call_id": f"call_{i}", "content": str(2 * i)},
+            {"role": "assistant", "content": f"It is {2 * i}."}]})
+        for i in range(n)
+    ]

@@ -33,7 +33,8 @@ def file_read(file: FileModel) -> FileRead:
         id=file.id, bytes=file.bytes, created_at=int(file.created_at.timestamp()),
         expires_at=int(file.expires_at.timestamp()) if file.expires_at else None, filename=file.filename,
         purpose=file.purpose, status=file.status.value, status_details=file.status_details,  # type: ignore[arg-type]
-        format=file.format, examples=file.examples, estimated_tokens=file.estimated_tokens,  # type: ignore[arg-type]
+        format=file.format, uses_tools=file.uses_tools, examples=file.examples,  # type: ignore[arg-type]
+        estimated_tokens=file.estimated_tokens,
         sha256=file.sha256,
     )
 

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from typing import Literal
 
+from pydantic import Field
+
 from shared.schemas.common import Page, Reply
 
 FilePurpose = Literal["fine-tune", "fine-tune-results"]
@@ -20,7 +22,8 @@ class FileRead(Reply):
     status: Literal["uploaded", "processed", "error"]
     status_details: str | None = None
     # Marketplace extensions: what validation found, used for quotes.
-    format: Literal["chat", "prompt_completion", "peft-lora"] | None = None  # peft-lora: a result adapter archive
+    format: Literal["chat", "prompt_completion", "preference", "peft-lora"] | None = None  # peft-lora: a result adapter
+    uses_tools: bool = Field(default=False, description="the examples define or call tools")
     examples: int | None = None
     estimated_tokens: int | None = None
     sha256: str

@@ -22,10 +22,27 @@ from tests.conftest import Caller
 SPEC_PATH = Path(__file__).resolve().parents[2] / "contracts" / "openai" / "openapi-fine-tuning.json"
 
 
+def _numeric_exclusive_bounds(node: object) -> None:
+    """OpenAI writes OpenAPI 3.0's boolean `exclusiveMinimum: true` beside `minimum`; JSON Schema 2020-12 reads a
+    boolean there as the number 1 (so `beta: 0.25` would fail). Rewrite it as 2020-12 says it: the bound itself."""
+    if isinstance(node, dict):
+        for key, bound in (("exclusiveMinimum", "minimum"), ("exclusiveMaximum", "maximum")):
+            if node.get(key) is True and bound in node:
+                node[key] = node.pop(bound)
+            elif node.get(key) is False:
+                node.pop(key)
+        for value in node.values():
+            _numeric_exclusive_bounds(value)
+    elif isinstance(node, list):
+        for value in node:
+            _numeric_exclusive_bounds(value)
+
+
 @pytest.fixture(scope="module")
 def validator_for():  # type: ignore[no-untyped-def]
     spec = json.loads(SPEC_PATH.read_text())
     spec = copy.deepcopy(spec)
+    _numeric_exclusive_bounds(spec)
     status = spec["components"]["schemas"]["FineTuningJob"]["properties"]["status"]
     status["enum"] = [*status["enum"], "paused"]  # our extension: paused jobs
     registry = Registry().with_resource("spec.json", DRAFT202012.create_resource(spec))
@@ -86,3 +103,19 @@ def test_the_validator_can_fail(validator_for) -> None:  # type: ignore[no-untyp
         _valid(validator_for, "OpenAIFile", {"id": "file-1", "object": "file", "bytes": "many"})
     with pytest.raises(AssertionError):
         _valid(validator_for, "FineTuningJob", {"id": "ftjob-1", "object": "fine_tuning.job", "status": "dreaming"})
+
+
+def test_a_dpo_job_with_early_stopping_validates(validator_for, client: TestClient, customer: Caller, upload) -> None:  # type: ignore[no-untyped-def]
+    from tests.conftest import jsonl, preference_lines  # noqa: PLC0415
+
+    pairs = upload(customer, jsonl(preference_lines(24))).json()
+    assert pairs["status"] == "processed"
+    response = client.post("/v1/fine_tuning/jobs", headers=customer.headers, json={
+        "model": "tunegrid/tiny-llama", "training_file": pairs["id"], "early_stopping": {"patience": 2},
+        "method": {"type": "dpo", "dpo": {"hyperparameters": {"beta": 0.25}}}})
+    assert response.status_code == 200, response.text
+    job = response.json()
+    _valid(validator_for, "FineTuningJob", job)
+    assert job["method"] == {"type": "dpo", "dpo": {"hyperparameters": {
+        "batch_size": "auto", "learning_rate_multiplier": "auto", "n_epochs": 3, "beta": 0.25}}}
+    assert job["early_stopping"] == {"patience": 2, "best_step": None, "stopped_early": None, "reason": None}

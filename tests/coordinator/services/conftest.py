@@ -47,7 +47,7 @@ def dataset(session: Session, store: BlobStore, settings: CoordinatorSettings, c
 
 
 @pytest.fixture
-def new_job(session: Session, settings: CoordinatorSettings, customer_account: AccountModel,
+def new_job(session: Session, settings: CoordinatorSettings, customer_account: AccountModel, store: BlobStore,
             dataset: str) -> Callable[..., JobModel]:
     """Jobs created (held and queued) through the service: no dispatcher runs, so only the test's claims place them."""
     def make(**fields: object) -> JobModel:

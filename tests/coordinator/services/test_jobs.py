@@ -13,12 +13,12 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from coordinator.db.tables import AccountModel, Book, JobEventModel, JobModel, JobStatus, LeaseModel, LeaseStatus
-from coordinator.services import files, jobs, ledger
+from coordinator.services import files, jobs, leases, ledger
 from coordinator.settings import CoordinatorSettings
 from coordinator.storage import BlobStore
 from shared.errors import Conflict, InvalidRequest, NotFound, PaymentRequired
 from shared.schemas.jobs import JobCreate
-from tests.conftest import STARTING_CREDIT_USD, chat_lines, jsonl
+from tests.conftest import STARTING_CREDIT_USD, chat_lines, jsonl, preference_lines, tool_chat_lines
 from shared.money import usd_to_micros
 from tests.fakes import ServiceAgent
 
@@ -114,3 +114,54 @@ def test_cancel_is_final_and_idempotent(new_job: NewJob, session: Session, custo
         with pytest.raises(Conflict) as conflict:
             call(session=session, account=customer_account, job_id=job.id)
         assert conflict.value.code == "invalid_job_state"
+
+
+# -- training methods and data formats -------------------------------------------------------------------------------
+def _file(session: Session, store: BlobStore, settings: CoordinatorSettings, account: AccountModel,
+          lines: list[str]) -> str:
+    return files.upload(session=session, store=store, account=account, filename="data.jsonl", purpose="fine-tune",
+                        source=io.BytesIO(jsonl(lines)), max_bytes=settings.max_upload_bytes,
+                        min_examples=settings.min_training_examples, retention=timedelta(days=1)).id
+
+
+def test_a_dpo_job_trains_preference_pairs_and_is_priced_for_its_reference_pass(
+    session: Session, store: BlobStore, settings: CoordinatorSettings, customer_account: AccountModel, new_job: NewJob,
+) -> None:
+    pairs = _file(session, store, settings, customer_account, preference_lines())
+    job = new_job(training_file=pairs, method={"type": "dpo", "dpo": {"hyperparameters": {"beta": 0.2,
+                                                                                           "n_epochs": 2}}})
+    per_epoch = session.get(files.FileModel, pairs).estimated_tokens  # type: ignore[union-attr]
+    assert job.method == "dpo" and job.hyperparameters["beta"] == 0.2
+    assert job.estimated_tokens == 2 * per_epoch + -(-per_epoch // 3)  # two epochs and the reference pass
+    spec = leases.job_spec(job)
+    assert spec.method == "dpo" and spec.hyperparameters.beta == 0.2
+    assert spec.hyperparameters.learning_rate == leases.DPO_LEARNING_RATE
+    auto = new_job(training_file=pairs, method={"type": "dpo"})
+    assert leases.job_spec(auto).hyperparameters.beta == leases.DPO_BETA
+    with pytest.raises(InvalidRequest) as sft_on_pairs:
+        new_job(training_file=pairs)
+    assert (sft_on_pairs.value.param, sft_on_pairs.value.code) == ("training_file", "invalid_file_format")
+    with pytest.raises(InvalidRequest) as mixed:
+        new_job(training_file=pairs, validation_file=_file(session, store, settings, customer_account, chat_lines()),
+                method={"type": "dpo"})
+    assert mixed.value.param == "validation_file"
+
+
+def test_tool_data_trains_only_on_models_whose_template_has_tools(
+    session: Session, store: BlobStore, settings: CoordinatorSettings, customer_account: AccountModel, new_job: NewJob,
+) -> None:
+    tools = _file(session, store, settings, customer_account, tool_chat_lines())
+    assert session.get(files.FileModel, tools).uses_tools  # type: ignore[union-attr]
+    assert new_job(training_file=tools).status is JobStatus.queued
+    with pytest.raises(InvalidRequest) as refused:
+        new_job(training_file=tools, model="gemma-2-2b-it")
+    assert (refused.value.param, refused.value.code) == ("model", "model_cannot_use_tools")
+    assert "gemma-2-2b-it" in refused.value.message and "qwen2.5-7b-instruct" in refused.value.message
+
+
+def test_early_stopping_is_kept_on_the_job_and_reaches_the_trainer(new_job: NewJob) -> None:
+    with pytest.raises(InvalidRequest) as no_validation:
+        new_job(early_stopping={"patience": 3})
+    assert no_validation.value.code == "early_stopping_needs_validation"
+    job = new_job(early_stopping={"patience": 3}, validation_file=new_job().training_file_id)
+    assert job.early_stopping == {"patience": 3} and leases.job_spec(job).early_stopping_patience == 3
