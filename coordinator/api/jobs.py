@@ -89,6 +89,7 @@ def checkpoint_read(checkpoint: JobCheckpointModel) -> CheckpointRead:
         id=checkpoint.id, created_at=int(checkpoint.created_at.timestamp()),
         fine_tuned_model_checkpoint=checkpoint.fine_tuned_model_checkpoint, fine_tuning_job_id=checkpoint.job_id,
         metrics=checkpoint.metrics, step_number=checkpoint.step_number,
+        available=checkpoint.blob_sha256 is not None and checkpoint.quarantined_at is None,
     )
 
 

@@ -88,7 +88,8 @@ class LoraConfig(Request):
 
 
 class JobCreate(Request):
-    model: str = Field(min_length=1, max_length=100)
+    model: str = Field(min_length=1, max_length=240, description="a base model, or your ft: model or checkpoint to "
+                       "continue")
     training_file: str = Field(min_length=1, max_length=64)
     validation_file: str | None = Field(default=None, max_length=64)
     hyperparameters: Hyperparameters | None = None
@@ -266,6 +267,9 @@ class CheckpointRead(Reply):
     fine_tuning_job_id: str
     metrics: dict[str, float]
     step_number: int
+    # Marketplace extension: whether its weights are still kept, so a job can continue from it by name.
+    available: bool = Field(default=True, description="its content is kept (not pruned or quarantined): a job can "
+                            "start from it with model set to fine_tuned_model_checkpoint")
 
 
 class CheckpointList(Page):

@@ -13,7 +13,8 @@ from shared.schemas.jobs import GpuName, Hyperparameters, LoraConfig, MethodCrea
 class QuoteCreate(Request):
     """The job as it would be created (a training file), or just a token count to price."""
 
-    model: str = Field(min_length=1, max_length=100)
+    model: str = Field(min_length=1, max_length=240, description="a base model, or your ft: model or checkpoint to "
+                       "continue")
     training_file: str | None = Field(default=None, max_length=64)
     training_tokens: int | None = Field(default=None, ge=1, le=10**12, description="tokens per epoch, instead of a file")
     validation_file: str | None = Field(default=None, max_length=64)
