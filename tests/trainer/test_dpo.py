@@ -7,6 +7,7 @@ import json
 import math
 from pathlib import Path
 
+import pytest
 import torch
 
 from shared.jobspec import JobSpec
@@ -80,3 +81,26 @@ def test_dpo_on_chat_data_and_chat_training_on_pairs_are_user_errors(tiny_model_
     assert run(job) == EXIT_USER_ERROR
     assert "only with the DPO method" in progress_lines(job)[-1]["message"]
     assert JobSpec.model_validate_json((job / "spec.json").read_text()).method == "supervised"
+
+
+def test_a_dpo_adapter_is_verified_on_held_out_pairs_against_its_reference(tiny_model_dir: Path, tmp_path: Path) -> None:
+    """The verification program on a DPO job: the reference scores log 2, the honest adapter less, and the
+    validation figure is the one the trainer reported."""
+    import shutil  # noqa: PLC0415
+
+    from shared.protocol import VerificationResult  # noqa: PLC0415
+
+    spec = {"method": "dpo", "hyperparameters": {"n_epochs": 2, "batch_size": 4, "learning_rate": 2e-3},
+            "lora": {"r": 8, "alpha": 16}}
+    job = write_job(tmp_path / "train", tiny_model_dir, train=arithmetic_preferences(40), **spec)
+    assert run(job) == EXIT_DONE
+    result = json.loads((job / "out" / "result.json").read_text())
+    check = write_job(tmp_path / "verify", tiny_model_dir, train=arithmetic_preferences(40), kind="verify", **spec)
+    (check / "held_out.jsonl").write_text("".join(json.dumps(r) + "\n" for r in arithmetic_preferences(8, seed=99)))
+    (check / "adapter").mkdir()
+    shutil.copy(job / "out" / "adapter" / "adapter_model.safetensors", check / "adapter")
+    assert run(check) == EXIT_DONE
+    figures = VerificationResult.model_validate(json.loads((check / "out" / "verification.json").read_text()))
+    assert figures.heldout_base_loss == pytest.approx(math.log(2), rel=1e-5)
+    assert figures.heldout_adapter_loss < math.log(2) * 0.7 and figures.heldout_tokens > 0
+    assert figures.valid_adapter_loss == pytest.approx(result["valid_loss"], abs=1e-4)

@@ -98,3 +98,23 @@ def metrics(parts: list[PreferenceFigures], prefix: str = "") -> dict[str, float
             f"{prefix}chosen_reward": round(chosen, 6), f"{prefix}rejected_reward": round(rejected, 6),
             f"{prefix}reward_margin": round(chosen - rejected, 6),
             f"{prefix}reward_accuracy": round(sum(p.correct for p in parts) / pairs, 6)}
+
+
+def evaluate(model, pairs: list[Pair], *, beta: float, batch_size: int, pad_id: int, device: torch.device,  # type: ignore[no-untyped-def]
+             prefix: str = "valid_") -> dict[str, float] | None:
+    """`metrics` of `pairs` under the model as it is, in evaluation mode and without gradients."""
+    if not pairs:
+        return None
+    was_training = model.training
+    model.eval()
+    with torch.no_grad():
+        parts = [figures(model, pairs[s:s + batch_size], beta=beta, pad_id=pad_id, device=device)
+                 for s in range(0, len(pairs), batch_size)]
+    model.train(was_training)
+    return metrics(parts, prefix=prefix)
+
+
+def answer_tokens(pairs: list[Pair]) -> int:
+    """Tokens that carry loss in both answers of every pair (what a verifier's figures are measured on)."""
+    return sum(sum(1 for label in side.labels[1:] if label != data.IGNORE)
+               for p in pairs for side in (p.chosen, p.rejected))

@@ -86,16 +86,9 @@ class Preference:
         figures = dpo.metrics(parts)
         return StepFigures(loss=figures.pop("loss"), tokens=sum(p.tokens for p in parts), extra=figures)
 
-    def evaluate(self, model) -> dict[str, float] | None:  # type: ignore[no-untyped-def]
-        if not self.valid:
-            return None
-        model.eval()
-        size = self.trainer.batch_size()
-        with torch.no_grad():
-            parts = [dpo.figures(model, self.valid[s:s + size], beta=self.beta, pad_id=self.pad_id,
-                                 device=self.trainer.device) for s in range(0, len(self.valid), size)]
-        model.train()
-        return dpo.metrics(parts, prefix="valid_")
+    def evaluate(self, model, pairs: list[dpo.Pair] | None = None) -> dict[str, float] | None:  # type: ignore[no-untyped-def]
+        return dpo.evaluate(model, self.valid if pairs is None else pairs, beta=self.beta,
+                            batch_size=self.trainer.batch_size(), pad_id=self.pad_id, device=self.trainer.device)
 
 
 class Trainer:

@@ -24,7 +24,8 @@ from worker.trainer import data, model as models
 from worker.trainer.checkpoints import ADAPTER_NAME, trainable_names
 from worker.trainer.errors import UserError
 from worker.trainer.progress import Progress
-from worker.trainer.train import Trainer
+from worker.trainer import dpo
+from worker.trainer.train import Preference, Trainer
 
 ADAPTER = Path("adapter") / "adapter_model.safetensors"
 
@@ -55,6 +56,8 @@ def _loss(trainer: Trainer, model, rows: list[data.PackedRow], pad_id: int) -> t
 
 
 def run(spec: JobSpec, job_dir: Path, progress: Progress) -> dict[str, Any]:
+    if spec.method == "dpo":
+        return run_preference(spec, job_dir, progress)
     trainer = Trainer(spec, job_dir, progress)
     model_dir = Path(spec.model_dir)
     if not (model_dir / "config.json").is_file():
@@ -82,3 +85,49 @@ def run(spec: JobSpec, job_dir: Path, progress: Progress) -> dict[str, Any]:
                        f"{name}_tokens": tokens if rows else 0})
         progress.emit("measured", split=name, base_loss=base_loss, adapter_loss=adapter_loss)  # the agent relays none
     return result
+
+
+def run_preference(spec: JobSpec, job_dir: Path, progress: Progress) -> dict[str, Any]:
+    """A DPO job's adapter: the DPO loss (and rewards) of the held-out and validation pairs against the job's
+    reference policy (the base, or the adapter the job continued from). The reference itself scores log 2 (every
+    reward 0): that is the "base" figure an adapter must beat."""
+    trainer = Trainer(spec, job_dir, progress)
+    model_dir = Path(spec.model_dir)
+    if not (model_dir / "config.json").is_file():
+        raise UserError(f"no model at {model_dir} (config.json missing)")
+    tokenizer = models.load_tokenizer(model_dir)
+    objective = trainer.objective(tokenizer)
+    assert isinstance(objective, Preference)
+    held = job_dir / "held_out.jsonl"
+    held_pairs = trainer._pairs(data.read_examples(held), tokenizer) if held.is_file() else []  # noqa: SLF001
+    model = models.with_lora(models.load_base(model_dir, quantization=spec.quantization, gradient_checkpointing=False),
+                             spec)
+    if spec.initial_adapter:
+        trainer._load_initial_adapter(model)  # noqa: SLF001 - the reference, as the trainer had it
+    objective.units = held_pairs  # the reference log-probabilities of both sets, as the trainer computes them
+    objective.prepare(model, adapter_is_reference=spec.initial_adapter)
+    reference = {name: _reference_figures(objective, model, pairs, spec.initial_adapter)
+                 for name, pairs in (("heldout", held_pairs), ("valid", objective.valid))}
+    try:
+        load_adapter_weights(model, job_dir / ADAPTER)
+    except BadAdapter as exc:
+        progress.emit("warning", message=str(exc))
+        return {"adapter_error": str(exc)[:500]}
+    progress.emit("started", total_steps=0, kind="verify", device=str(trainer.device), held_out_rows=len(held_pairs),
+                  valid_rows=len(objective.valid))
+    result: dict[str, Any] = {}
+    for name, pairs in (("heldout", held_pairs), ("valid", objective.valid)):
+        adapter = objective.evaluate(model, pairs)
+        result.update({f"{name}_base_loss": (reference[name] or {}).get("valid_loss"),
+                       f"{name}_adapter_loss": (adapter or {}).get("valid_loss"),
+                       f"{name}_tokens": dpo.answer_tokens(pairs)})
+        progress.emit("measured", split=name, base_loss=result[f"{name}_base_loss"],
+                      adapter_loss=result[f"{name}_adapter_loss"])
+    return result
+
+
+def _reference_figures(objective: Preference, model, pairs: list[dpo.Pair], adapter_is_reference: bool):  # type: ignore[no-untyped-def]
+    if adapter_is_reference:
+        return objective.evaluate(model, pairs)
+    with model.disable_adapter():
+        return objective.evaluate(model, pairs)
