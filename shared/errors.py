@@ -41,12 +41,13 @@ class AuthenticationFailed(TunegridError):
     code = "invalid_api_key"
 
 
-class PaymentRequired(TunegridError):
-    """The customer's balance cannot cover what the request would hold or charge."""
+class InsufficientQuota(TunegridError):
+    """The customer's balance cannot cover what the request would hold or charge: OpenAI's answer to an account
+    out of credit (429, `insufficient_quota`), which its clients already handle."""
 
-    http_status = 402
-    type = "billing_error"
-    code = "insufficient_balance"
+    http_status = 429
+    type = "insufficient_quota"
+    code = "insufficient_quota"
 
 
 class BadGateway(TunegridError):
@@ -89,7 +90,7 @@ class NotFound(TunegridError):
 
 
 class Conflict(TunegridError):
-    """The resource is in a state that does not allow the operation (e.g. cancel a finished job)."""
+    """The resource is in a state that does not allow the operation."""
 
     http_status = 409
     code = "invalid_state"

@@ -27,7 +27,8 @@ from shared.pricing import cost_for_seconds
 
 
 def place_hold(*, session: Session, job: JobModel, amount: int, reason: str) -> None:
-    """Move `amount` of the customer's available credit onto the job; 402 if the balance cannot cover it."""
+    """Move `amount` of the customer's available credit onto the job; 429 (`InsufficientQuota`) if the balance cannot
+    cover it."""
     if amount <= 0:
         return
     ledger.require_available(session, job.account_id, amount, purpose=f"job {job.id} ({reason})")

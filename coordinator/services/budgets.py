@@ -19,7 +19,7 @@ from coordinator.services.job_states import change_status, record_event
 from coordinator.services.lease_states import end_live_leases
 from coordinator.settings import CoordinatorSettings
 from coordinator.storage import BlobStore
-from shared.errors import Conflict, PaymentRequired
+from shared.errors import Conflict, InsufficientQuota
 from shared.money import micros_to_usd
 from shared.pricing import cost_for_seconds
 
@@ -90,7 +90,7 @@ def _review(session: Session, job: JobModel, now: datetime, lookahead_s: int, se
 def _rehold(session: Session, job: JobModel, settings: CoordinatorSettings) -> str:
     try:
         holds.hold_for_queue(session=session, job=job, settings=settings)
-    except PaymentRequired:
+    except InsufficientQuota:
         available = ledger.balance(session, Book.customer_available, job.account_id)
         change_status(session=session, job=job, to=JobStatus.paused, level="warn",
                       message=f"Paused: insufficient balance (${micros_to_usd(available)} available) to hold the "

@@ -46,7 +46,7 @@ def estimated_cost(session: Session, job: JobModel, settings: CoordinatorSetting
 
 
 def hold_for_queue(*, session: Session, job: JobModel, settings: CoordinatorSettings) -> int:
-    """Place the hold a job needs to be queued (at create, or on resume); 402 when the balance is short. A
+    """Place the hold a job needs to be queued (at create, or on resume); 429 (`InsufficientQuota`) when the balance is short. A
     redundant job holds for each training still to come, and for its confirmed ones waiting to settle."""
     pending = replicas.pending_charge(job)
     to_train = max(replicas.trainings(job.verification_mode) - len(replicas.waiting(job)), 1)

@@ -19,7 +19,7 @@ from coordinator.services.paging import page
 from coordinator.settings import CoordinatorSettings
 from coordinator.storage import BlobStore
 from shared.catalog import CATALOG, BaseModelSpec, get_base_model
-from shared.errors import Conflict, InvalidRequest, NotFound
+from shared.errors import InvalidRequest, NotFound
 from shared.money import micros_to_usd, usd_to_micros
 from shared.pricing import training_tokens
 from shared.schemas.jobs import DpoHyperparameters, Hyperparameters, JobCreate, LoraConfig
@@ -109,7 +109,7 @@ def check_early_stopping(request: JobCreate, *, training: FileModel, validation:
 def create(*, session: Session, store: BlobStore, account: AccountModel, request: JobCreate,
            settings: CoordinatorSettings) -> JobModel:
     """Check the request, keep back its held-out sample (`held_out.py`), hold its estimated cost on the
-    customer's balance (402 when short), and queue it. `model` may name the caller's fine-tune or checkpoint
+    customer's balance (429 insufficient_quota when short, as OpenAI answers), and queue it. `model` may name the caller's fine-tune or checkpoint
     (`continuation.py`): the job continues from its adapter, on its base model."""
     start = continuation.resolve(session=session, account=account, name=request.model) \
         if continuation.is_continuation(request.model) else None
@@ -226,7 +226,9 @@ def cancel(*, session: Session, account: AccountModel, job_id: str) -> JobModel:
     if job.status is JobStatus.cancelled:
         return job
     if job.status in TERMINAL:
-        raise Conflict(f"Job {job_id} has already {job.status.value}; it cannot be cancelled.", code="invalid_job_state")
+        # OpenAI answers a request its job's state forbids with a 400 invalid_request_error (not a 409).
+        raise InvalidRequest(f"Job {job_id} has already {job.status.value}; it cannot be cancelled.",
+                             param="fine_tuning_job_id", code="invalid_job_state")
     if job.stage == "verify":  # the verifier's lease and the training under test settle together
         verification.lock_books(session, job, *lease_states.live_providers(session, job))
     lease_states.end_for_customer(session=session, job=job, paused=False)
@@ -241,11 +243,12 @@ def pause(*, session: Session, account: AccountModel, job_id: str) -> JobModel:
     if job.status is JobStatus.paused:
         return job
     if job.status not in (JobStatus.queued, JobStatus.running):
-        raise Conflict(f"Job {job_id} is {job.status.value}; only queued or running jobs can be paused.",
-                       code="invalid_job_state")
+        raise InvalidRequest(f"Job {job_id} is {job.status.value}; only queued or running jobs can be paused.",
+                             param="fine_tuning_job_id", code="invalid_job_state")
     if job.stage == "verify":
-        raise Conflict(f"Job {job_id} has finished training and its adapter is being verified; it cannot be paused "
-                       "(cancel it to stop, which bills the training done).", code="invalid_job_state")
+        raise InvalidRequest(f"Job {job_id} has finished training and its adapter is being verified; it cannot be "
+                             "paused (cancel it to stop, which bills the training done).", param="fine_tuning_job_id",
+                             code="invalid_job_state")
     lease_states.end_for_customer(session=session, job=job, paused=True)
     change_status(session=session, job=job, to=JobStatus.paused,
                   message="Fine-tuning job paused; it keeps its last checkpoint and resumes from it")
@@ -256,7 +259,8 @@ def pause(*, session: Session, account: AccountModel, job_id: str) -> JobModel:
 def resume(*, session: Session, account: AccountModel, job_id: str, settings: CoordinatorSettings) -> JobModel:
     job = get(session=session, account=account, job_id=job_id, for_update=True)
     if job.status is not JobStatus.paused:
-        raise Conflict(f"Job {job_id} is {job.status.value}; only paused jobs can be resumed.", code="invalid_job_state")
+        raise InvalidRequest(f"Job {job_id} is {job.status.value}; only paused jobs can be resumed.",
+                             param="fine_tuning_job_id", code="invalid_job_state")
     held = holds.hold_for_queue(session=session, job=job, settings=settings)
     change_status(session=session, job=job, to=JobStatus.queued,
                   message=f"Fine-tuning job resumed and queued; ${micros_to_usd(held)} held on your balance")

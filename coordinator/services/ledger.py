@@ -34,7 +34,7 @@ from coordinator.db.ids import new_id
 from coordinator.db.tables import (
     OWNED_BOOKS, Book, LedgerBalanceModel, LedgerPostingModel, LedgerTransactionModel, utcnow,
 )
-from shared.errors import PaymentRequired
+from shared.errors import InsufficientQuota
 from shared.money import micros_to_usd
 
 HOUSE = ""  # the owner id of the house books
@@ -213,10 +213,11 @@ def sum_of_postings(session: Session, book: Book, owner: str = HOUSE) -> int:
 
 
 def require_available(session: Session, customer_id: str, amount: int, *, purpose: str) -> int:
-    """Lock the customer's available balance and check it covers `amount`; the balance, or 402."""
+    """Lock the customer's available balance and check it covers `amount`; the balance, or 429
+    (`InsufficientQuota`)."""
     available = balance(session, Book.customer_available, customer_id, for_update=True)
     if available < amount:
-        raise PaymentRequired(
+        raise InsufficientQuota(
             f"Insufficient balance: {purpose} needs ${micros_to_usd(amount)} and your available balance is "
             f"${micros_to_usd(available)}. Top up (POST /v1/billing/topups) and try again.")
     return available

@@ -137,7 +137,7 @@ def test_metadata_keys_with_quotes_and_path_characters_filter_exactly(create_job
 def test_lifecycle_pause_resume_cancel_each_write_events(create_job, client: TestClient, customer: Caller) -> None:  # type: ignore[no-untyped-def]
     job_id = create_job().json()["id"]
     url = f"/v1/fine_tuning/jobs/{job_id}"
-    assert client.post(f"{url}/resume", headers=customer.headers).status_code == 409  # not paused
+    assert client.post(f"{url}/resume", headers=customer.headers).status_code == 400  # not paused (OpenAI's 400)
     assert client.post(f"{url}/pause", headers=customer.headers).json()["status"] == "paused"
     assert client.post(f"{url}/pause", headers=customer.headers).json()["status"] == "paused"  # idempotent
     assert client.post(f"{url}/resume", headers=customer.headers).json()["status"] == "queued"
@@ -145,7 +145,8 @@ def test_lifecycle_pause_resume_cancel_each_write_events(create_job, client: Tes
     assert cancelled["status"] == "cancelled" and cancelled["finished_at"] is not None
     assert client.post(f"{url}/cancel", headers=customer.headers).json()["status"] == "cancelled"  # idempotent
     refused = client.post(f"{url}/pause", headers=customer.headers)
-    assert refused.status_code == 409 and refused.json()["error"]["code"] == "invalid_job_state"
+    assert refused.status_code == 400 and refused.json()["error"]["code"] == "invalid_job_state"
+    assert refused.json()["error"]["type"] == "invalid_request_error"
 
     events = client.get(f"{url}/events?limit=100", headers=customer.headers).json()
     statuses = [e["data"].get("status") for e in events["data"] if e["data"].get("status")]

@@ -1,5 +1,5 @@
-"""Holds and budgets: a job is queued only against a hold (402 when the balance is short), a running job
-holds more as it goes, stops at its last checkpoint at max_cost, and pauses when the customer's credit runs
+"""Holds and budgets: a job is queued only against a hold (429 `insufficient_quota`, as OpenAI answers, when the
+balance is short), a running job holds more as it goes, stops at its last checkpoint at max_cost, and pauses when the customer's credit runs
 out; resuming holds again."""
 
 from __future__ import annotations
@@ -43,16 +43,16 @@ def start(client: TestClient, provider, create_job, **fields):  # type: ignore[n
     return agent, job, a["lease_id"]
 
 
-def test_create_answers_402_when_the_balance_cannot_cover_the_hold(
+def test_create_answers_429_insufficient_quota_when_the_balance_cannot_cover_the_hold(
     client: TestClient, make_caller, upload, session: Session,  # type: ignore[no-untyped-def]
 ) -> None:
     broke = make_caller("customer", "broke", credit=None)
     file_id = upload(broke).json()["id"]
     response = client.post("/v1/fine_tuning/jobs", headers=broke.headers,
                            json={"model": "tunegrid/tiny-llama", "training_file": file_id})
-    assert response.status_code == 402
+    assert response.status_code == 429  # OpenAI's answer to an account out of credit
     error = response.json()["error"]
-    assert error["code"] == "insufficient_balance" and error["type"] == "billing_error"
+    assert error["code"] == "insufficient_quota" and error["type"] == "insufficient_quota"
     assert "top up" in error["message"].lower()
     assert client.get("/v1/fine_tuning/jobs", headers=broke.headers).json()["data"] == []  # nothing was created
 
@@ -126,7 +126,7 @@ def test_a_job_pauses_when_the_balance_runs_out_and_resumes_after_a_top_up(
     assert ledger.balance(session, Book.customer_held, poor.account_id) == 0
 
     refused = client.post(f"/v1/fine_tuning/jobs/{job['id']}/resume", headers=poor.headers)
-    assert refused.status_code == 402
+    assert refused.status_code == 429
     account = session.get(AccountModel, poor.account_id)
     billing.grant(session=session, account=account, amount=usd_to_micros("5"), key="more", memo="top-up")
     session.commit()

@@ -16,7 +16,7 @@ from coordinator.db.tables import AccountModel, Book, JobEventModel, JobModel, J
 from coordinator.services import files, jobs, leases, ledger
 from coordinator.settings import CoordinatorSettings
 from coordinator.storage import BlobStore
-from shared.errors import Conflict, InvalidRequest, NotFound, PaymentRequired
+from shared.errors import InvalidRequest, NotFound, InsufficientQuota
 from shared.schemas.jobs import JobCreate
 from tests.conftest import STARTING_CREDIT_USD, chat_lines, jsonl, preference_lines, tool_chat_lines
 from shared.money import usd_to_micros
@@ -47,7 +47,7 @@ def test_a_job_the_balance_cannot_cover_is_refused_and_nothing_is_kept(session: 
     own = files.upload(session=session, store=store, account=poor, filename="t.jsonl", purpose="fine-tune",
                        source=io.BytesIO(jsonl(chat_lines())), max_bytes=settings.max_upload_bytes,
                        min_examples=settings.min_training_examples, retention=timedelta(days=1))
-    with pytest.raises(PaymentRequired):
+    with pytest.raises(InsufficientQuota):
         jobs.create(session=session, store=store, account=poor, settings=settings,
                     request=JobCreate.model_validate({"model": "tunegrid/tiny-llama", "training_file": own.id}))
     session.rollback()
@@ -111,9 +111,9 @@ def test_cancel_is_final_and_idempotent(new_job: NewJob, session: Session, custo
     assert jobs.cancel(session=session, account=customer_account, job_id=job.id).status is JobStatus.cancelled
     assert jobs.cancel(session=session, account=customer_account, job_id=job.id).status is JobStatus.cancelled
     for call in (jobs.pause, lambda **kw: jobs.resume(settings=settings, **kw)):
-        with pytest.raises(Conflict) as conflict:
+        with pytest.raises(InvalidRequest) as conflict:  # OpenAI's 400, not a 409
             call(session=session, account=customer_account, job_id=job.id)
-        assert conflict.value.code == "invalid_job_state"
+        assert conflict.value.code == "invalid_job_state" and conflict.value.http_status == 400
 
 
 # -- training methods and data formats -------------------------------------------------------------------------------

@@ -17,7 +17,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from coordinator.db.tables import Book, LedgerPostingModel, LedgerTransactionModel
 from coordinator.services import ledger
 from coordinator.services.ledger import HOUSE, Entry, LockOrderError
-from shared.errors import PaymentRequired
+from shared.errors import InsufficientQuota
 from tests.conftest import truncate_all
 
 
@@ -44,10 +44,10 @@ def test_a_business_key_posts_once(session: Session) -> None:
     assert session.scalar(select(func.count()).select_from(LedgerPostingModel)) == 2
 
 
-def test_require_available_refuses_an_overdraft_with_402(session: Session) -> None:
-    with pytest.raises(PaymentRequired) as refused:
+def test_require_available_refuses_an_overdraft_with_429_insufficient_quota(session: Session) -> None:
+    with pytest.raises(InsufficientQuota) as refused:
         ledger.require_available(session, "acct-nobody", 1, purpose="a test")
-    assert refused.value.http_status == 402 and "Insufficient balance" in refused.value.message
+    assert refused.value.http_status == 429 and "Insufficient balance" in refused.value.message
 
 
 def test_the_audit_notices_a_drifted_balance(session: Session) -> None:
@@ -103,7 +103,7 @@ def _apply(session: Session, run: str, ops: list[tuple]) -> dict[tuple[Book, str
             _, who, amount = op
             try:
                 ledger.require_available(session, f"{run}{who}", amount, purpose="a job")
-            except PaymentRequired:
+            except InsufficientQuota:
                 assert model.get((Book.customer_available, f"{run}{who}"), 0) < amount
                 session.rollback()  # a refused hold ends its transaction, as every caller's does
                 continue

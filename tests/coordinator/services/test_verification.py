@@ -317,11 +317,11 @@ def test_figures_without_the_held_out_losses_disagree_and_never_fail_the_request
 
 def test_a_job_under_verification_cannot_be_paused(session: Session, big_job, service_agent: Agents,  # type: ignore[no-untyped-def]
                                                    customer_account: AccountModel) -> None:
-    from shared.errors import Conflict  # noqa: PLC0415
+    from shared.errors import InvalidRequest  # noqa: PLC0415
 
     job = big_job(verification="always")
     trained(service_agent, job)
-    with pytest.raises(Conflict) as refused:
+    with pytest.raises(InvalidRequest) as refused:
         jobs.pause(session=session, account=customer_account, job_id=job.id)
     assert "being verified" in refused.value.message
 
