@@ -1,9 +1,11 @@
-"""Trainer benchmark: tokens/s of our QLoRA trainer against a naive baseline, on data of mixed lengths.
+"""Trainer benchmark: tokens/s of our QLoRA trainer against a naive baseline, on data of mixed lengths, and of
+our DPO beside our SFT on the same examples (each turned into a preference pair).
 
 Baseline: transformers `Trainer` + peft on the same 4-bit model, each batch padded to its longest example
 (DataCollatorForSeq2Seq), batch size chosen so both make the same number of optimizer steps over the same
-examples. Tokens/s counts real (non-padding) tokens over the training loop's wall time. Prints figures;
-never passes or fails.
+examples. Tokens/s counts real (non-padding) tokens over the training loop's wall time. DPO's pairs are the
+same examples with a second, non-preferred answer (another example's): two sequences a pair, plus the reference
+pass before the first step, which its end-to-end figure includes. Prints figures; never passes or fails.
 
     python bench/trainer.py [--examples 128] [--hidden 256] [--epochs 1] [--max-seq-len 256]
 """
@@ -53,13 +55,25 @@ def mixed_length_chat(n: int, seed: int = 0) -> list[dict]:
     return rows
 
 
+def preference_pairs(rows: list[dict], seed: int = 1) -> list[dict]:
+    """Each chat example as a pair: its answer preferred over another example's."""
+    rng = random.Random(seed)
+    others = [r["messages"][1] for r in rows]
+    rng.shuffle(others)
+    return [{"input": {"messages": [r["messages"][0]]}, "preferred_output": [r["messages"][1]],
+             "non_preferred_output": [other if other != r["messages"][1] else {**other, "content": other["content"] + " no"}]}
+            for r, other in zip(rows, others)]
+
+
 def run_ours(job: Path, spec: JobSpec) -> dict:
     progress = Progress(job / "out" / "progress.jsonl")
+    began = time.perf_counter()
     OurTrainer(spec, job, progress).run()
+    wall = time.perf_counter() - began
     progress.close()
     steps = [json.loads(l) for l in (job / "out" / "progress.jsonl").read_text().splitlines()]
     last = [s for s in steps if s["type"] == "step"][-1]
-    return {"steps": last["step"], "tokens": last["tokens"], "tokens_per_s": last["tokens_per_s"]}
+    return {"steps": last["step"], "tokens": last["tokens"], "tokens_per_s": last["tokens_per_s"], "wall_s": wall}
 
 
 def run_baseline(job: Path, spec: JobSpec, steps: int, n_examples: int) -> dict:
@@ -107,12 +121,21 @@ def main() -> None:
                        checkpoint_every_steps=10**9, eval_every_steps=10**9, validation_fraction=0.0)
         ours = run_ours(job, spec)
         baseline = run_baseline(job, spec, ours["steps"], args.examples)
+        pairs_job = root / "dpo"
+        pairs_job.mkdir()
+        (pairs_job / "train.jsonl").write_text("".join(json.dumps(p) + "\n" for p in preference_pairs(rows)))
+        dpo = run_ours(pairs_job, spec.model_copy(update={"method": "dpo"}))
     print(f"device={models.device()} examples={args.examples} epochs={args.epochs} max_seq_len={args.max_seq_len}")
     print(f"{'trainer':<10} {'steps':>6} {'batch':>6} {'tokens':>8} {'tokens/s':>10}")
     print(f"{'ours':<10} {ours['steps']:>6} {args.batch_size:>6} {ours['tokens']:>8} {ours['tokens_per_s']:>10.1f}")
     print(f"{'baseline':<10} {baseline['steps']:>6} {baseline['batch_size']:>6} {baseline['tokens']:>8} "
           f"{baseline['tokens_per_s']:>10.1f}")
     print(f"ratio ours/baseline: {ours['tokens_per_s'] / baseline['tokens_per_s']:.2f}x")
+    print(f"\n{'method':<10} {'steps':>6} {'tokens':>8} {'tokens/s':>10} {'end-to-end s':>13} {'examples/s':>11}")
+    for name, run in (("sft", ours), ("dpo", dpo)):
+        print(f"{name:<10} {run['steps']:>6} {run['tokens']:>8} {run['tokens_per_s']:>10.1f} {run['wall_s']:>13.1f} "
+              f"{args.examples * args.epochs / run['wall_s']:>11.2f}")
+    print("dpo: tokens count both answers' sequences; end-to-end includes loading and the reference pass")
 
 
 if __name__ == "__main__":

@@ -104,3 +104,22 @@ def test_a_dpo_adapter_is_verified_on_held_out_pairs_against_its_reference(tiny_
     assert figures.heldout_base_loss == pytest.approx(math.log(2), rel=1e-5)
     assert figures.heldout_adapter_loss < math.log(2) * 0.7 and figures.heldout_tokens > 0
     assert figures.valid_adapter_loss == pytest.approx(result["valid_loss"], abs=1e-4)
+
+
+def test_packed_pairs_score_as_one_sequence_a_row(tiny_model_dir: Path) -> None:
+    """Packing the answers' sequences into shared rows changes no log-probability (they never attend across)."""
+    from shared.datasets import parse_line  # noqa: PLC0415
+    from worker.trainer.data import tokenize_pair  # noqa: PLC0415
+
+    tokenizer = load_tokenizer(tiny_model_dir)
+    pairs = [dpo.Pair(*tokenize_pair(parse_line(json.dumps(p).encode()), tokenizer, max_seq_len=256))
+             for p in arithmetic_preferences(6)]
+    spec = JobSpec(job_id="x", base_model="tunegrid/tiny-llama", model_dir=str(tiny_model_dir), quantization="none")
+    model = load_for_training(spec).eval()
+    rows, _ = dpo._packed([p.chosen for p in pairs] + [p.rejected for p in pairs], 256)  # noqa: SLF001
+    assert len(rows) < 12  # they did share rows
+    with torch.no_grad():
+        alone = dpo.pair_logps(model, pairs, pad_id=tokenizer.pad_token_id, device=torch.device("cpu"))
+        packed = dpo.pair_logps(model, pairs, pad_id=tokenizer.pad_token_id, device=torch.device("cpu"), max_len=256)
+    assert torch.allclose(alone[0], packed[0], atol=1e-3) and torch.allclose(alone[1], packed[1], atol=1e-3)
+    assert alone[2] == packed[2]  # the same real tokens

@@ -1,5 +1,5 @@
 """Padded batches of packed rows and the two quantities the objectives need from a forward pass: the summed token
-loss (supervised) and each sequence's log-probability of its labelled tokens (preference)."""
+loss (supervised), and every token's loss, which preference sums per sequence (worker/trainer/dpo.py)."""
 
 from __future__ import annotations
 
@@ -44,7 +44,7 @@ def collate(rows: list[data.PackedRow], *, pad_id: int, device: torch.device) ->
                  tokens=int((segments > 0).sum()))
 
 
-def _token_losses(model, batch: Batch) -> torch.Tensor:  # type: ignore[no-untyped-def]
+def token_losses(model, batch: Batch) -> torch.Tensor:  # type: ignore[no-untyped-def]
     """(B, L) negative log-likelihood of each target, 0 where there is none."""
     logits = model(input_ids=batch.input_ids, position_ids=batch.position_ids,
                    attention_mask=batch.attention_mask).logits
@@ -55,9 +55,5 @@ def _token_losses(model, batch: Batch) -> torch.Tensor:  # type: ignore[no-untyp
 
 def batch_loss(model, batch: Batch) -> tuple[torch.Tensor, int]:  # type: ignore[no-untyped-def]
     """Sum of token losses and how many tokens carry loss."""
-    return _token_losses(model, batch).sum(), batch.labelled
+    return token_losses(model, batch).sum(), batch.labelled
 
-
-def sequence_logps(model, batch: Batch) -> torch.Tensor:  # type: ignore[no-untyped-def]
-    """(B,) each row's summed log-probability of its labelled tokens (one sequence per row, unpacked)."""
-    return -_token_losses(model, batch).sum(dim=1)

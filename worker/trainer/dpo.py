@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 
 from worker.trainer import data
-from worker.trainer.batches import collate, sequence_logps
+from worker.trainer.batches import collate, token_losses
 
 
 @dataclass(slots=True)
@@ -46,19 +46,43 @@ class PreferenceFigures:
     tokens: int
 
 
-def _rows(pairs: list[Pair]) -> list[data.PackedRow]:
-    return data.unpacked([p.chosen for p in pairs] + [p.rejected for p in pairs])
+def _packed(sequences: list[data.Tokenized], max_len: int | None) -> tuple[list[data.PackedRow], torch.Tensor]:
+    """The sequences packed first-fit into rows of at most `max_len` tokens (one a row without it), and for every
+    token position of the padded batch the index of the sequence it belongs to (`len(sequences)`: padding)."""
+    rows: list[data.PackedRow] = []
+    owners: list[list[int]] = []
+    for index, sequence in enumerate(sequences):
+        size = len(sequence.input_ids)
+        target = next((i for i, row in enumerate(rows) if max_len is not None and len(row) + size <= max_len), None)
+        if target is None:
+            rows.append(data.PackedRow())
+            owners.append([])
+            target = len(rows) - 1
+        rows[target].add(sequence)
+        owners[target] += [index] * size
+    width = max(len(row) for row in rows)
+    owner = torch.full((len(rows), width), len(sequences), dtype=torch.long)
+    for i, row_owners in enumerate(owners):
+        owner[i, : len(row_owners)] = torch.tensor(row_owners)
+    return rows, owner
 
 
-def pair_logps(model, pairs: list[Pair], *, pad_id: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor, int]:  # type: ignore[no-untyped-def]
-    """Log-probabilities of the preferred and the non-preferred answers, in one forward pass."""
-    batch = collate(_rows(pairs), pad_id=pad_id, device=device)
-    logps = sequence_logps(model, batch)
+def pair_logps(model, pairs: list[Pair], *, pad_id: int, device: torch.device,  # type: ignore[no-untyped-def]
+               max_len: int | None = None) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """Log-probabilities of the preferred and the non-preferred answers, in one forward pass; with `max_len`, the
+    sequences are packed into rows of that many tokens (each attends only to itself, as in supervised rows)."""
+    sequences = [p.chosen for p in pairs] + [p.rejected for p in pairs]
+    rows, owner = _packed(sequences, max_len)
+    batch = collate(rows, pad_id=pad_id, device=device)
+    losses = token_losses(model, batch)
+    sums = torch.zeros(len(sequences) + 1, dtype=losses.dtype, device=losses.device)
+    sums = sums.index_add(0, owner.to(losses.device).flatten(), losses.flatten())
+    logps = -sums[: len(sequences)]
     return logps[: len(pairs)], logps[len(pairs):], batch.tokens
 
 
 def set_reference(model, pairs: list[Pair], *, batch_size: int, pad_id: int, device: torch.device,  # type: ignore[no-untyped-def]
-                  adapter_is_reference: bool) -> None:
+                  adapter_is_reference: bool, max_len: int | None = None) -> None:
     """Fill each pair's reference log-probabilities from the model as it is now (see the module's docstring)."""
     was_training = model.training
     model.eval()
@@ -66,17 +90,18 @@ def set_reference(model, pairs: list[Pair], *, batch_size: int, pad_id: int, dev
         for start in range(0, len(pairs), batch_size):
             chunk = pairs[start:start + batch_size]
             if adapter_is_reference:
-                chosen, rejected, _ = pair_logps(model, chunk, pad_id=pad_id, device=device)
+                chosen, rejected, _ = pair_logps(model, chunk, pad_id=pad_id, device=device, max_len=max_len)
             else:
                 with model.disable_adapter():
-                    chosen, rejected, _ = pair_logps(model, chunk, pad_id=pad_id, device=device)
+                    chosen, rejected, _ = pair_logps(model, chunk, pad_id=pad_id, device=device, max_len=max_len)
             for pair, c, r in zip(chunk, chosen.tolist(), rejected.tolist(), strict=True):
                 pair.reference_chosen, pair.reference_rejected = c, r
     model.train(was_training)
 
 
-def figures(model, pairs: list[Pair], *, beta: float, pad_id: int, device: torch.device) -> PreferenceFigures:  # type: ignore[no-untyped-def]
-    chosen, rejected, tokens = pair_logps(model, pairs, pad_id=pad_id, device=device)
+def figures(model, pairs: list[Pair], *, beta: float, pad_id: int, device: torch.device,  # type: ignore[no-untyped-def]
+            max_len: int | None = None) -> PreferenceFigures:
+    chosen, rejected, tokens = pair_logps(model, pairs, pad_id=pad_id, device=device, max_len=max_len)
     reference_chosen = torch.tensor([p.reference_chosen for p in pairs], device=chosen.device)
     reference_rejected = torch.tensor([p.reference_rejected for p in pairs], device=chosen.device)
     chosen_reward = beta * (chosen - reference_chosen)
@@ -101,14 +126,14 @@ def metrics(parts: list[PreferenceFigures], prefix: str = "") -> dict[str, float
 
 
 def evaluate(model, pairs: list[Pair], *, beta: float, batch_size: int, pad_id: int, device: torch.device,  # type: ignore[no-untyped-def]
-             prefix: str = "valid_") -> dict[str, float] | None:
+             prefix: str = "valid_", max_len: int | None = None) -> dict[str, float] | None:
     """`metrics` of `pairs` under the model as it is, in evaluation mode and without gradients."""
     if not pairs:
         return None
     was_training = model.training
     model.eval()
     with torch.no_grad():
-        parts = [figures(model, pairs[s:s + batch_size], beta=beta, pad_id=pad_id, device=device)
+        parts = [figures(model, pairs[s:s + batch_size], beta=beta, pad_id=pad_id, device=device, max_len=max_len)
                  for s in range(0, len(pairs), batch_size)]
     model.train(was_training)
     return metrics(parts, prefix=prefix)

@@ -71,16 +71,21 @@ class Preference:
         self.trainer, self.units, self.valid, self.pad_id = trainer, train, valid, pad_id
         self.beta = trainer.spec.hyperparameters.beta
 
+    @property
+    def max_len(self) -> int | None:
+        """Pairs' sequences are packed into rows as supervised examples are (or one a row without packing)."""
+        return self.trainer.spec.max_seq_len if self.trainer.spec.packing else None
+
     def prepare(self, model, *, adapter_is_reference: bool) -> None:  # type: ignore[no-untyped-def]
         dpo.set_reference(model, self.units + self.valid, batch_size=self.trainer.batch_size(), pad_id=self.pad_id,
-                          device=self.trainer.device, adapter_is_reference=adapter_is_reference)
+                          device=self.trainer.device, adapter_is_reference=adapter_is_reference, max_len=self.max_len)
 
     def step(self, model, chunk: list[dpo.Pair]) -> StepFigures:  # type: ignore[no-untyped-def]
         size = self.trainer.batch_size()
         parts = []
         for start in range(0, len(chunk), size):
             part = dpo.figures(model, chunk[start:start + size], beta=self.beta, pad_id=self.pad_id,
-                               device=self.trainer.device)
+                               device=self.trainer.device, max_len=self.max_len)
             (part.loss / len(chunk)).backward()
             parts.append(part)
         figures = dpo.metrics(parts)
@@ -88,7 +93,8 @@ class Preference:
 
     def evaluate(self, model, pairs: list[dpo.Pair] | None = None) -> dict[str, float] | None:  # type: ignore[no-untyped-def]
         return dpo.evaluate(model, self.valid if pairs is None else pairs, beta=self.beta,
-                            batch_size=self.trainer.batch_size(), pad_id=self.pad_id, device=self.trainer.device)
+                            batch_size=self.trainer.batch_size(), pad_id=self.pad_id, device=self.trainer.device,
+                            max_len=self.max_len)
 
 
 class Trainer:
