@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Literal
 
 from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -66,6 +67,10 @@ class CoordinatorSettings(BaseSettings):
                                         "score updates in the API process; default: only without Redis (embedded "
                                         "mode). With Redis, run Celery beat and a Celery worker instead.")
     sweep_interval_s: float = Field(default=5.0, gt=0, description="Periodic placement sweeps and lease reaping.")
+    integrations_interval_s: float = Field(default=30.0, gt=0, description="How often jobs' new metrics are "
+                                           "forwarded to their integrations (Weights & Biases).")
+    wandb_mode: Literal["online", "offline"] = Field(default="online", description="`offline` writes W&B runs "
+                                                     "under data_dir/wandb instead of sending them (tests, air gaps).")
 
     # Money (issue 6).
     hold_margin_bps: int = Field(default=12_500, ge=10_000, le=100_000, description="A job holds its estimated "

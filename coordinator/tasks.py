@@ -17,7 +17,9 @@ from typing import Any
 from sqlalchemy.orm import Session, sessionmaker
 
 from coordinator.effects import Effects, take_effects
-from coordinator.services import blobs, budgets, lease_states, placement, stripe_sync, verification, worker_states
+from coordinator.services import (
+    blobs, budgets, integrations, lease_states, placement, stripe_sync, verification, worker_states,
+)
 from coordinator.settings import CoordinatorSettings
 from coordinator.storage import BlobStore
 from coordinator.stripe_gateway import StripeGateway, make_gateway
@@ -72,6 +74,10 @@ def collect_blobs(*, session: Session, settings: CoordinatorSettings) -> int:
     return collected.files + collected.checkpoints + collected.orphans
 
 
+def forward_integrations(*, session: Session, settings: CoordinatorSettings) -> int:
+    return integrations.forward(session=session, settings=settings)
+
+
 PERIODIC: tuple[tuple[Any, Any], ...] = (
     (reap_leases, lambda s: s.sweep_interval_s),
     (enforce_budgets, lambda s: s.sweep_interval_s),
@@ -80,6 +86,7 @@ PERIODIC: tuple[tuple[Any, Any], ...] = (
     (send_outbox, lambda s: s.outbox_interval_s),
     (run_payouts, lambda s: s.payout_interval_s),
     (collect_blobs, lambda s: s.blob_collect_interval_s),
+    (forward_integrations, lambda s: s.integrations_interval_s),
 )
 
 
@@ -165,6 +172,8 @@ def make_celery(settings: CoordinatorSettings | None = None):  # type: ignore[no
             "send-outbox": {"task": "tunegrid.send_outbox", "schedule": settings.outbox_interval_s},
             "run-payouts": {"task": "tunegrid.run_payouts", "schedule": float(settings.payout_interval_s)},
             "collect-blobs": {"task": "tunegrid.collect_blobs", "schedule": settings.blob_collect_interval_s},
+            "forward-integrations": {"task": "tunegrid.forward_integrations",
+                                     "schedule": settings.integrations_interval_s},
         },
     )
 
@@ -195,6 +204,10 @@ def make_celery(settings: CoordinatorSettings | None = None):  # type: ignore[no
     @app.task(name="tunegrid.collect_blobs")
     def collect_blobs_task() -> int:
         return _run_task(collect_blobs)
+
+    @app.task(name="tunegrid.forward_integrations")
+    def forward_integrations_task() -> int:
+        return _run_task(forward_integrations)
 
     return app
 

@@ -10,7 +10,7 @@ from fastapi import APIRouter, Query, Request
 from coordinator.api.deps import CustomerCaller, SettingsDep, StoreDep, reject_unknown_query
 from coordinator.api.errors import ERROR_RESPONSES
 from coordinator.db.tables import JobCheckpointModel, JobEventModel, JobModel
-from coordinator.services import billing, jobs, replicas
+from coordinator.services import billing, integrations, jobs, replicas
 from shared.errors import InvalidRequest
 from shared.money import micros_to_usd
 from shared.schemas.jobs import (
@@ -48,6 +48,7 @@ def job_read(job: JobModel) -> JobRead:
         status=job.status.value, trained_tokens=job.trained_tokens,  # type: ignore[arg-type]
         training_file=job.training_file_id, validation_file=job.validation_file_id, seed=job.seed,
         estimated_finish=_ts(job.estimated_finish),
+        integrations=integrations.public(job),
         method=method_read(job), metadata=job.job_metadata,
         early_stopping=EarlyStoppingRead(**job.early_stopping) if job.early_stopping else None,
         lora=LoraRead(**job.lora),

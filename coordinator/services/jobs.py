@@ -12,7 +12,9 @@ from coordinator.db.ids import new_id
 from coordinator.db.tables import (
     AccountModel, FileModel, FileStatus, JobCheckpointModel, JobEventModel, JobModel, JobStatus,
 )
-from coordinator.services import continuation, files, held_out, holds, lease_states, market, verification
+from coordinator.services import (
+    continuation, files, held_out, holds, integrations, lease_states, market, verification,
+)
 from coordinator.services.placement import requirements
 from coordinator.services.job_states import TERMINAL, change_status, record_event
 from coordinator.services.paging import page
@@ -114,8 +116,6 @@ def create(*, session: Session, store: BlobStore, account: AccountModel, request
     start = continuation.resolve(session=session, account=account, name=request.model) \
         if continuation.is_continuation(request.model) else None
     base = get_base_model(start.parent.model if start else request.model)
-    if request.integrations:
-        raise InvalidRequest("Integrations are not supported.", param="integrations", code="unsupported_integration")
     method = method_of(request)
     hp = hyperparameters_of(request)
     training = usable_file(session=session, account=account, file_id=request.training_file, param="training_file")
@@ -140,6 +140,7 @@ def create(*, session: Session, store: BlobStore, account: AccountModel, request
         method=method,
         initial_model=request.model if start else None,
         early_stopping=request.early_stopping.model_dump() if request.early_stopping else None,
+        integrations=integrations.stored(request.integrations),
         training_file_id=training.id,
         validation_file_id=validation.id if validation else None,
         status=JobStatus.validating_files,

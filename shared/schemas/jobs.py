@@ -73,6 +73,8 @@ class WandbSettings(Request):
     entity: str | None = Field(default=None, max_length=128)
     tags: list[Annotated[str, StringConstraints(min_length=1, max_length=64)]] | None = Field(default=None,
                                                                                            max_length=32)
+    # Our extension: the key the coordinator logs with (W&B's own settings page holds it at OpenAI). Never returned.
+    api_key: str | None = Field(default=None, min_length=1, max_length=256)
 
 
 class Integration(Request):

@@ -68,14 +68,6 @@ def test_someone_elses_file_or_job_is_the_same_404_as_a_missing_one(new_job: New
             call(session=session, account=bob, job_id=job.id)
 
 
-def test_integrations_are_refused_by_name(session: Session, customer_account: AccountModel, dataset: str,
-                                          settings: CoordinatorSettings, store: BlobStore) -> None:
-    with pytest.raises(InvalidRequest) as refused:
-        jobs.create(session=session, store=store, account=customer_account, settings=settings, request=JobCreate.model_validate(
-            {"model": "tunegrid/tiny-llama", "training_file": dataset, "integrations": [{"type": "wandb", "wandb": {"project": "p"}}]}))
-    assert refused.value.code == "unsupported_integration"
-
-
 def test_jobs_list_newest_first_filtered_by_metadata(new_job: NewJob, session: Session, customer_account: AccountModel) -> None:
     a = new_job(metadata={"team": "a", 'k"ey': "x/y"})
     b = new_job(metadata={"team": "b"})
