@@ -76,7 +76,7 @@ def test_a_failing_wandb_is_an_event_and_is_given_up_after_three_tries(
     agent.progress(a.lease_id, step=1)
 
     def unreachable(*_: object, **__: object) -> None:  # W&B's servers, as this machine sees them (mocked)
-        raise ConnectionError("api.wandb.ai unreachable")
+        raise ConnectionError(f"api.wandb.ai unreachable with key {KEY}")
 
     monkeypatch.setattr(integrations, "_log_to_wandb", unreachable)
     for _ in range(integrations.MAX_FAILURES + 1):
@@ -85,4 +85,5 @@ def test_a_failing_wandb_is_an_event_and_is_given_up_after_three_tries(
         JobEventModel.job_id == job.id, JobEventModel.level == "warn"))]
     assert len(warnings) == integrations.MAX_FAILURES and warnings[-1].startswith(
         "Forwarding metrics to Weights & Biases failed (giving up)")
+    assert all(KEY not in w and "***" in w for w in warnings)  # an error that quotes the key does not leak it
     assert session.get(JobModel, job.id).status is JobStatus.running  # type: ignore[union-attr]
