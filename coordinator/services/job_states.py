@@ -62,6 +62,7 @@ def change_status(
     job.status = to
     if to in TERMINAL:
         job.finished_at = utcnow()
+    if to in TERMINAL or to in (S.queued, S.paused):  # the running trainer's estimate no longer holds
         job.estimated_finish = None
     if to in TERMINAL:
         metering.settle_waiting(session, job)  # confirmed trainings of a redundant job are paid however it ends

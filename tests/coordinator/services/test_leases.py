@@ -321,3 +321,24 @@ def test_a_lease_resumed_from_the_last_checkpoint_completes_with_the_progress_th
     f = second.complete(b.lease_id, adapter, loss=2.0)
     assert (f.lease.status is LeaseStatus.completed) is completes, f.lease.end_reason
     assert (fresh(session, job).status is JobStatus.succeeded) is completes
+
+
+def test_the_trainers_eta_becomes_the_jobs_estimated_finish_until_the_lease_ends(
+    service_agent: Agents, new_job: NewJob, session: Session,
+) -> None:
+    from datetime import timedelta  # noqa: PLC0415
+
+    from coordinator.db.tables import JobModel, utcnow  # noqa: PLC0415
+
+    job = new_job()
+    agent = service_agent()
+    a = agent.claim()
+    assert a is not None
+    before = utcnow()
+    agent.progress(a.lease_id, step=1, eta_s=600.0)
+    row = session.get(JobModel, job.id, populate_existing=True)
+    assert row is not None and row.estimated_finish is not None
+    finish = row.estimated_finish if row.estimated_finish.tzinfo else row.estimated_finish.replace(tzinfo=before.tzinfo)
+    assert before + timedelta(seconds=599) <= finish <= utcnow() + timedelta(seconds=601)
+    agent.preempted(a.lease_id)
+    assert session.get(JobModel, job.id, populate_existing=True).estimated_finish is None  # type: ignore[union-attr]
