@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import time
+from datetime import timedelta
 from functools import cache
 from typing import Any
 
@@ -18,13 +19,16 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from coordinator.effects import Effects, take_effects
 from coordinator.services import (
-    blobs, budgets, integrations, lease_states, placement, stripe_sync, verification, worker_states,
+    blobs, budgets, integrations, jobs, lease_states, placement, stripe_sync, verification, worker_states,
 )
 from coordinator.settings import CoordinatorSettings
 from coordinator.storage import BlobStore
 from coordinator.stripe_gateway import StripeGateway, make_gateway
 
 log = logging.getLogger(__name__)
+# A job is validated just after its create answered; one still `validating_files` after this was left by a
+# process that stopped in between.
+VALIDATION_GRACE_S = 30.0
 SCORE_BATCH = 1000
 
 
@@ -74,6 +78,11 @@ def collect_blobs(*, session: Session, settings: CoordinatorSettings) -> int:
     return collected.files + collected.checkpoints + collected.orphans
 
 
+def validate_waiting_jobs(*, session: Session, settings: CoordinatorSettings) -> int:
+    return jobs.validate_waiting(session=session, store=BlobStore(settings.resolved_storage_dir),
+                                 older_than=timedelta(seconds=VALIDATION_GRACE_S))
+
+
 def forward_integrations(*, session: Session, settings: CoordinatorSettings) -> int:
     return integrations.forward(session=session, settings=settings)
 
@@ -87,6 +96,7 @@ PERIODIC: tuple[tuple[Any, Any], ...] = (
     (run_payouts, lambda s: s.payout_interval_s),
     (collect_blobs, lambda s: s.blob_collect_interval_s),
     (forward_integrations, lambda s: s.integrations_interval_s),
+    (validate_waiting_jobs, lambda s: s.sweep_interval_s),
 )
 
 
@@ -174,6 +184,7 @@ def make_celery(settings: CoordinatorSettings | None = None):  # type: ignore[no
             "collect-blobs": {"task": "tunegrid.collect_blobs", "schedule": settings.blob_collect_interval_s},
             "forward-integrations": {"task": "tunegrid.forward_integrations",
                                      "schedule": settings.integrations_interval_s},
+            "validate-waiting-jobs": {"task": "tunegrid.validate_waiting_jobs", "schedule": settings.sweep_interval_s},
         },
     )
 
@@ -204,6 +215,10 @@ def make_celery(settings: CoordinatorSettings | None = None):  # type: ignore[no
     @app.task(name="tunegrid.collect_blobs")
     def collect_blobs_task() -> int:
         return _run_task(collect_blobs)
+
+    @app.task(name="tunegrid.validate_waiting_jobs")
+    def validate_waiting_jobs_task() -> int:
+        return _run_task(validate_waiting_jobs)
 
     @app.task(name="tunegrid.forward_integrations")
     def forward_integrations_task() -> int:

@@ -5,9 +5,9 @@ from __future__ import annotations
 import re
 from typing import Annotated
 
-from fastapi import APIRouter, Query, Request
+from fastapi import APIRouter, BackgroundTasks, Query, Request
 
-from coordinator.api.deps import CustomerCaller, SettingsDep, StoreDep, reject_unknown_query
+from coordinator.api.deps import CustomerCaller, SettingsDep, StoreDep, reject_unknown_query, run_in_session
 from coordinator.api.errors import ERROR_RESPONSES
 from coordinator.db.tables import JobCheckpointModel, JobEventModel, JobModel
 from coordinator.services import billing, integrations, jobs, replicas
@@ -95,8 +95,14 @@ def checkpoint_read(checkpoint: JobCheckpointModel) -> CheckpointRead:
 
 
 @router.post("", response_model=JobRead, dependencies=STRICT_QUERY)
-async def create_job(body: JobCreate, caller: CustomerCaller, settings: SettingsDep, store: StoreDep) -> JobRead:
-    return job_read(await caller.run(jobs.create, store=store, request=body, settings=settings))
+async def create_job(body: JobCreate, caller: CustomerCaller, settings: SettingsDep, store: StoreDep,
+                     background: BackgroundTasks) -> JobRead:
+    """The job answers `validating_files`; its job-time checks run right after the answer is sent (and a sweep
+    finishes any a stopped process left), then it is queued."""
+    job = await caller.run(jobs.create, store=store, request=body, settings=settings)
+    background.add_task(run_in_session, caller.state,
+                        lambda session: jobs.finish_validation(session=session, store=store, job_id=job.id))
+    return job_read(job)
 
 
 @router.get("", response_model=JobList, dependencies=[reject_unknown_query("metadata[")])

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import secrets
+from datetime import timedelta
 from typing import Any
 
 from sqlalchemy import func, select
@@ -10,7 +11,7 @@ from sqlalchemy.orm import Session
 
 from coordinator.db.ids import new_id
 from coordinator.db.tables import (
-    AccountModel, FileModel, FileStatus, JobCheckpointModel, JobEventModel, JobModel, JobStatus,
+    AccountModel, FileModel, FileStatus, JobCheckpointModel, JobEventModel, JobModel, JobStatus, utcnow,
 )
 from coordinator.services import (
     continuation, files, held_out, holds, integrations, lease_states, market, verification,
@@ -110,9 +111,9 @@ def check_early_stopping(request: JobCreate, *, training: FileModel, validation:
 
 def create(*, session: Session, store: BlobStore, account: AccountModel, request: JobCreate,
            settings: CoordinatorSettings) -> JobModel:
-    """Check the request, keep back its held-out sample (`held_out.py`), hold its estimated cost on the
-    customer's balance (429 insufficient_quota when short, as OpenAI answers), and queue it. `model` may name the caller's fine-tune or checkpoint
-    (`continuation.py`): the job continues from its adapter, on its base model."""
+    """Check the request and hold its estimated cost on the customer's balance (429 insufficient_quota when short,
+    as OpenAI answers); the job is `validating_files` until `finish_validation` queues it. `model` may name the
+    caller's fine-tune or checkpoint (`continuation.py`): the job continues from its adapter, on its base model."""
     start = continuation.resolve(session=session, account=account, name=request.model) \
         if continuation.is_continuation(request.model) else None
     base = get_base_model(start.parent.model if start else request.model)
@@ -163,27 +164,61 @@ def create(*, session: Session, store: BlobStore, account: AccountModel, request
     price_cap(session=session, job=job, settings=settings)
     session.add(job)
     record_event(session=session, job=job, message="Created fine-tuning job", data={"status": job.status.value})
-    # Uploads are validated line by line when they arrive, so the files are already known good.
-    record_event(
-        session=session, job=job,
-        message=f"Validated training file {training.id}: {training.examples} "
-                f"{'preference pairs' if method == 'dpo' else 'examples'}, about {training.estimated_tokens} tokens "
-                "per epoch" + (", with tool calls" if training.uses_tools else ""),
-    )
     if start is not None:
         record_event(session=session, job=job, message=f"Continues from {request.model} (job {start.parent.id}"
                                                         + (f", step {start.step}" if start.step else "") + ")")
     session.flush()
-    job.held_out = held_out.keep_back(store=store, job=job, training=training)
+    held = holds.hold_for_queue(session=session, job=job, settings=settings)
+    record_event(session=session, job=job, message=f"${micros_to_usd(held)} held on your balance; validating files")
+    session.commit()
+    return job
+
+
+def finish_validation(*, session: Session, store: BlobStore, job_id: str) -> JobModel | None:
+    """A `validating_files` job's job-time checks (its held-out sample kept back: `held_out.py`), then queued; run
+    just after the create answered (so a client sees `validating_files`), and by a sweep for any a crash left.
+    A job cancelled meanwhile is left as it is; one whose files cannot be read fails with its hold released."""
+    job = session.get(JobModel, job_id, with_for_update=True)
+    if job is None or job.status is not JobStatus.validating_files:
+        session.rollback()
+        return job
+    training = session.get(FileModel, job.training_file_id)
+    assert training is not None
+    # Uploads are validated line by line when they arrive, so the files are already known good.
+    record_event(
+        session=session, job=job,
+        message=f"Validated training file {training.id}: {training.examples} "
+                f"{'preference pairs' if job.method == 'dpo' else 'examples'}, about {training.estimated_tokens} "
+                "tokens per epoch" + (", with tool calls" if training.uses_tools else ""),
+    )
+    try:
+        job.held_out = held_out.keep_back(store=store, job=job, training=training)
+    except OSError as exc:  # the stored file is unreadable: the platform's fault, said as such, nothing billed
+        change_status(session=session, job=job, to=JobStatus.failed, message="The training file could not be read",
+                      error={"code": "file_unreadable", "message": f"The training file could not be read "
+                                                                   f"({exc.__class__.__name__}).", "param": None})
+        session.commit()
+        return job
     if job.held_out:
         record_event(session=session, job=job,
                      message=f"Kept back {job.held_out['examples']} examples as a held-out sample for independent "
                              "verification; no trainer receives them")
-    held = holds.hold_for_queue(session=session, job=job, settings=settings)
     change_status(session=session, job=job, to=JobStatus.queued,
-                  message=f"Fine-tuning job queued; ${micros_to_usd(held)} held on your balance")
+                  message=f"Fine-tuning job queued; ${micros_to_usd(job.held_micros)} held on your balance")
     session.commit()
     return job
+
+
+def validate_waiting(*, session: Session, store: BlobStore, older_than: timedelta, limit: int = 100) -> int:
+    """`finish_validation` for jobs left in `validating_files` longer than `older_than` (a process that stopped
+    between the create and its validation); how many were validated."""
+    waiting = session.scalars(select(JobModel.id).where(
+        JobModel.status == JobStatus.validating_files, JobModel.created_at < utcnow() - older_than,
+    ).order_by(JobModel.id).limit(limit)).all()
+    session.rollback()
+    for job_id in waiting:
+        finish_validation(session=session, store=store, job_id=job_id)
+    return len(waiting)
 
 
 def price_cap(*, session: Session, job: JobModel, settings: CoordinatorSettings) -> None:

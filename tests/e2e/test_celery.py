@@ -43,6 +43,7 @@ def test_celery_beat_places_a_queued_job_and_wakes_the_worker(postgres_url: str,
         billing.grant(session=session, account=customer, amount=usd_to_micros(10), key="test", memo="test credit")
         job = jobs.create(session=session, store=store, account=customer, settings=settings,
                           request=JobCreate(model="tunegrid/tiny-llama", training_file=file.id))
+        job = jobs.finish_validation(session=session, store=store, job_id=job.id)
         worker, _ = workers.register(session=session, account=provider,
                                      request=WorkerRegister.model_validate(registration("pc-1")), protocol_version=1,
                                      max_workers=100)

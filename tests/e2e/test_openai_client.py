@@ -33,7 +33,7 @@ def test_openai_client_full_flow(live_server: LiveServer) -> None:
         extra_body={"lora": {"r": 8, "alpha": 16}, "max_price_per_gpu_hour": "0.40", "max_cost": "3",
                     "min_vram_gb": 8, "gpu_filter": ["RTX 4090"], "trusted_hosts_only": False},
     )
-    assert job.status == "queued" and job.seed == 42 and job.hyperparameters.n_epochs == 2
+    assert job.status == "validating_files" and job.seed == 42 and job.hyperparameters.n_epochs == 2
     assert job.model_extra["lora"] == {"r": 8, "alpha": 16, "dropout": 0.05, "target_modules": "all-linear"}
     assert job.model_extra["max_price_per_gpu_hour"] == "0.400000"
     assert client.fine_tuning.jobs.retrieve(job.id).validation_file == validation.id

@@ -13,7 +13,8 @@ def _error(response) -> dict:  # type: ignore[no-untyped-def]
     return response.json()["error"]
 
 
-def test_create_with_openai_and_marketplace_fields(create_job, training_file: str) -> None:  # type: ignore[no-untyped-def]
+def test_create_with_openai_and_marketplace_fields(create_job, training_file: str, client: TestClient,  # type: ignore[no-untyped-def]
+                                                   customer: Caller) -> None:
     response = create_job(
         method={"type": "supervised", "supervised": {"hyperparameters": {"n_epochs": 2, "batch_size": 4}}},
         suffix="support-bot", seed=7, metadata={"team": "ml"},
@@ -24,7 +25,9 @@ def test_create_with_openai_and_marketplace_fields(create_job, training_file: st
     assert response.status_code == 200, response.text
     job = response.json()
     assert job["object"] == "fine_tuning.job" and job["id"].startswith("ftjob-")
-    assert job["status"] == "queued" and job["model"] == "tunegrid/tiny-llama"
+    # OpenAI's first status: the job-time checks run just after the answer, then the job is queued.
+    assert job["status"] == "validating_files" and job["model"] == "tunegrid/tiny-llama"
+    assert client.get(f"/v1/fine_tuning/jobs/{job['id']}", headers=customer.headers).json()["status"] == "queued"
     assert job["training_file"] == training_file and job["validation_file"] is None
     assert job["hyperparameters"] == {"batch_size": 4, "learning_rate_multiplier": "auto", "n_epochs": 2}
     assert job["method"]["supervised"]["hyperparameters"] == job["hyperparameters"]

@@ -20,6 +20,15 @@ from tests.conftest import Caller, chat_lines, jsonl
 from tests.fakes import ServiceAgent
 
 
+def created(session: Session, store: BlobStore, settings: CoordinatorSettings, account: AccountModel,
+            request: JobCreate) -> JobModel:
+    """A job created and its files validated, as the API's create and the validation just after it leave it."""
+    job = jobs.create(session=session, store=store, account=account, request=request, settings=settings)
+    validated = jobs.finish_validation(session=session, store=store, job_id=job.id)
+    assert validated is not None
+    return validated
+
+
 @pytest.fixture
 def store(settings: CoordinatorSettings) -> BlobStore:
     return BlobStore(settings.resolved_storage_dir)
@@ -52,7 +61,7 @@ def new_job(session: Session, settings: CoordinatorSettings, customer_account: A
     """Jobs created (held and queued) through the service: no dispatcher runs, so only the test's claims place them."""
     def make(**fields: object) -> JobModel:
         request = JobCreate.model_validate({"model": "tunegrid/tiny-llama", "training_file": dataset, **fields})
-        return jobs.create(session=session, store=store, account=customer_account, request=request, settings=settings)
+        return created(session, store, settings, customer_account, request)
     return make
 
 
@@ -80,5 +89,5 @@ def big_job(session: Session, store: BlobStore, settings: CoordinatorSettings,
 
     def make(**fields: object) -> JobModel:
         request = JobCreate.model_validate({"model": "tunegrid/tiny-llama", "training_file": file.id, **fields})
-        return jobs.create(session=session, store=store, account=customer_account, request=request, settings=settings)
+        return created(session, store, settings, customer_account, request)
     return make

@@ -157,3 +157,25 @@ def test_early_stopping_is_kept_on_the_job_and_reaches_the_trainer(new_job: NewJ
     assert no_validation.value.code == "early_stopping_needs_validation"
     job = new_job(early_stopping={"patience": 3}, validation_file=new_job().training_file_id)
     assert job.early_stopping == {"patience": 3} and leases.job_spec(job).early_stopping_patience == 3
+
+
+def test_a_job_is_validating_files_until_its_checks_queue_it(
+    session: Session, store: BlobStore, settings: CoordinatorSettings, customer_account: AccountModel, dataset: str,
+) -> None:
+    request = JobCreate.model_validate({"model": "tunegrid/tiny-llama", "training_file": dataset})
+    job = jobs.create(session=session, store=store, account=customer_account, request=request, settings=settings)
+    assert job.status is JobStatus.validating_files and job.held_micros > 0  # held at once: 429 answers at create
+    assert jobs.finish_validation(session=session, store=store, job_id=job.id).status is JobStatus.queued  # type: ignore[union-attr]
+    assert jobs.finish_validation(session=session, store=store, job_id=job.id).status is JobStatus.queued  # type: ignore[union-attr]
+    # A job cancelled while validating stays cancelled, its hold released; a straggler is validated by the sweep.
+    cancelled = jobs.create(session=session, store=store, account=customer_account, request=request, settings=settings)
+    assert jobs.cancel(session=session, account=customer_account, job_id=cancelled.id).held_micros == 0
+    assert jobs.finish_validation(session=session, store=store, job_id=cancelled.id).status is JobStatus.cancelled  # type: ignore[union-attr]
+    left = jobs.create(session=session, store=store, account=customer_account, request=request, settings=settings)
+    assert jobs.validate_waiting(session=session, store=store, older_than=timedelta(hours=1)) == 0
+    assert jobs.validate_waiting(session=session, store=store, older_than=timedelta(0)) == 1
+    assert session.get(JobModel, left.id, populate_existing=True).status is JobStatus.queued  # type: ignore[union-attr]
+    with pytest.raises(InvalidRequest):  # not placeable while validating: it cannot be paused either
+        jobs.pause(session=session, account=customer_account,
+                   job_id=jobs.create(session=session, store=store, account=customer_account, request=request,
+                                      settings=settings).id)

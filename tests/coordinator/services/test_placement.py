@@ -10,12 +10,13 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from coordinator.db.tables import AccountModel, JobModel, JobStatus, LeaseModel, Role, WorkerModel, WorkerState, utcnow
-from coordinator.services import jobs, workers
+from coordinator.services import workers
 from coordinator.services.keys import create_account
 from coordinator.services.placement import place_queued_jobs
 from coordinator.settings import CoordinatorSettings
 from shared.protocol import WorkerRegister
 from shared.schemas.jobs import JobCreate
+from tests.coordinator.services.conftest import created
 from tests.fakes import gpu, registration
 
 GIB = 1024**3
@@ -48,7 +49,7 @@ def queue(session: Session, settings, customer, training_file: str, store):  # t
 
     def make(**fields) -> str:  # type: ignore[no-untyped-def]
         request = JobCreate.model_validate({"model": "tunegrid/tiny-llama", "training_file": training_file, **fields})
-        return jobs.create(session=session, store=store, account=account, request=request, settings=settings).id
+        return created(session, store, settings, account, request).id
     return make
 
 
