@@ -54,7 +54,7 @@ def test_upload_quote_create_show_list_events_and_cancel(tunegrid, tmp_path: Pat
                          "--epochs", "1", "--max-cost", "1", "--verification", "redundant")
     assert code == 0
     job = json.loads(out)
-    assert job["status"] in ("queued", "running") and job["training_file"] == file["id"]
+    assert job["status"] in ("validating_files", "queued", "running") and job["training_file"] == file["id"]
     assert job["verification"]["mode"] == "redundant"
 
     code, out = tunegrid("jobs", "list")
