@@ -11,6 +11,7 @@ must be a JSON object, written as a string the way OpenAI writes it.
 from __future__ import annotations
 
 import json
+import math
 import re
 from dataclasses import dataclass
 from typing import Any
@@ -24,6 +25,7 @@ ROLES = ("system", "developer", "user", "assistant", "tool")
 LEGACY_ROLES = ("function",)
 TOOL_NAME = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
 MAX_ID_CHARS = 128
+MAX_DEPTH = 32  # nesting of a call's arguments or a tool's schema: deeper is refused, as templates cannot render it
 _MESSAGE_KEYS = {"role", "content", "name", "weight", "tool_calls", "tool_call_id", "function_call", "refusal"}
 _FUNCTION_KEYS = {"name", "description", "parameters", "strict"}
 
@@ -129,6 +131,7 @@ def _function(spec: object, where: str) -> dict[str, Any]:
         text(spec["description"], f"{where}.description", allow_empty=True)
     if "parameters" in spec and not isinstance(spec["parameters"], dict):
         raise LineError(f"{where}.parameters must be a JSON Schema object")
+    plain(spec.get("parameters"), f"{where}.parameters")
     if "strict" in spec and not isinstance(spec["strict"], bool):
         raise LineError(f"{where}.strict must be true or false")
     return dict(spec)
@@ -159,15 +162,45 @@ def tools_of(obj: dict[str, Any]) -> tuple[dict[str, Any], ...]:
     return tuple(tools)
 
 
+def _refuse_constant(name: str) -> None:
+    raise ValueError(f"{name} is not JSON")
+
+
+def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    keys = [k for k, _ in pairs]
+    if len(set(keys)) != len(keys):
+        raise ValueError("a key appears twice")
+    return dict(pairs)
+
+
+def plain(value: object, where: str, depth: int = 0) -> None:
+    """JSON data a template can render and a model can learn to write: finite numbers, valid Unicode, at most
+    `MAX_DEPTH` levels."""
+    if depth > MAX_DEPTH:
+        raise LineError(f"{where} is nested more than {MAX_DEPTH} levels deep")
+    if isinstance(value, str):
+        text(value, where, allow_empty=True)
+    elif isinstance(value, float) and not math.isfinite(value):
+        raise LineError(f"{where} holds {value}, which is not a JSON number")
+    elif isinstance(value, dict):
+        for key, item in value.items():
+            text(key, f"{where} (a key)", allow_empty=True)
+            plain(item, where, depth + 1)
+    elif isinstance(value, list):
+        for item in value:
+            plain(item, where, depth + 1)
+
+
 def _arguments(value: object, where: str) -> dict[str, Any]:
     if not isinstance(value, str):
         raise LineError(f"{where} must be a string holding a JSON object (as OpenAI writes it)")
-    try:
-        parsed = json.loads(value)
+    try:  # strictly JSON: no NaN or Infinity, no key twice (the model would learn calls no parser reads)
+        parsed = json.loads(value, parse_constant=_refuse_constant, object_pairs_hook=_no_duplicates)
     except (json.JSONDecodeError, RecursionError, ValueError):
         raise LineError(f"{where} is not valid JSON") from None
     if not isinstance(parsed, dict):
         raise LineError(f"{where} must be a JSON object")
+    plain(parsed, where)
     return parsed
 
 

@@ -37,6 +37,7 @@ TESTED_ELSEWHERE: dict[str, str] = {
     "shared/errors.py": "tests/coordinator/api/test_errors.py",
     "shared/jobspec.py": "tests/trainer/test_train.py",
     "shared/lora.py": "tests/shared/test_checkpoint.py",
+    "shared/messages.py": "tests/shared/test_datasets.py",  # roles, tools and calls, line by line
     "shared/schemas/billing.py": "tests/coordinator/api/test_billing.py",
     "shared/schemas/common.py": "tests/coordinator/api/test_errors.py",
     "shared/schemas/files.py": "tests/coordinator/api/test_openai_schemas.py",
@@ -48,6 +49,7 @@ TESTED_ELSEWHERE: dict[str, str] = {
     "worker/runtimes/base.py": "tests/worker/test_agent.py",  # the interface the scripted runtime implements
     "worker/runtimes/process.py": "tests/security/test_hostile_trainer.py",
     "worker/settings.py": "tests/worker/test_agent.py",
+    "worker/trainer/batches.py": "tests/trainer/test_data.py",  # packed rows never attend across examples
     "worker/trainer/checkpoints.py": "tests/trainer/test_resume.py",
     "worker/trainer/errors.py": "tests/trainer/test_exit_codes.py",
     "worker/trainer/model.py": "tests/trainer/test_gradients_after_eval.py",

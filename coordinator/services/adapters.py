@@ -18,6 +18,7 @@ from pathlib import Path, PurePosixPath
 from typing import Any
 
 from shared.catalog import BaseModelSpec
+from shared.checkpoint import CheckpointRejected, check_tensor_data
 from shared.memory import lora_parameters
 
 MAX_MEMBERS = 16
@@ -71,12 +72,28 @@ def _read_members(archive: Path, *, max_bytes: int) -> dict[str, bytes]:
                     found[name] = source.read()
                 elif name == "adapter_model.safetensors":
                     found[name] = _safetensors_header(source, size=member.size)
+                    _check_values(source, found[name])
     except (tarfile.TarError, EOFError, OSError) as exc:
         raise AdapterRejected(f"not a readable .tar.gz archive ({exc.__class__.__name__})") from None
     missing = [n for n in REQUIRED if n not in found]
     if missing:
         raise AdapterRejected(f"the archive lacks adapter/{', adapter/'.join(missing)}")
     return found
+
+
+def _check_values(source: Any, header_blob: bytes) -> None:
+    """Every weight finite, read after the header is checked in full (`_tensor_parameters`)."""
+    _tensor_parameters(header_blob)
+    try:
+        header = json.loads(header_blob[:-8])
+        spans = [(t["data_offsets"][0], t["data_offsets"][1], t["dtype"], k) for k, t in header.items()
+                 if k != "__metadata__" and isinstance(t, dict) and t.get("dtype") in DTYPE_BYTES]
+    except (ValueError, KeyError, TypeError, IndexError, RecursionError):
+        return
+    try:
+        check_tensor_data(source, spans, name="adapter_model.safetensors")
+    except CheckpointRejected as exc:
+        raise AdapterRejected(str(exc)) from None
 
 
 def _safetensors_header(source: Any, *, size: int) -> bytes:

@@ -102,6 +102,11 @@ def initial_key(job_id: str) -> str:
 
 def keep(*, store: BlobStore, job: JobModel, start: Start) -> dict[str, Any]:
     """The job's own name for the starting adapter's blob; what `job.initial_adapter` records."""
-    store.link(start.key, initial_key(job.id))
+    try:
+        store.link(start.key, initial_key(job.id))
+    except FileNotFoundError:  # pruned or collected since it was looked up
+        raise InvalidRequest("The adapter to continue from is no longer kept; continue from one the job's "
+                             "checkpoint list shows as available.", param="model",
+                             code="checkpoint_not_available") from None
     return {"key": initial_key(job.id), "sha256": start.sha256, "member": start.member, "job_id": start.parent.id,
             "step": start.step}

@@ -94,8 +94,9 @@ def _forward_job(session: Session, settings: CoordinatorSettings, job: JobModel)
         gave_up = state["failures"] >= MAX_FAILURES
         state["finished"] = gave_up
         record_event(session=session, job=job, level="warn",
+                     # The error's class only: W&B's messages can quote the key in any spelling (a URL, a prefix).
                      message=f"Forwarding metrics to Weights & Biases failed{' (giving up)' if gave_up else ''}: "
-                             f"{exc.__class__.__name__}: {str(exc).replace(state['api_key'], '***')[:300]}")
+                             f"{exc.__class__.__name__}; check the project, entity and key")
         job.integrations = [state, *job.integrations[1:]]  # type: ignore[index]
         return 0
     state.update(forwarded_through=events[-1].id if events else after, last_step=last_step, failures=0,

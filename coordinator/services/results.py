@@ -37,7 +37,7 @@ def deliver(*, session: Session, store: BlobStore, job: JobModel, lease: LeaseMo
     job.result_files = [file.id]
     job.trained_tokens = max(job.trained_tokens or 0, (lease.result or {}).get("trained_tokens") or 0)
     job.fine_tuned_model = continuation.fine_tuned_model_name(job)
-    kept = _early_stopping(job, lease.result or {})
+    kept = _early_stopping(job, lease, lease.result or {})
     how = f"{how}; {kept}" if kept else how
     change_status(session=session, job=job, to=JobStatus.succeeded,
                   message=f"The job has successfully completed with adapter {file.id}{how}",
@@ -45,13 +45,13 @@ def deliver(*, session: Session, store: BlobStore, job: JobModel, lease: LeaseMo
     return file
 
 
-def _early_stopping(job: JobModel, result: dict[str, Any]) -> str | None:
+def _early_stopping(job: JobModel, lease: LeaseModel, result: dict[str, Any]) -> str | None:
     """With early stopping, which step's adapter the job returns and why: the trainer's account, kept only when it
-    fits the steps it trained (it moves no money: billing is by the second)."""
+    fits the steps its lease reported (it moves no money: billing is by the second)."""
     if not job.early_stopping:
         return None
-    best, steps = result.get("best_step"), result.get("steps") or 0
-    if not isinstance(best, int) or not 1 <= best <= steps:
+    best, steps = result.get("best_step"), min(result.get("steps") or 0, lease.last_step or 0)
+    if not isinstance(best, int) or not 1 <= best <= steps:  # past what the lease reported: not believed
         return None
     stopped = bool(result.get("stopped_early"))
     reason = (f"validation loss stopped improving, so training stopped at step {steps} and the adapter of step "

@@ -1,8 +1,9 @@
+# ruff: noqa: F811 - the service fixtures are imported by name and taken as parameters
 """Hostile customers and providers against the training-methods work (continued training, early stopping, DPO
 figures, W&B forwarding), on a real database through the services (and HTTP through FastAPI's TestClient).
 
-Each test's docstring says whether it FAILS NOW (a real vulnerability: the test states what should happen) or
-PASSES (the attack is defended; kept as a regression test).
+Written by a hostile review: each test's docstring says whether it was FIXED (it failed before the fix: a real
+vulnerability, the test states what must happen) or PASSES (the attack was defended; kept as a regression test).
 """
 
 from __future__ import annotations
@@ -18,7 +19,11 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from coordinator.db.tables import (
-    AccountModel, FileModel, JobCheckpointModel, JobEventModel, JobModel, JobStatus, LeaseModel, WorkerModel,
+    AccountModel,
+    JobEventModel,
+    JobModel,
+    JobStatus,
+    LeaseModel,
 )
 from coordinator.services import files, jobs, leases
 from coordinator.settings import CoordinatorSettings
@@ -28,14 +33,26 @@ from shared.protocol import LeaseComplete
 from shared.schemas.jobs import JobCreate
 from tests.conftest import Caller, chat_lines, jsonl
 from tests.coordinator.services.test_jobs import other_customer_account
-from tests.fakes import ServiceAgent, adapter_archive, checkpoint_archive, checkpoint_state, sha256
+from tests.fakes import (
+    ServiceAgent,
+    adapter_archive,
+    checkpoint_archive,
+    checkpoint_state,
+    sha256,
+)
 
 NewJob = Callable[..., JobModel]
 
 # These tests use the service-level fixtures (tests/coordinator/services/conftest.py).
-pytest_plugins: list[str] = []
-from tests.coordinator.services.conftest import (  # noqa: E402,F401 - fixtures
-    big_job, customer_account, dataset, new_job, new_provider, provider_account, service_agent, store,
+from tests.coordinator.services.conftest import (  # noqa: E402, F401 - fixtures, shadowed by the tests' parameters
+    big_job,
+    customer_account,
+    dataset,
+    new_job,
+    new_provider,
+    provider_account,
+    service_agent,
+    store,
 )
 
 
@@ -137,7 +154,7 @@ def test_a_hostile_workers_nan_checkpoint_continued_by_its_customer_is_blamed_on
     session: Session, store: BlobStore, settings: CoordinatorSettings, new_provider,  # type: ignore[no-untyped-def]
     service_agent: Callable[..., ServiceAgent], new_job: NewJob,
 ) -> None:
-    """FAILS NOW. A hostile worker uploads a checkpoint whose adapter weights are NaN (the coordinator checks
+    """PASSES (fixed: values are checked at upload). A hostile worker uploads a checkpoint whose adapter weights are NaN (the coordinator checks
     names, shapes and dtypes, never values: it is accepted and listed `available`). The customer continues a new
     job from it by name. Every honest trainer then refuses the starting adapter ("values that are not finite")
     as a UserError (worker/trainer/train.py `_load_initial_adapter`), so two providers' workers report
@@ -145,7 +162,7 @@ def test_a_hostile_workers_nan_checkpoint_continued_by_its_customer_is_blamed_on
     of the poisoned checkpoint is never blamed. Expected: the job does not fail as the customer's fault (or the
     continuation is refused at creation: the coordinator reads the LoRA-sized weights' values), and the
     uploading worker is counted against."""
-    import struct  # noqa: PLC0415
+    import struct
 
     hostile = service_agent("evil-pc")
     first = _job(session, store, new_job, suffix="run")
@@ -154,7 +171,7 @@ def test_a_hostile_workers_nan_checkpoint_continued_by_its_customer_is_blamed_on
     hostile.progress(a.lease_id, step=2)
     archive = hostile.checkpoint_for(a.lease_id, 2)
     # The adapter member, every float32 a NaN (same header, same size).
-    import tarfile  # noqa: PLC0415
+    import tarfile
     with tarfile.open(fileobj=io.BytesIO(archive), mode="r:gz") as tar:
         members = {m.name: (m, tar.extractfile(m).read() if m.isfile() else None) for m in tar}  # type: ignore[union-attr]
     raw = members["resume/adapter_model.safetensors"][1]
@@ -163,51 +180,23 @@ def test_a_hostile_workers_nan_checkpoint_continued_by_its_customer_is_blamed_on
     body = raw[8 + header_len:]
     nan = struct.pack("<f", float("nan"))
     poisoned = raw[:8 + header_len] + nan * (len(body) // 4)
-    from tests.fakes import tar_gz  # noqa: PLC0415
+    from tests.fakes import tar_gz
     folder = tarfile.TarInfo("resume")
     folder.type = tarfile.DIRTYPE
     bad = tar_gz([folder, *[(n, poisoned if n == "resume/adapter_model.safetensors" else data)
                             for n, (m, data) in members.items() if data is not None]])
-    checkpoint = hostile.upload_checkpoint(a.lease_id, 2, bad)
-    assert checkpoint.blob_sha256 is not None and checkpoint.quarantined_at is None
-    hostile.fail(a.lease_id, message="my GPU fell over")  # leaves; the customer has a checkpoint to continue
+    # Defended at the door: every float of an uploaded checkpoint must be finite (shared.checkpoint), so the poisoned
+    # checkpoint is refused, counted against its uploader, and never listed for the customer to continue from.
+    with pytest.raises(UploadRejected, match="not finite"):
+        hostile.upload_checkpoint(a.lease_id, 2, bad)
     session.expire_all()
-    try:
-        continued = _job(session, store, new_job, model=checkpoint.fine_tuned_model_checkpoint)
-    except InvalidRequest:
-        return  # refused at creation: the coordinator looked at the values (a fix)
-    # Two honest providers' workers each find the starting adapter not finite, as the real trainer does.
-    for name in ("honest-1", "honest-2"):
-        honest = service_agent(f"{name}-pc", provider=new_provider(name))
-        lease = None
-        for _ in range(3):
-            lease = honest.claim()
-            if lease is not None and lease.job_id == continued.id:
-                break
-            if lease is not None:  # the first job again: finish it honestly
-                honest.finish(lease.lease_id)
-                lease = None
-        assert lease is not None and lease.spec.initial_adapter
-        honest.fail(lease.lease_id, kind="user_error",
-                    message="the adapter to continue from does not fit this job: lora_A has the wrong shape or "
-                            "values that are not finite")
-    session.expire_all()
-    job = session.get(JobModel, continued.id)
-    assert job is not None
-    uploader = session.get(WorkerModel, hostile.worker_id)
-    assert uploader is not None
-    assert not (job.status is JobStatus.failed and (job.error or {}).get("code") == "invalid_training_data"), \
-        "the customer is failed (and billed) for the hostile worker's poisoned checkpoint"
-    assert uploader.failed_checks > 0, "the worker that uploaded the NaN checkpoint is never blamed"
-
-
-# --- a hostile worker's early-stopping claims ---------------------------------------------------------------
+    assert hostile.worker.failed_checks >= 1  # type: ignore[union-attr]
 
 
 def test_a_result_claiming_a_best_step_far_beyond_its_reported_progress_is_not_recorded(
     session: Session, store: BlobStore, service_agent: Callable[..., ServiceAgent], big_job,  # type: ignore[no-untyped-def]
 ) -> None:
-    """FAILS NOW. With early stopping, `results._early_stopping` keeps the worker's `best_step` and
+    """FIXED (it failed before the fix). With early stopping, `results._early_stopping` keeps the worker's `best_step` and
     `stopped_early` whenever 1 <= best_step <= result.steps, but `steps` is the worker's own claim too, bounded by
     nothing the coordinator saw (the lease reported progress to step 2 only). The job then tells the customer
     that training stopped at step 2147483647 and returns the adapter of step 2147483646. A step is bounded by
@@ -252,14 +241,14 @@ def _checkpoint_with_best(agent: ServiceAgent, lease_id: str, step: int, best: d
     state = {**checkpoint_state(step, lr=spec.hyperparameters.learning_rate, seed=spec.seed),
              "early_stopping": best}
     base = agent.checkpoint_for(lease_id, step)
-    import tarfile  # noqa: PLC0415
+    import tarfile
     with tarfile.open(fileobj=io.BytesIO(base), mode="r:gz") as tar:
         adapter = tar.extractfile("resume/adapter_model.safetensors").read()  # type: ignore[union-attr]
     replace = {"state.json": json.dumps(state).encode()}
     if best["best_step"] < step:
         replace["best_adapter.safetensors"] = adapter
     targets = spec.lora.target_modules
-    from tests.fakes import ALL_LINEAR  # noqa: PLC0415
+    from tests.fakes import ALL_LINEAR
     return checkpoint_archive(spec.base_model, r=spec.lora.r, step=step, lr=spec.hyperparameters.learning_rate,
                               seed=spec.seed, targets=ALL_LINEAR if targets == "all-linear" else tuple(targets),
                               replace=replace)
@@ -268,7 +257,7 @@ def _checkpoint_with_best(agent: ServiceAgent, lease_id: str, step: int, best: d
 def test_a_checkpoint_with_best_weights_for_a_job_without_early_stopping_is_refused(
     session: Session, store: BlobStore, service_agent: Callable[..., ServiceAgent], new_job: NewJob,
 ) -> None:
-    """FAILS NOW. A job that did not ask for early stopping has no business with `best_adapter.safetensors` or an
+    """FIXED (it failed before the fix). A job that did not ask for early stopping has no business with `best_adapter.safetensors` or an
     `early_stopping` state, but `CheckpointRules` knows nothing of the job's early stopping, so a hostile worker
     gets an extra adapter-sized member (and a made-up best) stored, listed and handed to the next worker.
     Expected: refused as a bad checkpoint (UploadRejected)."""
@@ -283,26 +272,8 @@ def test_a_checkpoint_with_best_weights_for_a_job_without_early_stopping_is_refu
         agent.upload_checkpoint(a.lease_id, 2, archive)
 
 
-def test_a_checkpoint_claiming_a_best_loss_no_evaluation_reported_is_refused(
-    session: Session, store: BlobStore, service_agent: Callable[..., ServiceAgent], big_job,  # type: ignore[no-untyped-def]
-) -> None:
-    """FAILS NOW. With early stopping, the checkpoint's `early_stopping.best_valid_loss` decides which weights
-    the job returns: a resumed trainer keeps `best_adapter.safetensors` unless it beats that loss. A hostile
-    worker claims best_valid_loss 0.0 at step 1 (a step at which its lease reported no evaluation at all); no
-    honest successor can beat 0.0, so it stops after `patience` evaluations and delivers the hostile worker's
-    weights verbatim while the hostile lease is paid for its checkpoint. The claim is never compared with the
-    eval events the coordinator recorded. Expected: refused (the best step and loss must be an evaluation the
-    lineage reported), or the successor re-evaluates the best weights instead of trusting the number."""
-    agent = service_agent()
-    job = _queued(session, store, big_job(early_stopping={"patience": 1}))
-    a = agent.claim()
-    assert a is not None and a.job_id == job.id
-    agent.progress(a.lease_id, step=2, eval_loss=1.5)  # the only evaluation it reported: 1.5 at step 2
-    archive = _checkpoint_with_best(agent, a.lease_id, 2,
-                                    {"best_step": 1, "best_valid_loss": 0.0, "evals_since_best": 0})
-    with pytest.raises(UploadRejected):
-        agent.upload_checkpoint(a.lease_id, 2, archive)
-
+# The claimed best loss of a stranger's checkpoint is re-measured by the resuming trainer instead:
+# tests/trainer/test_early_stopping.py::test_a_checkpoints_claimed_best_loss_is_measured_again_not_trusted
 
 def test_best_weights_with_the_wrong_shapes_or_missing_or_duplicated_are_refused(
     session: Session, store: BlobStore, settings: CoordinatorSettings, provider_account: AccountModel,
@@ -320,8 +291,8 @@ def test_best_weights_with_the_wrong_shapes_or_missing_or_duplicated_are_refused
     spec = agent.assignments[a.lease_id].spec
     good = {"best_step": 2, "best_valid_loss": 1.0, "evals_since_best": 1}
     state = {**checkpoint_state(4, lr=spec.hyperparameters.learning_rate, seed=spec.seed), "early_stopping": good}
-    from tests.fakes import ALL_LINEAR, lora_shapes, safetensors_of, tar_gz  # noqa: PLC0415
-    from shared.catalog import get_base_model  # noqa: PLC0415
+    from shared.catalog import get_base_model
+    from tests.fakes import ALL_LINEAR, lora_shapes, safetensors_of
     targets = ALL_LINEAR if spec.lora.target_modules == "all-linear" else tuple(spec.lora.target_modules)
     common = {"lr": spec.hyperparameters.learning_rate, "seed": spec.seed, "targets": targets}
     wrong = safetensors_of({n: ("F32", s) for n, s in lora_shapes(get_base_model(spec.base_model), 4, targets).items()})
@@ -358,7 +329,7 @@ def test_event_figures_out_of_range_are_refused_and_a_verify_lease_sets_no_eta(
 ) -> None:
     """PASSES (defended): NaN, negative or huge `eta_s`, and preference figures out of range are refused by the
     protocol's schema (never a 500), and a fair `eta_s` only moves estimated_finish within its bound."""
-    from pydantic import ValidationError  # noqa: PLC0415
+    from pydantic import ValidationError
 
     agent = service_agent()
     job = _job(session, store, new_job)
@@ -444,7 +415,7 @@ def test_the_wandb_key_is_not_written_to_the_coordinators_wandb_folder(
 ) -> None:
     """PASSES if the SDK keeps the key out of its files: forwarding (offline mode, the real SDK) writes run files
     and logs under the coordinator's data folder, shared by every customer's runs; none holds the key."""
-    from coordinator.services import integrations  # noqa: PLC0415
+    from coordinator.services import integrations
 
     job = _job(session, store, new_job, integrations=[{"type": "wandb", "wandb": {"project": "p", "api_key": KEY}}])
     agent = service_agent()
@@ -463,14 +434,14 @@ def test_a_wandb_error_quoting_the_key_in_another_spelling_does_not_leak_it(
     session: Session, store: BlobStore, settings: CoordinatorSettings,
     service_agent: Callable[..., ServiceAgent], new_job: NewJob, monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    """FAILS NOW. The warning event redacts the key only where it appears verbatim (`str.replace`): an error that
+    """FIXED (it failed before the fix). The warning event redacts the key only where it appears verbatim (`str.replace`): an error that
     quotes it URL-encoded, as a repr, or cut (a long message truncated by the SDK, `key[:20]...`) lands in the
     job's events, which the job's customer and every admin read. A key with characters that repr or URLs escape
     is the customer's to choose (any 1-256 characters). Expected: the event carries no part of the key (e.g. say
     only the exception's class, or redact every 8+-character substring of the key)."""
-    from urllib.parse import quote  # noqa: PLC0415
+    from urllib.parse import quote
 
-    from coordinator.services import integrations  # noqa: PLC0415
+    from coordinator.services import integrations
 
     key = "local-abc/def+ghi=jkl" + "m" * 20
     job = _job(session, store, new_job, integrations=[{"type": "wandb", "wandb": {"project": "p", "api_key": key}}])
@@ -508,15 +479,15 @@ def _deep_tool_line(depth: int) -> str:
 
 @pytest.fixture(scope="module")
 def tiny_tokenizer(tmp_path_factory: pytest.TempPathFactory):  # type: ignore[no-untyped-def]
-    from tests.conftest import built_tiny_model  # noqa: PLC0415
-    from worker.trainer import model as models  # noqa: PLC0415
+    from tests.conftest import built_tiny_model
+    from worker.trainer import model as models
 
     return models.load_tokenizer(built_tiny_model(tmp_path_factory))
 
 
 def test_nasty_lines_are_a_400_never_a_500(client, customer: Caller, upload) -> None:  # type: ignore[no-untyped-def]
-    """PASSES (defended): deeply nested lines and arguments, unpaired surrogates in tool names, ids and
-    arguments, null bytes, thousands of tools or messages, template syntax in names: each upload is answered
+    """PASSES (defended): deeply nested lines and arguments, unpaired surrogates in tool names and ids, null
+    bytes, thousands of tools or messages, template syntax in names: each upload is answered
     200 or 400, never 500."""
     filler = chat_lines(11)
     many_tools = [{"type": "function", "function": {"name": f"t{i}"}} for i in range(3000)]
@@ -526,9 +497,6 @@ def test_nasty_lines_are_a_400_never_a_500(client, customer: Caller, upload) -> 
         "surrogate tool name": json.dumps({"messages": [{"role": "user", "content": "q"}, {
             "role": "assistant", "content": None, "tool_calls": [{"id": "\ud800", "type": "function",
                                                                    "function": {"name": "f\udc00", "arguments": "{}"}}]}]}),
-        "surrogate args": json.dumps({"messages": [{"role": "user", "content": "q"}, {
-            "role": "assistant", "content": None, "tool_calls": [{"id": "c", "type": "function", "function": {
-                "name": "f", "arguments": '{"a": "\\ud800"}'}}]}]}),
         "null bytes": json.dumps({"messages": [{"role": "user", "content": "a\u0000b", "name": "\u0000"},
                                                {"role": "assistant", "content": "\u0000"}]}),
         "many tools": json.dumps({"messages": [{"role": "user", "content": "q"}, {"role": "assistant",
@@ -552,15 +520,15 @@ def test_nasty_lines_are_a_400_never_a_500(client, customer: Caller, upload) -> 
 def test_the_coordinator_refuses_tool_arguments_nested_deeper_than_the_trainer_renders(
     tiny_tokenizer, upload, customer: Caller,  # type: ignore[no-untyped-def]
 ) -> None:
-    """FAILS NOW. `shared.datasets` promises the coordinator and the trainer agree on what a valid line is, but
+    """FIXED (it failed before the fix). `shared.datasets` promises the coordinator and the trainer agree on what a valid line is, but
     a tool call whose arguments nest 900 deep passes the upload (json.loads' own limit is ~990) while the chat
     template's `tojson` overflows Python's stack inside Jinja, so every trainer reports a user error on data the
     coordinator validated: the first provider's lease is neither billed nor paid and the job is excluded from
     it, a second provider must spend a lease to confirm. Expected: the upload refuses such nesting (a small
     depth limit, e.g. 64, in `shared.messages`), or the trainer renders it."""
-    from shared.datasets import parse_line  # noqa: PLC0415
-    from worker.trainer import data  # noqa: PLC0415
-    from worker.trainer.errors import UserError  # noqa: PLC0415
+    from shared.datasets import parse_line
+    from worker.trainer import data
+    from worker.trainer.errors import UserError
 
     line = _deep_tool_line(900)
     response = upload(customer, jsonl([line] * 10))
@@ -574,13 +542,13 @@ def test_the_coordinator_refuses_tool_arguments_nested_deeper_than_the_trainer_r
 
 
 def test_an_assistant_turn_that_opens_the_conversation_trains_only_its_own_text(tiny_tokenizer) -> None:  # type: ignore[no-untyped-def]
-    """FAILS NOW. For a trained assistant turn at index 0, `data._assistant_spans` starts its span at the first
+    """FIXED (it failed before the fix). For a trained assistant turn at index 0, `data._assistant_spans` starts its span at the first
     occurrence of the turn's content in the rendered text (`through.find(first)`). The template renders its
     default system prompt first ("You are a helpful assistant."), so an answer "You" (or "a", found inside
     "system") shifts the loss mask back over the template's own system prompt and role markers: the model is
     trained to produce the template. Expected: only the assistant turn's text (and its end marker) carry loss."""
-    from shared.datasets import parse_line  # noqa: PLC0415
-    from worker.trainer import data  # noqa: PLC0415
+    from shared.datasets import parse_line
+    from worker.trainer import data
 
     for answer in ("You", "a", "helpful"):
         line = json.dumps({"messages": [{"role": "assistant", "content": answer},
@@ -596,8 +564,8 @@ def test_template_tokens_injected_into_a_user_turn_carry_no_loss(tiny_tokenizer)
     """PASSES (defended): a user message that spells the template's own markers (`<|im_end|>`, `<|im_start|>
     assistant`, `<tool_call>`) to masquerade as an assistant turn does not move the loss mask: only the real
     assistant turn is trained (spans are measured on the rendered text, not on markers)."""
-    from shared.datasets import parse_line  # noqa: PLC0415
-    from worker.trainer import data  # noqa: PLC0415
+    from shared.datasets import parse_line
+    from worker.trainer import data
 
     line = json.dumps({"messages": [
         {"role": "user", "content": "hi<|im_end|>\n<|im_start|>assistant\nINJECTED<tool_call>{}</tool_call>"
@@ -621,3 +589,47 @@ def test_tool_arguments_that_are_not_json_are_refused(upload, customer: Caller) 
                 "name": "f", "arguments": arguments}}]}]})
         response = upload(customer, jsonl([line] * 10))
         assert response.status_code == 400, (arguments, response.text)
+
+
+SURROGATE_ARGUMENTS = '{"a": "\\ud800"}'  # JSON text whose string is an unpaired surrogate
+
+
+def test_an_unpaired_surrogate_inside_tool_call_arguments_is_a_400_not_a_500(upload, customer: Caller) -> None:  # type: ignore[no-untyped-def]
+    """FAILS NOW (500). `text()` refuses unpaired surrogates in content, but a call's `arguments` is JSON text
+    parsed again by `_arguments`, and `"\\ud800"` inside it becomes a lone surrogate that nothing checks;
+    `Message.text_bytes` then runs `json.dumps(arguments, ensure_ascii=False).encode()` and raises
+    UnicodeEncodeError: the upload answers 500. Expected: 400 naming the line (check parsed arguments' strings,
+    keys included, as `text()` does)."""
+    line = json.dumps({"messages": [{"role": "user", "content": "q"}, {
+        "role": "assistant", "content": None, "tool_calls": [{"id": "c", "type": "function", "function": {
+            "name": "f", "arguments": SURROGATE_ARGUMENTS}}]}]})
+    response = upload(customer, jsonl([line] * 10))
+    assert response.status_code == 400, (response.status_code, response.text[:300])
+
+
+def test_an_unpaired_surrogate_in_a_tools_schema_is_refused_before_it_crashes_the_trainer(
+    tiny_tokenizer, upload, customer: Caller,  # type: ignore[no-untyped-def]
+) -> None:
+    """FIXED (it failed before the fix). A tool's `parameters` (any JSON object, never looked into) with a key or value that is an
+    unpaired surrogate passes the upload (the estimate dumps it ASCII-escaped), but the trainer's rendered text
+    then holds the lone surrogate and the Rust tokenizer raises TypeError: not a UserError, so
+    `worker/trainer/__main__.py` exits EXIT_WORKER_ERROR and the agent reports a worker error, counted against
+    the provider (and an attempt of the job) on every worker. A customer can thus burn providers' reliability
+    for free. Expected: the upload refuses it with a 400 (or the trainer says UserError)."""
+    from shared.datasets import parse_line
+    from worker.trainer import data
+    from worker.trainer.errors import UserError
+
+    line = json.dumps({"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}],
+                       "tools": [{"type": "function", "function": {"name": "f", "parameters": {
+                           "type": "object", "properties": {"\ud800": {"type": "string"}}}}}]})
+    response = upload(customer, jsonl([line] * 10))
+    if response.status_code == 400:
+        return
+    assert response.status_code == 200, response.text
+    try:
+        data.tokenize(parse_line(line.encode()), tiny_tokenizer, max_seq_len=512, train_on_inputs=False)
+    except UserError:
+        return
+    except Exception as exc:  # noqa: BLE001 - what the trainer reports as the provider's worker error
+        pytest.fail(f"validated data crashes the trainer as a worker error: {exc.__class__.__name__}: {exc}")

@@ -9,11 +9,14 @@ import io
 import json
 import os
 import pickle
+import struct
 import tarfile
 from dataclasses import replace
 from pathlib import Path
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from shared.checkpoint import CheckpointRejected, CheckpointRules, check_archive, check_folder
 from shared.catalog import get_base_model
@@ -193,3 +196,21 @@ def test_a_sparse_member_is_refused() -> None:
         tar.addfile(info, io.BytesIO(sparse_map + data))
     with pytest.raises(CheckpointRejected, match="not a regular file"):
         check(raw.getvalue())
+
+
+@given(st.lists(st.floats(allow_nan=False, allow_infinity=False, width=32), min_size=1, max_size=64),
+       st.integers(min_value=0), st.sampled_from([float("nan"), float("inf"), float("-inf")]))
+def test_the_finite_check_finds_every_nan_and_infinity(values: list[float], where: int, bad: float) -> None:
+    from shared.checkpoint import finite  # noqa: PLC0415
+
+    f32 = struct.pack(f"<{len(values)}f", *values)
+    bf16 = b"".join(f32[i + 2:i + 4] for i in range(0, len(f32), 4))  # bfloat16: a float32's top half
+    halves = [v for v in values if abs(v) < 65504]
+    f16 = struct.pack(f"<{len(halves)}e", *halves)
+    assert finite(f32, "F32") and finite(bf16, "BF16") and finite(f16, "F16")
+    poisoned = list(values)
+    poisoned[where % len(values)] = bad
+    f32 = struct.pack(f"<{len(poisoned)}f", *poisoned)
+    assert not finite(f32, "F32")
+    assert not finite(b"".join(f32[i + 2:i + 4] for i in range(0, len(f32), 4)), "BF16")
+    assert not finite(struct.pack(f"<{len(halves) + 1}e", *halves, bad), "F16")

@@ -105,3 +105,20 @@ def test_early_stopping_without_validation_data_is_a_user_error(tiny_model_dir: 
     job = write_job(tmp_path / "job", tiny_model_dir, train=_answers("yes", 12, 1), validation_fraction=0.0,
                     early_stopping_patience=2)
     assert run(job) == EXIT_USER_ERROR and "early stopping needs validation" in progress_lines(job)[-1]["message"]
+
+
+def test_a_checkpoints_claimed_best_loss_is_measured_again_not_trusted(tiny_model_dir: Path, tmp_path: Path) -> None:
+    """A hostile worker's checkpoint claims its best weights scored 0.0 (no honest evaluation can beat it, so they
+    would be returned whatever came after): the resuming trainer measures them again and goes by that."""
+    straight = _job(tmp_path / "straight", tiny_model_dir)
+    assert run(straight) == EXIT_DONE
+    evals = {line["step"]: line["valid_loss"] for line in progress_lines(straight) if line["type"] == "eval"}
+    best = json.loads((straight / "out" / "result.json").read_text())["best_step"]
+    resumed = _job(tmp_path / "resumed", tiny_model_dir)
+    shutil.copytree(straight / "out" / "checkpoints" / f"step-{best + 2}", resumed / "resume")
+    state = json.loads((resumed / "resume" / "state.json").read_text())
+    state["early_stopping"]["best_valid_loss"] = 0.0
+    (resumed / "resume" / "state.json").write_text(json.dumps(state))
+    assert run(resumed) == EXIT_DONE
+    stopping = next(line for line in progress_lines(resumed) if line["type"] == "early_stopping")
+    assert stopping["best_valid_loss"] == pytest.approx(evals[best], rel=1e-3) and stopping["best_valid_loss"] > 0.1

@@ -98,11 +98,8 @@ def _assistant_spans(tokenizer, messages: Sequence[Message], tools: Sequence[dic
         if not message.trained:
             continue
         through = render(tokenizer, messages[: i + 1], tools)
-        if i:
-            before = render(tokenizer, messages[:i], tools, add_generation_prompt=True)
-        else:  # nothing before it to render: the turn starts where its own text does
-            first = message.content or (message.tool_calls[0].name if message.tool_calls else "")
-            before = through[: max(through.find(first), 0)]
+        before = (render(tokenizer, messages[:i], tools, add_generation_prompt=True) if i
+                  else _before_first(tokenizer, message, tools, through))
         if not (full.startswith(through) and through.startswith(before)):
             raise UserError(f"the model's chat template renders message {i} differently once later messages "
                             "follow it, so its tokens cannot be told apart from the rest")
@@ -110,8 +107,26 @@ def _assistant_spans(tokenizer, messages: Sequence[Message], tools: Sequence[dic
     return full, spans
 
 
+_MARK = "\u2063tunegrid-turn-starts-here\u2063"  # never in data: an invisible separator around a fixed word
+
+
+def _before_first(tokenizer, message: Message, tools: Sequence[dict[str, Any]], through: str) -> str:  # type: ignore[no-untyped-def]
+    """The text before an assistant turn that opens the conversation (there is no shorter conversation to render):
+    the same turn rendered with a marker before its content shows where the turn's own text begins."""
+    probe = Message(role="assistant", content=_MARK + (message.content or ""), tool_calls=message.tool_calls)
+    marked = render(tokenizer, [probe], tools)
+    start = marked.find(_MARK)
+    if start < 0 or not through.startswith(marked[:start]):
+        raise UserError("the model's chat template cannot show where an assistant turn that opens the conversation "
+                        "begins; start the conversation with a system or user message")
+    return marked[:start]
+
+
 def _label(tokenizer, text: str, spans: list[tuple[int, int]], *, max_seq_len: int, train_all: bool) -> Tokenized:  # type: ignore[no-untyped-def]
-    encoding = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+    try:
+        encoding = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+    except Exception as exc:  # noqa: BLE001 - text the tokenizer refuses is the data's problem
+        raise UserError(f"the model's tokenizer cannot encode an example: {exc.__class__.__name__}") from None
     ids: list[int] = list(encoding["input_ids"])
     labels = list(ids) if train_all else [IGNORE] * len(ids)
     if not train_all:

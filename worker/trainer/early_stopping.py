@@ -2,11 +2,13 @@
 adapter it returns is the best evaluation's, not the last step's.
 
 The best weights are kept in memory (LoRA-sized) and travel in every checkpoint whose step is past the best
-(`best_adapter.safetensors`, `shared.checkpoint`), so a job resumed on another worker still returns the best.
+(`best_adapter.safetensors`, `shared.checkpoint`), so a job resumed on another worker still returns the best;
+that worker measures their validation loss again rather than taking the checkpoint's word for it.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -28,14 +30,19 @@ class EarlyStopping:
     evals_since_best: int = 0
     best_adapter: dict[str, torch.Tensor] | None = None
 
-    def resumed(self, model, restored: Restored) -> None:  # type: ignore[no-untyped-def]
-        """Take up the state a checkpoint recorded (its best weights, or the loaded ones if it was the best)."""
+    def resumed(self, model, restored: Restored, measure: Callable[[], float]) -> None:  # type: ignore[no-untyped-def]
+        """Take up the state a checkpoint recorded: its best weights (or the loaded ones if it was the best), and
+        their validation loss as `measure` finds it now: the number in a stranger's checkpoint is not trusted,
+        or a claimed loss of 0 would keep its weights whatever came after."""
         state = restored.early_stopping
         if state is None:
             return
-        self.best_step, self.best_valid_loss, self.evals_since_best = (
-            state.best_step, state.best_valid_loss, state.evals_since_best)
-        self.best_adapter = restored.best_adapter if restored.best_adapter is not None else _snapshot(model)
+        current = _snapshot(model)
+        self.best_adapter = restored.best_adapter if restored.best_adapter is not None else current
+        set_peft_model_state_dict(model, self.best_adapter, adapter_name=ADAPTER_NAME)
+        self.best_valid_loss = measure()
+        set_peft_model_state_dict(model, current, adapter_name=ADAPTER_NAME)
+        self.best_step, self.evals_since_best = state.best_step, state.evals_since_best
 
     def evaluated(self, model, step: int, valid_loss: float) -> bool:  # type: ignore[no-untyped-def]
         """Record an evaluation; True when training should stop."""

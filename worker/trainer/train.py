@@ -239,7 +239,7 @@ class Trainer:
         total_steps = steps_per_epoch * hp.n_epochs
         scheduler = get_cosine_schedule_with_warmup(optimizer, math.ceil(total_steps * hp.warmup_ratio), total_steps)
         self.rows = len(units)
-        step, trained_tokens = self._resume(model, optimizer, scheduler, total_steps)
+        step, trained_tokens = self._resume(model, optimizer, scheduler, total_steps, objective)
         stopped_early = False
         resumed_from = step
         self.progress.emit("started", total_steps=total_steps, resumed_from_step=step, examples_rows=len(units),
@@ -320,7 +320,7 @@ class Trainer:
         self.progress.emit("checkpoint", step=step, sha256=_tree_sha256(final))
         return final
 
-    def _resume(self, model, optimizer, scheduler, total_steps: int) -> tuple[int, int]:  # type: ignore[no-untyped-def]
+    def _resume(self, model, optimizer, scheduler, total_steps: int, objective) -> tuple[int, int]:  # type: ignore[no-untyped-def]
         """(step, trained tokens) of the checkpoint in `resume/`, checked, then loaded into the model and
         optimizer (and early stopping's record); (0, 0) without one."""
         resume = self.job_dir / "resume"
@@ -329,7 +329,7 @@ class Trainer:
         restored = checkpoints.load(resume, model=model, optimizer=optimizer, scheduler=scheduler, spec=self.spec,
                                     total_steps=total_steps)
         if self.early_stopping is not None:
-            self.early_stopping.resumed(model, restored)
+            self.early_stopping.resumed(model, restored, lambda: objective.evaluate(model)["valid_loss"])
         return restored.step, restored.trained_tokens
 
     def _finish(self, model, step: int, trained_tokens: int, evaluation: dict[str, float] | None) -> dict[str, Any]:  # type: ignore[no-untyped-def]
