@@ -5,7 +5,7 @@ from __future__ import annotations
 import re
 from typing import Annotated
 
-from fastapi import APIRouter, BackgroundTasks, Query, Request
+from fastapi import APIRouter, Query, Request
 
 from coordinator.api.deps import CustomerCaller, SettingsDep, StoreDep, reject_unknown_query, run_in_session
 from coordinator.api.errors import ERROR_RESPONSES
@@ -95,14 +95,15 @@ def checkpoint_read(checkpoint: JobCheckpointModel) -> CheckpointRead:
 
 
 @router.post("", response_model=JobRead, dependencies=STRICT_QUERY)
-async def create_job(body: JobCreate, caller: CustomerCaller, settings: SettingsDep, store: StoreDep,
-                     background: BackgroundTasks) -> JobRead:
-    """The job answers `validating_files`; its job-time checks run right after the answer is sent (and a sweep
-    finishes any a stopped process left), then it is queued."""
+async def create_job(body: JobCreate, caller: CustomerCaller, settings: SettingsDep, store: StoreDep) -> JobRead:
+    """The job as it was created, `validating_files` (OpenAI's first status); its job-time checks run in a second
+    step before the answer goes out, so the next call already finds it queued (a sweep finishes any a process
+    stopped between the two)."""
     job = await caller.run(jobs.create, store=store, request=body, settings=settings)
-    background.add_task(run_in_session, caller.state,
-                        lambda session: jobs.finish_validation(session=session, store=store, job_id=job.id))
-    return job_read(job)
+    created = job_read(job)
+    await run_in_session(caller.state, lambda session: jobs.finish_validation(session=session, store=store,
+                                                                               job_id=job.id))
+    return created
 
 
 @router.get("", response_model=JobList, dependencies=[reject_unknown_query("metadata[")])

@@ -69,6 +69,7 @@ def test_an_adapter_trained_on_other_data_is_refuted_unpaid_and_the_job_is_verif
                                    price="0.05")  # within the market's cap, like the others
         job = submit(client, examples=40, verification="always",
                      hyperparameters={"n_epochs": 2, "batch_size": 2, "learning_rate_multiplier": 15})
+        job = client.get(f"/v1/fine_tuning/jobs/{job['id']}").json()  # past validating_files: its sample kept back
         assert job["verification"]["held_out_examples"] == 2
         a = cheater.claim(wait_s=5)
         assert a is not None and a["job_id"] == job["id"] and a["held_out_url"] is None  # a trainer never gets it

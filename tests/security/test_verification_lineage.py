@@ -60,7 +60,7 @@ def test_a_spy_verifier_that_kept_the_held_out_sample_never_trains_the_customer_
                                      price="0.05")
         spy = FakeAgent.register(http, direct_key(coordinator, "provider", "spy"), machine_id="spy-pc", price="0.05")
         first = submit(client, examples=40, verification="always")
-        assert first["status"] == "queued", first
+        assert first["status"] == "validating_files", first  # and queued before the answer came
         a = trainer.claim()
         assert a is not None and a["job_id"] == first["id"]
         done = _complete_training(trainer, a["lease_id"])
@@ -75,7 +75,7 @@ def test_a_spy_verifier_that_kept_the_held_out_sample_never_trains_the_customer_
         rerun = client.post("/v1/fine_tuning/jobs", json={"model": "tunegrid/tiny-llama",
                                                           "training_file": first["training_file"],
                                                           "verification": "redundant"}).json()
-        assert rerun["status"] == "queued", rerun
+        assert rerun["status"] == "validating_files", rerun
         assert _held_out(coordinator, rerun["id"]) == _held_out(coordinator, first["id"])  # the same examples
         got = spy.claim(kinds=["train", "verify"])
         assert client.post(f"/v1/fine_tuning/jobs/{rerun['id']}/cancel").status_code == 200  # leave no queued job
