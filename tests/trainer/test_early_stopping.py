@@ -45,9 +45,20 @@ def _valid_loss(job: Path, model_dir: Path) -> float:
     return objective.evaluate(load_adapter(model_dir, job / "out" / "adapter"))["valid_loss"]  # type: ignore[index]
 
 
-def test_early_stopping_keeps_the_best_step(tiny_model_dir: Path, tmp_path: Path) -> None:
-    job = _job(tmp_path / "job", tiny_model_dir)
+@pytest.fixture(scope="module")
+def stopped(tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: Path) -> Path:
+    """One run of the job that stops early, shared (each test copies it before changing anything)."""
+    job = _job(tmp_path_factory.mktemp("stopped") / "job", tiny_model_dir)
     assert run(job) == EXIT_DONE
+    return job
+
+
+def _copy(stopped: Path, tmp_path: Path) -> Path:
+    return Path(shutil.copytree(stopped, tmp_path / "straight"))
+
+
+def test_early_stopping_keeps_the_best_step(tiny_model_dir: Path, stopped: Path, tmp_path: Path) -> None:
+    job = _copy(stopped, tmp_path)
     lines = progress_lines(job)
     evals = {line["step"]: line["valid_loss"] for line in lines if line["type"] == "eval"}
     result = json.loads((job / "out" / "result.json").read_text())
@@ -70,9 +81,8 @@ def test_early_stopping_keeps_the_best_step(tiny_model_dir: Path, tmp_path: Path
     assert sorted(p.name for p in at_best.iterdir()) == sorted(MEMBERS)
 
 
-def test_a_resume_past_the_best_still_returns_the_best(tiny_model_dir: Path, tmp_path: Path) -> None:
-    straight = _job(tmp_path / "straight", tiny_model_dir)
-    assert run(straight) == EXIT_DONE
+def test_a_resume_past_the_best_still_returns_the_best(tiny_model_dir: Path, stopped: Path, tmp_path: Path) -> None:
+    straight = _copy(stopped, tmp_path)
     best = json.loads((straight / "out" / "result.json").read_text())["best_step"]
     resumed = _job(tmp_path / "resumed", tiny_model_dir)
     shutil.copytree(straight / "out" / "checkpoints" / f"step-{best + 2}", resumed / "resume")
@@ -84,11 +94,10 @@ def test_a_resume_past_the_best_still_returns_the_best(tiny_model_dir: Path, tmp
     assert all(torch.equal(want[k], got[k]) for k in want)
 
 
-def test_a_checkpoint_whose_best_weights_are_missing_or_unasked_is_refused(tiny_model_dir: Path, tmp_path: Path) -> None:
+def test_a_checkpoint_whose_best_weights_are_missing_or_unasked_is_refused(stopped: Path, tmp_path: Path) -> None:
     from shared.checkpoint import CheckpointRejected  # noqa: PLC0415
 
-    job = _job(tmp_path / "job", tiny_model_dir)
-    assert run(job) == EXIT_DONE
+    job = _copy(stopped, tmp_path)
     best = json.loads((job / "out" / "result.json").read_text())["best_step"]
     spec = JobSpec.model_validate_json((job / "spec.json").read_text())
     rules = CheckpointRules.for_spec(spec, max_step=1000, gpu=False)
@@ -107,11 +116,11 @@ def test_early_stopping_without_validation_data_is_a_user_error(tiny_model_dir: 
     assert run(job) == EXIT_USER_ERROR and "early stopping needs validation" in progress_lines(job)[-1]["message"]
 
 
-def test_a_checkpoints_claimed_best_loss_is_measured_again_not_trusted(tiny_model_dir: Path, tmp_path: Path) -> None:
+def test_a_checkpoints_claimed_best_loss_is_measured_again_not_trusted(tiny_model_dir: Path, stopped: Path,
+                                                                       tmp_path: Path) -> None:
     """A hostile worker's checkpoint claims its best weights scored 0.0 (no honest evaluation can beat it, so they
     would be returned whatever came after): the resuming trainer measures them again and goes by that."""
-    straight = _job(tmp_path / "straight", tiny_model_dir)
-    assert run(straight) == EXIT_DONE
+    straight = _copy(stopped, tmp_path)
     evals = {line["step"]: line["valid_loss"] for line in progress_lines(straight) if line["type"] == "eval"}
     best = json.loads((straight / "out" / "result.json").read_text())["best_step"]
     resumed = _job(tmp_path / "resumed", tiny_model_dir)
