@@ -12,6 +12,7 @@ from typing import Any
 
 import torch
 from peft import get_peft_model_state_dict, set_peft_model_state_dict
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from shared import checkpoint as fmt
@@ -148,3 +149,23 @@ def _restore(folder: Path, state: fmt.CheckpointState, *, model, optimizer, sche
     random.setstate((state.python_rng.version, tuple(state.python_rng.state), state.python_rng.gauss))
     return Restored(step=state.step, trained_tokens=state.trained_tokens, early_stopping=state.early_stopping,
                     best_adapter=best)
+
+
+class BadAdapter(Exception):
+    """An adapter (under verification, or the one a continued job starts from) cannot be loaded into the job's
+    LoRA layers; each caller says whose fault that is."""
+
+
+def load_adapter_weights(model, path: Path) -> None:  # type: ignore[no-untyped-def]
+    try:
+        weights = load_file(str(path))
+    except (SafetensorError, OSError, ValueError) as exc:
+        raise BadAdapter(f"the adapter is unreadable: {exc}") from None
+    names = trainable_names(model)
+    if set(weights) != set(names):
+        raise BadAdapter("the adapter's tensors are not this job's LoRA weights")
+    for name, param in zip(names, (p for p in model.parameters() if p.requires_grad), strict=True):
+        tensor = weights[name]
+        if tuple(tensor.shape) != tuple(param.shape) or not bool(torch.isfinite(tensor).all()):
+            raise BadAdapter(f"{name} has the wrong shape or values that are not finite")
+    set_peft_model_state_dict(model, weights, adapter_name=ADAPTER_NAME)

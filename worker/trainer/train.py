@@ -202,14 +202,12 @@ class Trainer:
     def _load_initial_adapter(self, model) -> None:  # type: ignore[no-untyped-def]
         """The adapter the job continues from; the coordinator checked it and the agent its sha256, so one that
         does not fit this job's LoRA layers is the request's problem."""
-        from worker.trainer.verify import BadAdapter, load_adapter_weights  # noqa: PLC0415 - verify imports us
-
         path = self.job_dir / INITIAL_ADAPTER
         if os.path.islink(path) or not path.is_file():
             raise UserError("the adapter to continue from is missing from the job directory")
         try:
-            load_adapter_weights(model, path)
-        except BadAdapter as exc:
+            checkpoints.load_adapter_weights(model, path)
+        except checkpoints.BadAdapter as exc:
             raise UserError(f"the adapter to continue from does not fit this job: {exc}") from None
 
     def run(self) -> dict[str, Any]:

@@ -14,40 +14,15 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-import torch
-from peft import set_peft_model_state_dict
-from safetensors import SafetensorError
-from safetensors.torch import load_file
 
 from shared.jobspec import JobSpec
-from worker.trainer import data, model as models
-from worker.trainer.checkpoints import ADAPTER_NAME, trainable_names
+from worker.trainer import data, dpo, model as models
+from worker.trainer.checkpoints import BadAdapter, load_adapter_weights
 from worker.trainer.errors import UserError
 from worker.trainer.progress import Progress
-from worker.trainer import dpo
 from worker.trainer.train import Preference, Trainer
 
 ADAPTER = Path("adapter") / "adapter_model.safetensors"
-
-
-class BadAdapter(Exception):
-    """The adapter under test cannot be loaded into the job's LoRA layers: reported as figures that show no loss
-    (the coordinator's quorum decides whose fault that is), never as this worker's error."""
-
-
-def load_adapter_weights(model, path: Path) -> None:  # type: ignore[no-untyped-def]
-    try:
-        weights = load_file(str(path))
-    except (SafetensorError, OSError, ValueError) as exc:
-        raise BadAdapter(f"the adapter under test is unreadable: {exc}") from None
-    names = trainable_names(model)
-    if set(weights) != set(names):
-        raise BadAdapter("the adapter's tensors are not this job's LoRA weights")
-    for name, param in zip(names, (p for p in model.parameters() if p.requires_grad), strict=True):
-        tensor = weights[name]
-        if tuple(tensor.shape) != tuple(param.shape) or not bool(torch.isfinite(tensor).all()):
-            raise BadAdapter(f"{name} has the wrong shape or values that are not finite")
-    set_peft_model_state_dict(model, weights, adapter_name=ADAPTER_NAME)
 
 
 def _loss(trainer: Trainer, model, rows: list[data.PackedRow], pad_id: int) -> tuple[float | None, int]:  # type: ignore[no-untyped-def]
