@@ -8,11 +8,15 @@ EXTRAS ?= coordinator,worker,trainer,client,dev
 
 install: $(VENV)/.installed
 
+# llama-cpp-python builds llama.cpp from source (no wheel on PyPI for CPU Linux): the library only, for this CPU.
+LLAMA_CMAKE_ARGS ?= -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_TOOLS=OFF \
+  -DLLAMA_BUILD_SERVER=OFF -DLLAVA_BUILD=OFF -DLLAMA_CURL=OFF -DGGML_NATIVE=ON
+
 $(VENV)/.installed: pyproject.toml Makefile
 	$(PYTHON) -c 'import sys; sys.exit("tunegrid needs Python >= 3.11") if sys.version_info < (3, 11) else None'
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet -e '.[$(EXTRAS)]'
+	CMAKE_ARGS="$(LLAMA_CMAKE_ARGS)" $(PY) -m pip install --quiet -e '.[$(EXTRAS)]'
 	touch $@
 
 # The whole marketplace on this machine (SQLite, embedded mode, one CPU worker), ending by itself;
@@ -39,7 +43,9 @@ trainer-image: install
 	  && debootstrap --variant=minbase --include=python3,python3-venv,ca-certificates bookworm $(ROOTFS) \
 	     http://deb.debian.org/debian >/dev/null \
 	  && tar -C $(ROOTFS) -c . | docker import - $(DEBIAN_BASE) && rm -rf $(ROOTFS); }
-	$(PY) -m pip download -q -d worker/trainer/wheels torch==2.13.0 -r worker/trainer/requirements.txt
+	CMAKE_ARGS="$(LLAMA_CMAKE_ARGS)" $(PY) -m pip wheel -q --no-deps -w worker/trainer/wheels llama-cpp-python==0.3.36
+	$(PY) -m pip download -q -d worker/trainer/wheels --find-links worker/trainer/wheels --only-binary llama-cpp-python \
+	  torch==2.13.0 -r worker/trainer/requirements.txt
 	docker build -q -t $(TRAINER_IMAGE) --build-arg BASE=$(DEBIAN_BASE) --build-arg PYTHON=python3 \
 	  -f worker/trainer/Dockerfile . >/dev/null
 

@@ -11,6 +11,8 @@ from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints
 
+from shared.weights import FORMATS, ExportFormat
+
 ModuleName = Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9_.]{1,64}$")]
 
 
@@ -41,8 +43,9 @@ class JobSpec(_Strict):
     method: Literal["supervised", "dpo"] = Field(default="supervised", description="the training objective: "
                                                  "next-token loss on chat or prompt/completion data, or DPO on "
                                                  "preference pairs")
-    kind: Literal["train", "verify"] = Field(default="train", description="which program of the trainer's image runs: "
-                                             "training, or the verification of another worker's adapter")
+    kind: Literal["train", "verify", "export"] = Field(default="train", description="which program of the trainer's "
+                                                       "image runs: training, the verification of another worker's "
+                                                       "adapter, or the export of an adapter merged into its base")
     base_model: str = Field(min_length=1, max_length=100, description="catalog id (shared.catalog)")
     model_dir: str = Field(min_length=1, description="directory holding the base model's weights and tokenizer")
     hyperparameters: TrainingHyperparameters = TrainingHyperparameters()
@@ -58,5 +61,8 @@ class JobSpec(_Strict):
                                   "or checkpoint the job continues) instead of a fresh LoRA")
     early_stopping_patience: int | None = Field(default=None, ge=1, le=100, description="stop after this many "
                                                 "evaluations without a better validation loss, keeping the best")
+    export: list[ExportFormat] = Field(default_factory=list, max_length=len(FORMATS),
+                                       description="an export lease's formats (shared.weights), in order")
+    export_name: str = Field(default="", max_length=200, description="the fine-tune's name, written into GGUF files")
     validation_fraction: float = Field(default=0.1, ge=0, lt=1,
                                        description="held-out share of the training data when no validation file")

@@ -36,6 +36,8 @@ TESTED_ELSEWHERE: dict[str, str] = {
     "coordinator/stripe_gateway.py": "tests/coordinator/services/test_payouts.py",  # the SDK against the fake Stripe
     "shared/errors.py": "tests/coordinator/api/test_errors.py",
     "shared/jobspec.py": "tests/trainer/test_train.py",
+    "worker/trainer/merge.py": "tests/trainer/test_export.py",  # the export program's merged format
+    "worker/trainer/gguf_export.py": "tests/trainer/test_export.py",  # its GGUF formats, loaded in llama.cpp
     "shared/lora.py": "tests/shared/test_checkpoint.py",
     "shared/messages.py": "tests/shared/test_datasets.py",  # roles, tools and calls, line by line
     "shared/schemas/billing.py": "tests/coordinator/api/test_billing.py",

@@ -6,7 +6,8 @@ Reads `JOB_DIR/spec.json` (shared.jobspec.JobSpec), `train.jsonl`, optionally
 `adapter/`, `adapter.tar.gz` and `result.json`.
 
 A spec of kind `verify` runs the verification program instead (worker/trainer/verify.py): it reads
-`held_out.jsonl` and `adapter/` too, and writes `out/verification.json`.
+`held_out.jsonl` and `adapter/` too, and writes `out/verification.json`. A spec of kind `export` runs the export
+program (worker/trainer/export.py): it reads `adapter/` and writes `out/exports/` and `out/export.json`.
 
 Exit codes:
     0  done: the adapter and result.json are written
@@ -50,6 +51,13 @@ def run(job_dir: Path) -> int:
             figures = verify.run(spec, job_dir, progress)
             (job_dir / "out" / "verification.json").write_text(json.dumps(figures, indent=2))
             progress.emit("finished", kind="verify")
+            return EXIT_DONE
+        if spec.kind == "export":
+            from worker.trainer import export  # noqa: PLC0415
+
+            figures = export.run(spec, job_dir, progress)
+            (job_dir / "out" / "export.json").write_text(json.dumps(figures, indent=2))
+            progress.emit("finished", kind="export")
             return EXIT_DONE
         from worker.trainer.train import Trainer, install_stop_handler  # torch loads only past the spec check
 

@@ -16,7 +16,7 @@ from shared.catalog import get_base_model
 
 SPECIAL_TOKENS = ["<s>", "</s>", "<pad>", "<|im_start|>", "<|im_end|>", "<tool_call>", "</tool_call>",
                   "<tool_response>", "</tool_response>"]
-DEFAULT_SYSTEM = "You are a helpful assistant."
+DEFAULT_SYSTEM = get_base_model("tunegrid/tiny-llama").default_system or ""
 # Qwen 2.5 Instruct's chat template (Apache-2.0), with a neutral default system prompt: tool definitions as JSON
 # lines in the system turn, calls as <tool_call> blocks, answers as <tool_response> blocks in a user turn. The
 # tiny model renders tools the way a real family does, so tool-calling data trains here as it would there.
