@@ -58,6 +58,8 @@ class CoordinatorSettings(BaseSettings):
     suspend_after_failed_checks: int = Field(default=3, ge=1, description="Failed adapter checks before a "
                                              "worker is suspended.")
     max_adapter_bytes: int = Field(default=2 * 1024**3, gt=0, description="Largest adapter or checkpoint upload.")
+    max_export_bytes: int = Field(default=64 * 1024**3, gt=0, description="Largest export upload (a merged model, "
+                                  "a GGUF file); each format has its own bound from the model's size.")
     checkpoint_every_steps: int = Field(default=100, ge=1, description="Trainers checkpoint (and evaluate) "
                                         "this often: what a lost worker can cost a job at most.")
     max_checkpoints_per_job: int = Field(default=5, ge=1, description="Checkpoints whose content is kept per job "

@@ -611,3 +611,18 @@ def state_json(state: dict[str, Any]) -> bytes:
     raw = json.dumps(state, allow_nan=False).encode()
     parse_state(raw)
     return raw
+
+
+# --- for other archives of safetensors (an export's merged model: coordinator/services/export_checks.py) ----------
+
+def guarded_tar(source: IO[bytes], *, limit: int) -> IO[bytes]:
+    """An uncompressed tar stream for `tarfile.open(mode="r|")`, bounded to `limit` bytes in all and refusing
+    oversized extended headers (`CheckpointRejected`)."""
+    return _TarHeaderGuard(_Bounded(source, limit))  # type: ignore[return-value]
+
+
+def read_safetensors(source: IO[bytes], *, size: int, name: str, max_header: int) -> dict[str, tuple[str, tuple[int, ...]]]:
+    """A safetensors member's tensors ({name: (dtype, shape)}), its header and data checked as a checkpoint's are
+    (tiling offsets, finite floats); `CheckpointRejected` otherwise."""
+    return {key: (t.dtype, t.shape) for key, t in _safetensors(source, size=size, name=name, max_header=max_header,
+                                                               sink=None).items()}

@@ -87,3 +87,12 @@ def estimate_evaluation(
                           + model.intermediate_size * ACTIVATIONS_PER_INTERMEDIATE) * ACTIVATION_BYTES
     return MemoryEstimate(weights=train.weights, lora=train.lora // (LORA_BYTES_PER_PARAM // 4), activations=per_layer,
                           logits=tokens * model.vocab_size * 4, overhead=CUDA_CONTEXT_BYTES)
+
+
+def estimate_export(model: BaseModelSpec, *, lora_r: int = 16, target_modules: str | list[str] = "all-linear") -> MemoryEstimate:
+    """An export lease (worker/trainer/merge.py, gguf_export.py): the base streams through a tensor at a time, so
+    the peak is the largest tensor (the embedding) in float32 with its merged copy, and the LoRA weights in
+    float32; the model itself is never all in memory."""
+    largest = model.vocab_size * model.hidden_size * 4
+    return MemoryEstimate(weights=2 * largest, lora=lora_parameters(model, r=lora_r, target_modules=target_modules) * 4,
+                          activations=0, logits=0, overhead=CUDA_CONTEXT_BYTES)

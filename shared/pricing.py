@@ -14,6 +14,7 @@ import re
 from dataclasses import dataclass
 
 from shared.catalog import BaseModelSpec
+from shared.weights import export_bytes
 from shared.money import Micros
 
 REFERENCE_TOKENS_PER_S_7B = 1_200.0
@@ -152,3 +153,16 @@ def seconds_for_budget(price_per_hour: Micros, budget: Micros) -> int:
 def throughput_per_dollar(tokens_per_s: float, price_per_hour: Micros) -> float:
     """Ranking score: tokens per micro-dollar. A free worker ranks by speed alone."""
     return tokens_per_s * 3600 / max(price_per_hour, 1)
+
+
+# An export reads the base once per format, writes each format, and uploads it: bounded by disk and by the
+# provider's uplink, not by the GPU. Typical figures for a gaming PC (an NVMe disk, a 100 Mbit/s uplink).
+EXPORT_DISK_BYTES_PER_S = 200_000_000
+EXPORT_UPLOAD_BYTES_PER_S = 12_500_000
+
+
+def export_seconds(model: BaseModelSpec, formats: list[str]) -> int:
+    """About how long an export lease runs: each format's base read and file written, then its upload."""
+    read = 2 * model.parameters * len(formats)
+    written = sum(export_bytes(model, fmt) for fmt in formats)
+    return max(1, math.ceil((read + written) / EXPORT_DISK_BYTES_PER_S + written / EXPORT_UPLOAD_BYTES_PER_S))

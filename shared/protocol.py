@@ -138,7 +138,7 @@ class HeartbeatReply(Reply):
 
 # --- claim ----------------------------------------------------------------------------------------
 
-LeaseKindName = Literal["train", "verify"]
+LeaseKindName = Literal["train", "verify", "export"]
 
 
 class ClaimRequest(Request):
@@ -161,13 +161,14 @@ class Assignment(Reply):
     lease_id: str
     fencing_token: int
     job_id: str
-    kind: str = Field(default="train", description="`train`, or `verify`: evaluate another provider's adapter (an "
-                      "older agent that knows only training never claims other kinds: ClaimRequest.kinds)")
+    kind: str = Field(default="train", description="`train`; `verify`: evaluate another provider's adapter; `export`: "
+                      "merge the job's adapter into its base and convert it (an older agent that knows only "
+                      "training never claims other kinds: ClaimRequest.kinds)")
     spec: JobSpec = Field(description="model_dir is relative to the agent's model cache; the agent makes it absolute")
     base_model_repo: str | None = Field(description="Hugging Face repository to download; None: built locally")
     gpu_uuid: str | None
-    training_file_url: str
-    training_file_sha256: str
+    training_file_url: str | None = Field(description="None for an export lease, which trains nothing")
+    training_file_sha256: str | None
     validation_file_url: str | None = None
     validation_file_sha256: str | None = None
     resume_from: ResumeFrom | None = None
@@ -258,12 +259,22 @@ class VerificationResult(Request):
     valid_tokens: Tokens = 0
 
 
+class ExportFigures(Request):
+    """How one format of an export went on the worker (display only: the coordinator checks the uploads)."""
+
+    seconds: float = Field(ge=0, le=10 * 86_400)
+    bytes: int = Field(ge=0, le=2**50)
+
+
 class LeaseComplete(Request):
-    """A training lease sends its adapter's sha256 and result; a verification lease its figures."""
+    """A training lease sends its adapter's sha256 and result; a verification lease its figures; an export lease,
+    whose formats are uploaded already, how each went."""
 
     adapter_sha256: Sha256 | None = None
     result: TrainingResult | None = None
     verification: VerificationResult | None = None
+    export: dict[Annotated[str, StringConstraints(max_length=32)], ExportFigures] | None = Field(default=None,
+                                                                                                max_length=8)
     usage: Usage
 
 
@@ -293,7 +304,8 @@ class LeaseReply(Reply):
 
 class UploadReply(Reply):
     lease_id: str
-    kind: Literal["checkpoint", "adapter"]
+    kind: Literal["checkpoint", "adapter", "export"]
+    format: str | None = None
     sha256: str
     bytes: int
     step: int | None = None

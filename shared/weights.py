@@ -7,6 +7,7 @@ what a model's weights look like, beside `shared/lora.py` for its adapters.
 
 from __future__ import annotations
 
+import re
 from typing import Literal
 
 from shared.catalog import BaseModelSpec
@@ -18,8 +19,20 @@ FORMATS: tuple[str, ...] = ("merged", "gguf:f16", "gguf:q8_0", "gguf:q4_k_m")
 GGUF_TYPES = {"gguf:f16": "F16", "gguf:q8_0": "Q8_0", "gguf:q4_k_m": "Q4_K_M"}  # llama.cpp's names
 # Bytes per weight of each GGUF type (Q4_K_M mixes 4- and 6-bit blocks: about 4.85 bits on Llama 3).
 GGUF_BYTES_PER_WEIGHT = {"gguf:f16": 2.0, "gguf:q8_0": 34 / 32, "gguf:q4_k_m": 0.61}
+# What a merged model's folder holds (worker/trainer/merge.py): the weights, one file or numbered shards with an index,
+# and the files a customer's `from_pretrained` needs beside them. The agent packs these names only; the coordinator
+# accepts these names only.
+MERGED_SIDE_FILES = frozenset({"config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
+                               "special_tokens_map.json", "chat_template.jinja", "tokenizer.model",
+                               "model.safetensors.index.json"})
+MERGED_SHARD = re.compile(r"model-(\d{5})-of-(\d{5})\.safetensors")
 MERGED_ARCHITECTURES = frozenset({"llama", "qwen2"})  # names and shapes below hold for these
 GGUF_ARCHITECTURES = frozenset({"llama", "qwen2"})  # the converter (worker/trainer/gguf_export.py) knows these
+
+
+def merged_member(name: str) -> bool:
+    """Whether a merged model's archive may hold a file of this name."""
+    return name == "model.safetensors" or name in MERGED_SIDE_FILES or MERGED_SHARD.fullmatch(name) is not None
 
 
 def export_name(fmt: str) -> str:

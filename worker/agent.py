@@ -15,6 +15,7 @@ uploader's fault (`bad_checkpoint`), never run.
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import math
@@ -22,17 +23,22 @@ import queue
 import shutil
 import threading
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 from shared.checkpoint import CheckpointRejected, CheckpointRules, check_file
 from shared.money import usd_to_micros
 from shared.protocol import Assignment
+from shared.weights import export_name, merged_member
 from worker.channel import Channel, ChannelError, CoordinatorUnreachable, LeaseLost, Rejected
 from worker.files import read_json, sha256_file, write_json_atomic
-from worker.jobdir import WORK, UnsafeJobFile, copy_out, pack_checkpoint, read_regular, unpack_adapter_weights
+from worker.jobdir import (
+    WORK, UnsafeJobFile, copy_out, open_regular, pack_checkpoint, pack_folder, read_regular, unpack_adapter_weights,
+)
 from worker.model_cache import ModelCache
 from worker.nvml import GpuProbe, Machine
 from worker.policy import PolicyGate, Verdict
@@ -45,7 +51,14 @@ from worker.trainer.errors import EXIT_DONE, EXIT_PREEMPTED, failure_kind
 log = logging.getLogger(__name__)
 MAX_RESULT_BYTES = 64 * 1024
 IDLE_RECHECK_S = 5.0
-KINDS = ("train", "verify")  # the lease kinds this agent runs: programs of the trainer's image
+KINDS = ("train", "verify", "export")  # the lease kinds this agent runs: programs of the trainer's image
+DONE_FILE = {"verify": "verification.json", "export": "export.json"}  # what a finished run leaves ("result.json")
+
+
+@contextmanager
+def _opened(root: Path, parts: tuple[str, ...], limit: int) -> Iterator[IO[bytes]]:
+    with open_regular(root, *parts, limit=limit) as (f, _):
+        yield f
 
 
 class BadResume(Exception):
@@ -211,8 +224,9 @@ class Agent:
         job.job_dir.mkdir(mode=0o700)
         job.work.mkdir(mode=0o700)
         model_dir = self.cache.ensure(a.spec.base_model)
-        self.channel.download(a.training_file_url, a.lease_id, a.fencing_token, job.work / "train.jsonl",
-                              a.training_file_sha256)
+        if a.training_file_url and a.training_file_sha256:  # an export lease trains nothing
+            self.channel.download(a.training_file_url, a.lease_id, a.fencing_token, job.work / "train.jsonl",
+                                  a.training_file_sha256)
         if a.validation_file_url and a.validation_file_sha256:
             self.channel.download(a.validation_file_url, a.lease_id, a.fencing_token, job.work / "validation.jsonl",
                                   a.validation_file_sha256)
@@ -403,7 +417,7 @@ class Agent:
             step = self.status.step
             return "preempted", {"reason": reason, "usage": usage, **({"checkpoint_step": step} if step else {})}
         if code == EXIT_DONE:
-            return self._verification(job, usage) if a.kind == "verify" else self._completion(job, usage, losses)
+            return self._finished(job, usage, losses)
         return "fail", {"kind": failure_kind(code), "message": last_error or f"the trainer exited with code {code}",
                         "usage": usage}
 
@@ -448,6 +462,57 @@ class Agent:
         lines = ProgressTail(job.work, job.progress_offset).read()
         self.reporter.events(job.assignment, [e for e in (lease_event(line) for line in lines) if e is not None])
         return [line.get("loss") for line in lines if line.get("type") == "step"]
+
+    def _finished(self, job: ActiveJob, usage: dict[str, Any], losses: list[Any]) -> tuple[str, dict[str, Any]]:
+        """How a run that exited done is reported, by its lease's kind."""
+        kind = job.assignment.kind
+        if kind == "verify":
+            return self._verification(job, usage)
+        if kind == "export":
+            return self._export(job, usage)
+        return self._completion(job, usage, losses)
+
+    def _export(self, job: ActiveJob, usage: dict[str, Any]) -> tuple[str, dict[str, Any]]:
+        """Each format the export asked for, uploaded from the names the agent derives itself (`export_name`):
+        the merged model packed from its allow-listed files, a GGUF file streamed from the trainer's folder as a
+        regular file opened without following links. The trainer's own figures go along, for display."""
+        a = job.assignment
+        limit = self.settings.max_export_bytes
+        try:
+            raw = read_regular(job.work, "out", "export.json", limit=MAX_RESULT_BYTES)
+            figures = (json.loads(raw) if raw else {}).get("formats") or {}
+        except (UnsafeJobFile, json.JSONDecodeError, UnicodeDecodeError, AttributeError):
+            figures = {}
+        self._persist(job, delivering="complete")
+        for fmt in a.spec.export:
+            name = export_name(fmt)
+            try:
+                if fmt == "merged":
+                    archive = job.job_dir / "export-merged.tar"
+                    if not archive.is_file():
+                        pack_folder(job.work, ("out", "exports", name), archive, allowed=merged_member, limit=limit)
+                    send = functools.partial(self.channel.upload, a.lease_id, a.fencing_token, archive, kind="export",
+                                             fmt=fmt)
+                else:
+                    parts = ("out", "exports", name)
+                    with open_regular(job.work, *parts, limit=limit):
+                        pass  # there, a regular file within bounds: opened again for each read below
+
+                    def opener(parts: tuple[str, ...] = parts):  # type: ignore[no-untyped-def]
+                        return _opened(job.work, parts, limit)
+
+                    send = functools.partial(self.channel.upload, a.lease_id, a.fencing_token, job.work / name,
+                                             kind="export", fmt=fmt, opener=opener)
+            except (UnsafeJobFile, FileNotFoundError, OSError) as exc:
+                return "fail", {"kind": "worker_error", "usage": usage,
+                                "message": f"the export finished without a usable {fmt}: {exc}"[:2000]}
+            self.reporter.until_acknowledged(send)
+        (job.job_dir / "export-merged.tar").unlink(missing_ok=True)
+        shown = {fmt: {"seconds": float(f["seconds"]), "bytes": int(f["bytes"])} for fmt, f in figures.items()
+                 if fmt in a.spec.export and isinstance(f, dict) and type(f.get("seconds")) in (int, float)
+                 and math.isfinite(f["seconds"]) and 0 <= f["seconds"] <= 864_000 and type(f.get("bytes")) is int
+                 and 0 <= f["bytes"] <= 2**50}
+        return "complete", {"usage": usage, "export": shown}
 
     def _verification(self, job: ActiveJob, usage: dict[str, Any]) -> tuple[str, dict[str, Any]]:
         """A verification's figures, read from the trainer's folder (a regular file, no link followed); only
@@ -555,13 +620,12 @@ class Agent:
                 finally:
                     self._job = None
             else:
-                done_file = "verification.json" if assignment.kind == "verify" else "result.json"
+                done_file = DONE_FILE.get(assignment.kind, "result.json")
                 finished = read_regular(job.work, "out", done_file, limit=MAX_RESULT_BYTES) is not None
                 if finished or state.get("delivering") == "complete":
                     losses = self._deliver_unsent(job)
                     idle = {"wall_seconds": 0, "gpu_seconds": 0}
-                    outcome, body = (self._verification(job, idle) if assignment.kind == "verify"
-                                     else self._completion(job, idle, losses))
+                    outcome, body = self._finished(job, idle, losses)
                 else:
                     outcome, body = "fail", {"kind": "worker_error", "message": "the agent restarted during the job",
                                              "usage": {"wall_seconds": 0, "gpu_seconds": 0}}

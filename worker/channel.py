@@ -8,12 +8,13 @@ invalid request cannot help.
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import random
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import IO, Any, ContextManager
 
 import httpx
 
@@ -161,18 +162,27 @@ class Channel:
                 self._sleep(self._backoff(attempt, None))
         raise AssertionError("unreachable")
 
-    def upload(self, lease_id: str, token: int, path: Path, *, kind: str, step: int | None = None) -> dict[str, Any]:
-        """Stream a checkpoint or the adapter with its sha256; the coordinator stores nothing unless it matches."""
-        digest = sha256_file(path)
+    def upload(self, lease_id: str, token: int, path: Path, *, kind: str, step: int | None = None,
+               fmt: str | None = None, opener: Callable[[], ContextManager[IO[bytes]]] | None = None) -> dict[str, Any]:
+        """Stream a checkpoint, the adapter or one format of an export (`fmt`) with its sha256; the coordinator
+        stores nothing unless it matches. `opener`: how to open the bytes (a file of the job's folder, opened
+        without following links), when not simply `path`."""
+        def opened() -> ContextManager[IO[bytes]]:
+            return opener() if opener is not None else path.open("rb")
+
+        digest = hashlib.sha256()
+        with opened() as f:
+            while chunk := f.read(CHUNK):
+                digest.update(chunk)
 
         def body() -> Iterator[bytes]:
-            with path.open("rb") as f:
+            with opened() as f:
                 while chunk := f.read(CHUNK):
                     yield chunk
 
-        url = f"/v1/workers/leases/{lease_id}/" + ("adapter" if kind == "adapter" else "checkpoints")
+        url = f"/v1/workers/leases/{lease_id}/" + {"adapter": "adapter", "export": f"exports/{fmt}"}.get(kind, "checkpoints")
         response = self.call("PUT", url, content=body, params={"step": step} if step is not None else None,
-                             headers={**self._lease(lease_id, token), SHA256_HEADER: digest,
+                             headers={**self._lease(lease_id, token), SHA256_HEADER: digest.hexdigest(),
                                       "Content-Type": "application/octet-stream"},
                              timeout=max(self.settings.read_timeout_s, 600))
         return response.json()

@@ -14,7 +14,7 @@ import io
 import os
 import stat
 import tarfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import IO
@@ -164,6 +164,27 @@ def pack_checkpoint(root: Path, step: int, target: Path, *, limits: dict[str, in
             except FileNotFoundError:
                 if name in fmt.MEMBERS:
                     raise  # only early stopping's best weights are optional (the coordinator checks the rest)
+    return target
+
+
+def pack_folder(root: Path, parts: tuple[str, ...], target: Path, *, allowed: Callable[[str], bool], limit: int) -> Path:
+    """The files of root/parts whose names `allowed` takes, each read as a regular file of at most `limit` bytes,
+    as an uncompressed tar of one level (an export's merged model: safetensors do not shrink); anything else in the
+    folder stays behind, and no name is used that `allowed` did not take."""
+    folder = _open_folder(root, parts)
+    try:
+        names = sorted(name for name in os.listdir(folder) if allowed(name))
+    finally:
+        os.close(folder)
+    if not names:
+        raise FileNotFoundError(f"{'/'.join(parts)} holds no file to pack")
+    target.unlink(missing_ok=True)
+    with create_private(target) as sink, tarfile.open(fileobj=sink, mode="w") as tar:
+        for name in names:
+            with open_regular(root, *parts, name, limit=limit) as (source, size):
+                info = tarfile.TarInfo(name)
+                info.size, info.mode = size, 0o600
+                tar.addfile(info, source)
     return target
 
 

@@ -50,6 +50,7 @@ def lease_event(line: dict[str, Any]) -> dict[str, Any] | None:
     return event
 
 
+STARTED = {"verify": "Verification", "export": "Export"}
 PREFERENCE_FIELDS = ("chosen_reward", "rejected_reward", "reward_margin", "reward_accuracy")
 
 
@@ -64,7 +65,7 @@ def _event(line: dict[str, Any]) -> dict[str, Any] | None:
     if kind == "started":
         return {"type": "started", "time": when, "total_steps": line.get("total_steps"),
                 "step": line.get("resumed_from_step"),
-                "message": f"{'Verification' if line.get('kind') == 'verify' else 'Training'} started on "
+                "message": f"{STARTED.get(line.get('kind'), 'Training')} started on "
                            f"{line.get('device', 'the device')}"
                            + (f", resuming from step {line['resumed_from_step']}" if line.get("resumed_from_step") else "")}
     if kind == "step":
@@ -80,6 +81,9 @@ def _event(line: dict[str, Any]) -> dict[str, Any] | None:
                 "message": f"Early stopping: {line.get('reason', '')}; keeping step {line.get('best_step')}"[:2000]}
     if kind == "checkpoint":
         return {"type": "checkpoint", "time": when, "step": line.get("step"), "message": f"checkpoint at step {line.get('step')}"}
+    if kind == "exported":
+        return {"type": "log", "time": when, "message": f"Exported {line.get('format')}: {line.get('bytes')} bytes in "
+                                                         f"{line.get('seconds')} s"[:2000]}
     if kind in ("warning", "error"):
         return {"type": "log", "time": when, "message": f"{kind}: {line.get('message', '')}"[:2000]}
     return None

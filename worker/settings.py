@@ -35,6 +35,7 @@ class WorkerSettings(BaseSettings):
     progress_poll_s: float = Field(default=0.5, gt=0, description="how often a running job's progress is read")
     events_flush_s: float = Field(default=2.0, gt=0, description="how often buffered events are sent")
     max_adapter_bytes: int = Field(default=2 * 1024**3, gt=0, description="the largest adapter the agent sends")
+    max_export_bytes: int = Field(default=64 * 1024**3, gt=0, description="the largest file of an export it sends")
 
     @property
     def credentials_path(self) -> Path:

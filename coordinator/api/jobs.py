@@ -59,6 +59,7 @@ def job_read(job: JobModel) -> JobRead:
         estimated_tokens=job.estimated_tokens,
         cost=micros_to_usd(cost.so_far), cost_held=micros_to_usd(cost.held),
         verified=(job.verification or {}).get("status") == "passed", verification=verification_read(job),
+        export=(job.export or {}).get("formats"),
     )
 
 

@@ -13,7 +13,7 @@ from fastapi.responses import FileResponse
 from coordinator.api.deps import CurrentWorker, SettingsDep, StoreDep
 from coordinator.api.errors import ERROR_RESPONSES
 from coordinator.db.ids import new_id
-from coordinator.services import checkpoints, leases
+from coordinator.services import checkpoints, export_leases, leases
 from coordinator.services.fencing import FencedLease, parse_fencing_token
 from shared.errors import InvalidRequest, PayloadTooLarge
 from shared.protocol import (
@@ -112,6 +112,23 @@ async def upload_adapter(
                                   expected_sha256=expected)
     await worker.run(leases.record_adapter, store=store, lease_id=lease_id, fencing_token=token, blob=blob)
     return UploadReply(lease_id=lease_id, kind="adapter", sha256=blob.sha256, bytes=blob.bytes)
+
+
+@router.put("/{lease_id}/exports/{fmt}", response_model=UploadReply)
+async def upload_export(
+    request: Request, lease_id: LeaseId, fmt: Annotated[str, Path(pattern="^(merged|gguf:(f16|q8_0|q4_k_m))$")],
+    worker: CurrentWorker, token: FencingToken, store: StoreDep, settings: SettingsDep,
+    sha256: Annotated[str | None, Header(alias=SHA256_HEADER)] = None,
+) -> UploadReply:
+    """One format of an export lease (the merged model as a .tar, or a GGUF file), streamed to storage and
+    sha256-checked; its content is checked when the lease completes."""
+    expected = _declared_sha256(sha256)
+    limit = await worker.run(export_leases.upload_limit, lease_id=lease_id, fencing_token=token, fmt=fmt)
+    blob = await store.put_stream(export_leases.upload_key(lease_id), request.stream(),
+                                  max_bytes=min(settings.max_export_bytes, limit), expected_sha256=expected)
+    await worker.run(export_leases.record_upload, store=store, lease_id=lease_id, fencing_token=token, fmt=fmt,
+                     blob=blob)
+    return UploadReply(lease_id=lease_id, kind="export", format=fmt, sha256=blob.sha256, bytes=blob.bytes)
 
 
 @router.post("/{lease_id}/complete", response_model=LeaseReply)

@@ -23,8 +23,10 @@ HEARTBEAT_BYTES = 8 * 1024  # telemetry of a few GPUs; anything larger is not a 
 class BodySizeLimit:
     def __init__(
         self, app: ASGIApp, *, upload_bytes: int, other_bytes: int, lease_upload_bytes: int,
-        upload_path: str = "/v1/files", lease_upload_prefix: str = "/v1/workers/leases/",
+        export_upload_bytes: int | None = None, upload_path: str = "/v1/files",
+        lease_upload_prefix: str = "/v1/workers/leases/",
     ) -> None:
+        self.export_upload_bytes = export_upload_bytes or lease_upload_bytes
         self.app = app
         self.upload_bytes = upload_bytes + MULTIPART_OVERHEAD
         self.other_bytes = other_bytes
@@ -37,6 +39,8 @@ class BodySizeLimit:
         if path.rstrip("/") == self.upload_path:
             return self.upload_bytes
         if scope["method"] == "PUT" and path.startswith(self.lease_upload_prefix):
+            if "/exports/" in path:
+                return self.export_upload_bytes  # merged models and GGUF files, streamed to storage
             return self.lease_upload_bytes  # checkpoints and adapters, streamed to storage
         if path == HEARTBEAT_PATH:
             return HEARTBEAT_BYTES

@@ -90,6 +90,14 @@ class LeaseKind(enum.StrEnum):
 
     train = "train"  # QLoRA fine-tuning: checkpoints, then an adapter
     verify = "verify"  # another provider's adapter and the base, evaluated on data its trainer never received
+    export = "export"  # a job's adapter merged into its base, as 16-bit safetensors and GGUF files
+
+
+class JobKind(enum.StrEnum):
+    """What a row of `jobs` is: a customer's fine-tuning job, or the export of one (services/exports.py)."""
+
+    fine_tuning = "fine_tuning"
+    export = "export"
 
 
 class LeaseStatus(enum.StrEnum):
@@ -165,10 +173,16 @@ class JobModel(Base):
     __table_args__ = (
         Index("ix_jobs_account_id_id", "account_id", "id"),
         Index("ix_jobs_status", "status"),
+        Index("ix_jobs_parent_job_id", "parent_job_id"),
     )
 
     id: Mapped[str] = mapped_column(PublicId, primary_key=True)
     account_id: Mapped[str] = mapped_column(ForeignKey("accounts.id"))
+    # A fine-tuning job, or an export of its `parent_job_id`'s adapter; `export`: a fine-tuning job's formats asked
+    # for at creation, an export's formats, checkpoint and result files (services/exports.py).
+    kind: Mapped[str] = mapped_column(String(16), default=JobKind.fine_tuning.value)
+    parent_job_id: Mapped[str | None] = mapped_column(ForeignKey("jobs.id", ondelete="CASCADE"))
+    export: Mapped[dict[str, Any] | None]
     model: Mapped[str] = mapped_column(String(100))
     training_file_id: Mapped[str] = mapped_column(ForeignKey("files.id"))
     validation_file_id: Mapped[str | None] = mapped_column(ForeignKey("files.id"))

@@ -12,7 +12,7 @@ from datetime import datetime
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from coordinator.db.tables import Book, JobCheckpointModel, JobModel, JobStatus, utcnow
+from coordinator.db.tables import Book, JobCheckpointModel, JobKind, JobModel, JobStatus, utcnow
 from coordinator.effects import effects
 from coordinator.services import billing, holds, ledger, replicas, results
 from coordinator.services.job_states import change_status, record_event
@@ -92,6 +92,13 @@ def _rehold(session: Session, job: JobModel, settings: CoordinatorSettings) -> s
         holds.hold_for_queue(session=session, job=job, settings=settings)
     except InsufficientQuota:
         available = ledger.balance(session, Book.customer_available, job.account_id)
+        if job.kind == JobKind.export:  # asked for at the job's creation; one asked for later held at once
+            change_status(session=session, job=job, to=JobStatus.failed,
+                          message=f"Insufficient balance (${micros_to_usd(available)} available) to hold the export's "
+                                  "cost: top up and request the export again",
+                          error={"code": "insufficient_quota", "message": "Your balance cannot cover this export's "
+                                 "estimated cost.", "param": None})
+            return "failed"
         change_status(session=session, job=job, to=JobStatus.paused, level="warn",
                       message=f"Paused: insufficient balance (${micros_to_usd(available)} available) to hold the "
                               f"rest of the job; {_last_checkpoint(session, job)}. Top up and resume to continue.",
@@ -113,13 +120,13 @@ def _locked(session: Session, job_id: str) -> JobModel | None:
 def enforce_budgets(*, session: Session, settings: CoordinatorSettings) -> dict[str, int]:
     now = utcnow()
     lookahead_s = int(2 * settings.sweep_interval_s) + 5
-    counts = {"extended": 0, "stopped": 0, "paused": 0, "reheld": 0}
+    counts = {"extended": 0, "stopped": 0, "paused": 0, "reheld": 0, "failed": 0}
     running = list(session.scalars(select(JobModel.id).where(
         JobModel.status == JobStatus.running, JobModel.accruing_since.is_not(None)).order_by(JobModel.id)
         .limit(SWEEP_BATCH)))
     unheld = list(session.scalars(select(JobModel.id).where(
-        JobModel.status == JobStatus.queued, JobModel.held_micros <= 0, JobModel.stage == "train")  # a verifier is
-        .order_by(JobModel.id).limit(SWEEP_BATCH)))  # the platform's to pay: a job waiting for one needs no hold
+        JobModel.status == JobStatus.queued, JobModel.held_micros <= 0, JobModel.stage.in_(("train", "export")))
+        .order_by(JobModel.id).limit(SWEEP_BATCH)))  # a verifier is the platform's to pay: that job needs no hold
     session.rollback()
     for job_id in running:
         job = _locked(session, job_id)

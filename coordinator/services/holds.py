@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from sqlalchemy.orm import Session
 
-from coordinator.db.tables import JobModel, utcnow
+from coordinator.db.tables import JobKind, JobModel, utcnow
 from coordinator.services import billing, replicas
 from coordinator.services.placement import candidate, eligible, placeable_workers, requirements
 from coordinator.settings import CoordinatorSettings
@@ -19,7 +19,8 @@ from shared.errors import Conflict
 from shared.memory import GIB
 from shared.money import micros_to_usd
 from shared.pricing import (
-    BPS, CPU, GPU_CLASSES, cost_for_seconds, cpu_can_train, expected_tokens_per_s, get_gpu_class, training_seconds,
+    BPS, CPU, GPU_CLASSES, cost_for_seconds, cpu_can_train, expected_tokens_per_s, export_seconds, get_gpu_class,
+    training_seconds,
 )
 
 ESTIMATE_WORKERS = 500  # idle workers looked at when sizing a hold
@@ -29,12 +30,14 @@ def estimated_cost(session: Session, job: JobModel, settings: CoordinatorSetting
     req = requirements(job)
     assert req is not None
     base, tokens = get_base_model(job.model), job.estimated_tokens
+    exporting = job.kind == JobKind.export  # bounded by disk and uplink, not by the GPU: the same on any worker
+    export_s = export_seconds(base, list((job.export or {}).get("formats") or ())) if exporting else 0
     costs = []
     for worker in session.scalars(placeable_workers(utcnow(), settings).limit(ESTIMATE_WORKERS)):
         c = candidate(worker, platform_fee_bps=settings.platform_fee_bps)
         if eligible(req, c):
             tps = expected_tokens_per_s(base, get_gpu_class(worker.gpu_class), speed_factor=worker.speed_factor)
-            costs.append(cost_for_seconds(c.price, training_seconds(tokens, tps)))
+            costs.append(cost_for_seconds(c.price, export_s if exporting else training_seconds(tokens, tps)))
     if costs:
         return max(costs)
     fitting = [g for g in GPU_CLASSES if g.typical_vram_gb * GIB >= req.memory_bytes]
@@ -42,6 +45,8 @@ def estimated_cost(session: Session, job: JobModel, settings: CoordinatorSetting
         fitting.append(CPU)
     slowest = min(fitting or GPU_CLASSES, key=lambda g: g.relative_throughput)
     price = job.max_price_per_gpu_hour or settings.hold_fallback_price
+    if exporting:
+        return cost_for_seconds(price, export_s)
     return cost_for_seconds(price, training_seconds(tokens, expected_tokens_per_s(base, slowest)))
 
 

@@ -11,7 +11,7 @@ from sqlalchemy.orm import Session
 
 from coordinator.db.ids import new_id
 from coordinator.db.tables import (
-    AccountModel, FileModel, FileStatus, JobCheckpointModel, JobEventModel, JobModel, JobStatus, utcnow,
+    AccountModel, FileModel, FileStatus, JobCheckpointModel, JobEventModel, JobKind, JobModel, JobStatus, utcnow,
 )
 from coordinator.services import (
     continuation, files, held_out, holds, integrations, lease_states, market, verification,
@@ -27,6 +27,7 @@ from shared.money import micros_to_usd, usd_to_micros
 from shared.pricing import training_tokens
 from shared.schemas.jobs import DpoHyperparameters, Hyperparameters, JobCreate, LoraConfig
 from shared.schemas.quotes import QuoteCreate
+from shared.weights import check_formats
 
 DEFAULT_EPOCHS = 3
 # The trainer takes a tenth of the training file for validation when there is no validation file: this many
@@ -125,6 +126,7 @@ def create(*, session: Session, store: BlobStore, account: AccountModel, request
         if request.validation_file else None
     )
     check_files_fit(method=method, base=base, training=training, validation=validation)
+    exports = check_formats(base, list(request.export), param="export") if request.export else None
     check_early_stopping(request, training=training, validation=validation)
     if request.verification == "redundant" and not held_out.kept_back(training.examples or 0):
         raise InvalidRequest(
@@ -158,6 +160,7 @@ def create(*, session: Session, store: BlobStore, account: AccountModel, request
         estimated_tokens=training_tokens(training.estimated_tokens or 0, n_epochs=n_epochs, method=method),
         result_files=[],
         verification_mode=request.verification,
+        export={"formats": exports} if exports else None,
     )
     if start is not None:
         job.initial_adapter = continuation.keep(store=store, job=job, start=start)
@@ -237,7 +240,7 @@ def get(*, session: Session, account: AccountModel, job_id: str, for_update: boo
     `for_update` locks the row on PostgreSQL; on SQLite the job's version column catches a concurrent change.
     """
     job = session.get(JobModel, job_id, with_for_update=for_update or None)
-    if job is None or job.account_id != account.id:
+    if job is None or job.account_id != account.id or job.kind != JobKind.fine_tuning:
         raise NotFound(f"No such fine-tuning job: {job_id}", param="fine_tuning_job_id")
     return job
 
@@ -245,7 +248,7 @@ def get(*, session: Session, account: AccountModel, job_id: str, for_update: boo
 def list_jobs(
     *, session: Session, account: AccountModel, after: str | None, limit: int, metadata: dict[str, str] | None,
 ) -> tuple[list[JobModel], bool]:
-    stmt = select(JobModel).where(JobModel.account_id == account.id)
+    stmt = select(JobModel).where(JobModel.account_id == account.id, JobModel.kind == JobKind.fine_tuning.value)
     sqlite = session.get_bind().dialect.name == "sqlite"
     for key, value in (metadata or {}).items():
         if sqlite:  # a JSON path cannot quote every key (`k"`): match the object's members instead

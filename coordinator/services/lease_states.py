@@ -162,7 +162,7 @@ def end_and_requeue(
     this end uses one of the job's attempts). `job_reason` is what the job's event says, when not `reason`. A
     verification lease that ends without its figures uses no attempt of the customer's job, and its provider does
     not verify that adapter again."""
-    if lease.kind != "train" and status is not LeaseStatus.completed:
+    if lease.kind == LeaseKind.verify and status is not LeaseStatus.completed:
         # A verifier that did not deliver: its provider does not verify this adapter again (a new machine id
         # would not help), and a failure or loss takes the machine off the job.
         count_attempt = False

@@ -23,7 +23,7 @@ from coordinator.db.tables import (
     LIVE_LEASE, FileModel, LeaseKind, JobCheckpointModel, JobEventModel, JobModel, JobStatus, LeaseModel,
     LeaseStatus, WorkerModel, WorkerState, utcnow,
 )
-from coordinator.services import files, held_out, replicas, results, verification
+from coordinator.services import export_leases, files, held_out, replicas, results, verification
 from coordinator.services.adapters import AdapterRejected, adapter_limit, verify_adapter
 from coordinator.services.job_states import change_status, exclude, record_event
 from coordinator.services import worker_states
@@ -48,6 +48,7 @@ BASE_LEARNING_RATE = 2e-4
 DPO_LEARNING_RATE = 5e-5
 DPO_BETA = 0.1
 SPEED_EMA = 0.3  # weight of the newest lease in a worker's speed factor
+STARTED = {"train": "Training started", "verify": "Verification started", "export": "Export started"}
 UNKNOWN_EXAMPLES = 10_000_000  # a file validated before examples were counted: a loose bound
 
 
@@ -121,6 +122,8 @@ def job_spec(job: JobModel, *, checkpoint_every_steps: int = 100, kind: str = "t
         checkpoint_every_steps=checkpoint_every_steps, eval_every_steps=checkpoint_every_steps,
         initial_adapter=job.initial_adapter is not None,
         early_stopping_patience=(job.early_stopping or {}).get("patience"),
+        export=list((job.export or {}).get("formats") or ()) if kind == LeaseKind.export else [],
+        export_name=(job.export or {}).get("model", "") if kind == LeaseKind.export else "",
     )
 
 
@@ -135,9 +138,10 @@ def step_bound(session: Session, job: JobModel) -> int:
 
 
 def build_assignment(*, session: Session, settings: CoordinatorSettings, lease: LeaseModel, job: JobModel) -> Assignment:
-    training = session.get(FileModel, job.training_file_id)
-    validation = session.get(FileModel, job.validation_file_id) if job.validation_file_id else None
-    assert training is not None
+    exporting = lease.kind == LeaseKind.export  # trains nothing: only the adapter to export is an input
+    training = None if exporting else session.get(FileModel, job.training_file_id)
+    validation = session.get(FileModel, job.validation_file_id) if job.validation_file_id and not exporting else None
+    assert training is not None or exporting
     resume = None
     if lease.resume_checkpoint_id:
         checkpoint = session.get(JobCheckpointModel, lease.resume_checkpoint_id)
@@ -164,7 +168,8 @@ def build_assignment(*, session: Session, settings: CoordinatorSettings, lease: 
         lease_id=lease.id, fencing_token=lease.fencing_token, job_id=job.id, kind=lease.kind,
         spec=job_spec(job, checkpoint_every_steps=settings.checkpoint_every_steps, kind=lease.kind),
         base_model_repo=base.hf_repo, gpu_uuid=lease.gpu_uuid,
-        training_file_url=f"{inputs}/training", training_file_sha256=held_out.training_input(job, training).sha256,
+        training_file_url=None if training is None else f"{inputs}/training",
+        training_file_sha256=None if training is None else held_out.training_input(job, training).sha256,
         validation_file_url=f"{inputs}/validation" if validation else None,
         validation_file_sha256=validation.sha256 if validation else None, resume_from=resume,
         ask_price_per_gpu_hour=micros_to_usd(lease.ask_price_per_gpu_hour), lease_ttl_s=settings.lease_ttl_s,
@@ -206,11 +211,11 @@ def _metrics_message(event: LeaseEvent) -> str:
 
 
 def _start_training(f: FencedLease, now: datetime) -> None:
-    """Billing counts from the lease's first progress, on the coordinator's clock (metering.py). Only a training
-    lease accrues to the customer's cost; a verification lease is the platform's."""
+    """Billing counts from the lease's first progress, on the coordinator's clock (metering.py). A training or an
+    export lease accrues to the customer's cost; a verification lease is the platform's."""
     if f.lease.training_started_at is None:
         f.lease.training_started_at = now
-        if f.lease.kind == LeaseKind.train:
+        if f.lease.kind in (LeaseKind.train, LeaseKind.export):
             f.job.accruing_since, f.job.accruing_price = now, f.lease.price_per_gpu_hour
 
 
@@ -231,7 +236,7 @@ def record_events(
     for event in events:
         if event.type == "started":
             _start_training(f, now)
-            record_event(session=session, job=f.job, message=event.message or "Training started",
+            record_event(session=session, job=f.job, message=event.message or STARTED.get(f.lease.kind, "Started"),
                          data={"lease_id": f.lease.id, "total_steps": event.total_steps, "step": event.step})
         elif event.type in ("progress", "eval"):
             _start_training(f, now)
@@ -268,7 +273,9 @@ def lease_input(*, session: Session, worker: WorkerModel, lease_id: str, fencing
     `held_out` sample and the `adapter` under test."""
     f = fenced(session=session, worker=worker, lease_id=lease_id, fencing_token=fencing_token)
     found: held_out.Input | None = None
-    if which == "training":
+    if which in ("training", "validation") and f.lease.kind == LeaseKind.export:
+        found = None  # an export trains nothing: it gets only the adapter to export
+    elif which == "training":
         training = session.get(FileModel, f.job.training_file_id)
         assert training is not None
         found = held_out.training_input(f.job, training)
@@ -409,6 +416,9 @@ def complete(
     if peek is not None and peek.kind == LeaseKind.verify and peek.worker_id == worker.id:
         return _verified(session=session, store=store, settings=settings, worker=worker, lease_id=lease_id,
                          fencing_token=fencing_token, report=report)
+    if peek is not None and peek.kind == LeaseKind.export and peek.worker_id == worker.id:
+        return export_leases.complete(session=session, store=store, settings=settings, worker=worker,
+                                      lease_id=lease_id, fencing_token=fencing_token, report=report)
     if report.adapter_sha256 is None or report.result is None:
         raise InvalidRequest("A training lease completes with `adapter_sha256` and `result`.", param="result",
                              code="result_missing")

@@ -33,7 +33,7 @@ from coordinator.services.job_states import Move, change_status_many
 from coordinator.services.lease_states import start_lease
 from coordinator.settings import CoordinatorSettings
 from shared.catalog import BaseModelSpec, find_base_model
-from shared.memory import GIB, estimate_evaluation, estimate_qlora
+from shared.memory import GIB, estimate_evaluation, estimate_export, estimate_qlora
 from shared.money import micros_to_usd
 from shared.pricing import (
     CPU, REFERENCE_TOKENS_PER_S_7B, cpu_can_train, customer_price, get_gpu_class, supports_4bit, throughput_per_dollar,
@@ -43,6 +43,7 @@ DEFAULT_SEQ_LEN = 2048
 CACHED_MODEL_BONUS = 1.25  # skipping a multi-GB download is worth about this much throughput
 CONSIDERED = 8  # eligible workers compared per job, best ranked first
 PULL_SCAN = 200  # queued jobs a newly idle worker looks through
+PLACED = {LeaseKind.verify.value: "Verification placed", LeaseKind.export.value: "Export placed"}
 
 
 def seq_len_for(base: BaseModelSpec) -> int:
@@ -67,6 +68,8 @@ def _memory(model: str, r: int, targets: str | tuple[str, ...], batch: int, kind
     base = find_base_model(model)
     assert base is not None
     target_modules = targets if isinstance(targets, str) else list(targets)
+    if kind == LeaseKind.export:
+        return estimate_export(base, lora_r=r, target_modules=target_modules).total
     estimate = estimate_evaluation if kind == LeaseKind.verify else estimate_qlora
     return estimate(base, seq_len=seq_len_for(base), batch_size=batch, lora_r=r, target_modules=target_modules).total
 
@@ -201,7 +204,7 @@ def _assign(session: Session, matches: list[tuple[JobModel, Candidate]], now: da
         leases.append(lease)
         moves.append(Move(
             job=job, values={"fencing_token": lease.fencing_token},
-            message=("Verification placed" if job.stage == LeaseKind.verify else "Placed")
+            message=PLACED.get(job.stage, "Placed")
                     + f" on {c.worker.gpu_name} on worker {c.worker.id} at ${micros_to_usd(c.price)}/GPU-hour "
                     f"(lease {lease.id}, attempt {lease.fencing_token})"
                     + (f", resuming from checkpoint {checkpoint}" if checkpoint else ""),

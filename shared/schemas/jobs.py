@@ -11,6 +11,7 @@ from pydantic import (
 
 from shared.money import usd_to_micros
 from shared.schemas.common import Page, Reply, Request
+from shared.weights import FORMATS, ExportFormat
 
 JobStatusName = Literal["validating_files", "queued", "running", "paused", "succeeded", "failed", "cancelled"]
 Auto = Literal["auto"]
@@ -110,6 +111,9 @@ class JobCreate(Request):
         default=None, description="GPU names to allow, matched as case-insensitive substrings (e.g. 'RTX 4090')."
     )
     trusted_hosts_only: bool = False
+    export: Annotated[list[ExportFormat], Field(min_length=1, max_length=len(FORMATS))] | None = Field(
+        default=None, description="Formats to export the fine-tune to when it succeeds (merged, gguf:f16, gguf:q8_0, "
+        "gguf:q4_k_m), made on a worker and billed per second; see /v1/fine_tuning/jobs/{id}/exports")
     verification: VerificationMode = Field(
         default="auto", description="'always': a worker of another provider verifies the adapter before the job "
         "succeeds (at the platform's cost); 'redundant': the job trains twice, on two independent providers, each "
@@ -213,6 +217,7 @@ class JobRead(Reply):
     cost: str = Field(description="USD charged so far: ended leases plus the running one's time, decimal string")
     cost_held: str = Field(description="USD still held on the customer's balance for this job, decimal string")
     verified: bool = Field(description="a worker of another provider confirmed the adapter")
+    export: list[str] | None = Field(default=None, description="the export formats asked for at creation")
     verification: VerificationRead
 
 

@@ -51,7 +51,7 @@ def random_adapter(path: Path, *, r: int = 16, seed: int = 1, scale: float = 0.0
 
 
 def export_job(job_dir: Path, model_dir: Path, formats: list[str], **fields) -> Path:  # type: ignore[no-untyped-def]
-    (job_dir / "adapter").mkdir(parents=True, exist_ok=True)
+    (job_dir / "initial").mkdir(parents=True, exist_ok=True)
     spec = JobSpec(job_id="ftjob-export", kind="export", base_model=TINY.id, model_dir=str(model_dir),
                    export=formats, export_name="ft:tiny:test", **fields)
     (job_dir / "spec.json").write_text(spec.model_dump_json())
@@ -82,7 +82,7 @@ def exported(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory):  #
     """One export of every format of one random adapter, shared by the module."""
     _llama_cpp()
     job = export_job(tmp_path_factory.mktemp("export"), tiny_model_dir, ["merged", "gguf:f16", "gguf:q8_0", "gguf:q4_k_m"])
-    weights = random_adapter(job / "adapter" / "adapter_model.safetensors")
+    weights = random_adapter(job / "initial" / "adapter_model.safetensors")
     assert run(job) == EXIT_DONE, progress_lines(job)[-1]
     return job, weights
 
@@ -101,7 +101,7 @@ def test_merged_model_computes_base_plus_adapter(exported, tiny_model_dir: Path,
     model = AutoModelForCausalLM.from_pretrained(merged)
     assert next(model.parameters()).dtype == torch.bfloat16
     assert (hf_logits(merged, ids) - reference).abs().max() < 5e-2
-    exact = merge(model_dir=tiny_model_dir, adapter=job / "adapter" / "adapter_model.safetensors", base=TINY,
+    exact = merge(model_dir=tiny_model_dir, adapter=job / "initial" / "adapter_model.safetensors", base=TINY,
                   spec=JobSpec.model_validate_json((job / "spec.json").read_text()), out=tmp_path / "f32",
                   dtype=torch.float32)
     assert (hf_logits(exact, ids) - reference).abs().max() < 1e-5
@@ -114,7 +114,7 @@ def test_merged_model_is_sharded_with_an_index_when_large(tiny_model_dir: Path, 
 
     monkeypatch.setattr(merge, "SHARD_BYTES", 200_000)
     job = export_job(tmp_path / "job", tiny_model_dir, ["merged"])
-    weights = random_adapter(job / "adapter" / "adapter_model.safetensors")
+    weights = random_adapter(job / "initial" / "adapter_model.safetensors")
     assert run(job) == EXIT_DONE
     out = job / "out" / "exports" / "merged"
     index = json.loads((out / "model.safetensors.index.json").read_text())
@@ -168,7 +168,7 @@ def test_gguf_files_hold_the_types_asked_for(exported) -> None:  # type: ignore[
 def test_a_quantized_type_alone_leaves_no_f16_behind(tiny_model_dir: Path, tmp_path: Path) -> None:
     _llama_cpp()
     job = export_job(tmp_path / "job", tiny_model_dir, ["gguf:q8_0"])
-    random_adapter(job / "adapter" / "adapter_model.safetensors")
+    random_adapter(job / "initial" / "adapter_model.safetensors")
     assert run(job) == EXIT_DONE
     assert sorted(p.name for p in (job / "out" / "exports").iterdir()) == ["model-q8_0.gguf"]
 
@@ -177,13 +177,13 @@ def test_a_quantized_type_alone_leaves_no_f16_behind(tiny_model_dir: Path, tmp_p
 
 def test_an_adapter_that_is_not_the_jobs_is_refused(tiny_model_dir: Path, tmp_path: Path) -> None:
     job = export_job(tmp_path / "job", tiny_model_dir, ["merged"])
-    weights = random_adapter(job / "adapter" / "adapter_model.safetensors", r=8)  # the job says r=16
+    weights = random_adapter(job / "initial" / "adapter_model.safetensors", r=8)  # the job says r=16
     assert run(job) == EXIT_WORKER_ERROR
     assert "wrong shape" in progress_lines(job)[-1]["message"]
-    weights = random_adapter(job / "adapter" / "adapter_model.safetensors")
+    weights = random_adapter(job / "initial" / "adapter_model.safetensors")
     name = next(iter(weights))
     weights[name][0, 0] = float("nan")
-    save_file(weights, str(job / "adapter" / "adapter_model.safetensors"))
+    save_file(weights, str(job / "initial" / "adapter_model.safetensors"))
     assert run(job) == EXIT_WORKER_ERROR
     assert "not finite" in progress_lines(job)[-1]["message"]
     assert not (job / "out" / "exports" / "merged").exists()
@@ -201,7 +201,7 @@ def test_a_base_with_a_tensor_the_model_does_not_have_is_refused(tiny_model_dir:
     tensors["model.layers.0.self_attn.extra.weight"] = torch.zeros(4, 4)
     save_file(tensors, str(base / "model.safetensors"))
     job = export_job(tmp_path / "job", base, ["merged"])
-    random_adapter(job / "adapter" / "adapter_model.safetensors")
+    random_adapter(job / "initial" / "adapter_model.safetensors")
     assert run(job) == EXIT_WORKER_ERROR
     assert "does not have" in progress_lines(job)[-1]["message"]
 
@@ -211,7 +211,7 @@ def test_a_base_index_naming_files_outside_its_folder_is_refused(tiny_model_dir:
     (base / "model.safetensors.index.json").write_text(json.dumps(
         {"weight_map": {"model.norm.weight": "../../secret.safetensors"}}))
     job = export_job(tmp_path / "job", base, ["merged"])
-    random_adapter(job / "adapter" / "adapter_model.safetensors")
+    random_adapter(job / "initial" / "adapter_model.safetensors")
     assert run(job) == EXIT_WORKER_ERROR
     assert "outside its folder" in progress_lines(job)[-1]["message"]
 
@@ -223,6 +223,6 @@ def test_tokenizer_files_that_are_links_are_not_copied(tiny_model_dir: Path, tmp
     (base / "chat_template.jinja").unlink(missing_ok=True)
     (base / "chat_template.jinja").symlink_to(secret)
     job = export_job(tmp_path / "job", base, ["merged"])
-    random_adapter(job / "adapter" / "adapter_model.safetensors")
+    random_adapter(job / "initial" / "adapter_model.safetensors")
     assert run(job) == EXIT_DONE
     assert not (job / "out" / "exports" / "merged" / "chat_template.jinja").exists()

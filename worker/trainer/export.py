@@ -1,7 +1,7 @@
 """The export program (`spec.kind == "export"`): a job's adapter merged into its base, written in the formats the
 lease asks for (`spec.export`), on the worker that holds the base already.
 
-Reads `spec.json`, the base from `spec.model_dir` and `adapter/adapter_model.safetensors` (the coordinator's checked
+Reads `spec.json`, the base from `spec.model_dir` and `initial/adapter_model.safetensors` (the coordinator's checked
 copy of the job's adapter, or of a checkpoint's). Writes under `out/exports/` the names `shared.weights.export_name`
 gives: `merged/` (16-bit safetensors, tokenizer and chat template: `merge.py`) and `model-<type>.gguf`
 (`gguf_export.py`; the F16 file is written once and the quantized types made from it). Each format done is a
@@ -24,7 +24,7 @@ from worker.trainer import gguf_export, merge
 from worker.trainer.errors import UserError
 from worker.trainer.progress import Progress
 
-ADAPTER = Path("adapter") / "adapter_model.safetensors"
+ADAPTER = Path("initial") / "adapter_model.safetensors"  # the agent unpacks the adapter to export there
 F16_WORK = "work-f16.gguf"  # the F16 file quantized types start from, when F16 itself was not asked for
 
 
