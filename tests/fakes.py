@@ -7,6 +7,7 @@ import gzip
 import hashlib
 import io
 import json
+import math
 import struct
 import tarfile
 from dataclasses import dataclass, field
@@ -380,6 +381,26 @@ class ServiceAgent:
         return leases.fail(session=self.session, settings=self.settings, worker=self.worker, lease_id=lease_id,
                            fencing_token=self._token(lease_id, token), report=report)
 
+    def upload_export(self, lease_id: str, fmt: str, data: bytes, *, token: int | None = None) -> Any:
+        """As the API does it: the limit first, the bytes streamed to storage, then recorded on the lease."""
+        from coordinator.services import export_leases  # noqa: PLC0415
+
+        fencing = self._token(lease_id, token)
+        limit = export_leases.upload_limit(session=self.session, worker=self.worker, lease_id=lease_id,
+                                           fencing_token=fencing, fmt=fmt)
+        blob = self.store.put(export_leases.upload_key(lease_id), io.BytesIO(data), max_bytes=limit)
+        return export_leases.record_upload(session=self.session, store=self.store, worker=self.worker,
+                                           lease_id=lease_id, fencing_token=fencing, fmt=fmt, blob=blob)
+
+    def complete_export(self, lease_id: str, *, token: int | None = None, wall_seconds: float = 20.0) -> Any:
+        from coordinator.services import leases  # noqa: PLC0415
+        from shared.protocol import LeaseComplete  # noqa: PLC0415
+
+        report = LeaseComplete.model_validate({"export": {}, "usage": {"wall_seconds": wall_seconds,
+                                                                       "gpu_seconds": wall_seconds}})
+        return leases.complete(session=self.session, store=self.store, settings=self.settings, worker=self.worker,
+                               lease_id=lease_id, fencing_token=self._token(lease_id, token), report=report)
+
     def preempted(self, lease_id: str, reason: str = "a game started") -> Any:
         from coordinator.services import leases  # noqa: PLC0415
         from shared.protocol import LeasePreempted  # noqa: PLC0415
@@ -387,3 +408,86 @@ class ServiceAgent:
         report = LeasePreempted.model_validate({"reason": reason, "usage": {"wall_seconds": 5.0, "gpu_seconds": 4.0}})
         return leases.preempted(session=self.session, settings=self.settings, worker=self.worker, lease_id=lease_id,
                                 fencing_token=self._token(lease_id, token=None), report=report)
+
+
+# --- exports: files of the right shape, made without torch (zeros), for the coordinator's checks --------------
+
+def merged_archive(model: str = "tunegrid/tiny-llama", *, shapes: dict[str, tuple[int, ...]] | None = None,
+                   dtype: str = "BF16", config: dict[str, Any] | None = None,
+                   extra_members: dict[str, bytes] | None = None, drop: tuple[str, ...] = ()) -> bytes:
+    """A merged model's .tar as the agent packs it: bfloat16 zeros of the model's tensors, its config, a tokenizer."""
+    from shared.weights import weight_shapes  # noqa: PLC0415
+
+    base = get_base_model(model)
+    tensors = shapes if shapes is not None else weight_shapes(base)
+    width = {"BF16": 2, "F16": 2, "F32": 4}[dtype]
+    header: dict[str, Any] = {"__metadata__": {"format": "pt"}}
+    offset = 0
+    for name, shape in tensors.items():
+        size = width * math.prod(shape)
+        header[name] = {"dtype": dtype, "shape": list(shape), "data_offsets": [offset, offset + size]}
+        offset += size
+    encoded = json.dumps(header).encode()
+    encoded += b" " * (-len(encoded) % 8)
+    weights = struct.pack("<Q", len(encoded)) + encoded + bytes(offset)
+    members = {
+        "config.json": json.dumps(config if config is not None else {
+            "model_type": base.architecture, "hidden_size": base.hidden_size, "num_hidden_layers": base.layers,
+            "num_attention_heads": base.attention_heads, "num_key_value_heads": base.kv_heads,
+            "intermediate_size": base.intermediate_size, "vocab_size": base.vocab_size, "dtype": "bfloat16"}).encode(),
+        "tokenizer.json": b'{"version": "1.0", "model": {"type": "BPE"}}',
+        "tokenizer_config.json": b'{"chat_template": "{{ messages }}"}',
+        "model.safetensors": weights, **(extra_members or {}),
+    }
+    buffer = io.BytesIO()
+    with tarfile.open(fileobj=buffer, mode="w") as tar:
+        for name, data in members.items():
+            if name in drop:
+                continue
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    return buffer.getvalue()
+
+
+def gguf_file(path: Any, model: str = "tunegrid/tiny-llama", fmt: str = "gguf:q8_0", *, arch: str | None = None,
+              vocab: int | None = None, drop: tuple[str, ...] = (), nan_in: str | None = None) -> Any:
+    """A GGUF file of the model's tensors (zeros; Q8_0 blocks by llama.cpp's Python quantizer, Q4_K zero blocks)
+    written with llama.cpp's `gguf` writer, as the export program writes one."""
+    import gguf  # noqa: PLC0415
+    import numpy as np  # noqa: PLC0415
+
+    from shared.weights import weight_shapes  # noqa: PLC0415
+
+    base = get_base_model(model)
+    kinds = {"llama": gguf.MODEL_ARCH.LLAMA, "qwen2": gguf.MODEL_ARCH.QWEN2}
+    writer = gguf.GGUFWriter(str(path), arch or base.architecture)
+    writer.add_name("fake")
+    writer.add_tokenizer_model("gpt2")
+    writer.add_token_list([f"t{i}" for i in range(vocab if vocab is not None else base.vocab_size)])
+    names = gguf.get_tensor_name_map(kinds[base.architecture], base.layers)
+    for hf_name, shape in weight_shapes(base).items():
+        target = names.get_name(hf_name, try_suffixes=(".weight", ".bias"))
+        if target in drop:
+            continue
+        if len(shape) == 1:
+            data = np.zeros(shape, dtype=np.float32)
+            if target == nan_in:
+                data[0] = np.nan
+            writer.add_tensor(target, data)
+        elif fmt == "gguf:f16" or (fmt == "gguf:q4_k_m" and shape[1] % 256):
+            data = np.zeros(shape, dtype=np.float16)
+            if target == nan_in:
+                data[0, 0] = np.inf
+            writer.add_tensor(target, data)
+        elif fmt == "gguf:q8_0":
+            kind = gguf.GGMLQuantizationType.Q8_0
+            writer.add_tensor(target, gguf.quants.quantize(np.zeros(shape, dtype=np.float32), kind), raw_dtype=kind)
+        else:  # Q4_K: 144 bytes per block of 256 weights; zero bytes are a valid (all-zero) block
+            kind = gguf.GGMLQuantizationType.Q4_K
+            writer.add_tensor(target, np.zeros((shape[0], shape[1] // 256 * 144), dtype=np.uint8), raw_dtype=kind)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return path

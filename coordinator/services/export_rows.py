@@ -14,7 +14,7 @@ from sqlalchemy.orm import Session
 from coordinator.db.ids import new_id
 from coordinator.db.tables import FileModel, JobKind, JobModel, JobStatus, LeaseKind
 from coordinator.services import continuation, files
-from coordinator.services.job_states import record_event
+from coordinator.services.job_states import change_status, record_event
 from coordinator.storage import BlobStore
 
 EXPORT_PREFIX = "ftexp-"
@@ -22,11 +22,11 @@ EXPORT_PREFIX = "ftexp-"
 
 def new_export(*, store: BlobStore, parent: JobModel, formats: list[str], start: continuation.Start, label: str,
                max_cost: int | None) -> JobModel:
-    """The export's row (the caller adds it and holds its cost), queued; `label`: what is exported, by name."""
+    """The export's row (the caller adds it, holds its cost and queues it); `label`: what is exported, by name."""
     export = JobModel(
         id=new_id(EXPORT_PREFIX), kind=JobKind.export.value, parent_job_id=parent.id, account_id=parent.account_id,
         model=parent.model, method=parent.method, training_file_id=parent.training_file_id,
-        status=JobStatus.queued, stage=LeaseKind.export.value, hyperparameters=dict(parent.hyperparameters),
+        status=JobStatus.validating_files, stage=LeaseKind.export.value, hyperparameters=dict(parent.hyperparameters),
         lora=dict(parent.lora), suffix=parent.suffix, seed=parent.seed,
         max_price_per_gpu_hour=parent.max_price_per_gpu_hour, max_price_source=parent.max_price_source,
         max_cost=max_cost, gpu_filter=parent.gpu_filter, trusted_hosts_only=parent.trusted_hosts_only,
@@ -49,8 +49,9 @@ def queue_asked(*, session: Session, store: BlobStore, parent: JobModel, result:
                         label=parent.fine_tuned_model or parent.id, max_cost=None)
     session.add(export)
     parent.export = {**parent.export, "export_id": export.id}
-    record_event(session=session, job=export, message=f"Export of {export.export['model']} as "
-                                                      f"{', '.join(asked)} queued (asked for at the job's creation)")
+    change_status(session=session, job=export, to=JobStatus.queued,
+                  message=f"Export of {export.export['model']} as {', '.join(asked)} queued (asked for at the job's "
+                          "creation)")
     record_event(session=session, job=parent, message=f"Export {export.id} queued: {', '.join(asked)}",
                  data={"export_id": export.id})
     return export

@@ -11,7 +11,6 @@ from __future__ import annotations
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from coordinator.effects import effects
 from coordinator.db.tables import AccountModel, JobCheckpointModel, JobKind, JobModel, JobStatus
 from coordinator.services import continuation, holds, jobs, lease_states
 from coordinator.services.export_rows import new_export
@@ -64,10 +63,9 @@ def create(*, session: Session, store: BlobStore, account: AccountModel, job_id:
     session.add(export)
     session.flush()
     held = holds.hold_for_queue(session=session, job=export, settings=settings)
-    record_event(session=session, job=export, data={"status": export.status.value},
-                 message=f"Export of {label} as {', '.join(formats)} queued; ${micros_to_usd(held)} held on your "
-                         "balance")
-    effects(session).placeable = True
+    change_status(session=session, job=export, to=JobStatus.queued,
+                  message=f"Export of {label} as {', '.join(formats)} queued; ${micros_to_usd(held)} held on your "
+                          "balance")
     record_event(session=session, job=parent, message=f"Export {export.id} of {label} requested: {', '.join(formats)}",
                  data={"export_id": export.id})
     session.commit()

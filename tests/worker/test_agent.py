@@ -56,6 +56,7 @@ class FakeChannel:
     lost: bool = False
     commands: list[Command] = field(default_factory=list)
     agent: Agent | None = None
+    uploaded: dict[str, bytes] = field(default_factory=dict)  # an export lease's formats, as sent
 
     def _reach(self, lease_call: bool = True) -> None:
         if self.down:
@@ -87,8 +88,18 @@ class FakeChannel:
         target.write_bytes(self.files[url])
         return target
 
-    def upload(self, lease_id: str, token: int, path: Path, *, kind: str, step: int | None = None) -> dict[str, Any]:
+    def upload(self, lease_id: str, token: int, path: Path, *, kind: str, step: int | None = None,
+               fmt: str | None = None, opener: Any = None) -> dict[str, Any]:
         self._reach()
+        if kind == "export":
+            if opener is not None:
+                with opener() as f:
+                    data = f.read()
+            else:
+                data = path.read_bytes()
+            self.uploaded[fmt] = data  # type: ignore[index]
+            self.calls.append((kind, fmt))
+            return {}
         self.calls.append((kind, step if kind == "checkpoint" else sha256(path.read_bytes())))
         return {}
 
@@ -438,3 +449,88 @@ def test_figures_a_verifier_cannot_stand_behind_are_sent_as_none(settings: Worke
     sent = channel.calls[-1][1]["verification"]
     assert all(sent[name] is None for name in ("heldout_base_loss", "heldout_adapter_loss", "valid_adapter_loss"))
     assert sent["valid_tokens"] == 0
+
+
+# --- an export lease --------------------------------------------------------------------------------
+
+def export_assignment(adapter: bytes, formats: list[str]) -> Assignment:
+    a = assignment()
+    return a.model_copy(update={
+        "kind": "export", "spec": a.spec.model_copy(update={"kind": "export", "export": formats}),
+        "training_file_url": None, "training_file_sha256": None,
+        "initial_adapter_url": "/files/initial", "initial_adapter_sha256": sha256(adapter),
+        "initial_adapter_member": "adapter/adapter_model.safetensors"})
+
+
+@dataclass
+class ExportingRuntime(Runtime):
+    """The export program's part: writes a merged folder (with a file an honest one never holds) and a GGUF file,
+    its figures, and exits done; `plant`: where a link to the owner's secret goes instead (`merged`: as its
+    tokenizer.json, `gguf`: as the GGUF file)."""
+
+    secret: Path
+    plant: str | None = None
+    seen: dict[str, Any] = field(default_factory=dict)
+    name: str = "exporting"
+
+    def start(self, mount: JobMount) -> Running:
+        work = mount.job_dir
+        self.seen = {"files": sorted(str(p.relative_to(work)) for p in work.rglob("*"))}
+        merged = work / "out" / "exports" / "merged"
+        merged.mkdir(parents=True)
+        (merged / "model.safetensors").write_bytes(b"weights")
+        (merged / "config.json").write_text("{}")
+        (merged / "run_me.py").write_text("import os")
+        if self.plant == "merged":
+            (merged / "tokenizer.json").symlink_to(self.secret)
+        gguf = work / "out" / "exports" / "model-q8_0.gguf"
+        if self.plant == "gguf":
+            gguf.symlink_to(self.secret)
+        else:
+            gguf.write_bytes(b"GGUF-bytes")
+        (work / "out" / "progress.jsonl").write_text(json.dumps({"type": "started", "kind": "export"}) + "\n")
+        (work / "out" / "export.json").write_text(json.dumps({"formats": {
+            "merged": {"seconds": 1.5, "bytes": 7}, "gguf:q8_0": {"seconds": float("nan"), "bytes": 10},
+            "gguf:f16": {"seconds": 1, "bytes": 1}}}))
+        return Exited()
+
+    def model_dir_inside(self, mount: JobMount) -> str:
+        return str(mount.model_dir)
+
+
+def test_an_export_lease_sends_only_its_formats_from_names_it_derives(settings: WorkerSettings, tmp_path: Path) -> None:
+    import io  # noqa: PLC0415
+    import tarfile  # noqa: PLC0415
+
+    from tests.fakes import tar_gz  # noqa: PLC0415
+
+    secret = tmp_path / "owner-secret.txt"
+    secret.write_text("the owner's private file")
+    archive = tar_gz([("adapter/adapter_model.safetensors", b"weights")])
+    channel = channel_for(export_assignment(archive, ["merged", "gguf:q8_0"]), initial=archive)
+    runtime = ExportingRuntime(secret=secret)
+    run(make_agent(settings, channel, runtime))
+    assert "train.jsonl" not in runtime.seen["files"] and "initial/adapter_model.safetensors" in runtime.seen["files"]
+    assert [k for k in channel.kinds() if k != "events"] == ["export", "export", "complete"]
+    with tarfile.open(fileobj=io.BytesIO(channel.uploaded["merged"])) as tar:
+        members = {m.name: m for m in tar}
+    assert sorted(members) == ["config.json", "model.safetensors"] and all(m.isreg() for m in members.values())
+    assert channel.uploaded["gguf:q8_0"] == b"GGUF-bytes"
+    body = channel.calls[-1][1]
+    assert body["export"] == {"merged": {"seconds": 1.5, "bytes": 7}}  # a NaN and a format not asked are dropped
+
+
+@pytest.mark.parametrize("plant", ["merged", "gguf"])
+def test_a_link_where_an_export_file_goes_fails_the_lease_and_sends_nothing_of_the_host(
+        settings: WorkerSettings, tmp_path: Path, plant: str) -> None:
+    from tests.fakes import tar_gz  # noqa: PLC0415
+
+    secret = tmp_path / "owner-secret.txt"
+    secret.write_text("the owner's private file")
+    archive = tar_gz([("adapter/adapter_model.safetensors", b"weights")])
+    formats = ["merged"] if plant == "merged" else ["gguf:q8_0"]
+    channel = channel_for(export_assignment(archive, formats), initial=archive)
+    run(make_agent(settings, channel, ExportingRuntime(secret=secret, plant=plant)))
+    assert "export" not in channel.kinds() and channel.kinds()[-1] == "fail"
+    assert channel.calls[-1][1]["kind"] == "worker_error"
+    assert all(secret.read_bytes() not in data for data in channel.uploaded.values())
