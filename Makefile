@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 EXTRAS ?= coordinator,worker,trainer,client,dev
 
-.PHONY: install demo test serve trainer-image bench bench-trainer bench-verification bench-scheduler bench-heartbeats bench-dispatch bench-agent bench-ledger bench-dashboard bench-soak clean
+.PHONY: install demo test serve trainer-image bench bench-trainer bench-verification bench-export bench-scheduler bench-heartbeats bench-dispatch bench-agent bench-ledger bench-dashboard bench-soak clean
 
 install: $(VENV)/.installed
 
@@ -57,6 +57,9 @@ bench-trainer: install
 
 bench-verification: install
 	$(PY) bench/verification.py
+
+bench-export: install
+	$(PY) bench/export.py
 
 # The marketplace core (PostgreSQL and Redis on this machine).
 bench-scheduler: install

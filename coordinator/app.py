@@ -16,7 +16,7 @@ from sqlalchemy import text
 from coordinator import __version__
 from coordinator import tasks
 from coordinator.api import (
-    billing, catalog, errors, exports, files, jobs, leases, providers, quotes, webhooks, workers,
+    batches, billing, catalog, errors, exports, files, jobs, leases, providers, quotes, webhooks, workers,
 )
 from coordinator.api.deps import authenticate_customer, run_in_session
 from coordinator.dashboard import admin as admin_pages, auth as auth_pages, own as own_pages
@@ -113,7 +113,7 @@ def create_app(settings: CoordinatorSettings | None = None) -> FastAPI:
     app.add_middleware(AuthenticateUploads, authenticate=lambda key: authenticate_customer(app.state, key))
     app.add_middleware(BodySizeLimit, upload_bytes=settings.max_upload_bytes, other_bytes=JSON_BODY_LIMIT,
                        lease_upload_bytes=settings.max_adapter_bytes, export_upload_bytes=settings.max_export_bytes)
-    for router in (files.router, jobs.router, exports.router, quotes.router, catalog.router, leases.router, workers.router,
+    for router in (files.router, jobs.router, exports.router, batches.router, quotes.router, catalog.router, leases.router, workers.router,
                    billing.router, providers.router, webhooks.router, auth_pages.router, admin_pages.router,
                    own_pages.router):
         app.include_router(router)

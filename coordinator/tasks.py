@@ -19,7 +19,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from coordinator.effects import Effects, take_effects
 from coordinator.services import (
-    blobs, budgets, integrations, jobs, lease_states, placement, stripe_sync, verification, worker_states,
+    batches, blobs, budgets, integrations, jobs, lease_states, placement, stripe_sync, verification, worker_states,
 )
 from coordinator.settings import CoordinatorSettings
 from coordinator.storage import BlobStore
@@ -33,10 +33,12 @@ SCORE_BATCH = 1000
 
 
 def reap_leases(*, session: Session, settings: CoordinatorSettings) -> dict[str, int]:
-    """Quiet leases (`lease_states.reap`), and jobs that waited too long for a verifier (`verification`)."""
+    """Quiet leases (`lease_states.reap`), jobs that waited too long for a verifier (`verification`), and batches
+    past their completion window (`batches.expire`)."""
     counts = lease_states.reap(session=session, settings=settings)
-    counts["unverified"] = verification.stop_waiting(session=session, store=BlobStore(settings.resolved_storage_dir),
-                                                     settings=settings)
+    store = BlobStore(settings.resolved_storage_dir)
+    counts["unverified"] = verification.stop_waiting(session=session, store=store, settings=settings)
+    counts["expired_batches"] = batches.expire(session=session, store=store)
     return counts
 
 

@@ -43,9 +43,9 @@ class JobSpec(_Strict):
     method: Literal["supervised", "dpo"] = Field(default="supervised", description="the training objective: "
                                                  "next-token loss on chat or prompt/completion data, or DPO on "
                                                  "preference pairs")
-    kind: Literal["train", "verify", "export"] = Field(default="train", description="which program of the trainer's "
-                                                       "image runs: training, the verification of another worker's "
-                                                       "adapter, or the export of an adapter merged into its base")
+    kind: Literal["train", "verify", "export", "batch"] = Field(
+        default="train", description="which program of the trainer's image runs: training, the verification of "
+        "another worker's adapter, the export of an adapter merged into its base, or a batch's chat requests")
     base_model: str = Field(min_length=1, max_length=100, description="catalog id (shared.catalog)")
     model_dir: str = Field(min_length=1, description="directory holding the base model's weights and tokenizer")
     hyperparameters: TrainingHyperparameters = TrainingHyperparameters()

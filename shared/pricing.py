@@ -166,3 +166,13 @@ def export_seconds(model: BaseModelSpec, formats: list[str]) -> int:
     read = 2 * model.parameters * len(formats)
     written = sum(export_bytes(model, fmt) for fmt in formats)
     return max(1, math.ceil((read + written) / EXPORT_DISK_BYTES_PER_S + written / EXPORT_UPLOAD_BYTES_PER_S))
+
+
+# A batch generates: forward passes only, about a third of a training step's work per token, batched like
+# training rows (prompts are read in one pass; answers a token at a time, which batching across requests hides).
+INFERENCE_SPEEDUP = 3
+
+
+def inference_seconds(tokens: int, tokens_per_s: float) -> int:
+    """About how long a batch lease runs for `tokens` (prompts and the most each answer may take)."""
+    return training_seconds(tokens, tokens_per_s * INFERENCE_SPEEDUP)

@@ -138,7 +138,7 @@ class HeartbeatReply(Reply):
 
 # --- claim ----------------------------------------------------------------------------------------
 
-LeaseKindName = Literal["train", "verify", "export"]
+LeaseKindName = Literal["train", "verify", "export", "batch"]
 
 
 class ClaimRequest(Request):
@@ -162,8 +162,9 @@ class Assignment(Reply):
     fencing_token: int
     job_id: str
     kind: str = Field(default="train", description="`train`; `verify`: evaluate another provider's adapter; `export`: "
-                      "merge the job's adapter into its base and convert it (an older agent that knows only "
-                      "training never claims other kinds: ClaimRequest.kinds)")
+                      "merge the job's adapter into its base and convert it; `batch`: answer a batch's chat "
+                      "requests (an older agent that knows only training never claims other kinds: "
+                      "ClaimRequest.kinds)")
     spec: JobSpec = Field(description="model_dir is relative to the agent's model cache; the agent makes it absolute")
     base_model_repo: str | None = Field(description="Hugging Face repository to download; None: built locally")
     gpu_uuid: str | None
@@ -177,6 +178,9 @@ class Assignment(Reply):
     adapter_sha256: str | None = None
     held_out_url: str | None = None
     held_out_sha256: str | None = None
+    # A batch lease's custom_ids already answered by earlier leases (JSONL); its requests are `training_file_url`.
+    batch_done_url: str | None = None
+    batch_done_sha256: str | None = None
     # A continued job's starting adapter: an archive from which only `initial_adapter_member` is unpacked.
     initial_adapter_url: str | None = None
     initial_adapter_sha256: str | None = None
@@ -300,6 +304,16 @@ class LeaseReply(Reply):
     status: str
     job_status: str
     message: str = ""
+
+
+class BatchPartReply(Reply):
+    """What the coordinator recorded of a batch lease's part: answers new to it, answers it already had (dropped),
+    and requests of the batch still unanswered."""
+
+    lease_id: str
+    recorded: int
+    duplicates: int
+    pending: int
 
 
 class UploadReply(Reply):

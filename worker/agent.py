@@ -50,9 +50,10 @@ from worker.trainer.errors import EXIT_DONE, EXIT_PREEMPTED, failure_kind
 
 log = logging.getLogger(__name__)
 MAX_RESULT_BYTES = 64 * 1024
+BATCH_PART_BYTES = 64 * 1024 * 1024  # what the coordinator takes of a batch part
 IDLE_RECHECK_S = 5.0
-KINDS = ("train", "verify", "export")  # the lease kinds this agent runs: programs of the trainer's image
-DONE_FILE = {"verify": "verification.json", "export": "export.json"}  # what a finished run leaves ("result.json")
+KINDS = ("train", "verify", "export", "batch")  # the lease kinds this agent runs: programs of the trainer's image
+DONE_FILE = {"verify": "verification.json", "export": "export.json", "batch": "batch.json"}  # what a finished run leaves ("result.json")
 
 
 @contextmanager
@@ -232,6 +233,9 @@ class Agent:
                                   a.validation_file_sha256)
         if a.kind == "verify":
             self._prepare_verification(job)
+        if a.kind == "batch" and a.batch_done_url and a.batch_done_sha256:
+            self.channel.download(a.batch_done_url, a.lease_id, a.fencing_token, job.work / "batch_done.jsonl",
+                                  a.batch_done_sha256)
         if a.initial_adapter_url and a.initial_adapter_sha256 and a.initial_adapter_member:
             archive = self.channel.download(a.initial_adapter_url, a.lease_id, a.fencing_token,
                                             job.job_dir / "initial.tar.gz", a.initial_adapter_sha256)
@@ -362,6 +366,11 @@ class Agent:
         while True:
             code = running.poll()
             for line in tail.read():
+                if line.get("type") == "batch_part" and a.kind == "batch":
+                    part = line.get("part")
+                    if type(part) is int and 0 < part < 2**31 and part not in checkpoints:
+                        checkpoints.append(part)  # a batch's parts go up as a training's checkpoints do
+                    continue
                 event = lease_event(line)  # None for a line the protocol would refuse: nothing of it is used
                 if event is None:
                     continue
@@ -370,7 +379,7 @@ class Agent:
                     losses.append(event.get("train_loss"))
                 elif line.get("type") == "started":
                     self._set(total_steps=event.get("total_steps"))
-                elif line.get("type") == "checkpoint" and type(line.get("step")) is int:
+                elif line.get("type") == "checkpoint" and type(line.get("step")) is int and a.kind == "train":
                     checkpoints.append(line["step"])
                 elif line.get("type") == "error":
                     last_error = str(line.get("message", ""))
@@ -431,8 +440,12 @@ class Agent:
 
     def _upload_checkpoint(self, job: ActiveJob, step: int) -> None:
         """Pack the trainer's checkpoint of `step` (its allowed files, read safely) and send it, after checking it
-        as the coordinator will: one that fails is not sent (it would count against this worker)."""
+        as the coordinator will: one that fails is not sent (it would count against this worker). A batch lease's
+        `step` is the number of a part of its answers."""
         a = job.assignment
+        if a.kind == "batch":
+            self._upload_batch_part(job, step)
+            return
         rules = CheckpointRules.for_spec(a.spec, max_step=max(self.status.step or 0, step))
         archive = job.job_dir / f"checkpoint-{step}.tar.gz"
         try:
@@ -448,6 +461,24 @@ class Agent:
             log.warning("lease %s: checkpoint at step %d refused: %s", a.lease_id, step, exc)
         finally:
             archive.unlink(missing_ok=True)
+
+    def _upload_batch_part(self, job: ActiveJob, part: int) -> None:
+        """Part `part` of a batch's answers, from the name the agent derives from its number, opened as a regular
+        file without following links; one the coordinator refuses is dropped (its requests stay unanswered, and go
+        to the next lease of the batch)."""
+        a = job.assignment
+        parts = ("out", "batch", f"part-{part}.jsonl")
+        try:
+            with open_regular(job.work, *parts, limit=BATCH_PART_BYTES):
+                pass
+        except (UnsafeJobFile, FileNotFoundError) as exc:
+            log.warning("lease %s: batch part %d is not sent: %s", a.lease_id, part, exc)
+            return
+        try:
+            self.channel.upload(a.lease_id, a.fencing_token, job.work / parts[-1], kind="batch",
+                                opener=lambda: _opened(job.work, parts, BATCH_PART_BYTES))
+        except Rejected as exc:
+            log.warning("lease %s: batch part %d refused: %s", a.lease_id, part, exc)
 
     def _deliver_remaining(self, job: ActiveJob, pending: list[dict[str, Any]], checkpoints: list[int]) -> None:
         """After the trainer ended: what could not be sent yet goes now, progress first, waiting out an outage."""
@@ -470,6 +501,8 @@ class Agent:
             return self._verification(job, usage)
         if kind == "export":
             return self._export(job, usage)
+        if kind == "batch":
+            return "complete", {"usage": usage}
         return self._completion(job, usage, losses)
 
     def _export(self, job: ActiveJob, usage: dict[str, Any]) -> tuple[str, dict[str, Any]]:

@@ -180,7 +180,8 @@ class Channel:
                 while chunk := f.read(CHUNK):
                     yield chunk
 
-        url = f"/v1/workers/leases/{lease_id}/" + {"adapter": "adapter", "export": f"exports/{fmt}"}.get(kind, "checkpoints")
+        url = f"/v1/workers/leases/{lease_id}/" + {"adapter": "adapter", "export": f"exports/{fmt}",
+                                                   "batch": "batch_results"}.get(kind, "checkpoints")
         response = self.call("PUT", url, content=body, params={"step": step} if step is not None else None,
                              headers={**self._lease(lease_id, token), SHA256_HEADER: digest.hexdigest(),
                                       "Content-Type": "application/octet-stream"},

@@ -50,7 +50,7 @@ def lease_event(line: dict[str, Any]) -> dict[str, Any] | None:
     return event
 
 
-STARTED = {"verify": "Verification", "export": "Export"}
+STARTED = {"verify": "Verification", "export": "Export", "batch": "Batch"}
 PREFERENCE_FIELDS = ("chosen_reward", "rejected_reward", "reward_margin", "reward_accuracy")
 
 

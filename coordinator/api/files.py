@@ -34,7 +34,7 @@ def file_read(file: FileModel) -> FileRead:
         expires_at=int(file.expires_at.timestamp()) if file.expires_at else None, filename=file.filename,
         purpose=file.purpose, status=file.status.value, status_details=file.status_details,  # type: ignore[arg-type]
         format=file.format, uses_tools=file.uses_tools, examples=file.examples,  # type: ignore[arg-type]
-        estimated_tokens=file.estimated_tokens,
+        estimated_tokens=file.estimated_tokens, model=file.model,
         sha256=file.sha256,
     )
 
@@ -43,7 +43,8 @@ def file_read(file: FileModel) -> FileRead:
 async def upload_file(
     caller: CustomerCaller, store: StoreDep, settings: SettingsDep,
     file: Annotated[UploadFile, File(description="JSONL training data")],
-    purpose: Annotated[Literal["fine-tune"], Form(description="Only 'fine-tune' is accepted")],
+    purpose: Annotated[Literal["fine-tune", "batch"], Form(description="'fine-tune' (training data) or 'batch' "
+                                                                        "(Batch API requests)")],
     expires_after_anchor: Annotated[str | None, Form(alias="expires_after[anchor]", max_length=32)] = None,
     expires_after_seconds: Annotated[int | None, Form(alias="expires_after[seconds]")] = None,
 ) -> FileRead:

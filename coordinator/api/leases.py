@@ -13,12 +13,12 @@ from fastapi.responses import FileResponse
 from coordinator.api.deps import CurrentWorker, SettingsDep, StoreDep
 from coordinator.api.errors import ERROR_RESPONSES
 from coordinator.db.ids import new_id
-from coordinator.services import checkpoints, export_leases, leases
+from coordinator.services import batch_leases, checkpoints, export_leases, leases
 from coordinator.services.fencing import FencedLease, parse_fencing_token
 from shared.errors import InvalidRequest, PayloadTooLarge
 from shared.protocol import (
-    FENCING_TOKEN_HEADER, SHA256_HEADER, LeaseComplete, LeaseEvents, LeaseFail, LeasePreempted, LeaseReply,
-    UploadReply,
+    FENCING_TOKEN_HEADER, SHA256_HEADER, BatchPartReply, LeaseComplete, LeaseEvents, LeaseFail, LeasePreempted,
+    LeaseReply, UploadReply,
 )
 from shared.schemas.common import ErrorResponse
 
@@ -45,7 +45,8 @@ async def lease_events(lease_id: LeaseId, body: LeaseEvents, worker: CurrentWork
 
 
 @router.get("/{lease_id}/files/{which}", response_class=FileResponse)
-async def lease_file(lease_id: LeaseId, which: Annotated[str, Path(pattern="^(training|validation|held_out|adapter|initial)$")],
+async def lease_file(lease_id: LeaseId,
+                     which: Annotated[str, Path(pattern="^(training|validation|held_out|adapter|initial|batch_done)$")],
                      worker: CurrentWorker, token: FencingToken, store: StoreDep) -> FileResponse:
     """The lease's inputs; only for the worker holding the live lease, so the URL dies with the lease. The
     held-out sample and the adapter under test go to verification leases only."""
@@ -129,6 +130,21 @@ async def upload_export(
     await worker.run(export_leases.record_upload, store=store, lease_id=lease_id, fencing_token=token, fmt=fmt,
                      blob=blob)
     return UploadReply(lease_id=lease_id, kind="export", format=fmt, sha256=blob.sha256, bytes=blob.bytes)
+
+
+@router.put("/{lease_id}/batch_results", response_model=BatchPartReply)
+async def upload_batch_part(
+    request: Request, lease_id: LeaseId, worker: CurrentWorker, token: FencingToken, store: StoreDep,
+    sha256: Annotated[str | None, Header(alias=SHA256_HEADER)] = None,
+) -> BatchPartReply:
+    """A batch lease's answers so far (JSONL, one answer or error a line): checked whole, then each request's first
+    answer recorded (`services/batch_leases.py`)."""
+    expected = _declared_sha256(sha256)
+    limit = await worker.run(batch_leases.part_limit, lease_id=lease_id, fencing_token=token)
+    blob = await store.put_stream(batch_leases.part_key(lease_id), request.stream(), max_bytes=limit,
+                                  expected_sha256=expected)
+    counts = await worker.run(batch_leases.record_part, store=store, lease_id=lease_id, fencing_token=token, blob=blob)
+    return BatchPartReply(lease_id=lease_id, **counts)
 
 
 @router.post("/{lease_id}/complete", response_model=LeaseReply)

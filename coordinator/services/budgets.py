@@ -92,11 +92,11 @@ def _rehold(session: Session, job: JobModel, settings: CoordinatorSettings) -> s
         holds.hold_for_queue(session=session, job=job, settings=settings)
     except InsufficientQuota:
         available = ledger.balance(session, Book.customer_available, job.account_id)
-        if job.kind == JobKind.export:  # asked for at the job's creation; one asked for later held at once
+        if job.kind != JobKind.fine_tuning:  # an export or a batch has no pause to resume from: it ends
             change_status(session=session, job=job, to=JobStatus.failed,
-                          message=f"Insufficient balance (${micros_to_usd(available)} available) to hold the export's "
-                                  "cost: top up and request the export again",
-                          error={"code": "insufficient_quota", "message": "Your balance cannot cover this export's "
+                          message=f"Insufficient balance (${micros_to_usd(available)} available) to hold the {job.kind}'s "
+                                  f"cost: top up and ask for the {job.kind} again",
+                          error={"code": "insufficient_quota", "message": f"Your balance cannot cover this {job.kind}'s "
                                  "estimated cost.", "param": None})
             return "failed"
         change_status(session=session, job=job, to=JobStatus.paused, level="warn",
@@ -125,7 +125,7 @@ def enforce_budgets(*, session: Session, settings: CoordinatorSettings) -> dict[
         JobModel.status == JobStatus.running, JobModel.accruing_since.is_not(None)).order_by(JobModel.id)
         .limit(SWEEP_BATCH)))
     unheld = list(session.scalars(select(JobModel.id).where(
-        JobModel.status == JobStatus.queued, JobModel.held_micros <= 0, JobModel.stage.in_(("train", "export")))
+        JobModel.status == JobStatus.queued, JobModel.held_micros <= 0, JobModel.stage.in_(("train", "export", "batch")))
         .order_by(JobModel.id).limit(SWEEP_BATCH)))  # a verifier is the platform's to pay: that job needs no hold
     session.rollback()
     for job_id in running:

@@ -15,10 +15,11 @@ from coordinator.db.ids import new_id
 from coordinator.db.tables import AccountModel, FileModel, FileStatus, JobModel, JobStatus, utcnow
 from coordinator.services.paging import Order, page
 from coordinator.storage import BlobStore, StoredBlob
+from shared.batches import validate_batch_file
 from shared.datasets import DatasetSummary, validate_dataset
 from shared.errors import Conflict, InvalidRequest, NotFound
 
-UPLOAD_PURPOSES = ("fine-tune",)
+UPLOAD_PURPOSES = ("fine-tune", "batch")
 Lock = Literal["share", "update"] | None
 _LOCKS: dict[Lock, dict[str, bool] | None] = {None: None, "share": {"read": True}, "update": {"read": False}}
 TERMINAL = (JobStatus.succeeded, JobStatus.failed, JobStatus.cancelled)
@@ -49,6 +50,7 @@ class CheckedDataset:
     file_id: str
     blob: StoredBlob
     summary: DatasetSummary
+    model: str | None = None  # a batch file's model
 
 
 def check_upload(*, store: BlobStore, purpose: str, source: BinaryIO, max_bytes: int, min_examples: int) -> CheckedDataset:
@@ -56,12 +58,17 @@ def check_upload(*, store: BlobStore, purpose: str, source: BinaryIO, max_bytes:
     database session; a bad file is rejected with its first bad line and nothing is kept."""
     if purpose not in UPLOAD_PURPOSES:
         raise InvalidRequest(
-            f"Invalid purpose {purpose!r}: tunegrid accepts files with purpose 'fine-tune'.", param="purpose"
-        )
+            f"Invalid purpose {purpose!r}: tunegrid accepts files with purpose 'fine-tune' or 'batch'.",
+            param="purpose")
     file_id = new_id("file-")
     blob = store.put(blob_key(file_id), source, max_bytes=max_bytes)
     try:
-        summary = validate_dataset(store.iter_lines(blob.key, max_line=MAX_LINE_BYTES), min_examples=min_examples)
+        lines = store.iter_lines(blob.key, max_line=MAX_LINE_BYTES)
+        if purpose == "batch":
+            batch = validate_batch_file(lines)
+            return CheckedDataset(file_id=file_id, blob=blob, model=batch.model, summary=DatasetSummary(
+                format="batch", examples=batch.requests, estimated_tokens=batch.estimated_tokens))  # type: ignore[arg-type]
+        summary = validate_dataset(lines, min_examples=min_examples)
     except BaseException:
         store.delete(blob.key)
         raise
@@ -80,6 +87,7 @@ def record(
             id=checked.file_id, account_id=account.id, filename=_clean_filename(filename), purpose=purpose,
             bytes=checked.blob.bytes, sha256=checked.blob.sha256, status=FileStatus.processed, format=summary.format,
             examples=summary.examples, estimated_tokens=summary.estimated_tokens, uses_tools=summary.uses_tools,
+            model=checked.model,
             created_at=now,
             expires_at=now + retention,
         )

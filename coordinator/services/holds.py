@@ -20,7 +20,7 @@ from shared.memory import GIB
 from shared.money import micros_to_usd
 from shared.pricing import (
     BPS, CPU, GPU_CLASSES, cost_for_seconds, cpu_can_train, expected_tokens_per_s, export_seconds, get_gpu_class,
-    training_seconds,
+    inference_seconds, training_seconds,
 )
 
 ESTIMATE_WORKERS = 500  # idle workers looked at when sizing a hold
@@ -37,7 +37,7 @@ def estimated_cost(session: Session, job: JobModel, settings: CoordinatorSetting
         c = candidate(worker, platform_fee_bps=settings.platform_fee_bps)
         if eligible(req, c):
             tps = expected_tokens_per_s(base, get_gpu_class(worker.gpu_class), speed_factor=worker.speed_factor)
-            costs.append(cost_for_seconds(c.price, export_s if exporting else training_seconds(tokens, tps)))
+            costs.append(cost_for_seconds(c.price, export_s if exporting else _seconds(job, tokens, tps)))
     if costs:
         return max(costs)
     fitting = [g for g in GPU_CLASSES if g.typical_vram_gb * GIB >= req.memory_bytes]
@@ -47,7 +47,14 @@ def estimated_cost(session: Session, job: JobModel, settings: CoordinatorSetting
     price = job.max_price_per_gpu_hour or settings.hold_fallback_price
     if exporting:
         return cost_for_seconds(price, export_s)
-    return cost_for_seconds(price, training_seconds(tokens, expected_tokens_per_s(base, slowest)))
+    return cost_for_seconds(price, _seconds(job, tokens, expected_tokens_per_s(base, slowest)))
+
+
+def _seconds(job: JobModel, tokens: int, tokens_per_s: float) -> int:
+    """Training's seconds for a fine-tuning job, generation's for a batch."""
+    if job.kind == JobKind.batch:
+        return inference_seconds(tokens, tokens_per_s)
+    return training_seconds(tokens, tokens_per_s)
 
 
 def hold_for_queue(*, session: Session, job: JobModel, settings: CoordinatorSettings) -> int:

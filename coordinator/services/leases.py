@@ -23,7 +23,7 @@ from coordinator.db.tables import (
     LIVE_LEASE, FileModel, LeaseKind, JobCheckpointModel, JobEventModel, JobModel, JobStatus, LeaseModel,
     LeaseStatus, WorkerModel, WorkerState, utcnow,
 )
-from coordinator.services import export_leases, files, held_out, replicas, results, verification
+from coordinator.services import batch_leases, export_leases, files, held_out, replicas, results, verification
 from coordinator.services.adapters import AdapterRejected, adapter_limit, verify_adapter
 from coordinator.services.job_states import change_status, exclude, record_event
 from coordinator.services import worker_states
@@ -48,7 +48,8 @@ BASE_LEARNING_RATE = 2e-4
 DPO_LEARNING_RATE = 5e-5
 DPO_BETA = 0.1
 SPEED_EMA = 0.3  # weight of the newest lease in a worker's speed factor
-STARTED = {"train": "Training started", "verify": "Verification started", "export": "Export started"}
+STARTED = {"train": "Training started", "verify": "Verification started", "export": "Export started",
+           "batch": "Batch started"}
 UNKNOWN_EXAMPLES = 10_000_000  # a file validated before examples were counted: a loose bound
 
 
@@ -160,6 +161,10 @@ def build_assignment(*, session: Session, settings: CoordinatorSettings, lease: 
         verifying = {"adapter_url": f"{inputs}/adapter", "adapter_sha256": adapter.sha256 if adapter else None,
                      "held_out_url": f"{inputs}/held_out" if sample else None,
                      "held_out_sha256": sample.sha256 if sample else None}
+    if lease.kind == LeaseKind.batch:
+        done = batch_leases.done_input(session=session, store=BlobStore(settings.resolved_storage_dir), lease=lease,
+                                       job=job)
+        verifying.update(batch_done_url=f"{inputs}/batch_done", batch_done_sha256=done.sha256)
     initial = job.initial_adapter
     if initial:
         verifying.update(initial_adapter_url=f"{inputs}/initial", initial_adapter_sha256=initial["sha256"],
@@ -285,6 +290,9 @@ def lease_input(*, session: Session, worker: WorkerModel, lease_id: str, fencing
         found = held_out.Input(files.blob_key(validation.id), validation.sha256)
     elif which in ("held_out", "adapter") and f.lease.kind == LeaseKind.verify:
         found = held_out.sample_input(f.job) if which == "held_out" else _adapter_under_test(session, f.job)
+    elif which == "batch_done" and f.lease.kind == LeaseKind.batch and (f.lease.result or {}).get("done"):
+        done = f.lease.result["done"]  # type: ignore[index]
+        found = held_out.Input(done["key"], done["sha256"])
     elif which == "initial" and f.job.initial_adapter:
         found = held_out.Input(f.job.initial_adapter["key"], f.job.initial_adapter["sha256"])
     session.commit()
@@ -416,6 +424,9 @@ def complete(
     if peek is not None and peek.kind == LeaseKind.verify and peek.worker_id == worker.id:
         return _verified(session=session, store=store, settings=settings, worker=worker, lease_id=lease_id,
                          fencing_token=fencing_token, report=report)
+    if peek is not None and peek.kind == LeaseKind.batch and peek.worker_id == worker.id:
+        return batch_leases.complete(session=session, store=store, settings=settings, worker=worker,
+                                     lease_id=lease_id, fencing_token=fencing_token, report=report)
     if peek is not None and peek.kind == LeaseKind.export and peek.worker_id == worker.id:
         return export_leases.complete(session=session, store=store, settings=settings, worker=worker,
                                       lease_id=lease_id, fencing_token=fencing_token, report=report)

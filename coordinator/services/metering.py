@@ -36,7 +36,7 @@ from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
 from coordinator.db.tables import (
-    FileModel, JobCheckpointModel, JobModel, LeaseKind, LeaseModel, LeaseStatus, UsageRecordModel, WorkerModel,
+    BatchRequestModel, FileModel, JobCheckpointModel, JobModel, LeaseKind, LeaseModel, LeaseStatus, UsageRecordModel, WorkerModel,
 )
 from coordinator.services import billing, replicas
 from shared.pricing import cost_for_seconds, provider_earnings, seconds_for_budget
@@ -79,6 +79,10 @@ def rule_for(status: LeaseStatus, *, failed_check: bool, counts_against_worker: 
 
 
 def _last_checkpoint_at(session: Session, lease: LeaseModel) -> datetime | None:
+    """The lease's last kept work: its latest checkpoint, or for a batch lease its latest answer recorded."""
+    if lease.kind == LeaseKind.batch:
+        return session.scalar(select(func.max(BatchRequestModel.answered_at)).where(
+            BatchRequestModel.lease_id == lease.id))
     return session.scalar(select(func.max(JobCheckpointModel.created_at)).where(JobCheckpointModel.lease_id == lease.id))
 
 

@@ -43,7 +43,8 @@ DEFAULT_SEQ_LEN = 2048
 CACHED_MODEL_BONUS = 1.25  # skipping a multi-GB download is worth about this much throughput
 CONSIDERED = 8  # eligible workers compared per job, best ranked first
 PULL_SCAN = 200  # queued jobs a newly idle worker looks through
-PLACED = {LeaseKind.verify.value: "Verification placed", LeaseKind.export.value: "Export placed"}
+PLACED = {LeaseKind.verify.value: "Verification placed", LeaseKind.export.value: "Export placed",
+          LeaseKind.batch.value: "Batch placed"}
 
 
 def seq_len_for(base: BaseModelSpec) -> int:
@@ -70,7 +71,7 @@ def _memory(model: str, r: int, targets: str | tuple[str, ...], batch: int, kind
     target_modules = targets if isinstance(targets, str) else list(targets)
     if kind == LeaseKind.export:
         return estimate_export(base, lora_r=r, target_modules=target_modules).total
-    estimate = estimate_evaluation if kind == LeaseKind.verify else estimate_qlora
+    estimate = estimate_evaluation if kind in (LeaseKind.verify, LeaseKind.batch) else estimate_qlora
     return estimate(base, seq_len=seq_len_for(base), batch_size=batch, lora_r=r, target_modules=target_modules).total
 
 

@@ -1,4 +1,5 @@
-"""Files: uploaded datasets and result files (adapters), in OpenAI's `file` shape."""
+"""Files: uploaded datasets and batch inputs, and result files (adapters, exports, batch outputs), in OpenAI's
+`file` shape."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ from pydantic import Field
 
 from shared.schemas.common import Page, Reply
 
-FilePurpose = Literal["fine-tune", "fine-tune-results"]
+FilePurpose = Literal["fine-tune", "fine-tune-results", "batch", "batch_output"]
 
 
 class FileRead(Reply):
@@ -22,7 +23,10 @@ class FileRead(Reply):
     status: Literal["uploaded", "processed", "error"]
     status_details: str | None = None
     # Marketplace extensions: what validation found, used for quotes.
-    format: Literal["chat", "prompt_completion", "preference", "peft-lora"] | None = None  # peft-lora: a result adapter
+    # peft-lora: a result adapter; merged-safetensors, gguf, ollama-modelfile: an export's; batch: a batch's input
+    format: Literal["chat", "prompt_completion", "preference", "peft-lora", "merged-safetensors", "gguf",
+                    "ollama-modelfile", "batch", "batch-output", "batch-errors"] | None = None
+    model: str | None = Field(default=None, description="a batch file's model (every request names it)")
     uses_tools: bool = Field(default=False, description="the examples define or call tools")
     examples: int | None = None
     estimated_tokens: int | None = None

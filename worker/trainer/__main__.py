@@ -7,7 +7,9 @@ Reads `JOB_DIR/spec.json` (shared.jobspec.JobSpec), `train.jsonl`, optionally
 
 A spec of kind `verify` runs the verification program instead (worker/trainer/verify.py): it reads
 `held_out.jsonl` and `adapter/` too, and writes `out/verification.json`. A spec of kind `export` runs the export
-program (worker/trainer/export.py): it reads `adapter/` and writes `out/exports/` and `out/export.json`.
+program (worker/trainer/export.py): it reads `initial/` and writes `out/exports/` and `out/export.json`. A spec of
+kind `batch` runs the batch program (worker/trainer/generate.py): it reads `train.jsonl` (the requests) and
+`batch_done.jsonl`, and writes `out/batch/part-N.jsonl` and `out/batch.json`.
 
 Exit codes:
     0  done: the adapter and result.json are written
@@ -51,6 +53,16 @@ def run(job_dir: Path) -> int:
             figures = verify.run(spec, job_dir, progress)
             (job_dir / "out" / "verification.json").write_text(json.dumps(figures, indent=2))
             progress.emit("finished", kind="verify")
+            return EXIT_DONE
+        if spec.kind == "batch":
+            from worker.trainer import generate  # noqa: PLC0415
+
+            answered = generate.run(spec, job_dir, progress)
+            if answered.get("preempted"):
+                progress.emit("preempted")
+                return EXIT_PREEMPTED
+            (job_dir / "out" / "batch.json").write_text(json.dumps(answered, indent=2))
+            progress.emit("finished", kind="batch", **answered)
             return EXIT_DONE
         if spec.kind == "export":
             from worker.trainer import export  # noqa: PLC0415

@@ -1,0 +1,131 @@
+"""Export benchmark: how long each export format takes and how large it is, side by side in one run, on the tiny
+model and on a model of Qwen 2.5 0.5B's real shape (random bfloat16 weights, 494M parameters: no weights can be
+downloaded here), each format as the subprocess the agent starts (`python -m worker.trainer --job DIR`), so Python
+start and imports count as they do for a worker. Also the export program's peak memory against the model's size
+(the merge streams a tensor at a time), and the coordinator's check of each upload (`export_checks`), which reads
+every byte. Prints figures; never passes or fails.
+
+    python bench/export.py [--skip-large]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tarfile
+import tempfile
+import time
+from pathlib import Path
+
+from coordinator.services import export_checks
+from shared.catalog import get_base_model
+from shared.jobspec import JobSpec
+from shared.lora import lora_shapes
+from shared.weights import FORMATS, export_name, merged_member
+
+ROOT = Path(__file__).resolve().parent.parent
+# `python -m worker.trainer`, then its own peak resident memory on stderr (per run, unlike RUSAGE_CHILDREN's maximum).
+PEAK = ("import resource, runpy, sys\n"
+        "sys.argv = ['worker.trainer', *sys.argv[1:]]\n"
+        "try:\n    runpy.run_module('worker.trainer', run_name='__main__')\n"
+        "finally:\n    print(f'PEAK_RSS_KB={resource.getrusage(resource.RUSAGE_SELF).ru_maxrss}', file=sys.stderr)\n")
+
+
+def build_qwen_shape(out: Path, tokenizer_from: Path) -> Path:
+    """A random Qwen 2.5 0.5B (its config's figures) saved in bfloat16, with the tiny model's tokenizer."""
+    import torch
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    base = get_base_model("qwen2.5-0.5b-instruct")
+    config = Qwen2Config(vocab_size=base.vocab_size, hidden_size=base.hidden_size,
+                         intermediate_size=base.intermediate_size, num_hidden_layers=base.layers,
+                         num_attention_heads=base.attention_heads, num_key_value_heads=base.kv_heads,
+                         tie_word_embeddings=True, max_position_embeddings=32768, rope_theta=1_000_000.0,
+                         dtype="bfloat16")
+    torch.manual_seed(0)
+    model = Qwen2ForCausalLM(config).to(torch.bfloat16)
+    model.save_pretrained(out)
+    for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja"):
+        if (tokenizer_from / name).is_file():
+            shutil.copyfile(tokenizer_from / name, out / name)
+    return out
+
+
+def adapter(path: Path, model: str) -> None:
+    import torch
+    from safetensors.torch import save_file
+
+    g = torch.Generator().manual_seed(1)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_file({n: torch.randn(s, generator=g) * 0.01 for n, s in lora_shapes(get_base_model(model), r=16).items()},
+              str(path))
+
+
+def run_format(model: str, model_dir: Path, fmt: str, root: Path) -> dict[str, float]:
+    job = root / fmt.replace(":", "-")
+    adapter(job / "initial" / "adapter_model.safetensors", model)
+    spec = JobSpec(job_id="bench", kind="export", base_model=model, model_dir=str(model_dir), export=[fmt],
+                   export_name="ft:bench")
+    (job / "spec.json").write_text(spec.model_dump_json())
+    started = time.perf_counter()
+    done = subprocess.run([sys.executable, "-c", PEAK, "--job", str(job)], cwd=ROOT, capture_output=True, text=True,
+                          env={**os.environ, "PYTHONPATH": str(ROOT)}, check=False)
+    seconds = time.perf_counter() - started
+    if done.returncode != 0:
+        raise SystemExit(f"{model} {fmt} failed: {done.stderr[-2000:]}")
+    peak_mib = int(done.stderr.rsplit("PEAK_RSS_KB=", 1)[1].split()[0]) / 1024
+    output = job / "out" / "exports" / export_name(fmt)
+    base = get_base_model(model)
+    started = time.perf_counter()
+    if fmt == "merged":
+        archive = job / "merged.tar"
+        with tarfile.open(archive, "w") as tar:
+            for p in sorted(output.iterdir()):
+                if merged_member(p.name):
+                    tar.add(p, arcname=p.name)
+        size = archive.stat().st_size
+        export_checks.check_merged(archive, base)
+    else:
+        size = output.stat().st_size
+        export_checks.check_gguf(output, base, fmt)
+    checked = time.perf_counter() - started
+    shutil.rmtree(job, ignore_errors=True)
+    return {"seconds": seconds, "bytes": size, "peak_mib": peak_mib, "check_s": checked}
+
+
+def table(model: str, model_dir: Path, root: Path) -> None:
+    base = get_base_model(model)
+    print(f"\n{model} ({base.parameters / 1e6:.1f}M parameters; 16-bit weights {2 * base.parameters / 2**20:.0f} MiB)")
+    print(f"{'format':<12} {'seconds':>8} {'MiB':>9} {'MB/s out':>9} {'peak RSS MiB':>13} {'coord. check s':>15}")
+    for fmt in FORMATS:
+        f = run_format(model, model_dir, fmt, root)
+        print(f"{fmt:<12} {f['seconds']:8.2f} {f['bytes'] / 2**20:9.1f} {f['bytes'] / 1e6 / f['seconds']:9.1f} "
+              f"{f['peak_mib']:13.0f} {f['check_s']:15.2f}")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--skip-large", action="store_true", help="only the tiny model")
+    args = parser.parse_args()
+    from worker.trainer.tiny import build
+
+    with tempfile.TemporaryDirectory() as folder:
+        root = Path(folder)
+        tiny = build(root / "tiny")
+        print("Each format alone, as the agent runs the export program (Python start and imports included); the "
+              "peak RSS is that run's own.")
+        table("tunegrid/tiny-llama", tiny, root)
+        if not args.skip_large:
+            started = time.perf_counter()
+            qwen = build_qwen_shape(root / "qwen", tiny)
+            print(f"\n(random Qwen 2.5 0.5B built in {time.perf_counter() - started:.1f} s)")
+            table("qwen2.5-0.5b-instruct", qwen, root)
+    print(json.dumps({"cpu_count": os.cpu_count()}))
+
+
+if __name__ == "__main__":
+    main()
