@@ -36,7 +36,9 @@ TESTED_ELSEWHERE: dict[str, str] = {
     "coordinator/stripe_gateway.py": "tests/coordinator/services/test_payouts.py",  # the SDK against the fake Stripe
     "shared/errors.py": "tests/coordinator/api/test_errors.py",
     "shared/jobspec.py": "tests/trainer/test_train.py",
-    "coordinator/services/export_rows.py": "tests/coordinator/services/test_exports.py",  # both ways an export is made
+    "coordinator/services/export_rows.py": "tests/coordinator/services/test_exports.py",
+    "coordinator/services/gguf_probe.py": "tests/security/test_export_attacks.py",  # a hostile GGUF, bounded
+    "coordinator/api/batches.py": "tests/e2e/test_batches.py",  # through the openai client  # both ways an export is made
     "worker/trainer/merge.py": "tests/trainer/test_export.py",  # the export program's merged format
     "worker/trainer/gguf_export.py": "tests/trainer/test_export.py",  # its GGUF formats, loaded in llama.cpp
     "shared/lora.py": "tests/shared/test_checkpoint.py",

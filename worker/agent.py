@@ -513,9 +513,11 @@ class Agent:
         limit = self.settings.max_export_bytes
         try:
             raw = read_regular(job.work, "out", "export.json", limit=MAX_RESULT_BYTES)
-            figures = (json.loads(raw) if raw else {}).get("formats") or {}
-        except (UnsafeJobFile, json.JSONDecodeError, UnicodeDecodeError, AttributeError):
+            figures = json.loads(raw) if raw else {}
+            figures = figures.get("formats") if isinstance(figures, dict) else {}
+        except (UnsafeJobFile, json.JSONDecodeError, UnicodeDecodeError):
             figures = {}
+        figures = figures if isinstance(figures, dict) else {}  # the job's folder says what it likes: display only
         self._persist(job, delivering="complete")
         for fmt in a.spec.export:
             name = export_name(fmt)

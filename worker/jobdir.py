@@ -179,7 +179,7 @@ def pack_folder(root: Path, parts: tuple[str, ...], target: Path, *, allowed: Ca
     if not names:
         raise FileNotFoundError(f"{'/'.join(parts)} holds no file to pack")
     target.unlink(missing_ok=True)
-    with create_private(target) as sink, tarfile.open(fileobj=sink, mode="w") as tar:
+    with create_private(target) as sink, tarfile.open(fileobj=sink, mode="w", format=tarfile.USTAR_FORMAT) as tar:
         for name in names:
             with open_regular(root, *parts, name, limit=limit) as (source, size):
                 info = tarfile.TarInfo(name)

@@ -5,8 +5,8 @@ uploads, a customer's expired files and ended jobs' scratch do not fill the coor
 - checkpoints of jobs that ended `scratch_retention_s` ago lose their content (they are listed still), and so do
   those jobs' copies of their training data: what trainers got and the held-out sample (`held_out.py`);
 - a stored file no row refers to (a crash between storing and recording, a pruned checkpoint whose delete
-  failed) and an upload abandoned half way are deleted once older than `ORPHAN_GRACE`, so an upload in
-  flight is never touched.
+  failed), an export's or a batch's uploads whose lease has ended, the adapter an ended job started from, and an
+  upload abandoned half way are deleted once older than `ORPHAN_GRACE`, so an upload in flight is never touched.
 Idempotent, and safe beside uploads: a blob is recorded before it is old enough to look orphaned.
 """
 
@@ -19,7 +19,7 @@ from datetime import timedelta
 from sqlalchemy import or_, select
 from sqlalchemy.orm import Session
 
-from coordinator.db.tables import FileModel, JobCheckpointModel, JobModel, JobStatus, LeaseModel, utcnow
+from coordinator.db.tables import LIVE_LEASE, FileModel, JobCheckpointModel, JobModel, JobStatus, LeaseModel, utcnow
 from coordinator.services import held_out
 from coordinator.services.files import blob_key
 from coordinator.settings import CoordinatorSettings
@@ -88,13 +88,23 @@ def _referenced(session: Session, folder: str, keys: list[str]) -> set[str]:
         kept = session.scalars(select(JobCheckpointModel.id).where(
             JobCheckpointModel.id.in_(ids), JobCheckpointModel.blob_sha256.is_not(None)))
         return {ids[i] for i in kept}
+    if folder in ("exports", "batches"):  # exports/<lease>/..., batches/<lease>/...: kept while the lease lives
+        leases = {k.split("/")[1]: k for k in keys}
+        live = session.scalars(select(LeaseModel.id).where(LeaseModel.id.in_(leases), LeaseModel.status.in_(LIVE_LEASE)))
+        by_lease = set(live)
+        return {k for k in keys if k.split("/")[1] in by_lease}
+    if folder == "jobs":  # jobs/<id>/initial: the adapter a job starts from, kept until the job ends
+        jobs = {k.split("/")[1] for k in keys}
+        open_jobs = set(session.scalars(select(JobModel.id).where(JobModel.id.in_(jobs), JobModel.status.not_in(ENDED))))
+        return {k for k in keys if k.split("/")[1] in open_jobs}
     return set(session.scalars(select(LeaseModel.adapter_key).where(LeaseModel.adapter_key.in_(keys))))
 
 
 def _remove_orphans(session: Session, store: BlobStore, collected: Collected) -> None:
     old_enough = time.time() - ORPHAN_GRACE_S
-    for folder in ("files", "checkpoints", "adapters"):
-        candidates = [(key, incoming) for key, modified, incoming in store.stored(folder) if modified < old_enough]
+    for folder in ("files", "checkpoints", "adapters", "exports", "batches", "jobs"):
+        candidates = [(key, incoming) for key, modified, incoming in store.stored(folder) if modified < old_enough
+                      and (folder != "jobs" or key.endswith("/initial"))]  # jobs/ scratch: `_drop_scratch`
         for start in range(0, len(candidates), BATCH):
             chunk = candidates[start:start + BATCH]
             kept = _referenced(session, folder, [key for key, incoming in chunk if not incoming])

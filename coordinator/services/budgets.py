@@ -14,7 +14,7 @@ from sqlalchemy.orm import Session
 
 from coordinator.db.tables import Book, JobCheckpointModel, JobKind, JobModel, JobStatus, utcnow
 from coordinator.effects import effects
-from coordinator.services import billing, holds, ledger, replicas, results
+from coordinator.services import batches, billing, holds, ledger, replicas, results
 from coordinator.services.job_states import change_status, record_event
 from coordinator.services.lease_states import end_live_leases
 from coordinator.settings import CoordinatorSettings
@@ -61,6 +61,17 @@ def pause_for_balance(session: Session, job: JobModel, available: int) -> None:
                   data={"code": "insufficient_balance"})
 
 
+def _end_for_balance(session: Session, job: JobModel, available: int, *, store: BlobStore) -> None:
+    """An export or a batch whose hold ran out with nothing left to hold: it stops, billed until now (a batch's
+    answers so far go to its output file)."""
+    end_live_leases(session=session, job=job, reason="the customer's balance ran out")
+    if job.kind == JobKind.batch:
+        batches.finalize(session=session, store=store, batch=job)
+    message = f"Insufficient balance (${micros_to_usd(available)} available) to keep the {job.kind} running"
+    change_status(session=session, job=job, to=JobStatus.failed, message=message,
+                  error={"code": "insufficient_quota", "message": message, "param": None})
+
+
 def _review(session: Session, job: JobModel, now: datetime, lookahead_s: int, settings: CoordinatorSettings) -> str | None:
     assert job.accruing_since is not None and job.accruing_price is not None
     seconds = _seconds(job.accruing_since, now)
@@ -82,6 +93,9 @@ def _review(session: Session, job: JobModel, now: datetime, lookahead_s: int, se
         record_event(session=session, job=job, message=f"Held ${micros_to_usd(take)} more on your balance "
                                                       f"(${micros_to_usd(job.held_micros)} held for this job)")
     if running >= job.held_micros:
+        if job.kind != JobKind.fine_tuning:  # an export or a batch has no pause to resume from: it ends
+            _end_for_balance(session, job, available - take, store=BlobStore(settings.resolved_storage_dir))
+            return "failed"
         pause_for_balance(session, job, available - take)
         return "paused"
     return "extended" if take > 0 else None

@@ -19,6 +19,7 @@ import tarfile
 from pathlib import Path
 from typing import Any
 
+from coordinator.services import gguf_probe
 from shared.catalog import BaseModelSpec
 from shared.checkpoint import CheckpointRejected, finite, guarded_tar, read_safetensors
 from shared.weights import GGUF_TYPES, MERGED_SHARD, MERGED_SIDE_FILES, export_bytes, weight_shapes
@@ -76,8 +77,44 @@ def _check_config(config: dict[str, Any], base: BaseModelSpec) -> None:
         raise ExportRejected(f"config.json says model_type={config.get('model_type')!r}, not {base.architecture!r}")
 
 
+TAR_BLOCK = 512
+TAR_TAIL = 20 * TAR_BLOCK  # what a tar writer pads the end of an archive with: zeros up to a 10 KiB record
+
+
+def _plain_ustar(path: Path) -> None:
+    """Every header a plain POSIX ustar regular file: no pax, GNU or Solaris extension (each reader would read
+    those its own way: the coordinator one archive, the customer's `tar -xf` another), no link, a valid checksum,
+    and after the end of the archive nothing but its zero padding. The agent writes exactly this."""
+    size = path.stat().st_size
+    with path.open("rb") as f:
+        while True:
+            block = f.read(TAR_BLOCK)
+            if len(block) < TAR_BLOCK:
+                raise ExportRejected("the archive ends inside a header (no end-of-archive marker)")
+            if block == bytes(TAR_BLOCK):
+                rest = f.read(TAR_TAIL + 1)
+                if len(rest) > TAR_TAIL or rest.strip(b"\0"):
+                    raise ExportRejected("the archive holds bytes after its end")
+                return
+            if block[257:265] != b"ustar\x0000" or block[156:157] not in (b"0", b"\0") or block[345:500].strip(b"\0"):
+                raise ExportRejected("the archive is not plain ustar of regular files (an extended header, a link, "
+                                     "a long name or a GNU archive)")
+            try:
+                stored = int(block[148:156].rstrip(b"\0 ").strip() or b"-1", 8)
+                length = int(block[124:136].rstrip(b"\0 ").strip() or b"-1", 8)
+            except ValueError:
+                raise ExportRejected("the archive has a malformed tar header") from None
+            if stored != sum(block[:148]) + 8 * 32 + sum(block[156:]) or length < 0:
+                raise ExportRejected("the archive has a tar header with a bad checksum or size")
+            skip = -(-length // TAR_BLOCK) * TAR_BLOCK
+            if f.tell() + skip > size:
+                raise ExportRejected("a member of the archive runs past its end")
+            f.seek(skip, 1)
+
+
 def check_merged(path: Path, base: BaseModelSpec) -> dict[str, Any]:
     """The merged model's archive, checked member by member as it streams; its facts ({files, tensors})."""
+    _plain_ustar(path)
     want = weight_shapes(base)
     limit = upload_limit(base, "merged")
     tensors: dict[str, tuple[str, tuple[int, ...]]] = {}
@@ -169,44 +206,75 @@ def _gguf_names(base: BaseModelSpec) -> dict[str, tuple[int, ...]]:
     return out
 
 
-def check_gguf(path: Path, base: BaseModelSpec, fmt: str) -> dict[str, Any]:
-    """A GGUF upload of format `fmt`; its facts ({tensors, types})."""
-    import gguf  # noqa: PLC0415
-    import numpy as np  # noqa: PLC0415
+def _check_layout(path: Path, tensors: list[dict[str, Any]], data_offset: int, alignment: int) -> None:
+    """The tensors tile the data section in order, each where the last ended (aligned), as llama.cpp loads them;
+    after the last one nothing but its zero padding."""
+    size = path.stat().st_size
+    position = data_offset
+    for t in sorted(tensors, key=lambda t: t["offset"]):
+        if t["offset"] != position:
+            raise ExportRejected(f"{t['name']} is not where the tensor before it ends: the tensors overlap or leave "
+                                 "bytes unaccounted for")
+        end = t["offset"] + t["bytes"]
+        position = end + (-end % alignment)
+    last = max(t["offset"] + t["bytes"] for t in tensors)
+    if not last <= size <= position:
+        raise ExportRejected("the file holds bytes after its last tensor" if size > position
+                             else "the last tensor's data runs past the end of the file")
+    with path.open("rb") as f:
+        f.seek(last)
+        if f.read(size - last).strip(b"\0"):
+            raise ExportRejected("the file holds bytes after its last tensor")
 
+
+def _finite(path: Path, t: dict[str, Any]) -> bool:
+    with path.open("rb") as f:
+        f.seek(t["offset"])
+        left = t["bytes"]
+        while left:
+            piece = f.read(min(left, 1 << 20))
+            if not piece or not finite(piece, t["type"]):
+                return False
+            left -= len(piece)
+    return True
+
+
+def check_gguf(path: Path, base: BaseModelSpec, fmt: str) -> dict[str, Any]:
+    """A GGUF upload of format `fmt`, parsed in a bounded child (`gguf_probe`); its facts ({tensors, types})."""
     size = path.stat().st_size
     if size > upload_limit(base, fmt):
         raise ExportRejected(f"the file is {size} bytes, more than a {GGUF_TYPES[fmt]} export of {base.id} takes")
     try:
-        reader = gguf.GGUFReader(path)
-        fields = {name: reader.fields[name].contents() for name in
-                  ("general.architecture", "tokenizer.ggml.model", "tokenizer.ggml.tokens") if name in reader.fields}
-        found = [(t.name, tuple(int(d) for d in t.shape), t.tensor_type.name, int(t.data_offset), int(t.n_bytes),
-                  t.data) for t in reader.tensors]
-    except Exception as exc:  # noqa: BLE001 - any parse failure of a stranger's file is a refusal
-        raise ExportRejected(f"not a readable GGUF file ({exc.__class__.__name__})") from None
+        probed = gguf_probe.probe(path)
+    except gguf_probe.ProbeFailed as exc:
+        raise ExportRejected(str(exc)) from None
+    fields = probed["fields"]
     if fields.get("general.architecture") != GGUF_ARCH.get(base.architecture):
         raise ExportRejected(f"its architecture is {fields.get('general.architecture')!r}, not {base.architecture!r}")
-    if fields.get("tokenizer.ggml.model") != "gpt2" or len(fields.get("tokenizer.ggml.tokens") or ()) != base.vocab_size:
+    if fields.get("tokenizer.ggml.model") != "gpt2" or probed["tokens"] != base.vocab_size:
         raise ExportRejected(f"its vocabulary is not {base.id}'s ({base.vocab_size} byte-level BPE tokens)")
+    alignment = fields.get("general.alignment", 32)
+    if type(alignment) is not int or alignment not in (8, 16, 32, 64, 128, 256):
+        raise ExportRejected("its alignment is not one llama.cpp uses")
     want = _gguf_names(base)
     head_dim = base.hidden_size // base.attention_heads
     optional = {"rope_freqs.weight": (head_dim // 2,)} if base.architecture == "llama" else {}
-    names = {name for name, *_ in found}
+    found = probed["tensors"]
+    names = {t["name"] for t in found}
     if len(names) != len(found) or not set(want) <= names or not names <= set(want) | set(optional):
         raise ExportRejected("its tensors are not the model's")
+    _check_layout(path, found, probed["data_offset"], alignment)
     types = set()
-    for name, shape, kind, offset, nbytes, data in found:
-        if shape != {**want, **optional}[name]:
-            raise ExportRejected(f"{name} has shape {list(shape)}")
+    for t in found:
+        shape = tuple(t["shape"])
+        if shape != {**want, **optional}[t["name"]]:
+            raise ExportRejected(f"{t['name']} has shape {list(shape)}")
         allowed = frozenset({"F32"}) if len(shape) == 1 else GGUF_ALLOWED[fmt]
-        if kind not in allowed:
-            raise ExportRejected(f"{name} is {kind}, which a {GGUF_TYPES[fmt]} file does not hold")
-        if offset + nbytes > size:
-            raise ExportRejected(f"{name}'s data runs past the end of the file")
-        if kind in ("F16", "F32") and not finite(np.ascontiguousarray(data).tobytes(), kind):
-            raise ExportRejected(f"{name} holds values that are not finite")
-        types.add(kind)
+        if t["type"] not in allowed:
+            raise ExportRejected(f"{t['name']} is {t['type']}, which a {GGUF_TYPES[fmt]} file does not hold")
+        if t["type"] in ("F16", "F32") and not _finite(path, t):
+            raise ExportRejected(f"{t['name']} holds values that are not finite")
+        types.add(t["type"])
     if GGUF_MAIN[fmt] not in types:
         raise ExportRejected(f"no tensor is {GGUF_MAIN[fmt]}: this is not a {GGUF_TYPES[fmt]} file")
     return {"tensors": len(found), "types": sorted(types)}
