@@ -401,6 +401,25 @@ class ServiceAgent:
         return leases.complete(session=self.session, store=self.store, settings=self.settings, worker=self.worker,
                                lease_id=lease_id, fencing_token=self._token(lease_id, token), report=report)
 
+    def upload_batch_part(self, lease_id: str, answers: list[dict[str, Any]], *, token: int | None = None) -> Any:
+        """As the API does it: the part streamed to storage, then checked and recorded."""
+        from coordinator.services import batch_leases  # noqa: PLC0415
+
+        fencing = self._token(lease_id, token)
+        batch_leases.part_limit(session=self.session, worker=self.worker, lease_id=lease_id, fencing_token=fencing)
+        data = "".join(json.dumps(a) + "\n" for a in answers).encode()
+        blob = self.store.put(batch_leases.part_key(lease_id), io.BytesIO(data))
+        return batch_leases.record_part(session=self.session, store=self.store, worker=self.worker,
+                                        lease_id=lease_id, fencing_token=fencing, blob=blob)
+
+    def complete_batch(self, lease_id: str, *, token: int | None = None, wall_seconds: float = 20.0) -> Any:
+        from coordinator.services import leases  # noqa: PLC0415
+        from shared.protocol import LeaseComplete  # noqa: PLC0415
+
+        report = LeaseComplete.model_validate({"usage": {"wall_seconds": wall_seconds, "gpu_seconds": wall_seconds}})
+        return leases.complete(session=self.session, store=self.store, settings=self.settings, worker=self.worker,
+                               lease_id=lease_id, fencing_token=self._token(lease_id, token), report=report)
+
     def preempted(self, lease_id: str, reason: str = "a game started") -> Any:
         from coordinator.services import leases  # noqa: PLC0415
         from shared.protocol import LeasePreempted  # noqa: PLC0415
@@ -491,3 +510,16 @@ def gguf_file(path: Any, model: str = "tunegrid/tiny-llama", fmt: str = "gguf:q8
     writer.write_tensors_to_file()
     writer.close()
     return path
+
+
+def batch_lines(n: int, model: str = "tunegrid/tiny-llama", **body: Any) -> bytes:
+    """A batch file of `n` chat requests (custom ids req-0, req-1, ...)."""
+    return b"".join(json.dumps({"custom_id": f"req-{i}", "method": "POST", "url": "/v1/chat/completions", "body": {
+        "model": model, "messages": [{"role": "user", "content": f"What is {i} plus {i}?"}], "max_tokens": 16,
+        **body}}).encode() + b"\n" for i in range(n))
+
+
+def batch_answer(custom_id: str, content: str = "42", *, prompt_tokens: int = 20, completion_tokens: int = 2,
+                 finish_reason: str = "stop") -> dict[str, Any]:
+    return {"custom_id": custom_id, "content": content, "finish_reason": finish_reason,
+            "prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens}

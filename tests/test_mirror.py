@@ -45,6 +45,7 @@ TESTED_ELSEWHERE: dict[str, str] = {
     "shared/messages.py": "tests/shared/test_datasets.py",  # roles, tools and calls, line by line
     "shared/schemas/billing.py": "tests/coordinator/api/test_billing.py",
     "shared/schemas/common.py": "tests/coordinator/api/test_errors.py",
+    "shared/schemas/batches.py": "tests/e2e/test_batches.py",  # through the openai client
     "shared/schemas/exports.py": "tests/coordinator/api/test_exports.py",
     "shared/schemas/files.py": "tests/coordinator/api/test_openai_schemas.py",
     "shared/schemas/jobs.py": "tests/coordinator/api/test_openai_schemas.py",

@@ -50,7 +50,7 @@ def sha256_file(path: Path) -> str:
 def pack_dir(source: Path, archive: Path, arcname: str) -> Path:
     """`source` as a .tar.gz with its files under `arcname/` (a checkpoint to upload)."""
     tmp = archive.with_name(f".{archive.name}.tmp")
-    with tarfile.open(tmp, "w:gz") as tar:
+    with tarfile.open(tmp, "w:gz", format=tarfile.USTAR_FORMAT) as tar:  # plain tar: no pax headers (shared.checkpoint)
         tar.add(source, arcname=arcname)
     os.replace(tmp, archive)
     return archive

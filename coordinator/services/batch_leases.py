@@ -165,22 +165,24 @@ def record_part(*, session: Session, store: BlobStore, worker: WorkerModel, leas
         recorded = duplicates = 0
         now = utcnow()
         for answer in answers:
-            row = rows.get(answer["custom_id"])
-            if row is None:
+            request_row = rows.get(answer["custom_id"])
+            if request_row is None:
                 raise InvalidRequest(f"custom_id {answer['custom_id']!r} is not a request of this batch.",
                                      param="part", code="batch_result_rejected")
-            why = _check(answer, row, max_seq_len)
+            why = _check(answer, request_row, max_seq_len)
             if why is not None:
                 raise InvalidRequest(f"The part is refused: {why}.", param="part", code="batch_result_rejected")
-            if row.status != "pending":
+            if request_row.status != "pending":
                 duplicates += 1
                 continue
-            row.lease_id, row.answered_at = f.lease.id, now
+            request_row.lease_id, request_row.answered_at = f.lease.id, now
             if "error" in answer:
-                row.status, row.error = "failed", answer["error"]
+                request_row.status, request_row.error = "failed", answer["error"]
             else:
-                row.status, row.content, row.finish_reason = "completed", answer["content"], answer["finish_reason"]
-                row.prompt_tokens, row.completion_tokens = answer["prompt_tokens"], answer["completion_tokens"]
+                request_row.status, request_row.content = "completed", answer["content"]
+                request_row.finish_reason = answer["finish_reason"]
+                request_row.prompt_tokens = answer["prompt_tokens"]
+                request_row.completion_tokens = answer["completion_tokens"]
             recorded += 1
         renew(lease=f.lease, now=now)
         session.flush()

@@ -34,6 +34,7 @@ OWNERS: dict[str, tuple[str, ...]] = {
     "OutboxModel.status": ("coordinator/services/outbox.py",),
     "TopupModel.status": ("coordinator/services/topups.py",),
     "PayoutModel.status": ("coordinator/services/payouts.py",),
+    "BatchRequestModel.status": ("coordinator/services/batch_leases.py",),  # answered once, by the first report
 }
 BIRTHS = {  # a row may be created anywhere, in its first state only
     "JobModel.status": "JobStatus.validating_files",
@@ -45,7 +46,7 @@ BIRTHS = {  # a row may be created anywhere, in its first state only
 }
 # How a variable names its row in this codebase (`job.status = ...`, `f.lease.status = ...`).
 ROW_NAMES = {"job": "JobModel", "lease": "LeaseModel", "worker": "WorkerModel", "row": "OutboxModel",
-             "uploader": "WorkerModel", "topup": "TopupModel", "payout": "PayoutModel"}
+             "uploader": "WorkerModel", "topup": "TopupModel", "payout": "PayoutModel", "request_row": "BatchRequestModel"}
 FIELDS = {name.split(".")[1] for name in OWNERS}
 
 

@@ -91,13 +91,13 @@ class FakeChannel:
     def upload(self, lease_id: str, token: int, path: Path, *, kind: str, step: int | None = None,
                fmt: str | None = None, opener: Any = None) -> dict[str, Any]:
         self._reach()
-        if kind == "export":
+        if kind in ("export", "batch"):
             if opener is not None:
                 with opener() as f:
                     data = f.read()
             else:
                 data = path.read_bytes()
-            self.uploaded[fmt] = data  # type: ignore[index]
+            self.uploaded[fmt or f"part-{len(self.uploaded) + 1}"] = data
             self.calls.append((kind, fmt))
             return {}
         self.calls.append((kind, step if kind == "checkpoint" else sha256(path.read_bytes())))
@@ -534,3 +534,52 @@ def test_a_link_where_an_export_file_goes_fails_the_lease_and_sends_nothing_of_t
     assert "export" not in channel.kinds() and channel.kinds()[-1] == "fail"
     assert channel.calls[-1][1]["kind"] == "worker_error"
     assert all(secret.read_bytes() not in data for data in channel.uploaded.values())
+
+
+# --- a batch lease ----------------------------------------------------------------------------------
+
+def batch_assignment(done: bytes) -> Assignment:
+    a = assignment()
+    return a.model_copy(update={"kind": "batch", "spec": a.spec.model_copy(update={"kind": "batch"}),
+                                "batch_done_url": "/files/batch_done", "batch_done_sha256": sha256(done)})
+
+
+@dataclass
+class AnsweringRuntime(Runtime):
+    """The batch program's part: notes its inputs, writes two parts (the second a link to the owner's secret, as a
+    hostile job would plant) and a part number it never wrote, announces all three, and exits done."""
+
+    secret: Path
+    seen: dict[str, Any] = field(default_factory=dict)
+    name: str = "answering"
+
+    def start(self, mount: JobMount) -> Running:
+        work = mount.job_dir
+        self.seen = {"requests": (work / "train.jsonl").read_bytes(), "done": (work / "batch_done.jsonl").read_bytes()}
+        parts = work / "out" / "batch"
+        parts.mkdir(parents=True)
+        (parts / "part-1.jsonl").write_text('{"custom_id": "a"}\n')
+        (parts / "part-2.jsonl").symlink_to(self.secret)
+        lines = [{"type": "started", "kind": "batch", "total_steps": 3}, {"type": "batch_part", "part": 1},
+                 {"type": "batch_part", "part": 2}, {"type": "batch_part", "part": 9},
+                 {"type": "batch_part", "part": "../../etc/passwd"}]
+        (work / "out" / "progress.jsonl").write_text("".join(json.dumps(x) + "\n" for x in lines))
+        (work / "out" / "batch.json").write_text('{"answered": 1, "parts": 1}')
+        return Exited()
+
+    def model_dir_inside(self, mount: JobMount) -> str:
+        return str(mount.model_dir)
+
+
+def test_a_batch_lease_sends_its_parts_by_the_names_it_derives_and_no_link(settings: WorkerSettings,
+                                                                          tmp_path: Path) -> None:
+    secret = tmp_path / "owner-secret.txt"
+    secret.write_text("the owner's private file")
+    done = b'{"custom_id": "z"}\n'
+    channel = channel_for(batch_assignment(done), batch_done=done)
+    runtime = AnsweringRuntime(secret=secret)
+    run(make_agent(settings, channel, runtime))
+    assert runtime.seen == {"requests": TRAINING, "done": done}
+    assert [k for k in channel.kinds() if k != "events"] == ["batch", "complete"]
+    assert list(channel.uploaded.values()) == [b'{"custom_id": "a"}\n']
+    assert channel.calls[-1][1] == {"usage": channel.calls[-1][1]["usage"]}

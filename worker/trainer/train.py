@@ -335,7 +335,7 @@ class Trainer:
         shutil.rmtree(adapter, ignore_errors=True)
         model.save_pretrained(adapter)
         archive = self.out / "adapter.tar.gz"
-        with tarfile.open(archive, "w:gz") as tar:
+        with tarfile.open(archive, "w:gz", format=tarfile.USTAR_FORMAT) as tar:  # plain tar, as checkpoints are
             for path in sorted(adapter.iterdir()):
                 tar.add(path, arcname=f"adapter/{path.name}")
         return {"steps": step, "trained_tokens": trained_tokens, "valid_loss": (evaluation or {}).get("valid_loss"),
