@@ -37,6 +37,7 @@ TESTED_ELSEWHERE: dict[str, str] = {
     "shared/errors.py": "tests/coordinator/api/test_errors.py",
     "shared/jobspec.py": "tests/trainer/test_train.py",
     "coordinator/services/export_rows.py": "tests/coordinator/services/test_exports.py",
+    "coordinator/services/batch_rows.py": "tests/coordinator/services/test_batches.py",  # both ways a batch is made
     "coordinator/services/gguf_probe.py": "tests/security/test_export_attacks.py",  # a hostile GGUF, bounded
     "coordinator/api/batches.py": "tests/e2e/test_batches.py",  # through the openai client  # both ways an export is made
     "worker/trainer/merge.py": "tests/trainer/test_export.py",  # the export program's merged format

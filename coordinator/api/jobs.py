@@ -14,7 +14,8 @@ from coordinator.services import billing, integrations, jobs, replicas
 from shared.errors import InvalidRequest
 from shared.money import micros_to_usd
 from shared.schemas.jobs import (
-    CheckpointList, CheckpointRead, DpoHyperparametersRead, DpoMethodRead, EarlyStoppingRead, HyperparametersRead,
+    CheckpointList, CheckpointRead, DpoHyperparametersRead, DpoMethodRead, EarlyStoppingRead, EvaluationRead,
+    HyperparametersRead,
     JobCreate, JobEventList, JobEventRead, JobList, JobRead,
     LoraRead, MethodRead, ReplicaRead, SupervisedMethodRead, VerificationRead,
 )
@@ -60,6 +61,8 @@ def job_read(job: JobModel) -> JobRead:
         cost=micros_to_usd(cost.so_far), cost_held=micros_to_usd(cost.held),
         verified=(job.verification or {}).get("status") == "passed", verification=verification_read(job),
         export=(job.export or {}).get("formats"),
+        evaluation=EvaluationRead(**{k: v for k, v in job.evaluation.items() if k in EvaluationRead.model_fields})
+        if job.evaluation else None,
     )
 
 

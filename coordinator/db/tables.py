@@ -187,6 +187,9 @@ class JobModel(Base):
     parent_job_id: Mapped[str | None] = mapped_column(ForeignKey("jobs.id", ondelete="CASCADE"))
     export: Mapped[dict[str, Any] | None]
     batch: Mapped[dict[str, Any] | None]  # a batch's endpoint, window, counts, files (services/batches.py)
+    # A fine-tuning job's validation prompts through the base and the fine-tune: {"examples", "base_batch_id",
+    # "tuned_batch_id", "references"} (services/evaluations.py).
+    evaluation: Mapped[dict[str, Any] | None]
     model: Mapped[str] = mapped_column(String(100))
     training_file_id: Mapped[str] = mapped_column(ForeignKey("files.id"))
     validation_file_id: Mapped[str | None] = mapped_column(ForeignKey("files.id"))

@@ -18,28 +18,24 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import func, insert, select
+from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
 from coordinator.db.ids import new_id
 from coordinator.db.tables import (
-    AccountModel, BatchRequestModel, FileModel, FileStatus, JobKind, JobModel, JobStatus, LeaseKind, utcnow,
+    AccountModel, BatchRequestModel, FileModel, FileStatus, JobKind, JobModel, JobStatus, utcnow,
 )
-from coordinator.services import continuation, files, holds, jobs, lease_states
+from coordinator.services import batch_rows, continuation, files, holds, jobs, lease_states
 from coordinator.services.job_states import TERMINAL, change_status
 from coordinator.services.paging import page
 from coordinator.settings import CoordinatorSettings
 from coordinator.storage import BlobStore
-from shared.batches import ENDPOINT, error_line, iter_requests, output_line
+from shared.batches import ENDPOINT, error_line, output_line
 from shared.catalog import get_base_model
 from shared.errors import InvalidRequest, NotFound
 from shared.jobspec import LoraSpec
 from shared.money import micros_to_usd
 from shared.schemas.batches import BatchCreate
-
-BATCH_PREFIX = "batch_"
-WINDOWS = {"24h": timedelta(hours=24)}
-INSERT_CHUNK = 1000
 
 
 def _model(session: Session, account: AccountModel, name: str) -> tuple[Any, dict[str, Any], continuation.Start | None]:
@@ -74,49 +70,20 @@ def create(*, session: Session, store: BlobStore, account: AccountModel, request
     if request.endpoint != ENDPOINT:
         raise InvalidRequest(f"tunegrid batches {ENDPOINT} requests only, not {request.endpoint!r}.",
                              param="endpoint", code="invalid_value")
-    if request.completion_window not in WINDOWS:
+    if request.completion_window not in batch_rows.WINDOWS:
         raise InvalidRequest("completion_window must be '24h'.", param="completion_window", code="invalid_value")
     file = _input_file(session, account, request.input_file_id)
-    base, lora, start = _model(session, account, file.model or "")
-    now = utcnow()
-    batch = JobModel(
-        id=new_id(BATCH_PREFIX), kind=JobKind.batch.value, account_id=account.id, model=base.id,
-        initial_model=file.model if start else None, training_file_id=file.id, status=JobStatus.validating_files,
-        stage=LeaseKind.batch.value, hyperparameters={"n_epochs": 1}, lora=lora, seed=0,
-        job_metadata=request.metadata, estimated_tokens=file.estimated_tokens or 0, result_files=[],
-        batch={"endpoint": request.endpoint, "completion_window": request.completion_window, "model": file.model,
-               "requests": file.examples or 0,
-               "expires_at": (now + WINDOWS[request.completion_window]).isoformat(),
-               "output_expires_s": request.output_expires_after.seconds if request.output_expires_after else None},
-    )
-    if start is not None:
-        batch.initial_adapter = continuation.keep(store=store, job=batch, start=start)
+    base, _, start = _model(session, account, file.model or "")
+    batch = batch_rows.new_batch(
+        session=session, store=store, file=file, base=base, start=start, window=request.completion_window,
+        metadata=request.metadata,
+        output_expires_s=request.output_expires_after.seconds if request.output_expires_after else None)
     jobs.price_cap(session=session, job=batch, settings=settings)
-    session.add(batch)
-    session.flush()
-    _write_requests(session, store, batch, file)
     held = holds.hold_for_queue(session=session, job=batch, settings=settings)
-    change_status(session=session, job=batch, to=JobStatus.queued,
-                  message=f"Batch of {file.examples} requests against {file.model} queued; ${micros_to_usd(held)} "
-                          "held on your balance")
-    batch.batch = {**batch.batch, "in_progress_at": utcnow().isoformat()}
+    batch_rows.queue(session=session, batch=batch, message=f"Batch of {file.examples} requests against {file.model} "
+                     f"queued; ${micros_to_usd(held)} held on your balance")
     session.commit()
     return batch
-
-
-def _write_requests(session: Session, store: BlobStore, batch: JobModel, file: FileModel) -> None:
-    """One row per request of the (already validated) input file, in bulk."""
-    rows: list[dict[str, Any]] = []
-    for number, request in iter_requests(store.iter_lines(files.blob_key(file.id), max_line=files.MAX_LINE_BYTES)):
-        prompt = sum(len((m.get("content") or "").encode()) for m in request.messages)
-        rows.append({"id": new_id("batchreq-"), "job_id": batch.id, "custom_id": request.custom_id, "line": number,
-                     "max_tokens": request.sampling.max_tokens, "prompt_bytes": prompt, "status": "pending",
-                     "prompt_tokens": 0, "completion_tokens": 0, "created_at": utcnow()})
-        if len(rows) >= INSERT_CHUNK:
-            session.execute(insert(BatchRequestModel), rows)
-            rows = []
-    if rows:
-        session.execute(insert(BatchRequestModel), rows)
 
 
 def get(*, session: Session, account: AccountModel, batch_id: str, for_update: bool = False) -> JobModel:

@@ -127,6 +127,9 @@ def create(*, session: Session, store: BlobStore, account: AccountModel, request
     )
     check_files_fit(method=method, base=base, training=training, validation=validation)
     exports = check_formats(base, list(request.export), param="export") if request.export else None
+    if request.evaluation is not None and validation is None:
+        raise InvalidRequest("An evaluation answers the validation file's prompts: give a validation_file.",
+                             param="evaluation", code="evaluation_needs_validation")
     check_early_stopping(request, training=training, validation=validation)
     if request.verification == "redundant" and not held_out.kept_back(training.examples or 0):
         raise InvalidRequest(
@@ -161,6 +164,7 @@ def create(*, session: Session, store: BlobStore, account: AccountModel, request
         result_files=[],
         verification_mode=request.verification,
         export={"formats": exports} if exports else None,
+        evaluation=request.evaluation.model_dump() if request.evaluation else None,
     )
     if start is not None:
         job.initial_adapter = continuation.keep(store=store, job=job, start=start)

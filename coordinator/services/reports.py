@@ -16,7 +16,7 @@ from coordinator.db.tables import (
     AccountModel, Book, JobCheckpointModel, JobEventModel, JobModel, JobStatus, LeaseModel, LedgerBalanceModel,
     LedgerTransactionModel, PayoutModel, PayoutStatus, UsageRecordModel, WorkerModel, WorkerState, utcnow,
 )
-from coordinator.services import billing, ledger
+from coordinator.services import billing, evaluations, ledger
 from shared.errors import InvalidRequest, NotFound
 
 PAGE_SIZE = 50
@@ -207,6 +207,7 @@ class JobDetail:
     losses: dict[str, list[tuple[float, float]]]
     events: list[JobEventModel]
     refunded: int
+    evaluation: list[dict[str, Any]] = field(default_factory=list)  # prompt, base, tuned, reference per example
 
 
 def job_detail(*, session: Session, job_id: str, account_id: str | None = None) -> JobDetail:
@@ -236,6 +237,7 @@ def job_detail(*, session: Session, job_id: str, account_id: str | None = None) 
     events = list(session.scalars(select(JobEventModel).where(JobEventModel.job_id == job_id, JobEventModel.type == "message")
                                   .order_by(JobEventModel.id.desc()).limit(30)))
     refunded = billing.job_refunded(session, job_id)
+    evaluation = evaluations.side_by_side(session, job)
     session.commit()
     return JobDetail(job=job, customer=customer, leases=leases, usage=usage, checkpoints=checkpoints, losses=losses,
-                     events=events, refunded=refunded)
+                     events=events, refunded=refunded, evaluation=evaluation)

@@ -17,7 +17,7 @@ from sqlalchemy.orm import Session
 
 from coordinator.db.ids import new_id
 from coordinator.db.tables import FileModel, FileStatus, JobModel, JobStatus, LeaseKind, LeaseModel, utcnow
-from coordinator.services import continuation, export_rows, files, metering, replicas
+from coordinator.services import continuation, evaluations, export_rows, files, metering, replicas
 from coordinator.services.job_states import change_status
 from coordinator.storage import BlobStore
 
@@ -43,6 +43,7 @@ def deliver(*, session: Session, store: BlobStore, job: JobModel, lease: LeaseMo
                   message=f"The job has successfully completed with adapter {file.id}{how}",
                   data={**data, "result_file": file.id})
     export_rows.queue_asked(session=session, store=store, parent=job, result=file)
+    evaluations.queue_asked(session=session, store=store, parent=job, result=file)
     return file
 
 

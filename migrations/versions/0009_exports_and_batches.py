@@ -9,7 +9,8 @@ one (`kind` "export": its adapter merged into the base, GGUF files), which has t
 `parent_job_id`. `export` holds a fine-tuning job's formats asked for at creation, and an export's formats, the
 checkpoint it exports and its result files (services/exports.py). A batch (`kind` "batch": OpenAI's Batch API,
 services/batches.py) keeps its state in `batch` and each request, and its answer once it has one, in `batch_requests`; a batch
-file records its one `model`.
+file records its one `model`. A fine-tuning job's `evaluation`: its validation prompts through the base and the
+fine-tune, as two batches (services/evaluations.py).
 """
 
 from __future__ import annotations
@@ -37,6 +38,7 @@ def upgrade() -> None:
     with op.batch_alter_table('jobs') as batch:
         batch.alter_column('kind', server_default=None)
         batch.add_column(sa.Column('batch', sa.JSON(none_as_null=True), nullable=True))
+        batch.add_column(sa.Column('evaluation', sa.JSON(none_as_null=True), nullable=True))
     with op.batch_alter_table('files') as batch:
         batch.add_column(sa.Column('model', sa.String(length=240), nullable=True))
     op.create_table(
@@ -71,6 +73,7 @@ def downgrade() -> None:
         batch.drop_column('model')
     with op.batch_alter_table('jobs') as batch:
         batch.drop_column('batch')
+        batch.drop_column('evaluation')
     with op.batch_alter_table('jobs') as batch:
         batch.drop_index('ix_jobs_parent_job_id')
         batch.drop_constraint('fk_jobs_parent_job_id_jobs', type_='foreignkey')

@@ -90,6 +90,16 @@ class LoraConfig(Request):
     target_modules: Literal["all-linear"] | Annotated[list[ModuleName], Field(min_length=1, max_length=32)] = "all-linear"
 
 
+class EvaluationCreate(Request):
+    examples: int = Field(default=5, ge=1, le=20)
+
+
+class EvaluationRead(Reply):
+    examples: int
+    base_batch_id: str | None = None
+    tuned_batch_id: str | None = None
+
+
 class JobCreate(Request):
     model: str = Field(min_length=1, max_length=240, description="a base model, or your ft: model or checkpoint to "
                        "continue")
@@ -111,6 +121,10 @@ class JobCreate(Request):
         default=None, description="GPU names to allow, matched as case-insensitive substrings (e.g. 'RTX 4090')."
     )
     trusted_hosts_only: bool = False
+    evaluation: EvaluationCreate | None = Field(default=None, description="When the job succeeds, answer the first "
+                                                "`examples` prompts of the validation file with the base and the "
+                                                "fine-tune (two batches, billed like any), shown side by side on the "
+                                                "job's dashboard page")
     export: Annotated[list[ExportFormat], Field(min_length=1, max_length=len(FORMATS))] | None = Field(
         default=None, description="Formats to export the fine-tune to when it succeeds (merged, gguf:f16, gguf:q8_0, "
         "gguf:q4_k_m), made on a worker and billed per second; see /v1/fine_tuning/jobs/{id}/exports")
@@ -218,6 +232,8 @@ class JobRead(Reply):
     cost_held: str = Field(description="USD still held on the customer's balance for this job, decimal string")
     verified: bool = Field(description="a worker of another provider confirmed the adapter")
     export: list[str] | None = Field(default=None, description="the export formats asked for at creation")
+    evaluation: EvaluationRead | None = Field(default=None, description="the evaluation asked for at creation, and "
+                                              "its two batches once the job succeeded")
     verification: VerificationRead
 
 
