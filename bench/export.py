@@ -16,7 +16,6 @@ import os
 import shutil
 import subprocess
 import sys
-import tarfile
 import tempfile
 import time
 from pathlib import Path
@@ -26,6 +25,7 @@ from shared.catalog import get_base_model
 from shared.jobspec import JobSpec
 from shared.lora import lora_shapes
 from shared.weights import FORMATS, export_name, merged_member
+from worker.jobdir import pack_folder
 
 ROOT = Path(__file__).resolve().parent.parent
 # `python -m worker.trainer`, then its own peak resident memory on stderr (per run, unlike RUSAGE_CHILDREN's maximum).
@@ -82,11 +82,8 @@ def run_format(model: str, model_dir: Path, fmt: str, root: Path) -> dict[str, f
     base = get_base_model(model)
     started = time.perf_counter()
     if fmt == "merged":
-        archive = job / "merged.tar"
-        with tarfile.open(archive, "w") as tar:
-            for p in sorted(output.iterdir()):
-                if merged_member(p.name):
-                    tar.add(p, arcname=p.name)
+        archive = pack_folder(job, ("out", "exports", "merged"), job / "merged.tar", allowed=merged_member,
+                              limit=2**40)  # as the agent packs it
         size = archive.stat().st_size
         export_checks.check_merged(archive, base)
     else:
