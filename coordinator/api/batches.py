@@ -51,13 +51,13 @@ def batch_read(view: BatchView) -> BatchRead:
     )
 
 
-@router.post("", response_model=BatchRead)
+@router.post("", response_model=BatchRead, response_model_exclude_none=True)
 async def create_batch(body: BatchCreate, caller: CustomerCaller, settings: SettingsDep, store: StoreDep) -> BatchRead:
     created = await caller.run(batches.create, store=store, request=body, settings=settings)
     return batch_read(await caller.run(batches.view, batch_id=created.id))
 
 
-@router.get("", response_model=BatchList)
+@router.get("", response_model=BatchList, response_model_exclude_none=True)
 async def list_batches(caller: CustomerCaller, after: Annotated[str | None, Query(max_length=64)] = None,
                        limit: Annotated[int, Query(ge=1, le=100)] = 20) -> BatchList:
     views, has_more = await caller.run(batches.list_views, after=after, limit=limit)
@@ -66,12 +66,12 @@ async def list_batches(caller: CustomerCaller, after: Annotated[str | None, Quer
                      last_id=data[-1].id if data else None)
 
 
-@router.get("/{batch_id}", response_model=BatchRead)
+@router.get("/{batch_id}", response_model=BatchRead, response_model_exclude_none=True)
 async def retrieve_batch(batch_id: str, caller: CustomerCaller) -> BatchRead:
     return batch_read(await caller.run(batches.view, batch_id=batch_id))
 
 
-@router.post("/{batch_id}/cancel", response_model=BatchRead)
+@router.post("/{batch_id}/cancel", response_model=BatchRead, response_model_exclude_none=True)
 async def cancel_batch(batch_id: str, caller: CustomerCaller, store: StoreDep) -> BatchRead:
     await caller.run(batches.cancel, store=store, batch_id=batch_id)
     return batch_read(await caller.run(batches.view, batch_id=batch_id))

@@ -119,3 +119,44 @@ def test_a_dpo_job_with_early_stopping_validates(validator_for, client: TestClie
     assert job["method"] == {"type": "dpo", "dpo": {"hyperparameters": {
         "batch_size": "auto", "learning_rate_multiplier": "auto", "n_epochs": 3, "beta": 0.25}}}
     assert job["early_stopping"] == {"patience": 2, "best_step": None, "stopped_early": None, "reason": None}
+
+
+def test_batch_responses_and_output_lines(validator_for, client: TestClient, customer: Caller, make_caller) -> None:  # type: ignore[no-untyped-def]
+    """A batch through HTTP, answered by a worker speaking the protocol: the batch in each state, the list, its
+    files, and each output line's body (a chat completion) against OpenAI's schemas."""
+    import hashlib  # noqa: PLC0415
+    import json as _json  # noqa: PLC0415
+
+    from shared.protocol import SHA256_HEADER  # noqa: PLC0415
+    from tests.fakes import FakeAgent, batch_answer, batch_lines  # noqa: PLC0415
+
+    file = client.post("/v1/files", headers=customer.headers, data={"purpose": "batch"},
+                       files={"file": ("batch.jsonl", batch_lines(3))}).json()
+    _valid(validator_for, "OpenAIFile", file)
+    created = client.post("/v1/batches", headers=customer.headers, json={
+        "input_file_id": file["id"], "endpoint": "/v1/chat/completions", "completion_window": "24h"})
+    assert created.status_code == 200, created.text
+    _valid(validator_for, "Batch", created.json())
+    agent = FakeAgent.register(client, make_caller("provider", "pat").key)
+    a = agent.claim(kinds=["train", "verify", "export", "batch"])
+    assert a is not None and a["kind"] == "batch"
+    agent.events(a["lease_id"], {"type": "started", "total_steps": 3, "message": "Batch started"})
+    part = "".join(_json.dumps(batch_answer(f"req-{i}", f"answer {i}")) + "\n" for i in range(3)).encode()
+    sent = client.put(f"/v1/workers/leases/{a['lease_id']}/batch_results", content=part,
+                      headers={**agent.headers(a["lease_id"]), SHA256_HEADER: hashlib.sha256(part).hexdigest()})
+    assert sent.status_code == 200 and sent.json()["recorded"] == 3, sent.text
+    running = client.get(f"/v1/batches/{created.json()['id']}", headers=customer.headers).json()
+    _valid(validator_for, "Batch", running)
+    assert running["request_counts"] == {"total": 3, "completed": 3, "failed": 0}
+    done = client.post(f"/v1/workers/leases/{a['lease_id']}/complete", headers=agent.headers(a["lease_id"]),
+                       json={"usage": {"wall_seconds": 3, "gpu_seconds": 3}})
+    assert done.status_code == 200 and done.json()["job_status"] == "succeeded", done.text
+    batch = client.get(f"/v1/batches/{created.json()['id']}", headers=customer.headers).json()
+    _valid(validator_for, "Batch", batch)
+    assert batch["status"] == "completed" and batch["usage"]["total_tokens"] == 66
+    _valid(validator_for, "ListBatchesResponse", client.get("/v1/batches", headers=customer.headers).json())
+    output = client.get(f"/v1/files/{batch['output_file_id']}", headers=customer.headers).json()
+    _valid(validator_for, "OpenAIFile", output)
+    lines = client.get(f"/v1/files/{batch['output_file_id']}/content", headers=customer.headers).text.splitlines()
+    for raw in lines:
+        _valid(validator_for, "CreateChatCompletionResponse", _json.loads(raw)["response"]["body"])
