@@ -28,12 +28,6 @@ from shared.weights import FORMATS, export_name, merged_member
 from worker.jobdir import pack_folder
 
 ROOT = Path(__file__).resolve().parent.parent
-# `python -m worker.trainer`, then its own peak resident memory on stderr (per run, unlike RUSAGE_CHILDREN's maximum).
-PEAK = ("import resource, runpy, sys\n"
-        "sys.argv = ['worker.trainer', *sys.argv[1:]]\n"
-        "try:\n    runpy.run_module('worker.trainer', run_name='__main__')\n"
-        "finally:\n    print(f'PEAK_RSS_KB={resource.getrusage(resource.RUSAGE_SELF).ru_maxrss}', file=sys.stderr)\n")
-
 
 def build_qwen_shape(out: Path, tokenizer_from: Path) -> Path:
     """A random Qwen 2.5 0.5B (its config's figures) saved in bfloat16, with the tiny model's tokenizer."""
@@ -72,12 +66,14 @@ def run_format(model: str, model_dir: Path, fmt: str, root: Path) -> dict[str, f
                    export_name="ft:bench")
     (job / "spec.json").write_text(spec.model_dump_json())
     started = time.perf_counter()
-    done = subprocess.run([sys.executable, "-c", PEAK, "--job", str(job)], cwd=ROOT, capture_output=True, text=True,
-                          env={**os.environ, "PYTHONPATH": str(ROOT)}, check=False)
+    child = subprocess.Popen([sys.executable, "-m", "worker.trainer", "--job", str(job)], cwd=ROOT,
+                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                             env={**os.environ, "PYTHONPATH": str(ROOT)})
+    _, status, usage = os.wait4(child.pid, 0)  # this child's own peak memory, not the largest child's so far
     seconds = time.perf_counter() - started
-    if done.returncode != 0:
-        raise SystemExit(f"{model} {fmt} failed: {done.stderr[-2000:]}")
-    peak_mib = int(done.stderr.rsplit("PEAK_RSS_KB=", 1)[1].split()[0]) / 1024
+    if os.waitstatus_to_exitcode(status) != 0:
+        raise SystemExit(f"{model} {fmt} failed: {child.stderr.read().decode()[-2000:]}")  # type: ignore[union-attr]
+    peak_mib = usage.ru_maxrss / 1024
     output = job / "out" / "exports" / export_name(fmt)
     base = get_base_model(model)
     started = time.perf_counter()
@@ -114,7 +110,7 @@ def main() -> None:
         root = Path(folder)
         tiny = build(root / "tiny")
         print("Each format alone, as the agent runs the export program (Python start and imports included); the "
-              "peak RSS is that run's own.")
+              "peak RSS is that run's own (it counts the pages of the base's file it maps).")
         table("tunegrid/tiny-llama", tiny, root)
         if not args.skip_large:
             started = time.perf_counter()

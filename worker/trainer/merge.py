@@ -23,7 +23,7 @@ from shared.lora import lora_shapes
 from shared.weights import weight_shapes
 from worker.trainer.errors import WorkerError
 
-SHARD_BYTES = 2 * 1024**3  # what one output file holds at most
+SHARD_BYTES = 1024**3  # what one output file holds at most: held in memory until written (shared.memory)
 # What a customer needs beside the weights; copied only when they are regular files of the base's folder.
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja",
                    "generation_config.json", "tokenizer.model")
