@@ -9,13 +9,15 @@ from coordinator.services import continuation, jobs, replicas
 from coordinator.services.placement import Candidate, placeable_workers, candidate, eligible, requirements
 from coordinator.settings import CoordinatorSettings
 from shared.catalog import get_base_model
-from shared.memory import GIB
+from shared.memory import GIB, estimate_export
 from shared.money import micros_to_usd, usd_to_micros
 from shared.pricing import (
-    CPU, GPU_CLASSES, cost_for_seconds, cpu_can_train, expected_tokens_per_s, get_gpu_class, training_seconds,
+    CPU, GPU_CLASSES, cost_for_seconds, cpu_can_train, expected_tokens_per_s, export_seconds, get_gpu_class,
+    training_seconds,
     training_tokens,
 )
-from shared.schemas.quotes import GpuClassQuote, Offer, QuoteCreate, QuoteRead
+from shared.schemas.quotes import ExportQuote, GpuClassQuote, Offer, QuoteCreate, QuoteRead
+from shared.weights import check_formats, export_bytes
 
 MAX_QUOTED_WORKERS = 5000
 
@@ -89,5 +91,18 @@ def quote(*, session: Session, account: AccountModel, request: QuoteCreate, sett
         workers_available=len(able), max_price_per_gpu_hour=micros_to_usd(draft.max_price_per_gpu_hour or 0),
         max_price_source=draft.max_price_source,  # type: ignore[arg-type]
         trainings=trainings, cheapest=cheapest, fastest=fastest, gpu_classes=rows,
+        export=_export_quote(base, request, draft, [c.price for c in able]),
     )
+
+
+def _export_quote(base, request: QuoteCreate, draft: JobModel, prices: list[int]) -> ExportQuote | None:  # type: ignore[no-untyped-def]
+    if not request.export:
+        return None
+    formats = check_formats(base, list(request.export), param="export")
+    seconds = export_seconds(base, formats)
+    price = min(prices, default=draft.max_price_per_gpu_hour or 0)
+    return ExportQuote(formats=formats, estimated_bytes=sum(export_bytes(base, f) for f in formats),
+                       estimated_seconds=seconds,
+                       estimated_memory_gb=round(estimate_export(base, lora_r=int(draft.lora.get("r", 16))).total / GIB, 2),
+                       estimated_cost=micros_to_usd(cost_for_seconds(price, seconds)))
 

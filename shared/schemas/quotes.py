@@ -6,6 +6,7 @@ from typing import Annotated, Literal
 
 from pydantic import Field, field_validator, model_validator
 
+from shared.weights import FORMATS, ExportFormat
 from shared.schemas.common import Reply, Request
 from shared.schemas.jobs import GpuName, Hyperparameters, LoraConfig, MethodCreate, Usd, VerificationMode, _six_places
 
@@ -27,6 +28,8 @@ class QuoteCreate(Request):
     gpu_filter: Annotated[list[GpuName], Field(min_length=1, max_length=16)] | None = None
     trusted_hosts_only: bool = False
     verification: VerificationMode = Field(default="auto", description="as on the job: 'redundant' trains twice")
+    export: Annotated[list[ExportFormat], Field(min_length=1, max_length=len(FORMATS))] | None = Field(
+        default=None, description="as on the job: formats to export to when it succeeds, priced apart")
 
     _check_usd = field_validator("max_price_per_gpu_hour", "max_cost")(_six_places)
 
@@ -35,6 +38,16 @@ class QuoteCreate(Request):
         if (self.training_file is None) == (self.training_tokens is None):
             raise ValueError("give either training_file or training_tokens")
         return self
+
+
+class ExportQuote(Reply):
+    """What the exports asked for would take on top of the training: an export lease of its own."""
+
+    formats: list[str]
+    estimated_bytes: int = Field(description="the files' size in all")
+    estimated_seconds: int
+    estimated_memory_gb: float
+    estimated_cost: str = Field(description="USD at the cheapest price a worker asks now (or the job's cap)")
 
 
 class Offer(Reply):
@@ -77,3 +90,4 @@ class QuoteRead(Reply):
     cheapest: Offer | None
     fastest: Offer | None
     gpu_classes: list[GpuClassQuote]
+    export: ExportQuote | None = None

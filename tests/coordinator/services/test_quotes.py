@@ -77,3 +77,19 @@ def test_a_dpo_quote_counts_the_reference_pass_and_two_sequences_a_pair(
     sft_draft = quotes._draft_job(session, customer_account, QuoteCreate.model_validate(  # noqa: SLF001
         {"model": "qwen2.5-7b-instruct", "training_tokens": 1000}))
     assert requirements(draft).memory_bytes > requirements(sft_draft).memory_bytes  # type: ignore[union-attr]
+
+
+def test_a_quote_prices_the_exports_asked_for_apart(session, customer_account, settings) -> None:  # type: ignore[no-untyped-def]
+    from coordinator.services.quotes import quote  # noqa: PLC0415
+    from shared.errors import InvalidRequest  # noqa: PLC0415
+    from shared.schemas.quotes import QuoteCreate  # noqa: PLC0415
+
+    request = QuoteCreate.model_validate({"model": "llama-3.1-8b-instruct", "training_tokens": 1_000_000,
+                                          "export": ["gguf:q4_k_m", "merged"]})
+    found = quote(session=session, account=customer_account, request=request, settings=settings).export
+    assert found is not None and found.formats == ["merged", "gguf:q4_k_m"]
+    assert 20e9 < found.estimated_bytes < 22e9 and found.estimated_seconds > 1000
+    assert 3 < found.estimated_memory_gb < 8 and float(found.estimated_cost) > 0
+    with pytest.raises(InvalidRequest):
+        quote(session=session, account=customer_account, settings=settings, request=QuoteCreate.model_validate(
+            {"model": "mistral-7b-instruct-v0.3", "training_tokens": 1000, "export": ["gguf:q8_0"]}))
