@@ -68,9 +68,9 @@ class Client:
 
     # --- resources
 
-    def upload(self, path: Path) -> dict[str, Any]:
+    def upload(self, path: Path, purpose: str = "fine-tune") -> dict[str, Any]:
         with path.open("rb") as f:
-            return self.request("POST", "/v1/files", data={"purpose": "fine-tune"}, timeout=UPLOAD_TIMEOUT,
+            return self.request("POST", "/v1/files", data={"purpose": purpose}, timeout=UPLOAD_TIMEOUT,
                                 files={"file": (path.name, f, "application/jsonl")}).json()
 
     def job(self, job_id: str) -> dict[str, Any]:

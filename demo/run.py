@@ -4,8 +4,9 @@ and one customer, as real processes on this machine, through the same commands a
 1. start `tunegrid-coordinator serve`; create an admin, a customer (with demo credit) and a provider;
 2. build the tiny Llama locally into the worker's model cache (nothing is downloaded);
 3. `tunegrid-worker register`, then `tunegrid-worker run` (process runtime);
-4. the customer uploads a small chat dataset, creates a job and watches it (the `tunegrid` CLI's watch);
-5. print the job's cost, the provider's earnings, the ledger audit, the adapter's path, and a proof that the
+4. the customer uploads a small chat dataset, creates a job (asking for a Q8_0 GGUF export) and watches it;
+5. the GGUF file and its Ollama Modelfile are downloaded, and a batch of 8 questions runs against the fine-tune;
+6. print the job's cost, the provider's earnings, the ledger audit, the adapter's path, and a proof that the
    adapter loads and lowers the loss on the customer's data.
 
 `python -m demo [--keep] [--dir DIR]`; `--keep` leaves the coordinator and worker up and prints the dashboard
@@ -157,6 +158,48 @@ def _quiet_libraries() -> None:
         pass
 
 
+def _until(what: str, check, timeout_s: float = 180.0):  # type: ignore[no-untyped-def]
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        found = check()
+        if found is not None:
+            return found
+        time.sleep(0.5)
+    raise RuntimeError(f"timed out waiting for {what}")
+
+
+def use_it(api: Client, job: dict, workdir: Path, say) -> None:  # type: ignore[no-untyped-def, type-arg]
+    """The customer's model put to use: its GGUF export (asked for at creation) and a batch of questions answered
+    by it on the fleet."""
+    say("[bold]5.[/] the fine-tune as GGUF for llama.cpp and Ollama, and a batch of questions answered on the fleet")
+    exports = _until("the export", lambda: api.get(f"/v1/fine_tuning/jobs/{job['id']}/exports")["data"] or None)
+    export = _until("the export to finish", lambda: (e := api.get(
+        f"/v1/fine_tuning/jobs/{job['id']}/exports/{exports[0]['id']}"))["status"] in ("succeeded", "failed") and e
+        or None)
+    if export["status"] != "succeeded":
+        raise RuntimeError(f"the export did not succeed: {export}")
+    for f in export["files"]:
+        api.download(f["file_id"], workdir / f["filename"])
+        say(f"   {f['format']}: {workdir / f['filename']} ({f['bytes']} bytes)")
+    lines = [json.dumps({"custom_id": f"q{i}", "method": "POST", "url": "/v1/chat/completions", "body": {
+        "model": job["fine_tuned_model"], "messages": [{"role": "user", "content": f"What is {i} plus {i}?"}],
+        "max_tokens": 8, "temperature": 0}}) for i in range(8)]
+    requests = workdir / "batch.jsonl"
+    requests.write_text("\n".join(lines) + "\n")
+    batch = api.post("/v1/batches", {"input_file_id": api.upload(requests, purpose="batch")["id"],
+                                     "endpoint": "/v1/chat/completions", "completion_window": "24h"})
+    batch = _until("the batch", lambda: (b := api.get(f"/v1/batches/{batch['id']}"))["status"] in (
+        "completed", "failed", "expired", "cancelled") and b or None)
+    if batch["status"] != "completed":
+        raise RuntimeError(f"the batch did not complete: {batch}")
+    output = workdir / "batch-output.jsonl"
+    api.download(batch["output_file_id"], output)
+    first = json.loads(output.read_text().splitlines()[0])
+    say(f"   batch {batch['id']}: {batch['request_counts']['completed']} of {batch['request_counts']['total']} "
+        f"answered for ${batch['cost']}; q0 -> {first['response']['body']['choices'][0]['message']['content']!r} "
+        "(a tiny model: it is fast, not wise)")
+
+
 def run(workdir: Path, *, keep: bool = False, quiet: bool = False) -> DemoResult:
     """The whole demo; the coordinator and worker are stopped at the end unless `keep`."""
     workdir.mkdir(parents=True, exist_ok=True)
@@ -189,18 +232,19 @@ def run(workdir: Path, *, keep: bool = False, quiet: bool = False) -> DemoResult
                 "model": MODEL, "training_file": file["id"], "suffix": "demo",
                 "method": {"type": "supervised", "supervised": {"hyperparameters": {
                     "n_epochs": 6, "batch_size": 4, "learning_rate_multiplier": 15}}},
-                "lora": {"r": 8, "alpha": 16}})
+                "lora": {"r": 8, "alpha": 16}, "export": ["gguf:q8_0"]})
             say(f"   {job['id']} {job['status']}; ${job['cost_held']} held")
             if watch(api, job["id"], quiet=quiet) != 0:
                 raise RuntimeError(f"the job did not succeed: {api.job(job['id'])}")
             job = api.job(job["id"])
             adapter = workdir / f"{job['id']}-adapter.tar.gz"
             api.download(job["result_files"][0], adapter)
+            use_it(api, job, workdir, say)
         with Client(demo.url, provider_key) as provider:
             earnings = provider.get("/v1/providers/me/earnings")
         audit = demo.cli("tunegrid-coordinator", "ledger", "audit").strip()
 
-        say("[bold]5.[/] checking the adapter")
+        say("[bold]6.[/] checking the adapter")
         _quiet_libraries()
         from demo.proof import adapter_lowers_loss  # noqa: PLC0415 - torch only now
 
