@@ -53,6 +53,7 @@ class DemoResult:
     lora_parameters: int
     url: str
     admin_key: str
+    used: dict  # type: ignore[type-arg]  # the export and the batch: {"export": ..., "batch": ...}
 
 
 def _free_port() -> int:
@@ -168,7 +169,7 @@ def _until(what: str, check, timeout_s: float = 180.0):  # type: ignore[no-untyp
     raise RuntimeError(f"timed out waiting for {what}")
 
 
-def use_it(api: Client, job: dict, workdir: Path, say) -> None:  # type: ignore[no-untyped-def, type-arg]
+def use_it(api: Client, job: dict, workdir: Path, say) -> dict:  # type: ignore[no-untyped-def, type-arg]
     """The customer's model put to use: its GGUF export (asked for at creation) and a batch of questions answered
     by it on the fleet."""
     say("[bold]5.[/] the fine-tune as GGUF for llama.cpp and Ollama, and a batch of questions answered on the fleet")
@@ -198,6 +199,7 @@ def use_it(api: Client, job: dict, workdir: Path, say) -> None:  # type: ignore[
     say(f"   batch {batch['id']}: {batch['request_counts']['completed']} of {batch['request_counts']['total']} "
         f"answered for ${batch['cost']}; q0 -> {first['response']['body']['choices'][0]['message']['content']!r} "
         "(a tiny model: it is fast, not wise)")
+    return {"export": export, "batch": batch}
 
 
 def run(workdir: Path, *, keep: bool = False, quiet: bool = False) -> DemoResult:
@@ -239,7 +241,7 @@ def run(workdir: Path, *, keep: bool = False, quiet: bool = False) -> DemoResult
             job = api.job(job["id"])
             adapter = workdir / f"{job['id']}-adapter.tar.gz"
             api.download(job["result_files"][0], adapter)
-            use_it(api, job, workdir, say)
+            used = use_it(api, job, workdir, say)
         with Client(demo.url, provider_key) as provider:
             earnings = provider.get("/v1/providers/me/earnings")
         audit = demo.cli("tunegrid-coordinator", "ledger", "audit").strip()
@@ -251,7 +253,8 @@ def run(workdir: Path, *, keep: bool = False, quiet: bool = False) -> DemoResult
         before, after, parameters = adapter_lowers_loss(
             workdir / "worker" / "data" / "models" / MODEL, adapter, data_file, workdir)
         result = DemoResult(job=job, earnings=earnings, adapter=adapter, audit=audit, loss_before=before,
-                            loss_after=after, lora_parameters=parameters, url=demo.url, admin_key=admin_key)
+                            loss_after=after, lora_parameters=parameters, url=demo.url, admin_key=admin_key,
+                            used=used)
         say(f"   job {job['id']} {job['status']}: cost ${job['cost']} ({job['trained_tokens']} tokens trained)")
         say(f"   provider earned ${earnings['lifetime_earned']} (payable ${earnings['payable']}; payouts stay "
             f"pending without a Stripe key)")

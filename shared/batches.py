@@ -65,11 +65,18 @@ class BatchSummary:
     estimated_tokens: int  # prompts, by the same estimate datasets use, plus the most each answer may take
 
 
+def _finite(value: float) -> bool:
+    try:
+        return math.isfinite(value)
+    except OverflowError:  # an integer of hundreds of digits: no float holds it
+        return False
+
+
 def _number(body: dict[str, Any], key: str, low: float, high: float, default: float) -> float:
     value = body.get(key, default)
     if value is None:
         return default
-    if type(value) not in (int, float) or not math.isfinite(value) or not low <= value <= high:
+    if type(value) not in (int, float) or not _finite(value) or not low <= value <= high:
         raise LineError(f"has body.{key} {value!r}; it must be a number from {low:g} to {high:g}")
     return float(value)
 

@@ -478,7 +478,7 @@ class BatchRequestModel(Base):
     custom_id: Mapped[str] = mapped_column(String(512))
     line: Mapped[int] = mapped_column(Integer)
     max_tokens: Mapped[int] = mapped_column(Integer)  # what the request allows its answer
-    prompt_bytes: Mapped[int] = mapped_column(Integer)  # its messages' UTF-8 bytes: bounds its prompt's tokens
+    prompt_bytes: Mapped[int] = mapped_column(Integer)  # the most tokens its messages can make (batch_rows.prompt_bound)
     lease_id: Mapped[str | None] = mapped_column(PublicId)  # the lease that answered it
     status: Mapped[str] = mapped_column(String(16), default="pending")  # pending | completed | failed
     content: Mapped[str | None] = mapped_column(Text)

@@ -23,12 +23,13 @@ from coordinator.db.ids import new_id
 from coordinator.db.tables import (
     BatchRequestModel, JobModel, JobStatus, LeaseKind, LeaseModel, LeaseStatus, WorkerModel, utcnow,
 )
-from coordinator.services import batches, held_out
+from coordinator.services import batch_rows, held_out
 from coordinator.services.fencing import FencedLease, already_ended, fenced
 from coordinator.services.job_states import change_status
 from coordinator.services.lease_states import end_and_requeue, end_lease, renew
 from coordinator.settings import CoordinatorSettings
 from coordinator.storage import BlobStore, StoredBlob
+from coordinator.services.placement import seq_len_for
 from shared.batches import CUSTOM_ID, FINISH_REASONS
 from shared.catalog import get_base_model
 from shared.errors import Conflict, InvalidRequest
@@ -37,7 +38,7 @@ from shared.protocol import LeaseComplete
 MAX_PART_BYTES = 64 * 1024 * 1024
 MAX_PART_LINES = 10_000
 BYTES_PER_TOKEN = 64  # no tokenizer's token decodes to more (byte-level BPE: at most a few dozen)
-TEMPLATE_TOKENS = 256  # what a chat template adds around a prompt, at most
+TEMPLATE_TOKENS = 256  # what a chat template adds around a prompt (its default system turn), at most
 ERROR_CODES = ("context_length_exceeded",)
 MAX_MESSAGE = 500
 
@@ -142,8 +143,9 @@ def _check(answer: dict[str, Any], row: BatchRequestModel, max_seq_len: int) -> 
         return None
     if answer["completion_tokens"] > row.max_tokens:
         return f"custom_id {row.custom_id!r}: {answer['completion_tokens']} tokens, the request allows {row.max_tokens}"
-    if answer["prompt_tokens"] > max_seq_len:
-        return f"custom_id {row.custom_id!r}: a prompt of {answer['prompt_tokens']} tokens, past the model's {max_seq_len}"
+    if answer["prompt_tokens"] > min(max_seq_len, row.prompt_bytes + TEMPLATE_TOKENS):
+        return (f"custom_id {row.custom_id!r}: a prompt of {answer['prompt_tokens']} tokens, more than its "
+                f"{row.prompt_bytes} bytes can make (or past the context, {max_seq_len})")
     if len(answer["content"].encode()) > BYTES_PER_TOKEN * max(answer["completion_tokens"], 1):
         return f"custom_id {row.custom_id!r}: more text than {answer['completion_tokens']} tokens can hold"
     return None
@@ -156,7 +158,7 @@ def record_part(*, session: Session, store: BlobStore, worker: WorkerModel, leas
         answers = _parse(store, blob)
         f = fenced(session=session, worker=worker, lease_id=lease_id, fencing_token=fencing_token)
         _batch_lease(f)
-        max_seq_len = get_base_model(f.job.model).max_seq_len
+        max_seq_len = seq_len_for(get_base_model(f.job.model))  # the lease's context, as the program's
         ids = list({a["custom_id"] for a in answers})
         rows = {r.custom_id: r for chunk in range(0, len(ids), 1000) for r in session.scalars(
             select(BatchRequestModel).where(BatchRequestModel.job_id == f.job.id,
@@ -217,7 +219,7 @@ def complete(*, session: Session, store: BlobStore, settings: CoordinatorSetting
         return f
     end_lease(session=session, lease=f.lease, job=f.job, worker=f.worker, status=LeaseStatus.completed,
               reason="completed; every request answered", usage=usage)
-    made = batches.finalize(session=session, store=store, batch=f.job)
+    made = batch_rows.finalize(session=session, store=store, batch=f.job)
     found = (f.job.batch or {}).get("counts") or {}
     change_status(session=session, job=f.job, to=JobStatus.succeeded,
                   message=f"Batch completed: {found.get('completed', 0)} answered, {found.get('failed', 0)} failed",

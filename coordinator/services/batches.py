@@ -12,16 +12,13 @@ written, `in_progress` while queued or running, `completed`, `failed` (`expired`
 
 from __future__ import annotations
 
-import io
-import json
 from dataclasses import dataclass
-from datetime import datetime, timedelta
+from datetime import datetime
 from typing import Any
 
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
-from coordinator.db.ids import new_id
 from coordinator.db.tables import (
     AccountModel, BatchRequestModel, FileModel, FileStatus, JobKind, JobModel, JobStatus, utcnow,
 )
@@ -30,7 +27,7 @@ from coordinator.services.job_states import TERMINAL, change_status
 from coordinator.services.paging import page
 from coordinator.settings import CoordinatorSettings
 from coordinator.storage import BlobStore
-from shared.batches import ENDPOINT, error_line, output_line
+from shared.batches import ENDPOINT
 from shared.catalog import get_base_model
 from shared.errors import InvalidRequest, NotFound
 from shared.jobspec import LoraSpec
@@ -130,13 +127,6 @@ def list_views(*, session: Session, account: AccountModel, after: str | None, li
     return viewed(session, rows), more
 
 
-def counts(session: Session, batch: JobModel) -> dict[str, int]:
-    """Requests answered so far (`completed`, `failed`) and in all (`total`)."""
-    found = dict(session.execute(select(BatchRequestModel.status, func.count()).where(
-        BatchRequestModel.job_id == batch.id).group_by(BatchRequestModel.status)).all())
-    return {"total": sum(found.values()), "completed": found.get("completed", 0), "failed": found.get("failed", 0)}
-
-
 def cancel(*, session: Session, store: BlobStore, account: AccountModel, batch_id: str) -> JobModel:
     batch = get(session=session, account=account, batch_id=batch_id, for_update=True)
     if batch.status is JobStatus.cancelled:
@@ -146,7 +136,7 @@ def cancel(*, session: Session, store: BlobStore, account: AccountModel, batch_i
                              param="batch_id", code="invalid_batch_state")
     batch.batch = {**(batch.batch or {}), "cancelling_at": utcnow().isoformat()}
     lease_states.end_for_customer(session=session, job=batch, paused=False)
-    made = finalize(session=session, store=store, batch=batch)
+    made = batch_rows.finalize(session=session, store=store, batch=batch)
     change_status(session=session, job=batch, to=JobStatus.cancelled, message="Batch cancelled by the customer; "
                   "what was answered is in its output file")
     _commit(session, store, made)
@@ -160,58 +150,6 @@ def _commit(session: Session, store: BlobStore, made: list[str]) -> None:
         for key in made:
             store.delete(key)
         raise
-
-
-def _lines(session: Session, batch: JobModel, status: str):  # type: ignore[no-untyped-def]
-    return session.scalars(select(BatchRequestModel).where(BatchRequestModel.job_id == batch.id,
-                                                           BatchRequestModel.status == status)
-                           .order_by(BatchRequestModel.line).execution_options(yield_per=1000))
-
-
-def finalize(*, session: Session, store: BlobStore, batch: JobModel) -> list[str]:
-    """The output file (answered requests, in input order) and the error file (requests that could not be
-    answered), as the customer's files; what the batch says of them. Returns the blob keys made (the caller
-    deletes them if its commit fails)."""
-    state = dict(batch.batch or {})
-    created = int(batch.created_at.timestamp())
-    model = state.get("model") or batch.model
-    made: list[str] = []
-    usage = {"input": 0, "output": 0}
-
-    def write(kind: str, status: str, render) -> str | None:  # type: ignore[no-untyped-def]
-        buffer = io.BytesIO()
-        for row in _lines(session, batch, status):
-            buffer.write(json.dumps(render(row), ensure_ascii=False).encode() + b"\n")
-            usage["input"] += row.prompt_tokens
-            usage["output"] += row.completion_tokens
-        if not buffer.getvalue():
-            return None
-        file = FileModel(id=new_id("file-"), account_id=batch.account_id, filename=f"{batch.id}_{kind}.jsonl",
-                         purpose="batch_output", bytes=0, sha256="", status=FileStatus.processed,
-                         format=f"batch-{'output' if kind == 'output' else 'errors'}", created_at=utcnow())
-        if state.get("output_expires_s"):
-            file.expires_at = file.created_at + timedelta(seconds=state["output_expires_s"])
-        buffer.seek(0)
-        blob = store.put(files.blob_key(file.id), buffer)
-        made.append(blob.key)
-        file.bytes, file.sha256 = blob.bytes, blob.sha256
-        session.add(file)
-        return file.id
-
-    output = write("output", "completed", lambda r: output_line(
-        request_id=f"batch_req_{r.id.removeprefix('batchreq-')}", custom_id=r.custom_id,
-        completion_id=f"chatcmpl-{r.id.removeprefix('batchreq-')}", model=model, created=created,
-        content=r.content or "", finish_reason=r.finish_reason or "stop", prompt_tokens=r.prompt_tokens,
-        completion_tokens=r.completion_tokens))
-    errors = write("error", "failed", lambda r: error_line(
-        request_id=f"batch_req_{r.id.removeprefix('batchreq-')}", custom_id=r.custom_id,
-        code=(r.error or {}).get("code", "failed"), message=(r.error or {}).get("message", "not answered")))
-    state.update(output_file_id=output, error_file_id=errors, counts=counts(session, batch),
-                 usage={"input_tokens": usage["input"], "output_tokens": usage["output"]},
-                 finalizing_at=utcnow().isoformat())
-    batch.batch = state
-    batch.result_files = [f for f in (output, errors) if f]
-    return made
 
 
 def expire(*, session: Session, store: BlobStore, now: datetime | None = None, limit: int = 100) -> int:
@@ -231,7 +169,7 @@ def expire(*, session: Session, store: BlobStore, now: datetime | None = None, l
             session.rollback()
             continue
         lease_states.end_live_leases(session=session, job=batch, reason="the batch's completion window ended")
-        made = finalize(session=session, store=store, batch=batch)
+        made = batch_rows.finalize(session=session, store=store, batch=batch)
         batch.batch = {**batch.batch, "expired_at": now.isoformat()}  # type: ignore[dict-item]
         change_status(session=session, job=batch, to=JobStatus.failed, error={
             "code": "batch_expired", "message": "The batch did not finish within its completion window; what was "

@@ -14,7 +14,7 @@ from sqlalchemy.orm import Session
 
 from coordinator.db.tables import Book, JobCheckpointModel, JobKind, JobModel, JobStatus, utcnow
 from coordinator.effects import effects
-from coordinator.services import batches, billing, holds, ledger, replicas, results
+from coordinator.services import batch_rows, billing, holds, ledger, replicas, results
 from coordinator.services.job_states import change_status, record_event
 from coordinator.services.lease_states import end_live_leases
 from coordinator.settings import CoordinatorSettings
@@ -66,7 +66,7 @@ def _end_for_balance(session: Session, job: JobModel, available: int, *, store: 
     answers so far go to its output file)."""
     end_live_leases(session=session, job=job, reason="the customer's balance ran out")
     if job.kind == JobKind.batch:
-        batches.finalize(session=session, store=store, batch=job)
+        batch_rows.finalize(session=session, store=store, batch=job)
     message = f"Insufficient balance (${micros_to_usd(available)} available) to keep the {job.kind} running"
     change_status(session=session, job=job, to=JobStatus.failed, message=message,
                   error={"code": "insufficient_quota", "message": message, "param": None})
@@ -107,6 +107,8 @@ def _rehold(session: Session, job: JobModel, settings: CoordinatorSettings) -> s
     except InsufficientQuota:
         available = ledger.balance(session, Book.customer_available, job.account_id)
         if job.kind != JobKind.fine_tuning:  # an export or a batch has no pause to resume from: it ends
+            if job.kind == JobKind.batch:  # with what it was billed for in its output file
+                batch_rows.finalize(session=session, store=BlobStore(settings.resolved_storage_dir), batch=job)
             change_status(session=session, job=job, to=JobStatus.failed,
                           message=f"Insufficient balance (${micros_to_usd(available)} available) to hold the {job.kind}'s "
                                   f"cost: top up and ask for the {job.kind} again",

@@ -22,9 +22,10 @@ from coordinator.db.tables import BatchRequestModel, FileModel, FileStatus, JobM
 from coordinator.services import batch_rows, continuation, files
 from coordinator.services.job_states import record_event
 from coordinator.storage import BlobStore
-from shared.batches import ENDPOINT
+from shared.batches import ENDPOINT, iter_requests
 from shared.catalog import get_base_model
 from shared.datasets import TrainingExample, iter_examples
+from shared.errors import InvalidFile
 
 MAX_EXAMPLES = 20
 MAX_SHOWN = 2000  # characters of a prompt or reference kept for the page
@@ -41,16 +42,20 @@ def _pair(example: TrainingExample) -> tuple[list[dict[str, Any]], str] | None:
         assert example.chosen is not None
         return [m.for_template() for m in example.messages], example.chosen.content or ""
     last = max((i for i, m in enumerate(example.messages) if m.role == "assistant"), default=None)
-    if last is None or last == 0:
-        return None
+    if last is None or last == 0 or example.messages[last - 1].role == "assistant":
+        return None  # a prompt must end with a turn to answer
     return [m.for_template() for m in example.messages[:last]], example.messages[last].content or ""
+
+
+def _lines(model: str, prompts: list[list[dict[str, Any]]]) -> bytes:
+    return b"".join(json.dumps({"custom_id": f"eval-{i}", "method": "POST", "url": ENDPOINT, "body": {
+        "model": model, "messages": messages, "max_tokens": MAX_TOKENS, "temperature": 0}},
+        ensure_ascii=False).encode() + b"\n" for i, messages in enumerate(prompts))
 
 
 def _file(session: Session, store: BlobStore, parent: JobModel, model: str, prompts: list[list[dict[str, Any]]],
           which: str) -> FileModel:
-    lines = b"".join(json.dumps({"custom_id": f"eval-{i}", "method": "POST", "url": ENDPOINT, "body": {
-        "model": model, "messages": messages, "max_tokens": MAX_TOKENS, "temperature": 0}}).encode() + b"\n"
-        for i, messages in enumerate(prompts))
+    lines = _lines(model, prompts)
     file = FileModel(id=new_id("file-"), account_id=parent.account_id, filename=f"{parent.id}-evaluation-{which}.jsonl",
                      purpose="batch", bytes=0, sha256="", status=FileStatus.processed, format="batch",
                      examples=len(prompts), estimated_tokens=len(lines) // 4 + MAX_TOKENS * len(prompts), model=model,
@@ -79,6 +84,16 @@ def queue_asked(*, session: Session, store: BlobStore, parent: JobModel, result:
                 break
     if not pairs:
         parent.evaluation = {**asked, "skipped": "no validation example without tools to evaluate"}
+        return
+    try:  # checked before anything is made: an evaluation never stands in the way of the job's success
+        for model in (parent.model, parent.fine_tuned_model or ""):
+            for raw in _lines(model, [m for m, _ in pairs]).splitlines():
+                if len(raw) > files.MAX_LINE_BYTES:
+                    raise InvalidFile("an evaluation prompt is longer than a batch line may be", param="file")
+            list(iter_requests(_lines(model, [m for m, _ in pairs]).splitlines()))
+    except InvalidFile as exc:
+        parent.evaluation = {**asked, "skipped": f"the validation prompts cannot be batched: {exc.message}"}
+        record_event(session=session, job=parent, level="warn", message=f"Evaluation skipped: {exc.message}")
         return
     base = get_base_model(parent.model)
     tuned_start = continuation.Start(parent=parent, key=files.blob_key(result.id), sha256=result.sha256,

@@ -17,9 +17,9 @@ from sqlalchemy.orm import Session
 
 from coordinator.db.ids import new_id
 from coordinator.db.tables import (
-    LIVE_LEASE, JobCheckpointModel, JobModel, JobStatus, LeaseKind, LeaseModel, LeaseStatus, WorkerModel, utcnow,
+    LIVE_LEASE, JobCheckpointModel, JobKind, JobModel, JobStatus, LeaseKind, LeaseModel, LeaseStatus, WorkerModel, utcnow,
 )
-from coordinator.services import held_out, replicas, results, worker_states
+from coordinator.services import batch_rows, held_out, replicas, results, worker_states
 from coordinator.services.job_states import change_status, exclude, record_event
 from coordinator.services.metering import meter_lease, rule_for, until_checkpoint_charge
 from coordinator.settings import CoordinatorSettings
@@ -138,9 +138,11 @@ def _requeue_or_fail(
         job.attempts += 1
     if job.attempts >= settings.max_attempts:
         why = f"the next training failed on {job.attempts} workers in a row (last: {reason})"
-        if results.deliver_uncompared(session=session, store=BlobStore(settings.resolved_storage_dir), job=job,
-                                      why=why):
+        store = BlobStore(settings.resolved_storage_dir)
+        if results.deliver_uncompared(session=session, store=store, job=job, why=why):
             return
+        if job.kind == JobKind.batch:  # what was answered, and billed, is the customer's still
+            batch_rows.finalize(session=session, store=store, batch=job)
         change_status(
             session=session, job=job, to=JobStatus.failed,
             message=f"{reason}; the job failed after {job.attempts} worker failures",

@@ -216,11 +216,12 @@ def _metrics_message(event: LeaseEvent) -> str:
 
 
 def _start_training(f: FencedLease, now: datetime) -> None:
-    """Billing counts from the lease's first progress, on the coordinator's clock (metering.py). A training or an
-    export lease accrues to the customer's cost; a verification lease is the platform's."""
+    """Billing counts from the lease's first progress, on the coordinator's clock (metering.py). A training, export
+    or batch lease accrues to the customer's cost (and the budgets sweep watches it); a verification lease is the
+    platform's."""
     if f.lease.training_started_at is None:
         f.lease.training_started_at = now
-        if f.lease.kind in (LeaseKind.train, LeaseKind.export):
+        if f.lease.kind in (LeaseKind.train, LeaseKind.export, LeaseKind.batch):
             f.job.accruing_since, f.job.accruing_price = now, f.lease.price_per_gpu_hour
 
 

@@ -16,7 +16,9 @@ def test_the_demo_runs_the_whole_marketplace(tmp_path: Path) -> None:
     assert result.job["status"] == "succeeded" and float(result.job["cost"]) > 0
     assert result.job["fine_tuned_model"].endswith(result.job["id"])
     assert float(result.earnings["lifetime_earned"]) > 0
-    assert float(result.earnings["lifetime_earned"]) < float(result.job["cost"])  # the platform kept its fee
+    spent = float(result.job["cost"]) + float(result.used["export"]["cost"]) + float(result.used["batch"]["cost"])
+    assert float(result.earnings["lifetime_earned"]) < spent  # the platform kept its fee
+    assert result.used["export"]["status"] == "succeeded" and result.used["batch"]["status"] == "completed"
     assert "postings total: 0 micro-dollars; unbalanced transactions: 0; drifted balances: 0" in result.audit
     assert result.adapter.is_file() and result.adapter.stat().st_size > 0
     assert result.lora_parameters > 0 and result.loss_after < result.loss_before

@@ -7,16 +7,24 @@ import io
 import json
 from collections.abc import Callable
 from datetime import timedelta
+from pathlib import Path
 
 import pytest
 from sqlalchemy.orm import Session
 
-from coordinator.db.tables import AccountModel, FileModel, JobModel, JobStatus, LeaseModel, LeaseStatus
-from coordinator.services import budgets, files
+from coordinator.db.tables import (
+    AccountModel,
+    FileModel,
+    JobModel,
+    JobStatus,
+    LeaseModel,
+)
+from coordinator.services import batch_rows, budgets, files
 from coordinator.settings import CoordinatorSettings
 from coordinator.storage import BlobStore
 from shared.errors import InvalidFile, InvalidRequest
 from tests.conftest import jsonl
+from tests.coordinator.api.test_openai_schemas import _valid, validator_for  # noqa: F401 - the fixture
 from tests.coordinator.services.test_batches import KINDS, new_batch
 from tests.coordinator.services.test_exports import succeeded
 from tests.fakes import ServiceAgent, batch_answer, batch_lines
@@ -36,6 +44,16 @@ def _output(session: Session, store: BlobStore, batch: JobModel) -> list[dict]: 
     if not file_id:
         return []
     return [json.loads(x) for x in store.path(files.blob_key(file_id)).read_text().splitlines()]
+
+
+def _worked_for(session: Session, lease_id: str, *, minutes: int) -> None:
+    """The lease started `minutes` ago, on the coordinator's clock (the time it bills from)."""
+    from coordinator.db.tables import utcnow
+
+    lease = session.get(LeaseModel, lease_id)
+    assert lease is not None
+    lease.training_started_at = utcnow() - timedelta(minutes=minutes)
+    session.commit()
 
 
 # --- the honest batch program's answers are refused ----------------------------------------------------------
@@ -63,6 +81,31 @@ def test_an_honest_context_length_answer_is_not_refused_on_a_model_whose_lease_c
     assert counts["recorded"] == 2
 
 
+def test_an_honest_context_length_answer_is_not_refused_for_a_prompt_of_many_short_messages(
+    session: Session, store: BlobStore, settings: CoordinatorSettings, customer_account: AccountModel,
+    service_agent: Callable[..., ServiceAgent],
+) -> None:
+    """The coordinator bounds a prompt's tokens by its content bytes plus a flat `TEMPLATE_TOKENS` (256); a chat
+    template adds tokens per message (role, turn markers), so 100 one-letter messages are 615 tokens on the tiny
+    model (context 512) for 100 bytes of content. The batch program truthfully answers context_length_exceeded,
+    and the coordinator refuses the part whole, as a lie."""
+    from worker.trainer.tiny import build_tokenizer
+
+    messages = [{"role": "user", "content": "a"}] * 100
+    ids = build_tokenizer().apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
+    ids = ids["input_ids"] if hasattr(ids, "keys") else ids
+    agent = service_agent()
+    batch = new_batch(session, store, settings, customer_account, batch_lines(1, messages=messages))
+    a = agent.claim(kinds=KINDS)
+    assert a is not None and a.job_id == batch.id
+    assert len(ids) + 16 > a.spec.max_seq_len  # what generate.py checks: the claim is true
+    agent.events(a.lease_id, {"type": "started", "total_steps": 1, "message": "Batch started"})
+    counts = agent.upload_batch_part(a.lease_id, [{"custom_id": "req-0", "error": {
+        "code": "context_length_exceeded",
+        "message": f"the prompt's {len(ids)} tokens and max_tokens 16 exceed the model's {a.spec.max_seq_len}"}}])
+    assert counts["recorded"] == 1
+
+
 # --- a customer's validation file breaks the fine-tune's completion ---------------------------------------------
 
 def test_an_evaluation_prompt_that_ends_with_an_assistant_turn_does_not_block_the_job_from_succeeding(
@@ -81,6 +124,33 @@ def test_an_evaluation_prompt_that_ends_with_an_assistant_turn_does_not_block_th
                               purpose="fine-tune", source=io.BytesIO(jsonl(lines)),
                               max_bytes=settings.max_upload_bytes, min_examples=settings.min_training_examples,
                               retention=timedelta(days=1)).id
+    agent = service_agent()
+    job = new_job(validation_file=validation, evaluation={"examples": 3})
+    a = agent.claim()
+    assert a is not None and a.job_id == job.id
+    try:
+        agent.finish(a.lease_id)
+    except InvalidFile as exc:
+        session.rollback()
+        pytest.fail(f"the training lease's completion was refused: {exc.message}")
+    done = session.get(JobModel, job.id, populate_existing=True)
+    assert done is not None and done.status is JobStatus.succeeded
+
+
+def test_an_evaluation_prompt_past_the_line_limit_once_escaped_does_not_block_the_job_from_succeeding(
+    session: Session, store: BlobStore, settings: CoordinatorSettings, customer_account: AccountModel,
+    service_agent: Callable[..., ServiceAgent], new_job: NewJob,
+) -> None:
+    """`evaluations._file` writes the prompts with json.dumps' default ensure_ascii: a non-ASCII validation prompt
+    of 3 MiB (a line the validation file may hold) becomes a batch line of 9 MiB, past `files.MAX_LINE_BYTES`,
+    and the training lease's completion raises InvalidFile."""
+    big = "\u00e9" * (1536 * 1024)  # 3 MiB of UTF-8, 9 MiB as \\u00e9 escapes
+    lines = [json.dumps({"messages": [{"role": "user", "content": big if i == 0 else f"What is {i} + {i}?"},
+                                      {"role": "assistant", "content": str(2 * i)}]}, ensure_ascii=False)
+             for i in range(12)]
+    validation = files.upload(session=session, store=store, account=customer_account, filename="valid.jsonl",
+                              purpose="fine-tune", source=io.BytesIO(jsonl(lines)), max_bytes=16 * 1024 * 1024,
+                              min_examples=settings.min_training_examples, retention=timedelta(days=1)).id
     agent = service_agent()
     job = new_job(validation_file=validation, evaluation={"examples": 3})
     a = agent.claim()
@@ -128,10 +198,41 @@ def test_a_batch_that_fails_after_its_attempts_still_gives_the_answers_it_was_bi
     batch = new_batch(session, store, settings, customer_account, batch_lines(2))
     for attempt in range(settings.max_attempts):
         agent = service_agent(f"pc-{attempt}", provider=new_provider(f"p{attempt}"))
+        budgets.enforce_budgets(session=session, settings=settings)  # a lease's charge may have used the hold up
         lease = _claimed(agent)
         if attempt == 0:
+            _worked_for(session, lease, minutes=10)
             agent.upload_batch_part(lease, [batch_answer("req-0", "zero")])
         agent.complete_batch(lease)
+    session.expire_all()
+    failed = session.get(JobModel, batch.id)
+    assert failed is not None and failed.status is JobStatus.failed
+    assert failed.billed_micros > 0  # the first lease, until its answer
+    assert failed.batch["output_file_id"] is not None  # type: ignore[index]
+    assert [x["custom_id"] for x in _output(session, store, failed)] == ["req-0"]
+
+
+def test_a_batch_that_cannot_hold_again_after_a_lease_still_gives_the_answers_it_was_billed_for(
+    session: Session, store: BlobStore, settings: CoordinatorSettings, make_caller,  # type: ignore[no-untyped-def]
+    service_agent: Callable[..., ServiceAgent],
+) -> None:
+    """A preempted lease's charge uses up the batch's hold; back in the queue, the budgets sweep cannot hold
+    again for a customer with nothing left, and fails the batch (`budgets._rehold`) without `batches.finalize`:
+    the answer just billed is in no output file."""
+    caller = make_caller("customer", "carl", credit="0.05")
+    account = session.get(AccountModel, caller.account_id)
+    assert account is not None
+    batch = new_batch(session, store, settings, account, batch_lines(2))
+    assert 0 < batch.held_micros <= 50_000
+    agent = service_agent()
+    lease = _claimed(agent)
+    _worked_for(session, lease, minutes=60)  # at $0.30/GPU-hour and more: past the hold and the balance
+    agent.upload_batch_part(lease, [batch_answer("req-0", "zero")])
+    agent.preempted(lease)
+    session.expire_all()
+    queued = session.get(JobModel, batch.id)
+    assert queued is not None and queued.status is JobStatus.queued and queued.held_micros <= 0
+    assert budgets.enforce_budgets(session=session, settings=settings)["failed"] == 1
     session.expire_all()
     failed = session.get(JobModel, batch.id)
     assert failed is not None and failed.status is JobStatus.failed and failed.billed_micros > 0
@@ -155,93 +256,259 @@ def test_a_prompt_token_count_the_prompt_cannot_have_is_refused(
     assert refused.value.code in ("batch_result_invalid", "batch_result_rejected")
 
 
-# --- probes ---------------------------------------------------------------------------------------------------
-from tests.coordinator.api.test_openai_schemas import _valid, validator_for  # noqa: E402,F401
+
+# --- a hostile customer's batch file ---------------------------------------------------------------------------
+
+@pytest.mark.parametrize("key", ["temperature", "top_p"])
+def test_a_sampling_number_too_large_for_a_float_is_a_400_not_a_500(
+    client, customer, key: str,  # type: ignore[no-untyped-def]
+) -> None:
+    """`shared.batches._number` calls math.isfinite on any int: one of 400 digits raises OverflowError, which
+    the upload answers 500."""
+    line = (b'{"custom_id": "a", "method": "POST", "url": "/v1/chat/completions", "body": {"model": '
+            b'"tunegrid/tiny-llama", "messages": [{"role": "user", "content": "hi"}], "' + key.encode() + b'": '
+            + b"1" * 400 + b"}}\n")
+    response = client.post("/v1/files", headers=customer.headers, data={"purpose": "batch"},
+                           files={"file": ("batch.jsonl", line)})
+    assert response.status_code == 400, response.text
+    assert response.json()["error"]["code"] == "invalid_file"
 
 
-def test_probe_schema_cancel_expire(validator_for, client, customer, make_caller, session, settings) -> None:  # type: ignore[no-untyped-def]
-    import hashlib
+# --- a hostile worker's answers against the coordinator's memory ------------------------------------------------
 
-    from coordinator.db.tables import utcnow
-    from coordinator.services import batches
-    from shared.protocol import SHA256_HEADER
-    from tests.fakes import FakeAgent
-
-    ids = []
-    for n in range(2):
-        file = client.post("/v1/files", headers=customer.headers, data={"purpose": "batch"},
-                           files={"file": ("batch.jsonl", batch_lines(3))}).json()
-        created = client.post("/v1/batches", headers=customer.headers, json={
-            "input_file_id": file["id"], "endpoint": "/v1/chat/completions", "completion_window": "24h",
-            "metadata": {"k": "v"}})
-        ids.append(created.json()["id"])
-    agent = FakeAgent.register(client, make_caller("provider", "pat").key)
-    a = agent.claim(kinds=["train", "verify", "export", "batch"])
-    agent.events(a["lease_id"], {"type": "started", "total_steps": 3, "message": "Batch started"})
-    part = (json.dumps(batch_answer(a and "req-0")) + "\n").encode()
-    sent = client.put(f"/v1/workers/leases/{a['lease_id']}/batch_results", content=part,
-                      headers={**agent.headers(a["lease_id"]), SHA256_HEADER: hashlib.sha256(part).hexdigest()})
-    print(sent.status_code, sent.text)
-    c = client.post(f"/v1/batches/{a['job_id']}/cancel", headers=customer.headers)
-    print(c.status_code, c.json())
-    _valid(validator_for, "Batch", c.json())
-    other = [i for i in ids if i != a["job_id"]][0]
-    store = BlobStore(settings.resolved_storage_dir)
-    print(batches.expire(session=session, store=store, now=utcnow() + timedelta(hours=25)))
-    e = client.get(f"/v1/batches/{other}", headers=customer.headers).json()
-    print(e)
-    _valid(validator_for, "Batch", e)
-    out = client.get(f"/v1/files/{c.json()['output_file_id']}", headers=customer.headers).json()
-    print(out)
-    _valid(validator_for, "OpenAIFile", out)
-    lst = client.get("/v1/batches", headers=customer.headers).json()
-    _valid(validator_for, "ListBatchesResponse", lst)
-    # part after cancel
-    sent = client.put(f"/v1/workers/leases/{a['lease_id']}/batch_results", content=part,
-                      headers={**agent.headers(a["lease_id"]), SHA256_HEADER: hashlib.sha256(part).hexdigest()})
-    print("after cancel", sent.status_code, sent.text)
-    bob = make_caller("customer", "bob")
-    print("bob", client.get(f"/v1/files/{c.json()['output_file_id']}/content", headers=bob.headers).status_code,
-          client.get(f"/v1/batches/{other}", headers=bob.headers).status_code,
-          client.post(f"/v1/batches/{other}/cancel", headers=bob.headers).status_code,
-          client.get("/v1/batches", headers=bob.headers).json())
-    bad = b'{"custom_id": "a", "method": "POST", "url": "/v1/chat/completions", "body": {"model": "tunegrid/tiny-llama", "temperature": ' + b"1" * 400 + b', "messages": [{"role": "user", "content": "hi"}]}}\n'
-    r = client.post("/v1/files", headers=customer.headers, data={"purpose": "batch"}, files={"file": ("b.jsonl", bad)})
-    print("overflow", r.status_code, r.text[:200])
-    for blob in [b"\xef\xbb\xbf" + batch_lines(2).replace(b"\n", b"\r\n"), b"\xff\xfe" + batch_lines(1), b"\n\n", b"[]\n",
-                 b'{"custom_id": "' + b"x" * 600 + b'"}\n']:
-        r = client.post("/v1/files", headers=customer.headers, data={"purpose": "batch"}, files={"file": ("b.jsonl", blob)})
-        print("upload", r.status_code, r.text[:150])
-    assert 0
-
-
-def test_probe_finalize_memory(session, store, settings, customer_account) -> None:  # type: ignore[no-untyped-def]
-    import time
+def test_finalizing_a_batch_does_not_hold_its_whole_output_in_memory(
+    session: Session, store: BlobStore, settings: CoordinatorSettings, customer_account: AccountModel,
+) -> None:
+    """`batches.finalize` writes the output file into an io.BytesIO (and copies it once more with getvalue()):
+    memory grows with the whole output, which answers make as large as 50,000 requests x 64 bytes x 8192 tokens
+    (25 GiB) the checks let a worker send. Here 37 MB of answers must not take half of it at once."""
     import tracemalloc
 
     from sqlalchemy import update
 
     from coordinator.db.tables import BatchRequestModel
     from coordinator.services import batches
-
-    n, size = 2000, 8192
-    data = batch_lines(n, max_tokens=8192)
-    file = files.upload(session=session, store=store, account=customer_account, filename="b.jsonl", purpose="batch",
-                        source=io.BytesIO(data), max_bytes=10**8, min_examples=1, retention=timedelta(days=1))
     from shared.schemas.batches import BatchCreate
-    t = time.monotonic()
+
+    n, size = 8000, 4096
+    file = files.upload(session=session, store=store, account=customer_account, filename="batch.jsonl",
+                        purpose="batch", source=io.BytesIO(batch_lines(n, max_tokens=64)), max_bytes=10**8,
+                        min_examples=1, retention=timedelta(days=1))
     batch = batches.create(session=session, store=store, account=customer_account, settings=settings,
-                           request=BatchCreate.model_validate({"input_file_id": file.id, "endpoint": "/v1/chat/completions", "completion_window": "24h"}))
-    print("create", time.monotonic() - t)
+                           request=BatchCreate.model_validate({"input_file_id": file.id, "completion_window": "24h",
+                                                               "endpoint": "/v1/chat/completions"}))
     session.execute(update(BatchRequestModel).where(BatchRequestModel.job_id == batch.id).values(
-        status="completed", content="x" * size, finish_reason="length", prompt_tokens=20, completion_tokens=size // 64))
+        status="completed", content="x" * size, finish_reason="length", prompt_tokens=20,
+        completion_tokens=64))  # 64 tokens of up to 64 bytes each: what `_check` lets through
     session.commit()
     session.expire_all()
-    batch = session.get(JobModel, batch.id)
-    t = time.monotonic()
+    again = session.get(JobModel, batch.id)
+    assert again is not None
     tracemalloc.start()
-    made = batches.finalize(session=session, store=store, batch=batch)
-    peak = tracemalloc.get_traced_memory()[1]
-    tracemalloc.stop()
-    print("finalize", time.monotonic() - t, "peak MB", peak / 1e6, "output MB", n * size / 1e6)
-    assert 0
+    try:
+        batch_rows.finalize(session=session, store=store, batch=again)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    session.commit()
+    output = session.get(FileModel, again.batch["output_file_id"])  # type: ignore[index]
+    assert output is not None and output.bytes > n * size
+    assert peak < output.bytes // 2, f"finalize held {peak / 1e6:.1f} MB for an output of {output.bytes / 1e6:.1f} MB"
+
+
+# --- attacks already handled (guards for paths the batch tests do not cover) -----------------------------------
+
+def test_a_batch_against_another_customers_real_fine_tune_or_checkpoint_is_model_not_found(
+    session: Session, store: BlobStore, settings: CoordinatorSettings, customer_account: AccountModel,
+    service_agent: Callable[..., ServiceAgent], new_job: NewJob, make_caller,  # type: ignore[no-untyped-def]
+) -> None:
+    from coordinator.db.tables import JobCheckpointModel
+    from tests.coordinator.services.test_jobs import other_customer_account
+
+    alice = succeeded(session, service_agent(), new_job, checkpoint=True)
+    checkpoint = session.query(JobCheckpointModel).filter_by(job_id=alice.id).one()
+    bob = other_customer_account(session, make_caller)
+    for name in (alice.fine_tuned_model, checkpoint.fine_tuned_model_checkpoint):
+        with pytest.raises(InvalidRequest) as refused:
+            new_batch(session, store, settings, bob, batch_lines(2, model=name))
+        session.rollback()
+        assert refused.value.code == "model_not_found"
+    assert session.query(JobModel).filter_by(account_id=bob.id).count() == 0
+
+
+def test_parts_from_an_ended_lease_or_another_workers_lease_record_nothing(
+    session: Session, store: BlobStore, settings: CoordinatorSettings, customer_account: AccountModel,
+    service_agent: Callable[..., ServiceAgent], new_provider,  # type: ignore[no-untyped-def]
+) -> None:
+    from coordinator.db.tables import BatchRequestModel
+    from shared.errors import LeaseLost, NotFound
+
+    first, second = service_agent(), service_agent("pc-2", provider=new_provider("quinn"))
+    batch = new_batch(session, store, settings, customer_account, batch_lines(3))
+    old = _claimed(first)
+    first.preempted(old)
+    live = _claimed(second)
+    with pytest.raises(LeaseLost):  # its own lease, ended: the successor's requests are not its to answer
+        first.upload_batch_part(old, [batch_answer("req-0", "stale")])
+    session.rollback()
+    with pytest.raises(NotFound):  # the live lease, not its own
+        first.upload_batch_part(live, [batch_answer("req-0", "stolen")], token=second.leases[live])
+    session.rollback()
+    with pytest.raises(LeaseLost):  # its own live lease with a stale token
+        second.upload_batch_part(live, [batch_answer("req-0", "replayed")], token=second.leases[live] - 1)
+    session.rollback()
+    assert session.query(BatchRequestModel).filter_by(job_id=batch.id, status="pending").count() == 3
+    assert not [p for p in store.root.glob("batches/*/part-*")]
+
+
+def test_a_part_too_large_per_line_or_in_lines_is_refused_whole(
+    session: Session, store: BlobStore, settings: CoordinatorSettings, customer_account: AccountModel,
+    service_agent: Callable[..., ServiceAgent],
+) -> None:
+    from coordinator.db.tables import BatchRequestModel
+    from coordinator.services import batch_leases
+
+    agent = service_agent()
+    batch = new_batch(session, store, settings, customer_account, batch_lines(2))
+    lease = _claimed(agent)
+    fencing = agent.leases[lease]
+    for data in (json.dumps(batch_answer("req-0", "x" * (5 * 1024 * 1024))).encode() + b"\n",
+                 b"".join(json.dumps(batch_answer("req-0")).encode() + b"\n" for _ in range(10_001)),
+                 b"[" * 100_000 + b"\n", b"\xff\xfe\n", json.dumps(batch_answer("req-0")).encode().replace(
+                     b'"42"', b'"\\ud800"') + b"\n"):
+        blob = store.put(batch_leases.part_key(lease), io.BytesIO(data))
+        with pytest.raises((InvalidRequest, InvalidFile)):
+            batch_leases.record_part(session=session, store=store, worker=agent.worker, lease_id=lease,
+                                     fencing_token=fencing, blob=blob)
+        session.rollback()
+        assert not store.path(blob.key).exists()
+    assert session.query(BatchRequestModel).filter_by(job_id=batch.id, status="pending").count() == 2
+
+
+def test_another_customer_sees_no_batch_and_no_output_and_cannot_cancel(
+    client, customer, make_caller, validator_for,  # type: ignore[no-untyped-def]  # noqa: F811
+) -> None:
+    """Over HTTP: the batch, its output file and its cancel are 404 to another customer; a cancelled and an
+    expired batch still validate against OpenAI's Batch schema."""
+    import hashlib
+
+    from shared.protocol import SHA256_HEADER
+    from tests.fakes import FakeAgent
+
+    ids = []
+    for _ in range(2):
+        file = client.post("/v1/files", headers=customer.headers, data={"purpose": "batch"},
+                           files={"file": ("batch.jsonl", batch_lines(3))}).json()
+        ids.append(client.post("/v1/batches", headers=customer.headers, json={
+            "input_file_id": file["id"], "endpoint": "/v1/chat/completions", "completion_window": "24h"}).json()["id"])
+    agent = FakeAgent.register(client, make_caller("provider", "pat").key)
+    a = agent.claim(kinds=KINDS)
+    assert a is not None and a["job_id"] == ids[0]
+    agent.events(a["lease_id"], {"type": "started", "total_steps": 3, "message": "Batch started"})
+    part = (json.dumps(batch_answer("req-0")) + "\n").encode()
+    headers = {**agent.headers(a["lease_id"]), SHA256_HEADER: hashlib.sha256(part).hexdigest()}
+    assert client.put(f"/v1/workers/leases/{a['lease_id']}/batch_results", content=part,
+                      headers=headers).status_code == 200
+    bob = make_caller("customer", "bob")
+    assert client.post(f"/v1/batches/{ids[0]}/cancel", headers=bob.headers).status_code == 404
+    cancelled = client.post(f"/v1/batches/{ids[0]}/cancel", headers=customer.headers)
+    assert cancelled.status_code == 200 and cancelled.json()["status"] == "cancelled"
+    _valid(validator_for, "Batch", cancelled.json())
+    output = cancelled.json()["output_file_id"]
+    assert client.get(f"/v1/batches/{ids[0]}", headers=bob.headers).status_code == 404
+    assert client.get(f"/v1/files/{output}", headers=bob.headers).status_code == 404
+    assert client.get(f"/v1/files/{output}/content", headers=bob.headers).status_code == 404
+    assert client.get("/v1/batches", headers=bob.headers).json()["data"] == []
+    # the cancelled lease's later part is refused, and the output file stays what it was
+    late = client.put(f"/v1/workers/leases/{a['lease_id']}/batch_results", content=part, headers=headers)
+    assert late.status_code == 409 and late.json()["error"]["code"] == "lease_lost"
+    with client.app.state.sessionmaker() as session:  # type: ignore[attr-defined]
+        from coordinator.db.tables import utcnow
+        from coordinator.services import batches
+
+        store = BlobStore(client.app.state.settings.resolved_storage_dir)  # type: ignore[attr-defined]
+        assert batches.expire(session=session, store=store, now=utcnow() + timedelta(hours=25)) == 1
+    expired = client.get(f"/v1/batches/{ids[1]}", headers=customer.headers).json()
+    assert expired["status"] == "expired" and expired["errors"]["data"][0]["code"] == "batch_expired"
+    _valid(validator_for, "Batch", expired)
+    _valid(validator_for, "ListBatchesResponse", client.get("/v1/batches", headers=customer.headers).json())
+
+
+
+def test_racing_parts_answer_each_custom_id_once_on_postgresql(
+    session: Session, store: BlobStore, settings: CoordinatorSettings, customer_account: AccountModel,
+    service_agent: Callable[..., ServiceAgent], backend: str,
+) -> None:
+    """Two parts of the lease with overlapping custom_ids sent at once (a worker racing itself): each request is
+    recorded once, the overlap counted as duplicates, whichever commits first."""
+    import threading
+
+    from coordinator.db.engine import make_engine, make_sessionmaker
+    from coordinator.db.tables import BatchRequestModel, WorkerModel
+    from coordinator.services import batch_leases
+
+    if backend != "postgresql":
+        pytest.skip("row locks are PostgreSQL's")
+    agent = service_agent()
+    batch = new_batch(session, store, settings, customer_account, batch_lines(60))
+    lease = _claimed(agent)
+    fencing, worker_id = agent.leases[lease], agent.worker_id
+    parts = [[batch_answer(f"req-{i}", f"a{i}") for i in range(40)],
+             [batch_answer(f"req-{i}", f"b{i}") for i in range(20, 60)]]
+    engine = make_engine(settings)
+    barrier, results, errors = threading.Barrier(2), [], []
+
+    def send(answers: list[dict]) -> None:  # type: ignore[type-arg]
+        try:
+            with make_sessionmaker(engine)() as own:
+                worker = own.get(WorkerModel, worker_id)
+                data = "".join(json.dumps(a) + "\n" for a in answers).encode()
+                blob = store.put(batch_leases.part_key(lease), io.BytesIO(data))
+                barrier.wait()
+                results.append(batch_leases.record_part(session=own, store=store, worker=worker, lease_id=lease,
+                                                        fencing_token=fencing, blob=blob))
+        except Exception as exc:  # noqa: BLE001
+            errors.append(exc)
+
+    threads = [threading.Thread(target=send, args=(p,)) for p in parts]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(30)
+    engine.dispose()
+    assert errors == []
+    assert sum(r["recorded"] for r in results) == 60 and sum(r["duplicates"] for r in results) == 20
+    session.expire_all()
+    rows = session.query(BatchRequestModel).filter_by(job_id=batch.id).all()
+    assert all(r.status == "completed" for r in rows) and len({r.custom_id for r in rows}) == 60
+
+
+def test_a_part_past_64_mib_is_refused_while_it_streams(
+    client, customer, make_caller,  # type: ignore[no-untyped-def]
+) -> None:
+    from tests.fakes import FakeAgent
+
+    file = client.post("/v1/files", headers=customer.headers, data={"purpose": "batch"},
+                       files={"file": ("batch.jsonl", batch_lines(2))}).json()
+    created = client.post("/v1/batches", headers=customer.headers, json={
+        "input_file_id": file["id"], "endpoint": "/v1/chat/completions", "completion_window": "24h"})
+    assert created.status_code == 200, created.text
+    agent = FakeAgent.register(client, make_caller("provider", "pat").key)
+    a = agent.claim(kinds=KINDS)
+    assert a is not None
+    line = (json.dumps(batch_answer("req-0")) + "\n").encode()
+    chunk = line * (1024 * 1024 // len(line) + 1)
+
+    def body():  # type: ignore[no-untyped-def]
+        for _ in range(65):
+            yield chunk
+
+    from shared.protocol import SHA256_HEADER
+
+    sent = client.put(f"/v1/workers/leases/{a['lease_id']}/batch_results", content=body(),
+                      headers={**agent.headers(a["lease_id"]), SHA256_HEADER: "0" * 64})
+    assert sent.status_code == 413, sent.text
+    counts = client.get(f"/v1/batches/{created.json()['id']}", headers=customer.headers).json()["request_counts"]
+    assert counts == {"total": 2, "completed": 0, "failed": 0}
+    storage = Path(client.app.state.settings.resolved_storage_dir) / "batches" / a["lease_id"]  # type: ignore[attr-defined]
+    assert not [p for p in storage.iterdir() if p.name != "done"]
