@@ -50,13 +50,14 @@ def build_qwen_shape(out: Path, tokenizer_from: Path) -> Path:
 
 
 def adapter(path: Path, model: str) -> None:
-    import torch
-    from safetensors.torch import save_file
+    """A random adapter (numpy: this process never imports torch)."""
+    import numpy as np
+    from safetensors.numpy import save_file
 
-    g = torch.Generator().manual_seed(1)
+    rng = np.random.default_rng(1)
     path.parent.mkdir(parents=True, exist_ok=True)
-    save_file({n: torch.randn(s, generator=g) * 0.01 for n, s in lora_shapes(get_base_model(model), r=16).items()},
-              str(path))
+    save_file({n: (rng.standard_normal(s) * 0.01).astype(np.float32)
+               for n, s in lora_shapes(get_base_model(model), r=16).items()}, str(path))
 
 
 def run_format(model: str, model_dir: Path, fmt: str, root: Path) -> dict[str, float]:
@@ -100,21 +101,38 @@ def table(model: str, model_dir: Path, root: Path) -> None:
               f"{f['peak_mib']:13.0f} {f['check_s']:15.2f}")
 
 
+def _built(what: str, out: Path, *args: str) -> Path:
+    """A model built in a child process: this one stays small, so its children's peak memory is theirs alone (a
+    forked child starts out counting its parent's pages)."""
+    subprocess.run([sys.executable, __file__, f"--build-{what}", str(out), *args], cwd=ROOT, check=True,
+                   env={**os.environ, "PYTHONPATH": str(ROOT)}, capture_output=True)
+    return out
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--skip-large", action="store_true", help="only the tiny model")
+    parser.add_argument("--build-tiny", type=Path, help=argparse.SUPPRESS)
+    parser.add_argument("--build-qwen", nargs=2, type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args()
-    from worker.trainer.tiny import build
+    if args.build_tiny:
+        from worker.trainer.tiny import build  # noqa: PLC0415
+
+        build(args.build_tiny)
+        return
+    if args.build_qwen:
+        build_qwen_shape(*args.build_qwen)
+        return
 
     with tempfile.TemporaryDirectory() as folder:
         root = Path(folder)
-        tiny = build(root / "tiny")
+        tiny = _built("tiny", root / "tiny")
         print("Each format alone, as the agent runs the export program (Python start and imports included); the "
               "peak RSS is that run's own (it counts the pages of the base's file it maps).")
         table("tunegrid/tiny-llama", tiny, root)
         if not args.skip_large:
             started = time.perf_counter()
-            qwen = build_qwen_shape(root / "qwen", tiny)
+            qwen = _built("qwen", root / "qwen", str(tiny))
             print(f"\n(random Qwen 2.5 0.5B built in {time.perf_counter() - started:.1f} s)")
             table("qwen2.5-0.5b-instruct", qwen, root)
     print(json.dumps({"cpu_count": os.cpu_count()}))

@@ -63,4 +63,4 @@ def test_an_export_needs_a_few_gigabytes_whatever_the_models_size() -> None:
     assert 3 * GIB < estimate.total < 8 * GIB < 2 * llama.parameters
     small = estimate_export(get_base_model("qwen2.5-0.5b-instruct"))
     assert small.total < estimate.total
-    assert small.total > 1.9e9  # measured there: 1.9 GB resident (bench/export.py)
+    assert small.total > 2.4e9  # measured there: 2.4 GB resident merging it (bench/export.py)
