@@ -409,8 +409,8 @@ class ServiceAgent:
         batch_leases.part_limit(session=self.session, worker=self.worker, lease_id=lease_id, fencing_token=fencing)
         data = "".join(json.dumps(a) + "\n" for a in answers).encode()
         blob = self.store.put(batch_leases.part_key(lease_id), io.BytesIO(data))
-        return batch_leases.record_part(session=self.session, store=self.store, worker=self.worker,
-                                        lease_id=lease_id, fencing_token=fencing, blob=blob)
+        return batch_leases.record_part(session=self.session, store=self.store, settings=self.settings,
+                                        worker=self.worker, lease_id=lease_id, fencing_token=fencing, blob=blob)
 
     def complete_batch(self, lease_id: str, *, token: int | None = None, wall_seconds: float = 20.0) -> Any:
         from coordinator.services import leases  # noqa: PLC0415

@@ -135,7 +135,7 @@ async def upload_export(
 @router.put("/{lease_id}/batch_results", response_model=BatchPartReply)
 async def upload_batch_part(
     request: Request, lease_id: LeaseId, worker: CurrentWorker, token: FencingToken, store: StoreDep,
-    sha256: Annotated[str | None, Header(alias=SHA256_HEADER)] = None,
+    settings: SettingsDep, sha256: Annotated[str | None, Header(alias=SHA256_HEADER)] = None,
 ) -> BatchPartReply:
     """A batch lease's answers so far (JSONL, one answer or error a line): checked whole, then each request's first
     answer recorded (`services/batch_leases.py`)."""
@@ -143,7 +143,8 @@ async def upload_batch_part(
     limit = await worker.run(batch_leases.part_limit, lease_id=lease_id, fencing_token=token)
     blob = await store.put_stream(batch_leases.part_key(lease_id), request.stream(), max_bytes=limit,
                                   expected_sha256=expected)
-    counts = await worker.run(batch_leases.record_part, store=store, lease_id=lease_id, fencing_token=token, blob=blob)
+    counts = await worker.run(batch_leases.record_part, store=store, settings=settings, lease_id=lease_id,
+                              fencing_token=token, blob=blob)
     return BatchPartReply(lease_id=lease_id, **counts)
 
 

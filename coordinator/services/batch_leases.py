@@ -5,7 +5,7 @@ batch preempted or lost mid-way resumes elsewhere without redoing or losing a re
 
 A part is data the coordinator checks before it records any of it: known custom_ids, answers no longer than the
 request allowed, token counts within the request's and the model's bounds, and a "context too long" claim only
-where the prompt could be that long. A part that fails is refused whole (400), nothing of it kept; a lease that
+where the prompt could be that long. A part that fails is refused whole (400), nothing of it kept, and counts against its worker as a failed check; a lease that
 completes with requests still unanswered fails against its worker, and the batch goes on elsewhere. Billing is
 per second (`metering`): a lease that ends early is billed until its last recorded answer.
 """
@@ -25,14 +25,15 @@ from coordinator.db.tables import (
 )
 from coordinator.services import batch_rows, held_out
 from coordinator.services.fencing import FencedLease, already_ended, fenced
-from coordinator.services.job_states import change_status
-from coordinator.services.lease_states import end_and_requeue, end_lease, renew
+from coordinator.services.job_states import change_status, record_event
+from coordinator.services.lease_states import end_and_requeue, end_lease, release_suspended, renew
+from coordinator.services.worker_states import count_failed_check
 from coordinator.settings import CoordinatorSettings
 from coordinator.storage import BlobStore, StoredBlob
 from coordinator.services.placement import seq_len_for
 from shared.batches import CUSTOM_ID, FINISH_REASONS
 from shared.catalog import get_base_model
-from shared.errors import Conflict, InvalidRequest
+from shared.errors import Conflict, InvalidFile, InvalidRequest
 from shared.protocol import LeaseComplete
 
 MAX_PART_BYTES = 64 * 1024 * 1024
@@ -151,9 +152,42 @@ def _check(answer: dict[str, Any], row: BatchRequestModel, max_seq_len: int) -> 
     return None
 
 
-def record_part(*, session: Session, store: BlobStore, worker: WorkerModel, lease_id: str, fencing_token: int,
-                blob: StoredBlob) -> dict[str, int]:
-    """Record a part's answers (the first answer of each request wins); {"recorded", "duplicates", "pending"}."""
+def _refused(session: Session, settings: CoordinatorSettings, worker: WorkerModel, lease_id: str,
+             error: InvalidRequest | InvalidFile) -> InvalidRequest | InvalidFile:
+    """A part that is not what a batch program writes counts against its worker (a lie must cost), the batch's
+    events say so, and a worker suspended by it loses its leases. The error to answer with."""
+    session.rollback()
+    row = session.get(WorkerModel, worker.id, with_for_update=True, populate_existing=True)
+    lease = session.get(LeaseModel, lease_id)
+    if row is None or lease is None or lease.worker_id != row.id:
+        session.rollback()
+        return error
+    suspended = count_failed_check(session=session, worker=row, max_failed_checks=settings.suspend_after_failed_checks)
+    job = session.get(JobModel, lease.job_id)
+    assert job is not None
+    record_event(session=session, job=job, level="warn", data={"lease_id": lease_id, "code": error.code},
+                 message=f"Worker {row.id} sent answers that failed their checks ({error.message}); none was kept")
+    session.commit()
+    if suspended:
+        release_suspended(session=session, settings=settings, provider_ids=[row.account_id],
+                          why=f"suspended after {row.failed_checks} uploads that failed their checks")
+        session.commit()
+    return error
+
+
+def record_part(*, session: Session, store: BlobStore, settings: CoordinatorSettings, worker: WorkerModel,
+                lease_id: str, fencing_token: int, blob: StoredBlob) -> dict[str, int]:
+    """Record a part's answers (the first answer of each request wins); {"recorded", "duplicates", "pending"}.
+    A part that fails its checks is refused whole and counts against the worker (`_refused`)."""
+    try:
+        return _record_part(session=session, store=store, worker=worker, lease_id=lease_id,
+                            fencing_token=fencing_token, blob=blob)
+    except (InvalidRequest, InvalidFile) as exc:  # InvalidFile: a line past the bound
+        raise _refused(session, settings, worker, lease_id, exc) from None
+
+
+def _record_part(*, session: Session, store: BlobStore, worker: WorkerModel, lease_id: str, fencing_token: int,
+                 blob: StoredBlob) -> dict[str, int]:
     try:
         answers = _parse(store, blob)
         f = fenced(session=session, worker=worker, lease_id=lease_id, fencing_token=fencing_token)

@@ -378,7 +378,7 @@ def test_a_part_too_large_per_line_or_in_lines_is_refused_whole(
                      b'"42"', b'"\\ud800"') + b"\n"):
         blob = store.put(batch_leases.part_key(lease), io.BytesIO(data))
         with pytest.raises((InvalidRequest, InvalidFile)):
-            batch_leases.record_part(session=session, store=store, worker=agent.worker, lease_id=lease,
+            batch_leases.record_part(session=session, store=store, settings=settings, worker=agent.worker, lease_id=lease,
                                      fencing_token=fencing, blob=blob)
         session.rollback()
         assert not store.path(blob.key).exists()
@@ -465,7 +465,7 @@ def test_racing_parts_answer_each_custom_id_once_on_postgresql(
                 data = "".join(json.dumps(a) + "\n" for a in answers).encode()
                 blob = store.put(batch_leases.part_key(lease), io.BytesIO(data))
                 barrier.wait()
-                results.append(batch_leases.record_part(session=own, store=store, worker=worker, lease_id=lease,
+                results.append(batch_leases.record_part(session=own, store=store, settings=settings, worker=worker, lease_id=lease,
                                                         fencing_token=fencing, blob=blob))
         except Exception as exc:  # noqa: BLE001
             errors.append(exc)

@@ -74,6 +74,7 @@ def test_a_lying_part_is_refused_whole(
     session: Session, store: BlobStore, settings: CoordinatorSettings, customer_account: AccountModel,
     service_agent: Callable[..., ServiceAgent],
 ) -> None:
+    settings.suspend_after_failed_checks = 100  # each lie counts; the suspension they lead to: the next test
     agent = service_agent()
     new_batch(session, store, settings, customer_account, batch_lines(2, max_tokens=8))
     lease = _claimed(agent)
@@ -96,6 +97,26 @@ def test_a_lying_part_is_refused_whole(
         session.rollback()
     assert session.query(BatchRequestModel).filter_by(status="pending").count() == 2  # nothing of any was kept
     assert not list(store.root.glob(f"batches/{lease}/part-*"))
+    assert agent.worker.failed_checks == len(lies)  # a lie costs its worker
+
+
+def test_a_worker_that_keeps_lying_is_suspended_and_loses_the_batch(
+    session: Session, store: BlobStore, settings: CoordinatorSettings, customer_account: AccountModel,
+    service_agent: Callable[..., ServiceAgent],
+) -> None:
+    from shared.errors import LeaseLost  # noqa: PLC0415
+
+    agent = service_agent()
+    batch = new_batch(session, store, settings, customer_account, batch_lines(2))
+    lease = _claimed(agent)
+    for _ in range(settings.suspend_after_failed_checks):
+        with pytest.raises(InvalidRequest):
+            agent.upload_batch_part(lease, [batch_answer("req-9")])
+    assert agent.worker.suspended_at is not None
+    with pytest.raises(LeaseLost):
+        agent.upload_batch_part(lease, [batch_answer("req-0")])
+    session.expire_all()
+    assert session.get(JobModel, batch.id).status is JobStatus.queued  # type: ignore[union-attr]  # for another worker
 
 
 def test_a_lease_that_stops_with_requests_unanswered_fails_and_the_rest_goes_on(
