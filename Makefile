@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 EXTRAS ?= coordinator,worker,trainer,client,dev
 
-.PHONY: install demo test serve trainer-image bench bench-trainer bench-verification bench-export bench-batch bench-scheduler bench-heartbeats bench-dispatch bench-agent bench-ledger bench-dashboard bench-soak clean
+.PHONY: install demo test serve trainer-image bench bench-trainer bench-verification bench-export bench-batch bench-chunked-loss bench-scheduler bench-heartbeats bench-dispatch bench-agent bench-ledger bench-dashboard bench-soak clean
 
 install: $(VENV)/.installed
 
@@ -63,6 +63,9 @@ bench-export: install
 
 bench-batch: install
 	$(PY) bench/batch.py
+
+bench-chunked-loss: install
+	$(PY) bench/chunked_loss.py
 
 # The marketplace core (PostgreSQL and Redis on this machine).
 bench-scheduler: install

@@ -50,6 +50,17 @@ def lora_parameters(model: BaseModelSpec, *, r: int, target_modules: str | list[
     return lora_parameter_count(model, r=r, target_modules=target_modules)
 
 
+# The trainer's loss (worker/trainer/batches.py) makes float32 logits at most this many tokens at a time, once they
+# would take more than `ONE_PIECE_BYTES` in one piece.
+LOSS_CHUNK_TOKENS = 1024
+ONE_PIECE_BYTES = 256 * 1024**2
+
+
+def loss_tokens(tokens: int, vocab_size: int) -> int:
+    """How many tokens' logits the loss holds at once."""
+    return tokens if tokens * vocab_size * 4 <= ONE_PIECE_BYTES else min(tokens, LOSS_CHUNK_TOKENS)
+
+
 def estimate_qlora(
     model: BaseModelSpec, *, seq_len: int, batch_size: int = 1, lora_r: int = 16,
     target_modules: str | list[str] = "all-linear", gradient_checkpointing: bool = True,
@@ -65,7 +76,7 @@ def estimate_qlora(
         activations = model.layers * tokens * model.hidden_size * ACTIVATION_BYTES + per_layer
     else:
         activations = model.layers * per_layer
-    logits = 2 * tokens * model.vocab_size * 4
+    logits = 2 * loss_tokens(tokens, model.vocab_size) * model.vocab_size * 4  # float32 logits and their gradient
     return MemoryEstimate(weights=weights, lora=lora, activations=activations, logits=logits,
                           overhead=CUDA_CONTEXT_BYTES)
 

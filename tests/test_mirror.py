@@ -36,10 +36,10 @@ TESTED_ELSEWHERE: dict[str, str] = {
     "coordinator/stripe_gateway.py": "tests/coordinator/services/test_payouts.py",  # the SDK against the fake Stripe
     "shared/errors.py": "tests/coordinator/api/test_errors.py",
     "shared/jobspec.py": "tests/trainer/test_train.py",
-    "coordinator/services/export_rows.py": "tests/coordinator/services/test_exports.py",
+    "coordinator/services/export_rows.py": "tests/coordinator/services/test_exports.py",  # both ways an export is made
     "coordinator/services/batch_rows.py": "tests/coordinator/services/test_batches.py",  # both ways a batch is made
     "coordinator/services/gguf_probe.py": "tests/security/test_export_attacks.py",  # a hostile GGUF, bounded
-    "coordinator/api/batches.py": "tests/e2e/test_batches.py",  # through the openai client  # both ways an export is made
+    "coordinator/api/batches.py": "tests/e2e/test_batches.py",  # through the openai client
     "worker/trainer/merge.py": "tests/trainer/test_export.py",  # the export program's merged format
     "worker/trainer/gguf_export.py": "tests/trainer/test_export.py",  # its GGUF formats, loaded in llama.cpp
     "shared/lora.py": "tests/shared/test_checkpoint.py",
@@ -57,7 +57,6 @@ TESTED_ELSEWHERE: dict[str, str] = {
     "worker/runtimes/base.py": "tests/worker/test_agent.py",  # the interface the scripted runtime implements
     "worker/runtimes/process.py": "tests/security/test_hostile_trainer.py",
     "worker/settings.py": "tests/worker/test_agent.py",
-    "worker/trainer/batches.py": "tests/trainer/test_data.py",  # packed rows never attend across examples
     "worker/trainer/checkpoints.py": "tests/trainer/test_resume.py",
     "worker/trainer/errors.py": "tests/trainer/test_exit_codes.py",
     "worker/trainer/model.py": "tests/trainer/test_gradients_after_eval.py",

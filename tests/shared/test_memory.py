@@ -64,3 +64,15 @@ def test_an_export_needs_a_few_gigabytes_whatever_the_models_size() -> None:
     small = estimate_export(get_base_model("qwen2.5-0.5b-instruct"))
     assert small.total < estimate.total
     assert small.total > 2.4e9  # measured there: 2.4 GB resident merging it (bench/export.py)
+
+
+def test_the_chunked_loss_bounds_the_logits_whatever_the_length() -> None:
+    """The trainer's loss holds at most `LOSS_CHUNK_TOKENS` tokens' float32 logits (worker/trainer/batches.py):
+    past that, a longer row adds no logits memory; a small vocabulary's logits stay in one piece."""
+    from shared.memory import LOSS_CHUNK_TOKENS  # noqa: PLC0415
+
+    llama = get_base_model("llama-3.1-8b-instruct")
+    at_2k, at_8k = (estimate_qlora(llama, seq_len=n) for n in (2048, 8192))
+    assert at_2k.logits == at_8k.logits == 2 * LOSS_CHUNK_TOKENS * llama.vocab_size * 4  # about 1 GiB
+    tiny = get_base_model("tunegrid/tiny-llama")
+    assert estimate_qlora(tiny, seq_len=512).logits == 2 * 512 * tiny.vocab_size * 4
