@@ -23,7 +23,7 @@ from coordinator.db.ids import new_id
 from coordinator.db.tables import (
     BatchRequestModel, JobModel, JobStatus, LeaseKind, LeaseModel, LeaseStatus, WorkerModel, utcnow,
 )
-from coordinator.services import batch_rows, held_out
+from coordinator.services import batch_rows, files, held_out
 from coordinator.services.fencing import FencedLease, already_ended, fenced
 from coordinator.services.job_states import change_status, record_event
 from coordinator.services.lease_states import end_and_requeue, end_lease, release_suspended, renew
@@ -258,10 +258,5 @@ def complete(*, session: Session, store: BlobStore, settings: CoordinatorSetting
     change_status(session=session, job=f.job, to=JobStatus.succeeded,
                   message=f"Batch completed: {found.get('completed', 0)} answered, {found.get('failed', 0)} failed",
                   data={"lease_id": f.lease.id, "files": f.job.result_files})
-    try:
-        session.commit()
-    except BaseException:
-        for key in made:
-            store.delete(key)
-        raise
+    files.commit_made(session, store, made)
     return f

@@ -139,17 +139,8 @@ def cancel(*, session: Session, store: BlobStore, account: AccountModel, batch_i
     made = batch_rows.finalize(session=session, store=store, batch=batch)
     change_status(session=session, job=batch, to=JobStatus.cancelled, message="Batch cancelled by the customer; "
                   "what was answered is in its output file")
-    _commit(session, store, made)
+    files.commit_made(session, store, made)
     return batch
-
-
-def _commit(session: Session, store: BlobStore, made: list[str]) -> None:
-    try:
-        session.commit()
-    except BaseException:
-        for key in made:
-            store.delete(key)
-        raise
 
 
 def expire(*, session: Session, store: BlobStore, now: datetime | None = None, limit: int = 100) -> int:
@@ -174,7 +165,7 @@ def expire(*, session: Session, store: BlobStore, now: datetime | None = None, l
         change_status(session=session, job=batch, to=JobStatus.failed, error={
             "code": "batch_expired", "message": "The batch did not finish within its completion window; what was "
             "answered is in its output file.", "param": None}, message="Batch expired")
-        _commit(session, store, made)
+        files.commit_made(session, store, made)
         expired += 1
     return expired
 

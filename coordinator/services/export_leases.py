@@ -183,12 +183,7 @@ def complete(*, session: Session, store: BlobStore, settings: CoordinatorSetting
     if parent is not None:
         record_event(session=session, job=parent, message=f"Export {f.job.id} completed: {names}",
                      data={"export_id": f.job.id, "files": f.job.result_files})
-    try:
-        session.commit()
-    except BaseException:
-        for key in made:
-            store.delete(key)
-        raise
+    files.commit_made(session, store, made)
     for upload in uploads.values():
         store.delete(upload["key"])
     return f

@@ -29,6 +29,17 @@ def blob_key(file_id: str) -> str:
     return f"files/{file_id}"
 
 
+def commit_made(session: Session, store: BlobStore, made: list[str]) -> None:
+    """Commit the rows of files whose blobs `made` were just stored; if the commit fails, the blobs go too (a
+    committed file always has its bytes, and no blob outlives a row that never was)."""
+    try:
+        session.commit()
+    except BaseException:
+        for key in made:
+            store.delete(key)
+        raise
+
+
 def _clean_filename(filename: str | None) -> str:
     name = PurePath((filename or "").replace("\\", "/")).name.strip()
     if not name:

@@ -103,3 +103,14 @@ def stop_server(process: subprocess.Popen[bytes]) -> None:
     except subprocess.TimeoutExpired:
         process.kill()
         process.wait(timeout=15)
+
+
+def until(what: str, check, timeout: float = 240.0, pause: float = 0.3):  # type: ignore[no-untyped-def]
+    """`check()`'s first answer that is not None, polled until `timeout` (then the test fails saying `what`)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        found = check()
+        if found is not None:
+            return found
+        time.sleep(pause)
+    raise AssertionError(f"timed out waiting for {what}")

@@ -12,17 +12,15 @@ import json
 import os
 import signal
 import threading
-import time
 from pathlib import Path
 
 import pytest
 from openai import OpenAI
 
 from tests.conftest import chat_lines, jsonl
-from tests.e2e.conftest import LiveServer
+from tests.e2e.conftest import LiveServer, until
 from tests.e2e.test_agent import registered_agent, worker_settings
 
-TIMEOUT_S = 240
 REQUESTS = 60
 
 
@@ -30,16 +28,6 @@ REQUESTS = 60
 def live_env() -> dict[str, str]:
     # A stopped agent reports its lease preempted (the trainer writes its last part first): no reaping is waited for.
     return {"TUNEGRID_VERIFY_SHARE_BPS": "0", "TUNEGRID_SWEEP_INTERVAL_S": "1"}
-
-
-def _until(what: str, check, timeout: float = TIMEOUT_S):  # type: ignore[no-untyped-def]
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        found = check()
-        if found is not None:
-            return found
-        time.sleep(0.3)
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 def _requests(model: str) -> bytes:
@@ -69,7 +57,7 @@ def test_a_batch_against_a_fine_tune_survives_its_worker_and_answers_each_reques
         data = client.files.create(file=("chat.jsonl", io.BytesIO(jsonl(chat_lines(12)))), purpose="fine-tune")
         job = client.fine_tuning.jobs.create(model="tunegrid/tiny-llama", training_file=data.id,
                                              hyperparameters={"n_epochs": 1})
-        job = _until("the fine-tune", lambda: (j := client.fine_tuning.jobs.retrieve(job.id)).status in (
+        job = until("the fine-tune", lambda: (j := client.fine_tuning.jobs.retrieve(job.id)).status in (
             "succeeded", "failed") and j or None)
         assert job.status == "succeeded", job.error
 
@@ -81,7 +69,7 @@ def test_a_batch_against_a_fine_tune_survives_its_worker_and_answers_each_reques
         assert batch.status == "in_progress" and batch.request_counts.total == REQUESTS
         # Once some answers are in (parts go up every few seconds), the first worker's batch program is killed
         # outright (what it generated since its last part is lost) and the worker leaves.
-        _until("the first answers", lambda: client.batches.retrieve(batch.id).request_counts.completed or None)
+        until("the first answers", lambda: client.batches.retrieve(batch.id).request_counts.completed or None)
         running = first._job.running if first._job is not None else None  # noqa: SLF001 - the trainer process
         assert running is not None
         for pid in running.pids():
@@ -93,7 +81,7 @@ def test_a_batch_against_a_fine_tune_survives_its_worker_and_answers_each_reques
                                   provider_key=live_server.new_key("provider", "quinn"))
         thread = threading.Thread(target=second.run, daemon=True)
         thread.start()
-        batch = _until("the batch", lambda: (b := client.batches.retrieve(batch.id)).status in (
+        batch = until("the batch", lambda: (b := client.batches.retrieve(batch.id)).status in (
             "completed", "failed", "expired", "cancelled") and b or None)
         assert batch.status == "completed", batch.errors
         assert batch.request_counts.completed + batch.request_counts.failed == REQUESTS

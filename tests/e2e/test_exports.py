@@ -9,7 +9,6 @@ from __future__ import annotations
 import io
 import tarfile
 import threading
-import time
 from pathlib import Path
 from typing import Any
 
@@ -17,26 +16,15 @@ import pytest
 from openai import OpenAI
 
 from tests.conftest import chat_lines, jsonl
-from tests.e2e.conftest import LiveServer
+from tests.e2e.conftest import LiveServer, until
 from tests.e2e.test_agent import registered_agent, worker_settings
 
-TIMEOUT_S = 240
 
 
 @pytest.fixture
 def live_env() -> dict[str, str]:
     return {"TUNEGRID_VERIFY_SHARE_BPS": "0", "TUNEGRID_CHECKPOINT_EVERY_STEPS": "2",
             "TUNEGRID_MAX_CHECKPOINTS_PER_JOB": "2"}
-
-
-def _until(what: str, check, timeout: float = TIMEOUT_S):  # type: ignore[no-untyped-def]
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        found = check()
-        if found is not None:
-            return found
-        time.sleep(0.5)
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 def _export(client: OpenAI, job_id: str, export_id: str) -> dict[str, Any]:
@@ -62,12 +50,12 @@ def test_a_job_exported_at_creation_and_a_checkpoint_afterwards(
             model="tunegrid/tiny-llama", training_file=data.id, suffix="exported",
             hyperparameters={"n_epochs": 2, "batch_size": 1}, extra_body={"export": ["gguf:q8_0", "merged"]})
         assert job.model_extra["export"] == ["merged", "gguf:q8_0"]
-        job = _until("the job", lambda: (j := client.fine_tuning.jobs.retrieve(job.id)).status in (
+        job = until("the job", lambda: (j := client.fine_tuning.jobs.retrieve(job.id)).status in (
             "succeeded", "failed", "cancelled") and j or None)
         assert job.status == "succeeded", job.error
-        listed = _until("its export", lambda: client.get(f"/fine_tuning/jobs/{job.id}/exports", cast_to=object)
+        listed = until("its export", lambda: client.get(f"/fine_tuning/jobs/{job.id}/exports", cast_to=object)
                         ["data"] or None)  # type: ignore[index]
-        export = _until("the export to finish", lambda: (e := _export(client, job.id, listed[0]["id"]))["status"]
+        export = until("the export to finish", lambda: (e := _export(client, job.id, listed[0]["id"]))["status"]
                         in ("succeeded", "failed", "cancelled") and e or None)
         assert export["status"] == "succeeded", export["error"]
         assert export["model"] == job.fine_tuned_model and float(export["cost"]) > 0
@@ -96,7 +84,7 @@ def test_a_job_exported_at_creation_and_a_checkpoint_afterwards(
         asked = client.post(f"/fine_tuning/jobs/{job.id}/exports", cast_to=object,
                             body={"formats": ["gguf:q4_k_m"], "checkpoint": checkpoint.fine_tuned_model_checkpoint})
         assert asked["status"] == "queued" and float(asked["cost_held"]) > 0  # type: ignore[index]
-        later = _until("the checkpoint's export", lambda: (e := _export(client, job.id, asked["id"]))["status"]  # type: ignore[index]
+        later = until("the checkpoint's export", lambda: (e := _export(client, job.id, asked["id"]))["status"]  # type: ignore[index]
                        in ("succeeded", "failed", "cancelled") and e or None)
         assert later["status"] == "succeeded", later["error"]
         assert later["model"] == checkpoint.fine_tuned_model_checkpoint
