@@ -1,8 +1,9 @@
 """Trainer benchmark: tokens/s of our QLoRA trainer against a naive baseline, on data of mixed lengths, and of
 our DPO beside our SFT on the same examples (each turned into a preference pair).
 
-Baseline: transformers `Trainer` + peft on the same 4-bit model, each batch padded to its longest example
-(DataCollatorForSeq2Seq), batch size chosen so both make the same number of optimizer steps over the same
+Baselines: transformers `Trainer` + peft on the same 4-bit model, each batch padded to its longest example
+(DataCollatorForSeq2Seq), and Hugging Face's best packing, padding-free flattening with position ids
+(DataCollatorWithFlattening); batch size chosen so all make the same number of optimizer steps over the same
 examples. Tokens/s counts real (non-padding) tokens over the training loop's wall time. DPO's pairs are the
 same examples with a second, non-preferred answer (another example's): two sequences a pair, plus the reference
 pass before the first step, which its end-to-end figure includes. Prints figures; never passes or fails.
@@ -21,7 +22,9 @@ import time
 from pathlib import Path
 
 import torch
-from transformers import DataCollatorForSeq2Seq, LlamaConfig, LlamaForCausalLM, Trainer, TrainingArguments
+from transformers import (
+    DataCollatorForSeq2Seq, DataCollatorWithFlattening, LlamaConfig, LlamaForCausalLM, Trainer, TrainingArguments,
+)
 
 from shared.jobspec import JobSpec
 from worker.trainer import data, model as models
@@ -76,7 +79,10 @@ def run_ours(job: Path, spec: JobSpec) -> dict:
     return {"steps": last["step"], "tokens": last["tokens"], "tokens_per_s": last["tokens_per_s"], "wall_s": wall}
 
 
-def run_baseline(job: Path, spec: JobSpec, steps: int, n_examples: int) -> dict:
+def run_baseline(job: Path, spec: JobSpec, steps: int, n_examples: int, *, flattening: bool = False) -> dict:
+    """transformers `Trainer` + peft on the same model and examples: each batch padded to its longest example, or
+    with `flattening` Hugging Face's padding-free packing (`DataCollatorWithFlattening`: a batch's examples in one
+    row, kept apart by their position ids)."""
     tokenizer = models.load_tokenizer(Path(spec.model_dir))
     examples = data.read_examples(job / "train.jsonl")
     features = []
@@ -91,8 +97,9 @@ def run_baseline(job: Path, spec: JobSpec, steps: int, n_examples: int) -> dict:
                              learning_rate=spec.hyperparameters.learning_rate, logging_steps=10_000,
                              save_strategy="no", report_to=[], use_cpu=not torch.cuda.is_available(),
                              bf16=True, dataloader_num_workers=0, disable_tqdm=True, seed=spec.seed)
-    trainer = Trainer(model=model, args=args, train_dataset=features,
-                      data_collator=DataCollatorForSeq2Seq(tokenizer, padding="longest"))
+    collator = (DataCollatorWithFlattening() if flattening
+                else DataCollatorForSeq2Seq(tokenizer, padding="longest"))
+    trainer = Trainer(model=model, args=args, train_dataset=features, data_collator=collator)
     began = time.perf_counter()
     output = trainer.train()
     elapsed = time.perf_counter() - began
@@ -121,6 +128,7 @@ def main() -> None:
                        checkpoint_every_steps=10**9, eval_every_steps=10**9, validation_fraction=0.0)
         ours = run_ours(job, spec)
         baseline = run_baseline(job, spec, ours["steps"], args.examples)
+        flattened = run_baseline(job, spec, ours["steps"], args.examples, flattening=True)
         pairs_job = root / "dpo"
         pairs_job.mkdir()
         (pairs_job / "train.jsonl").write_text("".join(json.dumps(p) + "\n" for p in preference_pairs(rows)))
@@ -130,7 +138,10 @@ def main() -> None:
     print(f"{'ours':<10} {ours['steps']:>6} {args.batch_size:>6} {ours['tokens']:>8} {ours['tokens_per_s']:>10.1f}")
     print(f"{'baseline':<10} {baseline['steps']:>6} {baseline['batch_size']:>6} {baseline['tokens']:>8} "
           f"{baseline['tokens_per_s']:>10.1f}")
-    print(f"ratio ours/baseline: {ours['tokens_per_s'] / baseline['tokens_per_s']:.2f}x")
+    print(f"{'flattening':<10} {flattened['steps']:>6} {flattened['batch_size']:>6} {flattened['tokens']:>8} "
+          f"{flattened['tokens_per_s']:>10.1f}")
+    print(f"ratio ours/baseline: {ours['tokens_per_s'] / baseline['tokens_per_s']:.2f}x; ours/flattening: "
+          f"{ours['tokens_per_s'] / flattened['tokens_per_s']:.2f}x")
     print(f"\n{'method':<10} {'steps':>6} {'tokens':>8} {'tokens/s':>10} {'end-to-end s':>13} {'examples/s':>11}")
     for name, run in (("sft", ours), ("dpo", dpo)):
         print(f"{name:<10} {run['steps']:>6} {run['tokens']:>8} {run['tokens_per_s']:>10.1f} {run['wall_s']:>13.1f} "
