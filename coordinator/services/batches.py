@@ -14,7 +14,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Any
 
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
@@ -28,23 +27,22 @@ from coordinator.services.paging import page
 from coordinator.settings import CoordinatorSettings
 from coordinator.storage import BlobStore
 from shared.batches import ENDPOINT
-from shared.catalog import get_base_model
+from shared.catalog import BaseModelSpec, get_base_model
 from shared.errors import InvalidRequest, NotFound
-from shared.jobspec import LoraSpec
 from shared.money import micros_to_usd
 from shared.schemas.batches import BatchCreate
 
 
-def _model(session: Session, account: AccountModel, name: str) -> tuple[Any, dict[str, Any], continuation.Start | None]:
-    """The base to run, the LoRA shape, and the adapter to load (None: the base alone) for a batch's model."""
+def _model(session: Session, account: AccountModel, name: str) -> tuple[BaseModelSpec, continuation.Start | None]:
+    """The base to run and the adapter to load (None: the base alone) for a batch's model."""
     if continuation.is_continuation(name):
         try:
             start = continuation.resolve(session=session, account=account, name=name)
         except InvalidRequest as exc:
             raise InvalidRequest(exc.message, param="input_file_id", code=exc.code) from None
-        return get_base_model(start.parent.model), dict(start.parent.lora), start
+        return get_base_model(start.parent.model), start
     try:
-        return get_base_model(name), LoraSpec().model_dump(), None
+        return get_base_model(name), None
     except InvalidRequest as exc:
         raise InvalidRequest(f"The batch's requests ask for model {name!r}, which is neither a base model nor one "
                              f"of your fine-tunes. {exc.message}", param="input_file_id",
@@ -70,7 +68,7 @@ def create(*, session: Session, store: BlobStore, account: AccountModel, request
     if request.completion_window not in batch_rows.WINDOWS:
         raise InvalidRequest("completion_window must be '24h'.", param="completion_window", code="invalid_value")
     file = _input_file(session, account, request.input_file_id)
-    base, _, start = _model(session, account, file.model or "")
+    base, start = _model(session, account, file.model or "")
     batch = batch_rows.new_batch(
         session=session, store=store, file=file, base=base, start=start, window=request.completion_window,
         metadata=request.metadata,

@@ -53,12 +53,11 @@ def _lines(model: str, prompts: list[list[dict[str, Any]]]) -> bytes:
         ensure_ascii=False).encode() + b"\n" for i, messages in enumerate(prompts))
 
 
-def _file(session: Session, store: BlobStore, parent: JobModel, model: str, prompts: list[list[dict[str, Any]]],
+def _file(session: Session, store: BlobStore, parent: JobModel, model: str, lines: bytes, prompts: int,
           which: str) -> FileModel:
-    lines = _lines(model, prompts)
     file = FileModel(id=new_id("file-"), account_id=parent.account_id, filename=f"{parent.id}-evaluation-{which}.jsonl",
                      purpose="batch", bytes=0, sha256="", status=FileStatus.processed, format="batch",
-                     examples=len(prompts), estimated_tokens=len(lines) // 4 + MAX_TOKENS * len(prompts), model=model,
+                     examples=prompts, estimated_tokens=len(lines) // 4 + MAX_TOKENS * prompts, model=model,
                      created_at=utcnow())
     blob = store.put(files.blob_key(file.id), io.BytesIO(lines))
     file.bytes, file.sha256 = blob.bytes, blob.sha256
@@ -85,23 +84,25 @@ def queue_asked(*, session: Session, store: BlobStore, parent: JobModel, result:
     if not pairs:
         parent.evaluation = {**asked, "skipped": "no validation example without tools to evaluate"}
         return
+    prompts = [messages for messages, _ in pairs]
+    base = get_base_model(parent.model)
+    inputs = {"base": (base.id, _lines(base.id, prompts)),
+              "tuned": (parent.fine_tuned_model or "", _lines(parent.fine_tuned_model or "", prompts))}
     try:  # checked before anything is made: an evaluation never stands in the way of the job's success
-        for model in (parent.model, parent.fine_tuned_model or ""):
-            for raw in _lines(model, [m for m, _ in pairs]).splitlines():
-                if len(raw) > files.MAX_LINE_BYTES:
-                    raise InvalidFile("an evaluation prompt is longer than a batch line may be", param="file")
-            list(iter_requests(_lines(model, [m for m, _ in pairs]).splitlines()))
+        for _, lines in inputs.values():
+            if any(len(raw) > files.MAX_LINE_BYTES for raw in lines.splitlines()):
+                raise InvalidFile("an evaluation prompt is longer than a batch line may be", param="file")
+            list(iter_requests(lines.splitlines()))
     except InvalidFile as exc:
         parent.evaluation = {**asked, "skipped": f"the validation prompts cannot be batched: {exc.message}"}
         record_event(session=session, job=parent, level="warn", message=f"Evaluation skipped: {exc.message}")
         return
-    base = get_base_model(parent.model)
     tuned_start = continuation.Start(parent=parent, key=files.blob_key(result.id), sha256=result.sha256,
                                      member=continuation.ADAPTER_MEMBER, step=None)
-    prompts = [messages for messages, _ in pairs]
     made = {}
-    for which, model, start in (("base", base.id, None), ("tuned", parent.fine_tuned_model or "", tuned_start)):
-        file = _file(session, store, parent, model, prompts, which)
+    for which, start in (("base", None), ("tuned", tuned_start)):
+        model, lines = inputs[which]
+        file = _file(session, store, parent, model, lines, len(prompts), which)
         batch = batch_rows.new_batch(session=session, store=store, file=file, base=base, start=start,
                                      max_price=parent.max_price_per_gpu_hour)
         batch_rows.queue(session=session, batch=batch, message=f"Evaluation of {parent.id} ({which}): "

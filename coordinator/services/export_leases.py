@@ -19,10 +19,10 @@ from coordinator.db.ids import new_id
 from coordinator.db.tables import (
     FileModel, FileStatus, JobModel, JobStatus, LeaseKind, LeaseStatus, WorkerModel, utcnow,
 )
-from coordinator.services import export_checks, files, worker_states
+from coordinator.services import export_checks, files
 from coordinator.services.fencing import FencedLease, already_ended, fenced
 from coordinator.services.job_states import change_status, record_event
-from coordinator.services.lease_states import end_and_requeue, end_lease, release_suspended
+from coordinator.services.lease_states import end_lease, fail_check
 from coordinator.settings import CoordinatorSettings
 from coordinator.storage import BlobStore, StoredBlob
 from shared import modelfile
@@ -159,19 +159,10 @@ def complete(*, session: Session, store: BlobStore, settings: CoordinatorSetting
                        code="export_replaced")
     usage = report.usage.model_dump()
     if rejected is not None:
-        reason = f"Export rejected: {rejected}"
-        end_and_requeue(session=session, lease=f.lease, job=f.job, worker=f.worker, status=LeaseStatus.failed,
-                        reason=reason, job_reason=f"{reason} (worker {f.worker.id})", settings=settings,
-                        count_attempt=True, usage=usage, failed_check=True)
-        suspended = worker_states.suspend_if_untrustworthy(session=session, worker=f.worker,
-                                                           max_failed_checks=settings.suspend_after_failed_checks)
-        session.commit()
+        fail_check(session=session, settings=settings, lease=f.lease, job=f.job, worker=f.worker,
+                   reason=f"Export rejected: {rejected}", usage=usage)
         for upload in uploads.values():
             store.delete(upload["key"])
-        if suspended:
-            release_suspended(session=session, settings=settings, provider_ids=[f.worker.account_id],
-                              why=f"suspended after {f.worker.failed_checks} failed checks")
-            session.commit()
         return f
     end_lease(session=session, lease=f.lease, job=f.job, worker=f.worker, status=LeaseStatus.completed,
               reason="completed; exports checked", usage=usage)

@@ -9,6 +9,8 @@ queue or fails it (`end_and_requeue`). Locks are always taken job, then lease, t
 
 from __future__ import annotations
 
+import logging
+
 from datetime import datetime, timedelta
 from typing import Any
 
@@ -28,6 +30,8 @@ from shared.errors import Conflict
 
 REAP_BATCH = 500  # leases one reaper pass handles; the next pass takes the rest
 WITHHELD_MODES = ("always", "redundant")  # a lease's checkpoint waits for the verdict (`replicas.py`)
+
+log = logging.getLogger(__name__)
 
 
 # --- start and renewal ----------------------------------------------------------------------------
@@ -260,6 +264,24 @@ def release_suspended(*, session: Session, settings: CoordinatorSettings, provid
                                   .order_by(WorkerModel.id)).all():
         released += release_revoked(session=session, worker=worker, settings=settings, why=why, untrusted=True)
     return released
+
+
+def fail_check(*, session: Session, settings: CoordinatorSettings, lease: LeaseModel, job: JobModel,
+               worker: WorkerModel, reason: str, usage: dict[str, Any] | None) -> None:
+    """A lease's result failed the coordinator's checks (an adapter, an export): the lease fails unbilled and
+    unpaid, uses an attempt, counts against its worker, and the job goes on elsewhere; a worker that check
+    suspends loses every live lease of its provider. Commits."""
+    end_and_requeue(session=session, lease=lease, job=job, worker=worker, status=LeaseStatus.failed, reason=reason,
+                    job_reason=f"{reason} (worker {worker.id})", settings=settings, count_attempt=True, usage=usage,
+                    failed_check=True)
+    suspended = worker_states.suspend_if_untrustworthy(session=session, worker=worker,
+                                                       max_failed_checks=settings.suspend_after_failed_checks)
+    session.commit()
+    if suspended:
+        log.warning("worker %s suspended after %d failed checks", worker.id, worker.failed_checks)
+        release_suspended(session=session, settings=settings, provider_ids=[worker.account_id],
+                          why=f"suspended after {worker.failed_checks} failed checks")
+        session.commit()
 
 
 # --- the reaper -----------------------------------------------------------------------------------

@@ -28,7 +28,7 @@ from coordinator.services.adapters import AdapterRejected, adapter_limit, verify
 from coordinator.services.job_states import change_status, exclude, record_event
 from coordinator.services import worker_states
 from coordinator.services.fencing import FencedLease, already_ended, fenced, training_only
-from coordinator.services.lease_states import end_and_requeue, end_lease, release_suspended, renew
+from coordinator.services.lease_states import end_and_requeue, end_lease, fail_check, release_suspended, renew
 from coordinator.services.placement import place_for_worker, seq_len_for
 from coordinator.services.workers import free_vram
 from coordinator.settings import CoordinatorSettings
@@ -447,19 +447,9 @@ def complete(
                        code="adapter_replaced")
     usage = report.usage.model_dump()
     if rejected is not None:
-        reason = f"Adapter rejected: {rejected}"
-        end_and_requeue(session=session, lease=f.lease, job=f.job, worker=f.worker, status=LeaseStatus.failed,
-                        reason=reason, job_reason=f"{reason} (worker {f.worker.id})", settings=settings,
-                        count_attempt=True, usage=usage, failed_check=True)
-        suspended = worker_states.suspend_if_untrustworthy(session=session, worker=f.worker,
-                                                           max_failed_checks=settings.suspend_after_failed_checks)
-        session.commit()
+        fail_check(session=session, settings=settings, lease=f.lease, job=f.job, worker=f.worker,
+                   reason=f"Adapter rejected: {rejected}", usage=usage)
         store.delete(submitted.key)
-        if suspended:
-            log.warning("worker %s suspended after %d failed checks", f.worker.id, f.worker.failed_checks)
-            release_suspended(session=session, settings=settings, provider_ids=[f.worker.account_id],
-                              why=f"suspended after {f.worker.failed_checks} failed checks")
-            session.commit()
         return f
     f.lease.result = {**report.result.model_dump(), "lora_parameters": parameters}
     why = verification.chosen(f.job, f.worker, settings)

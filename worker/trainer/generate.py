@@ -171,7 +171,7 @@ def run(spec: JobSpec, job_dir: Path, progress: Progress, stop: threading.Event 
                                  pad_token_id=pad, stop_strings=list(sampling.stop) or None,
                                  tokenizer=tokenizer if sampling.stop else None)
         for row, (request, ids) in enumerate(prompts):
-            new = [t for t in out[row, width:].tolist()]
+            new = out[row, width:].tolist()
             while new and new[-1] == pad and pad not in end:
                 new.pop()
             parts.add(_answer(tokenizer, request, len(ids), new, end))
