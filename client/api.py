@@ -10,8 +10,9 @@ from typing import Any
 import httpx
 
 RETRIES = 3
-TIMEOUT = httpx.Timeout(30.0, connect=5.0)
-UPLOAD_TIMEOUT = httpx.Timeout(600.0, connect=5.0)
+# (connect, read, write, pool) seconds: a plain tuple, which any httpx-compatible client takes (a test's transport too)
+TIMEOUT = (5.0, 30.0, 30.0, 30.0)
+UPLOAD_TIMEOUT = (5.0, 600.0, 600.0, 600.0)
 
 
 class ApiError(Exception):
