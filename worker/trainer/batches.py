@@ -1,4 +1,4 @@
-"""Padded batches of packed rows and the two quantities the objectives need from a forward pass: the summed token
+"""Batches of packed rows (dense or flat, worker/trainer/attention.py) and the two quantities the objectives need from a forward pass: the summed token
 loss (supervised), and every token's loss, which preference sums per sequence (worker/trainer/dpo.py).
 
 The loss never holds the whole batch's logits: the model's last hidden states go through its output head a chunk of
@@ -12,28 +12,68 @@ gradients equal the one-piece computation's)."""
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch.utils.checkpoint import checkpoint
 
 from shared.memory import LOSS_CHUNK_TOKENS, ONE_PIECE_BYTES  # one definition: the estimator counts them too
-from worker.trainer import data
+from worker.trainer import attention, data
 
 
 @dataclass
 class Batch:
+    """Rows of packed examples in one of two layouts (worker/trainer/attention.py): dense, (B, L) padded to the
+    longest row with a (B, 1, L, L) mask; or flat, (1, T) every token once and the examples' boundaries."""
+
     input_ids: torch.Tensor
     position_ids: torch.Tensor
     targets: torch.Tensor  # next-token labels, IGNORE across example boundaries and padding
-    attention_mask: torch.Tensor  # (B, 1, L, L) bool: True where a token may attend
     tokens: int
+    attention_mask: torch.Tensor | None = None  # dense: (B, 1, L, L) bool, True where a token may attend
+    cu_seq_lens: torch.Tensor | None = None  # flat: (N + 1,) int32 offsets of the N examples
+    max_length: int = 0  # flat: the longest example
 
     @property
     def labelled(self) -> int:
         return int((self.targets != data.IGNORE).sum())
 
+    @property
+    def flat(self) -> bool:
+        return self.cu_seq_lens is not None
 
-def collate(rows: list[data.PackedRow], *, pad_id: int, device: torch.device) -> Batch:
+    def model_inputs(self) -> dict[str, Any]:
+        """What the decoder's forward pass takes for this layout. A flat batch's position ids restart at every
+        example, so a model on stock SDPA (which detects packing from them) attends the same way, only slower."""
+        inputs: dict[str, Any] = {"input_ids": self.input_ids, "position_ids": self.position_ids}
+        if self.flat:
+            return {**inputs, "cu_seq_lens_q": self.cu_seq_lens, "cu_seq_lens_k": self.cu_seq_lens,
+                    "max_length_q": self.max_length, "max_length_k": self.max_length}
+        return {**inputs, "attention_mask": self.attention_mask}
+
+    def per_token(self, rows: list[list[int]], *, fill: int) -> torch.Tensor:
+        """Per-row values laid out as this batch lays out the rows' tokens (`fill` where there is no token)."""
+        if self.flat:
+            return torch.tensor([v for row in rows for v in row], dtype=torch.long)[None]
+        out = torch.full(tuple(self.targets.shape), fill, dtype=torch.long)
+        for i, row in enumerate(rows):
+            out[i, : len(row)] = torch.tensor(row, dtype=torch.long)
+        return out
+
+
+def _targets(row: data.PackedRow) -> torch.Tensor:
+    """Each token's next token where both belong to the same example; IGNORE elsewhere."""
+    labels, segments = torch.tensor(row.labels), torch.tensor(row.segment_ids)
+    targets = torch.full((len(row),), data.IGNORE, dtype=torch.long)
+    same_example = segments[1:] == segments[:-1]
+    targets[:-1] = torch.where(same_example, labels[1:], data.IGNORE)
+    return targets
+
+
+def collate(rows: list[data.PackedRow], *, pad_id: int, device: torch.device, flat: bool | None = None) -> Batch:
+    """The rows as one batch on `device`, flat where that device attends flat (attention.flat_layout)."""
+    if flat if flat is not None else attention.flat_layout(device):
+        return _collate_flat(rows, device)
     length = max(len(r) for r in rows)
     ids = torch.full((len(rows), length), pad_id, dtype=torch.long)
     positions = torch.zeros((len(rows), length), dtype=torch.long)
@@ -44,16 +84,34 @@ def collate(rows: list[data.PackedRow], *, pad_id: int, device: torch.device) ->
         ids[i, :n] = torch.tensor(row.input_ids)
         positions[i, :n] = torch.tensor(row.position_ids)
         segments[i, :n] = torch.tensor(row.segment_ids)
-        labels = torch.tensor(row.labels)
-        same_example = segments[i, 1:n] == segments[i, : n - 1]
-        targets[i, : n - 1] = torch.where(same_example, labels[1:], data.IGNORE)
+        targets[i, :n] = _targets(row)
     causal = torch.ones((length, length), dtype=torch.bool).tril()
     allowed = (segments[:, :, None] == segments[:, None, :]) & causal & (segments[:, None, :] > 0)
     allowed |= torch.eye(length, dtype=torch.bool)  # padding rows attend to themselves (no NaN)
-    return Batch(ids.to(device), positions.to(device), targets.to(device), allowed[:, None].to(device),
-                 tokens=int((segments > 0).sum()))
+    return Batch(ids.to(device), positions.to(device), targets.to(device), tokens=int((segments > 0).sum()),
+                 attention_mask=allowed[:, None].to(device))
 
 
+def _collate_flat(rows: list[data.PackedRow], device: torch.device) -> Batch:
+    lengths = [n for row in rows for n in _example_lengths(row)]
+    cu_seq_lens = torch.zeros(len(lengths) + 1, dtype=torch.int32)
+    cu_seq_lens[1:] = torch.tensor(lengths, dtype=torch.int32).cumsum(0)
+    ids = torch.tensor([t for row in rows for t in row.input_ids], dtype=torch.long)[None]
+    positions = torch.tensor([p for row in rows for p in row.position_ids], dtype=torch.long)[None]
+    targets = torch.cat([_targets(row) for row in rows])[None]
+    return Batch(ids.to(device), positions.to(device), targets.to(device), tokens=ids.shape[1],
+                 cu_seq_lens=cu_seq_lens.to(device), max_length=max(lengths))
+
+
+def _example_lengths(row: data.PackedRow) -> list[int]:
+    lengths: list[int] = []
+    previous = None
+    for segment in row.segment_ids:
+        if segment != previous:
+            lengths.append(0)
+            previous = segment
+        lengths[-1] += 1
+    return lengths
 
 
 def _causal_lm(model):  # type: ignore[no-untyped-def]
@@ -72,8 +130,7 @@ def token_losses(model, batch: Batch, *, chunk: int = LOSS_CHUNK_TOKENS) -> torc
     """(B, L) negative log-likelihood of each target, 0 where there is none; the logits made `chunk` tokens at a
     time and recomputed for the backward pass, never all at once."""
     lm = _causal_lm(model)
-    hidden = lm.model(input_ids=batch.input_ids, position_ids=batch.position_ids,
-                      attention_mask=batch.attention_mask).last_hidden_state
+    hidden = lm.model(**batch.model_inputs()).last_hidden_state
     softcap = getattr(lm.config, "final_logit_softcapping", None)
     return losses_from_hidden(hidden, batch.targets, lm.lm_head, softcap=softcap, chunk=chunk)
 

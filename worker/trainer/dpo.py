@@ -46,9 +46,9 @@ class PreferenceFigures:
     tokens: int
 
 
-def _packed(sequences: list[data.Tokenized], max_len: int | None) -> tuple[list[data.PackedRow], torch.Tensor]:
+def _packed(sequences: list[data.Tokenized], max_len: int | None) -> tuple[list[data.PackedRow], list[list[int]]]:
     """The sequences packed first-fit into rows of at most `max_len` tokens (one a row without it), and for every
-    token position of the padded batch the index of the sequence it belongs to (`len(sequences)`: padding)."""
+    token of each row the index of the sequence it belongs to."""
     rows: list[data.PackedRow] = []
     owners: list[list[int]] = []
     for index, sequence in enumerate(sequences):
@@ -60,11 +60,7 @@ def _packed(sequences: list[data.Tokenized], max_len: int | None) -> tuple[list[
             target = len(rows) - 1
         rows[target].add(sequence)
         owners[target] += [index] * size
-    width = max(len(row) for row in rows)
-    owner = torch.full((len(rows), width), len(sequences), dtype=torch.long)
-    for i, row_owners in enumerate(owners):
-        owner[i, : len(row_owners)] = torch.tensor(row_owners)
-    return rows, owner
+    return rows, owners
 
 
 def pair_logps(model, pairs: list[Pair], *, pad_id: int, device: torch.device,  # type: ignore[no-untyped-def]
@@ -72,8 +68,9 @@ def pair_logps(model, pairs: list[Pair], *, pad_id: int, device: torch.device,  
     """Log-probabilities of the preferred and the non-preferred answers, in one forward pass; with `max_len`, the
     sequences are packed into rows of that many tokens (each attends only to itself, as in supervised rows)."""
     sequences = [p.chosen for p in pairs] + [p.rejected for p in pairs]
-    rows, owner = _packed(sequences, max_len)
+    rows, owners = _packed(sequences, max_len)
     batch = collate(rows, pad_id=pad_id, device=device)
+    owner = batch.per_token(owners, fill=len(sequences))  # padding: a sequence of its own, dropped
     losses = token_losses(model, batch)
     sums = torch.zeros(len(sequences) + 1, dtype=losses.dtype, device=losses.device)
     sums = sums.index_add(0, owner.to(losses.device).flatten(), losses.flatten())

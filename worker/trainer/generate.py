@@ -129,7 +129,8 @@ def run(spec: JobSpec, job_dir: Path, progress: Progress, stop: threading.Event 
         return {"answered": 0, "parts": 0}
     tokenizer = models.load_tokenizer(model_dir)
     tokenizer.padding_side = "left"
-    model = models.load_base(model_dir, quantization=spec.quantization, gradient_checkpointing=False)
+    model = models.load_base(model_dir, quantization=spec.quantization, gradient_checkpointing=False,
+                             attention="sdpa")
     if spec.initial_adapter:
         model = models.with_lora(model, spec)
         try:

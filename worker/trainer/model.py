@@ -10,6 +10,7 @@ from peft import LoraConfig, PeftModel, get_peft_model, prepare_model_for_kbit_t
 from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
 
 from shared.jobspec import JobSpec
+from worker.trainer.attention import PACKED
 
 
 def device() -> torch.device:
@@ -52,9 +53,11 @@ def load_tokenizer(model_dir: Path):  # type: ignore[no-untyped-def]
     return tokenizer
 
 
-def load_base(model_dir: Path, *, quantization: str, gradient_checkpointing: bool):  # type: ignore[no-untyped-def]
-    # SDPA takes the packed rows' block-diagonal boolean masks as they are.
-    kwargs = {"dtype": compute_dtype(), "device_map": str(device()), "attn_implementation": "sdpa"}
+def load_base(model_dir: Path, *, quantization: str, gradient_checkpointing: bool,  # type: ignore[no-untyped-def]
+              attention: str = PACKED):
+    """The base model; it attends through worker/trainer/attention.py (flat or dense batches), or with
+    `attention="sdpa"` through transformers' own, which generation's padded prompts need."""
+    kwargs = {"dtype": compute_dtype(), "device_map": str(device()), "attn_implementation": attention}
     if quantization == "nf4":
         kwargs["quantization_config"] = quantization_config()
     model = AutoModelForCausalLM.from_pretrained(model_dir, **kwargs)
