@@ -1,12 +1,16 @@
 """How much GPU memory QLoRA fine-tuning of a catalog model needs: placement asks it whether a job fits a card.
 
-An estimate from the architecture, term by term (bytes):
+An estimate from the architecture and the trainer's own layout (worker/trainer/), term by term (bytes):
 - base weights in 4-bit NF4 with double-quantized constants (4.127 bits a parameter, QLoRA paper §3);
-  embeddings and the LM head stay in 16-bit, as bitsandbytes leaves them;
+  embeddings and the LM head stay in 16-bit (the trainer never casts them to float32, worker/trainer/model.py),
+  once when tied; plus the 16-bit copy bitsandbytes dequantizes the largest matrix into for a product;
 - LoRA weights, their gradients and AdamW's two moments, all fp32 (16 bytes a LoRA parameter);
-- activations: with gradient checkpointing, each layer's input is kept and one layer at a time is
-  recomputed; without it, every layer's activations are kept;
-- logits in fp32 and their gradient;
+- activations of a micro-batch's tokens (rows x max_seq_len at most: flat batches carry no padding, and the
+  varlen kernel no (L x L) mask or score matrix, so nothing here grows with the square of a length): with
+  gradient checkpointing, each layer's 16-bit input is kept and one layer at a time is recomputed; without it,
+  every layer's activations are kept;
+- the loss's logits: one piece of at most `ONE_PIECE_BYTES` of float32 logits at a time (worker/trainer/batches.py),
+  `LOGIT_BYTES` for each logit at the backward pass's peak;
 - the CUDA context and allocator slack.
 """
 
@@ -50,24 +54,46 @@ def lora_parameters(model: BaseModelSpec, *, r: int, target_modules: str | list[
     return lora_parameter_count(model, r=r, target_modules=target_modules)
 
 
-# The trainer's loss (worker/trainer/batches.py) makes float32 logits at most this many tokens at a time, once they
-# would take more than `ONE_PIECE_BYTES` in one piece.
+# The trainer's loss (worker/trainer/batches.py) makes a batch's float32 logits in one piece when they take at most
+# `ONE_PIECE_BYTES`; else in chunks of `loss_chunk_tokens` tokens, at most that many bytes each.
 LOSS_CHUNK_TOKENS = 1024
 ONE_PIECE_BYTES = 256 * 1024**2
+# A logit's bytes at the loss's peak (its backward pass): the float32 log-probabilities kept, their gradient, the
+# gradient of the logits, and the 16-bit head output's gradient beside them. Measured on the CPU with a float32
+# head (bench/chunked_loss.py): 15.8 bytes a logit in one piece, 12.3 in chunks.
+LOGIT_BYTES = 16
+# What `batch_size: "auto"` puts in a micro-batch: this many tokens of rows (a preference pair's two sequences count
+# twice), between 1 and 8 rows.
+AUTO_BATCH_TOKENS = 4096
+
+
+def micro_batch(batch_size: int | str, *, max_seq_len: int, sequences: int = 1) -> int:
+    """Training units (packed rows, or preference pairs of `sequences` = 2) in one forward pass: the job's
+    `batch_size`, or what "auto" makes of it. The trainer batches so and placement sizes memory so."""
+    if batch_size != "auto":
+        return int(batch_size)
+    return max(1, min(8, AUTO_BATCH_TOKENS // (max_seq_len * sequences)))
+
+
+def loss_chunk_tokens(vocab_size: int) -> int:
+    """Tokens a chunk of the loss holds: at most `LOSS_CHUNK_TOKENS`, and no more than `ONE_PIECE_BYTES` of float32
+    logits (523 tokens for Llama 3's 128k vocabulary)."""
+    return max(64, min(LOSS_CHUNK_TOKENS, ONE_PIECE_BYTES // (vocab_size * 4)))
 
 
 def loss_tokens(tokens: int, vocab_size: int) -> int:
     """How many tokens' logits the loss holds at once."""
-    return tokens if tokens * vocab_size * 4 <= ONE_PIECE_BYTES else min(tokens, LOSS_CHUNK_TOKENS)
+    return tokens if tokens * vocab_size * 4 <= ONE_PIECE_BYTES else min(tokens, loss_chunk_tokens(vocab_size))
 
 
 def estimate_qlora(
     model: BaseModelSpec, *, seq_len: int, batch_size: int = 1, lora_r: int = 16,
     target_modules: str | list[str] = "all-linear", gradient_checkpointing: bool = True,
 ) -> MemoryEstimate:
-    embedding_params = 2 * model.vocab_size * model.hidden_size  # input embeddings and LM head, 16-bit
+    embedding_params = (1 if model.tied_embeddings else 2) * model.vocab_size * model.hidden_size  # 16-bit
     quantized_params = max(model.parameters - embedding_params, 0)
-    weights = int(quantized_params * NF4_BITS_PER_PARAM / 8) + embedding_params * 2
+    dequantized = model.intermediate_size * model.hidden_size * 2  # the largest matrix, 16-bit, for one product
+    weights = int(quantized_params * NF4_BITS_PER_PARAM / 8) + embedding_params * 2 + dequantized
     lora = lora_parameters(model, r=lora_r, target_modules=target_modules) * LORA_BYTES_PER_PARAM
     tokens = seq_len * batch_size
     per_layer = tokens * (model.hidden_size * ACTIVATIONS_PER_HIDDEN
@@ -76,7 +102,7 @@ def estimate_qlora(
         activations = model.layers * tokens * model.hidden_size * ACTIVATION_BYTES + per_layer
     else:
         activations = model.layers * per_layer
-    logits = 2 * loss_tokens(tokens, model.vocab_size) * model.vocab_size * 4  # float32 logits and their gradient
+    logits = loss_tokens(tokens, model.vocab_size) * model.vocab_size * LOGIT_BYTES
     return MemoryEstimate(weights=weights, lora=lora, activations=activations, logits=logits,
                           overhead=CUDA_CONTEXT_BYTES)
 
@@ -91,13 +117,14 @@ def estimate_evaluation(
 ) -> MemoryEstimate:
     """Forward passes only (a verification lease: the base and an adapter evaluated, nothing trained): the same
     weights, LoRA weights without gradients or optimizer state (fp32), one layer's activations at a time, and
-    one copy of the logits."""
+    the loss's logits a piece at a time, as in training."""
     train = estimate_qlora(model, seq_len=seq_len, batch_size=batch_size, lora_r=lora_r, target_modules=target_modules)
     tokens = seq_len * batch_size
     per_layer = tokens * (model.hidden_size * ACTIVATIONS_PER_HIDDEN
                           + model.intermediate_size * ACTIVATIONS_PER_INTERMEDIATE) * ACTIVATION_BYTES
     return MemoryEstimate(weights=train.weights, lora=train.lora // (LORA_BYTES_PER_PARAM // 4), activations=per_layer,
-                          logits=tokens * model.vocab_size * 4, overhead=CUDA_CONTEXT_BYTES)
+                          logits=loss_tokens(tokens, model.vocab_size) * model.vocab_size * LOGIT_BYTES,
+                          overhead=CUDA_CONTEXT_BYTES)
 
 
 EXPORT_SHARD_BYTES = 1024**3  # what the merge holds before writing a file (worker/trainer/merge.py SHARD_BYTES)

@@ -33,7 +33,7 @@ from coordinator.services.job_states import Move, change_status_many
 from coordinator.services.lease_states import start_lease
 from coordinator.settings import CoordinatorSettings
 from shared.catalog import BaseModelSpec, find_base_model
-from shared.memory import GIB, estimate_evaluation, estimate_export, estimate_qlora
+from shared.memory import GIB, estimate_evaluation, estimate_export, estimate_qlora, micro_batch
 from shared.money import micros_to_usd
 from shared.pricing import (
     CPU, REFERENCE_TOKENS_PER_S_7B, cpu_can_train, customer_price, get_gpu_class, supports_4bit, throughput_per_dollar,
@@ -86,8 +86,9 @@ def requirements(job: JobModel, *, off: frozenset[str] = frozenset()) -> Require
     batch = job.hyperparameters.get("batch_size", "auto")
     kind = job.stage or LeaseKind.train.value
     sequences = 2 if job.method == "dpo" else 1  # a preference pair is two sequences in one batch
+    rows = micro_batch(batch, max_seq_len=seq_len_for(base), sequences=sequences) * sequences  # as the trainer will
     memory = _memory(base.id, int(job.lora.get("r", 16)), targets if isinstance(targets, str) else tuple(targets),
-                     (batch if isinstance(batch, int) else 1) * sequences, kind)
+                     rows, kind)
     excluded = set(job.excluded_providers or ()) | off
     if kind == LeaseKind.verify:  # never the adapter's own trainer, nor a provider that verified it already
         excluded.update((job.verification or {}).get("not_by", ()))

@@ -67,12 +67,42 @@ def test_an_export_needs_a_few_gigabytes_whatever_the_models_size() -> None:
 
 
 def test_the_chunked_loss_bounds_the_logits_whatever_the_length() -> None:
-    """The trainer's loss holds at most `LOSS_CHUNK_TOKENS` tokens' float32 logits (worker/trainer/batches.py):
-    past that, a longer row adds no logits memory; a small vocabulary's logits stay in one piece."""
-    from shared.memory import LOSS_CHUNK_TOKENS  # noqa: PLC0415
+    """The trainer's loss holds one chunk's logits (worker/trainer/batches.py), at most `ONE_PIECE_BYTES` of float32
+    logits: past that, a longer row adds no logits memory; a small vocabulary's logits stay in one piece."""
+    from shared.memory import LOGIT_BYTES, ONE_PIECE_BYTES, loss_chunk_tokens  # noqa: PLC0415
 
     llama = get_base_model("llama-3.1-8b-instruct")
     at_2k, at_8k = (estimate_qlora(llama, seq_len=n) for n in (2048, 8192))
-    assert at_2k.logits == at_8k.logits == 2 * LOSS_CHUNK_TOKENS * llama.vocab_size * 4  # about 1 GiB
+    assert loss_chunk_tokens(llama.vocab_size) == 523
+    assert at_2k.logits == at_8k.logits == 523 * llama.vocab_size * LOGIT_BYTES  # about 1 GiB at the peak
+    assert 523 * llama.vocab_size * 4 <= ONE_PIECE_BYTES
+    assert loss_chunk_tokens(32768) == 1024  # Mistral's: the token bound, not the bytes
     tiny = get_base_model("tunegrid/tiny-llama")
-    assert estimate_qlora(tiny, seq_len=512).logits == 2 * 512 * tiny.vocab_size * 4
+    assert estimate_qlora(tiny, seq_len=512).logits == 512 * tiny.vocab_size * LOGIT_BYTES
+
+
+def test_nothing_grows_with_the_square_of_a_length() -> None:
+    """Flat batches through the varlen kernel hold no (L x L) mask or scores: 8,192 tokens cost the same as a row
+    or as four rows of 2,048."""
+    llama = get_base_model("llama-3.1-8b-instruct")
+    assert estimate_qlora(llama, seq_len=8192).total == estimate_qlora(llama, seq_len=2048, batch_size=4).total
+
+
+def test_tied_embeddings_are_held_once() -> None:
+    qwen = get_base_model("qwen2.5-1.5b-instruct")
+    assert qwen.tied_embeddings
+    untied = replace(qwen, tied_embeddings=False)
+    embedding_bytes = qwen.vocab_size * qwen.hidden_size * 2
+    # Untied, the head's parameters are counted in 16-bit instead of 4-bit: the difference is the head less its
+    # quantized size.
+    difference = estimate_qlora(untied, seq_len=1024).weights - estimate_qlora(qwen, seq_len=1024).weights
+    assert difference == pytest.approx(embedding_bytes - qwen.vocab_size * qwen.hidden_size * 4.127 / 8, rel=1e-6)
+
+
+def test_auto_micro_batches_hold_the_same_tokens_for_the_trainer_and_placement() -> None:
+    from shared.memory import AUTO_BATCH_TOKENS, micro_batch  # noqa: PLC0415
+
+    assert micro_batch(3, max_seq_len=2048) == 3
+    assert micro_batch("auto", max_seq_len=2048) == AUTO_BATCH_TOKENS // 2048 == 2
+    assert micro_batch("auto", max_seq_len=2048, sequences=2) == 1  # a pair: two sequences
+    assert micro_batch("auto", max_seq_len=256) == 8 and micro_batch("auto", max_seq_len=32768) == 1

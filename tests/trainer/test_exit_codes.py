@@ -72,6 +72,29 @@ def test_gpu_out_of_memory_is_a_worker_error_with_a_hint_simulated(tiny_model_di
     assert error["kind"] == "worker_error" and "lower batch_size" in error["message"]
 
 
+@pytest.mark.parametrize(("batch_size", "hint"), [
+    (4, "lower batch_size to 2 and raise gradient_accumulation_steps to 2"),
+    (1, "even at batch_size 1; ask for a GPU with more memory (min_vram_gb)"),
+])
+def test_out_of_memory_in_a_step_names_the_micro_batch_and_what_to_ask_simulated(
+        tiny_model_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, batch_size: int, hint: str) -> None:
+    # No GPU here: the step raises what PyTorch's CUDA allocator raises (bench/gpu.sh forces the real one).
+    import torch  # noqa: PLC0415
+
+    from worker.trainer import train  # noqa: PLC0415
+
+    def out_of_memory(self, model, chunk):  # type: ignore[no-untyped-def]
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+    monkeypatch.setattr(train.Supervised, "step", out_of_memory)
+    job = write_job(tmp_path, tiny_model_dir, train=arithmetic_chat(20), hyperparameters={"batch_size": batch_size})
+    assert run(job) == EXIT_WORKER_ERROR
+    error = _last_error(job)
+    assert error["kind"] == "worker_error"
+    assert "ran out of memory at step 1" in error["message"] and f"{batch_size} rows of up to 256 tokens" in \
+        error["message"] and hint in error["message"], error["message"]
+
+
 def test_unknown_base_model(tiny_model_dir: Path, tmp_path: Path) -> None:
     job = write_job(tmp_path, tiny_model_dir, train=arithmetic_chat(20))
     spec = json.loads((job / "spec.json").read_text())

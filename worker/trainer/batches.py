@@ -2,11 +2,11 @@
 loss (supervised), and every token's loss, which preference sums per sequence (worker/trainer/dpo.py).
 
 The loss never holds the whole batch's logits: the model's last hidden states go through its output head a chunk of
-`LOSS_CHUNK_TOKENS` tokens at a time, each chunk's logits (float32) recomputed in the backward pass instead of kept
-(activation checkpointing); logits under `ONE_PIECE_BYTES` (the tiny model's, any short batch) are made at once. A
-2,048-token row of a 128k-vocabulary Llama 3 costs about 1 GiB of float32 logits in
-one piece; in chunks of 1,024 tokens, half that at most, and what is kept for the backward pass is the hidden
-states, not the logits (bench/chunked_loss.py measures it; tests/trainer/test_batches.py shows the loss and the
+`shared.memory.loss_chunk_tokens` tokens at a time (at most 1,024, and at most `ONE_PIECE_BYTES` of float32 logits),
+each chunk's logits recomputed in the backward pass instead of kept (activation checkpointing); logits under
+`ONE_PIECE_BYTES` (the tiny model's, any short batch) are made at once. A 2,048-token row of a 128k-vocabulary
+Llama 3 costs about 1 GiB of float32 logits in one piece; in chunks of 523 tokens, a quarter of that, and what is
+kept for the backward pass is the hidden states, not the logits (bench/chunked_loss.py measures it; tests/trainer/test_batches.py shows the loss and the
 gradients equal the one-piece computation's)."""
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ from typing import Any
 import torch
 from torch.utils.checkpoint import checkpoint
 
-from shared.memory import LOSS_CHUNK_TOKENS, ONE_PIECE_BYTES  # one definition: the estimator counts them too
+from shared.memory import ONE_PIECE_BYTES, loss_chunk_tokens  # one definition: the estimator counts them too
 from worker.trainer import attention, data
 
 
@@ -126,7 +126,7 @@ def _chunk_losses(hidden: torch.Tensor, targets: torch.Tensor, head: torch.nn.Mo
     return torch.nn.functional.cross_entropy(logits, targets, ignore_index=data.IGNORE, reduction="none")
 
 
-def token_losses(model, batch: Batch, *, chunk: int = LOSS_CHUNK_TOKENS) -> torch.Tensor:  # type: ignore[no-untyped-def]
+def token_losses(model, batch: Batch, *, chunk: int | None = None) -> torch.Tensor:  # type: ignore[no-untyped-def]
     """(B, L) negative log-likelihood of each target, 0 where there is none; the logits made `chunk` tokens at a
     time and recomputed for the backward pass, never all at once."""
     lm = _causal_lm(model)
@@ -136,12 +136,13 @@ def token_losses(model, batch: Batch, *, chunk: int = LOSS_CHUNK_TOKENS) -> torc
 
 
 def losses_from_hidden(hidden: torch.Tensor, targets: torch.Tensor, head: torch.nn.Module, *,
-                       softcap: float | None = None, chunk: int = LOSS_CHUNK_TOKENS) -> torch.Tensor:
+                       softcap: float | None = None, chunk: int | None = None) -> torch.Tensor:
     """Token losses of the last hidden states (B, L, H) against `targets` (B, L), through `head` in chunks."""
     flat, flat_targets = hidden.flatten(0, 1), targets.flatten()
     vocab = getattr(head, "out_features", 0) or head.weight.shape[0]
     if flat.shape[0] * vocab * 4 <= ONE_PIECE_BYTES:  # small logits: one piece, nothing recomputed
         return _chunk_losses(flat, flat_targets, head, softcap).view(targets.shape)
+    chunk = chunk or loss_chunk_tokens(vocab)
     pieces = []
     for start in range(0, flat.shape[0], chunk):
         h, t = flat[start:start + chunk], flat_targets[start:start + chunk]

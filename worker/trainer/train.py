@@ -21,14 +21,15 @@ from transformers import get_cosine_schedule_with_warmup
 from shared.catalog import find_base_model
 from shared.datasets import TrainingExample
 from shared.jobspec import JobSpec
+from shared.memory import micro_batch
 from worker.trainer import checkpoints, data, dpo, model as models
 from worker.trainer.early_stopping import EarlyStopping
 from worker.trainer.batches import Batch, batch_loss, collate  # noqa: F401 - Batch and collate: the trainer's API
-from worker.trainer.errors import UserError
+from worker.trainer.errors import UserError, WorkerError
 from worker.trainer.progress import Progress
 
-CPU_AUTO_BATCH_TOKENS = 4096
 INITIAL_ADAPTER = Path("initial") / "adapter_model.safetensors"
+OUT_OF_MEMORY = getattr(torch, "OutOfMemoryError", torch.cuda.OutOfMemoryError)  # torch.cuda's, by its newer name
 
 
 @dataclass
@@ -180,11 +181,8 @@ class Trainer:
 
     # -- loop ---------------------------------------------------------------
     def batch_size(self) -> int:
-        size = self.spec.hyperparameters.batch_size
-        if size != "auto":
-            return size
         sequences = 2 if self.spec.method == "dpo" else 1  # a pair is two sequences
-        return max(1, min(8, CPU_AUTO_BATCH_TOKENS // (self.spec.max_seq_len * sequences)))
+        return micro_batch(self.spec.hyperparameters.batch_size, max_seq_len=self.spec.max_seq_len, sequences=sequences)
 
     def evaluate(self, model, rows: list[data.PackedRow], pad_id: int) -> float | None:  # type: ignore[no-untyped-def]
         if not rows:
@@ -250,7 +248,10 @@ class Trainer:
             order = torch.randperm(len(units), generator=torch.Generator().manual_seed(spec.seed + epoch))
             chunk = [units[int(i)] for i in order[step_in_epoch * per_step:(step_in_epoch + 1) * per_step]]
             optimizer.zero_grad(set_to_none=True)
-            figures = objective.step(model, chunk)
+            try:
+                figures = objective.step(model, chunk)
+            except OUT_OF_MEMORY:
+                raise WorkerError(self._out_of_memory(step + 1)) from None
             trained_tokens += figures.tokens
             torch.nn.utils.clip_grad_norm_(trainable, hp.max_grad_norm)
             optimizer.step()
@@ -276,6 +277,20 @@ class Trainer:
         if self.early_stopping is None:
             return self._finish(model, step, trained_tokens, self._last_eval)
         return self._finish_best(model, objective, step, trained_tokens, stopped_early)
+
+    def _out_of_memory(self, step: int) -> str:
+        """What the customer reads when a micro-batch does not fit this GPU: which one, and what to ask instead."""
+        hp, rows = self.spec.hyperparameters, self.batch_size()
+        what = "pairs" if self.spec.method == "dpo" else "rows"
+        where = ""
+        if torch.cuda.is_available():
+            where = f" ({torch.cuda.get_device_name()}, {torch.cuda.get_device_properties(0).total_memory / 2**30:.1f} GiB)"
+        told = f"the GPU{where} ran out of memory at step {step}: a micro-batch of {rows} {what} of up to " \
+               f"{self.spec.max_seq_len} tokens does not fit beside the model"
+        if rows > 1:
+            return (f"{told}; lower batch_size to {rows // 2} and raise gradient_accumulation_steps to "
+                    f"{hp.gradient_accumulation_steps * 2} to keep the same step, or ask for more memory (min_vram_gb)")
+        return f"{told}, even at batch_size 1; ask for a GPU with more memory (min_vram_gb)"
 
     def _stop_early(self, model, evaluation: dict[str, float] | None, step: int) -> bool:  # type: ignore[no-untyped-def]
         self._last_eval = evaluation

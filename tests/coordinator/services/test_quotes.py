@@ -62,7 +62,8 @@ def test_a_dpo_quote_counts_the_reference_pass_and_two_sequences_a_pair(
     session: Session, customer_account: AccountModel, settings: CoordinatorSettings,
 ) -> None:
     """DPO's compute is every epoch's tokens (both answers of each pair, counted by the file) plus a third of
-    one epoch for the reference pass; its memory holds two sequences a pair."""
+    one epoch for the reference pass; its memory holds two sequences a pair (with "auto", a micro-batch holds the
+    same tokens either way: two rows, or one pair)."""
     from coordinator.services.placement import requirements  # noqa: PLC0415
 
     sft = quote(session, customer_account, settings, training_tokens=30_000, hyperparameters={"n_epochs": 2})
@@ -71,12 +72,14 @@ def test_a_dpo_quote_counts_the_reference_pass_and_two_sequences_a_pair(
     assert sft.estimated_tokens == 60_000 and dpo.estimated_tokens == 70_000
     cheapest = {c.gpu_class: c for c in sft.gpu_classes}
     assert all(c.estimated_gpu_hours >= cheapest[c.gpu_class].estimated_gpu_hours for c in dpo.gpu_classes)
-    draft = quotes._draft_job(session, customer_account, QuoteCreate.model_validate(  # noqa: SLF001
-        {"model": "qwen2.5-7b-instruct", "training_tokens": 1000, "method": {"type": "dpo"},
-         "hyperparameters": None}))
-    sft_draft = quotes._draft_job(session, customer_account, QuoteCreate.model_validate(  # noqa: SLF001
-        {"model": "qwen2.5-7b-instruct", "training_tokens": 1000}))
-    assert requirements(draft).memory_bytes > requirements(sft_draft).memory_bytes  # type: ignore[union-attr]
+    def memory(**fields) -> int:  # type: ignore[no-untyped-def]
+        draft = quotes._draft_job(session, customer_account, QuoteCreate.model_validate(  # noqa: SLF001
+            {"model": "qwen2.5-7b-instruct", "training_tokens": 1000, **fields}))
+        return requirements(draft).memory_bytes  # type: ignore[union-attr]
+
+    one = {"hyperparameters": {"batch_size": 1}}
+    assert memory(method={"type": "dpo", "dpo": one}) > memory(method={"type": "supervised", "supervised": one})
+    assert memory(method={"type": "dpo"}) == memory()
 
 
 def test_a_quote_prices_the_exports_asked_for_apart(session, customer_account, settings) -> None:  # type: ignore[no-untyped-def]
