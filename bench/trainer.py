@@ -112,12 +112,15 @@ def preference_pairs(rows: list[dict], seed: int = 1) -> list[dict]:
 
 
 # -- one run (child) -----------------------------------------------------------------------------------------------
-def _peak_bytes() -> int:
+def _peak_bytes() -> dict[str, int]:
+    """The training's peak: allocated by tensors (and reserved by PyTorch's allocator) on a GPU, from the start of
+    training (both trainers reset it after loading); the process's resident set on the CPU."""
     import torch  # noqa: PLC0415
 
     if torch.cuda.is_available():
-        return int(torch.cuda.max_memory_allocated())
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+        return {"peak_bytes": int(torch.cuda.max_memory_allocated()),
+                "peak_reserved_bytes": int(torch.cuda.max_memory_reserved())}
+    return {"peak_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}
 
 
 def _steady(times: list[float], tokens: list[int]) -> float:
@@ -140,8 +143,7 @@ def run_ours(job: Path, spec, layout: str | None) -> dict:  # type: ignore[no-un
     steps = [json.loads(line) for line in (job / "out" / "progress.jsonl").read_text().splitlines()]
     steps = [s for s in steps if s["type"] == "step"]
     return {"steps": steps[-1]["step"], "tokens": steps[-1]["tokens"],
-            "tokens_per_s": _steady([s["time"] for s in steps], [s["tokens"] for s in steps]),
-            "peak_bytes": _peak_bytes()}
+            "tokens_per_s": _steady([s["time"] for s in steps], [s["tokens"] for s in steps]), **_peak_bytes()}
 
 
 def hf_qlora_model(spec, attention: str):  # type: ignore[no-untyped-def]
@@ -189,6 +191,10 @@ def run_hf(job: Path, spec, steps: int, collator_kind: str) -> dict:  # type: ig
     marks: list[tuple[float, int]] = []
 
     class Marks(TrainerCallback):
+        def on_train_begin(self, args, state, control, **kwargs):  # type: ignore[no-untyped-def]
+            if torch.cuda.is_available():
+                torch.cuda.reset_peak_memory_stats()
+
         def on_step_end(self, args, state, control, **kwargs):  # type: ignore[no-untyped-def]
             if torch.cuda.is_available():
                 torch.cuda.synchronize()
@@ -202,7 +208,7 @@ def run_hf(job: Path, spec, steps: int, collator_kind: str) -> dict:  # type: ig
     trainer = Trainer(model=model, args=args, train_dataset=features, data_collator=collate, callbacks=[Marks()])
     output = trainer.train()
     return {"steps": output.global_step, "tokens": consumed[-1], "batch_size": batch,
-            "tokens_per_s": _steady([m[0] for m in marks], [m[1] for m in marks]), "peak_bytes": _peak_bytes()}
+            "tokens_per_s": _steady([m[0] for m in marks], [m[1] for m in marks]), **_peak_bytes()}
 
 
 def child(args: argparse.Namespace) -> None:
@@ -278,14 +284,21 @@ def main() -> None:
     parser.add_argument("--quantization", choices=["nf4", "none"], default="nf4")
     parser.add_argument("--runs", default=DEFAULT_RUNS)
     parser.add_argument("--peak-tflops", type=float, default=790.0)
+    parser.add_argument("--budget-s", type=float, default=3600.0, help="runs not done within this are cut off")
     parser.add_argument("--model-dir", type=Path, help="reuse a model built earlier (else built in a temp dir)")
     parser.add_argument("--json", type=Path, help="write the figures here too")
+    parser.add_argument("--build", type=Path, help="only build the shape's model into this folder, then stop")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     parser.add_argument("--job", help=argparse.SUPPRESS)
     parser.add_argument("--steps", type=int, default=0, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
         child(args)
+        return
+    if args.build:
+        began = time.perf_counter()
+        build_model(args.build, args.shape, args.hidden)
+        print(f"{args.shape} built in {args.build} in {time.perf_counter() - began:.0f} s")
         return
     import torch  # noqa: PLC0415
 
@@ -313,16 +326,20 @@ def main() -> None:
                                      train_on_inputs=False).input_ids) for r in rows]
         results: dict[str, dict] = {}
         steps = 0
+        deadline = time.monotonic() + args.budget_s
         for run in runs:
+            if deadline - time.monotonic() < 20:
+                results[run] = {"error": "not run: the budget was spent"}
+                continue
             job = root / run
             job.mkdir()
             train = preference_pairs(rows) if run == "dpo" else rows
             (job / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in train))
             (job / "spec.json").write_text(spec.model_dump_json())
-            results[run] = launch(run, job, steps)
+            results[run] = launch(run, job, steps, timeout=deadline - time.monotonic())
             if run.startswith("ours") and "steps" in results[run]:
                 steps = steps or results[run]["steps"]
-            print(f"  {run}: {results[run]}", file=sys.stderr, flush=True)
+            print(f"  {run}: {json.dumps(results[run])}", flush=True)  # as it comes: a cut-off run keeps the rest
     flops = training_flops(shape, lengths) * args.epochs
     predicted = estimate(args.shape, shape, max_seq_len=args.max_seq_len, batch_size=args.batch_size, lora_r=16)
     device = f"{torch.cuda.get_device_name()}" if torch.cuda.is_available() else "cpu"
@@ -330,7 +347,8 @@ def main() -> None:
           f"(mean {sum(lengths) / len(lengths):.0f}, longest {max(lengths)}) epochs={args.epochs} "
           f"max_seq_len={args.max_seq_len} batch={args.batch_size} rows quantization={args.quantization} "
           f"model built in {built_s:.0f} s")
-    print(f"{'run':<11} {'steps':>5} {'batch':>5} {'tokens':>8} {'tokens/s':>10} {'peak MiB':>9} {'MFU':>6}")
+    print(f"{'run':<11} {'steps':>5} {'batch':>5} {'tokens':>8} {'tokens/s':>10} {'peak MiB':>9} {'reserved':>9} "
+          f"{'MFU':>6}")
     for run, f in results.items():
         if "error" in f:
             print(f"{run:<11} failed: {f['error']}")
@@ -339,7 +357,8 @@ def main() -> None:
         if torch.cuda.is_available() and run != "dpo" and f["tokens_per_s"] == f["tokens_per_s"]:
             mfu = f"{flops / sum(lengths) / args.epochs * f['tokens_per_s'] / (args.peak_tflops * 1e12):6.1%}"
         print(f"{run:<11} {f['steps']:>5} {f.get('batch_size', args.batch_size):>5} {f['tokens']:>8} "
-              f"{f['tokens_per_s']:>10.1f} {f['peak_bytes'] / 2**20:>9.0f} {mfu:>6}")
+              f"{f['tokens_per_s']:>10.1f} {f['peak_bytes'] / 2**20:>9.0f} "
+              f"{f.get('peak_reserved_bytes', float('nan')) / 2**20:>9.0f} {mfu:>6}")
     if "dpo" in results and "wall_s" in results["dpo"]:
         print(f"dpo: tokens count both answers' sequences; {results['dpo']['wall_s']:.1f} s end to end with loading "
               f"and the reference pass ({args.examples * args.epochs / results['dpo']['wall_s']:.2f} pairs/s)")
@@ -352,6 +371,11 @@ def main() -> None:
           f"{predicted.total / 2**20:.0f} MiB in all (weights {predicted.weights / 2**20:.0f}, LoRA "
           f"{predicted.lora / 2**20:.0f}, activations {predicted.activations / 2**20:.0f}, logits "
           f"{predicted.logits / 2**20:.0f}, CUDA context {predicted.overhead / 2**20:.0f}, x slack)")
+    ours = results.get("ours", {})
+    if "peak_reserved_bytes" in ours:
+        held = ours["peak_reserved_bytes"] + predicted.overhead  # what the card must hold: the allocator's and the context
+        print(f"ours held {held / 2**20:.0f} MiB at its peak (reserved + the estimator's CUDA context): the estimate "
+              f"is {predicted.total / held:.2f}x that")
     if args.json:
         args.json.write_text(json.dumps({"device": device, "shape": args.shape, "args": {
             k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items() if k not in ("child", "job")},

@@ -91,7 +91,7 @@ def test_out_of_memory_in_a_step_names_the_micro_batch_and_what_to_ask_simulated
     assert run(job) == EXIT_WORKER_ERROR
     error = _last_error(job)
     assert error["kind"] == "worker_error"
-    assert "ran out of memory at step 1" in error["message"] and f"{batch_size} rows of up to 256 tokens" in \
+    assert "ran out at step 1" in error["message"] and f"{batch_size} rows of up to 256 tokens" in \
         error["message"] and hint in error["message"], error["message"]
 
 

@@ -228,6 +228,8 @@ class Trainer:
         if spec.initial_adapter:
             self._load_initial_adapter(model)
         objective.prepare(model, adapter_is_reference=spec.initial_adapter)  # before any resumed weights load
+        if torch.cuda.is_available():  # the peak a step reports is training's, not loading's (which quantizes)
+            torch.cuda.reset_peak_memory_stats()
         trainable = [p for p in model.parameters() if p.requires_grad]
         optimizer = torch.optim.AdamW(trainable, lr=hp.learning_rate, weight_decay=hp.weight_decay)
         batches_per_epoch = math.ceil(len(units) / self.batch_size())
@@ -250,7 +252,10 @@ class Trainer:
             optimizer.zero_grad(set_to_none=True)
             try:
                 figures = objective.step(model, chunk)
-            except OUT_OF_MEMORY:
+            except (OUT_OF_MEMORY, MemoryError, RuntimeError) as exc:
+                if isinstance(exc, RuntimeError) and not isinstance(exc, OUT_OF_MEMORY) \
+                        and "can't allocate memory" not in str(exc):  # the CPU allocator's words
+                    raise
                 raise WorkerError(self._out_of_memory(step + 1)) from None
             trained_tokens += figures.tokens
             torch.nn.utils.clip_grad_norm_(trainable, hp.max_grad_norm)
@@ -282,10 +287,11 @@ class Trainer:
         """What the customer reads when a micro-batch does not fit this GPU: which one, and what to ask instead."""
         hp, rows = self.spec.hyperparameters, self.batch_size()
         what = "pairs" if self.spec.method == "dpo" else "rows"
-        where = ""
+        where = "this machine's memory"
         if torch.cuda.is_available():
-            where = f" ({torch.cuda.get_device_name()}, {torch.cuda.get_device_properties(0).total_memory / 2**30:.1f} GiB)"
-        told = f"the GPU{where} ran out of memory at step {step}: a micro-batch of {rows} {what} of up to " \
+            where = f"the GPU ({torch.cuda.get_device_name()}, " \
+                    f"{torch.cuda.get_device_properties(0).total_memory / 2**30:.1f} GiB)"
+        told = f"{where} ran out at step {step}: a micro-batch of {rows} {what} of up to " \
                f"{self.spec.max_seq_len} tokens does not fit beside the model"
         if rows > 1:
             return (f"{told}; lower batch_size to {rows // 2} and raise gradient_accumulation_steps to "
