@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 EXTRAS ?= coordinator,worker,trainer,client,dev
 
-.PHONY: install demo test serve trainer-image bench bench-trainer bench-verification bench-export bench-batch bench-chunked-loss bench-scheduler bench-heartbeats bench-dispatch bench-agent bench-ledger bench-dashboard bench-soak clean
+.PHONY: install demo test serve trainer-image bench bench-trainer bench-verification bench-export bench-batch bench-chunked-loss bench-gpu-dry-run bench-scheduler bench-heartbeats bench-dispatch bench-agent bench-ledger bench-dashboard bench-soak clean
 
 install: $(VENV)/.installed
 
@@ -66,6 +66,10 @@ bench-batch: install
 
 bench-chunked-loss: install
 	$(PY) bench/chunked_loss.py
+
+# The GPU benchmark's steps on the CPU, on small shapes (bench/gpu.sh runs them for real on a lent GPU machine).
+bench-gpu-dry-run: install
+	PY=$(PY) bench/gpu.sh --dry-run
 
 # The marketplace core (PostgreSQL and Redis on this machine).
 bench-scheduler: install

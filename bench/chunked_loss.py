@@ -36,7 +36,7 @@ def child(mode: str, vocab: int, tokens: int, hidden: int, chunk: int) -> None:
         logits = head(states).float()
         loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1), targets.flatten(), reduction="sum")
     else:
-        loss = losses_from_hidden(states, targets, head, chunk=chunk).sum()
+        loss = losses_from_hidden(states, targets, head, chunk=chunk or None).sum()  # 0: the trainer's own
     loss.backward()
     seconds = time.perf_counter() - started
     import resource
@@ -57,8 +57,11 @@ def main() -> None:
         child(args.child[0], args.vocab, args.tokens, args.hidden, int(args.child[1]))
         return
     rows = {}
+    from shared.memory import loss_chunk_tokens  # noqa: PLC0415
+
+    own = f"chunked, {loss_chunk_tokens(args.vocab)} (trainer's)"
     for name, mode, chunk in (("whole logits", "whole", 0), ("chunked, 1024 tokens", "chunked", 1024),
-                              ("chunked, 256 tokens", "chunked", 256)):
+                              (own, "chunked", 0), ("chunked, 256 tokens", "chunked", 256)):
         done = subprocess.run([sys.executable, __file__, "--child", mode, str(chunk), "--vocab", str(args.vocab),
                                "--tokens", str(args.tokens), "--hidden", str(args.hidden)], cwd=ROOT, check=True,
                               capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(ROOT)})
@@ -66,9 +69,9 @@ def main() -> None:
     logits_mib = args.tokens * args.vocab * 4 / 2**20
     print(f"vocabulary {args.vocab}, {args.tokens} tokens, hidden {args.hidden} (float32 logits of the row: "
           f"{logits_mib:.0f} MiB); each case's own peak resident memory")
-    print(f"{'':24} {'peak MiB':>9} {'seconds':>8} {'loss':>14} {'grad norm':>11}")
+    print(f"{'':26} {'peak MiB':>9} {'seconds':>8} {'loss':>14} {'grad norm':>11}")
     for name, r in rows.items():
-        print(f"{name:24} {r['peak_mib']:9.0f} {r['seconds']:8.2f} {r['loss']:14.2f} {r['grad_norm']:11.4f}")
+        print(f"{name:26} {r['peak_mib']:9.0f} {r['seconds']:8.2f} {r['loss']:14.2f} {r['grad_norm']:11.4f}")
 
 
 if __name__ == "__main__":
