@@ -75,7 +75,7 @@ def packed_rows_check(hidden: int, layers: int) -> dict:
             quantization = "none"
         spec = JobSpec(job_id="check", base_model="tunegrid/tiny-llama", model_dir=tmp, quantization=quantization,
                        lora={"r": 16, "alpha": 32, "dropout": 0.0})
-        model = load_for_training(spec)
+        model = load_for_training(spec).train()  # checkpointing recomputes layers in training mode only
     torch.manual_seed(1)
     for p in model.parameters():
         if p.requires_grad:

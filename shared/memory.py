@@ -62,6 +62,12 @@ ONE_PIECE_BYTES = 256 * 1024**2
 # gradient of the logits, and the 16-bit head output's gradient beside them. Measured on the CPU with a float32
 # head (bench/chunked_loss.py): 15.8 bytes a logit in one piece, 12.3 in chunks.
 LOGIT_BYTES = 16
+# Families whose attention caps its logits (Gemma 2), which no fast kernel does: their eager attention holds an
+# example's (n x n) scores for every head, about 12 bytes a score kept and in flight (the tanh of the capped scores,
+# float32 probabilities, their 16-bit copy; measured on the CPU at Gemma 2 2B's layer shape). A layer's examples
+# together hold at most heads x max_seq_len x tokens of them (each n <= max_seq_len).
+SOFT_CAPPED_ATTENTION = frozenset({"gemma2"})
+CAPPED_SCORE_BYTES = 12
 # What `batch_size: "auto"` puts in a micro-batch: this many tokens of rows (a preference pair's two sequences count
 # twice), between 1 and 8 rows.
 AUTO_BATCH_TOKENS = 4096
@@ -98,6 +104,7 @@ def estimate_qlora(
     tokens = seq_len * batch_size
     per_layer = tokens * (model.hidden_size * ACTIVATIONS_PER_HIDDEN
                           + model.intermediate_size * ACTIVATIONS_PER_INTERMEDIATE) * ACTIVATION_BYTES
+    per_layer += _capped_scores(model, seq_len=seq_len, tokens=tokens)
     if gradient_checkpointing:
         activations = model.layers * tokens * model.hidden_size * ACTIVATION_BYTES + per_layer
     else:
@@ -105,6 +112,14 @@ def estimate_qlora(
     logits = loss_tokens(tokens, model.vocab_size) * model.vocab_size * LOGIT_BYTES
     return MemoryEstimate(weights=weights, lora=lora, activations=activations, logits=logits,
                           overhead=CUDA_CONTEXT_BYTES)
+
+
+def _capped_scores(model: BaseModelSpec, *, seq_len: int, tokens: int) -> int:
+    """A layer's attention scores, where the family caps them (see `SOFT_CAPPED_ATTENTION`); 0 elsewhere (the
+    varlen kernel holds none)."""
+    if model.architecture not in SOFT_CAPPED_ATTENTION:
+        return 0
+    return model.attention_heads * min(seq_len, tokens) * tokens * CAPPED_SCORE_BYTES
 
 
 def fits(model: BaseModelSpec, *, vram_bytes: int, seq_len: int, batch_size: int = 1, lora_r: int = 16) -> bool:
@@ -122,6 +137,7 @@ def estimate_evaluation(
     tokens = seq_len * batch_size
     per_layer = tokens * (model.hidden_size * ACTIVATIONS_PER_HIDDEN
                           + model.intermediate_size * ACTIVATIONS_PER_INTERMEDIATE) * ACTIVATION_BYTES
+    per_layer += _capped_scores(model, seq_len=seq_len, tokens=seq_len)  # one example's at a time, nothing kept
     return MemoryEstimate(weights=train.weights, lora=train.lora // (LORA_BYTES_PER_PARAM // 4), activations=per_layer,
                           logits=loss_tokens(tokens, model.vocab_size) * model.vocab_size * LOGIT_BYTES,
                           overhead=CUDA_CONTEXT_BYTES)

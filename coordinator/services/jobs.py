@@ -16,7 +16,7 @@ from coordinator.db.tables import (
 from coordinator.services import (
     continuation, files, held_out, holds, integrations, lease_states, market, verification,
 )
-from coordinator.services.placement import requirements
+from coordinator.services.placement import check_placeable, requirements
 from coordinator.services.job_states import TERMINAL, change_status, record_event
 from coordinator.services.paging import page
 from coordinator.settings import CoordinatorSettings
@@ -166,6 +166,7 @@ def create(*, session: Session, store: BlobStore, account: AccountModel, request
         export={"formats": exports} if exports else None,
         evaluation=request.evaluation.model_dump() if request.evaluation else None,
     )
+    check_placeable(job)
     if start is not None:
         job.initial_adapter = continuation.keep(store=store, job=job, start=start)
     price_cap(session=session, job=job, settings=settings)

@@ -35,8 +35,10 @@ from coordinator.settings import CoordinatorSettings
 from shared.catalog import BaseModelSpec, find_base_model
 from shared.memory import GIB, estimate_evaluation, estimate_export, estimate_qlora, micro_batch
 from shared.money import micros_to_usd
+from shared.errors import InvalidRequest
 from shared.pricing import (
-    CPU, REFERENCE_TOKENS_PER_S_7B, cpu_can_train, customer_price, get_gpu_class, supports_4bit, throughput_per_dollar,
+    CPU, GPU_CLASSES, REFERENCE_TOKENS_PER_S_7B, cpu_can_train, customer_price, get_gpu_class, supports_4bit,
+    throughput_per_dollar,
 )
 
 DEFAULT_SEQ_LEN = 2048
@@ -100,6 +102,23 @@ def requirements(job: JobModel, *, off: frozenset[str] = frozenset()) -> Require
         gpu_filter=tuple(f.lower() for f in (job.gpu_filter or ())), trusted_only=job.trusted_hosts_only,
         excluded_providers=frozenset(excluded), excluded_workers=frozenset(job.excluded_workers or ()), kind=kind,
     )
+
+
+LARGEST_GPU_GB = max(c.typical_vram_gb for c in GPU_CLASSES)
+
+
+def check_placeable(job: JobModel) -> None:
+    """A job no GPU on the market could hold is refused when it is asked for (400), never left queued for ever."""
+    base = find_base_model(job.model)
+    need = requirements(job)
+    if base is None or need is None or need.memory_bytes <= LARGEST_GPU_GB * GIB:
+        return
+    batch = job.hyperparameters.get("batch_size", "auto")
+    raise InvalidRequest(
+        f"This job needs about {need.memory_bytes / GIB:.0f} GiB of GPU memory (a micro-batch of batch_size={batch} "
+        f"at {seq_len_for(base)} tokens on {base.id}), more than the largest GPU tunegrid places on "
+        f"({LARGEST_GPU_GB} GB). Lower hyperparameters.batch_size.",
+        param="hyperparameters.batch_size", code="job_too_large_for_any_gpu")
 
 
 @dataclass(slots=True)

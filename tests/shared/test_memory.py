@@ -106,3 +106,18 @@ def test_auto_micro_batches_hold_the_same_tokens_for_the_trainer_and_placement()
     assert micro_batch("auto", max_seq_len=2048) == AUTO_BATCH_TOKENS // 2048 == 2
     assert micro_batch("auto", max_seq_len=2048, sequences=2) == 1  # a pair: two sequences
     assert micro_batch("auto", max_seq_len=256) == 8 and micro_batch("auto", max_seq_len=32768) == 1
+
+
+def test_soft_capped_attention_counts_its_scores() -> None:
+    """Gemma 2's capped attention runs eagerly, one example at a time (worker/trainer/attention.py): a layer's
+    scores, heads x max_seq_len x tokens at most, are counted; families on the varlen kernel hold none."""
+    from shared.memory import CAPPED_SCORE_BYTES  # noqa: PLC0415
+
+    gemma = get_base_model("gemma-2-2b-it")
+    uncapped = replace(gemma, architecture="llama")
+    for batch in (1, 2, 8):
+        difference = estimate_qlora(gemma, seq_len=2048, batch_size=batch).activations - \
+            estimate_qlora(uncapped, seq_len=2048, batch_size=batch).activations
+        assert difference == gemma.attention_heads * 2048 * 2048 * batch * CAPPED_SCORE_BYTES
+    # At batch 8 the scores alone take 3 GiB: the estimate no longer lets a 12 GB card take it.
+    assert not fits(gemma, vram_bytes=12 * GIB, seq_len=2048, batch_size=8)

@@ -223,3 +223,78 @@ def _alone(model, example: data.Tokenized) -> torch.Tensor:  # type: ignore[no-u
     logits = model(input_ids=ids).logits[0].float()
     losses = torch.nn.functional.cross_entropy(logits[:-1], ids[0, 1:], reduction="none")
     return torch.cat([losses, torch.zeros(1)])
+
+
+def test_a_job_trains_on_flat_batches_as_it_would_on_a_gpu(tiny_model_dir: Path, tmp_path: Path,
+                                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    """The trainer end to end with the GPU's layout forced on the CPU: it learns, evaluates and finishes."""
+    from tests.trainer.conftest import progress_lines, write_job  # noqa: PLC0415
+    from worker.trainer.__main__ import run  # noqa: PLC0415
+    from worker.trainer.errors import EXIT_DONE  # noqa: PLC0415
+
+    monkeypatch.setattr(attention, "flat_layout", lambda device: True)
+    job = write_job(tmp_path / "job", tiny_model_dir, train=arithmetic_chat(96), validation=arithmetic_chat(16, seed=9),
+                    hyperparameters={"n_epochs": 2, "batch_size": 4, "learning_rate": 3e-3}, eval_every_steps=5,
+                    max_seq_len=128)
+    assert run(job) == EXIT_DONE
+    lines = progress_lines(job)
+    losses = [line["loss"] for line in lines if line["type"] == "step"]
+    assert sum(losses[-3:]) / 3 < sum(losses[:3]) / 3 * 0.85, losses
+    assert any(line["type"] == "eval" for line in lines) and lines[-1]["type"] == "finished"
+
+
+def test_a_card_older_than_ampere_attends_per_example(monkeypatch: pytest.MonkeyPatch) -> None:
+    """PyTorch's flash kernels refuse Turing cards (RTX 20xx, compute capability 7.5), which placement accepts:
+    those take SDPA per example. Simulated: no GPU here, so the query is a stand-in and the capability is told."""
+    class Query:
+        is_cuda, dtype, device = True, torch.float16, "cuda:0"
+
+        def __init__(self, head_dim: int) -> None:
+            self.shape = (1, 8, 100, head_dim)
+
+    varlen, _ = _stand_in("later")
+    monkeypatch.setattr(attention, "_varlen", lambda: varlen)
+    for capability, head_dim, expected in [((7, 5), 128, "segments"), ((8, 0), 128, "varlen"),
+                                           ((9, 0), 64, "varlen"), ((9, 0), 320, "segments"), ((8, 6), 100, "segments")]:
+        monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device, c=capability: c)
+        assert attention.kernel(Query(head_dim)) == expected, (capability, head_dim)  # type: ignore[arg-type]
+
+
+def test_soft_capped_attention_in_a_flat_batch_never_spans_the_micro_batch(tmp_path: Path,
+                                                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    """Gemma 2 caps its attention logits, which no fast kernel does: its eager attention runs one example at a time,
+    so the scores it holds are an example's (n x n), never the whole flat micro-batch's (T x T)."""
+    import sys  # noqa: PLC0415
+
+    config = Gemma2Config(**SMALL, sliding_window=64, attn_logit_softcapping=50.0, query_pre_attn_scalar=16)
+    ours = AutoModelForCausalLM.from_pretrained(_other_family(tmp_path, config),
+                                                attn_implementation=attention.PACKED).eval()
+    eager = sys.modules[type(ours.model.layers[0].self_attn).__module__].eager_attention_forward
+    widths: list[int] = []
+
+    def recording(module, query, key, value, mask, **kwargs):  # type: ignore[no-untyped-def]
+        widths.append(mask.shape[-1])
+        return eager(module, query, key, value, mask, **kwargs)
+
+    monkeypatch.setattr(sys.modules[eager.__module__], "eager_attention_forward", recording)
+    row = data.PackedRow()
+    for n in (9, 3, 14, 20):
+        ids = list(range(3, 3 + n))
+        row.add(data.Tokenized(input_ids=ids, labels=ids))
+    with torch.no_grad():
+        token_losses(ours, collate([row], pad_id=0, device=CPU, flat=True))
+    assert widths and max(widths) == 20 < len(row)
+
+
+@pytest.mark.parametrize("family", ["mistral", "gemma2"])
+def test_one_plain_sequence_keeps_its_window_and_cap(tmp_path: Path, family: str) -> None:
+    """Called with neither a mask nor boundaries (one sequence), the packed attention still applies the window and
+    the cap, as the model's own eager attention does."""
+    config = (MistralConfig(**SMALL, sliding_window=5) if family == "mistral" else
+              Gemma2Config(**SMALL, sliding_window=5, attn_logit_softcapping=50.0, query_pre_attn_scalar=16))
+    model_dir = _other_family(tmp_path, config)
+    ours = AutoModelForCausalLM.from_pretrained(model_dir, attn_implementation=attention.PACKED).eval()
+    theirs = AutoModelForCausalLM.from_pretrained(model_dir, attn_implementation="eager").eval()
+    ids = torch.randint(3, 200, (1, 24), generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        assert torch.allclose(ours(input_ids=ids).logits, theirs(input_ids=ids).logits, atol=1e-4)

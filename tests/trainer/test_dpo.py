@@ -106,8 +106,14 @@ def test_a_dpo_adapter_is_verified_on_held_out_pairs_against_its_reference(tiny_
     assert figures.valid_adapter_loss == pytest.approx(result["valid_loss"], abs=1e-4)
 
 
-def test_packed_pairs_score_as_one_sequence_a_row(tiny_model_dir: Path) -> None:
-    """Packing the answers' sequences into shared rows changes no log-probability (they never attend across)."""
+@pytest.mark.parametrize("flat", [False, True], ids=["dense", "flat"])
+def test_packed_pairs_score_as_one_sequence_a_row(tiny_model_dir: Path, flat: bool,
+                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    """Packing the answers' sequences into shared rows changes no log-probability (they never attend across), in
+    either batch layout (worker/trainer/attention.py; flat is the GPU's)."""
+    from worker.trainer import attention  # noqa: PLC0415
+
+    monkeypatch.setattr(attention, "flat_layout", lambda device: flat)
     from shared.datasets import parse_line  # noqa: PLC0415
     from worker.trainer.data import tokenize_pair  # noqa: PLC0415
 

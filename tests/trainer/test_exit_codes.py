@@ -70,11 +70,12 @@ def test_gpu_out_of_memory_is_a_worker_error_with_a_hint_simulated(tiny_model_di
     assert run(job) == EXIT_WORKER_ERROR
     error = _last_error(job)
     assert error["kind"] == "worker_error" and "lower batch_size" in error["message"]
+    assert "Tried to allocate" not in error["message"]  # PyTorch's words (other processes, sizes) stay there
 
 
 @pytest.mark.parametrize(("batch_size", "hint"), [
-    (4, "lower batch_size to 2 and raise gradient_accumulation_steps to 2"),
-    (1, "even at batch_size 1; ask for a GPU with more memory (min_vram_gb)"),
+    (4, "lower batch_size to 2 (each step then learns from fewer examples), or ask for a worker with more memory"),
+    (1, "even at batch_size 1; ask for a worker with more memory"),
 ])
 def test_out_of_memory_in_a_step_names_the_micro_batch_and_what_to_ask_simulated(
         tiny_model_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, batch_size: int, hint: str) -> None:

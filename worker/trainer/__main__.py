@@ -93,9 +93,10 @@ def run(job_dir: Path) -> int:
         return EXIT_WORKER_ERROR
     except Exception as exc:  # noqa: BLE001 - the agent needs a final line, never a bare traceback
         message = f"{exc.__class__.__name__}: {exc}"
-        # torch.cuda.OutOfMemoryError (and CPU allocator failures) say so in their message.
-        if "out of memory" in str(exc).lower():
-            message = f"GPU out of memory: lower batch_size or max_seq_len ({message})"
+        if exc.__class__.__name__ == "OutOfMemoryError" or "out of memory" in str(exc).lower():
+            # Out of memory outside a training step (loading, the reference pass, an evaluation, the optimizer).
+            # PyTorch's own words can list the other processes on the provider's GPU: they stay on this machine.
+            message = "out of memory (outside a training step); lower batch_size or ask for more memory (min_vram_gb)"
         progress.emit("error", kind="worker_error", message=message)
         return EXIT_WORKER_ERROR
     finally:

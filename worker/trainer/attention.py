@@ -13,8 +13,11 @@ through one of two kernels:
   varlen kernel is tested against).
 
 The trainer's models load with `attn_implementation=PACKED`, registered here with transformers; a batch of either
-layout passes through it. What the fast kernels cannot express (a soft cap on attention logits, a sliding window
-shorter than an example) falls back to a block-diagonal mask built for that layer, so the result is always right.
+layout passes through it. What the fast kernels cannot express falls back to masks built for the layer, so the
+result is always right: a sliding window shorter than an example, to a windowed mask for that example; a soft cap on
+attention logits (Gemma 2) or attention dropout, to the model's eager attention (or SDPA) one example at a time, so
+its scores never span the whole micro-batch. A card older than Ampere, which PyTorch's flash kernels refuse, attends
+per example through SDPA.
 """
 
 from __future__ import annotations
@@ -53,9 +56,16 @@ def kernel(query: torch.Tensor, window: int | None = None) -> str:
     """Which kernel a flat batch of these queries attends through (2.10's varlen kernel has no sliding window)."""
     varlen = _varlen()
     if query.is_cuda and query.dtype in (torch.float16, torch.bfloat16) and varlen is not None \
-            and (not window or "window_size" in varlen[1]):
+            and (not window or "window_size" in varlen[1]) and _flash_capable(query):
         return "varlen"
     return "segments"
+
+
+def _flash_capable(query: torch.Tensor) -> bool:
+    """PyTorch's flash kernels refuse cards older than Ampere (compute capability 8.0: a Turing RTX 20xx, which
+    placement accepts, attends per example instead) and head sizes past 256 or not a multiple of 8."""
+    head_dim = query.shape[-1]
+    return torch.cuda.get_device_capability(query.device) >= (8, 0) and head_dim <= 256 and head_dim % 8 == 0
 
 
 def _expand_kv(states: torch.Tensor, heads: int) -> torch.Tensor:
@@ -126,6 +136,18 @@ def _eager(module: torch.nn.Module) -> Any:
     return sys.modules[type(module).__module__].eager_attention_forward
 
 
+def _masked(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+            mask: torch.Tensor, *, dropout: float, scaling: float | None, softcap: float | None) -> torch.Tensor:
+    """(B, H, L, D) through a boolean mask: the model's eager attention where logits are capped (SDPA caps
+    nothing), SDPA otherwise; (B, L, H, D) out."""
+    if softcap:
+        additive = torch.zeros(mask.shape, dtype=query.dtype, device=query.device)
+        additive.masked_fill_(~mask, torch.finfo(query.dtype).min)
+        return _eager(module)(module, query, key, value, additive, dropout=dropout, scaling=scaling,
+                              softcap=softcap)[0]
+    return sdpa_attention_forward(module, query, key, value, mask, dropout=dropout, scaling=scaling)[0]
+
+
 def packed_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                      attention_mask: torch.Tensor | None, dropout: float = 0.0, scaling: float | None = None,
                      **kwargs: Any) -> tuple[torch.Tensor, None]:
@@ -133,6 +155,7 @@ def packed_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.Te
     if attention_mask is not None and attention_mask.ndim != 4:
         raise ValueError(f"{PACKED} takes a flat batch or a 4-D mask; generation loads the model with sdpa")
     cu_seq_lens, window, softcap = kwargs.get("cu_seq_lens_q"), _window(module, kwargs), kwargs.get("softcap")
+    length = query.shape[2]
     if cu_seq_lens is not None:
         if query.shape[0] != 1:
             raise ValueError("a flat batch is one sequence")
@@ -142,19 +165,24 @@ def packed_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.Te
                                        cu_seq_lens, int(kwargs["max_length_q"]), scaling=scaling, window=window)
                 return out[None], None
             return segment_attention(query, key, value, cu_seq_lens, scaling=scaling, window=window), None
-        attention_mask = block_mask(cu_seq_lens, query.shape[2], window=window)
-    elif attention_mask is not None and window:  # a dense batch's examples are contiguous: the window is i - j
-        at = torch.arange(query.shape[2], device=query.device)
+        # What the kernels cannot do (a soft cap, dropout), one example at a time through its own mask: scores as a
+        # dense row's at most, never the whole micro-batch's (T x T).
+        bounds = cu_seq_lens.tolist()
+        pieces = []
+        for start, end in zip(bounds[:-1], bounds[1:], strict=True):
+            mask = block_mask(torch.tensor([0, end - start], device=query.device), end - start, window=window)
+            pieces.append(_masked(module, query[:, :, start:end], key[:, :, start:end], value[:, :, start:end], mask,
+                                  dropout=dropout, scaling=scaling, softcap=softcap))
+        return torch.cat(pieces, dim=1), None
+    if attention_mask is not None and window:  # a dense batch's examples are contiguous: the window is i - j
+        at = torch.arange(length, device=query.device)
         attention_mask = attention_mask & (at[:, None] - at[None, :] < window)
-    if softcap:  # SDPA caps nothing: the model's eager attention, with an additive mask
-        if attention_mask is None:
-            attention_mask = block_mask(torch.tensor([0, query.shape[2]], device=query.device), query.shape[2],
-                                        window=window)
-        additive = torch.zeros(attention_mask.shape, dtype=query.dtype, device=query.device)
-        additive.masked_fill_(~attention_mask, torch.finfo(query.dtype).min)
-        return _eager(module)(module, query, key, value, additive, dropout=dropout, scaling=scaling, softcap=softcap)
-    return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
-                                  is_causal=attention_mask is None)
+    elif attention_mask is None and (window or softcap):  # one plain sequence
+        attention_mask = block_mask(torch.tensor([0, length], device=query.device), length, window=window)
+    if attention_mask is None:
+        return sdpa_attention_forward(module, query, key, value, None, dropout=dropout, scaling=scaling,
+                                      is_causal=True)
+    return _masked(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, softcap=softcap), None
 
 
 def _mask(*, attention_mask: torch.Tensor | None = None, **_: Any) -> torch.Tensor | None:

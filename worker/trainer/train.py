@@ -284,19 +284,19 @@ class Trainer:
         return self._finish_best(model, objective, step, trained_tokens, stopped_early)
 
     def _out_of_memory(self, step: int) -> str:
-        """What the customer reads when a micro-batch does not fit this GPU: which one, and what to ask instead."""
-        hp, rows = self.spec.hyperparameters, self.batch_size()
+        """What the customer reads when a micro-batch does not fit: which one, and what they can ask instead
+        (`batch_size` and `min_vram_gb` are theirs to set; the sequence length and accumulation are not)."""
+        rows = self.batch_size()
         what = "pairs" if self.spec.method == "dpo" else "rows"
-        where = "this machine's memory"
+        where, more = "this machine's memory", "a worker with more memory"
         if torch.cuda.is_available():
-            where = f"the GPU ({torch.cuda.get_device_name()}, " \
-                    f"{torch.cuda.get_device_properties(0).total_memory / 2**30:.1f} GiB)"
+            where = f"the GPU's memory ({torch.cuda.get_device_properties(0).total_memory / 2**30:.0f} GiB)"
+            more = "a GPU with more memory (min_vram_gb)"
         told = f"{where} ran out at step {step}: a micro-batch of {rows} {what} of up to " \
                f"{self.spec.max_seq_len} tokens does not fit beside the model"
         if rows > 1:
-            return (f"{told}; lower batch_size to {rows // 2} and raise gradient_accumulation_steps to "
-                    f"{hp.gradient_accumulation_steps * 2} to keep the same step, or ask for more memory (min_vram_gb)")
-        return f"{told}, even at batch_size 1; ask for a GPU with more memory (min_vram_gb)"
+            return f"{told}; lower batch_size to {rows // 2} (each step then learns from fewer examples), or ask for {more}"
+        return f"{told}, even at batch_size 1; ask for {more}"
 
     def _stop_early(self, model, evaluation: dict[str, float] | None, step: int) -> bool:  # type: ignore[no-untyped-def]
         self._last_eval = evaluation

@@ -179,3 +179,18 @@ def test_a_job_is_validating_files_until_its_checks_queue_it(
         jobs.pause(session=session, account=customer_account,
                    job_id=jobs.create(session=session, store=store, account=customer_account, request=request,
                                       settings=settings).id)
+
+
+def test_a_job_no_gpu_could_hold_is_refused_at_once_and_nothing_is_kept(
+        new_job: NewJob, session: Session, customer_account: AccountModel) -> None:
+    """Placement sizes a job's memory by its micro-batch (shared/memory.py); one past the largest GPU on the market
+    would wait in the queue for ever with its cost held: it is a 400 naming what to lower instead."""
+    before = session.scalars(select(JobModel).where(JobModel.account_id == customer_account.id)).all()
+    with pytest.raises(InvalidRequest) as refused:
+        new_job(model="llama-3.1-8b-instruct", hyperparameters={"batch_size": 256})
+    assert refused.value.code == "job_too_large_for_any_gpu" and refused.value.param == "hyperparameters.batch_size"
+    assert "Lower hyperparameters.batch_size" in refused.value.message
+    session.rollback()
+    assert session.scalars(select(JobModel).where(JobModel.account_id == customer_account.id)).all() == before
+    assert ledger.balance(session, Book.customer_held, customer_account.id) == 0
+    assert new_job(model="llama-3.1-8b-instruct", hyperparameters={"batch_size": 8}).status is JobStatus.queued
