@@ -258,6 +258,9 @@ def test_a_card_older_than_ampere_attends_per_example(monkeypatch: pytest.Monkey
                                            ((9, 0), 64, "varlen"), ((9, 0), 320, "segments"), ((8, 6), 100, "segments")]:
         monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device, c=capability: c)
         assert attention.kernel(Query(head_dim)) == expected, (capability, head_dim)  # type: ignore[arg-type]
+        # and batches are flat only where that kernel runs; the CPU keeps dense masks
+        assert attention.flat_layout(torch.device("cuda")) is (capability >= (8, 0))
+    assert attention.flat_layout(CPU) is False
 
 
 def test_soft_capped_attention_in_a_flat_batch_never_spans_the_micro_batch(tmp_path: Path,

@@ -16,8 +16,8 @@ The trainer's models load with `attn_implementation=PACKED`, registered here wit
 layout passes through it. What the fast kernels cannot express falls back to masks built for the layer, so the
 result is always right: a sliding window shorter than an example, to a windowed mask for that example; a soft cap on
 attention logits (Gemma 2) or attention dropout, to the model's eager attention (or SDPA) one example at a time, so
-its scores never span the whole micro-batch. A card older than Ampere, which PyTorch's flash kernels refuse, attends
-per example through SDPA.
+its scores never span the whole micro-batch. A card older than Ampere, which PyTorch's flash kernels refuse, keeps
+dense batches (and a flat one there attends per example).
 """
 
 from __future__ import annotations
@@ -37,8 +37,9 @@ PACKED = "tunegrid_packed"
 def flat_layout(device: torch.device) -> bool:
     """Whether batches on `device` are flattened (no padding, no mask). On the CPU the dense layout measured
     faster for the short rows the CPU trains on (bench/trainer.py: per-example SDPA calls cost more than
-    the padding and the mask they save); on a GPU the flat layout is the point."""
-    return device.type == "cuda"
+    the padding and the mask they save); on a GPU the flat layout is the point, where the varlen kernel runs
+    (Ampere and newer: an older card keeps dense masks, which SDPA's memory-efficient kernel takes)."""
+    return device.type == "cuda" and torch.cuda.get_device_capability(device) >= (8, 0)
 
 
 @cache
