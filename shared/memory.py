@@ -143,6 +143,30 @@ def estimate_evaluation(
                           overhead=CUDA_CONTEXT_BYTES)
 
 
+# The batch program (worker/trainer/generate.py) generates at most this many prompts together on a GPU, and no more
+# than `GENERATION_TOKENS` tokens of them (each prompt padded to the group's longest, plus the answer it may grow).
+GENERATION_SEQUENCES = 32
+GENERATION_TOKENS = 16384
+# What one layer of a forward pass holds in flight, in units of (tokens x width), nothing kept for a backward pass.
+INFERENCE_PER_HIDDEN = 4
+INFERENCE_PER_INTERMEDIATE = 3
+
+
+def estimate_generation(model: BaseModelSpec, *, lora_r: int = 16,
+                        target_modules: str | list[str] = "all-linear") -> MemoryEstimate:
+    """A batch lease (worker/trainer/generate.py): the weights and an adapter's (float32, no gradients); the KV cache
+    of `GENERATION_TOKENS` tokens (16-bit keys and values of every layer); the prompts' forward pass, a layer at a
+    time over those tokens; the logits of each sequence's next token. Llama 3.1 8B: about 11 GiB."""
+    train = estimate_qlora(model, seq_len=1, lora_r=lora_r, target_modules=target_modules)
+    head_dim = model.hidden_size // model.attention_heads
+    kv_cache = 2 * model.layers * model.kv_heads * head_dim * GENERATION_TOKENS * ACTIVATION_BYTES
+    prefill = GENERATION_TOKENS * (model.hidden_size * INFERENCE_PER_HIDDEN
+                                   + model.intermediate_size * INFERENCE_PER_INTERMEDIATE) * ACTIVATION_BYTES
+    return MemoryEstimate(weights=train.weights, lora=train.lora // (LORA_BYTES_PER_PARAM // 4),
+                          activations=kv_cache + prefill, logits=GENERATION_SEQUENCES * model.vocab_size * LOGIT_BYTES,
+                          overhead=CUDA_CONTEXT_BYTES)
+
+
 EXPORT_SHARD_BYTES = 1024**3  # what the merge holds before writing a file (worker/trainer/merge.py SHARD_BYTES)
 
 

@@ -33,7 +33,9 @@ from coordinator.services.job_states import Move, change_status_many
 from coordinator.services.lease_states import start_lease
 from coordinator.settings import CoordinatorSettings
 from shared.catalog import BaseModelSpec, find_base_model
-from shared.memory import GIB, estimate_evaluation, estimate_export, estimate_qlora, micro_batch
+from shared.memory import (
+    GIB, estimate_evaluation, estimate_export, estimate_generation, estimate_qlora, micro_batch,
+)
 from shared.money import micros_to_usd
 from shared.errors import InvalidRequest
 from shared.pricing import (
@@ -73,7 +75,9 @@ def _memory(model: str, r: int, targets: str | tuple[str, ...], batch: int, kind
     target_modules = targets if isinstance(targets, str) else list(targets)
     if kind == LeaseKind.export:
         return estimate_export(base, lora_r=r, target_modules=target_modules).total
-    estimate = estimate_evaluation if kind in (LeaseKind.verify, LeaseKind.batch) else estimate_qlora
+    if kind == LeaseKind.batch:  # generation: its own groups, bounded in tokens, whatever the job's batch_size
+        return estimate_generation(base, lora_r=r, target_modules=target_modules).total
+    estimate = estimate_evaluation if kind == LeaseKind.verify else estimate_qlora
     return estimate(base, seq_len=seq_len_for(base), batch_size=batch, lora_r=r, target_modules=target_modules).total
 
 

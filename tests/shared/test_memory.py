@@ -121,3 +121,19 @@ def test_soft_capped_attention_counts_its_scores() -> None:
         assert difference == gemma.attention_heads * 2048 * 2048 * batch * CAPPED_SCORE_BYTES
     # At batch 8 the scores alone take 3 GiB: the estimate no longer lets a 12 GB card take it.
     assert not fits(gemma, vram_bytes=12 * GIB, seq_len=2048, batch_size=8)
+
+
+def test_a_batch_lease_is_sized_by_its_generation_groups_not_a_training_batch() -> None:
+    """The batch program generates at most GENERATION_TOKENS tokens at once: their KV cache (every layer's 16-bit
+    keys and values) and one layer's forward pass over them; an 8B Llama then fits a 12 GB card, and a model with
+    more key-value heads (Phi-3 mini, 32) holds a larger cache than one with grouped queries (Llama 3, 8)."""
+    from shared.memory import GENERATION_TOKENS, estimate_generation  # noqa: PLC0415
+
+    llama, phi = get_base_model("llama-3.1-8b-instruct"), get_base_model("phi-3-mini-4k-instruct")
+    kv = 2 * llama.layers * llama.kv_heads * (llama.hidden_size // llama.attention_heads) * GENERATION_TOKENS * 2
+    assert kv == 2 * GIB
+    estimate = estimate_generation(llama)
+    assert estimate.activations > kv and 9 * GIB < estimate.total < 12 * GIB
+    assert estimate_generation(phi).activations > estimate.activations
+    phi_kv = 2 * phi.layers * phi.kv_heads * (phi.hidden_size // phi.attention_heads) * GENERATION_TOKENS * 2
+    assert phi_kv == 6 * GIB > kv

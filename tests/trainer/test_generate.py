@@ -106,3 +106,26 @@ def test_a_stop_mid_batch_writes_the_answers_so_far(tiny_model_dir: Path, tmp_pa
     result = generate.run(spec, job, Progress(job / "out" / "progress.jsonl"), stop=StopAfter(2))
     assert result == {"preempted": True}
     assert [a["custom_id"] for a in answers(job)] == ["req-0", "req-1"]
+
+
+def test_generation_groups_stay_within_the_tokens_placement_sized_for(tiny_model_dir: Path, tmp_path: Path,
+                                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    """Each `generate` call holds at most GENERATION_TOKENS tokens (rows padded to the longest prompt, plus
+    max_tokens): the KV cache placement counted (shared/memory.py estimate_generation). Budget made small here."""
+    from transformers import GenerationMixin  # noqa: PLC0415
+
+    from worker.trainer import generate  # noqa: PLC0415
+
+    monkeypatch.setattr(generate, "GENERATION_TOKENS", 120)
+    shapes: list[tuple[int, int]] = []
+    original = GenerationMixin.generate
+
+    def recording(self, *args, **kwargs):  # type: ignore[no-untyped-def]
+        shapes.append((kwargs["input_ids"].shape[0], kwargs["input_ids"].shape[1] + kwargs["max_new_tokens"]))
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(GenerationMixin, "generate", recording)
+    job = batch_job(tmp_path / "job", tiny_model_dir, batch_lines(12, temperature=0.0))
+    assert run(job) == EXIT_DONE
+    assert sorted(a["custom_id"] for a in answers(job)) == sorted(f"req-{i}" for i in range(12))
+    assert len(shapes) > 2 and all(rows * tokens <= 120 for rows, tokens in shapes), shapes

@@ -4,7 +4,9 @@ adapter loaded once when the batch runs a fine-tune, each request with the sampl
 Reads `spec.json`, `train.jsonl` (the batch's requests, `shared.batches` lines), `batch_done.jsonl` (custom_ids that
 earlier leases answered: skipped), the base from `spec.model_dir` and `initial/adapter_model.safetensors` (a
 fine-tune's adapter; absent for a base model's batch). Requests that sample alike (temperature, top_p, max_tokens,
-stop) are generated together, left-padded, in batches; a request with a `seed` is generated alone after seeding,
+stop) are generated together, left-padded, in batches of at most `GENERATION_SEQUENCES` prompts (8 on the CPU) and
+`GENERATION_TOKENS` tokens (each prompt padded to the longest, plus its max_tokens: what placement sized the
+lease's memory for, shared/memory.py); a request with a `seed` is generated alone after seeding,
 so the same seed gives the same answer on the same machine. Answers go to `out/batch/part-N.jsonl` (what
 `coordinator/services/batch_leases.py` reads) every few seconds, each announced by a `batch_part` progress line
 the agent uploads; on SIGTERM the answers so far are written and the program exits preempted. `out/batch.json`
@@ -27,6 +29,7 @@ import torch
 from shared.batches import BatchRequest, iter_requests
 from shared.errors import InvalidFile
 from shared.jobspec import JobSpec
+from shared.memory import GENERATION_SEQUENCES, GENERATION_TOKENS
 from worker.trainer import model as models
 from worker.trainer.checkpoints import BadAdapter, load_adapter_weights
 from worker.trainer.errors import UserError, WorkerError
@@ -95,6 +98,45 @@ def _groups(requests: list[BatchRequest], size: int) -> Iterator[list[BatchReque
             yield group[start:start + size]
 
 
+def _within(prompts: list[tuple[BatchRequest, list[int]]], max_tokens: int) -> Iterator[list[tuple[BatchRequest, list[int]]]]:
+    """The prompts in order, in pieces whose padded rows (the longest prompt, plus max_tokens) hold at most
+    `GENERATION_TOKENS` tokens together; a prompt alone past that still goes (it fits the model's context)."""
+    piece: list[tuple[BatchRequest, list[int]]] = []
+    width = 0
+    for prompt in prompts:
+        wider = max(width, len(prompt[1]))
+        if piece and (len(piece) + 1) * (wider + max_tokens) > GENERATION_TOKENS:
+            yield piece
+            piece, wider = [], len(prompt[1])
+        piece.append(prompt)
+        width = wider
+    if piece:
+        yield piece
+
+
+def _generate(model, tokenizer, prompts: list[tuple[BatchRequest, list[int]]], sampling, *,  # type: ignore[no-untyped-def]
+              device: torch.device, end: list[int], parts: Parts) -> None:
+    """One left-padded piece of alike prompts through `model.generate`, each answer added to `parts`."""
+    width = max(len(ids) for _, ids in prompts)
+    pad = tokenizer.pad_token_id
+    input_ids = torch.tensor([[pad] * (width - len(ids)) + ids for _, ids in prompts], device=device)
+    mask = torch.tensor([[0] * (width - len(ids)) + [1] * len(ids) for _, ids in prompts], device=device)
+    if sampling.seed is not None:
+        torch.manual_seed(sampling.seed)
+    sample = sampling.temperature > 0
+    with torch.no_grad():
+        out = model.generate(input_ids=input_ids, attention_mask=mask, max_new_tokens=sampling.max_tokens,
+                             do_sample=sample, temperature=sampling.temperature if sample else None,
+                             top_p=sampling.top_p if sample else None, top_k=None, eos_token_id=end or None,
+                             pad_token_id=pad, stop_strings=list(sampling.stop) or None,
+                             tokenizer=tokenizer if sampling.stop else None)
+    for row, (request, ids) in enumerate(prompts):
+        new = out[row, width:].tolist()
+        while new and new[-1] == pad and pad not in end:
+            new.pop()
+        parts.add(_answer(tokenizer, request, len(ids), new, end))
+
+
 def _end_ids(tokenizer) -> list[int]:  # type: ignore[no-untyped-def]
     ids = {tokenizer.eos_token_id} if tokenizer.eos_token_id is not None else set()
     vocabulary = tokenizer.get_vocab()
@@ -139,7 +181,7 @@ def run(spec: JobSpec, job_dir: Path, progress: Progress, stop: threading.Event 
             raise WorkerError(f"the fine-tune's adapter cannot be loaded: {exc}") from None
     model.eval()
     end = _end_ids(tokenizer)
-    size = 32 if device.type == "cuda" else 8
+    size = GENERATION_SEQUENCES if device.type == "cuda" else 8
     for group in _groups(todo, size):
         if stop.is_set():
             parts.flush()
@@ -156,25 +198,7 @@ def run(spec: JobSpec, job_dir: Path, progress: Progress, stop: threading.Event 
                                f"model's {spec.max_seq_len}"}})
             else:
                 prompts.append((request, list(ids)))
-        if not prompts:
-            continue
-        width = max(len(ids) for _, ids in prompts)
-        pad = tokenizer.pad_token_id
-        input_ids = torch.tensor([[pad] * (width - len(ids)) + ids for _, ids in prompts], device=device)
-        mask = torch.tensor([[0] * (width - len(ids)) + [1] * len(ids) for _, ids in prompts], device=device)
-        if sampling.seed is not None:
-            torch.manual_seed(sampling.seed)
-        sample = sampling.temperature > 0
-        with torch.no_grad():
-            out = model.generate(input_ids=input_ids, attention_mask=mask, max_new_tokens=sampling.max_tokens,
-                                 do_sample=sample, temperature=sampling.temperature if sample else None,
-                                 top_p=sampling.top_p if sample else None, top_k=None, eos_token_id=end or None,
-                                 pad_token_id=pad, stop_strings=list(sampling.stop) or None,
-                                 tokenizer=tokenizer if sampling.stop else None)
-        for row, (request, ids) in enumerate(prompts):
-            new = out[row, width:].tolist()
-            while new and new[-1] == pad and pad not in end:
-                new.pop()
-            parts.add(_answer(tokenizer, request, len(ids), new, end))
+        for piece in _within(prompts, sampling.max_tokens):
+            _generate(model, tokenizer, piece, sampling, device=device, end=end, parts=parts)
     parts.flush()
     return {"answered": parts.written, "parts": parts.number}
