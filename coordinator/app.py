@@ -28,6 +28,7 @@ from coordinator.dispatch import Dispatcher
 from coordinator.heartbeat_flush import Batch, HeartbeatBuffer
 from coordinator.hotstate import RedisHotState, make_hot_state
 from coordinator.ratelimit import MemoryRateLimiter, RedisRateLimiter
+from coordinator.request_ids import RequestIds, configure_logging
 from coordinator.services import placement, workers as worker_service
 from coordinator.settings import CoordinatorSettings
 from coordinator.storage import BlobStore
@@ -42,6 +43,7 @@ SPARE_THREADS = 4
 
 def create_app(settings: CoordinatorSettings | None = None) -> FastAPI:
     settings = settings or CoordinatorSettings()
+    configure_logging(json_lines=settings.json_logs, level=settings.log_level)  # each uvicorn worker process too
     engine = make_engine(settings)
 
     @asynccontextmanager
@@ -113,6 +115,7 @@ def create_app(settings: CoordinatorSettings | None = None) -> FastAPI:
     app.add_middleware(AuthenticateUploads, authenticate=lambda key: authenticate_customer(app.state, key))
     app.add_middleware(BodySizeLimit, upload_bytes=settings.max_upload_bytes, other_bytes=JSON_BODY_LIMIT,
                        lease_upload_bytes=settings.max_adapter_bytes, export_upload_bytes=settings.max_export_bytes)
+    app.add_middleware(RequestIds)  # added last: outermost, so every answer and log line has its id
     for router in (files.router, jobs.router, exports.router, batches.router, quotes.router, catalog.router, leases.router, workers.router,
                    billing.router, providers.router, webhooks.router, auth_pages.router, admin_pages.router,
                    own_pages.router):

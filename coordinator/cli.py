@@ -20,9 +20,15 @@ def cmd_serve(args: argparse.Namespace, settings: CoordinatorSettings) -> int:
 
     if settings.should_auto_migrate:
         _migrate(settings)  # once, before any worker process starts
+    from coordinator.request_ids import configure_logging
+
+    configure_logging(json_lines=settings.json_logs, level=settings.log_level)
+    # uvicorn's own logging config and access lines are off: coordinator/request_ids.py logs each request once,
+    # with its id, through the same handler.
     uvicorn.run(
         "coordinator.app:create_app", factory=True, host=args.host or settings.host, port=args.port or settings.port,
-        workers=args.workers, log_level=settings.log_level, timeout_graceful_shutdown=10,
+        workers=args.workers, log_level=settings.log_level, timeout_graceful_shutdown=10, log_config=None,
+        access_log=False,
     )
     return 0
 

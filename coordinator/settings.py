@@ -40,6 +40,9 @@ class CoordinatorSettings(BaseSettings):
     db_max_overflow: int = Field(default=2, ge=0, description="Extra connections on PostgreSQL under bursts.")
     db_timeout_s: float = Field(default=10.0, gt=0, description="Wait for a pooled connection / SQLite lock.")
     log_level: str = "info"
+    log_format: Literal["auto", "json", "text"] = Field(default="auto", description="Log lines as JSON objects (for "
+                                                        "a log pipeline) or text; auto: JSON with Redis (production), "
+                                                        "text embedded. Either way each carries its request id.")
     # The marketplace (issue 4): worker protocol timing, leases, placement and pricing.
     heartbeat_interval_s: int = Field(default=10, ge=1, le=300, description="How often agents heartbeat.")
     heartbeat_flush_s: float = Field(default=5.0, gt=0, description="Each API process writes the heartbeats "
@@ -177,6 +180,10 @@ class CoordinatorSettings(BaseSettings):
     @property
     def stripe_enabled(self) -> bool:
         return bool(self.stripe_api_key)
+
+    @property
+    def json_logs(self) -> bool:
+        return self.redis_url is not None if self.log_format == "auto" else self.log_format == "json"
 
     @property
     def runs_periodic_tasks(self) -> bool:
