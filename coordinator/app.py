@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import gc
+import hmac
 import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
 import anyio
 import anyio.to_thread
-from fastapi import FastAPI
+from fastapi import FastAPI, Request, Response
 from fastapi.staticfiles import StaticFiles
 from sqlalchemy import text
 
@@ -27,12 +28,14 @@ from coordinator.db.migrate import upgrade_head
 from coordinator.dispatch import Dispatcher
 from coordinator.heartbeat_flush import Batch, HeartbeatBuffer
 from coordinator.hotstate import RedisHotState, make_hot_state
+from coordinator.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE, exposition
 from coordinator.ratelimit import MemoryRateLimiter, RedisRateLimiter
 from coordinator.request_ids import RequestIds, configure_logging
 from coordinator.services import placement, workers as worker_service
 from coordinator.settings import CoordinatorSettings
 from coordinator.storage import BlobStore
 from coordinator.stripe_gateway import make_gateway
+from shared.errors import AuthenticationFailed, NotFound
 from shared.protocol import HeartbeatReply
 
 log = logging.getLogger(__name__)
@@ -121,6 +124,17 @@ def create_app(settings: CoordinatorSettings | None = None) -> FastAPI:
                    own_pages.router):
         app.include_router(router)
     app.mount("/dashboard-static", StaticFiles(directory=DASHBOARD_DIR / "static"), name="dashboard-static")
+
+    @app.get("/metrics", tags=["health"], include_in_schema=False)
+    async def metrics(request: Request) -> Response:
+        token = settings.metrics_token
+        if not token:
+            raise NotFound("Metrics are off: set TUNEGRID_METRICS_TOKEN to scrape them.")
+        offered = request.headers.get("authorization", "").removeprefix("Bearer ").encode()
+        if not hmac.compare_digest(offered, token.encode()):
+            raise AuthenticationFailed("Metrics need Authorization: Bearer <TUNEGRID_METRICS_TOKEN>.")
+        body = await run_in_session(app.state, exposition)
+        return Response(body, media_type=METRICS_CONTENT_TYPE)
 
     @app.get("/healthz", tags=["health"])
     async def healthz() -> dict[str, str]:

@@ -21,6 +21,8 @@ from typing import Any
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from coordinator.metrics import REQUEST_SECONDS
+
 HEADER = "x-request-id"
 _CLIENT_ID = re.compile(r"^[A-Za-z0-9._:-]{8,128}$")
 current: ContextVar[str | None] = ContextVar("request_id", default=None)
@@ -61,6 +63,7 @@ class RequestIds:
         finally:
             route = getattr(scope.get("route"), "path", None)  # the template (/v1/files/{file_id}), never an id
             milliseconds = round((time.perf_counter() - began) * 1000, 1)
+            REQUEST_SECONDS.labels(scope["method"], route or "unmatched", str(status)).observe(milliseconds / 1000)
             access.info("%s %s %d %.1f ms", scope["method"], route or scope["path"], status, milliseconds,
                         extra={"method": scope["method"], "route": route, "status": status,
                                "duration_ms": milliseconds})

@@ -40,6 +40,8 @@ class CoordinatorSettings(BaseSettings):
     db_max_overflow: int = Field(default=2, ge=0, description="Extra connections on PostgreSQL under bursts.")
     db_timeout_s: float = Field(default=10.0, gt=0, description="Wait for a pooled connection / SQLite lock.")
     log_level: str = "info"
+    metrics_token: str | None = Field(default=None, description="`GET /metrics` (Prometheus) answers only "
+                                      "`Authorization: Bearer <this>`; unset: the endpoint is off.")
     log_format: Literal["auto", "json", "text"] = Field(default="auto", description="Log lines as JSON objects (for "
                                                         "a log pipeline) or text; auto: JSON with Redis (production), "
                                                         "text embedded. Either way each carries its request id.")

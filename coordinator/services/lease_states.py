@@ -21,6 +21,7 @@ from coordinator.db.ids import new_id
 from coordinator.db.tables import (
     LIVE_LEASE, JobCheckpointModel, JobKind, JobModel, JobStatus, LeaseKind, LeaseModel, LeaseStatus, WorkerModel, utcnow,
 )
+from coordinator.metrics import LEASES_ENDED, LEASES_STARTED, count_on_commit
 from coordinator.services import batch_rows, held_out, replicas, results, worker_states
 from coordinator.services.job_states import change_status, exclude, record_event
 from coordinator.services.metering import meter_lease, rule_for, until_checkpoint_charge
@@ -50,6 +51,7 @@ def start_lease(
         resume_checkpoint_id=resume_checkpoint_id, created_at=now, last_renewed_at=now,
     )
     session.add(lease)
+    count_on_commit(session, LEASES_STARTED, kind=str(kind))
     worker_states.lease_started(session, worker)
     if kind == LeaseKind.verify:  # it may see the held-out sample and the adapter under test: it never trains the job
         state = job.verification or {}
@@ -105,6 +107,7 @@ def end_lease(
     if status in LIVE_LEASE:
         raise ValueError(f"{status} is not an end state")
     lease.status = status
+    count_on_commit(session, LEASES_ENDED, kind=str(lease.kind), status=status.value)
     lease.ended_at = utcnow()
     lease.end_reason = reason
     lease.claim = claim

@@ -34,6 +34,7 @@ from coordinator.db.ids import new_id
 from coordinator.db.tables import (
     OWNED_BOOKS, Book, LedgerBalanceModel, LedgerPostingModel, LedgerTransactionModel, utcnow,
 )
+from coordinator.metrics import LEDGER_POSTINGS, LEDGER_TRANSACTIONS, count_on_commit
 from shared.errors import InsufficientQuota
 from shared.money import micros_to_usd
 
@@ -173,8 +174,13 @@ def post(
     # flushed first (they go with the commit, in one flush).
     with session.no_autoflush:
         if session.get_bind().dialect.name == "postgresql":
-            return _post_postgresql(session, row, entries, balances)
-        return _post_sqlite(session, row, entries, balances)
+            posted = _post_postgresql(session, row, entries, balances)
+        else:
+            posted = _post_sqlite(session, row, entries, balances)
+    if posted is not None:
+        count_on_commit(session, LEDGER_TRANSACTIONS, kind=kind)
+        count_on_commit(session, LEDGER_POSTINGS, len(entries))
+    return posted
 
 
 def _post_sqlite(session: Session, row: dict[str, Any], entries: list[Entry],

@@ -14,7 +14,7 @@ import yaml
 from tests.conftest import IN_CI
 
 ROOT = Path(__file__).resolve().parents[2]
-SERVICES = {"postgres", "redis", "migrate", "api", "celery-worker", "celery-beat", "worker"}
+SERVICES = {"postgres", "redis", "migrate", "api", "celery-worker", "celery-beat", "worker", "prometheus"}
 
 
 def compose_command() -> list[str] | None:
@@ -27,7 +27,8 @@ def compose_command() -> list[str] | None:
 @pytest.fixture
 def project(tmp_path: Path) -> Path:
     """The compose file with the documented .env made from .env.example (as a user would)."""
-    for name in ("docker-compose.yml", "Dockerfile", ".env.example"):
+    for name in ("docker-compose.yml", "Dockerfile", ".env.example", "deploy/prometheus.yml"):
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
         shutil.copy(ROOT / name, tmp_path / name)
     env = (ROOT / ".env.example").read_text().replace("POSTGRES_PASSWORD=change-me-to-a-long-random-string",
                                                       "POSTGRES_PASSWORD=s3cret")
@@ -41,7 +42,7 @@ def test_the_compose_file_validates_and_holds_the_whole_stack(project: Path) -> 
         if IN_CI:
             pytest.fail("CI=true needs docker compose (.ci/run installs docker-compose)")
         pytest.skip("no docker compose here")
-    done = subprocess.run([*command, "--profile", "provider", "config"], cwd=project, capture_output=True, text=True,
+    done = subprocess.run([*command, "--profile", "provider", "--profile", "monitoring", "config"], cwd=project, capture_output=True, text=True,
                           timeout=60)
     assert done.returncode == 0, done.stderr
     config = yaml.safe_load(done.stdout)
@@ -56,7 +57,10 @@ def test_the_compose_file_validates_and_holds_the_whole_stack(project: Path) -> 
     devices = services["worker"]["deploy"]["resources"]["reservations"]["devices"]
     assert devices[0]["driver"] == "nvidia" and "gpu" in devices[0]["capabilities"]
     assert any("/var/run/docker.sock" in str(v) for v in services["worker"]["volumes"])
-    assert {"postgres-data", "coordinator-data", "worker-data"} <= set(config["volumes"])
+    assert {"postgres-data", "coordinator-data", "worker-data", "prometheus-data"} <= set(config["volumes"])
+    assert services["api"]["environment"]["PROMETHEUS_MULTIPROC_DIR"] in " ".join(services["api"]["tmpfs"])
+    assert services["api"]["environment"]["TUNEGRID_REDIS_URL"] == "redis://redis:6379/0"  # the anchor still merged
+    assert "TUNEGRID_METRICS_TOKEN" in services["prometheus"]["command"][0]
     (project / ".env").write_text("")
     missing = subprocess.run([*command, "config", "-q"], cwd=project, capture_output=True, text=True, timeout=60)
     assert missing.returncode != 0 and "POSTGRES_PASSWORD" in missing.stderr  # a missing secret is refused
