@@ -16,12 +16,12 @@ import os
 from typing import Any
 
 from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, CollectorRegistry, Counter, Histogram, generate_latest
-from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.core import GaugeMetricFamily, HistogramMetricFamily
 from prometheus_client.registry import Collector
 from sqlalchemy import event, func, select
 from sqlalchemy.orm import Session
 
-from coordinator.db.tables import JobModel, JobStatus, OutboxModel, OutboxStatus, WorkerModel
+from coordinator.db.tables import JobModel, JobStatus, OutboxModel, OutboxStatus, WorkerModel, WorkerState, utcnow
 
 CONTENT_TYPE = CONTENT_TYPE_LATEST
 REQUEST_SECONDS = Histogram(
@@ -36,6 +36,15 @@ LEASES_ENDED = Counter("tunegrid_leases_ended_total", "Leases ended, by lease ki
 LEDGER_TRANSACTIONS = Counter("tunegrid_ledger_transactions_total", "Balanced ledger transactions posted, by kind.",
                               ["kind"])
 LEDGER_POSTINGS = Counter("tunegrid_ledger_postings_total", "Ledger postings (entries) written.")
+CLAIM_SECONDS = Histogram(
+    "tunegrid_claim_duration_seconds", "Workers' claims (long-polls) from arrival to answer, by outcome.", ["outcome"],
+    buckets=(0.01, 0.05, 0.1, 0.5, 1.0, 2.5, 5.0, 10.0, 20.0, 30.0),
+)
+CELERY_TASKS = Counter("tunegrid_celery_tasks_total", "Periodic tasks Celery ran, by task and outcome.",
+                       ["task", "outcome"])
+CELERY_TASK_SECONDS = Histogram("tunegrid_celery_task_duration_seconds", "Periodic tasks' run time.", ["task"],
+                                buckets=(0.01, 0.05, 0.1, 0.5, 1.0, 5.0, 10.0, 30.0, 60.0, 120.0))
+HEARTBEAT_AGE_BUCKETS = (5.0, 10.0, 15.0, 20.0, 30.0, 60.0, 120.0, 300.0)
 OPEN_STATUSES = (JobStatus.validating_files, JobStatus.queued, JobStatus.running, JobStatus.paused)
 
 
@@ -86,6 +95,34 @@ class DatabaseState(Collector):
             outbox.add_metric([status.value], self.session.scalar(
                 select(func.count()).select_from(OutboxModel).where(OutboxModel.status == status)) or 0)
         yield outbox
+        yield self._heartbeat_ages()
+
+    def _heartbeat_ages(self) -> HistogramMetricFamily:
+        """How long ago each worker that is not offline was last heard from (database time, written in batches
+        every few seconds): heartbeat lag across the fleet, as it is at this scrape."""
+        now = utcnow()
+        ages = sorted((now - seen).total_seconds() for seen in self.session.scalars(
+            select(WorkerModel.last_heartbeat_at).where(WorkerModel.state != WorkerState.offline,
+                                                        WorkerModel.last_heartbeat_at.is_not(None))))
+        buckets = [(str(bound), sum(1 for a in ages if a <= bound)) for bound in HEARTBEAT_AGE_BUCKETS]
+        family = HistogramMetricFamily("tunegrid_worker_heartbeat_age_seconds",
+                                       "Seconds since each worker that is not offline was last heard from.")
+        family.add_metric([], [*buckets, ("+Inf", len(ages))], sum_value=sum(ages))
+        return family
+
+
+def serve(port: int) -> None:
+    """Metrics over HTTP from a process that answers no requests of its own (a Celery worker): its prefork
+    children's counts, through PROMETHEUS_MULTIPROC_DIR when set. Bind it to the private network only."""
+    from prometheus_client import start_http_server  # noqa: PLC0415
+
+    registry = REGISTRY
+    if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+        from prometheus_client import multiprocess  # noqa: PLC0415
+
+        registry = CollectorRegistry()
+        multiprocess.MultiProcessCollector(registry)
+    start_http_server(port, registry=registry)
 
 
 def exposition(session: Session) -> bytes:

@@ -42,6 +42,9 @@ class CoordinatorSettings(BaseSettings):
     log_level: str = "info"
     metrics_token: str | None = Field(default=None, description="`GET /metrics` (Prometheus) answers only "
                                       "`Authorization: Bearer <this>`; unset: the endpoint is off.")
+    celery_metrics_port: int | None = Field(default=None, ge=1, le=65535, description="A Celery worker serves "
+                                            "its task metrics (Prometheus) on this port, for the private network "
+                                            "only; unset: not served.")
     log_format: Literal["auto", "json", "text"] = Field(default="auto", description="Log lines as JSON objects (for "
                                                         "a log pipeline) or text; auto: JSON with Redis (production), "
                                                         "text embedded. Either way each carries its request id.")

@@ -161,11 +161,19 @@ def publish_effects(redis_client: Any, effects: Effects) -> None:
 
 
 def _run_task(task: Any) -> Any:
+    from coordinator.metrics import CELERY_TASK_SECONDS, CELERY_TASKS  # noqa: PLC0415
+
     settings, session_factory, redis_client = _runtime()
-    with session_factory() as session:
-        result = task(session=session, settings=settings)
-        publish_effects(redis_client, take_effects(session))
-    return result
+    began, outcome = time.perf_counter(), "failure"
+    try:
+        with session_factory() as session:
+            result = task(session=session, settings=settings)
+            publish_effects(redis_client, take_effects(session))
+        outcome = "success"
+        return result
+    finally:
+        CELERY_TASKS.labels(task.__name__, outcome).inc()
+        CELERY_TASK_SECONDS.labels(task.__name__).observe(time.perf_counter() - began)
 
 
 def make_celery(settings: CoordinatorSettings | None = None):  # type: ignore[no-untyped-def]
@@ -189,6 +197,15 @@ def make_celery(settings: CoordinatorSettings | None = None):  # type: ignore[no
             "validate-waiting-jobs": {"task": "tunegrid.validate_waiting_jobs", "schedule": settings.sweep_interval_s},
         },
     )
+
+    if settings.celery_metrics_port:
+        from celery.signals import worker_init  # noqa: PLC0415
+
+        @worker_init.connect(weak=False)
+        def _serve_metrics(**_: Any) -> None:  # in the worker's main process, before its children fork
+            from coordinator.metrics import serve  # noqa: PLC0415
+
+            serve(settings.celery_metrics_port)  # type: ignore[arg-type]
 
     @app.task(name="tunegrid.reap_leases")
     def reap_leases_task() -> dict[str, int]:

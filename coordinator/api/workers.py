@@ -3,6 +3,7 @@ an agent does with a lease it holds is `leases.py`. Shapes live in `shared/proto
 
 from __future__ import annotations
 
+import time
 from typing import Annotated
 
 from fastapi import APIRouter, Header, Path, Query, Request, Response
@@ -10,6 +11,7 @@ from fastapi import APIRouter, Header, Path, Query, Request, Response
 from coordinator.api.deps import CurrentWorker, ProviderCaller, SettingsDep, reject_unknown_query
 from coordinator.api.errors import ERROR_RESPONSES
 from coordinator.db.tables import WorkerModel, utcnow
+from coordinator.metrics import CLAIM_SECONDS
 from coordinator.services import leases, workers
 from shared.errors import InvalidRequest
 from shared.money import micros_to_usd
@@ -97,6 +99,13 @@ async def heartbeat(request: Request, body: WorkerHeartbeat, worker: CurrentWork
 @router.post("/claim", response_model=ClaimReply)
 async def claim(request: Request, body: ClaimRequest, worker: CurrentWorker, settings: SettingsDep) -> ClaimReply:
     """Long-poll for an assignment: answers at once with one, else when woken, else empty after `wait_s`."""
+    began = time.perf_counter()
+    reply = await _claim(request, body, worker, settings)
+    CLAIM_SECONDS.labels("assigned" if reply.assignment is not None else "empty").observe(time.perf_counter() - began)
+    return reply
+
+
+async def _claim(request: Request, body: ClaimRequest, worker: CurrentWorker, settings: SettingsDep) -> ClaimReply:
     worker_id = await worker.worker_id()
     hot = request.app.state.hot
     wait_s = min(body.wait_s, settings.claim_timeout_s)

@@ -120,3 +120,52 @@ def test_api_processes_of_one_host_are_summed_in_multiprocess_mode(tmp_path) -> 
                for family in text_string_to_metric_families(text) for s in family.samples}
     assert figures[("tunegrid_leases_started_total", (("kind", "train"),))] == 5
     assert ("tunegrid_jobs", (("kind", "fine_tuning"), ("status", "queued"))) in figures
+
+
+def test_claims_heartbeat_ages_and_celery_tasks_are_measured(client: TestClient, make_caller, create_job,  # type: ignore[no-untyped-def]
+                                                             monkeypatch: pytest.MonkeyPatch,
+                                                             settings: CoordinatorSettings) -> None:
+    from coordinator import tasks  # noqa: PLC0415
+
+    agent = FakeAgent.register(client, make_caller("provider", "pat").key)
+    before = scrape(client)
+    assert agent.claim(wait_s=0) is None
+    placed(client, agent, create_job)
+    after = scrape(client)
+    for outcome in ("empty", "assigned"):
+        assert value(after, "tunegrid_claim_duration_seconds_count", outcome=outcome) - \
+            value(before, "tunegrid_claim_duration_seconds_count", outcome=outcome) == 1
+    # The worker was heard from when it registered: one age, a few seconds at most.
+    assert value(after, "tunegrid_worker_heartbeat_age_seconds_count") == 1
+    assert value(after, "tunegrid_worker_heartbeat_age_seconds_bucket", le="5.0") == 1
+
+    monkeypatch.setattr(tasks, "_runtime", lambda: (settings, client.app.state.sessionmaker, None))  # type: ignore[attr-defined]
+
+    def broken(*, session, settings):  # type: ignore[no-untyped-def]
+        raise RuntimeError("the database went away")
+
+    assert tasks._run_task(tasks.place_queued_jobs) >= 0  # noqa: SLF001
+    with pytest.raises(RuntimeError):
+        tasks._run_task(broken)  # noqa: SLF001
+    later = scrape(client)
+    assert value(later, "tunegrid_celery_tasks_total", task="place_queued_jobs", outcome="success") - \
+        value(after, "tunegrid_celery_tasks_total", task="place_queued_jobs", outcome="success") == 1
+    assert value(later, "tunegrid_celery_tasks_total", task="broken", outcome="failure") - \
+        value(after, "tunegrid_celery_tasks_total", task="broken", outcome="failure") == 1
+
+
+def test_a_celery_worker_serves_its_metrics_on_its_own_port() -> None:
+    """A Celery worker answers no HTTP of its own: `serve` starts Prometheus' server in it (real socket)."""
+    import socket  # noqa: PLC0415
+
+    import httpx  # noqa: PLC0415
+
+    from coordinator.metrics import CELERY_TASKS, serve  # noqa: PLC0415
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    CELERY_TASKS.labels("probe_task", "success").inc()
+    serve(port)
+    text = httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=5).text
+    assert 'tunegrid_celery_tasks_total{outcome="success",task="probe_task"}' in text

@@ -61,6 +61,8 @@ def test_the_compose_file_validates_and_holds_the_whole_stack(project: Path) -> 
     assert services["api"]["environment"]["PROMETHEUS_MULTIPROC_DIR"] in " ".join(services["api"]["tmpfs"])
     assert services["api"]["environment"]["TUNEGRID_REDIS_URL"] == "redis://redis:6379/0"  # the anchor still merged
     assert "TUNEGRID_METRICS_TOKEN" in services["prometheus"]["command"][0]
+    assert services["celery-worker"]["environment"]["TUNEGRID_CELERY_METRICS_PORT"] == "9100"
+    assert "ports" not in services["celery-worker"]  # its metrics stay on the stack's network
     (project / ".env").write_text("")
     missing = subprocess.run([*command, "config", "-q"], cwd=project, capture_output=True, text=True, timeout=60)
     assert missing.returncode != 0 and "POSTGRES_PASSWORD" in missing.stderr  # a missing secret is refused
