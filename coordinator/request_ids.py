@@ -96,6 +96,7 @@ class JsonFormatter(logging.Formatter):
         return json.dumps(entry, default=str)
 
 
+OWN_LOGGERS = ("coordinator", "tunegrid", "shared", "uvicorn")
 TEXT_FORMAT = "%(asctime)s %(levelname)s %(name)s [%(request_id)s] %(message)s"
 
 
@@ -109,7 +110,12 @@ def configure_logging(*, json_lines: bool, level: str = "info") -> None:
     handler.addFilter(RequestIdFilter())
     handler.setFormatter(JsonFormatter() if json_lines else logging.Formatter(TEXT_FORMAT))
     root.addHandler(handler)
-    root.setLevel(level.upper())
+    # Our loggers at the configured level; everything else at warnings. A root at INFO would make SQLAlchemy log
+    # every statement (its engine logs at INFO when the level allows it): the soak's heartbeats went from 5 ms to
+    # 2.5 s at p50 that way.
+    root.setLevel(logging.WARNING)
+    for name in OWN_LOGGERS:
+        logging.getLogger(name).setLevel(level.upper())
     for name in ("uvicorn", "uvicorn.error"):  # uvicorn's own lines through the same handler, once
         logging.getLogger(name).handlers.clear()
         logging.getLogger(name).propagate = True
