@@ -66,6 +66,58 @@ def test_revoked_worker_gets_401(client: TestClient, provider, agent: FakeAgent)
     assert response.status_code == 401 and response.json()["error"]["code"] == "worker_revoked"
 
 
+def test_a_known_workers_heartbeat_never_waits_for_the_database(client: TestClient, agent: FakeAgent,  # type: ignore[no-untyped-def]
+                                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    """Past the token cache's freshness a heartbeat is answered from the cache while the token is checked again
+    in the background: the database being slow (a sweep holding the connections) never shows in its latency."""
+    import time  # noqa: PLC0415
+
+    from coordinator.api import deps  # noqa: PLC0415
+    from coordinator.services import workers  # noqa: PLC0415
+
+    monkeypatch.setattr(deps, "WORKER_TOKEN_CACHE_S", 0.0)  # every call after the first finds the token stale
+    assert agent.heartbeat().status_code == 200  # the token is now known
+    checked = workers.authenticate
+    checks: list[float] = []
+
+    def slow(**kwargs):  # type: ignore[no-untyped-def]
+        checks.append(time.monotonic())
+        time.sleep(1.0)  # a database that answers late
+        return checked(**kwargs)
+
+    monkeypatch.setattr(workers, "authenticate", slow)
+    began = time.monotonic()
+    assert agent.heartbeat().status_code == 200 and agent.heartbeat().status_code == 200
+    assert time.monotonic() - began < 0.5  # neither waited for the check
+    deadline = time.monotonic() + 10
+    while not (checks and not deps._refreshing) and time.monotonic() < deadline:  # noqa: SLF001
+        time.sleep(0.05)
+    assert len(checks) == 1  # one background check for the two calls
+
+
+def test_a_worker_revoked_elsewhere_is_refused_once_the_background_check_ran(  # type: ignore[no-untyped-def]
+        client: TestClient, agent: FakeAgent, provider, session: Session, settings,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Revoked through another API process (this one's cache not cleared): the stale token is trusted for one more
+    call, checked behind it, then refused."""
+    import time  # noqa: PLC0415
+
+    from coordinator.api import deps  # noqa: PLC0415
+    from coordinator.db.tables import AccountModel  # noqa: PLC0415
+    from coordinator.services import workers  # noqa: PLC0415
+
+    monkeypatch.setattr(deps, "WORKER_TOKEN_CACHE_S", 0.0)
+    assert agent.heartbeat().status_code == 200
+    workers.revoke(session=session, account=session.get(AccountModel, provider.account_id),  # another process's
+                   worker_id=agent.worker_id, settings=settings)
+    assert agent.heartbeat().status_code == 200  # the one more call, answered from the cache
+    deadline = time.monotonic() + 10
+    while client.app.state.worker_tokens and time.monotonic() < deadline:  # type: ignore[attr-defined]
+        time.sleep(0.05)  # the background check evicts the revoked token
+    refused = agent.heartbeat()
+    assert refused.status_code == 401 and refused.json()["error"]["code"] == "worker_revoked"
+
+
 def test_providers_see_only_their_own_workers(client: TestClient, make_caller, agent: FakeAgent) -> None:  # type: ignore[no-untyped-def]
     other = make_caller("provider", "olga")
     assert client.get("/v1/workers", headers=other.headers).json()["data"] == []
