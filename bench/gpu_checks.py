@@ -116,9 +116,10 @@ def _in_row_order(rows: list[data.PackedRow]) -> list[data.Tokenized]:
     """The examples as the rows hold them (packing fills earlier rows first, so not in the data's order)."""
     found = []
     for row in rows:
-        bounds = [i for i in range(len(row)) if i == 0 or row.segment_ids[i] != row.segment_ids[i - 1]] + [len(row)]
-        for start, end in zip(bounds[:-1], bounds[1:], strict=True):
-            found.append(data.Tokenized(input_ids=row.input_ids[start:end], labels=row.labels[start:end]))
+        start = 0
+        for n in row.example_lengths():
+            found.append(data.Tokenized(input_ids=row.input_ids[start:start + n], labels=row.labels[start:start + n]))
+            start += n
     return found
 
 

@@ -243,13 +243,19 @@ def launch(run: str, job: Path, steps: int = 0, timeout: float = 1800) -> dict:
 
 
 # -- figures -------------------------------------------------------------------------------------------------------
+def layer_parameters(shape: dict) -> int:
+    """The parameters of one decoder layer's linear projections (attention q, k, v, o; the MLP's three)."""
+    hidden, heads = shape["hidden_size"], shape["num_attention_heads"]
+    head_dim = shape.get("head_dim", hidden // heads)
+    kv = shape["num_key_value_heads"] * head_dim
+    return hidden * heads * head_dim * 2 + hidden * kv * 2 + 3 * hidden * shape["intermediate_size"]
+
+
 def training_flops(shape: dict, lengths: list[int]) -> float:
     """Model FLOPs of one pass over examples of these lengths (see the module's docstring)."""
     hidden, layers, heads = shape["hidden_size"], shape["num_hidden_layers"], shape["num_attention_heads"]
     head_dim = shape.get("head_dim", hidden // heads)
-    kv = shape["num_key_value_heads"] * head_dim
-    per_layer = hidden * heads * head_dim * 2 + hidden * kv * 2 + 3 * hidden * shape["intermediate_size"]
-    linear = layers * per_layer + hidden * shape["vocab_size"]  # the LM head too
+    linear = layers * layer_parameters(shape) + hidden * shape["vocab_size"]  # the LM head too
     keys = sum(n * (n + 1) / 2 for n in lengths)
     return 4 * linear * sum(lengths) + 3 * 4 * layers * heads * head_dim * keys
 
@@ -258,14 +264,10 @@ def estimate(shape_name: str, shape: dict, *, max_seq_len: int, batch_size: int,
     from shared.catalog import BaseModelSpec  # noqa: PLC0415
     from shared.memory import estimate_qlora  # noqa: PLC0415
 
-    head_dim = shape.get("head_dim", shape["hidden_size"] // shape["num_attention_heads"])
     hidden, layers = shape["hidden_size"], shape["num_hidden_layers"]
-    kv = shape["num_key_value_heads"] * head_dim
-    per_layer = hidden * shape["num_attention_heads"] * head_dim * 2 + hidden * kv * 2 \
-        + 3 * hidden * shape["intermediate_size"]
     embeddings = shape["vocab_size"] * hidden * (1 if shape["tie_word_embeddings"] else 2)
     model = BaseModelSpec(id=shape_name, hf_repo=None, owned_by="bench", license="-", created=0,
-                          parameters=layers * per_layer + embeddings, layers=layers, hidden_size=hidden,
+                          parameters=layers * layer_parameters(shape) + embeddings, layers=layers, hidden_size=hidden,
                           intermediate_size=shape["intermediate_size"], attention_heads=shape["num_attention_heads"],
                           kv_heads=shape["num_key_value_heads"], vocab_size=shape["vocab_size"],
                           max_seq_len=max_seq_len, tied_embeddings=shape["tie_word_embeddings"])

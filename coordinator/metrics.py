@@ -111,30 +111,27 @@ class DatabaseState(Collector):
         return family
 
 
+def _events() -> CollectorRegistry:
+    """This process's event metrics, or, with PROMETHEUS_MULTIPROC_DIR, every process's of this host summed."""
+    if not os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+        return REGISTRY
+    from prometheus_client import multiprocess  # noqa: PLC0415
+
+    registry = CollectorRegistry()
+    multiprocess.MultiProcessCollector(registry)
+    return registry
+
+
 def serve(port: int) -> None:
     """Metrics over HTTP from a process that answers no requests of its own (a Celery worker): its prefork
     children's counts, through PROMETHEUS_MULTIPROC_DIR when set. Bind it to the private network only."""
     from prometheus_client import start_http_server  # noqa: PLC0415
 
-    registry = REGISTRY
-    if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
-        from prometheus_client import multiprocess  # noqa: PLC0415
-
-        registry = CollectorRegistry()
-        multiprocess.MultiProcessCollector(registry)
-    start_http_server(port, registry=registry)
+    start_http_server(port, registry=_events())
 
 
 def exposition(session: Session) -> bytes:
-    """The text Prometheus scrapes: this process's (or, in multiprocess mode, every process's) event metrics,
-    then the database's gauges."""
-    if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
-        from prometheus_client import multiprocess  # noqa: PLC0415
-
-        events = CollectorRegistry()
-        multiprocess.MultiProcessCollector(events)
-    else:
-        events = REGISTRY
+    """The text Prometheus scrapes: the event metrics, then the database's gauges."""
     state = CollectorRegistry(auto_describe=False)
     state.register(DatabaseState(session))
-    return generate_latest(events) + generate_latest(state)
+    return generate_latest(_events()) + generate_latest(state)

@@ -18,6 +18,7 @@ from typing import Any
 from sqlalchemy.orm import Session, sessionmaker
 
 from coordinator.effects import Effects, take_effects
+from coordinator.metrics import CELERY_TASK_SECONDS, CELERY_TASKS
 from coordinator.services import (
     batches, blobs, budgets, integrations, jobs, lease_states, placement, stripe_sync, verification, worker_states,
 )
@@ -161,8 +162,6 @@ def publish_effects(redis_client: Any, effects: Effects) -> None:
 
 
 def _run_task(task: Any) -> Any:
-    from coordinator.metrics import CELERY_TASK_SECONDS, CELERY_TASKS  # noqa: PLC0415
-
     settings, session_factory, redis_client = _runtime()
     began, outcome = time.perf_counter(), "failure"
     try:

@@ -102,3 +102,24 @@ def test_unknown_base_model(tiny_model_dir: Path, tmp_path: Path) -> None:
     (job / "spec.json").write_text(json.dumps({**spec, "base_model": "gpt-9"}))
     assert run(job) == EXIT_USER_ERROR
     assert "unknown base model" in _last_error(job)["message"]
+
+
+@pytest.mark.parametrize(("raised", "hinted"), [
+    (RuntimeError("[enforce fail at alloc_cpu.cpp:127] DefaultCPUAllocator: can't allocate memory"), True),
+    (MemoryError(), True),
+    (RuntimeError("mat1 and mat2 shapes cannot be multiplied"), False),
+])
+def test_only_running_out_of_memory_gets_the_hint(tiny_model_dir: Path, tmp_path: Path,
+                                                  monkeypatch: pytest.MonkeyPatch, raised: BaseException,
+                                                  hinted: bool) -> None:
+    from worker.trainer import train  # noqa: PLC0415
+
+    def failing(self, model, chunk):  # type: ignore[no-untyped-def]
+        raise raised
+
+    monkeypatch.setattr(train.Supervised, "step", failing)
+    job = write_job(tmp_path, tiny_model_dir, train=arithmetic_chat(20), hyperparameters={"batch_size": 2})
+    assert run(job) == EXIT_WORKER_ERROR
+    message = _last_error(job)["message"]
+    assert ("lower batch_size to 1" in message) is hinted, message
+    assert ("shapes cannot be multiplied" in message) is not hinted

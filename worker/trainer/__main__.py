@@ -30,7 +30,9 @@ from pydantic import ValidationError
 
 from shared.errors import InvalidFile
 from shared.jobspec import JobSpec
-from worker.trainer.errors import EXIT_DONE, EXIT_PREEMPTED, EXIT_USER_ERROR, EXIT_WORKER_ERROR, TrainerError, UserError
+from worker.trainer.errors import (
+    EXIT_DONE, EXIT_PREEMPTED, EXIT_USER_ERROR, EXIT_WORKER_ERROR, TrainerError, UserError, is_out_of_memory,
+)
 from worker.trainer.progress import Progress
 
 
@@ -88,12 +90,9 @@ def run(job_dir: Path) -> int:
     except TrainerError as exc:
         progress.emit("error", kind=exc.kind, message=str(exc))
         return exc.exit_code
-    except MemoryError:
-        progress.emit("error", kind="worker_error", message="out of memory; lower batch_size or max_seq_len")
-        return EXIT_WORKER_ERROR
     except Exception as exc:  # noqa: BLE001 - the agent needs a final line, never a bare traceback
         message = f"{exc.__class__.__name__}: {exc}"
-        if exc.__class__.__name__ == "OutOfMemoryError" or "out of memory" in str(exc).lower():
+        if is_out_of_memory(exc):
             # Out of memory outside a training step (loading, the reference pass, an evaluation, the optimizer).
             # PyTorch's own words can list the other processes on the provider's GPU: they stay on this machine.
             message = "out of memory (outside a training step); lower batch_size or ask for more memory (min_vram_gb)"

@@ -39,7 +39,12 @@ def flat_layout(device: torch.device) -> bool:
     faster for the short rows the CPU trains on (bench/trainer.py: per-example SDPA calls cost more than
     the padding and the mask they save); on a GPU the flat layout is the point, where the varlen kernel runs
     (Ampere and newer: an older card keeps dense masks, which SDPA's memory-efficient kernel takes)."""
-    return device.type == "cuda" and torch.cuda.get_device_capability(device) >= (8, 0)
+    return device.type == "cuda" and _ampere(device)
+
+
+def _ampere(device: torch.device | str) -> bool:
+    """Compute capability 8.0 or newer: what PyTorch's flash kernels run on (not a Turing RTX 20xx)."""
+    return torch.cuda.get_device_capability(device) >= (8, 0)
 
 
 @cache
@@ -63,10 +68,10 @@ def kernel(query: torch.Tensor, window: int | None = None) -> str:
 
 
 def _flash_capable(query: torch.Tensor) -> bool:
-    """PyTorch's flash kernels refuse cards older than Ampere (compute capability 8.0: a Turing RTX 20xx, which
-    placement accepts, attends per example instead) and head sizes past 256 or not a multiple of 8."""
+    """PyTorch's flash kernels refuse cards older than Ampere (a Turing card, which placement accepts, attends per
+    example instead) and head sizes past 256 or not a multiple of 8."""
     head_dim = query.shape[-1]
-    return torch.cuda.get_device_capability(query.device) >= (8, 0) and head_dim <= 256 and head_dim % 8 == 0
+    return _ampere(query.device) and head_dim <= 256 and head_dim % 8 == 0
 
 
 def _expand_kv(states: torch.Tensor, heads: int) -> torch.Tensor:
@@ -105,14 +110,9 @@ def segment_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tenso
     for start, end in zip(bounds[:-1], bounds[1:], strict=True):
         q, k, v = query[:, :, start:end], key[:, :, start:end], value[:, :, start:end]
         n = end - start
-        if window and n > window:
-            at = torch.arange(n, device=query.device)
-            mask = (at[:, None] >= at[None, :]) & (at[:, None] - at[None, :] < window)
-            pieces.append(torch.nn.functional.scaled_dot_product_attention(
-                q, k, v, attn_mask=mask, scale=scaling, enable_gqa=groups > 1))
-        else:
-            pieces.append(torch.nn.functional.scaled_dot_product_attention(
-                q, k, v, is_causal=True, scale=scaling, enable_gqa=groups > 1))
+        mask = _one_example(n, window, query.device) if window and n > window else None
+        pieces.append(torch.nn.functional.scaled_dot_product_attention(
+            q, k, v, attn_mask=mask, is_causal=mask is None, scale=scaling, enable_gqa=groups > 1))
     return torch.cat(pieces, dim=2).transpose(1, 2).contiguous()
 
 
@@ -124,6 +124,10 @@ def block_mask(cu_seq_lens: torch.Tensor, total: int, *, window: int | None = No
     if window:
         mask &= at[:, None] - at[None, :] < window
     return mask[None, None]
+
+
+def _one_example(length: int, window: int | None, device: torch.device) -> torch.Tensor:
+    return block_mask(torch.tensor([0, length], device=device), length, window=window)
 
 
 def _window(module: torch.nn.Module, kwargs: dict[str, Any]) -> int | None:
@@ -171,7 +175,7 @@ def packed_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.Te
         bounds = cu_seq_lens.tolist()
         pieces = []
         for start, end in zip(bounds[:-1], bounds[1:], strict=True):
-            mask = block_mask(torch.tensor([0, end - start], device=query.device), end - start, window=window)
+            mask = _one_example(end - start, window, query.device)
             pieces.append(_masked(module, query[:, :, start:end], key[:, :, start:end], value[:, :, start:end], mask,
                                   dropout=dropout, scaling=scaling, softcap=softcap))
         return torch.cat(pieces, dim=1), None
@@ -179,7 +183,7 @@ def packed_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.Te
         at = torch.arange(length, device=query.device)
         attention_mask = attention_mask & (at[:, None] - at[None, :] < window)
     elif attention_mask is None and (window or softcap):  # one plain sequence
-        attention_mask = block_mask(torch.tensor([0, length], device=query.device), length, window=window)
+        attention_mask = _one_example(length, window, query.device)
     if attention_mask is None:
         return sdpa_attention_forward(module, query, key, value, None, dropout=dropout, scaling=scaling,
                                       is_causal=True)

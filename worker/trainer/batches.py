@@ -93,7 +93,7 @@ def collate(rows: list[data.PackedRow], *, pad_id: int, device: torch.device, fl
 
 
 def _collate_flat(rows: list[data.PackedRow], device: torch.device) -> Batch:
-    lengths = [n for row in rows for n in _example_lengths(row)]
+    lengths = [n for row in rows for n in row.example_lengths()]
     cu_seq_lens = torch.zeros(len(lengths) + 1, dtype=torch.int32)
     cu_seq_lens[1:] = torch.tensor(lengths, dtype=torch.int32).cumsum(0)
     ids = torch.tensor([t for row in rows for t in row.input_ids], dtype=torch.long)[None]
@@ -101,17 +101,6 @@ def _collate_flat(rows: list[data.PackedRow], device: torch.device) -> Batch:
     targets = torch.cat([_targets(row) for row in rows])[None]
     return Batch(ids.to(device), positions.to(device), targets.to(device), tokens=ids.shape[1],
                  cu_seq_lens=cu_seq_lens.to(device), max_length=max(lengths))
-
-
-def _example_lengths(row: data.PackedRow) -> list[int]:
-    lengths: list[int] = []
-    previous = None
-    for segment in row.segment_ids:
-        if segment != previous:
-            lengths.append(0)
-            previous = segment
-        lengths[-1] += 1
-    return lengths
 
 
 def _causal_lm(model):  # type: ignore[no-untyped-def]

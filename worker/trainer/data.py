@@ -45,6 +45,15 @@ class PackedRow:
     def __len__(self) -> int:
         return len(self.input_ids)
 
+    def example_lengths(self) -> list[int]:
+        """How many tokens each example packed here holds, in order."""
+        lengths: list[int] = []
+        for i, segment in enumerate(self.segment_ids):
+            if i == 0 or segment != self.segment_ids[i - 1]:
+                lengths.append(0)
+            lengths[-1] += 1
+        return lengths
+
     def add(self, example: Tokenized) -> None:
         segment = (self.segment_ids[-1] + 1) if self.segment_ids else 1
         self.input_ids += example.input_ids

@@ -17,6 +17,13 @@ def failure_kind(code: int | None) -> str:
     return {EXIT_USER_ERROR: "user_error", EXIT_BAD_CHECKPOINT: "bad_checkpoint"}.get(code, "worker_error")  # type: ignore[arg-type]
 
 
+def is_out_of_memory(exc: BaseException) -> bool:
+    """PyTorch's `OutOfMemoryError` (CUDA's), Python's `MemoryError`, or the CPU allocator's RuntimeError, named
+    without importing torch."""
+    return isinstance(exc, MemoryError) or type(exc).__name__ == "OutOfMemoryError" or (
+        isinstance(exc, RuntimeError) and ("out of memory" in str(exc).lower() or "can't allocate memory" in str(exc)))
+
+
 class TrainerError(Exception):
     kind = "worker_error"
     exit_code = EXIT_WORKER_ERROR

@@ -25,11 +25,10 @@ from shared.memory import micro_batch
 from worker.trainer import checkpoints, data, dpo, model as models
 from worker.trainer.early_stopping import EarlyStopping
 from worker.trainer.batches import Batch, batch_loss, collate  # noqa: F401 - Batch and collate: the trainer's API
-from worker.trainer.errors import UserError, WorkerError
+from worker.trainer.errors import UserError, WorkerError, is_out_of_memory
 from worker.trainer.progress import Progress
 
 INITIAL_ADAPTER = Path("initial") / "adapter_model.safetensors"
-OUT_OF_MEMORY = getattr(torch, "OutOfMemoryError", torch.cuda.OutOfMemoryError)  # torch.cuda's, by its newer name
 
 
 @dataclass
@@ -252,9 +251,8 @@ class Trainer:
             optimizer.zero_grad(set_to_none=True)
             try:
                 figures = objective.step(model, chunk)
-            except (OUT_OF_MEMORY, MemoryError, RuntimeError) as exc:
-                if isinstance(exc, RuntimeError) and not isinstance(exc, OUT_OF_MEMORY) \
-                        and "can't allocate memory" not in str(exc):  # the CPU allocator's words
+            except Exception as exc:
+                if not is_out_of_memory(exc):
                     raise
                 raise WorkerError(self._out_of_memory(step + 1)) from None
             trained_tokens += figures.tokens
