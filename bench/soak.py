@@ -1,21 +1,28 @@
 """Soak: 200 simulated workers and 1,000 small jobs through the real API for 10 minutes, on PostgreSQL and Redis
-with two uvicorn processes (each running the periodic tasks: reaping, placement sweeps, budgets).
+with two uvicorn processes (each running the periodic tasks: reaping, placement sweeps, budgets), once per blob
+store in the same run: the local disk, then the S3 object store (SeaweedFS at $TUNEGRID_TEST_S3_ENDPOINT, default
+http://127.0.0.1:8333, as `.ci/run` starts it), and the two side by side at the end.
 
 The workers are protocol-level fakes (`FakeTraining` below: they train nothing). Each one registers,
 heartbeats every 10 s, long-polls for work, reports a few steps of progress over a few seconds, uploads a
-PEFT-shaped adapter of zeros, and completes; now and then one fails (a worker error, requeued) or is
+PEFT-shaped adapter of zeros as the agent does (a ticket; with S3 a PUT to its presigned URL, then the
+adoption; on the disk the bytes to the API), and completes; now and then one fails (a worker error, requeued) or is
 preempted. Customers upload a dataset and submit jobs at an even pace. At the end it prints jobs/hour, API
 latency (p50, p99) of every call, the coordinator processes' memory growth, and whether anything was lost:
-every job must have succeeded or failed with a reason, and the ledger must sum to zero. Never passes or fails.
+every job must have succeeded or failed with a reason, and the ledger must sum to zero. The heartbeat's latency
+is also read from the coordinator's own histogram (/metrics), so the client's share of it shows. Never passes or
+fails.
 
-    python bench/soak.py [--minutes 10] [--workers 200] [--jobs 1000]
+    python bench/soak.py [--minutes 10] [--workers 200] [--jobs 1000] [--storage disk,s3]
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import os
 import random
+import re
 import statistics
 import subprocess
 import sys
@@ -29,7 +36,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from harness import BIN, REDIS_URL, flush_redis, new_key, percentile, start_coordinator  # noqa: E402
-from shared.protocol import FENCING_TOKEN_HEADER, PROTOCOL_HEADER, PROTOCOL_VERSION, SHA256_HEADER  # noqa: E402
+from shared.protocol import (  # noqa: E402
+    FENCING_TOKEN_HEADER, PROTOCOL_HEADER, PROTOCOL_VERSION, SHA256_HEADER, UPLOAD_KEY_HEADER,
+)
 from tests.conftest import chat_lines, jsonl  # noqa: E402
 from tests.fakes import adapter_archive, registration, sha256  # noqa: E402
 
@@ -37,6 +46,9 @@ MODEL = "tunegrid/tiny-llama"
 ADAPTER = adapter_archive(MODEL)
 ADAPTER_SHA = sha256(ADAPTER)
 TERMINAL = {"succeeded", "failed", "cancelled"}
+S3_ENDPOINT = os.environ.get("TUNEGRID_TEST_S3_ENDPOINT", "http://127.0.0.1:8333")
+S3_KEYS = ("tunegrid-test", "tunegrid-test-secret")  # the identity .ci/run gives SeaweedFS
+METRICS_TOKEN = "soak-metrics"
 
 
 def kind_of(method: str, path: str) -> str:
@@ -129,8 +141,19 @@ class FakeTraining:
             await self.rec.call(self.http, "POST", f"{base}/preempted", headers=headers,
                                 json={"reason": "simulated game", "usage": usage})
             return
-        await self.rec.call(self.http, "PUT", f"{base}/adapter", content=ADAPTER,
-                            headers={**headers, SHA256_HEADER: ADAPTER_SHA})
+        ticket = (await self.rec.call(self.http, "POST", f"{base}/uploads", headers=headers, json={
+            "kind": "adapter", "bytes": len(ADAPTER), "sha256": ADAPTER_SHA})).json()
+        if ticket.get("url"):  # the object store: the bytes go there, the coordinator adopts them
+            started = time.perf_counter()
+            stored = await self.http.put(ticket["url"], content=ADAPTER, headers=ticket["headers"])
+            self.rec.by_kind.setdefault("PUT object store (presigned)", []).append(time.perf_counter() - started)
+            if stored.status_code != 200:
+                self.rec.errors[f"store PUT {stored.status_code}"] = self.rec.errors.get(f"store PUT {stored.status_code}", 0) + 1
+            await self.rec.call(self.http, "PUT", f"{base}/adapter",
+                                headers={**headers, SHA256_HEADER: ADAPTER_SHA, UPLOAD_KEY_HEADER: ticket["key"]})
+        else:
+            await self.rec.call(self.http, "PUT", f"{base}/adapter", content=ADAPTER,
+                                headers={**headers, SHA256_HEADER: ADAPTER_SHA})
         await self.rec.call(self.http, "POST", f"{base}/complete", headers=headers, json={
             "adapter_sha256": ADAPTER_SHA, "usage": usage,
             "result": {"steps": 3, "trained_tokens": 300, "final_train_loss": 1.6}})
@@ -172,7 +195,25 @@ def rss_mb(pid: int) -> float:
     return total / 1024
 
 
-async def soak(url: str, env: dict[str, str], pid: int, args: argparse.Namespace) -> None:
+def server_quantile(url: str, route: str, q: float) -> tuple[float, int]:
+    """The coordinator's own view of a route's latency: the upper bound of the histogram bucket holding quantile
+    `q` (the API processes summed), and how many requests it counted."""
+    text = httpx.get(f"{url}/metrics", headers={"Authorization": f"Bearer {METRICS_TOKEN}"}, timeout=30).text
+    counts: dict[float, float] = {}
+    pattern = re.compile(r'^tunegrid_http_request_duration_seconds_bucket\{(.*)\} ([0-9.e+]+)$')
+    for line in text.splitlines():
+        match = pattern.match(line)
+        if match and f'route="{route}"' in match.group(1) and 'status="200"' in match.group(1):
+            bound = re.search(r'le="([^"]+)"', match.group(1)).group(1)  # type: ignore[union-attr]
+            counts[float("inf") if bound == "+Inf" else float(bound)] = float(match.group(2))
+    total = counts.get(float("inf"), 0.0)
+    for bound in sorted(counts):
+        if total and counts[bound] >= q * total:
+            return bound, int(total)
+    return float("nan"), int(total)
+
+
+async def soak(url: str, env: dict[str, str], pid: int, args: argparse.Namespace) -> dict[str, float]:
     rec = Recorder()
     limits = httpx.Limits(max_connections=50, max_keepalive_connections=50)  # the customers'
     async with httpx.AsyncClient(base_url=url, timeout=60, limits=limits) as http:
@@ -238,6 +279,27 @@ async def soak(url: str, env: dict[str, str], pid: int, args: argparse.Namespace
     print(f"coordinator memory (all processes): {memory[0][1]:.0f} MB at start, {first:.0f} MB after 30 s, "
           f"{last:.0f} MB at the end ({last - first:+.0f} MB after warm-up)")
     print(f"lost: {len(created) - done} jobs not ended; ledger: {audit}")
+    server_p99, counted = server_quantile(url, "/v1/workers/heartbeat", 0.99)
+    server_p50, _ = server_quantile(url, "/v1/workers/heartbeat", 0.50)
+    print(f"heartbeats as the coordinator timed them ({counted}, histogram buckets): p50 <= {server_p50 * 1000:.0f} ms, "
+          f"p99 <= {server_p99 * 1000:.0f} ms")
+    beats = sorted(rec.by_kind.get("POST /v1/workers/heartbeat", [0.0]))
+    uploads = sorted(rec.by_kind.get("PUT lease adapter", [0.0]))
+    return {"jobs/hour": done / elapsed * 3600, "p50 ms": statistics.median(latencies) * 1000,
+            "p99 ms": percentile(latencies, 99) * 1000, "heartbeat p99 ms": percentile(beats, 99) * 1000,
+            "heartbeat p99 ms (server)": server_p99 * 1000, "adapter PUT p99 ms": percentile(uploads, 99) * 1000,
+            "RSS at end MB": last, "RSS growth MB": last - first, "lost": len(created) - done}
+
+
+def storage_env(storage: str, run: str) -> dict[str, str]:
+    if storage == "disk":
+        return {}
+    import boto3  # noqa: PLC0415
+
+    boto3.client("s3", endpoint_url=S3_ENDPOINT, region_name="us-east-1", aws_access_key_id=S3_KEYS[0],
+                 aws_secret_access_key=S3_KEYS[1]).create_bucket(Bucket="tunegrid-soak")
+    return {"TUNEGRID_STORAGE_URL": f"s3://tunegrid-soak/{run}", "TUNEGRID_S3_ENDPOINT_URL": S3_ENDPOINT,
+            "TUNEGRID_S3_ACCESS_KEY_ID": S3_KEYS[0], "TUNEGRID_S3_SECRET_ACCESS_KEY": S3_KEYS[1]}
 
 
 def main() -> None:
@@ -245,18 +307,30 @@ def main() -> None:
     parser.add_argument("--minutes", type=float, default=10)
     parser.add_argument("--workers", type=int, default=200)
     parser.add_argument("--jobs", type=int, default=1000)
+    parser.add_argument("--storage", default="disk,s3", help="blob stores to soak in turn: disk, s3 or both")
     args = parser.parse_args()
-    flush_redis(REDIS_URL)
-    with tempfile.TemporaryDirectory() as workdir:
-        process, url, env = start_coordinator("postgresql", Path(workdir), workers=2, extra_env={
-            "TUNEGRID_REDIS_URL": REDIS_URL, "TUNEGRID_PERIODIC_TASKS": "true", "TUNEGRID_SWEEP_INTERVAL_S": "2"})
-        print(f"soak: {args.workers} simulated workers (protocol-level fakes, no training), {args.jobs} jobs, "
-              f"{args.minutes:g} min, PostgreSQL + Redis, 2 uvicorn processes")
-        try:
-            asyncio.run(soak(url, env, process.pid, args))
-        finally:
-            process.terminate()
-            process.wait(timeout=20)
+    results: dict[str, dict[str, float]] = {}
+    for storage in args.storage.split(","):
+        flush_redis(REDIS_URL)
+        with tempfile.TemporaryDirectory() as workdir:
+            metrics_dir = Path(workdir) / "metrics"
+            metrics_dir.mkdir()
+            process, url, env = start_coordinator("postgresql", Path(workdir), workers=2, extra_env={
+                "TUNEGRID_REDIS_URL": REDIS_URL, "TUNEGRID_PERIODIC_TASKS": "true", "TUNEGRID_SWEEP_INTERVAL_S": "2",
+                "TUNEGRID_METRICS_TOKEN": METRICS_TOKEN, "PROMETHEUS_MULTIPROC_DIR": str(metrics_dir),
+                **storage_env(storage, f"run-{int(time.time())}")})
+            print(f"soak ({storage}): {args.workers} simulated workers (protocol-level fakes, no training), {args.jobs} "
+                  f"jobs, {args.minutes:g} min, PostgreSQL + Redis, 2 uvicorn processes", flush=True)
+            try:
+                results[storage] = asyncio.run(soak(url, env, process.pid, args))
+            finally:
+                process.terminate()
+                process.wait(timeout=20)
+    if len(results) > 1:
+        names = list(results)
+        print("\nside by side: " + " | ".join(names))
+        for figure in results[names[0]]:
+            print(f"  {figure:28s} " + " | ".join(f"{results[n][figure]:10.1f}" for n in names))
 
 
 if __name__ == "__main__":

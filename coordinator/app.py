@@ -33,7 +33,7 @@ from coordinator.ratelimit import MemoryRateLimiter, RedisRateLimiter
 from coordinator.request_ids import RequestIds, configure_logging
 from coordinator.services import placement, workers as worker_service
 from coordinator.settings import CoordinatorSettings
-from coordinator.storage import BlobStore
+from coordinator.stores import open_store
 from coordinator.stripe_gateway import make_gateway
 from shared.errors import AuthenticationFailed, NotFound
 from shared.protocol import HeartbeatReply
@@ -99,7 +99,7 @@ def create_app(settings: CoordinatorSettings | None = None) -> FastAPI:
     app.state.settings = settings
     app.state.engine = engine
     app.state.sessionmaker = make_sessionmaker(engine)
-    app.state.store = BlobStore(settings.resolved_storage_dir)
+    app.state.store = open_store(settings)
     app.state.hot = make_hot_state(settings.redis_url)
     app.state.limiter = (RedisRateLimiter(settings.rate_limit_per_minute, app.state.hot.client)
                          if isinstance(app.state.hot, RedisHotState) else MemoryRateLimiter(settings.rate_limit_per_minute))

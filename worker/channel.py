@@ -19,10 +19,11 @@ from typing import IO, Any, ContextManager
 import httpx
 
 from shared.protocol import (
-    FENCING_TOKEN_HEADER, PROTOCOL_HEADER, PROTOCOL_VERSION, SHA256_HEADER, Assignment, ClaimReply, HeartbeatReply,
-    LeaseReply, WorkerRegister, WorkerRegistered,
+    FENCING_TOKEN_HEADER, PROTOCOL_HEADER, PROTOCOL_VERSION, SHA256_HEADER, UPLOAD_KEY_HEADER, Assignment,
+    ClaimReply, HeartbeatReply, LeaseReply, UploadTicket, WorkerRegister, WorkerRegistered,
 )
-from worker.files import CHUNK, sha256_file
+from shared.digests import sha256_file
+from worker.files import CHUNK
 from worker.settings import WorkerSettings
 
 log = logging.getLogger(__name__)
@@ -57,7 +58,8 @@ def _error(response: httpx.Response) -> tuple[str, str | None]:
 
 class Channel:
     def __init__(self, url: str, token: str | None, settings: WorkerSettings, *,
-                 transport: httpx.BaseTransport | None = None, sleep: Callable[[float], None] = time.sleep) -> None:
+                 transport: httpx.BaseTransport | None = None, store_transport: httpx.BaseTransport | None = None,
+                 sleep: Callable[[float], None] = time.sleep) -> None:
         self.settings = settings
         self._sleep = sleep
         headers = {PROTOCOL_HEADER: str(PROTOCOL_VERSION), "User-Agent": "tunegrid-worker"}
@@ -67,9 +69,13 @@ class Channel:
             base_url=url.rstrip("/"), headers=headers, transport=transport,
             timeout=httpx.Timeout(settings.read_timeout_s, connect=settings.connect_timeout_s),
         )
+        # Presigned URLs of the object store: no credentials of ours ever go there.
+        self._store = httpx.Client(headers={"User-Agent": "tunegrid-worker"}, transport=store_transport,
+                                   timeout=httpx.Timeout(settings.read_timeout_s, connect=settings.connect_timeout_s))
 
     def close(self) -> None:
         self._client.close()
+        self._store.close()
 
     # --- the retry loop ---------------------------------------------------------------------------
 
@@ -134,23 +140,17 @@ class Channel:
         return LeaseReply.model_validate(response.json())
 
     def download(self, url: str, lease_id: str, token: int, target: Path, sha256: str) -> Path:
-        """Stream a lease input to `target`, checked against `sha256`; retried from the start when cut."""
+        """Stream a lease input to `target`, checked against `sha256`; retried from the start when cut. A 307 from
+        the coordinator sends the GET to the object store's presigned URL for that one object."""
         for attempt in range(self.settings.max_attempts):
             tmp = target.with_name(f".{target.name}.part")
             try:
                 with self._client.stream("GET", url, headers=self._lease(lease_id, token)) as response:
-                    if response.status_code >= 400:
-                        response.read()
-                        message, code = _error(response)
-                        if code == "lease_lost":
-                            raise LeaseLost(message)
-                        if response.status_code not in RETRYABLE:
-                            raise Rejected(response.status_code, message, code)
-                        raise httpx.TransportError(f"{response.status_code} {message}")
-                    target.parent.mkdir(parents=True, exist_ok=True)
-                    with tmp.open("wb") as f:
-                        for chunk in response.iter_bytes(CHUNK):
-                            f.write(chunk)
+                    if response.status_code in (302, 303, 307) and response.headers.get("Location"):
+                        self._fetch(response.headers["Location"], tmp)
+                    else:
+                        self._check(response)
+                        self._save(response, tmp)
                 if sha256_file(tmp) != sha256:
                     raise httpx.TransportError(f"{url} arrived with the wrong sha256")
                 tmp.replace(target)
@@ -162,31 +162,91 @@ class Channel:
                 self._sleep(self._backoff(attempt, None))
         raise AssertionError("unreachable")
 
+    @staticmethod
+    def _check(response: httpx.Response) -> None:
+        """Nothing for a success; the exception for a refusal (a retryable one as a transport error)."""
+        if response.status_code < 400:
+            return
+        response.read()
+        message, code = _error(response)
+        if code == "lease_lost":
+            raise LeaseLost(message)
+        if response.status_code not in RETRYABLE:
+            raise Rejected(response.status_code, message, code)
+        raise httpx.TransportError(f"{response.status_code} {message}")
+
+    @staticmethod
+    def _save(response: httpx.Response, tmp: Path) -> None:
+        tmp.parent.mkdir(parents=True, exist_ok=True)
+        with tmp.open("wb") as f:
+            for chunk in response.iter_bytes(CHUNK):
+                f.write(chunk)
+
+    def _fetch(self, location: str, tmp: Path) -> None:
+        """A presigned GET. The store's refusals (an expired URL: 403) are retried from the coordinator's call."""
+        with self._store.stream("GET", location) as response:
+            if response.status_code >= 400:
+                raise httpx.TransportError(f"the object store answered {response.status_code}")
+            self._save(response, tmp)
+
     def upload(self, lease_id: str, token: int, path: Path, *, kind: str, step: int | None = None,
                fmt: str | None = None, opener: Callable[[], ContextManager[IO[bytes]]] | None = None) -> dict[str, Any]:
-        """Stream a checkpoint, the adapter or one format of an export (`fmt`) with its sha256; the coordinator
-        stores nothing unless it matches. `opener`: how to open the bytes (a file of the job's folder, opened
-        without following links), when not simply `path`."""
+        """Stream a checkpoint, the adapter, one format of an export (`fmt`) or a batch's answers with its sha256;
+        the coordinator stores nothing unless it matches. With an object store the bytes go to a presigned URL
+        and the coordinator adopts them (`POST .../uploads`, PUT, then the kind's call with the key). `opener`:
+        how to open the bytes (a file of the job's folder, opened without following links), when not `path`."""
         def opened() -> ContextManager[IO[bytes]]:
             return opener() if opener is not None else path.open("rb")
 
-        digest = hashlib.sha256()
+        digest, size = hashlib.sha256(), 0
         with opened() as f:
             while chunk := f.read(CHUNK):
                 digest.update(chunk)
+                size += len(chunk)
 
         def body() -> Iterator[bytes]:
             with opened() as f:
                 while chunk := f.read(CHUNK):
                     yield chunk
 
+        kind = kind if kind in ("adapter", "export", "batch") else "checkpoint"
+        lease = self._lease(lease_id, token)
+        params = {"step": step} if step is not None else None
         url = f"/v1/workers/leases/{lease_id}/" + {"adapter": "adapter", "export": f"exports/{fmt}",
                                                    "batch": "batch_results"}.get(kind, "checkpoints")
-        response = self.call("PUT", url, content=body, params={"step": step} if step is not None else None,
-                             headers={**self._lease(lease_id, token), SHA256_HEADER: digest.hexdigest(),
-                                      "Content-Type": "application/octet-stream"},
+        headers = {**lease, SHA256_HEADER: digest.hexdigest()}
+        ticket = UploadTicket.model_validate(self.call(
+            "POST", f"/v1/workers/leases/{lease_id}/uploads", headers=lease,
+            json={"kind": kind, "bytes": size, "sha256": digest.hexdigest(), "step": step, "format": fmt}).json())
+        if ticket.url and ticket.key:
+            self._put_direct(ticket, body)
+            response = self.call("PUT", url, params=params, headers={**headers, UPLOAD_KEY_HEADER: ticket.key},
+                                 timeout=max(self.settings.read_timeout_s, 600))
+            return response.json()
+        response = self.call("PUT", url, content=body, params=params,
+                             headers={**headers, "Content-Type": "application/octet-stream"},
                              timeout=max(self.settings.read_timeout_s, 600))
         return response.json()
+
+    def _put_direct(self, ticket: UploadTicket, body: Callable[[], Iterator[bytes]]) -> None:
+        """The bytes to the presigned URL, retried as coordinator calls are; `CoordinatorUnreachable` when the
+        store never took them (the caller tries the whole upload again later, with a fresh URL)."""
+        last = "no attempt"
+        for attempt in range(self.settings.max_attempts):
+            try:
+                response = self._store.put(ticket.url or "", content=body(), headers=ticket.headers,
+                                           timeout=httpx.Timeout(max(self.settings.read_timeout_s, 600),
+                                                                 connect=self.settings.connect_timeout_s))
+                if response.status_code < 300:
+                    return
+                last = f"{response.status_code} {response.text[:200]}"
+                if response.status_code < 500 and response.status_code != 429:
+                    break  # refused (an expired URL, a length that is not the one signed): a new ticket may do
+            except httpx.TransportError as exc:
+                last = f"{exc.__class__.__name__}: {exc}"
+            if attempt + 1 < self.settings.max_attempts:
+                self._sleep(self._backoff(attempt, None))
+        raise CoordinatorUnreachable(f"PUT to the object store: {last}")
 
     def finish(self, lease_id: str, token: int, outcome: str, body: dict[str, Any]) -> LeaseReply:
         """`outcome`: complete, fail or preempted. Idempotent on the coordinator, so retrying is safe."""

@@ -10,7 +10,6 @@ archives it packs, what it downloads) live beside `work/`, where the trainer can
 
 from __future__ import annotations
 
-import io
 import os
 import stat
 import tarfile
@@ -195,7 +194,9 @@ class ProgressReader:
     def __init__(self, root: Path, offset: int = 0, *, max_read: int = 4 * CHUNK, max_line: int = 64 * 1024) -> None:
         self.root, self.offset, self.max_read, self.max_line = root, offset, max_read, max_line
 
-    def read(self) -> list[bytes]:
+    def read(self) -> list[tuple[int, bytes]]:
+        """Each new whole line with the file offset just past it: a line's place in the file, which a restarted
+        reader (and the coordinator, as the event's `seq`) tells apart from every other line by."""
         try:
             with open_regular(self.root, "out", "progress.jsonl", limit=2**62) as (f, _):
                 f.seek(self.offset)
@@ -207,5 +208,10 @@ class ProgressReader:
             if len(data) >= self.max_read:  # no line ends in a whole read: skip it rather than hold it
                 self.offset += len(data)
             return []
+        lines, at = [], self.offset
+        for line in data[:end].split(b"\n")[:-1]:
+            at += len(line) + 1
+            if len(line) <= self.max_line:
+                lines.append((at, line))
         self.offset += end
-        return [line for line in io.BytesIO(data[:end]).read().splitlines() if len(line) <= self.max_line]
+        return lines

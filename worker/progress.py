@@ -23,26 +23,28 @@ class ProgressTail:
     def offset(self) -> int:
         return self._reader.offset
 
-    def read(self) -> list[dict[str, Any]]:
+    def read(self) -> list[tuple[int, dict[str, Any]]]:
+        """Each new line with its place in the file (the offset just past it): the `seq` of its event."""
         lines = []
-        for raw in self._reader.read():
+        for end, raw in self._reader.read():
             try:
                 line = json.loads(raw)
             except (json.JSONDecodeError, UnicodeDecodeError):
                 continue  # a torn line cannot happen with line-buffered appends; skip it if it ever does
             if isinstance(line, dict):
-                lines.append(line)
+                lines.append((end, line))
         return lines
 
 
-def lease_event(line: dict[str, Any]) -> dict[str, Any] | None:
+def lease_event(line: dict[str, Any], seq: int | None = None) -> dict[str, Any] | None:
     """The protocol's `LeaseEvent` for a trainer line; None for lines the coordinator need not see, and for lines
     whose fields are not what the protocol takes (the job's folder is not trusted: one bad line must not
-    block the events around it)."""
+    block the events around it). `seq`, the line's place in the file, lets the coordinator drop an event a
+    restarted agent sends again (it cannot know whether its last call was recorded before it died)."""
     event = _event(line)
     if event is None:
         return None
-    event = {k: v for k, v in event.items() if v is not None}
+    event = {k: v for k, v in {**event, "seq": seq}.items() if v is not None}
     try:
         LeaseEvent.model_validate(event)
     except ValidationError:

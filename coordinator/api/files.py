@@ -2,23 +2,23 @@
 
 from __future__ import annotations
 
-import os
-from collections.abc import Iterator
 from datetime import timedelta
 from typing import Annotated, BinaryIO, Literal
 from urllib.parse import quote
 
 import anyio.to_thread
 from fastapi import APIRouter, File, Form, Query, UploadFile
-from fastapi.responses import StreamingResponse
+from fastapi.responses import Response, StreamingResponse
 
 from coordinator.api.deps import CustomerCaller, SettingsDep, StoreDep, reject_unknown_query
+from coordinator.api.downloads import blob_response, chunks
 from coordinator.api.errors import ERROR_RESPONSES
 from sqlalchemy.orm import Session
 
 from coordinator.db.tables import AccountModel, FileModel
 from coordinator.services import files
-from coordinator.storage import CHUNK, BlobStore
+from coordinator.settings import CoordinatorSettings
+from coordinator.storage import BlobStore
 from shared.errors import InvalidRequest, NotFound
 from shared.schemas.files import FileDeleted, FileList, FileRead
 
@@ -86,30 +86,38 @@ async def retrieve_file(file_id: str, caller: CustomerCaller) -> FileRead:
 
 
 @router.get("/{file_id}/content", response_class=StreamingResponse,
-            responses={200: {"content": {"application/octet-stream": {}}, "description": "The file's bytes"}})
-async def download_file(file_id: str, caller: CustomerCaller, store: StoreDep) -> StreamingResponse:
-    file, handle = await caller.run(_open_content, store=store, file_id=file_id)
-    size = os.fstat(handle.fileno()).st_size
-    return StreamingResponse(
-        _chunks(handle), media_type="application/octet-stream",
-        headers={"Content-Length": str(size), "Content-Disposition": f"attachment; filename*=utf-8''{quote(file.filename)}"},
-    )
+            responses={200: {"content": {"application/octet-stream": {}}, "description": "The file's bytes"},
+                       307: {"description": "With an object store: a presigned URL for the file, valid for a while"}})
+async def download_file(file_id: str, caller: CustomerCaller, store: StoreDep, settings: SettingsDep) -> Response:
+    """The bytes, or (object store, `storage_redirect_downloads`) a 307 to a presigned URL the client follows."""
+    file, handle = await caller.run(_open_content, store=store, file_id=file_id, relay=not _redirects(store, settings))
+    disposition = {"Content-Disposition": f"attachment; filename*=utf-8''{quote(file.filename)}"}
+    if handle is None:
+        return blob_response(store, files.blob_key(file.id), media_type="application/octet-stream", headers={},
+                             expires_s=DOWNLOAD_URL_S, filename=file.filename)
+    return StreamingResponse(chunks(handle), media_type="application/octet-stream",
+                             headers={"Content-Length": str(file.bytes), **disposition})
 
 
-def _open_content(*, session: Session, account: AccountModel, store: BlobStore, file_id: str
-                  ) -> tuple[FileModel, BinaryIO]:
+DOWNLOAD_URL_S = 3600  # a presigned download link stays valid this long
+
+
+def _redirects(store: BlobStore, settings: CoordinatorSettings) -> bool:
+    return store.direct and settings.storage_redirect_downloads
+
+
+def _open_content(*, session: Session, account: AccountModel, store: BlobStore, file_id: str, relay: bool,
+                  ) -> tuple[FileModel, BinaryIO | None]:
     file = files.get(session=session, account=account, file_id=file_id)
+    if not relay:
+        if store.size(files.blob_key(file.id)) is None:
+            raise NotFound(f"No such File object: {file_id}", param="file_id")
+        return file, None
     try:
         # Open before answering: a delete racing this request then still streams the whole file.
         return file, store.open(files.blob_key(file.id))
     except FileNotFoundError:
         raise NotFound(f"No such File object: {file_id}", param="file_id") from None
-
-
-def _chunks(handle: BinaryIO) -> Iterator[bytes]:
-    with handle:
-        while chunk := handle.read(CHUNK):
-            yield chunk
 
 
 @router.delete("/{file_id}", response_model=FileDeleted)

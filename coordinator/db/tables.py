@@ -389,6 +389,7 @@ class LeaseModel(Base):
     last_renewed_at: Mapped[datetime | None]
     suspect_at: Mapped[datetime | None]
     last_step: Mapped[int | None]
+    events_seq: Mapped[int | None] = mapped_column(BigInteger)  # the highest `seq` of the events recorded
     tokens_per_s: Mapped[float | None] = mapped_column(Float)
     ended_at: Mapped[datetime | None]
     end_reason: Mapped[str | None] = mapped_column(Text)

@@ -5,8 +5,10 @@ uploads, a customer's expired files and ended jobs' scratch do not fill the coor
 - checkpoints of jobs that ended `scratch_retention_s` ago lose their content (they are listed still), and so do
   those jobs' copies of their training data: what trainers got and the held-out sample (`held_out.py`);
 - a stored file no row refers to (a crash between storing and recording, a pruned checkpoint whose delete
-  failed), an export's or a batch's uploads whose lease has ended, the adapter an ended job started from, and an
-  upload abandoned half way are deleted once older than `ORPHAN_GRACE`, so an upload in flight is never touched.
+  failed), an export's or a batch's uploads whose lease has ended, the adapter an ended job started from, an
+  upload abandoned half way and a worker's direct upload never adopted (`incoming/`, object store) are deleted
+  once older than `ORPHAN_GRACE`, so an upload in flight is never touched.
+Both stores: the local disk and S3 (where a multipart upload never completed is aborted too).
 Idempotent, and safe beside uploads: a blob is recorded before it is old enough to look orphaned.
 """
 
@@ -102,7 +104,7 @@ def _referenced(session: Session, folder: str, keys: list[str]) -> set[str]:
 
 def _remove_orphans(session: Session, store: BlobStore, collected: Collected) -> None:
     old_enough = time.time() - ORPHAN_GRACE_S
-    for folder in ("files", "checkpoints", "adapters", "exports", "batches", "jobs"):
+    for folder in ("files", "checkpoints", "adapters", "exports", "batches", "jobs", "incoming"):
         candidates = [(key, incoming) for key, modified, incoming in store.stored(folder) if modified < old_enough
                       and (folder != "jobs" or key.endswith("/initial"))]  # jobs/ scratch: `_drop_scratch`
         for start in range(0, len(candidates), BATCH):
@@ -121,4 +123,5 @@ def collect(*, session: Session, store: BlobStore, settings: CoordinatorSettings
     _expire_files(session, store, collected)
     _drop_scratch(session, store, settings, collected)
     _remove_orphans(session, store, collected)
+    collected.orphans += store.abandoned_uploads(older_than_s=ORPHAN_GRACE_S)
     return collected

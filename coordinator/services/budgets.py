@@ -19,6 +19,7 @@ from coordinator.services.job_states import change_status, record_event
 from coordinator.services.lease_states import end_live_leases
 from coordinator.settings import CoordinatorSettings
 from coordinator.storage import BlobStore
+from coordinator.stores import open_store
 from shared.errors import Conflict, InsufficientQuota
 from shared.money import micros_to_usd
 from shared.pricing import cost_for_seconds
@@ -45,7 +46,7 @@ def stop_at_max_cost(session: Session, job: JobModel, settings: CoordinatorSetti
     assert job.max_cost is not None
     end_live_leases(session=session, job=job, reason="the job reached its max_cost")
     why = f"the job reached its max_cost of ${micros_to_usd(job.max_cost)} before its next training finished"
-    if results.deliver_uncompared(session=session, store=BlobStore(settings.resolved_storage_dir), job=job, why=why):
+    if results.deliver_uncompared(session=session, store=open_store(settings), job=job, why=why):
         return
     message = (f"The job reached its max_cost of ${micros_to_usd(job.max_cost)} and was stopped "
                f"(charged ${micros_to_usd(job.billed_micros)}); {_last_checkpoint(session, job)}")
@@ -94,7 +95,7 @@ def _review(session: Session, job: JobModel, now: datetime, lookahead_s: int, se
                                                       f"(${micros_to_usd(job.held_micros)} held for this job)")
     if running >= job.held_micros:
         if job.kind != JobKind.fine_tuning:  # an export or a batch has no pause to resume from: it ends
-            _end_for_balance(session, job, available - take, store=BlobStore(settings.resolved_storage_dir))
+            _end_for_balance(session, job, available - take, store=open_store(settings))
             return "failed"
         pause_for_balance(session, job, available - take)
         return "paused"
@@ -108,7 +109,7 @@ def _rehold(session: Session, job: JobModel, settings: CoordinatorSettings) -> s
         available = ledger.balance(session, Book.customer_available, job.account_id)
         if job.kind != JobKind.fine_tuning:  # an export or a batch has no pause to resume from: it ends
             if job.kind == JobKind.batch:  # with what it was billed for in its output file
-                batch_rows.finalize(session=session, store=BlobStore(settings.resolved_storage_dir), batch=job)
+                batch_rows.finalize(session=session, store=open_store(settings), batch=job)
             change_status(session=session, job=job, to=JobStatus.failed,
                           message=f"Insufficient balance (${micros_to_usd(available)} available) to hold the {job.kind}'s "
                                   f"cost: top up and ask for the {job.kind} again",

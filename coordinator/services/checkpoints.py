@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
-from pathlib import Path
 
 from sqlalchemy import select
 from sqlalchemy.orm import Session
@@ -29,6 +28,7 @@ from coordinator.services.leases import (
 from coordinator.settings import CoordinatorSettings
 from coordinator.storage import BlobStore, StoredBlob, checkpoint_key
 from shared.checkpoint import CheckpointRejected, CheckpointRules, check_file
+from shared.digests import sha256_file
 from shared.errors import NotFound, UploadRejected
 from shared.pricing import CPU
 from shared.protocol import LeaseFail, PreferenceMetrics
@@ -60,7 +60,8 @@ def upload_rules(
 def check_upload(store: BlobStore, blob: StoredBlob, rules: CheckpointRules, step: int) -> str | None:
     """Why the stored upload is refused, or None when it passes (no database work: run it outside a session)."""
     try:
-        check_file(store.path(blob.key), rules, step=step)
+        with store.local(blob.key) as path:
+            check_file(path, rules, step=step)
     except CheckpointRejected as exc:
         return str(exc)
     except Exception as exc:  # noqa: BLE001 - a check that breaks on a stranger's bytes refuses them, never a 500
@@ -190,13 +191,13 @@ def handed(session: Session, settings: CoordinatorSettings, lease: LeaseModel, j
 
 def recheck(store: BlobStore, handed: Handed) -> str | None:
     """The coordinator's own verdict on a checkpoint a worker called bad: why it is bad, or None (it is fine)."""
-    path = store.path(handed.key)
-    if not Path(path).is_file():
-        return "its content is missing from storage"
-    if store.sha256(handed.key) != handed.sha256:
-        return "its stored content no longer matches its sha256"
     try:
-        check_file(path, handed.rules, step=handed.step)
+        with store.local(handed.key) as path:
+            if sha256_file(path) != handed.sha256:
+                return "its stored content no longer matches its sha256"
+            check_file(path, handed.rules, step=handed.step)
+    except FileNotFoundError:
+        return "its content is missing from storage"
     except CheckpointRejected as exc:
         return str(exc)
     except Exception as exc:  # noqa: BLE001 - as in check_upload

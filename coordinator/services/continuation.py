@@ -103,7 +103,7 @@ def initial_key(job_id: str) -> str:
 def keep(*, store: BlobStore, job: JobModel, start: Start) -> dict[str, Any]:
     """The job's own name for the starting adapter's blob; what `job.initial_adapter` records."""
     try:
-        store.link(start.key, initial_key(job.id))
+        store.copy(start.key, initial_key(job.id))
     except FileNotFoundError:  # pruned or collected since it was looked up
         raise InvalidRequest("The adapter to continue from is no longer kept; continue from one the job's "
                              "checkpoint list shows as available.", param="model",

@@ -27,6 +27,7 @@ from coordinator.settings import CoordinatorSettings
 from coordinator.storage import BlobStore, StoredBlob
 from shared import modelfile
 from shared.catalog import get_base_model
+from shared.digests import sha256_file
 from shared.errors import Conflict, InvalidRequest
 from shared.protocol import LeaseComplete
 
@@ -84,13 +85,13 @@ def _check(store: BlobStore, model: str, uploads: dict[str, dict[str, Any]]) -> 
     base = get_base_model(model)
     for fmt, upload in uploads.items():
         try:
-            if store.sha256(upload["key"]) != upload["sha256"]:
-                return f"{fmt}: the stored upload no longer matches its sha256"
-            path = store.path(upload["key"])
-            if fmt == "merged":
-                export_checks.check_merged(path, base)
-            else:
-                export_checks.check_gguf(path, base, fmt)
+            with store.local(upload["key"]) as path:
+                if sha256_file(path) != upload["sha256"]:
+                    return f"{fmt}: the stored upload no longer matches its sha256"
+                if fmt == "merged":
+                    export_checks.check_merged(path, base)
+                else:
+                    export_checks.check_gguf(path, base, fmt)
         except export_checks.ExportRejected as exc:
             return f"{fmt}: {exc}"
         except OSError as exc:
@@ -121,7 +122,7 @@ def _deliver(session: Session, store: BlobStore, export: JobModel, uploads: dict
         upload = uploads[fmt]
         filename = _filename(export, fmt)
         file = add(fmt, filename, upload["bytes"], upload["sha256"], "merged" if fmt == "merged" else "gguf")
-        store.link(upload["key"], files.blob_key(file.id))
+        store.copy(upload["key"], files.blob_key(file.id))
         made.append(files.blob_key(file.id))
         if fmt != "merged" and modelfile.offered(base):
             text = modelfile.render(base, gguf_name=filename,

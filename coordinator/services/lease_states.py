@@ -26,7 +26,7 @@ from coordinator.services import batch_rows, held_out, replicas, results, worker
 from coordinator.services.job_states import change_status, exclude, record_event
 from coordinator.services.metering import meter_lease, rule_for, until_checkpoint_charge
 from coordinator.settings import CoordinatorSettings
-from coordinator.storage import BlobStore
+from coordinator.stores import open_store
 from shared.errors import Conflict
 
 REAP_BATCH = 500  # leases one reaper pass handles; the next pass takes the rest
@@ -145,7 +145,7 @@ def _requeue_or_fail(
         job.attempts += 1
     if job.attempts >= settings.max_attempts:
         why = f"the next training failed on {job.attempts} workers in a row (last: {reason})"
-        store = BlobStore(settings.resolved_storage_dir)
+        store = open_store(settings)
         if results.deliver_uncompared(session=session, store=store, job=job, why=why):
             return
         if job.kind == JobKind.batch:  # what was answered, and billed, is the customer's still

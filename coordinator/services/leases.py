@@ -33,7 +33,9 @@ from coordinator.services.placement import place_for_worker, seq_len_for
 from coordinator.services.workers import free_vram
 from coordinator.settings import CoordinatorSettings
 from coordinator.storage import BlobStore, StoredBlob
+from coordinator.stores import open_store
 from shared.catalog import get_base_model
+from shared.digests import sha256_file
 from shared.errors import Conflict, InvalidRequest, NotFound
 from shared.jobspec import JobSpec, LoraSpec, TrainingHyperparameters
 from shared.money import micros_to_usd
@@ -162,7 +164,7 @@ def build_assignment(*, session: Session, settings: CoordinatorSettings, lease: 
                      "held_out_url": f"{inputs}/held_out" if sample else None,
                      "held_out_sha256": sample.sha256 if sample else None}
     if lease.kind == LeaseKind.batch:
-        done = batch_leases.done_input(session=session, store=BlobStore(settings.resolved_storage_dir), lease=lease,
+        done = batch_leases.done_input(session=session, store=open_store(settings), lease=lease,
                                        job=job)
         verifying.update(batch_done_url=f"{inputs}/batch_done", batch_done_sha256=done.sha256)
     initial = job.initial_adapter
@@ -240,6 +242,10 @@ def record_events(
     now = utcnow()
     renew(lease=f.lease, now=now)
     for event in events:
+        if event.seq is not None:  # delivery is at least once: an event sent again after an agent's restart is dropped
+            if event.seq <= (f.lease.events_seq or 0):
+                continue
+            f.lease.events_seq = event.seq
         if event.type == "started":
             _start_training(f, now)
             record_event(session=session, job=f.job, message=event.message or STARTED.get(f.lease.kind, "Started"),
@@ -402,13 +408,16 @@ def _submitted(*, session: Session, worker: WorkerModel, lease_id: str, fencing_
 def _check(store: BlobStore, submitted: _Submitted, report: LeaseComplete, settings: CoordinatorSettings) -> tuple[int, str | None]:
     """(LoRA parameters, None) for a good adapter; (0, why) for a bad one."""
     try:
-        if store.sha256(submitted.key) != submitted.sha256:
-            raise AdapterRejected("the stored adapter no longer matches its sha256")
-        facts = verify_adapter(
-            store.path(submitted.key), base=get_base_model(submitted.model), lora=submitted.lora,
-            final_loss=report.result.final_train_loss, reported_losses=submitted.losses,
-            max_bytes=min(settings.max_adapter_bytes, adapter_limit(get_base_model(submitted.model), submitted.lora)),
-        )
+        with store.local(submitted.key) as path:
+            if sha256_file(path) != submitted.sha256:
+                raise AdapterRejected("the stored adapter no longer matches its sha256")
+            facts = verify_adapter(
+                path, base=get_base_model(submitted.model), lora=submitted.lora,
+                final_loss=report.result.final_train_loss, reported_losses=submitted.losses,
+                max_bytes=min(settings.max_adapter_bytes, adapter_limit(get_base_model(submitted.model), submitted.lora)),
+            )
+    except FileNotFoundError:
+        return 0, "the uploaded adapter is missing from storage"
     except AdapterRejected as exc:
         return 0, str(exc)
     return facts.parameters, None

@@ -33,7 +33,7 @@ def deliver(*, session: Session, store: BlobStore, job: JobModel, lease: LeaseMo
         status=FileStatus.processed, format="peft-lora", created_at=utcnow(),
     )
     session.add(file)
-    store.link(lease.adapter_key, files.blob_key(file.id))
+    store.copy(lease.adapter_key, files.blob_key(file.id))
     job.result_files = [file.id]
     job.trained_tokens = max(job.trained_tokens or 0, (lease.result or {}).get("trained_tokens") or 0)
     job.fine_tuned_model = continuation.fine_tuned_model_name(job)

@@ -93,6 +93,7 @@ def test_a_requests_log_lines_carry_its_id_a_services_too(client: TestClient, ma
     access = next(line for line in mine if line["logger"] == "tunegrid.access")
     assert access["route"] == "/v1/files" and access["status"] == 200 and access["method"] == "GET"
     assert access["duration_ms"] >= 0 and access["time"].endswith("Z")
+    assert access["bytes_in"] == 0 and access["bytes_out"] == len(answered.content)  # body bytes each way
     outside = logging.getLogger("tunegrid.test")
     outside.info("no request here")
     assert log_lines[-1]["request_id"] == "-"

@@ -14,7 +14,7 @@ import yaml
 from tests.conftest import IN_CI
 
 ROOT = Path(__file__).resolve().parents[2]
-SERVICES = {"postgres", "redis", "migrate", "api", "celery-worker", "celery-beat", "worker", "prometheus"}
+SERVICES = {"postgres", "redis", "seaweedfs", "migrate", "api", "celery-worker", "celery-beat", "worker", "prometheus"}
 
 
 def compose_command() -> list[str] | None:
@@ -63,6 +63,12 @@ def test_the_compose_file_validates_and_holds_the_whole_stack(project: Path) -> 
     assert "TUNEGRID_METRICS_TOKEN" in services["prometheus"]["command"][0]
     assert services["celery-worker"]["environment"]["TUNEGRID_CELERY_METRICS_PORT"] == "9100"
     assert "ports" not in services["celery-worker"]  # its metrics stay on the stack's network
+    for name in ("api", "celery-worker", "celery-beat", "migrate"):  # every coordinator process shares the store
+        assert services[name]["environment"]["TUNEGRID_STORAGE_URL"] == "s3://tunegrid", name
+        assert services[name]["environment"]["TUNEGRID_S3_ENDPOINT_URL"] == "http://seaweedfs:8333"
+    assert services["api"]["depends_on"]["seaweedfs"]["condition"] == "service_healthy"
+    assert "TUNEGRID_S3_SECRET_ACCESS_KEY" in services["seaweedfs"]["command"][0]  # signatures checked
+    assert "seaweedfs-data" in config["volumes"]
     (project / ".env").write_text("")
     missing = subprocess.run([*command, "config", "-q"], cwd=project, capture_output=True, text=True, timeout=60)
     assert missing.returncode != 0 and "POSTGRES_PASSWORD" in missing.stderr  # a missing secret is refused

@@ -20,7 +20,7 @@ from coordinator.db.tables import JobModel, JobStatus, LeaseModel, Role, WorkerS
 from coordinator.hotstate import WAKE_CHANNEL
 from coordinator.services import billing, files, jobs, keys, workers
 from coordinator.settings import CoordinatorSettings
-from coordinator.storage import BlobStore
+from coordinator.storage import DiskStore
 from shared.money import usd_to_micros
 from shared.protocol import WorkerRegister
 from shared.schemas.jobs import JobCreate
@@ -37,7 +37,7 @@ def test_celery_beat_places_a_queued_job_and_wakes_the_worker(postgres_url: str,
     with sessions() as session:
         customer = keys.create_account(session=session, name="alice", role=Role.customer)
         provider = keys.create_account(session=session, name="pat", role=Role.provider)
-        file = files.upload(session=session, store=(store := BlobStore(tmp_path / "storage")), account=customer, filename="t.jsonl",
+        file = files.upload(session=session, store=(store := DiskStore(tmp_path / "storage")), account=customer, filename="t.jsonl",
                             purpose="fine-tune", source=io.BytesIO(jsonl(chat_lines())), max_bytes=10**6,
                             min_examples=10, retention=timedelta(days=1))
         billing.grant(session=session, account=customer, amount=usd_to_micros(10), key="test", memo="test credit")

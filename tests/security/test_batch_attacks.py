@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from coordinator.services.files import MAX_LINE_BYTES
-from coordinator.storage import BlobStore
+from coordinator.storage import BlobStore, DiskStore
 from shared.batches import MAX_REQUESTS, validate_batch_file
 from shared.errors import InvalidFile
 
@@ -24,7 +24,7 @@ def line(custom_id: str = "a", **body: object) -> bytes:
 
 
 def _stored(tmp_path: Path, data: bytes) -> Iterator[bytes]:
-    store = BlobStore(tmp_path)
+    store = DiskStore(tmp_path)
     store.put("files/f", io.BytesIO(data))
     return store.iter_lines("files/f", max_line=MAX_LINE_BYTES)
 

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from coordinator.services.batch_leases import _parse  # noqa: PLC2701 - the coordinator's reading of a part
-from coordinator.storage import BlobStore
+from coordinator.storage import DiskStore
 from shared.jobspec import JobSpec
 from tests.fakes import batch_lines
 from tests.trainer.conftest import progress_lines
@@ -50,7 +50,7 @@ def test_every_remaining_request_is_answered_once_in_parts_the_coordinator_accep
     assert all(a["prompt_tokens"] > 0 and 0 <= a["completion_tokens"] <= 16 for a in got)
     announced = [p for p in progress_lines(job) if p["type"] == "batch_part"]
     assert announced and announced[-1]["answered"] == 10
-    store = BlobStore(tmp_path / "store")
+    store = DiskStore(tmp_path / "store")
     for part in sorted((job / "out" / "batch").glob("part-*.jsonl")):  # each part as the coordinator reads it
         blob = store.put(f"batches/lease-x/{part.stem}", part.open("rb"))
         assert len(_parse(store, blob)) > 0

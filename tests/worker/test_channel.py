@@ -14,7 +14,9 @@ from pathlib import Path
 import httpx
 import pytest
 
-from shared.protocol import FENCING_TOKEN_HEADER, PROTOCOL_HEADER, PROTOCOL_VERSION, SHA256_HEADER
+from shared.protocol import (
+    FENCING_TOKEN_HEADER, PROTOCOL_HEADER, PROTOCOL_VERSION, SHA256_HEADER, UPLOAD_KEY_HEADER,
+)
 from worker.channel import Channel, CoordinatorUnreachable, LeaseLost, Rejected
 from worker.settings import WorkerSettings
 
@@ -123,12 +125,52 @@ def test_a_download_is_checked_against_its_sha256_and_retried_from_the_start(set
 def test_an_upload_carries_its_sha256_and_is_re_sent_whole_on_a_retry(settings: WorkerSettings, tmp_path: Path) -> None:
     archive = tmp_path / "checkpoint.tar.gz"
     archive.write_bytes(b"x" * 300_000)
-    coordinator = Coordinator(error(503, "overloaded"), httpx.Response(200, json={"kind": "checkpoint"}))
+    coordinator = Coordinator(httpx.Response(200, json={}),  # no URL of the store's: the bytes go to the coordinator
+                              error(503, "overloaded"), httpx.Response(200, json={"kind": "checkpoint"}))
     channel(settings, coordinator, []).upload("lease-1", 3, archive, kind="checkpoint", step=7)
-    first, second = coordinator.requests
+    ticket, first, second = coordinator.requests
+    digest = hashlib.sha256(archive.read_bytes()).hexdigest()
+    assert ticket.url.path == "/v1/workers/leases/lease-1/uploads"
+    assert json.loads(coordinator.bodies[0]) == {"kind": "checkpoint", "bytes": 300_000, "sha256": digest, "step": 7,
+                                                 "format": None}
     assert second.url.path == "/v1/workers/leases/lease-1/checkpoints" and second.url.params["step"] == "7"
-    assert second.headers[SHA256_HEADER] == hashlib.sha256(archive.read_bytes()).hexdigest()
-    assert coordinator.bodies == [archive.read_bytes()] * 2
+    assert second.headers[SHA256_HEADER] == digest
+    assert coordinator.bodies[1:] == [archive.read_bytes()] * 2
+
+
+def test_a_direct_upload_goes_to_the_store_without_credentials_then_is_adopted(settings: WorkerSettings,
+                                                                               tmp_path: Path) -> None:
+    archive = tmp_path / "adapter.tar.gz"
+    archive.write_bytes(b"a" * 70_000)
+    ticket = {"url": "http://store.test/bucket/incoming/lease-1/adapter-up-1?X-Amz-Signature=s",
+              "headers": {"Content-Length": "70000", "x-amz-checksum-sha256": "c2lnbmVk"},
+              "key": "incoming/lease-1/adapter-up-1", "expires_at": 2_000_000_000}
+    coordinator = Coordinator(httpx.Response(200, json=ticket), httpx.Response(200, json={"kind": "adapter"}))
+    store = Coordinator(httpx.Response(500), httpx.Response(200))  # the store fails once: the PUT is sent again
+    link = Channel("http://coordinator.test", "tgw_abc_secret", settings, transport=httpx.MockTransport(coordinator),
+                   store_transport=httpx.MockTransport(store), sleep=[].append)
+    link.upload("lease-1", 3, archive, kind="adapter")
+    first, put = store.requests
+    assert put.method == "PUT" and str(put.url) == ticket["url"] and store.bodies == [archive.read_bytes()] * 2
+    assert "authorization" not in put.headers and FENCING_TOKEN_HEADER not in put.headers
+    assert put.headers["x-amz-checksum-sha256"] == "c2lnbmVk" and put.headers["content-length"] == "70000"
+    _, adopt = coordinator.requests
+    assert adopt.url.path == "/v1/workers/leases/lease-1/adapter" and coordinator.bodies[1] == b""
+    assert adopt.headers[UPLOAD_KEY_HEADER] == ticket["key"]
+    assert adopt.headers[SHA256_HEADER] == hashlib.sha256(archive.read_bytes()).hexdigest()
+
+
+def test_a_redirected_download_is_fetched_from_the_store_without_credentials(settings: WorkerSettings,
+                                                                             tmp_path: Path) -> None:
+    data = b'{"messages": []}\n' * 100
+    coordinator = Coordinator(httpx.Response(307, headers={"Location": "http://store.test/b/files/file-1?sig=x"}))
+    store = Coordinator(httpx.Response(200, content=data))
+    link = Channel("http://coordinator.test", "tgw_abc_secret", settings, transport=httpx.MockTransport(coordinator),
+                   store_transport=httpx.MockTransport(store), sleep=[].append)
+    target = link.download("/files/training", "lease-1", 3, tmp_path / "train.jsonl", hashlib.sha256(data).hexdigest())
+    assert target.read_bytes() == data
+    [fetch] = store.requests
+    assert str(fetch.url) == "http://store.test/b/files/file-1?sig=x" and "authorization" not in fetch.headers
 
 
 def test_registration_presents_the_provider_key(settings: WorkerSettings) -> None:

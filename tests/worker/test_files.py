@@ -8,7 +8,8 @@ import json
 import tarfile
 from pathlib import Path
 
-from worker.files import pack_dir, read_json, sha256_file, write_json_atomic
+from shared.digests import sha256_file
+from worker.files import pack_dir, read_json, write_json_atomic
 
 
 def test_json_is_replaced_whole_and_credentials_are_private(tmp_path: Path) -> None:

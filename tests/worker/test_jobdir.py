@@ -99,7 +99,8 @@ def test_progress_is_read_without_links_in_bounded_pieces(work: Path, host_secre
     assert len(reader.read()) == 1  # the over-long line is skipped, the torn last line waits
     with progress.open("ab") as f:
         f.write(b', "loss": 1.5}\n')
-    assert reader.read() == [b'{"type": "step", "step": 2, "loss": 1.5}']
+    line = b'{"type": "step", "step": 2, "loss": 1.5}'
+    assert reader.read() == [(progress.stat().st_size, line)]  # each line with the offset just past it
     progress.unlink()
     progress.symlink_to(host_secret)
     with pytest.raises(UnsafeJobFile):

@@ -177,3 +177,15 @@ def test_a_bad_worker_token_is_told_so_before_anything_else_is_wrong(client: Tes
                                headers={**stranger, "Tunegrid-Protocol": "999"})
     assert response.status_code == 401, response.text
     assert response.json()["error"]["code"] == "invalid_worker_token"
+
+
+def test_on_the_disk_a_ticket_names_no_url_and_no_upload_key_is_adopted(client: TestClient, agent: FakeAgent,  # type: ignore[no-untyped-def]
+                                                                         create_job) -> None:
+    _, a = placed(client, agent, create_job)
+    lease_id, data = a["lease_id"], b"adapter bytes"
+    answer = client.post(f"/v1/workers/leases/{lease_id}/uploads", headers=agent.headers(lease_id),
+                         json={"kind": "adapter", "bytes": len(data), "sha256": sha256(data)})
+    assert answer.status_code == 200 and answer.json()["url"] is None  # the bytes go to the upload call itself
+    staged = client.put(f"/v1/workers/leases/{lease_id}/adapter", headers={
+        **agent.headers(lease_id), "Tunegrid-Sha256": sha256(data), "Tunegrid-Upload-Key": f"incoming/{lease_id}/adapter-up-1"})
+    assert staged.status_code == 400 and staged.json()["error"]["code"] == "invalid_upload_key"

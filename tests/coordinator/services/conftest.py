@@ -14,7 +14,7 @@ from coordinator.db.tables import AccountModel, JobModel, Role
 from coordinator.services import files, jobs
 from coordinator.services.keys import create_account
 from coordinator.settings import CoordinatorSettings
-from coordinator.storage import BlobStore
+from coordinator.storage import BlobStore, DiskStore
 from shared.schemas.jobs import JobCreate
 from tests.conftest import Caller, chat_lines, jsonl
 from tests.fakes import ServiceAgent
@@ -31,7 +31,7 @@ def created(session: Session, store: BlobStore, settings: CoordinatorSettings, a
 
 @pytest.fixture
 def store(settings: CoordinatorSettings) -> BlobStore:
-    return BlobStore(settings.resolved_storage_dir)
+    return DiskStore(settings.resolved_storage_dir)
 
 
 @pytest.fixture

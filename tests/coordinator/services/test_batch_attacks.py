@@ -21,7 +21,7 @@ from coordinator.db.tables import (
 )
 from coordinator.services import batch_rows, budgets, files
 from coordinator.settings import CoordinatorSettings
-from coordinator.storage import BlobStore
+from coordinator.storage import BlobStore, DiskStore
 from shared.errors import InvalidFile, InvalidRequest
 from tests.conftest import jsonl
 from tests.coordinator.api.test_openai_schemas import _valid, validator_for  # noqa: F401 - the fixture
@@ -426,7 +426,7 @@ def test_another_customer_sees_no_batch_and_no_output_and_cannot_cancel(
         from coordinator.db.tables import utcnow
         from coordinator.services import batches
 
-        store = BlobStore(client.app.state.settings.resolved_storage_dir)  # type: ignore[attr-defined]
+        store = DiskStore(client.app.state.settings.resolved_storage_dir)  # type: ignore[attr-defined]
         assert batches.expire(session=session, store=store, now=utcnow() + timedelta(hours=25)) == 1
     expired = client.get(f"/v1/batches/{ids[1]}", headers=customer.headers).json()
     assert expired["status"] == "expired" and expired["errors"]["data"][0]["code"] == "batch_expired"

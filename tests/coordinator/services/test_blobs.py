@@ -17,7 +17,7 @@ from sqlalchemy.orm import Session
 from coordinator.db.tables import FileModel, JobModel, utcnow
 from coordinator.services import blobs
 from coordinator.settings import CoordinatorSettings
-from coordinator.storage import BlobStore
+from coordinator.storage import DiskStore
 from tests.fakes import FakeAgent, adapter_archive
 
 
@@ -66,12 +66,12 @@ def test_after_a_jobs_life_the_storage_folder_returns_to_its_size(
     session.execute(update(FileModel).where(FileModel.id == file_id).values(expires_at=utcnow() - timedelta(seconds=1)))
     session.execute(update(JobModel).where(JobModel.id == job["id"]).values(finished_at=utcnow() - timedelta(days=2)))
     session.commit()
-    collected = blobs.collect(session=session, store=BlobStore(root), settings=settings)
+    collected = blobs.collect(session=session, store=DiskStore(root), settings=settings)
     assert (collected.files, collected.checkpoints, collected.orphans) == (1, 3, 2)
     assert _size(root) == before
     listed = client.get(f"/v1/fine_tuning/jobs/{job['id']}/checkpoints", headers=customer.headers).json()["data"]
     assert len(listed) == 3  # the rows and their metrics stay
-    assert blobs.collect(session=session, store=BlobStore(root), settings=settings).orphans == 0  # idempotent
+    assert blobs.collect(session=session, store=DiskStore(root), settings=settings).orphans == 0  # idempotent
 
 
 def test_what_is_recent_running_or_referenced_is_kept(
@@ -92,7 +92,7 @@ def test_what_is_recent_running_or_referenced_is_kept(
         if path.is_file() and path != in_flight:
             _aged(path, blobs.ORPHAN_GRACE_S + 60)  # old, but referenced
     before = sorted(p.relative_to(root) for p in root.rglob("*") if p.is_file())
-    collected = blobs.collect(session=session, store=BlobStore(root), settings=settings)
+    collected = blobs.collect(session=session, store=DiskStore(root), settings=settings)
     assert (collected.files, collected.checkpoints, collected.orphans) == (0, 0, 0)  # its job still runs on it
     assert sorted(p.relative_to(root) for p in root.rglob("*") if p.is_file()) == before
 
@@ -108,11 +108,11 @@ def test_an_ended_jobs_training_copy_and_held_out_sample_are_deleted_after_the_r
                       json={"model": "tunegrid/tiny-llama", "training_file": file_id}).json()
     folder = root / "jobs" / job["id"]
     assert sorted(p.name for p in folder.iterdir()) == ["held-out.jsonl", "training.jsonl"]
-    assert blobs.collect(session=session, store=BlobStore(root), settings=settings).held_out == 0  # still queued
+    assert blobs.collect(session=session, store=DiskStore(root), settings=settings).held_out == 0  # still queued
     assert client.post(f"/v1/fine_tuning/jobs/{job['id']}/cancel", headers=customer.headers).status_code == 200
-    assert blobs.collect(session=session, store=BlobStore(root), settings=settings).held_out == 0  # within retention
+    assert blobs.collect(session=session, store=DiskStore(root), settings=settings).held_out == 0  # within retention
     session.execute(update(JobModel).where(JobModel.id == job["id"]).values(finished_at=utcnow() - timedelta(days=2)))
     session.commit()
-    assert blobs.collect(session=session, store=BlobStore(root), settings=settings).held_out == 1
+    assert blobs.collect(session=session, store=DiskStore(root), settings=settings).held_out == 1
     assert not any(folder.iterdir())
-    assert blobs.collect(session=session, store=BlobStore(root), settings=settings).held_out == 0  # once
+    assert blobs.collect(session=session, store=DiskStore(root), settings=settings).held_out == 0  # once

@@ -12,7 +12,7 @@ from sqlalchemy.orm import Session
 from coordinator.db.tables import Role
 from coordinator.services import files
 from coordinator.services.keys import create_account
-from coordinator.storage import BlobStore
+from coordinator.storage import DiskStore
 from shared.errors import InvalidFile, InvalidRequest, PayloadTooLarge
 from tests.conftest import chat_lines, jsonl
 
@@ -25,7 +25,7 @@ def test_filenames_are_reduced_to_a_safe_base_name(session: Session, tmp_path: P
                                                    expected: str | None) -> None:
     account = create_account(session=session, name="a", role=Role.customer)
     upload = lambda: files.upload(  # noqa: E731
-        session=session, store=BlobStore(tmp_path), account=account, filename=filename, purpose="fine-tune",
+        session=session, store=DiskStore(tmp_path), account=account, filename=filename, purpose="fine-tune",
         source=io.BytesIO(jsonl(chat_lines())), max_bytes=10**6, min_examples=10, retention=timedelta(days=1),
     )
     if expected is None:
@@ -36,7 +36,7 @@ def test_filenames_are_reduced_to_a_safe_base_name(session: Session, tmp_path: P
 
 
 def test_store_leaves_nothing_behind_when_a_blob_is_too_large(tmp_path: Path) -> None:
-    store = BlobStore(tmp_path)
+    store = DiskStore(tmp_path)
     with pytest.raises(PayloadTooLarge):
         store.put("files/x", io.BytesIO(b"x" * 5000), max_bytes=4096)
     assert [p for p in tmp_path.rglob("*") if p.is_file()] == []
@@ -50,7 +50,7 @@ def test_a_line_longer_than_an_example_can_be_is_refused_before_it_is_held_whole
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     monkeypatch.setattr(files, "MAX_LINE_BYTES", 4096)
-    store = BlobStore(tmp_path)
+    store = DiskStore(tmp_path)
     endless = jsonl(chat_lines()) + b'{"messages": "' + b"a" * 100_000  # no line end, ever
     with pytest.raises(InvalidFile, match="Line 13 is longer than 4096 bytes"):
         files.check_upload(store=store, purpose="fine-tune", source=io.BytesIO(endless), max_bytes=10**6, min_examples=10)

@@ -9,7 +9,7 @@ from types import SimpleNamespace
 import pytest
 
 from coordinator.services import files, held_out
-from coordinator.storage import BlobStore
+from coordinator.storage import DiskStore
 from tests.conftest import chat_lines
 
 
@@ -19,7 +19,7 @@ def test_the_share_kept_back(examples: int, kept: int) -> None:
 
 
 def test_the_split_copies_every_line_once(tmp_path) -> None:  # type: ignore[no-untyped-def]
-    store = BlobStore(tmp_path)
+    store = DiskStore(tmp_path)
     lines = [line.encode() for line in chat_lines(40)]
     raw = b"\xef\xbb\xbf" + b"\n".join(lines[:20]) + b"\n\n" + b"\n".join(lines[20:])  # a BOM, a blank line, no last \n
     store.put(files.blob_key("file-x"), io.BytesIO(raw))

@@ -85,6 +85,23 @@ def test_events_become_the_jobs_metrics_events(service_agent: Agents, new_job: N
     assert metrics[1].data["valid_loss"] == 2.7
 
 
+def test_events_sent_again_after_an_agent_restart_are_recorded_once(service_agent: Agents, new_job: NewJob,
+                                                                      session: Session) -> None:
+    """The agent cannot know whether its last call was recorded before it died: it sends from its last
+    acknowledged place again, and the coordinator drops what it already has by `seq`."""
+    job, agent, lease_id = placed(service_agent, new_job)
+    agent.events(lease_id, {"type": "progress", "step": 1, "train_loss": 2.5, "seq": 40},
+                 {"type": "progress", "step": 2, "train_loss": 2.4, "seq": 80})
+    agent.events(lease_id, {"type": "progress", "step": 2, "train_loss": 2.4, "seq": 80},
+                 {"type": "eval", "step": 2, "eval_loss": 2.6, "seq": 120},
+                 {"type": "progress", "step": 3, "train_loss": 2.3, "seq": 160})
+    f = agent.events(lease_id, {"type": "progress", "step": 1, "train_loss": 2.5, "seq": 40})
+    metrics = session.scalars(select(JobEventModel).where(JobEventModel.job_id == job.id, JobEventModel.type == "metrics")
+                              .order_by(JobEventModel.id)).all()
+    assert [(m.data["step"], "valid_loss" in m.data) for m in metrics] == [(1, False), (2, False), (2, True), (3, False)]
+    assert f.lease.events_seq == 160 and f.lease.last_step == 3
+
+
 def test_a_step_past_what_the_job_can_have_is_refused(service_agent: Agents, new_job: NewJob) -> None:
     _, agent, lease_id = placed(service_agent, new_job)
     with pytest.raises(InvalidRequest) as refused:
