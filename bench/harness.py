@@ -48,8 +48,9 @@ def flush_redis(url: str) -> None:
 
 
 def start_coordinator(backend: str, workdir: Path, workers: int, extra_env: dict[str, str] | None = None,
-                      ) -> tuple[subprocess.Popen[bytes], str, dict[str, str]]:
-    """`tunegrid-coordinator serve --workers N` on a fresh database; returns once /healthz answers."""
+                      log_path: Path | None = None) -> tuple[subprocess.Popen[bytes], str, dict[str, str]]:
+    """`tunegrid-coordinator serve --workers N` on a fresh database (its output to `log_path`, if given); returns
+    once /healthz answers."""
     port = free_port()
     env = {**os.environ, "TUNEGRID_DATA_DIR": str(workdir), "TUNEGRID_PORT": str(port),
            "TUNEGRID_LOG_LEVEL": "warning", "TUNEGRID_RATE_LIMIT_PER_MINUTE": "0",  # load from one key
@@ -59,8 +60,9 @@ def start_coordinator(backend: str, workdir: Path, workers: int, extra_env: dict
         reset_postgres(POSTGRES_URL)
         env["TUNEGRID_DATABASE_URL"] = POSTGRES_URL
         subprocess.run([str(BIN / "tunegrid-coordinator"), "migrate"], env=env, check=True, capture_output=True)
+    output = log_path.open("wb") if log_path else subprocess.DEVNULL
     process = subprocess.Popen([str(BIN / "tunegrid-coordinator"), "serve", "--workers", str(workers)], env=env,
-                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                               stdout=output, stderr=subprocess.STDOUT if log_path else subprocess.DEVNULL)
     url = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + 30
     while time.monotonic() < deadline:

@@ -24,8 +24,10 @@ import boto3
 from botocore.config import Config
 from botocore.exceptions import BotoCoreError, ClientError
 
-from coordinator.storage import CHUNK, BlobStore, PresignedPut, StoredBlob, check_key, receive, too_large
-from shared.errors import InsufficientStorage, PayloadTooLarge
+from coordinator.storage import (
+    CHUNK, BlobStore, PresignedPut, StoredBlob, check_key, receive, sha256_mismatch, too_large,
+)
+from shared.errors import InsufficientStorage, InvalidRequest, PayloadTooLarge
 
 PART_BYTES = 8 * 1024 * 1024  # S3 takes parts of 5 MiB and up (the last one aside)
 DIRECT_PUT_MAX = 5 * 1024**3  # the most one PUT can carry; larger uploads stream through the API (multipart)
@@ -172,8 +174,11 @@ class S3Store(BlobStore):
         return StoredBlob(key=key, bytes=size, sha256=digest)
 
     def copy(self, source: str, target: str) -> None:
-        """A server-side copy (managed: multipart copy for objects past S3's 5 GB single-copy limit)."""
-        self.client.copy({"Bucket": self.bucket, "Key": self.name(source)}, self.bucket, self.name(target))
+        """A server-side copy (managed: multipart copy for objects past S3's 5 GB single-copy limit), with headers of
+        ours only: a worker's PUT can carry unsigned ones (`Content-Encoding: gzip` would make every client that
+        fetches the blob "decode" bytes that were never encoded), and those must not survive its adoption."""
+        self.client.copy({"Bucket": self.bucket, "Key": self.name(source)}, self.bucket, self.name(target),
+                         ExtraArgs={"MetadataDirective": "REPLACE", "ContentType": "application/octet-stream"})
 
     # --- reading --------------------------------------------------------------------------------
 
@@ -242,7 +247,9 @@ class S3Store(BlobStore):
     # --- direct transfers -----------------------------------------------------------------------
 
     def presigned_get(self, key: str, *, expires_s: int, filename: str | None = None) -> str | None:
-        params: dict[str, Any] = {"Bucket": self.bucket, "Key": self.name(key)}
+        """Served as plain bytes whatever headers the object carries (`identity`: nothing to decode)."""
+        params: dict[str, Any] = {"Bucket": self.bucket, "Key": self.name(key), "ResponseContentEncoding": "identity",
+                                  "ResponseContentType": "application/octet-stream"}
         if filename is not None:
             params["ResponseContentDisposition"] = _attachment(filename)
         return str(self.presigner.generate_presigned_url("get_object", Params=params, ExpiresIn=expires_s))
@@ -262,23 +269,41 @@ class S3Store(BlobStore):
 
     def adopt(self, staged: str, key: str, *, max_bytes: int, expected_sha256: str) -> StoredBlob:
         """A direct upload the store itself checked against the declared sha256 (the presigned PUT carried it) is
-        adopted from its headers alone, a server-side copy, no byte read here; anything else is read and hashed."""
+        adopted from its headers alone, a server-side copy, no byte read here. One whose checksum the store holds
+        and that differs is refused unread; only a store that keeps no checksum has the bytes read and hashed.
+        Adopting the same upload twice at once: the loser finds it gone (`upload_missing`), never a 500."""
         try:
-            head = self.client.head_object(Bucket=self.bucket, Key=self.name(staged), ChecksumMode="ENABLED")
-        except ClientError as exc:
-            if not _missing(exc):
+            try:
+                head = self.client.head_object(Bucket=self.bucket, Key=self.name(staged), ChecksumMode="ENABLED")
+            except ClientError as exc:
+                if _missing(exc):
+                    raise _gone() from None
                 raise
-            head = None
-        if head is None or head.get("ChecksumSHA256") != _checksum(expected_sha256):
-            return super().adopt(staged, key, max_bytes=max_bytes, expected_sha256=expected_sha256)
-        try:
+            held = head.get("ChecksumSHA256")
+            if held is None:
+                return super().adopt(staged, key, max_bytes=max_bytes, expected_sha256=expected_sha256)
             size = int(head["ContentLength"])
+            if held != _checksum(expected_sha256):
+                raise sha256_mismatch(base64.b64decode(held).hex(), expected_sha256)
             if size > max_bytes:
                 raise too_large(max_bytes)
-            self.copy(staged, key)
+            try:
+                self.copy(staged, key)
+            except ClientError as exc:
+                if _missing(exc):
+                    raise _gone() from None
+                raise
+        except (ClientError, BotoCoreError) as exc:
+            raise _unavailable(exc) from None
         finally:
-            self.delete(staged)
+            with suppress(ClientError, BotoCoreError):
+                self.delete(staged)
         return StoredBlob(key=key, bytes=size, sha256=expected_sha256)
+
+
+def _gone() -> InvalidRequest:
+    return InvalidRequest("Nothing was uploaded to that URL (or it was already used).", param="Tunegrid-Upload-Key",
+                          code="upload_missing")
 
 
 def _checksum(sha256: str) -> str:

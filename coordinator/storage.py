@@ -38,7 +38,7 @@ CHUNK = 1024 * 1024
 
 def check_key(key: str) -> str:
     """`key` when it names a blob inside the store; ValueError for anything that could leave it."""
-    if not _KEY.match(key) or ".." in key.split("/"):
+    if not _KEY.fullmatch(key) or ".." in key.split("/"):
         raise ValueError(f"invalid blob key {key!r}")
     return key
 

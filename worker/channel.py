@@ -176,10 +176,11 @@ class Channel:
         raise httpx.TransportError(f"{response.status_code} {message}")
 
     @staticmethod
-    def _save(response: httpx.Response, tmp: Path) -> None:
+    def _save(response: httpx.Response, tmp: Path, *, raw: bool = False) -> None:
+        """`raw`: the bytes as they came, whatever Content-Encoding claims (the store serves blobs, never encodings)."""
         tmp.parent.mkdir(parents=True, exist_ok=True)
         with tmp.open("wb") as f:
-            for chunk in response.iter_bytes(CHUNK):
+            for chunk in (response.iter_raw(CHUNK) if raw else response.iter_bytes(CHUNK)):
                 f.write(chunk)
 
     def _fetch(self, location: str, tmp: Path) -> None:
@@ -187,7 +188,7 @@ class Channel:
         with self._store.stream("GET", location) as response:
             if response.status_code >= 400:
                 raise httpx.TransportError(f"the object store answered {response.status_code}")
-            self._save(response, tmp)
+            self._save(response, tmp, raw=True)
 
     def upload(self, lease_id: str, token: int, path: Path, *, kind: str, step: int | None = None,
                fmt: str | None = None, opener: Callable[[], ContextManager[IO[bytes]]] | None = None) -> dict[str, Any]:

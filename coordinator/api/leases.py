@@ -113,7 +113,7 @@ async def _receive(request: Request, store: BlobStore, key: str, *, lease_id: st
     its presigned URL, checked for size and sha256 and moved under `key` without passing through here."""
     if staged is None:
         return await store.put_stream(key, request.stream(), max_bytes=limit, expected_sha256=expected)
-    if not store.direct or not staged.startswith(f"{staging_prefix(lease_id)}{kind}-") or not _STAGED.match(staged):
+    if not store.direct or not staged.startswith(f"{staging_prefix(lease_id)}{kind}-") or not _STAGED.fullmatch(staged):
         raise InvalidRequest(f"{UPLOAD_KEY_HEADER} names no upload of this lease's {kind}.", param=UPLOAD_KEY_HEADER,
                              code="invalid_upload_key")
     return await anyio.to_thread.run_sync(

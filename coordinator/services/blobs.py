@@ -28,6 +28,9 @@ from coordinator.settings import CoordinatorSettings
 from coordinator.storage import BlobStore, checkpoint_key
 
 ORPHAN_GRACE_S = 3600.0  # older than any upload could take to be recorded
+# A multipart upload is aged from its start, not its last part: a relayed upload past what one PUT takes
+# (5 GiB) over a slow uplink can run for hours, so only a day-old one counts as abandoned.
+ABANDONED_UPLOAD_GRACE_S = 86_400.0
 BATCH = 1000
 ENDED = (JobStatus.succeeded, JobStatus.failed, JobStatus.cancelled)
 
@@ -123,5 +126,5 @@ def collect(*, session: Session, store: BlobStore, settings: CoordinatorSettings
     _expire_files(session, store, collected)
     _drop_scratch(session, store, settings, collected)
     _remove_orphans(session, store, collected)
-    collected.orphans += store.abandoned_uploads(older_than_s=ORPHAN_GRACE_S)
+    collected.orphans += store.abandoned_uploads(older_than_s=ABANDONED_UPLOAD_GRACE_S)
     return collected

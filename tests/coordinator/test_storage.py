@@ -20,7 +20,7 @@ import pytest
 from coordinator import s3store
 from coordinator.s3store import S3Store
 from coordinator.settings import CoordinatorSettings
-from coordinator.storage import BlobStore, DiskStore
+from coordinator.storage import BlobStore, DiskStore, check_key
 from coordinator.stores import open_store
 from shared.errors import InvalidFile, InvalidRequest, PayloadTooLarge
 
@@ -202,3 +202,79 @@ def test_an_upload_the_store_did_not_check_is_read_and_refused_when_it_differs(s
 def test_past_what_one_put_can_carry_there_is_no_url(s3: S3Store) -> None:
     assert s3.presigned_put("incoming/l/export-up-1", expires_s=60, length=s3store.DIRECT_PUT_MAX + 1,
                             sha256="0" * 64) is None
+
+
+def test_headers_a_worker_slips_onto_its_put_do_not_survive_the_adoption(s3: S3Store) -> None:
+    """The presigned PUT signs length, host and checksum; the store keeps unsigned headers such as Content-Encoding.
+    Served as `gzip`, every client would "decode" a blob that was never encoded: another worker's resume, a
+    verifier's adapter, a customer's download. Adopted blobs carry our headers only, and URLs serve plain bytes."""
+    data = b"\x1f\x8b not really gzip, a checkpoint's bytes" * 100
+    digest = hashlib.sha256(data).hexdigest()
+    ticket = s3.presigned_put("incoming/lease-1/checkpoint-up-9", expires_s=60, length=len(data), sha256=digest)
+    assert ticket is not None
+    poisoned = {**ticket.headers, "Content-Encoding": "gzip", "Content-Type": "text/html",
+                "Content-Disposition": "inline", "Cache-Control": "public, max-age=99999"}
+    assert httpx.put(ticket.url, content=data, headers=poisoned, timeout=10).status_code == 200
+    s3.adopt("incoming/lease-1/checkpoint-up-9", "checkpoints/ftckpt-9", max_bytes=len(data), expected_sha256=digest)
+    head = s3.client.head_object(Bucket=s3.bucket, Key=s3.name("checkpoints/ftckpt-9"))
+    assert head.get("ContentEncoding") in (None, "") and head["ContentType"] == "application/octet-stream"
+    assert not head.get("ContentDisposition") and not head.get("CacheControl")
+    s3.client.put_object(Bucket=s3.bucket, Key=s3.name("files/encoded"), Body=data, ContentEncoding="gzip")
+    for key in ("checkpoints/ftckpt-9", "files/encoded"):  # an object that still claims an encoding: served plain
+        fetched = httpx.get(s3.presigned_get(key, expires_s=60) or "", timeout=10)
+        assert fetched.headers.get("content-encoding") in (None, "identity")
+        assert hashlib.sha256(fetched.content).hexdigest() == digest
+
+
+def test_one_upload_adopted_twice_at_once_is_never_a_500(s3: S3Store) -> None:
+    from concurrent.futures import ThreadPoolExecutor  # noqa: PLC0415
+
+    data = b"adapter" * 3000
+    digest = hashlib.sha256(data).hexdigest()
+    for round_ in range(3):
+        staged = f"incoming/lease-1/adapter-up-r{round_}"
+        ticket = s3.presigned_put(staged, expires_s=60, length=len(data), sha256=digest)
+        assert ticket is not None and httpx.put(ticket.url, content=data, headers=ticket.headers).status_code == 200
+
+        def adopt(i: int, staged: str = staged) -> str:
+            try:
+                s3.adopt(staged, f"adapters/lease-1/upload-{round_}-{i}", max_bytes=len(data), expected_sha256=digest)
+                return "adopted"
+            except InvalidRequest as exc:
+                return str(exc.code)
+
+        with ThreadPoolExecutor(4) as pool:
+            outcomes = list(pool.map(adopt, range(4)))
+        assert "adopted" in outcomes and set(outcomes) <= {"adopted", "upload_missing"}, outcomes
+
+
+def test_a_checksum_that_differs_is_refused_without_reading_the_upload(s3: S3Store, monkeypatch: pytest.MonkeyPatch) -> None:
+    data = b"x" * 4096
+    ticket = s3.presigned_put("incoming/lease-1/export-up-1", expires_s=60, length=len(data),
+                              sha256=hashlib.sha256(data).hexdigest())
+    assert ticket is not None and httpx.put(ticket.url, content=data, headers=ticket.headers).status_code == 200
+    monkeypatch.setattr(S3Store, "open", lambda *_: pytest.fail("read up to 5 GiB just to refuse it"))
+    with pytest.raises(InvalidRequest) as refused:
+        s3.adopt("incoming/lease-1/export-up-1", "exports/lease-1/up-1", max_bytes=10**6,
+                 expected_sha256=hashlib.sha256(b"other").hexdigest())
+    assert refused.value.code == "sha256_mismatch" and s3.size("incoming/lease-1/export-up-1") is None
+
+
+def test_a_key_with_a_line_end_is_not_a_key() -> None:
+    with pytest.raises(ValueError, match="invalid blob key"):
+        check_key("incoming/lease-1/adapter-ok\n")
+
+
+def test_a_relayed_upload_still_being_sent_is_not_abandoned_after_an_hour(s3: S3Store,
+                                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    """An upload past what one PUT takes streams through the API for as long as the provider's uplink needs."""
+    from coordinator.services import blobs  # noqa: PLC0415
+
+    started = s3.client.create_multipart_upload(Bucket=s3.bucket, Key=s3.name("exports/lease-1/up-big"))
+    now = time.time()
+    monkeypatch.setattr(s3store.time, "time", lambda: now + 2 * 3600)
+    assert s3.abandoned_uploads(older_than_s=blobs.ABANDONED_UPLOAD_GRACE_S) == 0
+    monkeypatch.setattr(s3store.time, "time", lambda: now + 25 * 3600)
+    assert s3.abandoned_uploads(older_than_s=blobs.ABANDONED_UPLOAD_GRACE_S) == 1
+    uploads = s3.client.list_multipart_uploads(Bucket=s3.bucket, Prefix=s3.prefix).get("Uploads", [])
+    assert started["UploadId"] not in [u["UploadId"] for u in uploads]

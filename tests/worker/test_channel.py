@@ -164,13 +164,20 @@ def test_a_redirected_download_is_fetched_from_the_store_without_credentials(set
                                                                              tmp_path: Path) -> None:
     data = b'{"messages": []}\n' * 100
     coordinator = Coordinator(httpx.Response(307, headers={"Location": "http://store.test/b/files/file-1?sig=x"}))
-    store = Coordinator(httpx.Response(200, content=data))
+    store = Coordinator(httpx.Response(200, stream=httpx.ByteStream(data)))  # as a network answer: unread
     link = Channel("http://coordinator.test", "tgw_abc_secret", settings, transport=httpx.MockTransport(coordinator),
                    store_transport=httpx.MockTransport(store), sleep=[].append)
     target = link.download("/files/training", "lease-1", 3, tmp_path / "train.jsonl", hashlib.sha256(data).hexdigest())
     assert target.read_bytes() == data
     [fetch] = store.requests
     assert str(fetch.url) == "http://store.test/b/files/file-1?sig=x" and "authorization" not in fetch.headers
+    # A blob whose object claims an encoding (a hostile uploader's header) is saved as it came, never "decoded".
+    claims_gzip = Coordinator(httpx.Response(200, stream=httpx.ByteStream(data), headers={"Content-Encoding": "gzip"}))
+    coordinator = Coordinator(httpx.Response(307, headers={"Location": "http://store.test/b/files/file-1?sig=x"}))
+    link = Channel("http://coordinator.test", "tgw_abc_secret", settings, transport=httpx.MockTransport(coordinator),
+                   store_transport=httpx.MockTransport(claims_gzip), sleep=[].append)
+    again = link.download("/files/training", "lease-1", 3, tmp_path / "again.jsonl", hashlib.sha256(data).hexdigest())
+    assert again.read_bytes() == data
 
 
 def test_registration_presents_the_provider_key(settings: WorkerSettings) -> None:
