@@ -1,5 +1,6 @@
 """Soak: 200 simulated workers and 1,000 small jobs through the real API for 10 minutes, on PostgreSQL and Redis
-with two uvicorn processes (each running the periodic tasks: reaping, placement sweeps, budgets), once per blob
+with two uvicorn processes and, as in production, a Celery worker with beat for the periodic tasks (reaping,
+placement sweeps, budgets; `--periodic api` runs them in the API processes instead), once per blob
 store in the same run: the local disk, then the S3 object store (SeaweedFS at $TUNEGRID_TEST_S3_ENDPOINT, default
 http://127.0.0.1:8333, as `.ci/run` starts it), and the two side by side at the end.
 
@@ -13,7 +14,7 @@ every job must have succeeded or failed with a reason, and the ledger must sum t
 is also read from the coordinator's own access lines, so the load generator's share of it shows. Never passes or
 fails.
 
-    python bench/soak.py [--minutes 10] [--workers 200] [--jobs 1000] [--storage disk,s3]
+    python bench/soak.py [--minutes 10] [--workers 200] [--jobs 1000] [--storage disk,s3] [--periodic celery]
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ import asyncio
 import json
 import os
 import random
+import shutil
 import statistics
 import subprocess
 import sys
@@ -290,10 +292,10 @@ async def soak(url: str, env: dict[str, str], pid: int, args: argparse.Namespace
 def storage_env(storage: str, run: str) -> dict[str, str]:
     if storage == "disk":
         return {}
-    import boto3  # noqa: PLC0415
+    from coordinator.s3store import S3Store  # noqa: PLC0415
 
-    boto3.client("s3", endpoint_url=S3_ENDPOINT, region_name="us-east-1", aws_access_key_id=S3_KEYS[0],
-                 aws_secret_access_key=S3_KEYS[1]).create_bucket(Bucket="tunegrid-soak")
+    S3Store.from_url("s3://tunegrid-soak", endpoint_url=S3_ENDPOINT, access_key_id=S3_KEYS[0],
+                     secret_access_key=S3_KEYS[1]).create_bucket()
     return {"TUNEGRID_STORAGE_URL": f"s3://tunegrid-soak/{run}", "TUNEGRID_S3_ENDPOINT_URL": S3_ENDPOINT,
             "TUNEGRID_S3_ACCESS_KEY_ID": S3_KEYS[0], "TUNEGRID_S3_SECRET_ACCESS_KEY": S3_KEYS[1]}
 
@@ -304,23 +306,40 @@ def main() -> None:
     parser.add_argument("--workers", type=int, default=200)
     parser.add_argument("--jobs", type=int, default=1000)
     parser.add_argument("--storage", default="disk,s3", help="blob stores to soak in turn: disk, s3 or both")
+    parser.add_argument("--logs", type=Path, help="keep each run's coordinator log (JSON lines) in this folder")
+    parser.add_argument("--periodic", choices=("celery", "api"), default="celery",
+                        help="where the periodic tasks run: a Celery worker with beat (production) or the API processes")
     args = parser.parse_args()
     results: dict[str, dict[str, float]] = {}
     for storage in args.storage.split(","):
         flush_redis(REDIS_URL)
         with tempfile.TemporaryDirectory() as workdir:
             log = Path(workdir) / "coordinator.log"
+            in_api = args.periodic == "api"
             process, url, env = start_coordinator("postgresql", Path(workdir), workers=2, log_path=log, extra_env={
-                "TUNEGRID_REDIS_URL": REDIS_URL, "TUNEGRID_PERIODIC_TASKS": "true", "TUNEGRID_SWEEP_INTERVAL_S": "2",
+                "TUNEGRID_REDIS_URL": REDIS_URL, "TUNEGRID_PERIODIC_TASKS": "true" if in_api else "false",
+                "TUNEGRID_SWEEP_INTERVAL_S": "2",
                 "TUNEGRID_LOG_LEVEL": "info", "TUNEGRID_LOG_FORMAT": "json",  # its access lines time each call
                 **storage_env(storage, f"run-{int(time.time())}")})
+            # As in production (compose): reaping, placement sweeps and budgets in a Celery worker with beat, not
+            # in the API processes, whose event loops then share their GIL with nothing but requests' services.
+            celery = None if in_api else subprocess.Popen(
+                [str(BIN / "celery"), "-A", "coordinator.tasks", "worker", "--beat", "--pool", "solo", "--loglevel",
+                 "warning", "--schedule", str(Path(workdir) / "beat-schedule")], env=env,
+                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
             print(f"soak ({storage}): {args.workers} simulated workers (protocol-level fakes, no training), {args.jobs} "
-                  f"jobs, {args.minutes:g} min, PostgreSQL + Redis, 2 uvicorn processes", flush=True)
+                  f"jobs, {args.minutes:g} min, PostgreSQL + Redis, 2 uvicorn processes, periodic tasks in "
+                  f"{'the API processes' if in_api else 'a Celery worker with beat'}", flush=True)
             try:
                 results[storage] = asyncio.run(soak(url, env, process.pid, args, log))
             finally:
-                process.terminate()
-                process.wait(timeout=20)
+                for running in (process, celery):
+                    if running is not None:
+                        running.terminate()
+                        running.wait(timeout=20)
+                if args.logs:
+                    args.logs.mkdir(parents=True, exist_ok=True)
+                    shutil.copy(log, args.logs / f"coordinator-{storage}.log")
     if len(results) > 1:
         names = list(results)
         print("\nside by side: " + " | ".join(names))

@@ -55,7 +55,7 @@ def test_two_hosts_share_only_the_database_redis_and_the_object_store(
               "TUNEGRID_S3_ACCESS_KEY_ID": s3_config["s3_access_key_id"],
               "TUNEGRID_S3_SECRET_ACCESS_KEY": s3_config["s3_secret_access_key"],
               "TUNEGRID_LOG_FORMAT": "json", "TUNEGRID_LOG_LEVEL": "info", "TUNEGRID_SWEEP_INTERVAL_S": "1",
-              "TUNEGRID_CHECKPOINT_EVERY_STEPS": "4"}
+              "TUNEGRID_CHECKPOINT_EVERY_STEPS": "3"}
     # The first host runs the periodic work (validation, sweeps); with Celery beat that would be a third process.
     first, second = _host(common, tmp_path / "host-a", periodic=True), _host(common, tmp_path / "host-b", periodic=False)
     first.cli("migrate")
@@ -67,9 +67,9 @@ def test_two_hosts_share_only_the_database_redis_and_the_object_store(
     try:
         customer = first.new_key("customer", "alice")
         openai = OpenAI(base_url=f"{first.url}/v1", api_key=customer, max_retries=0, timeout=60)
-        uploaded = openai.files.create(file=("train.jsonl", io.BytesIO(jsonl(chat_lines(40)))), purpose="fine-tune")
+        uploaded = openai.files.create(file=("train.jsonl", io.BytesIO(jsonl(chat_lines(20)))), purpose="fine-tune")
         job = openai.fine_tuning.jobs.create(model="tunegrid/tiny-llama", training_file=uploaded.id,
-                                             hyperparameters={"n_epochs": 4, "batch_size": 1})
+                                             hyperparameters={"n_epochs": 2, "batch_size": 1})
 
         settings = worker_settings(tmp_path, tiny_model)
         agent = registered_agent(second, settings, monkeypatch, provider_key=second.new_key("provider", "pat"))
@@ -83,7 +83,7 @@ def test_two_hosts_share_only_the_database_redis_and_the_object_store(
         content = openai.files.content(result_id).read()
         assert len(content) == result.bytes and hashlib.sha256(content).hexdigest() == result.sha256  # type: ignore[attr-defined]
         checkpoints = openai.fine_tuning.jobs.checkpoints.list(job.id).data
-        assert checkpoints, "the job checkpointed (every 4 steps)"
+        assert checkpoints, "the job checkpointed (every 3 steps)"
 
         # What the store holds, and what went through the second host: no blob's bytes, either way.
         blobs = {**_stored(store, "checkpoints"), **_stored(store, "adapters"), **_stored(store, "files")}
