@@ -116,3 +116,50 @@ def test_an_ended_jobs_training_copy_and_held_out_sample_are_deleted_after_the_r
     assert blobs.collect(session=session, store=DiskStore(root), settings=settings).held_out == 1
     assert not any(folder.iterdir())
     assert blobs.collect(session=session, store=DiskStore(root), settings=settings).held_out == 0  # once
+
+
+@pytest.mark.parametrize("backend", ["postgresql"], indirect=True)
+def test_the_object_store_returns_to_its_size_too(s3_settings: CoordinatorSettings, session: Session, make_caller,  # type: ignore[no-untyped-def]
+                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    """The same life on S3 (SeaweedFS), with what is left there: a blob no row knows, a direct upload never adopted,
+    a multipart upload never completed. S3 keeps its own times, so the collector's clock is moved on instead."""
+    import io  # noqa: PLC0415
+
+    from coordinator.app import create_app  # noqa: PLC0415
+    from coordinator.stores import open_store  # noqa: PLC0415
+    from tests.conftest import chat_lines, jsonl  # noqa: PLC0415
+
+    store = open_store(s3_settings)
+    customer, provider = make_caller("customer", "alice"), make_caller("provider", "pat")
+    app = create_app(s3_settings)
+    with TestClient(app) as client:
+        file_id = client.post("/v1/files", headers=customer.headers, data={"purpose": "fine-tune"},
+                              files={"file": ("t.jsonl", jsonl(chat_lines()), "application/jsonl")}).json()["id"]
+        job = client.post("/v1/fine_tuning/jobs", headers=customer.headers,
+                          json={"model": "tunegrid/tiny-llama", "training_file": file_id}).json()
+        agent = FakeAgent.register(client, provider.key)
+        a = agent.claim(wait_s=2)
+        assert a is not None
+        for step in (1, 2):
+            assert agent.save_checkpoint(a["lease_id"], step).status_code == 200
+        adapter = adapter_archive()
+        assert agent.upload(a["lease_id"], "adapter", adapter).status_code == 200
+        assert agent.complete(a["lease_id"], adapter).json()["job_status"] == "succeeded"
+        result_file = client.get(f"/v1/fine_tuning/jobs/{job['id']}", headers=customer.headers).json()["result_files"][0]
+        assert client.delete(f"/v1/files/{result_file}", headers=customer.headers).status_code == 200
+    app.state.engine.dispose()
+    store.put("checkpoints/ftckpt-orphan", io.BytesIO(b"x" * 5000))
+    store.put(f"incoming/{a['lease_id']}/checkpoint-up-never", io.BytesIO(b"y" * 5000))
+    store.client.create_multipart_upload(Bucket=store.bucket, Key=store.name("exports/l/up-cut"))  # type: ignore[attr-defined]
+    session.execute(update(FileModel).where(FileModel.id == file_id).values(expires_at=utcnow() - timedelta(seconds=1)))
+    session.execute(update(JobModel).where(JobModel.id == job["id"]).values(finished_at=utcnow() - timedelta(days=2)))
+    session.commit()
+    later = time.time() + blobs.ABANDONED_UPLOAD_GRACE_S + 60
+    monkeypatch.setattr(blobs.time, "time", lambda: later)
+    monkeypatch.setattr("coordinator.s3store.time.time", lambda: later)
+    collected = blobs.collect(session=session, store=store, settings=s3_settings)
+    assert (collected.files, collected.checkpoints) == (1, 2) and collected.orphans >= 3
+    left = [key for folder in ("files", "checkpoints", "adapters", "incoming", "exports", "jobs")
+            for key, _, _ in store.stored(folder)]
+    assert left == [], left
+    assert store.client.list_multipart_uploads(Bucket=store.bucket, Prefix=store.prefix).get("Uploads", []) == []  # type: ignore[attr-defined]
