@@ -11,6 +11,7 @@ and wake-ups (long-polls end at their timeout and claim again).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 from abc import ABC, abstractmethod
 from collections import deque
@@ -26,6 +27,7 @@ REDIS_TIMEOUT_S = 2.0
 HEARTBEAT_KEEP_S = 3600
 RECHECK_PREFIX = "tg:recheck:"
 HISTORY_PREFIX = "tg:hbh:"
+TOKEN_PREFIX = "tg:wtok:"  # a worker token's prefix -> "<worker id> <sha256 of its secret>", for a minute
 HISTORY_LENGTH = 30  # recent heartbeats kept per worker, for the dashboard's sparklines
 
 
@@ -58,6 +60,19 @@ class HotState(ABC):
     @abstractmethod
     async def heartbeat(self, worker_id: str, snapshot: bytes) -> bool:
         """Keep the latest heartbeat; True when the worker must re-read its lease (a recheck was asked)."""
+
+    # Worker tokens the database confirmed lately, shared by every API process (api/deps.py): a worker's first
+    # call to a process that has not seen its token needs no database connection. Keyed by the token's public
+    # prefix, so a revocation (which knows the prefix, never the token) removes it. One process alone: nothing.
+    async def token_owner(self, prefix: str) -> tuple[str, str] | None:
+        """(worker id, sha256 of the token's secret) confirmed within the last `ttl_s` given, or None."""
+        return None
+
+    async def remember_token(self, prefix: str, secret_sha256: str, worker_id: str, ttl_s: float) -> None:  # noqa: B027
+        pass
+
+    async def forget_token(self, prefix: str) -> None:  # noqa: B027
+        pass
 
     @abstractmethod
     async def recheck(self, worker_ids: Iterable[str]) -> None:
@@ -210,6 +225,26 @@ class RedisHotState(HotState):
         except Exception:  # noqa: BLE001 - hot state is a cache
             return {}
         return {w: v for w, v in zip(worker_ids, values, strict=True) if v is not None}
+
+    async def token_owner(self, prefix: str) -> tuple[str, str] | None:
+        try:
+            value = await self._redis.get(f"{TOKEN_PREFIX}{prefix}")
+        except Exception:  # noqa: BLE001 - hot state is a cache: the database decides
+            return None
+        if not value:
+            return None
+        worker_id, _, digest = value.decode().partition(" ")
+        return (worker_id, digest) if worker_id and digest else None
+
+    async def remember_token(self, prefix: str, secret_sha256: str, worker_id: str, ttl_s: float) -> None:
+        with contextlib.suppress(Exception):  # a cache: without it the next process asks the database
+            await self._redis.set(f"{TOKEN_PREFIX}{prefix}", f"{worker_id} {secret_sha256}", px=int(ttl_s * 1000))
+
+    async def forget_token(self, prefix: str) -> None:
+        try:
+            await self._redis.delete(f"{TOKEN_PREFIX}{prefix}")
+        except Exception:  # noqa: BLE001 - the entry lapses on its own within its ttl
+            log.warning("a revoked worker token could not be dropped from Redis; it lapses within a minute")
 
     async def history(self, worker_ids: list[str]) -> dict[str, list[bytes]]:
         if not worker_ids:

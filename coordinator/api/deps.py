@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import hmac
 import logging
 import time
 from collections.abc import Callable
@@ -207,14 +208,36 @@ class WorkerCaller:
         if hit is not None and hit[1] + WORKER_TOKEN_STALE_S - WORKER_TOKEN_CACHE_S > now:
             self._check_later(digest)
             return hit[0]
+        shared = await self._confirmed_elsewhere()
+        if shared is not None:  # another process checked it within the minute: trusted as a stale entry is
+            self._remember(digest, shared, now - WORKER_TOKEN_CACHE_S)
+            self._check_later(digest)
+            return shared
         return await self._check_now(digest)
 
-    async def _check_now(self, digest: str) -> str:
-        worker_id = await run_in_session(self.state, lambda session: self._authenticate(session).id)
+    async def _confirmed_elsewhere(self) -> str | None:
+        """The worker id another API process confirmed for this token in the database lately (hot state)."""
+        parts = workers.split_token(self.token)
+        if parts is None:
+            return None
+        owner = await self.state.hot.token_owner(parts[0])
+        if owner is None or not hmac.compare_digest(owner[1], workers.token_sha256(parts[1])):
+            return None
+        return owner[0]
+
+    def _remember(self, digest: str, worker_id: str, checked_at: float) -> None:
         cache: dict[str, tuple[str, float]] = self.state.worker_tokens
         if len(cache) > 100_000:
             cache.clear()
-        cache[digest] = (worker_id, time.monotonic() + WORKER_TOKEN_CACHE_S)
+        cache[digest] = (worker_id, checked_at + WORKER_TOKEN_CACHE_S)
+
+    async def _check_now(self, digest: str) -> str:
+        worker_id = await run_in_session(self.state, lambda session: self._authenticate(session).id)
+        self._remember(digest, worker_id, time.monotonic())
+        parts = workers.split_token(self.token)
+        if parts is not None:
+            await self.state.hot.remember_token(parts[0], workers.token_sha256(parts[1]), worker_id,
+                                                WORKER_TOKEN_STALE_S)
         return worker_id
 
     def _check_later(self, digest: str) -> None:
@@ -227,6 +250,9 @@ class WorkerCaller:
                 await self._check_now(digest)
             except (AuthenticationFailed, PermissionDenied):
                 self.state.worker_tokens.pop(digest, None)  # revoked or gone: the next call is refused
+                parts = workers.split_token(self.token)
+                if parts is not None:
+                    await self.state.hot.forget_token(parts[0])  # and no other process takes it from hot state
             except Exception:  # noqa: BLE001 - the database is away: the next call past the window checks again
                 log.warning("a worker token could not be checked again in the background", exc_info=True)
             finally:

@@ -74,6 +74,7 @@ async def revoke_worker(request: Request, worker_id: Annotated[str, Path(max_len
                         settings: SettingsDep) -> WorkerRead:
     worker = await caller.run(workers.revoke, worker_id=worker_id, settings=settings)
     request.app.state.worker_tokens.clear()  # this process forgets cached tokens at once; others within seconds
+    await request.app.state.hot.forget_token(worker.token_prefix)  # no process learns it from hot state again
     return worker_read(worker)
 
 

@@ -118,6 +118,48 @@ def test_a_worker_revoked_elsewhere_is_refused_once_the_background_check_ran(  #
     assert refused.status_code == 401 and refused.json()["error"]["code"] == "worker_revoked"
 
 
+@pytest.mark.parametrize("backend", ["postgresql"], indirect=True)
+def test_a_token_one_process_confirmed_needs_no_database_in_another_until_revoked(  # type: ignore[no-untyped-def]
+        settings, redis_url: str, make_caller, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Two API processes on one Redis: a worker's first call to the second finds its token in hot state (the
+    soak's heartbeat tail was each process's first look at each token, waiting for a database connection). A
+    revocation removes it there, so a process that has not seen the token must ask the database, and refuses it."""
+    import time  # noqa: PLC0415
+
+    import redis  # noqa: PLC0415
+
+    from coordinator.app import create_app  # noqa: PLC0415
+    from coordinator.services import workers  # noqa: PLC0415
+
+    redis.Redis.from_url(redis_url).flushdb()
+    shared = settings.model_copy(update={"redis_url": redis_url})
+    apps = [create_app(shared) for _ in range(3)]
+    try:
+        with TestClient(apps[0]) as first, TestClient(apps[1]) as second, TestClient(apps[2]) as third:
+            provider = make_caller("provider", "pat")
+            agent = FakeAgent.register(first, provider.key)
+            assert first.post("/v1/workers/heartbeat", json={"activity": "idle"}, headers=agent.headers()).status_code == 200
+            checked = workers.authenticate
+
+            def slow(**kwargs):  # type: ignore[no-untyped-def]
+                time.sleep(1.0)  # a database that answers late: only a background check may wait for it
+                return checked(**kwargs)
+
+            monkeypatch.setattr(workers, "authenticate", slow)
+            began = time.monotonic()
+            answered = second.post("/v1/workers/heartbeat", json={"activity": "idle"}, headers=agent.headers())
+            assert answered.status_code == 200 and time.monotonic() - began < 0.5
+            monkeypatch.setattr(workers, "authenticate", checked)
+            forged = agent.headers() | {"Authorization": f"Bearer {agent.token[:-4]}abcd"}  # the prefix, not the secret
+            assert second.post("/v1/workers/heartbeat", json={"activity": "idle"}, headers=forged).status_code == 401
+            assert first.post(f"/v1/workers/{agent.worker_id}/revoke", headers=provider.headers).status_code == 200
+            refused = third.post("/v1/workers/heartbeat", json={"activity": "idle"}, headers=agent.headers())
+            assert refused.status_code == 401 and refused.json()["error"]["code"] == "worker_revoked"
+    finally:
+        for app in apps:
+            app.state.engine.dispose()
+
+
 def test_providers_see_only_their_own_workers(client: TestClient, make_caller, agent: FakeAgent) -> None:  # type: ignore[no-untyped-def]
     other = make_caller("provider", "olga")
     assert client.get("/v1/workers", headers=other.headers).json()["data"] == []
