@@ -37,12 +37,30 @@ def records(path: Path) -> Iterator[Any]:
             pending = b""
 
 
-def runs(directory: Path) -> list[dict[str, Any]]:
-    """Every offline run under `directory`: its id, project, name, tags, logged history and whether it exited."""
+def runs(directory: Path, wait_s: float = 15.0) -> list[dict[str, Any]]:
+    """Every offline run under `directory`: its id, project, name, tags, logged history and whether it exited.
+    The SDK's writer is a process of its own that may still be flushing a log after `finish()` returned (seen on
+    a loaded machine: a log without its run record yet), so a log without one is read again, for `wait_s` at most."""
+    import time  # noqa: PLC0415
+
+    deadline = time.monotonic() + wait_s
+    while True:
+        found = _read_runs(directory)
+        if all("id" in run for run in found) or time.monotonic() > deadline:
+            return found
+        time.sleep(0.2)
+
+
+def _read_runs(directory: Path) -> list[dict[str, Any]]:
     found = []
     for path in sorted(directory.rglob("run-*.wandb")):
         run: dict[str, Any] = {"history": [], "exit_code": None, "summary": {}}
-        for record in records(path):
+        try:
+            read = list(records(path))
+        except Exception:  # noqa: BLE001 - a log still being written: read again
+            found.append(run)
+            continue
+        for record in read:
             kind = record.WhichOneof("record_type")
             if kind == "run":
                 run.update(id=record.run.run_id, project=record.run.project, name=record.run.display_name,
