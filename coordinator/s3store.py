@@ -25,14 +25,14 @@ from botocore.config import Config
 from botocore.exceptions import BotoCoreError, ClientError
 
 from coordinator.storage import (
-    CHUNK, BlobStore, PresignedPut, StoredBlob, check_key, receive, sha256_mismatch, too_large,
+    CHUNK, STAGING, BlobStore, PresignedPut, StoredBlob, check_key, receive, sha256_mismatch, too_large,
+    upload_missing,
 )
-from shared.errors import InsufficientStorage, InvalidRequest, PayloadTooLarge
+from shared.errors import InsufficientStorage, PayloadTooLarge
 
 PART_BYTES = 8 * 1024 * 1024  # S3 takes parts of 5 MiB and up (the last one aside)
 DIRECT_PUT_MAX = 5 * 1024**3  # the most one PUT can carry; larger uploads stream through the API (multipart)
 MISSING = ("NoSuchKey", "404", "NotFound")
-STAGED = "incoming/"  # direct uploads waiting to be checked and adopted (storage.staging_prefix)
 
 
 def _missing(exc: ClientError) -> bool:
@@ -225,7 +225,7 @@ class S3Store(BlobStore):
         for page in pages:
             for item in page.get("Contents", []):
                 key = item["Key"].removeprefix(self.prefix)
-                yield key, item["LastModified"].timestamp(), key.startswith(STAGED)
+                yield key, item["LastModified"].timestamp(), key.startswith(f"{STAGING}/")
 
     def remove_stored(self, key: str) -> None:
         self.client.delete_object(Bucket=self.bucket, Key=self.prefix + key)
@@ -277,7 +277,7 @@ class S3Store(BlobStore):
                 head = self.client.head_object(Bucket=self.bucket, Key=self.name(staged), ChecksumMode="ENABLED")
             except ClientError as exc:
                 if _missing(exc):
-                    raise _gone() from None
+                    raise upload_missing() from None
                 raise
             held = head.get("ChecksumSHA256")
             if held is None:
@@ -291,7 +291,7 @@ class S3Store(BlobStore):
                 self.copy(staged, key)
             except ClientError as exc:
                 if _missing(exc):
-                    raise _gone() from None
+                    raise upload_missing() from None
                 raise
         except (ClientError, BotoCoreError) as exc:
             raise _unavailable(exc) from None
@@ -299,11 +299,6 @@ class S3Store(BlobStore):
             with suppress(ClientError, BotoCoreError):
                 self.delete(staged)
         return StoredBlob(key=key, bytes=size, sha256=expected_sha256)
-
-
-def _gone() -> InvalidRequest:
-    return InvalidRequest("Nothing was uploaded to that URL (or it was already used).", param="Tunegrid-Upload-Key",
-                          code="upload_missing")
 
 
 def _checksum(sha256: str) -> str:

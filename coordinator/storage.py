@@ -43,9 +43,12 @@ def check_key(key: str) -> str:
     return key
 
 
+STAGING = "incoming"  # the folder where direct uploads (presigned PUT) wait to be checked and adopted
+
+
 def staging_prefix(lease_id: str) -> str:
-    """Where a lease's direct uploads land (presigned PUT) before the coordinator checks and adopts them."""
-    return f"incoming/{check_key(lease_id)}/"
+    """Where a lease's direct uploads land before the coordinator checks and adopts them."""
+    return f"{STAGING}/{check_key(lease_id)}/"
 
 
 def checkpoint_key(checkpoint_id: str) -> str:
@@ -74,6 +77,11 @@ class PresignedPut:
 def sha256_mismatch(actual: str, expected: str) -> InvalidRequest:
     return InvalidRequest(f"The upload's sha256 is {actual}, not {expected} as declared; nothing was stored.",
                           param="Tunegrid-Sha256", code="sha256_mismatch")
+
+
+def upload_missing() -> InvalidRequest:
+    return InvalidRequest("Nothing was uploaded to that URL (or it was already used).", param="Tunegrid-Upload-Key",
+                          code="upload_missing")
 
 
 def too_large(max_bytes: int) -> PayloadTooLarge:
@@ -166,8 +174,7 @@ class BlobStore(ABC):
         try:
             size = self.size(staged)
             if size is None:
-                raise InvalidRequest("Nothing was uploaded to that URL (or it was already used).",
-                                     param="Tunegrid-Upload-Key", code="upload_missing")
+                raise upload_missing()
             if size > max_bytes:
                 raise too_large(max_bytes)
             digest = self.sha256(staged)

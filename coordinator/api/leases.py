@@ -18,7 +18,8 @@ from coordinator.db.ids import new_id
 from coordinator.services import batch_leases, checkpoints, export_leases, leases
 from coordinator.services.fencing import FencedLease, parse_fencing_token
 from coordinator.settings import CoordinatorSettings
-from coordinator.storage import BlobStore, StoredBlob, staging_prefix
+from coordinator.storage import STAGING, BlobStore, StoredBlob, staging_prefix
+from shared.checkpoint import CheckpointRules
 from shared.errors import InvalidRequest, NotFound, PayloadTooLarge
 from shared.protocol import (
     FENCING_TOKEN_HEADER, SHA256_HEADER, UPLOAD_KEY_HEADER, BatchPartReply, LeaseComplete, LeaseEvents, LeaseFail,
@@ -95,7 +96,7 @@ async def _limit(worker: CurrentWorker, settings: CoordinatorSettings, lease_id:
     """The most bytes this lease's upload of `kind` may have (the live lease's own: a stale token is refused)."""
     if kind == "checkpoint":
         rules = await worker.run(checkpoints.upload_rules, settings=settings, lease_id=lease_id, fencing_token=token)
-        return min(settings.max_adapter_bytes, rules.upload_limit())
+        return _checkpoint_limit(settings, rules)
     if kind == "adapter":
         limit = await worker.run(leases.adapter_upload_limit, lease_id=lease_id, fencing_token=token)
         return min(settings.max_adapter_bytes, limit + limit // 1000 + 64 * 1024)
@@ -105,6 +106,10 @@ async def _limit(worker: CurrentWorker, settings: CoordinatorSettings, lease_id:
         limit = await worker.run(export_leases.upload_limit, lease_id=lease_id, fencing_token=token, fmt=fmt)
         return min(settings.max_export_bytes, limit)
     return int(await worker.run(batch_leases.part_limit, lease_id=lease_id, fencing_token=token))
+
+
+def _checkpoint_limit(settings: CoordinatorSettings, rules: CheckpointRules) -> int:
+    return min(settings.max_adapter_bytes, rules.upload_limit())
 
 
 async def _receive(request: Request, store: BlobStore, key: str, *, lease_id: str, kind: str, limit: int,
@@ -120,7 +125,7 @@ async def _receive(request: Request, store: BlobStore, key: str, *, lease_id: st
         lambda: store.adopt(staged, key, max_bytes=limit, expected_sha256=expected))
 
 
-_STAGED = re.compile(r"^incoming/[A-Za-z0-9_-]+/[a-z]+-[A-Za-z0-9_-]+$")
+_STAGED = re.compile(rf"{STAGING}/[A-Za-z0-9_-]+/[a-z]+-[A-Za-z0-9_-]+")  # fullmatch
 
 
 @router.post("/{lease_id}/uploads", response_model=UploadTicket)
@@ -151,7 +156,7 @@ async def upload_checkpoint(
     expected = _declared_sha256(sha256)
     rules = await worker.run(checkpoints.upload_rules, settings=settings, lease_id=lease_id, fencing_token=token)
     checkpoint_id = new_id("ftckpt-")
-    limit = min(settings.max_adapter_bytes, rules.upload_limit())
+    limit = _checkpoint_limit(settings, rules)
     try:
         blob = await _receive(request, store, checkpoints.checkpoint_key(checkpoint_id), lease_id=lease_id,
                               kind="checkpoint", limit=limit, expected=expected, staged=staged)

@@ -25,7 +25,7 @@ from coordinator.db.tables import LIVE_LEASE, FileModel, JobCheckpointModel, Job
 from coordinator.services import held_out
 from coordinator.services.files import blob_key
 from coordinator.settings import CoordinatorSettings
-from coordinator.storage import BlobStore, checkpoint_key
+from coordinator.storage import STAGING, BlobStore, checkpoint_key
 
 ORPHAN_GRACE_S = 3600.0  # older than any upload could take to be recorded
 # A multipart upload is aged from its start, not its last part: a relayed upload past what one PUT takes
@@ -107,7 +107,7 @@ def _referenced(session: Session, folder: str, keys: list[str]) -> set[str]:
 
 def _remove_orphans(session: Session, store: BlobStore, collected: Collected) -> None:
     old_enough = time.time() - ORPHAN_GRACE_S
-    for folder in ("files", "checkpoints", "adapters", "exports", "batches", "jobs", "incoming"):
+    for folder in ("files", "checkpoints", "adapters", "exports", "batches", "jobs", STAGING):
         candidates = [(key, incoming) for key, modified, incoming in store.stored(folder) if modified < old_enough
                       and (folder != "jobs" or key.endswith("/initial"))]  # jobs/ scratch: `_drop_scratch`
         for start in range(0, len(candidates), BATCH):
