@@ -11,8 +11,9 @@ adoption; on the disk the bytes to the API), and completes; now and then one fai
 preempted. Customers upload a dataset and submit jobs at an even pace. At the end it prints jobs/hour, API
 latency (p50, p99) of every call, the coordinator processes' memory growth, and whether anything was lost:
 every job must have succeeded or failed with a reason, and the ledger must sum to zero. The heartbeat's latency
-is also read from the coordinator's own access lines, so the load generator's share of it shows. Never passes or
-fails.
+is also read from the coordinator's own access lines, and timed by one more worker in a process of its own (a
+heartbeat every half second), so the load generator's share of it shows; so does its own event loop's lag.
+Never passes or fails.
 
     python bench/soak.py [--minutes 10] [--workers 200] [--jobs 1000] [--storage disk,s3] [--periodic celery]
 """
@@ -183,6 +184,30 @@ async def customers(http: httpx.AsyncClient, rec: Recorder, keys: list[str], job
     return created  # type: ignore[return-value]
 
 
+def probe(url: str, token: str, seconds: float, out: Path) -> None:
+    """A lone worker machine in a process of its own: a heartbeat every half second, timed by a client that does
+    nothing else, so the load generator's own event loop (200 simulated machines) is not in the figure."""
+    headers = {"Authorization": f"Bearer {token}", PROTOCOL_HEADER: str(PROTOCOL_VERSION)}
+    timings: list[float] = []
+    with httpx.Client(base_url=url, timeout=30) as client:
+        client.post("/v1/workers/heartbeat", headers=headers, json={"activity": "idle"})  # its first: apart
+        end = time.monotonic() + seconds
+        while time.monotonic() < end:
+            started = time.perf_counter()
+            client.post("/v1/workers/heartbeat", headers=headers, json={"activity": "idle"}).raise_for_status()
+            timings.append(time.perf_counter() - started)
+            time.sleep(max(0.5 - (time.perf_counter() - started), 0))
+    out.write_text(json.dumps(timings))
+
+
+async def loop_lag(stop: asyncio.Event, lags: list[float]) -> None:
+    """How late the load generator's own event loop wakes a 100 ms sleep: its share of what its clients time."""
+    while not stop.is_set():
+        started = time.perf_counter()
+        await asyncio.sleep(0.1)
+        lags.append(time.perf_counter() - started - 0.1)
+
+
 def rss_mb(pid: int) -> float:
     """Resident memory of a process and its children (the uvicorn workers)."""
     total = 0
@@ -230,8 +255,15 @@ async def soak(url: str, env: dict[str, str], pid: int, args: argparse.Namespace
               f"max {registration[-1] * 1000:.0f} ms (not counted below)", flush=True)
         rec.latencies.clear()
         rec.by_kind.clear()
+        lone = FakeTraining(http, Recorder(), providers[0], args.workers)
+        await lone.register()
+        probe_out = log.with_name("probe.json")
+        prober = subprocess.Popen([sys.executable, __file__, "--probe", url, lone.token, str(args.minutes * 60),
+                                   str(probe_out)])
         stop = asyncio.Event()
+        lags: list[float] = []
         tasks = [asyncio.create_task(w.heartbeats(stop)) for w in fleet] + [asyncio.create_task(w.work(stop)) for w in fleet]
+        tasks.append(asyncio.create_task(loop_lag(stop, lags)))
         memory = [(0.0, rss_mb(pid))]
         started = time.monotonic()
         submit_s = args.minutes * 60 * 0.8
@@ -258,6 +290,7 @@ async def soak(url: str, env: dict[str, str], pid: int, args: argparse.Namespace
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
         await asyncio.gather(*(machine.aclose() for machine in machines))
+        prober.wait(timeout=60)
     counts: dict[str, int] = {}
     for status in statuses.values():
         counts[status] = counts.get(status, 0) + 1
@@ -281,11 +314,20 @@ async def soak(url: str, env: dict[str, str], pid: int, args: argparse.Namespace
     server_p99 = percentile(served, 99)
     print(f"heartbeats (first ones aside) as the coordinator timed them: {len(served)}, p50 "
           f"{statistics.median(served) * 1000:.1f} ms, p99 {server_p99 * 1000:.1f} ms, max {served[-1] * 1000:.0f} ms")
+    lone_beats = sorted(json.loads(probe_out.read_text())) if probe_out.exists() else [0.0]
+    print(f"heartbeats of a lone worker in a process of its own (every 0.5 s): {len(lone_beats)}, p50 "
+          f"{statistics.median(lone_beats) * 1000:.1f} ms, p99 {percentile(lone_beats, 99) * 1000:.1f} ms, "
+          f"max {lone_beats[-1] * 1000:.0f} ms")
+    lags.sort()
+    print(f"the load generator's own event loop, late to wake a 100 ms sleep: p50 {statistics.median(lags) * 1000:.1f} "
+          f"ms, p99 {percentile(lags, 99) * 1000:.1f} ms (in every figure its clients time)")
     beats = sorted(rec.by_kind.get("POST /v1/workers/heartbeat", [0.0]))
     uploads = sorted(rec.by_kind.get("PUT lease adapter", [0.0]))
     return {"jobs/hour": done / elapsed * 3600, "p50 ms": statistics.median(latencies) * 1000,
             "p99 ms": percentile(latencies, 99) * 1000, "heartbeat p99 ms": percentile(beats, 99) * 1000,
-            "heartbeat p99 ms (server)": server_p99 * 1000, "adapter PUT p99 ms": percentile(uploads, 99) * 1000,
+            "heartbeat p99 ms (server)": server_p99 * 1000,
+            "heartbeat p99 ms (lone worker)": percentile(lone_beats, 99) * 1000,
+            "load generator loop lag p99 ms": percentile(lags, 99) * 1000, "adapter PUT p99 ms": percentile(uploads, 99) * 1000,
             "RSS at end MB": last, "RSS growth MB": last - first, "lost": len(created) - done}
 
 
@@ -309,7 +351,12 @@ def main() -> None:
     parser.add_argument("--logs", type=Path, help="keep each run's coordinator log (JSON lines) in this folder")
     parser.add_argument("--periodic", choices=("celery", "api"), default="celery",
                         help="where the periodic tasks run: a Celery worker with beat (production) or the API processes")
+    parser.add_argument("--probe", nargs=4, metavar=("URL", "TOKEN", "SECONDS", "OUT"), help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.probe:
+        url, token, seconds, out = args.probe
+        probe(url, token, float(seconds), Path(out))
+        return
     results: dict[str, dict[str, float]] = {}
     for storage in args.storage.split(","):
         flush_redis(REDIS_URL)

@@ -1,8 +1,8 @@
-"""Hot state: the latest (and the last few) heartbeats per worker, which workers must re-read their lease, and
-long-poll wake-ups.
+"""Hot state: the latest (and the last few) heartbeats per worker, which workers must re-read their lease,
+long-poll wake-ups, and the worker tokens confirmed lately (and their revocations).
 
 Two implementations behind one interface. `RedisHotState` lets every API process share them (wake-ups
-travel on one pub/sub channel that each process listens to). `MemoryHotState` is the embedded mode: one
+and revocations travel on pub/sub channels that each process listens to). `MemoryHotState` is the embedded mode: one
 process, plain dicts. Nothing here is durable: the database stays the truth. A Redis that is flushed or
 down loses recheck flags (the heartbeat flush finds ended leases again, `coordinator/heartbeat_flush.py`)
 and wake-ups (long-polls end at their timeout and claim again).
@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 from abc import ABC, abstractmethod
 from collections import deque
 from collections.abc import AsyncIterator, Callable, Iterable
@@ -20,15 +21,29 @@ from contextlib import asynccontextmanager
 from typing import Any
 
 from coordinator.background import cancel_and_wait
+from coordinator.worker_tokens import HEARD_FRESH_S, STALE_S, WorkerTokenCache
 
 log = logging.getLogger(__name__)
 WAKE_CHANNEL = "tg:wake"
+REVOKE_CHANNEL = "tg:revoked"  # a worker id whose token was revoked: every process evicts it from its cache
 REDIS_TIMEOUT_S = 2.0
 HEARTBEAT_KEEP_S = 3600
-RECHECK_PREFIX = "tg:recheck:"
+RECHECK_CHANNEL = "tg:recheck"  # a worker id whose next heartbeat must read the database
+RECHECK_PREFIX = "tg:recheck:"  # the same, kept for processes that subscribe later
+RECHECK_KEEP_S = 120  # longer than a process takes to subscribe again; past it the heartbeat flush finds ended leases
+RECHECKS_KEPT = 10_000  # past this many unconsumed recheck flags, those older than an hour are dropped
+SNAPSHOT_PREFIX = "tg:hb:"
+SNAPSHOT_WRITE_S = 0.25  # heartbeat snapshots reach Redis this often, in one round trip
 HISTORY_PREFIX = "tg:hbh:"
 TOKEN_PREFIX = "tg:wtok:"  # a worker token's prefix -> "<worker id> <sha256 of its secret>", for a minute
+REVOKE_ATTEMPTS = 3
 HISTORY_LENGTH = 30  # recent heartbeats kept per worker, for the dashboard's sparklines
+
+
+def announce_recheck(pipe: Any, worker_id: str) -> None:
+    """Onto a Redis pipeline (async or not): make this worker's next heartbeat, in any process, read the database."""
+    pipe.set(f"{RECHECK_PREFIX}{worker_id}", b"1", ex=RECHECK_KEEP_S)
+    pipe.publish(RECHECK_CHANNEL, worker_id)
 
 
 class Waiter:
@@ -50,6 +65,7 @@ class Waiter:
 class HotState(ABC):
     def __init__(self) -> None:
         self._waiters: dict[str, set[Waiter]] = {}
+        self.tokens = WorkerTokenCache()  # this process's own confirmations (worker_tokens.py)
 
     async def start(self) -> None:  # noqa: B027 - optional hook
         pass
@@ -73,6 +89,12 @@ class HotState(ABC):
 
     async def forget_token(self, prefix: str) -> None:  # noqa: B027
         pass
+
+    async def revoke_token(self, prefix: str, worker_id: str) -> None:
+        """After a revocation committed: this process's cache and hot state forget the token, and every other
+        process hears of it."""
+        self.tokens.revoked(worker_id)
+        await self.forget_token(prefix)
 
     @abstractmethod
     async def recheck(self, worker_ids: Iterable[str]) -> None:
@@ -139,6 +161,12 @@ class MemoryHotState(HotState):
 
 
 class RedisHotState(HotState):
+    """Shared through Redis, with a heartbeat that never waits for it: snapshots are written in the background a
+    few times a second, and the flags that make a worker's next heartbeat read the database arrive over pub/sub
+    into this process's memory. Each flag is also kept in Redis for `RECHECK_KEEP_S`, so a process that
+    subscribes (at start, or back after losing Redis) takes the recent ones it may have missed. While the
+    subscription is down, every heartbeat reads the database."""
+
     def __init__(self, url: str) -> None:
         super().__init__()
         import redis.asyncio as redis
@@ -146,6 +174,10 @@ class RedisHotState(HotState):
         self._redis = redis.Redis.from_url(url, socket_timeout=REDIS_TIMEOUT_S, socket_connect_timeout=REDIS_TIMEOUT_S,
                                            health_check_interval=30)
         self._listener: asyncio.Task[None] | None = None
+        self._writer: asyncio.Task[None] | None = None
+        self._unwritten: dict[str, list[bytes]] = {}  # worker id -> snapshots not yet in Redis, oldest first
+        self._listening = False
+        self._rechecks: dict[str, float] = {}  # worker id -> when its recheck was heard (pruned past an hour)
 
     @property
     def client(self) -> Any:
@@ -153,43 +185,84 @@ class RedisHotState(HotState):
         return self._redis
 
     async def start(self) -> None:
-        self._listener = asyncio.create_task(self._listen(), name="hotstate-wake-listener")
+        self._listener = asyncio.create_task(self._listen(), name="hotstate-listener")
+        self._writer = asyncio.create_task(self._write_snapshots(), name="hotstate-writer")
 
     async def close(self) -> None:
         await cancel_and_wait(self._listener)
+        await cancel_and_wait(self._writer)
+        await self._write_unwritten()
         await self._redis.aclose()
 
     async def _listen(self) -> None:
-        """One subscription per process; reconnects with a bounded backoff when Redis goes away."""
+        """One subscription per process; reconnects with a bounded backoff when Redis goes away. While it is
+        down, tokens are trusted only briefly and heartbeats read the database; once it is back, every cached
+        token and every worker's lease is checked again (a revocation or a recheck may have been announced
+        meanwhile)."""
         backoff = 0.1
         while True:
             try:
                 async with self._redis.pubsub(ignore_subscribe_messages=True) as pubsub:
-                    await pubsub.subscribe(WAKE_CHANNEL)
+                    await pubsub.subscribe(WAKE_CHANNEL, REVOKE_CHANNEL, RECHECK_CHANNEL)
+                    self.tokens.clear()
+                    self.tokens.revocations_heard = True
+                    async for key in self._redis.scan_iter(match=f"{RECHECK_PREFIX}*", count=1000):
+                        self._heard(RECHECK_CHANNEL.encode(), key.decode().removeprefix(RECHECK_PREFIX))
+                    self._listening = True
                     backoff = 0.1
                     async for message in pubsub.listen():
                         if message and message.get("type") == "message":
-                            self._wake_local(message["data"].decode())
+                            self._heard(message["channel"], message["data"].decode())
             except asyncio.CancelledError:
                 raise
             except Exception as exc:  # noqa: BLE001 - Redis down: long-polls fall back to their timeout
-                log.warning("wake-up listener lost Redis (%s); retrying in %.1f s", exc.__class__.__name__, backoff)
+                log.warning("hot state listener lost Redis (%s); retrying in %.1f s", exc.__class__.__name__, backoff)
                 await asyncio.sleep(backoff)
                 backoff = min(backoff * 2, 5.0)
+            finally:
+                self._listening = False
+                self.tokens.revocations_heard = False
+
+    def _heard(self, channel: bytes, worker_id: str) -> None:
+        if channel == REVOKE_CHANNEL.encode():
+            self.tokens.revoked(worker_id)
+        elif channel == RECHECK_CHANNEL.encode():
+            now = time.monotonic()
+            if len(self._rechecks) > RECHECKS_KEPT:
+                self._rechecks = {w: at for w, at in self._rechecks.items() if now - at < HEARTBEAT_KEEP_S}
+            self._rechecks[worker_id] = now
+        else:
+            self._wake_local(worker_id)
 
     async def heartbeat(self, worker_id: str, snapshot: bytes) -> bool:
+        unwritten = self._unwritten.setdefault(worker_id, [])
+        unwritten.append(snapshot)
+        del unwritten[:-HISTORY_LENGTH]
+        if not self._listening:  # a recheck could not be heard
+            return True
+        return self._rechecks.pop(worker_id, None) is not None
+
+    async def _write_snapshots(self) -> None:
+        while True:
+            await asyncio.sleep(SNAPSHOT_WRITE_S)
+            await self._write_unwritten()
+
+    async def _write_unwritten(self) -> None:
+        """One pipelined round trip for every snapshot received since the last; dropped if Redis is away (hot
+        state is a cache: the dashboard shows the next ones)."""
+        batch, self._unwritten = self._unwritten, {}
+        if not batch:
+            return
         try:
             async with self._redis.pipeline(transaction=False) as pipe:
-                pipe.set(f"tg:hb:{worker_id}", snapshot, ex=HEARTBEAT_KEEP_S)
-                pipe.getdel(f"{RECHECK_PREFIX}{worker_id}")
-                pipe.lpush(f"{HISTORY_PREFIX}{worker_id}", snapshot)
-                pipe.ltrim(f"{HISTORY_PREFIX}{worker_id}", 0, HISTORY_LENGTH - 1)
-                pipe.expire(f"{HISTORY_PREFIX}{worker_id}", HEARTBEAT_KEEP_S)
-                _, recheck, *_ = await pipe.execute()
-            return recheck is not None
-        except Exception as exc:  # noqa: BLE001 - without Redis every heartbeat reads the database
-            log.warning("heartbeat not kept in Redis (%s); reading the database", exc.__class__.__name__)
-            return True
+                for worker_id, snapshots in batch.items():
+                    pipe.set(f"{SNAPSHOT_PREFIX}{worker_id}", snapshots[-1], ex=HEARTBEAT_KEEP_S)
+                    pipe.lpush(f"{HISTORY_PREFIX}{worker_id}", *snapshots)
+                    pipe.ltrim(f"{HISTORY_PREFIX}{worker_id}", 0, HISTORY_LENGTH - 1)
+                    pipe.expire(f"{HISTORY_PREFIX}{worker_id}", HEARTBEAT_KEEP_S)
+                await pipe.execute()
+        except Exception as exc:  # noqa: BLE001 - a cache; the database holds the truth
+            log.warning("%d heartbeat snapshots not kept in Redis (%s)", len(batch), exc.__class__.__name__)
 
     async def _each(self, worker_ids: Iterable[str], command: Callable[[Any, str], object], what: str) -> bool:
         """One pipelined round trip of `command(pipe, worker_id)` per worker; False when Redis failed."""
@@ -208,8 +281,7 @@ class RedisHotState(HotState):
 
     async def recheck(self, worker_ids: Iterable[str]) -> None:
         # On failure the heartbeat flush finds the ended leases again.
-        await self._each(worker_ids, lambda pipe, w: pipe.set(f"{RECHECK_PREFIX}{w}", b"1", ex=HEARTBEAT_KEEP_S),
-                         "recheck")
+        await self._each(worker_ids, lambda pipe, w: announce_recheck(pipe, w), "recheck")
 
     async def wake(self, worker_ids: Iterable[str]) -> None:
         ids = list(worker_ids)
@@ -221,10 +293,11 @@ class RedisHotState(HotState):
         if not worker_ids:
             return {}
         try:
-            values = await self._redis.mget([f"tg:hb:{w}" for w in worker_ids])
+            values = await self._redis.mget([f"{SNAPSHOT_PREFIX}{w}" for w in worker_ids])
         except Exception:  # noqa: BLE001 - hot state is a cache
             return {}
-        return {w: v for w, v in zip(worker_ids, values, strict=True) if v is not None}
+        found = {w: v for w, v in zip(worker_ids, values, strict=True) if v is not None}
+        return found | {w: self._unwritten[w][-1] for w in worker_ids if self._unwritten.get(w)}
 
     async def token_owner(self, prefix: str) -> tuple[str, str] | None:
         try:
@@ -246,6 +319,19 @@ class RedisHotState(HotState):
         except Exception:  # noqa: BLE001 - the entry lapses on its own within its ttl
             log.warning("a revoked worker token could not be dropped from Redis; it lapses within a minute")
 
+    async def revoke_token(self, prefix: str, worker_id: str) -> None:
+        await super().revoke_token(prefix, worker_id)
+        failure = ""
+        for attempt in range(REVOKE_ATTEMPTS):
+            try:
+                await self._redis.publish(REVOKE_CHANNEL, worker_id)
+                return
+            except Exception as exc:  # noqa: BLE001 - retried; the revocation itself has committed
+                failure = exc.__class__.__name__
+                await asyncio.sleep(0.2 * 2 ** attempt)
+        log.error("worker %s's revocation could not be announced (%s): other API processes may accept its token "
+                  "for up to %.0f s more", worker_id, failure, HEARD_FRESH_S + STALE_S)
+
     async def history(self, worker_ids: list[str]) -> dict[str, list[bytes]]:
         if not worker_ids:
             return {}
@@ -256,7 +342,11 @@ class RedisHotState(HotState):
                 values = await pipe.execute()
         except Exception:  # noqa: BLE001 - hot state is a cache
             return {}
-        return {w: v for w, v in zip(worker_ids, values, strict=True) if v}
+        found = {w: v for w, v in zip(worker_ids, values, strict=True) if v}
+        for w in worker_ids:  # what this process received since its last write, newest first
+            if self._unwritten.get(w):
+                found[w] = (self._unwritten[w][::-1] + found.get(w, []))[:HISTORY_LENGTH]
+        return found
 
 
 def make_hot_state(redis_url: str | None) -> HotState:

@@ -2,11 +2,13 @@
 was presented, so unknown and wrong keys are limited too), shared by every API process through Redis, or kept
 in memory in embedded mode. Over the limit: 429 with Retry-After (the seconds to the window's end).
 
-Redis failing never blocks a request: the limit is protection, not truth.
+In Redis the counts are shared in the background (`RedisRateLimiter`), never on a request's path; Redis failing
+never blocks a request beyond this process's own count: the limit is protection, not truth.
 """
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import logging
 import time
@@ -17,6 +19,7 @@ from shared.errors import RateLimited
 
 log = logging.getLogger(__name__)
 WINDOW_S = 60
+SYNC_S = 0.25  # how often a process adds its counts to the shared ones (RedisRateLimiter)
 
 
 def key_digest(key: str) -> str:
@@ -61,19 +64,54 @@ class MemoryRateLimiter(RateLimiter):
 
 
 class RedisRateLimiter(RateLimiter):
+    """Counted in this process at once and added to the shared count in Redis in the background, at most every
+    `SYNC_S`: a request never waits for Redis (the heartbeat's latency under load). Across processes a key can
+    overshoot its budget by what the others took since their last sync; in one process the count is exact, and
+    with Redis away it is this process's own."""
+
     def __init__(self, per_minute: int, redis_client, namespace: str = "") -> None:  # type: ignore[no-untyped-def]
         super().__init__(per_minute)
         self._redis = redis_client
         self._prefix = f"tg:rl{':' + namespace if namespace else ''}"
+        self._synced: dict[tuple[str, int], int] = {}  # the shared count, as of the last sync
+        self._sending: dict[tuple[str, int], int] = {}  # counted here, on the way to Redis
+        self._unsent: dict[tuple[str, int], int] = {}  # counted here since
+        self._last_sync = float("-inf")
+        self._sync_task: asyncio.Task[None] | None = None
 
     async def _hit(self, digest: str, window: int) -> int:
-        name = f"{self._prefix}:{digest}:{window}"
+        key = (digest, window)
+        self._unsent[key] = self._unsent.get(key, 0) + 1
+        if (self._sync_task is None or self._sync_task.done()) and time.monotonic() - self._last_sync >= SYNC_S:
+            self._sync_task = asyncio.get_running_loop().create_task(self._sync())
+        return self._synced.get(key, 0) + self._sending.get(key, 0) + self._unsent[key]
+
+    async def sync(self) -> None:
+        """Add what was counted here to Redis now and learn the shared counts back (tests; the background does
+        this on its own)."""
+        if self._sync_task is not None:
+            await asyncio.wait([self._sync_task])
+        await self._sync()
+
+    async def _sync(self) -> None:
+        self._last_sync = time.monotonic()
+        self._sending, self._unsent = self._unsent, {}
+        if not self._sending:
+            return
+        window = int(self.clock() // WINDOW_S)
         try:
             async with self._redis.pipeline(transaction=False) as pipe:
-                pipe.incr(name)
-                pipe.expire(name, WINDOW_S * 2)
-                count, _ = await pipe.execute()
-            return int(count)
-        except Exception as exc:  # noqa: BLE001 - never refuse service because Redis is away
-            log.warning("rate limit not checked (%s)", exc.__class__.__name__)
-            return 0
+                for (digest, w), count in self._sending.items():
+                    pipe.incrby(f"{self._prefix}:{digest}:{w}", count)
+                    pipe.expire(f"{self._prefix}:{digest}:{w}", WINDOW_S * 2)
+                totals = (await pipe.execute())[::2]
+            self._synced = {k: v for k, v in self._synced.items() if k[1] >= window}
+            self._synced.update({k: int(total) for k, total in zip(self._sending, totals, strict=True)
+                                 if k[1] >= window})
+        except Exception as exc:  # noqa: BLE001 - never refuse service because Redis is away: count here alone
+            log.warning("rate limit counts not shared (%s)", exc.__class__.__name__)
+            for key, count in self._sending.items():
+                if key[1] >= window:
+                    self._synced[key] = self._synced.get(key, 0) + count
+        finally:
+            self._sending = {}

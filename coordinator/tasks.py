@@ -146,7 +146,7 @@ def _runtime() -> tuple[CoordinatorSettings, sessionmaker[Session], Any]:
 
 def publish_effects(redis_client: Any, effects: Effects) -> None:
     """From a Celery process: wake long-polls and trigger lease rechecks in whichever API process holds them."""
-    from coordinator.hotstate import HEARTBEAT_KEEP_S, RECHECK_PREFIX, WAKE_CHANNEL  # noqa: PLC0415
+    from coordinator.hotstate import WAKE_CHANNEL, announce_recheck  # noqa: PLC0415
 
     if redis_client is None or not effects:
         return
@@ -155,7 +155,7 @@ def publish_effects(redis_client: Any, effects: Effects) -> None:
         for worker_id in effects.wake:
             pipe.publish(WAKE_CHANNEL, worker_id)
         for worker_id in effects.recheck:
-            pipe.set(f"{RECHECK_PREFIX}{worker_id}", b"1", ex=HEARTBEAT_KEEP_S)
+            announce_recheck(pipe, worker_id)
         pipe.execute()
     except Exception as exc:  # noqa: BLE001 - workers still find their leases at their next poll
         log.warning("effects not published (%s)", exc.__class__.__name__)

@@ -20,8 +20,9 @@ from fastapi.dependencies.models import Dependant
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from sqlalchemy.orm import Session
 
+from coordinator.worker_tokens import STALE_S, WorkerTokenCache
 from coordinator.db.tables import AccountModel, Role, WorkerModel
-from coordinator.effects import Effects, take_effects
+from coordinator.effects import Effects, effects, take_effects
 from coordinator.services import keys, outbox, stripe_sync, workers
 from coordinator.settings import CoordinatorSettings
 from coordinator.storage import BlobStore
@@ -173,8 +174,6 @@ def reject_unknown_query(*allowed_prefixes: str):  # type: ignore[no-untyped-def
 
 # --- workers --------------------------------------------------------------------------------------
 
-WORKER_TOKEN_CACHE_S = 10.0  # a token checked this recently is trusted without a look at the database
-WORKER_TOKEN_STALE_S = 60.0  # past the above and within this, it is trusted while a check runs in the background
 _refreshing: set[str] = set()  # tokens (by digest) whose background check is under way
 _refresh_tasks: set[asyncio.Task[None]] = set()  # held, so none is collected before it ends
 
@@ -187,30 +186,34 @@ class WorkerCaller:
     token: str
     protocol_version: int
 
-    async def run(self, service: Callable[..., T], /, **kwargs: Any) -> T:
-        """`service(session=..., worker=..., **kwargs)` for the authenticated worker."""
-        return await run_in_session(self.state, lambda session: service(
-            session=session, worker=self._authenticate(session), **kwargs))
+    async def run(self, service: Callable[..., T], /, *, told_in_reply: bool = False, **kwargs: Any) -> T:
+        """`service(session=..., worker=..., **kwargs)` for the authenticated worker. `told_in_reply`: the worker
+        ended its own lease with this call and hears the outcome in the reply, so its next heartbeat need not
+        read the database for it (most leases end so: no recheck per job)."""
+        def work(session: Session) -> T:
+            worker = self._authenticate(session)
+            result = service(session=session, worker=worker, **kwargs)
+            if told_in_reply:
+                effects(session).recheck.discard(worker.id)
+            return result
+
+        return await run_in_session(self.state, work)
 
     async def worker_id(self) -> str:
-        """Who is calling, from an in-process cache when possible: the heartbeat's fast path, which never waits
-        for a database connection once the token is known. A token checked within `WORKER_TOKEN_CACHE_S` is
-        trusted; one checked within `WORKER_TOKEN_STALE_S` is trusted while it is checked again in the
-        background (heartbeats come every 10 s, so without this nearly every one waited its turn for a pooled
-        connection behind placement sweeps and flushes: the soak's 0.9 s p99). A revoked token is refused by
-        every process within those seconds plus one call; by this one at once (the revoke clears its cache)."""
-        cache: dict[str, tuple[str, float]] = self.state.worker_tokens
+        """Who is calling, from this process's token cache when possible (`api/worker_tokens.py`): the
+        heartbeat's fast path, which never waits for a database connection once the token is known. Heartbeats
+        come every 10 s; without the cache nearly every one waited its turn for a pooled connection behind
+        placement sweeps and flushes (the soak's 0.9 s p99). A token no process here has seen is taken from
+        hot state when another process confirmed it lately, and checked behind the call."""
+        cache: WorkerTokenCache = self.state.worker_tokens
         digest = hashlib.sha256(self.token.encode()).hexdigest()
-        hit = cache.get(digest)
-        now = time.monotonic()
-        if hit is not None and hit[1] > now:
-            return hit[0]
-        if hit is not None and hit[1] + WORKER_TOKEN_STALE_S - WORKER_TOKEN_CACHE_S > now:
-            self._check_later(digest)
-            return hit[0]
+        worker_id, due = cache.lookup(digest, time.monotonic())
+        if worker_id is not None:
+            if due:
+                self._check_later(digest)
+            return worker_id
         shared = await self._confirmed_elsewhere()
-        if shared is not None:  # another process checked it within the minute: trusted as a stale entry is
-            self._remember(digest, shared, now - WORKER_TOKEN_CACHE_S)
+        if shared is not None and not cache.heard_revoked(shared):
             self._check_later(digest)
             return shared
         return await self._check_now(digest)
@@ -225,19 +228,13 @@ class WorkerCaller:
             return None
         return owner[0]
 
-    def _remember(self, digest: str, worker_id: str, checked_at: float) -> None:
-        cache: dict[str, tuple[str, float]] = self.state.worker_tokens
-        if len(cache) > 100_000:
-            cache.clear()
-        cache[digest] = (worker_id, checked_at + WORKER_TOKEN_CACHE_S)
-
     async def _check_now(self, digest: str) -> str:
+        began = time.monotonic()
         worker_id = await run_in_session(self.state, lambda session: self._authenticate(session).id)
-        self._remember(digest, worker_id, time.monotonic())
+        self.state.worker_tokens.confirm(digest, worker_id, began)
         parts = workers.split_token(self.token)
         if parts is not None:
-            await self.state.hot.remember_token(parts[0], workers.token_sha256(parts[1]), worker_id,
-                                                WORKER_TOKEN_STALE_S)
+            await self.state.hot.remember_token(parts[0], workers.token_sha256(parts[1]), worker_id, STALE_S)
         return worker_id
 
     def _check_later(self, digest: str) -> None:
@@ -249,7 +246,7 @@ class WorkerCaller:
             try:
                 await self._check_now(digest)
             except (AuthenticationFailed, PermissionDenied):
-                self.state.worker_tokens.pop(digest, None)  # revoked or gone: the next call is refused
+                self.state.worker_tokens.forget(digest)  # revoked or gone: the next call is refused
                 parts = workers.split_token(self.token)
                 if parts is not None:
                     await self.state.hot.forget_token(parts[0])  # and no other process takes it from hot state

@@ -73,8 +73,7 @@ async def retrieve_worker(worker_id: Annotated[str, Path(max_length=64)], caller
 async def revoke_worker(request: Request, worker_id: Annotated[str, Path(max_length=64)], caller: ProviderCaller,
                         settings: SettingsDep) -> WorkerRead:
     worker = await caller.run(workers.revoke, worker_id=worker_id, settings=settings)
-    request.app.state.worker_tokens.clear()  # this process forgets cached tokens at once; others within seconds
-    await request.app.state.hot.forget_token(worker.token_prefix)  # no process learns it from hot state again
+    await request.app.state.hot.revoke_token(worker.token_prefix, worker.id)  # every process forgets it at once
     return worker_read(worker)
 
 

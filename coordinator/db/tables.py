@@ -404,6 +404,18 @@ class LeaseModel(Base):
     worker: Mapped[WorkerModel] = relationship(lazy="raise")
 
 
+class UploadTicketModel(Base):
+    """A presigned PUT a lease holds open (an object store only), until its upload is adopted or it lapses and what
+    it may have written is deleted (`services/uploads.py`). Counting them bounds what one lease parks in the store."""
+
+    __tablename__ = "upload_tickets"
+
+    key: Mapped[str] = mapped_column(String(200), primary_key=True)  # under incoming/<lease id>/
+    lease_id: Mapped[str] = mapped_column(ForeignKey("leases.id", ondelete="CASCADE"), index=True)
+    bytes: Mapped[int] = mapped_column(BigInteger)
+    lapses_at: Mapped[datetime] = mapped_column(index=True)
+
+
 # --- money (issue 6) -------------------------------------------------------------------------------
 
 class Book(enum.StrEnum):

@@ -7,7 +7,8 @@ uploads, a customer's expired files and ended jobs' scratch do not fill the coor
 - a stored file no row refers to (a crash between storing and recording, a pruned checkpoint whose delete
   failed), an export's or a batch's uploads whose lease has ended, the adapter an ended job started from, an
   upload abandoned half way and a worker's direct upload never adopted (`incoming/`, object store) are deleted
-  once older than `ORPHAN_GRACE`, so an upload in flight is never touched.
+  once older than `ORPHAN_GRACE`, so an upload in flight is never touched;
+- a direct upload whose ticket expired unadopted is deleted with its ticket (`services/uploads.py`).
 Both stores: the local disk and S3 (where a multipart upload never completed is aborted too).
 Idempotent, and safe beside uploads: a blob is recorded before it is old enough to look orphaned.
 """
@@ -22,7 +23,7 @@ from sqlalchemy import or_, select
 from sqlalchemy.orm import Session
 
 from coordinator.db.tables import LIVE_LEASE, FileModel, JobCheckpointModel, JobModel, JobStatus, LeaseModel, utcnow
-from coordinator.services import held_out
+from coordinator.services import held_out, uploads
 from coordinator.services.files import blob_key
 from coordinator.settings import CoordinatorSettings
 from coordinator.storage import STAGING, BlobStore, checkpoint_key
@@ -121,8 +122,21 @@ def _remove_orphans(session: Session, store: BlobStore, collected: Collected) ->
                     collected.keys.append(key)
 
 
+def _close_lapsed_tickets(session: Session, store: BlobStore, collected: Collected) -> None:
+    """Direct uploads whose ticket expired unadopted: deleted now, not an hour after they were written."""
+    while keys := uploads.lapsed_tickets(session=session, limit=BATCH):
+        session.commit()
+        for key in keys:
+            store.delete(key)
+            collected.orphans += 1
+            collected.keys.append(key)
+        if len(keys) < BATCH:
+            break
+
+
 def collect(*, session: Session, store: BlobStore, settings: CoordinatorSettings) -> Collected:
     collected = Collected()
+    _close_lapsed_tickets(session, store, collected)
     _expire_files(session, store, collected)
     _drop_scratch(session, store, settings, collected)
     _remove_orphans(session, store, collected)

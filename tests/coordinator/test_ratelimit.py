@@ -37,6 +37,8 @@ def test_keys_are_kept_as_digests_only() -> None:
 
 
 def test_processes_share_one_budget_in_redis(redis_url: str) -> None:
+    """Each process counts at once and shares its counts in the background: a key's requests through either
+    count against one budget, learnt by each process when it next adds its own."""
     import redis.asyncio as aioredis  # noqa: PLC0415
 
     async def main() -> None:
@@ -45,6 +47,10 @@ def test_processes_share_one_budget_in_redis(redis_url: str) -> None:
         first, second = RedisRateLimiter(2, a, namespace=namespace), RedisRateLimiter(2, b, namespace=namespace)
         await first.check("k")
         await second.check("k")
+        await first.sync()
+        await second.sync()  # Redis holds 2; the first process last heard 1
+        await first.check("k")  # the overshoot: what another process took since this one last synced the key
+        await first.sync()
         with pytest.raises(RateLimited):
             await first.check("k")
         await a.aclose()
@@ -53,12 +59,35 @@ def test_processes_share_one_budget_in_redis(redis_url: str) -> None:
     anyio.run(main)
 
 
-def test_a_redis_that_is_away_never_refuses_service() -> None:
+def test_one_process_counts_exactly_without_waiting_for_redis(redis_url: str) -> None:
+    """The budget is enforced by this process's own count, whatever the background sync has done."""
+    import redis.asyncio as aioredis  # noqa: PLC0415
+
+    async def main() -> None:
+        client = aioredis.Redis.from_url(redis_url)
+        limiter = RedisRateLimiter(3, client, namespace=f"test-{uuid.uuid4().hex}")
+        await _spend(limiter, "k", 3)
+        with pytest.raises(RateLimited):
+            await limiter.check("k")
+        await limiter.sync()
+        with pytest.raises(RateLimited):  # and still after the counts went to Redis and came back
+            await limiter.check("k")
+        await client.aclose()
+
+    anyio.run(main)
+
+
+def test_a_redis_that_is_away_never_refuses_service_beyond_the_budget() -> None:
+    """Redis away: requests within the budget are served (this process counts alone), the one past it is not."""
     import redis.asyncio as aioredis  # noqa: PLC0415
 
     async def main() -> None:
         away = aioredis.Redis.from_url("redis://127.0.0.1:1/0", socket_connect_timeout=0.2)
-        await _spend(RedisRateLimiter(1, away), "k", 5)
+        limiter = RedisRateLimiter(5, away)
+        await _spend(limiter, "k", 5)
+        await limiter.sync()
+        with pytest.raises(RateLimited):
+            await limiter.check("k")
         await away.aclose()
 
     anyio.run(main)

@@ -111,7 +111,8 @@ def test_the_owners_game_preempts_the_job_and_it_resumes_elsewhere(
     with httpx.Client(base_url=live_server.url, headers={"Authorization": f"Bearer {customer}"}, timeout=30) as client:
         # Long enough that the owner's game lands mid-training: at about 20 steps/s here, five epochs (20 steps)
         # could finish before the agent noticed the game, and a finished trainer has no checkpoint to hand on.
-        job = submit(client, examples=60, hyperparameters={"n_epochs": 30, "batch_size": 1})
+        # 600 steps give it half a minute; more only made the second worker train longer (1,800 took 88 s).
+        job = submit(client, examples=30, hyperparameters={"n_epochs": 20, "batch_size": 1})
         try:
             threads.append(threading.Thread(target=agent_a.run, daemon=True))
             threads[-1].start()

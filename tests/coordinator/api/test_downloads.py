@@ -145,3 +145,46 @@ def test_a_ticket_is_bounded_by_the_lease(client: TestClient, agent: FakeAgent, 
     export = agent.client.post(f"/v1/workers/leases/{lease_id}/uploads", headers=agent.headers(lease_id),
                                json={"kind": "export", "bytes": 10, "sha256": "0" * 64, "format": "merged"})
     assert export.status_code in (400, 409)  # a training lease uploads no export
+
+
+def test_a_lease_holds_a_few_uploads_open_and_no_more(client: TestClient, agent: FakeAgent, create_job,  # type: ignore[no-untyped-def]
+                                                       session: Session, settings: CoordinatorSettings) -> None:
+    """A worker asking ticket after ticket, PUTting each and adopting none, is stopped at `OPEN_TICKETS` (429 with
+    Retry-After): it cannot park more than that many uploads' bytes in the store. Adopting one frees its place;
+    a lapsed one is deleted from the store when the lease next asks."""
+    from datetime import timedelta  # noqa: PLC0415
+
+    from coordinator.db.tables import UploadTicketModel  # noqa: PLC0415
+    from coordinator.services import blobs  # noqa: PLC0415
+    from coordinator.services.uploads import OPEN_TICKETS  # noqa: PLC0415
+
+    _, a = placed(client, agent, create_job)
+    lease_id, adapter = a["lease_id"], adapter_archive("tunegrid/tiny-llama")
+    keys = []
+    for _ in range(OPEN_TICKETS):
+        answer = ticket(agent, lease_id, adapter, "adapter")
+        put_direct(answer, adapter)
+        keys.append(answer.json()["key"])
+    refused = ticket(agent, lease_id, adapter, "adapter")
+    assert refused.status_code == 429 and int(refused.headers["retry-after"]) > 0, refused.text
+    assert "open uploads" in refused.json()["error"]["message"]
+    assert adopt(agent, lease_id, "adapter", adapter, keys.pop()).status_code == 200
+    assert ticket(agent, lease_id, adapter, "adapter").status_code == 200  # the adopted one's place
+    assert ticket(agent, lease_id, adapter, "adapter").status_code == 429
+    parked = keys[0]
+    row = session.get(UploadTicketModel, parked)
+    assert row is not None
+    row.lapses_at -= timedelta(days=1)  # as if its URL had expired long ago, unadopted
+    session.commit()
+    store = open_store(settings)
+    assert store.size(parked) == len(adapter)
+    assert ticket(agent, lease_id, adapter, "adapter").status_code == 200  # the lapsed one's place
+    assert store.size(parked) is None  # deleted
+    gone = adopt(agent, lease_id, "adapter", adapter, parked)
+    assert gone.status_code == 400 and gone.json()["error"]["code"] == "upload_missing"
+    lapsed, live = keys[1], keys[2]  # the blob collection closes lapsed tickets too, however recent their objects
+    session.get(UploadTicketModel, lapsed).lapses_at -= timedelta(days=1)  # type: ignore[union-attr]
+    session.commit()
+    collected = blobs.collect(session=session, store=store, settings=settings)
+    assert lapsed in collected.keys and store.size(lapsed) is None
+    assert store.size(live) == len(adapter) and session.get(UploadTicketModel, live) is not None

@@ -69,6 +69,26 @@ def test_cancel_reaches_the_worker_as_a_heartbeat_command(client: TestClient, cu
     assert late.status_code == 409 and late.json()["error"]["code"] == "lease_lost"
 
 
+def test_a_worker_that_ended_its_own_lease_is_not_sent_to_the_database_by_its_next_heartbeat(  # type: ignore[no-untyped-def]
+        client: TestClient, customer, agent: FakeAgent, create_job, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Its complete (fail, preempted) call's reply told it the outcome: no recheck for it, so the fleet's
+    heartbeats stay off the database as jobs end. A lease ended by anyone else still sends it there."""
+    from coordinator.services import workers  # noqa: PLC0415
+
+    reads: list[str] = []
+    recorded = workers.record_heartbeat
+    monkeypatch.setattr(workers, "record_heartbeat", lambda **kw: reads.append(kw["worker"].id) or recorded(**kw))
+    job, a = placed(client, agent, create_job)
+    assert client.post(f"/v1/fine_tuning/jobs/{job['id']}/cancel", headers=customer.headers).status_code == 200
+    assert agent.heartbeat("working", lease_id=a["lease_id"], step=1).json()["commands"][0]["type"] == "cancel"
+    assert reads == [agent.worker_id]
+    _, b = placed(client, agent, create_job)
+    adapter = adapter_archive("tunegrid/tiny-llama")
+    assert agent.upload(b["lease_id"], "adapter", adapter).status_code == 200
+    assert agent.complete(b["lease_id"], adapter).status_code == 200
+    assert agent.heartbeat().status_code == 200 and reads == [agent.worker_id]  # no second read
+
+
 def test_pause_reaches_the_worker_and_resume_requeues(client: TestClient, customer, agent: FakeAgent, create_job) -> None:  # type: ignore[no-untyped-def]
     job, a = placed(client, agent, create_job)
     assert client.post(f"/v1/fine_tuning/jobs/{job['id']}/pause", headers=customer.headers).status_code == 200

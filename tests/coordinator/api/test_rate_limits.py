@@ -99,6 +99,8 @@ def test_redis_counts_for_every_process(redis_url: str) -> None:
         await first.check(key)
         await second.check(key)
         await first.check(key)
+        await first.sync()  # what each process counted reaches the other within `SYNC_S`
+        await second.sync()
         try:
             await second.check(key)
         except RateLimited as exc:

@@ -72,10 +72,11 @@ def test_a_known_workers_heartbeat_never_waits_for_the_database(client: TestClie
     in the background: the database being slow (a sweep holding the connections) never shows in its latency."""
     import time  # noqa: PLC0415
 
+    from coordinator import worker_tokens  # noqa: PLC0415
     from coordinator.api import deps  # noqa: PLC0415
     from coordinator.services import workers  # noqa: PLC0415
 
-    monkeypatch.setattr(deps, "WORKER_TOKEN_CACHE_S", 0.0)  # every call after the first finds the token stale
+    monkeypatch.setattr(worker_tokens, "FRESH_S", 0.0)  # every call after the first finds the token stale
     assert agent.heartbeat().status_code == 200  # the token is now known
     checked = workers.authenticate
     checks: list[float] = []
@@ -102,11 +103,11 @@ def test_a_worker_revoked_elsewhere_is_refused_once_the_background_check_ran(  #
     call, checked behind it, then refused."""
     import time  # noqa: PLC0415
 
-    from coordinator.api import deps  # noqa: PLC0415
+    from coordinator import worker_tokens  # noqa: PLC0415
     from coordinator.db.tables import AccountModel  # noqa: PLC0415
     from coordinator.services import workers  # noqa: PLC0415
 
-    monkeypatch.setattr(deps, "WORKER_TOKEN_CACHE_S", 0.0)
+    monkeypatch.setattr(worker_tokens, "FRESH_S", 0.0)
     assert agent.heartbeat().status_code == 200
     workers.revoke(session=session, account=session.get(AccountModel, provider.account_id),  # another process's
                    worker_id=agent.worker_id, settings=settings)
@@ -123,7 +124,8 @@ def test_a_token_one_process_confirmed_needs_no_database_in_another_until_revoke
         settings, redis_url: str, make_caller, monkeypatch: pytest.MonkeyPatch) -> None:
     """Two API processes on one Redis: a worker's first call to the second finds its token in hot state (the
     soak's heartbeat tail was each process's first look at each token, waiting for a database connection). A
-    revocation removes it there, so a process that has not seen the token must ask the database, and refuses it."""
+    revocation removes it there, so a process that has not seen the token must ask the database, and refuses it;
+    and it is announced, so a process that holds the token in its own cache drops it before the next call."""
     import time  # noqa: PLC0415
 
     import redis  # noqa: PLC0415
@@ -152,9 +154,18 @@ def test_a_token_one_process_confirmed_needs_no_database_in_another_until_revoke
             monkeypatch.setattr(workers, "authenticate", checked)
             forged = agent.headers() | {"Authorization": f"Bearer {agent.token[:-4]}abcd"}  # the prefix, not the secret
             assert second.post("/v1/workers/heartbeat", json={"activity": "idle"}, headers=forged).status_code == 401
+            deadline = time.monotonic() + 5
+            while not apps[1].state.worker_tokens and time.monotonic() < deadline:
+                time.sleep(0.02)  # the background check has confirmed it in the second process's own cache
+            assert apps[1].state.worker_tokens.revocations_heard and len(apps[1].state.worker_tokens) == 1
             assert first.post(f"/v1/workers/{agent.worker_id}/revoke", headers=provider.headers).status_code == 200
             refused = third.post("/v1/workers/heartbeat", json={"activity": "idle"}, headers=agent.headers())
             assert refused.status_code == 401 and refused.json()["error"]["code"] == "worker_revoked"
+            while apps[1].state.worker_tokens and time.monotonic() < deadline + 5:
+                time.sleep(0.02)  # announced: the second process evicts it without a call to prompt it
+            for _ in range(2):  # (the first alone would be refused anyway: the revocation asked it to read the database)
+                refused = second.post("/v1/workers/heartbeat", json={"activity": "idle"}, headers=agent.headers())
+                assert refused.status_code == 401 and refused.json()["error"]["code"] == "worker_revoked"
     finally:
         for app in apps:
             app.state.engine.dispose()
