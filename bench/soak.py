@@ -391,7 +391,7 @@ def main() -> None:
         names = list(results)
         print("\nside by side: " + " | ".join(names))
         for figure in results[names[0]]:
-            print(f"  {figure:28s} " + " | ".join(f"{results[n][figure]:10.1f}" for n in names))
+            print(f"  {figure:32s} " + " | ".join(f"{results[n][figure]:10.1f}" for n in names))
 
 
 if __name__ == "__main__":
