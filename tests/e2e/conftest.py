@@ -35,13 +35,38 @@ class LiveServer:
                               text=True, timeout=60, check=True)
         return done.stdout
 
+    @property
+    def database_url(self) -> str:
+        return self.env.get("TUNEGRID_DATABASE_URL") or f"sqlite:///{Path(self.env['TUNEGRID_DATA_DIR']) / 'tunegrid.db'}"
+
     def new_key(self, role: str, name: str, credit: str = "100") -> str:
-        """A new account's key; a customer gets `credit` granted through the CLI, as an admin would."""
-        output = self.cli("keys", "create", "--role", role, "--name", name)
-        if role == "customer" and credit:
-            account = output.split("account ", 1)[1].split()[0]
-            self.cli("credits", "grant", "--account", account, "--amount", credit)
-        return output.strip().splitlines()[-1]
+        """A new account's key, written straight into the coordinator's database by the services the CLI calls
+        (`tunegrid-coordinator keys create` and `credits grant`, tested in tests/e2e/test_cli.py and
+        tests/coordinator/test_cli.py), without a process start per key; a customer gets `credit` granted."""
+        from coordinator.db.engine import make_engine, make_sessionmaker  # noqa: PLC0415
+        from coordinator.db.tables import Role  # noqa: PLC0415
+        from coordinator.services import billing  # noqa: PLC0415
+        from coordinator.services.keys import create_account_with_key  # noqa: PLC0415
+        from coordinator.settings import CoordinatorSettings  # noqa: PLC0415
+        from shared.money import usd_to_micros  # noqa: PLC0415
+
+        engine = make_engine(CoordinatorSettings(database_url=self.database_url))
+        try:
+            with make_sessionmaker(engine)() as session:
+                created = create_account_with_key(session=session, name=name, role=Role(role))
+                if role == "customer" and credit:
+                    billing.grant(session=session, account=created.account, amount=usd_to_micros(credit),
+                                  key=f"test-{created.account.id}", memo="test credit")
+                session.commit()
+                return created.key
+        finally:
+            engine.dispose()
+
+    def migrate(self) -> None:
+        """`tunegrid-coordinator migrate`, in this process (the CLI's own path: tests/coordinator/test_cli.py)."""
+        from coordinator.db.migrate import upgrade_head  # noqa: PLC0415
+
+        upgrade_head(self.database_url)
 
 
 @pytest.fixture(scope="session")
@@ -68,7 +93,7 @@ def live_server(backend: str, request: pytest.FixtureRequest, tmp_path: Path, li
         env["TUNEGRID_DATABASE_URL"] = postgres_url
     server = LiveServer(url=f"http://127.0.0.1:{port}", env=env)
     if postgres_url:
-        server.cli("migrate")
+        server.migrate()
     process = start_server(env, tmp_path / "server.log", server.url)
     try:
         yield server

@@ -112,7 +112,7 @@ def test_coordinator_restart_and_redis_flush_mid_job_lose_nothing(postgres_url: 
            "TUNEGRID_LOG_LEVEL": "warning", "TUNEGRID_DATABASE_URL": postgres_url, "TUNEGRID_REDIS_URL": redis_url,
            **FAST_LEASES, "TUNEGRID_LEASE_GRACE_S": "30"}
     server = LiveServer(url=f"http://127.0.0.1:{port}", env=env)
-    server.cli("migrate")
+    server.migrate()
     process = start_server(env, tmp_path / "server-1.log", server.url)
     agent = registered_agent(server, worker_settings(tmp_path / "w", tiny_model), monkeypatch)
     customer = server.new_key("customer", "alice")

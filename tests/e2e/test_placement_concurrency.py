@@ -33,7 +33,7 @@ def test_every_job_is_placed_exactly_once(postgres_url: str, redis_url: str, tmp
                    "TUNEGRID_REDIS_URL": redis_url, "TUNEGRID_PERIODIC_TASKS": "true", "TUNEGRID_SWEEP_INTERVAL_S": "0.2"}
             server = LiveServer(url=f"http://127.0.0.1:{port}", env=env)
             if i == 0:
-                server.cli("migrate")
+                server.migrate()
             processes.append(start_server(env, tmp_path / f"server-{i}.log", server.url))
             servers.append(server)
         customer, provider = servers[0].new_key("customer", "alice"), servers[0].new_key("provider", "pat")

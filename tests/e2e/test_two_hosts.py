@@ -58,7 +58,7 @@ def test_two_hosts_share_only_the_database_redis_and_the_object_store(
               "TUNEGRID_CHECKPOINT_EVERY_STEPS": "3"}
     # The first host runs the periodic work (validation, sweeps); with Celery beat that would be a third process.
     first, second = _host(common, tmp_path / "host-a", periodic=True), _host(common, tmp_path / "host-b", periodic=False)
-    first.cli("migrate")
+    first.migrate()
     processes = [start_server(first.env, tmp_path / "a.log", first.url),
                  start_server(second.env, tmp_path / "b.log", second.url)]
     store = S3Store.from_url(s3_config["storage_url"], endpoint_url=s3_config["s3_endpoint_url"],

@@ -105,26 +105,8 @@ def assert_sandboxed(seen: dict) -> None:  # type: ignore[type-arg]
 
 
 def direct_key(server: LiveServer, role: str, name: str, credit: str = "100") -> str:
-    """A new account's key, written straight into the live coordinator's database (what `LiveServer.new_key` does
-    through the CLI, without a process start per key); a customer gets `credit` granted."""
-    from coordinator.db.engine import make_engine, make_sessionmaker  # noqa: PLC0415
-    from coordinator.db.tables import Role  # noqa: PLC0415
-    from coordinator.services import billing  # noqa: PLC0415
-    from coordinator.services.keys import create_account_with_key  # noqa: PLC0415
-    from coordinator.settings import CoordinatorSettings  # noqa: PLC0415
-    from shared.money import usd_to_micros  # noqa: PLC0415
-
-    engine = make_engine(CoordinatorSettings(database_url=database(server)))
-    try:
-        with make_sessionmaker(engine)() as session:
-            created = create_account_with_key(session=session, name=name, role=Role(role))
-            if role == "customer" and credit:
-                billing.grant(session=session, account=created.account, amount=usd_to_micros(credit),
-                              key=f"test-{created.account.id}", memo="test credit")
-            session.commit()
-            return created.key
-    finally:
-        engine.dispose()
+    """A new account's key, written straight into the live coordinator's database (`LiveServer.new_key`)."""
+    return server.new_key(role, name, credit)
 
 
 def audit_is_clean(server: LiveServer) -> None:
