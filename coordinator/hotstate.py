@@ -31,7 +31,7 @@ HEARTBEAT_KEEP_S = 3600
 RECHECK_CHANNEL = "tg:recheck"  # a worker id whose next heartbeat must read the database
 RECHECK_PREFIX = "tg:recheck:"  # the same, kept for processes that subscribe later
 RECHECK_KEEP_S = 120  # longer than a process takes to subscribe again; past it the heartbeat flush finds ended leases
-RECHECKS_KEPT = 10_000  # past this many unconsumed recheck flags, those older than an hour are dropped
+RECHECKS_PRUNE_S = 60.0  # how often flags older than `RECHECK_KEEP_S` (and a minute) are dropped
 SNAPSHOT_PREFIX = "tg:hb:"
 SNAPSHOT_WRITE_S = 0.25  # heartbeat snapshots reach Redis this often, in one round trip
 HISTORY_PREFIX = "tg:hbh:"
@@ -177,7 +177,8 @@ class RedisHotState(HotState):
         self._writer: asyncio.Task[None] | None = None
         self._unwritten: dict[str, list[bytes]] = {}  # worker id -> snapshots not yet in Redis, oldest first
         self._listening = False
-        self._rechecks: dict[str, float] = {}  # worker id -> when its recheck was heard (pruned past an hour)
+        self._rechecks: dict[str, float] = {}  # worker id -> when its recheck was heard
+        self._rechecks_pruned = time.monotonic()
 
     @property
     def client(self) -> Any:
@@ -202,8 +203,8 @@ class RedisHotState(HotState):
         backoff = 0.1
         while True:
             try:
-                async with self._redis.pubsub(ignore_subscribe_messages=True) as pubsub:
-                    await pubsub.subscribe(WAKE_CHANNEL, REVOKE_CHANNEL, RECHECK_CHANNEL)
+                async with self._redis.pubsub() as pubsub:
+                    await self._subscribed(pubsub)
                     self.tokens.clear()
                     self.tokens.revocations_heard = True
                     async for key in self._redis.scan_iter(match=f"{RECHECK_PREFIX}*", count=1000):
@@ -223,13 +224,30 @@ class RedisHotState(HotState):
                 self._listening = False
                 self.tokens.revocations_heard = False
 
+    async def _subscribed(self, pubsub: Any) -> None:
+        """Subscribe, and return once Redis has confirmed every channel: only from then on is every message
+        heard, so only then may the token cache start afresh (a revocation in between would be missed)."""
+        channels = (WAKE_CHANNEL, REVOKE_CHANNEL, RECHECK_CHANNEL)
+        await pubsub.subscribe(*channels)
+        confirmed: set[bytes] = set()
+        deadline = time.monotonic() + REDIS_TIMEOUT_S
+        while len(confirmed) < len(channels):
+            if time.monotonic() > deadline:
+                raise TimeoutError("Redis did not confirm the subscriptions")
+            message = await pubsub.get_message(timeout=REDIS_TIMEOUT_S)
+            if message and message.get("type") == "subscribe":
+                confirmed.add(message["channel"])
+            elif message and message.get("type") == "message":
+                self._heard(message["channel"], message["data"].decode())
+
     def _heard(self, channel: bytes, worker_id: str) -> None:
         if channel == REVOKE_CHANNEL.encode():
             self.tokens.revoked(worker_id)
         elif channel == RECHECK_CHANNEL.encode():
             now = time.monotonic()
-            if len(self._rechecks) > RECHECKS_KEPT:
-                self._rechecks = {w: at for w, at in self._rechecks.items() if now - at < HEARTBEAT_KEEP_S}
+            if now - self._rechecks_pruned > RECHECKS_PRUNE_S:  # flags another process consumed stay here: age them out
+                self._rechecks = {w: at for w, at in self._rechecks.items() if now - at < RECHECK_KEEP_S + 60}
+                self._rechecks_pruned = now
             self._rechecks[worker_id] = now
         else:
             self._wake_local(worker_id)

@@ -55,14 +55,15 @@ class WorkerTokenCache:
             return entry.worker_id, True
         return None, False
 
-    def confirm(self, digest: str, worker_id: str, checked_at: float) -> None:
+    def confirm(self, digest: str, worker_id: str, checked_at: float) -> bool:
         """Remember a confirmation whose database read began at `checked_at`, unless a revocation was heard (or
-        could have been missed) since."""
+        could have been missed) since: then False, and nobody else should be told of it either."""
         if checked_at <= self._cleared_at or self._revoked.get(worker_id, float("-inf")) >= checked_at:
-            return
+            return False
         if len(self._entries) >= MAX_ENTRIES:
             self._entries.clear()
         self._entries[digest] = Confirmation(worker_id, checked_at)
+        return True
 
     def heard_revoked(self, worker_id: str) -> bool:
         """Whether this worker's revocation was heard lately (another process's hot state may lag behind it)."""

@@ -231,9 +231,9 @@ class WorkerCaller:
     async def _check_now(self, digest: str) -> str:
         began = time.monotonic()
         worker_id = await run_in_session(self.state, lambda session: self._authenticate(session).id)
-        self.state.worker_tokens.confirm(digest, worker_id, began)
+        confirmed = self.state.worker_tokens.confirm(digest, worker_id, began)
         parts = workers.split_token(self.token)
-        if parts is not None:
+        if confirmed and parts is not None:  # a read older than a revocation heard since is shared with nobody
             await self.state.hot.remember_token(parts[0], workers.token_sha256(parts[1]), worker_id, STALE_S)
         return worker_id
 

@@ -12,7 +12,7 @@ import anyio.to_thread
 from fastapi import APIRouter, Depends, Header, Path, Query, Request
 from fastapi.responses import FileResponse, Response
 
-from coordinator.api.deps import CurrentWorker, SettingsDep, StoreDep, WorkerCaller
+from coordinator.api.deps import CurrentWorker, SettingsDep, StoreDep
 from coordinator.api.downloads import blob_response
 from coordinator.api.errors import ERROR_RESPONSES
 from coordinator.db.ids import new_id
@@ -113,8 +113,8 @@ def _checkpoint_limit(settings: CoordinatorSettings, rules: CheckpointRules) -> 
     return min(settings.max_adapter_bytes, rules.upload_limit())
 
 
-async def _receive(request: Request, store: BlobStore, key: str, *, worker: WorkerCaller, lease_id: str, kind: str,
-                   limit: int, expected: str, staged: str | None) -> StoredBlob:
+async def _receive(request: Request, store: BlobStore, key: str, *, lease_id: str, kind: str, limit: int,
+                   expected: str, staged: str | None) -> StoredBlob:
     """The upload as a stored blob under `key`: the request's body, or (`staged`) the object the worker PUT to
     its presigned URL, checked for size and sha256 and moved under `key` without passing through here."""
     if staged is None:
@@ -122,11 +122,8 @@ async def _receive(request: Request, store: BlobStore, key: str, *, worker: Work
     if not store.direct or not staged.startswith(f"{staging_prefix(lease_id)}{kind}-") or not _STAGED.fullmatch(staged):
         raise InvalidRequest(f"{UPLOAD_KEY_HEADER} names no upload of this lease's {kind}.", param=UPLOAD_KEY_HEADER,
                              code="invalid_upload_key")
-    try:
-        return await anyio.to_thread.run_sync(
-            lambda: store.adopt(staged, key, max_bytes=limit, expected_sha256=expected))
-    finally:  # adopted or refused, the staged object is gone: the lease may open another upload
-        await worker.run(uploads.close_ticket, key=staged)
+    return await anyio.to_thread.run_sync(
+        lambda: store.adopt(staged, key, max_bytes=limit, expected_sha256=expected))
 
 
 _STAGED = re.compile(rf"{STAGING}/[A-Za-z0-9_-]+/[a-z]+-[A-Za-z0-9_-]+")  # fullmatch
@@ -136,16 +133,18 @@ _STAGED = re.compile(rf"{STAGING}/[A-Za-z0-9_-]+/[a-z]+-[A-Za-z0-9_-]+")  # full
 async def upload_ticket(lease_id: LeaseId, body: UploadTicketRequest, worker: CurrentWorker, token: FencingToken,
                         store: StoreDep, settings: SettingsDep) -> UploadTicket:
     """A presigned URL for one upload of this lease (an object store only; otherwise no `url`: send the bytes to
-    the upload call itself). It takes exactly the declared size, once adopted it is gone, and it expires within
-    `lease_grace_s`, as the lease does when it stops being renewed."""
+    the upload call itself). It takes exactly the declared size, and a PUT must start within two minutes (at most
+    `lease_grace_s`). Each stays open, counted against what the lease may park in the store, until it lapses
+    (`services/uploads.py`)."""
     limit = await _limit(worker, settings, lease_id, token, body.kind, body.format)
     if body.bytes > limit:
         raise PayloadTooLarge(f"The upload is larger than the limit of {limit} bytes.")
     key = f"{staging_prefix(lease_id)}{body.kind}-{new_id('up-')}"
-    ticket = store.presigned_put(key, expires_s=settings.lease_grace_s, length=body.bytes, sha256=body.sha256)
+    ticket = store.presigned_put(key, expires_s=min(settings.lease_grace_s, uploads.UPLOAD_URL_S), length=body.bytes,
+                                 sha256=body.sha256)
     if ticket is None:
         return UploadTicket()
-    lapsed = await worker.run(uploads.open_ticket, lease_id=lease_id, key=key, size=body.bytes,
+    lapsed = await worker.run(uploads.open_ticket, lease_id=lease_id, key=key, size=body.bytes, limit=limit,
                               expires_at=datetime.fromtimestamp(ticket.expires_at, UTC))
     for stale in lapsed:  # what an expired ticket of this lease may have written
         await anyio.to_thread.run_sync(store.delete, stale)
@@ -166,7 +165,7 @@ async def upload_checkpoint(
     checkpoint_id = new_id("ftckpt-")
     limit = _checkpoint_limit(settings, rules)
     try:
-        blob = await _receive(request, store, checkpoints.checkpoint_key(checkpoint_id), worker=worker, lease_id=lease_id,
+        blob = await _receive(request, store, checkpoints.checkpoint_key(checkpoint_id), lease_id=lease_id,
                               kind="checkpoint", limit=limit, expected=expected, staged=staged)
     except PayloadTooLarge:
         refused = f"the upload is larger than the {limit} bytes a checkpoint of this job can take"
@@ -188,7 +187,7 @@ async def upload_adapter(
 ) -> UploadReply:
     expected = _declared_sha256(sha256)
     limit = await _limit(worker, settings, lease_id, token, "adapter")
-    blob = await _receive(request, store, leases.adapter_upload_key(lease_id), worker=worker, lease_id=lease_id, kind="adapter",
+    blob = await _receive(request, store, leases.adapter_upload_key(lease_id), lease_id=lease_id, kind="adapter",
                           limit=limit, expected=expected, staged=staged)
     await worker.run(leases.record_adapter, store=store, lease_id=lease_id, fencing_token=token, blob=blob)
     return UploadReply(lease_id=lease_id, kind="adapter", sha256=blob.sha256, bytes=blob.bytes)
@@ -204,7 +203,7 @@ async def upload_export(
     from a direct upload) and sha256-checked; its content is checked when the lease completes."""
     expected = _declared_sha256(sha256)
     limit = await _limit(worker, settings, lease_id, token, "export", fmt)
-    blob = await _receive(request, store, export_leases.upload_key(lease_id), worker=worker, lease_id=lease_id, kind="export",
+    blob = await _receive(request, store, export_leases.upload_key(lease_id), lease_id=lease_id, kind="export",
                           limit=limit, expected=expected, staged=staged)
     await worker.run(export_leases.record_upload, store=store, lease_id=lease_id, fencing_token=token, fmt=fmt,
                      blob=blob)
@@ -220,7 +219,7 @@ async def upload_batch_part(
     answer recorded (`services/batch_leases.py`)."""
     expected = _declared_sha256(sha256)
     limit = await _limit(worker, settings, lease_id, token, "batch")
-    blob = await _receive(request, store, batch_leases.part_key(lease_id), worker=worker, lease_id=lease_id, kind="batch",
+    blob = await _receive(request, store, batch_leases.part_key(lease_id), lease_id=lease_id, kind="batch",
                           limit=limit, expected=expected, staged=staged)
     counts = await worker.run(batch_leases.record_part, store=store, settings=settings, lease_id=lease_id,
                               fencing_token=token, blob=blob)

@@ -1,10 +1,15 @@
 """Upload tickets: the direct uploads (presigned PUTs to the object store) a lease holds open.
 
-A lease may hold `OPEN_TICKETS` at a time. Each takes at most its kind's size limit, so no worker can park more
-than that many uploads' bytes in the store, whatever pace its uplink allows. A ticket closes when its upload is
-adopted (the store deletes the staged object either way), or lapses: what it may have written is deleted when the
-lease next asks for one, or by the blob collection (`services/blobs.py`). It lapses once its URL has expired and
-the bytes it allows could have gone up at `SLOWEST_UPLINK` (a PUT begun before the expiry may still be running).
+A ticket's URL takes one object of the declared size under its key, as often as the worker PUTs it, until the
+URL expires: adopting the upload deletes the staged object, but a second PUT would write it again. So a ticket
+stays open until it lapses, once its URL has expired and the bytes it allows could have gone up at
+`SLOWEST_UPLINK` (a PUT begun before the expiry may still be running); then whatever is under its key is
+deleted, when the lease next asks for a ticket or by the blob collection (`services/blobs.py`).
+
+What a lease may park in the store is bounded by the tickets it holds open: their declared bytes together at
+most `OPEN_UPLOADS` times the largest upload among them and the one asked for (a checkpoint and a retry of it,
+an adapter, an export's formats one after the other), so never more than that many of its largest kind's limit;
+and at most `MAX_OPEN_TICKETS` of them (a batch lease sends a small part every few seconds).
 """
 
 from __future__ import annotations
@@ -17,19 +22,21 @@ from sqlalchemy.orm import Session
 from coordinator.db.tables import LeaseModel, UploadTicketModel, WorkerModel, utcnow
 from shared.errors import NotFound, RateLimited
 
-OPEN_TICKETS = 4  # a checkpoint and a retry of it, an adapter, a batch part: more than one lease needs at once
-SLOWEST_UPLINK = 1 << 20  # bytes/s (8 Mbit/s); a slower provider's upload may be deleted under it
+OPEN_UPLOADS = 4  # uploads' worth of the asked kind's limit a lease may hold open
+MAX_OPEN_TICKETS = 128
+UPLOAD_URL_S = 120  # how long a ticket's URL may start a PUT (at most the lease's grace); the agent PUTs at once
+SLOWEST_UPLINK = 1 << 20  # bytes/s (8 Mbit/s): a slower provider's upload may finish after its ticket lapsed
 
 
 def lapses_at(expires_at: datetime, size: int) -> datetime:
     return expires_at + timedelta(seconds=size / SLOWEST_UPLINK)
 
 
-def open_ticket(*, session: Session, worker: WorkerModel, lease_id: str, key: str, size: int,
+def open_ticket(*, session: Session, worker: WorkerModel, lease_id: str, key: str, size: int, limit: int,
                 expires_at: datetime) -> list[str]:
-    """Record a ticket for `key` (its URL expiring at `expires_at`), or refuse it (429) while the lease holds
-    `OPEN_TICKETS` that have not lapsed. Returns the keys of the lease's lapsed tickets, closed here: the caller
-    deletes whatever was written under them."""
+    """Record a ticket for `key` (`size` bytes of a kind whose uploads may be `limit` bytes; its URL expiring at
+    `expires_at`), or refuse it (429) while the lease's open tickets leave no room for it. Returns the keys of
+    the lease's lapsed tickets, closed here: the caller deletes whatever is under them."""
     lease = session.get(LeaseModel, lease_id, with_for_update=True)  # one count at a time per lease
     if lease is None or lease.worker_id != worker.id:
         raise NotFound(f"No such lease: {lease_id}", param="lease_id")
@@ -37,22 +44,17 @@ def open_ticket(*, session: Session, worker: WorkerModel, lease_id: str, key: st
     held = session.scalars(select(UploadTicketModel).where(UploadTicketModel.lease_id == lease_id)).all()
     lapsed = [t for t in held if t.lapses_at <= now]
     live = [t for t in held if t.lapses_at > now]
-    if len(live) >= OPEN_TICKETS:
+    room = OPEN_UPLOADS * max([limit] + [t.bytes for t in live])  # an export's later, smaller formats fit
+    if len(live) >= MAX_OPEN_TICKETS or sum(t.bytes for t in live) + size > room:
         wait = min(t.lapses_at for t in live) - now
         raise RateLimited(
-            f"This lease already holds {OPEN_TICKETS} open uploads; send one of them (or wait for one to expire) "
-            "before asking for another.", retry_after_s=max(1, int(wait.total_seconds()) + 1))
+            "This lease's open uploads leave no room for another (each stays open until its URL expires); "
+            "send what was asked for and try again later.", retry_after_s=max(1, int(wait.total_seconds()) + 1))
     for ticket in lapsed:
         session.delete(ticket)
     session.add(UploadTicketModel(key=key, lease_id=lease_id, bytes=size, lapses_at=lapses_at(expires_at, size)))
     session.commit()
     return [t.key for t in lapsed]
-
-
-def close_ticket(*, session: Session, worker: WorkerModel, key: str) -> None:
-    """Its upload was adopted, or refused and deleted: the lease may open another."""
-    session.execute(delete(UploadTicketModel).where(UploadTicketModel.key == key))
-    session.commit()
 
 
 def lapsed_tickets(*, session: Session, limit: int) -> list[str]:

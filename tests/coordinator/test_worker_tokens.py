@@ -38,8 +38,8 @@ def test_a_revocation_evicts_every_token_of_its_worker_and_refuses_older_checks(
     cache.revoked("wrk-1")
     assert cache.lookup("a", time.monotonic()) == (None, False)
     assert cache.lookup("b", time.monotonic())[0] == "wrk-2"
-    cache.confirm("a", "wrk-1", began)  # a check that read the database before the revocation
-    assert cache.lookup("a", time.monotonic()) == (None, False)
+    assert cache.confirm("a", "wrk-1", began) is False  # a check that read the database before the revocation:
+    assert cache.lookup("a", time.monotonic()) == (None, False)  # not kept, and not shared through Redis either
     assert cache.heard_revoked("wrk-1") and not cache.heard_revoked("wrk-2")
 
 

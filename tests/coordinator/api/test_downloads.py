@@ -149,39 +149,42 @@ def test_a_ticket_is_bounded_by_the_lease(client: TestClient, agent: FakeAgent, 
 
 def test_a_lease_holds_a_few_uploads_open_and_no_more(client: TestClient, agent: FakeAgent, create_job,  # type: ignore[no-untyped-def]
                                                        session: Session, settings: CoordinatorSettings) -> None:
-    """A worker asking ticket after ticket, PUTting each and adopting none, is stopped at `OPEN_TICKETS` (429 with
-    Retry-After): it cannot park more than that many uploads' bytes in the store. Adopting one frees its place;
-    a lapsed one is deleted from the store when the lease next asks."""
+    """A worker asking ticket after ticket and PUTting each is stopped (429 with Retry-After) once its open
+    tickets hold a few uploads' worth: adopting one does not free its room, since its URL would take the bytes
+    again (a second PUT after the adoption parks them anew), and a refused adoption neither. A lapsed ticket's
+    room comes back, and what is under its key is deleted, when the lease next asks and by the blob collection."""
     from datetime import timedelta  # noqa: PLC0415
 
     from coordinator.db.tables import UploadTicketModel  # noqa: PLC0415
-    from coordinator.services import blobs  # noqa: PLC0415
-    from coordinator.services.uploads import OPEN_TICKETS  # noqa: PLC0415
+    from coordinator.services import blobs, uploads  # noqa: PLC0415
 
     _, a = placed(client, agent, create_job)
-    lease_id, adapter = a["lease_id"], adapter_archive("tunegrid/tiny-llama")
-    keys = []
-    for _ in range(OPEN_TICKETS):
+    lease_id = a["lease_id"]
+    limit = client.post(f"/v1/workers/leases/{lease_id}/uploads", headers=agent.headers(lease_id),
+                        json={"kind": "adapter", "bytes": 10**12, "sha256": "0" * 64}).json()["error"]["message"]
+    per_upload = int(limit.split("limit of ")[1].split()[0])
+    adapter = adapter_archive("tunegrid/tiny-llama")
+    keys, answers = [], []
+    while True:
         answer = ticket(agent, lease_id, adapter, "adapter")
+        if answer.status_code != 200:
+            break
         put_direct(answer, adapter)
         keys.append(answer.json()["key"])
-    refused = ticket(agent, lease_id, adapter, "adapter")
-    assert refused.status_code == 429 and int(refused.headers["retry-after"]) > 0, refused.text
-    assert "open uploads" in refused.json()["error"]["message"]
-    assert adopt(agent, lease_id, "adapter", adapter, keys.pop()).status_code == 200
-    assert ticket(agent, lease_id, adapter, "adapter").status_code == 200  # the adopted one's place
-    assert ticket(agent, lease_id, adapter, "adapter").status_code == 429
-    parked = keys[0]
-    row = session.get(UploadTicketModel, parked)
-    assert row is not None
-    row.lapses_at -= timedelta(days=1)  # as if its URL had expired long ago, unadopted
-    session.commit()
+        answers.append(answer)
+    assert answer.status_code == 429 and int(answer.headers["retry-after"]) > 0, answer.text
+    assert len(keys) == min(uploads.MAX_OPEN_TICKETS, uploads.OPEN_UPLOADS * per_upload // len(adapter))
+    assert adopt(agent, lease_id, "adapter", adapter, keys[0]).status_code == 200
+    assert ticket(agent, lease_id, adapter, "adapter").status_code == 429  # adopted, but its URL is still good
+    put_direct(answers[0], adapter)  # and indeed: the same bytes parked again under the adopted key
     store = open_store(settings)
-    assert store.size(parked) == len(adapter)
-    assert ticket(agent, lease_id, adapter, "adapter").status_code == 200  # the lapsed one's place
-    assert store.size(parked) is None  # deleted
-    gone = adopt(agent, lease_id, "adapter", adapter, parked)
-    assert gone.status_code == 400 and gone.json()["error"]["code"] == "upload_missing"
+    assert store.size(keys[0]) == len(adapter)
+    early = adopt(agent, lease_id, "adapter", adapter, f"incoming/{lease_id}/adapter-up-never")
+    assert early.status_code == 400 and ticket(agent, lease_id, adapter, "adapter").status_code == 429
+    session.get(UploadTicketModel, keys[0]).lapses_at -= timedelta(days=1)  # type: ignore[union-attr]
+    session.commit()
+    assert ticket(agent, lease_id, adapter, "adapter").status_code == 200  # the lapsed one's room
+    assert store.size(keys[0]) is None  # and what was under its key is gone
     lapsed, live = keys[1], keys[2]  # the blob collection closes lapsed tickets too, however recent their objects
     session.get(UploadTicketModel, lapsed).lapses_at -= timedelta(days=1)  # type: ignore[union-attr]
     session.commit()

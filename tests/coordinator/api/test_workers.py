@@ -272,3 +272,50 @@ def test_a_heartbeat_is_a_few_kilobytes_at_most_and_is_kept_as_parsed(client: Te
     assert b"    " not in kept and json.loads(kept)["heartbeat"]["activity"] == "idle"  # parsed, not the raw body
 
 
+
+
+@pytest.mark.parametrize("backend", ["postgresql"], indirect=True)
+def test_a_check_under_way_when_the_revocation_lands_shares_nothing(  # type: ignore[no-untyped-def]
+        settings, redis_url: str, make_caller, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A background check that read the database before a revocation committed, and ends after it was heard,
+    neither keeps the token nor writes it back to Redis, where a process started later would take it."""
+    import threading  # noqa: PLC0415
+    import time  # noqa: PLC0415
+
+    import redis  # noqa: PLC0415
+
+    from coordinator import worker_tokens  # noqa: PLC0415
+    from coordinator.app import create_app  # noqa: PLC0415
+    from coordinator.hotstate import TOKEN_PREFIX  # noqa: PLC0415
+    from coordinator.services import workers  # noqa: PLC0415
+
+    client = redis.Redis.from_url(redis_url)
+    client.flushdb()
+    monkeypatch.setattr(worker_tokens, "HEARD_FRESH_S", 0.0)  # every call after the first starts a background check
+    monkeypatch.setattr(worker_tokens, "FRESH_S", 0.0)
+    app = create_app(settings.model_copy(update={"redis_url": redis_url}))
+    try:
+        with TestClient(app) as api:
+            provider = make_caller("provider", "pat")
+            agent = FakeAgent.register(api, provider.key)
+            assert api.post("/v1/workers/heartbeat", json={"activity": "idle"}, headers=agent.headers()).status_code == 200
+            checked, reading, release = workers.authenticate, threading.Event(), threading.Event()
+
+            def slow(**kwargs):  # type: ignore[no-untyped-def]
+                found = checked(**kwargs)  # the read, before the revocation
+                reading.set()
+                release.wait(10)
+                return found
+
+            monkeypatch.setattr(workers, "authenticate", slow)
+            assert api.post("/v1/workers/heartbeat", json={"activity": "idle"}, headers=agent.headers()).status_code == 200
+            assert reading.wait(10)
+            monkeypatch.setattr(workers, "authenticate", checked)
+            assert api.post(f"/v1/workers/{agent.worker_id}/revoke", headers=provider.headers).status_code == 200
+            release.set()
+            time.sleep(0.5)  # the background check ends
+            assert client.keys(f"{TOKEN_PREFIX}*") == []
+            refused = api.post("/v1/workers/heartbeat", json={"activity": "idle"}, headers=agent.headers())
+            assert refused.status_code == 401
+    finally:
+        app.state.engine.dispose()
