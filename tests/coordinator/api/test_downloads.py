@@ -149,10 +149,10 @@ def test_a_ticket_is_bounded_by_the_lease(client: TestClient, agent: FakeAgent, 
 
 def test_a_lease_holds_a_few_uploads_open_and_no_more(client: TestClient, agent: FakeAgent, create_job,  # type: ignore[no-untyped-def]
                                                        session: Session, settings: CoordinatorSettings) -> None:
-    """A worker asking ticket after ticket and PUTting each is stopped (429 with Retry-After) once its open
-    tickets hold a few uploads' worth: adopting one does not free its room, since its URL would take the bytes
-    again (a second PUT after the adoption parks them anew), and a refused adoption neither. A lapsed ticket's
-    room comes back, and what is under its key is deleted, when the lease next asks and by the blob collection."""
+    """A worker asking ticket after ticket is stopped (429 with Retry-After) once its open tickets declare a few
+    uploads' worth: adopting one does not free its room, since its URL would take the bytes again (a second PUT
+    after the adoption parks them anew), and a refused adoption neither. A lapsed ticket's room comes back, and
+    what is under its key is deleted, when the lease next asks and by the blob collection."""
     from datetime import timedelta  # noqa: PLC0415
 
     from coordinator.db.tables import UploadTicketModel  # noqa: PLC0415
@@ -164,30 +164,37 @@ def test_a_lease_holds_a_few_uploads_open_and_no_more(client: TestClient, agent:
                         json={"kind": "adapter", "bytes": 10**12, "sha256": "0" * 64}).json()["error"]["message"]
     per_upload = int(limit.split("limit of ")[1].split()[0])
     adapter = adapter_archive("tunegrid/tiny-llama")
-    keys, answers = [], []
-    while True:
-        answer = ticket(agent, lease_id, adapter, "adapter")
+    first = ticket(agent, lease_id, adapter, "adapter")
+    put_direct(first, adapter)
+    parked = first.json()["key"]
+    fillers = []
+    while True:  # tickets declaring a whole upload each (never sent): the room fills in a few
+        answer = agent.client.post(f"/v1/workers/leases/{lease_id}/uploads", headers=agent.headers(lease_id),
+                                   json={"kind": "adapter", "bytes": per_upload, "sha256": "0" * 64})
         if answer.status_code != 200:
             break
-        put_direct(answer, adapter)
-        keys.append(answer.json()["key"])
-        answers.append(answer)
+        fillers.append(answer.json()["key"])
     assert answer.status_code == 429 and int(answer.headers["retry-after"]) > 0, answer.text
-    assert len(keys) == min(uploads.MAX_OPEN_TICKETS, uploads.OPEN_UPLOADS * per_upload // len(adapter))
-    assert adopt(agent, lease_id, "adapter", adapter, keys[0]).status_code == 200
+    assert len(fillers) == uploads.OPEN_UPLOADS - 1  # the first, small one, and three whole ones
+    rest = agent.client.post(f"/v1/workers/leases/{lease_id}/uploads", headers=agent.headers(lease_id),
+                             json={"kind": "adapter", "bytes": per_upload - len(adapter), "sha256": "0" * 64})
+    assert rest.status_code == 200  # what room was left, to the byte
+    fillers.append(rest.json()["key"])
+    assert adopt(agent, lease_id, "adapter", adapter, parked).status_code == 200
     assert ticket(agent, lease_id, adapter, "adapter").status_code == 429  # adopted, but its URL is still good
-    put_direct(answers[0], adapter)  # and indeed: the same bytes parked again under the adopted key
+    put_direct(first, adapter)  # and indeed: the same bytes parked again under the adopted key
     store = open_store(settings)
-    assert store.size(keys[0]) == len(adapter)
+    assert store.size(parked) == len(adapter)
     early = adopt(agent, lease_id, "adapter", adapter, f"incoming/{lease_id}/adapter-up-never")
     assert early.status_code == 400 and ticket(agent, lease_id, adapter, "adapter").status_code == 429
-    session.get(UploadTicketModel, keys[0]).lapses_at -= timedelta(days=1)  # type: ignore[union-attr]
+    session.get(UploadTicketModel, parked).lapses_at -= timedelta(days=1)  # type: ignore[union-attr]
     session.commit()
-    assert ticket(agent, lease_id, adapter, "adapter").status_code == 200  # the lapsed one's room
-    assert store.size(keys[0]) is None  # and what was under its key is gone
-    lapsed, live = keys[1], keys[2]  # the blob collection closes lapsed tickets too, however recent their objects
-    session.get(UploadTicketModel, lapsed).lapses_at -= timedelta(days=1)  # type: ignore[union-attr]
+    again = ticket(agent, lease_id, adapter, "adapter")
+    assert again.status_code == 200  # the lapsed one's room
+    assert store.size(parked) is None  # and what was under its key is gone
+    put_direct(again, adapter)  # the blob collection closes lapsed tickets too, however recent their objects
+    session.get(UploadTicketModel, again.json()["key"]).lapses_at -= timedelta(days=1)  # type: ignore[union-attr]
     session.commit()
     collected = blobs.collect(session=session, store=store, settings=settings)
-    assert lapsed in collected.keys and store.size(lapsed) is None
-    assert store.size(live) == len(adapter) and session.get(UploadTicketModel, live) is not None
+    assert again.json()["key"] in collected.keys and store.size(again.json()["key"]) is None
+    assert all(session.get(UploadTicketModel, key) is not None for key in fillers)  # open ones stay
