@@ -107,7 +107,6 @@ def create_app(settings: CoordinatorSettings | None = None) -> FastAPI:
         RedisRateLimiter(settings.worker_rate_limit_per_minute, app.state.hot.client, namespace="w")
         if isinstance(app.state.hot, RedisHotState) else MemoryRateLimiter(settings.worker_rate_limit_per_minute))
     app.state.stripe = make_gateway(settings)  # None without a Stripe key (the embedded default)
-    app.state.worker_tokens = app.state.hot.tokens
     app.state.periodic_last_run = {}
     app.state.heartbeats = HeartbeatBuffer(flush_heartbeats, settings.heartbeat_flush_s)
     app.state.quiet_heartbeat_reply = HeartbeatReply(heartbeat_interval_s=settings.heartbeat_interval_s).model_dump_json().encode()

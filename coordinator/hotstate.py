@@ -198,8 +198,8 @@ class RedisHotState(HotState):
     async def _listen(self) -> None:
         """One subscription per process; reconnects with a bounded backoff when Redis goes away. While it is
         down, tokens are trusted only briefly and heartbeats read the database; once it is back, every cached
-        token and every worker's lease is checked again (a revocation or a recheck may have been announced
-        meanwhile)."""
+        token is checked again and the recheck flags of the last `RECHECK_KEEP_S` are loaded (a revocation or
+        a recheck may have been announced meanwhile)."""
         backoff = 0.1
         while True:
             try:
@@ -299,7 +299,7 @@ class RedisHotState(HotState):
 
     async def recheck(self, worker_ids: Iterable[str]) -> None:
         # On failure the heartbeat flush finds the ended leases again.
-        await self._each(worker_ids, lambda pipe, w: announce_recheck(pipe, w), "recheck")
+        await self._each(worker_ids, announce_recheck, "recheck")
 
     async def wake(self, worker_ids: Iterable[str]) -> None:
         ids = list(worker_ids)

@@ -20,13 +20,13 @@ from fastapi.dependencies.models import Dependant
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from sqlalchemy.orm import Session
 
-from coordinator.worker_tokens import STALE_S, WorkerTokenCache
 from coordinator.db.tables import AccountModel, Role, WorkerModel
 from coordinator.effects import Effects, effects, take_effects
 from coordinator.services import keys, outbox, stripe_sync, workers
 from coordinator.settings import CoordinatorSettings
 from coordinator.storage import BlobStore
 from coordinator.stripe_gateway import StripeGateway
+from coordinator.worker_tokens import STALE_S, WorkerTokenCache
 from shared.errors import AuthenticationFailed, InvalidRequest, PermissionDenied
 from shared.protocol import PROTOCOL_HEADER, SUPPORTED_PROTOCOL_VERSIONS, is_supported
 
@@ -200,12 +200,12 @@ class WorkerCaller:
         return await run_in_session(self.state, work)
 
     async def worker_id(self) -> str:
-        """Who is calling, from this process's token cache when possible (`api/worker_tokens.py`): the
+        """Who is calling, from this process's token cache when possible (`coordinator/worker_tokens.py`): the
         heartbeat's fast path, which never waits for a database connection once the token is known. Heartbeats
         come every 10 s; without the cache nearly every one waited its turn for a pooled connection behind
         placement sweeps and flushes (the soak's 0.9 s p99). A token no process here has seen is taken from
         hot state when another process confirmed it lately, and checked behind the call."""
-        cache: WorkerTokenCache = self.state.worker_tokens
+        cache: WorkerTokenCache = self.state.hot.tokens
         digest = hashlib.sha256(self.token.encode()).hexdigest()
         worker_id, due = cache.lookup(digest, time.monotonic())
         if worker_id is not None:
@@ -231,7 +231,7 @@ class WorkerCaller:
     async def _check_now(self, digest: str) -> str:
         began = time.monotonic()
         worker_id = await run_in_session(self.state, lambda session: self._authenticate(session).id)
-        confirmed = self.state.worker_tokens.confirm(digest, worker_id, began)
+        confirmed = self.state.hot.tokens.confirm(digest, worker_id, began)
         parts = workers.split_token(self.token)
         if confirmed and parts is not None:  # a read older than a revocation heard since is shared with nobody
             await self.state.hot.remember_token(parts[0], workers.token_sha256(parts[1]), worker_id, STALE_S)
@@ -246,7 +246,7 @@ class WorkerCaller:
             try:
                 await self._check_now(digest)
             except (AuthenticationFailed, PermissionDenied):
-                self.state.worker_tokens.forget(digest)  # revoked or gone: the next call is refused
+                self.state.hot.tokens.forget(digest)  # revoked or gone: the next call is refused
                 parts = workers.split_token(self.token)
                 if parts is not None:
                     await self.state.hot.forget_token(parts[0])  # and no other process takes it from hot state

@@ -8,7 +8,7 @@ uploads, a customer's expired files and ended jobs' scratch do not fill the coor
   failed), an export's or a batch's uploads whose lease has ended, the adapter an ended job started from, an
   upload abandoned half way and a worker's direct upload never adopted (`incoming/`, object store) are deleted
   once older than `ORPHAN_GRACE`, so an upload in flight is never touched;
-- a direct upload whose ticket expired unadopted is deleted with its ticket (`services/uploads.py`).
+- what a direct upload's ticket let a worker write is deleted when the ticket lapses (`services/uploads.py`).
 Both stores: the local disk and S3 (where a multipart upload never completed is aborted too).
 Idempotent, and safe beside uploads: a blob is recorded before it is old enough to look orphaned.
 """
@@ -123,7 +123,8 @@ def _remove_orphans(session: Session, store: BlobStore, collected: Collected) ->
 
 
 def _close_lapsed_tickets(session: Session, store: BlobStore, collected: Collected) -> None:
-    """Direct uploads whose ticket expired unadopted: deleted now, not an hour after they were written."""
+    """What lapsed tickets' URLs may have written (a second PUT after an adoption too): deleted now, not an
+    hour after it was written."""
     while keys := uploads.lapsed_tickets(session=session, limit=BATCH):
         session.commit()
         for key in keys:

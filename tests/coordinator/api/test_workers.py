@@ -113,7 +113,7 @@ def test_a_worker_revoked_elsewhere_is_refused_once_the_background_check_ran(  #
                    worker_id=agent.worker_id, settings=settings)
     assert agent.heartbeat().status_code == 200  # the one more call, answered from the cache
     deadline = time.monotonic() + 10
-    while client.app.state.worker_tokens and time.monotonic() < deadline:  # type: ignore[attr-defined]
+    while client.app.state.hot.tokens and time.monotonic() < deadline:  # type: ignore[attr-defined]
         time.sleep(0.05)  # the background check evicts the revoked token
     refused = agent.heartbeat()
     assert refused.status_code == 401 and refused.json()["error"]["code"] == "worker_revoked"
@@ -155,13 +155,13 @@ def test_a_token_one_process_confirmed_needs_no_database_in_another_until_revoke
             forged = agent.headers() | {"Authorization": f"Bearer {agent.token[:-4]}abcd"}  # the prefix, not the secret
             assert second.post("/v1/workers/heartbeat", json={"activity": "idle"}, headers=forged).status_code == 401
             deadline = time.monotonic() + 5
-            while not apps[1].state.worker_tokens and time.monotonic() < deadline:
+            while not apps[1].state.hot.tokens and time.monotonic() < deadline:
                 time.sleep(0.02)  # the background check has confirmed it in the second process's own cache
-            assert apps[1].state.worker_tokens.revocations_heard and len(apps[1].state.worker_tokens) == 1
+            assert apps[1].state.hot.tokens.revocations_heard and len(apps[1].state.hot.tokens) == 1
             assert first.post(f"/v1/workers/{agent.worker_id}/revoke", headers=provider.headers).status_code == 200
             refused = third.post("/v1/workers/heartbeat", json={"activity": "idle"}, headers=agent.headers())
             assert refused.status_code == 401 and refused.json()["error"]["code"] == "worker_revoked"
-            while apps[1].state.worker_tokens and time.monotonic() < deadline + 5:
+            while apps[1].state.hot.tokens and time.monotonic() < deadline + 5:
                 time.sleep(0.02)  # announced: the second process evicts it without a call to prompt it
             for _ in range(2):  # (the first alone would be refused anyway: the revocation asked it to read the database)
                 refused = second.post("/v1/workers/heartbeat", json={"activity": "idle"}, headers=agent.headers())
